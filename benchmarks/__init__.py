@@ -1,0 +1,1 @@
+"""Benchmarks of pyattn (installed as pyattn.benchmarks): harness + one file per op; `pyattn bench` runs them."""

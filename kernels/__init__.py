@@ -1,0 +1,1 @@
+"""Triton kernels of pyattn, one file per op (installed as pyattn.kernels). Importing needs triton."""

@@ -1,0 +1,610 @@
+"""Triton LayerNorm / RMSNorm, forward and backward, with an optional fused residual ("Add & Norm").
+
+Layout of this file: three kernels (forward, backward, partial-sum reduction for dweight/dbias),
+two launchers (`layer_norm_fwd`, `layer_norm_bwd`) and `compile_configs()` for the offline compile
+check (scripts/compile_triton.py).
+
+Math, per row of s = x (+ residual, rounded to x.dtype), all in fp32:
+    LayerNorm: mean = sum(s) / N, var = sum((s - mean)^2) / N, rstd = 1 / sqrt(var + eps)
+               xhat = (s - mean) * rstd, y = xhat * w + b
+    RMSNorm:   rstd = 1 / sqrt(sum(s^2) / N + eps), xhat = s * rstd, y = xhat * w
+    Backward (wdy = w * dy):
+               dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))   [RMSNorm: no mean(wdy) term]
+               dw = sum_rows(dy * xhat), db = sum_rows(dy)
+
+A row of up to _MAX_FUSED_BLOCK_N elements is held in registers (one load per input element). Longer rows
+(up to MAX_HIDDEN_SIZE) are processed in chunks of _MAX_FUSED_BLOCK_N columns with several passes over
+the row, because a 65536-wide fp32 row would need the whole register file of an SM (spills).
+
+dweight/dbias are deterministic: backward program p owns a fixed block of rows and writes its fp32
+column sums to row p of a (P, N) partial buffer; a second kernel sums the P partial rows in a fixed
+order. No atomics, no locks: the result is bitwise reproducible for a given device.
+
+Standalone: imports only torch, triton and math (no pyattn imports).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN_SIZE = 65536  # largest supported N (hidden size)
+_MAX_FUSED_BLOCK_N = 8192  # rows up to this width stay in registers; wider rows are chunked
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# dweight/dbias reduction kernel tile: (_RED_BLOCK_P partial rows) x (_RED_BLOCK_N columns) per step.
+_RED_BLOCK_P = 16
+_RED_BLOCK_N = 128
+_RED_NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_s(X, R, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """s = x (+ r) as fp32; with a residual the fp32 sum is rounded to x's dtype first (matches
+    torch's unfused `x + r`). Masked lanes are 0. X and R already point at the row start."""
+    x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (x + r).to(X.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _normalize_store(Y, W, B, s, mean, rstd, cols, mask,
+                     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = (s - mean) * rstd * w + b, stored in Y's dtype. Y already points at the row start."""
+    if IS_RMS:
+        y = s * rstd
+    else:
+        y = (s - mean) * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) input, row stride stride_x_row, last stride 1
+    R,  # (M, N) residual, row stride stride_r_row (dummy unless HAS_RESIDUAL)
+    Y,  # (M, N) output, row stride stride_y_row
+    RO,  # (M, N) residual_out = x + residual, row stride stride_ro_row (dummy unless STORE_RESIDUAL)
+    W,  # (N,) weight (dummy unless HAS_WEIGHT)
+    B,  # (N,) bias (dummy unless HAS_BIAS)
+    Mean,  # (M,) fp32 row means (dummy when IS_RMS)
+    Rstd,  # (M,) fp32 row 1/std
+    stride_x_row,
+    stride_r_row,
+    stride_y_row,
+    stride_ro_row,
+    N,  # hidden size
+    eps,
+    BLOCK_N: tl.constexpr,  # power of 2; >= N when SINGLE_CHUNK, else the chunk width
+    SINGLE_CHUNK: tl.constexpr,  # the whole row fits one BLOCK_N block (kept in registers)
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    # One program per row.
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31
+    X += row * stride_x_row
+    R += row * stride_r_row
+    Y += row * stride_y_row
+    RO += row * stride_ro_row
+    cols = tl.arange(0, BLOCK_N)
+
+    if SINGLE_CHUNK:
+        mask = cols < N
+        s = _load_s(X, R, cols, mask, HAS_RESIDUAL)  # (BLOCK_N,) fp32, 0 past N
+        if STORE_RESIDUAL:
+            tl.store(RO + cols, s.to(RO.dtype.element_ty), mask=mask)
+        if IS_RMS:
+            mean = 0.0
+            var = tl.sum(s * s, axis=0) / N
+        else:
+            mean = tl.sum(s, axis=0) / N
+            d = tl.where(mask, s - mean, 0.0)
+            var = tl.sum(d * d, axis=0) / N
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        _normalize_store(Y, W, B, s, mean, rstd, cols, mask, IS_RMS, HAS_WEIGHT, HAS_BIAS)
+    else:
+        # Pass 1: sum(s) (LayerNorm) or sum(s^2) (RMSNorm); residual_out is written here.
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            m = c < N
+            s = _load_s(X, R, c, m, HAS_RESIDUAL)
+            if STORE_RESIDUAL:
+                tl.store(RO + c, s.to(RO.dtype.element_ty), mask=m)
+            if IS_RMS:
+                acc += s * s
+            else:
+                acc += s
+        if IS_RMS:
+            mean = 0.0
+            var = tl.sum(acc, axis=0) / N
+        else:
+            mean = tl.sum(acc, axis=0) / N
+            # Pass 2: centred second moment (two-pass variance: no cancellation for offset inputs).
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                m = c < N
+                d = tl.where(m, _load_s(X, R, c, m, HAS_RESIDUAL) - mean, 0.0)
+                acc += d * d
+            var = tl.sum(acc, axis=0) / N
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        # Last pass: normalize and store. s is recomputed from x (+ r) rather than re-read from RO.
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            m = c < N
+            s = _load_s(X, R, c, m, HAS_RESIDUAL)
+            _normalize_store(Y, W, B, s, mean, rstd, c, m, IS_RMS, HAS_WEIGHT, HAS_BIAS)
+
+    if not IS_RMS:
+        tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _bwd_row_terms(DY, S, W, cols, mask, mean, rstd, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Loads one block of a row; returns (dy, xhat, wdy) in fp32, all 0 past N."""
+    dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(S + cols, mask=mask, other=0.0).to(tl.float32)
+    if IS_RMS:
+        xhat = s * rstd
+    else:
+        xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+    if HAS_WEIGHT:
+        wdy = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        wdy = dy
+    return dy, xhat, wdy
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # (M, N) gradient of y, row stride stride_dy_row
+    S,  # (M, N) saved normalized input (x or x + residual), row stride stride_s_row
+    W,  # (N,) weight (dummy unless HAS_WEIGHT)
+    Mean,  # (M,) fp32 (dummy when IS_RMS)
+    Rstd,  # (M,) fp32
+    DRES,  # (M, N) gradient of residual_out, row stride stride_dres_row (dummy unless HAS_DRES)
+    DX,  # (M, N) output gradient of x (and of residual), row stride stride_dx_row
+    DW_partial,  # (P, N) fp32 per-program column sums of dy * xhat (dummy unless COMPUTE_DW)
+    DB_partial,  # (P, N) fp32 per-program column sums of dy (dummy unless COMPUTE_DB)
+    stride_dy_row,
+    stride_s_row,
+    stride_dres_row,
+    stride_dx_row,
+    M,  # rows
+    N,  # hidden size
+    rows_per_program,
+    BLOCK_N: tl.constexpr,  # power of 2; >= N when SINGLE_CHUNK, else the chunk width
+    SINGLE_CHUNK: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+):
+    # Program p handles rows [p * rows_per_program, min((p + 1) * rows_per_program, M)) in order.
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    DW_partial += pid * N
+    DB_partial += pid * N
+    cols = tl.arange(0, BLOCK_N)
+
+    if SINGLE_CHUNK:
+        mask = cols < N
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            mean = 0.0
+            if not IS_RMS:
+                mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            dy, xhat, wdy = _bwd_row_terms(DY + row * stride_dy_row, S + row * stride_s_row, W, cols, mask,
+                                           mean, rstd, IS_RMS, HAS_WEIGHT)
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            if IS_RMS:
+                dx = (wdy - xhat * c1) * rstd
+            else:
+                c2 = tl.sum(wdy, axis=0) / N
+                dx = (wdy - (xhat * c1 + c2)) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + row * stride_dres_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw_acc += dy * xhat
+            if COMPUTE_DB:
+                db_acc += dy
+        if COMPUTE_DW:
+            tl.store(DW_partial + cols, dw_acc, mask=mask)
+        if COMPUTE_DB:
+            tl.store(DB_partial + cols, db_acc, mask=mask)
+    else:
+        # Wide rows: the per-program column sums live in this program's own row of the partial
+        # buffers (read-modify-write by the same thread, same layout: no other program touches it).
+        if COMPUTE_DW or COMPUTE_DB:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                if COMPUTE_DW:
+                    tl.store(DW_partial + c, zero, mask=c < N)
+                if COMPUTE_DB:
+                    tl.store(DB_partial + c, zero, mask=c < N)
+        for row in range(row_start, row_end):
+            mean = 0.0
+            if not IS_RMS:
+                mean = tl.load(Mean + row)
+            rstd = tl.load(Rstd + row)
+            dy_row = DY + row * stride_dy_row
+            s_row = S + row * stride_s_row
+            # Pass 1: the two row means needed by dx.
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                dy, xhat, wdy = _bwd_row_terms(dy_row, s_row, W, c, c < N, mean, rstd, IS_RMS, HAS_WEIGHT)
+                acc1 += xhat * wdy
+                if not IS_RMS:
+                    acc2 += wdy
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = tl.sum(acc2, axis=0) / N
+            # Pass 2: dx, and the dweight/dbias column sums.
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                m = c < N
+                dy, xhat, wdy = _bwd_row_terms(dy_row, s_row, W, c, m, mean, rstd, IS_RMS, HAS_WEIGHT)
+                if IS_RMS:
+                    dx = (wdy - xhat * c1) * rstd
+                else:
+                    dx = (wdy - (xhat * c1 + c2)) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + row * stride_dres_row + c, mask=m, other=0.0).to(tl.float32)
+                tl.store(DX + row * stride_dx_row + c, dx.to(DX.dtype.element_ty), mask=m)
+                if COMPUTE_DW:
+                    tl.store(DW_partial + c, tl.load(DW_partial + c, mask=m, other=0.0) + dy * xhat, mask=m)
+                if COMPUTE_DB:
+                    tl.store(DB_partial + c, tl.load(DB_partial + c, mask=m, other=0.0) + dy, mask=m)
+
+
+@triton.jit
+def _layer_norm_bwd_dwdb_kernel(
+    DW_partial,  # (P, N) fp32 partial sums (dummy unless COMPUTE_DW)
+    DB_partial,  # (P, N) fp32 partial sums (dummy unless COMPUTE_DB)
+    DW,  # (N,) dweight, weight dtype
+    DB,  # (N,) dbias, weight dtype
+    P,  # number of partial rows
+    N,  # hidden size
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+):
+    # Program j sums columns [j * BLOCK_N, (j + 1) * BLOCK_N) over the P partial rows, in a fixed order.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw_acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        if COMPUTE_DW:
+            dw_acc += tl.load(DW_partial + offs, mask=mask, other=0.0)
+        if COMPUTE_DB:
+            db_acc += tl.load(DB_partial + offs, mask=mask, other=0.0)
+    if COMPUTE_DW:
+        tl.store(DW + cols, tl.sum(dw_acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(DB + cols, tl.sum(db_acc, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch heuristics (shared by the launchers and compile_configs, so the compile check sees exactly
+# the configurations the launchers can pick)
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_n(N: int):
+    """(BLOCK_N, SINGLE_CHUNK) for hidden size N."""
+    block = triton.next_power_of_2(N)
+    if block <= _MAX_FUSED_BLOCK_N:
+        return block, True
+    return _MAX_FUSED_BLOCK_N, False
+
+
+def _fwd_num_warps(block_n: int) -> int:
+    # About 8-16 fp32 elements of the row per thread; 16 warps from 4096 columns up.
+    return min(max(block_n // 256, 1), 16)
+
+
+def _bwd_num_warps(block_n: int) -> int:
+    # The backward keeps dy, s, w and two column accumulators live: spread the row wider.
+    return min(max(block_n // 128, 1), 16)
+
+
+def _bwd_num_programs(M: int, num_warps: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = sms * max(1, 16 // num_warps)  # ~16 resident warps per SM
+    else:
+        programs = 4  # the interpreter runs programs one by one: few programs, many rows each
+    return max(1, min(M, programs))
+
+
+class _NoDeviceGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensor's device.
+    return torch.cuda.device(t.device) if t.is_cuda else _NoDeviceGuard()
+
+
+def _check_hidden_size(N: int):
+    if N > MAX_HIDDEN_SIZE:
+        raise ValueError(
+            f"pyattn Triton layer_norm: hidden size {N} exceeds the supported maximum of {MAX_HIDDEN_SIZE}"
+        )
+    if N < 1:
+        raise ValueError(f"pyattn Triton layer_norm: hidden size must be at least 1, got {N}")
+
+
+def _rows_2d(t: torch.Tensor, name: str, shape) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"pyattn Triton layer_norm: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.stride(-1) != 1:  # kernels need unit column stride; anything else is copied
+        t = t.contiguous()
+    return t
+
+
+def _vector(t, name: str, N: int):
+    if t is None:
+        return None
+    if t.dim() != 1 or t.shape[0] != N:
+        raise ValueError(f"pyattn Triton layer_norm: {name} has shape {tuple(t.shape)}, expected ({N},)")
+    return t.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool, store_residual: bool):
+    """LayerNorm / RMSNorm forward of s = x (+ residual) over the last dim of a 2-D x.
+
+    x: (M, N), last stride 1 (else copied), any row stride. residual: None or (M, N), x.dtype.
+    weight/bias: None or (N,), fp32 or x.dtype. rms=True: RMSNorm (bias must be None).
+    Returns (y, residual_out, mean, rstd):
+      y (M, N) contiguous x.dtype; residual_out (M, N) x.dtype = x + residual rounded to x.dtype when
+      store_residual and residual is given, else torch.empty(0); mean (M,) fp32 (empty when rms);
+      rstd (M,) fp32.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"pyattn Triton layer_norm: expected a 2-D input, got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"pyattn Triton layer_norm: unsupported dtype {x.dtype}")
+    if rms and bias is not None:
+        raise ValueError("pyattn Triton layer_norm: RMSNorm takes no bias")
+    M, N = x.shape
+    _check_hidden_size(N)
+    x = _rows_2d(x, "x", (M, N))
+    if residual is not None:
+        residual = _rows_2d(residual, "residual", (M, N))
+        if residual.dtype != x.dtype:
+            raise ValueError(f"pyattn Triton layer_norm: residual dtype {residual.dtype} != input dtype {x.dtype}")
+    weight = _vector(weight, "weight", N)
+    bias = _vector(bias, "bias", N)
+    store_residual = bool(store_residual) and residual is not None
+
+    dev = x.device
+    y = torch.empty((M, N), dtype=x.dtype, device=dev)
+    residual_out = (torch.empty((M, N), dtype=x.dtype, device=dev) if store_residual
+                    else torch.empty(0, dtype=x.dtype, device=dev))
+    mean = torch.empty(0 if rms else M, dtype=torch.float32, device=dev)
+    rstd = torch.empty(M, dtype=torch.float32, device=dev)
+    if M == 0:
+        return y, residual_out, mean, rstd
+
+    block_n, single = _block_n(N)
+    with _device_guard(x):
+        _layer_norm_fwd_kernel[(M,)](
+            x,
+            residual if residual is not None else x,
+            y,
+            residual_out if store_residual else y,
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            mean if not rms else rstd,
+            rstd,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            y.stride(0),
+            residual_out.stride(0) if store_residual else 0,
+            N,
+            float(eps),
+            BLOCK_N=block_n,
+            SINGLE_CHUNK=single,
+            IS_RMS=bool(rms),
+            HAS_RESIDUAL=residual is not None,
+            STORE_RESIDUAL=store_residual,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            num_warps=_fwd_num_warps(block_n),
+        )
+    return y, residual_out, mean, rstd
+
+
+def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms: bool, has_bias: bool, need_dweight: bool):
+    """Backward of layer_norm_fwd.
+
+    dy: (M, N) any row stride, last stride 1 (else copied). s: (M, N) saved normalized input (x or
+    x + residual), dy.dtype. weight: None or (N,). mean/rstd: from the forward (mean ignored when rms).
+    dresidual_out: None or (M, N), gradient of residual_out; added to dx.
+    Returns (dx, dweight, dbias): dx (M, N) contiguous s.dtype (also the residual's gradient);
+    dweight (N,) weight.dtype when weight is given and need_dweight, else empty; dbias (N,)
+    weight.dtype (s.dtype without weight) when has_bias and need_dweight, else empty.
+    dweight/dbias are reduced deterministically (bitwise reproducible on a given device).
+    """
+    if s.dim() != 2:
+        raise ValueError(f"pyattn Triton layer_norm: expected a 2-D input, got shape {tuple(s.shape)}")
+    if s.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"pyattn Triton layer_norm: unsupported dtype {s.dtype}")
+    M, N = s.shape
+    _check_hidden_size(N)
+    s = _rows_2d(s, "s", (M, N))
+    dy = _rows_2d(dy, "dy", (M, N))
+    if dresidual_out is not None:
+        dresidual_out = _rows_2d(dresidual_out, "dresidual_out", (M, N))
+    weight = _vector(weight, "weight", N)
+    mean = mean.contiguous() if not rms else None
+    rstd = rstd.contiguous()
+
+    dev = s.device
+    param_dtype = weight.dtype if weight is not None else s.dtype
+    compute_dw = bool(need_dweight) and weight is not None
+    compute_db = bool(need_dweight) and bool(has_bias)
+    dx = torch.empty((M, N), dtype=s.dtype, device=dev)
+    empty = torch.empty(0, dtype=param_dtype, device=dev)
+    if M == 0:  # no rows: zero parameter gradients, no launch
+        dw = torch.zeros(N, dtype=param_dtype, device=dev) if compute_dw else empty
+        db = torch.zeros(N, dtype=param_dtype, device=dev) if compute_db else empty
+        return dx, dw, db
+
+    block_n, single = _block_n(N)
+    num_warps = _bwd_num_warps(block_n)
+    programs = _bwd_num_programs(M, num_warps, dev)
+    rows_per_program = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows_per_program)  # no program without rows
+    dw_partial = torch.empty((programs, N) if compute_dw else (0,), dtype=torch.float32, device=dev)
+    db_partial = torch.empty((programs, N) if compute_db else (0,), dtype=torch.float32, device=dev)
+    dw = torch.empty(N, dtype=param_dtype, device=dev) if compute_dw else empty
+    db = torch.empty(N, dtype=param_dtype, device=dev) if compute_db else empty
+
+    with _device_guard(s):
+        _layer_norm_bwd_kernel[(programs,)](
+            dy,
+            s,
+            weight if weight is not None else s,
+            mean if mean is not None else rstd,
+            rstd,
+            dresidual_out if dresidual_out is not None else dy,
+            dx,
+            dw_partial if compute_dw else rstd,
+            db_partial if compute_db else rstd,
+            dy.stride(0),
+            s.stride(0),
+            dresidual_out.stride(0) if dresidual_out is not None else 0,
+            dx.stride(0),
+            M,
+            N,
+            rows_per_program,
+            BLOCK_N=block_n,
+            SINGLE_CHUNK=single,
+            IS_RMS=bool(rms),
+            HAS_WEIGHT=weight is not None,
+            HAS_DRES=dresidual_out is not None,
+            COMPUTE_DW=compute_dw,
+            COMPUTE_DB=compute_db,
+            num_warps=num_warps,
+        )
+        if compute_dw or compute_db:
+            _layer_norm_bwd_dwdb_kernel[(triton.cdiv(N, _RED_BLOCK_N),)](
+                dw_partial if compute_dw else db_partial,
+                db_partial if compute_db else dw_partial,
+                dw if compute_dw else db,
+                db if compute_db else dw,
+                programs,
+                N,
+                BLOCK_P=_RED_BLOCK_P,
+                BLOCK_N=_RED_BLOCK_N,
+                COMPUTE_DW=compute_dw,
+                COMPUTE_DB=compute_db,
+                num_warps=_RED_NUM_WARPS,
+            )
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline compile check (scripts/compile_triton.py)
+# --------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def shipped_block_configs():
+    """Every (BLOCK_N, SINGLE_CHUNK) the launchers can pick: powers of 2 up to _MAX_FUSED_BLOCK_N in one
+    block, plus the chunked configuration used for _MAX_FUSED_BLOCK_N < N <= MAX_HIDDEN_SIZE."""
+    out = [(1 << k, True) for k in range(int(math.log2(_MAX_FUSED_BLOCK_N)) + 1)]
+    out.append(_block_n(MAX_HIDDEN_SIZE))
+    return out
+
+
+def compile_configs(full: bool = False):
+    """Configurations for scripts/compile_triton.py: a list of (kernel_fn, signature, constexprs, num_warps).
+
+    Covers every kernel x dtype (fp32/fp16/bf16) x weight dtype (x.dtype, fp32) x shipped BLOCK_N with the
+    num_warps the launchers pick for it, with the heaviest flag combinations (all features on, LayerNorm and
+    RMSNorm) plus a minimal one. full=False keeps a representative subset of BLOCK_N (every num_warps
+    value, the largest single block and the chunked path); full=True takes every shipped BLOCK_N.
+    """
+    blocks = shipped_block_configs()
+    if not full:
+        keep = {16, 256, 1024, 2048, 4096, _MAX_FUSED_BLOCK_N}
+        blocks = [(b, single) for b, single in blocks if b in keep or not single]
+    i64 = "i32"  # strides as the JIT usually sees them (Python ints < 2^31 are passed as i32)
+    configs = []
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        t = _TRITON_DTYPE[dt]
+        wts = [t] if dt == torch.float32 else [t, "fp32"]
+        for wt in wts:
+            for block_n, single in blocks:
+                # (IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL, HAS_WEIGHT, HAS_BIAS)
+                for rms, res, store, has_w, has_b in ((False, True, True, True, True),
+                                                      (True, True, True, True, False),
+                                                      (False, False, False, False, False)):
+                    sig = {"X": f"*{t}", "R": f"*{t}", "Y": f"*{t}", "RO": f"*{t}", "W": f"*{wt}",
+                           "B": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32", "stride_x_row": i64,
+                           "stride_r_row": i64, "stride_y_row": i64, "stride_ro_row": i64, "N": "i32",
+                           "eps": "fp32"}
+                    consts = {"BLOCK_N": block_n, "SINGLE_CHUNK": single, "IS_RMS": rms, "HAS_RESIDUAL": res,
+                              "STORE_RESIDUAL": store, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b}
+                    sig.update({k: "constexpr" for k in consts})
+                    configs.append((_layer_norm_fwd_kernel, sig, consts, _fwd_num_warps(block_n)))
+                # (IS_RMS, HAS_WEIGHT, HAS_DRES, COMPUTE_DW, COMPUTE_DB)
+                for rms, has_w, dres, cdw, cdb in ((False, True, True, True, True),
+                                                   (True, True, True, True, False),
+                                                   (False, False, False, False, False)):
+                    sig = {"DY": f"*{t}", "S": f"*{t}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
+                           "DRES": f"*{t}", "DX": f"*{t}", "DW_partial": "*fp32", "DB_partial": "*fp32",
+                           "stride_dy_row": i64, "stride_s_row": i64, "stride_dres_row": i64,
+                           "stride_dx_row": i64, "M": "i32", "N": "i32", "rows_per_program": "i32"}
+                    consts = {"BLOCK_N": block_n, "SINGLE_CHUNK": single, "IS_RMS": rms, "HAS_WEIGHT": has_w,
+                              "HAS_DRES": dres, "COMPUTE_DW": cdw, "COMPUTE_DB": cdb}
+                    sig.update({k: "constexpr" for k in consts})
+                    configs.append((_layer_norm_bwd_kernel, sig, consts, _bwd_num_warps(block_n)))
+            # The reduction kernel does not depend on BLOCK_N of the row kernels.
+            sig = {"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": f"*{wt}", "DB": f"*{wt}", "P": "i32",
+                   "N": "i32"}
+            consts = {"BLOCK_P": _RED_BLOCK_P, "BLOCK_N": _RED_BLOCK_N, "COMPUTE_DW": True, "COMPUTE_DB": True}
+            sig.update({k: "constexpr" for k in consts})
+            configs.append((_layer_norm_bwd_dwdb_kernel, sig, consts, _RED_NUM_WARPS))
+    return configs

@@ -1,0 +1,136 @@
+"""Backend registry and selection.
+
+Order of precedence: ``backend=`` argument > ``pyattn.use_backend(...)`` context > ``PYATTN_BACKEND`` env >
+the priority list for (op, device). A forced backend that refuses raises ``BackendNotSupported`` with its
+reasons; an unforced call falls through the list, ending at ``torch``, which accepts everything.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Optional
+
+from .backend import Backend, OpInputs
+
+# Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
+PRIORITY: dict[tuple[str, str], list[str]] = {
+    ("attention", "cuda"): ["cuda", "triton", "torch"],
+    ("attention", "cpu"): ["cpp", "torch"],
+    ("layer_norm", "cuda"): ["cuda", "triton", "torch"],
+    ("layer_norm", "cpu"): ["cpp", "torch"],
+    ("rms_norm", "cuda"): ["cuda", "triton", "torch"],
+    ("rms_norm", "cpu"): ["cpp", "torch"],
+    ("gru_cell", "cuda"): ["cuda", "triton", "torch"],
+    ("gru_cell", "cpu"): ["cpp", "torch"],
+    ("gru", "cuda"): ["cuda", "triton", "torch"],
+    ("gru", "cpu"): ["cpp", "torch"],
+}
+DEFAULT_PRIORITY = ["torch"]
+
+_BACKENDS: dict[str, Backend] = {}
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pyattn_backend", default=None)
+_cache: dict[tuple, Backend] = {}
+
+
+class BackendNotSupported(RuntimeError):
+    """A forced backend cannot run this input; the message lists its reasons."""
+
+
+def register(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    _cache.clear()
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown pyattn backend {name!r}; known: {', '.join(sorted(_BACKENDS))}") from None
+
+
+def backends() -> list[tuple[str, bool, str]]:
+    """Every registered backend as (name, available, reason when not)."""
+    return [(b.name, *b.availability()) for b in _BACKENDS.values()]
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend for every pyattn op called inside the block (``None`` restores automatic selection)."""
+    if name is not None:
+        get_backend(name)
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _requested(explicit: Optional[str]) -> tuple[Optional[str], str]:
+    if explicit is not None:
+        return explicit, "backend= argument"
+    ctx = _forced.get()
+    if ctx is not None:
+        return ctx, "pyattn.use_backend()"
+    env = os.environ.get("PYATTN_BACKEND") or None
+    if env is not None:
+        return env, "PYATTN_BACKEND"
+    return None, ""
+
+
+def _priority(inputs: OpInputs) -> list[str]:
+    return PRIORITY.get((inputs.op, inputs.device.type), DEFAULT_PRIORITY)
+
+
+def select(inputs: OpInputs, backend: Optional[str] = None) -> Backend:
+    """The backend that runs ``inputs`` (cached per input signature and request)."""
+    name, source = _requested(backend)
+    key = (inputs.op, name, inputs.signature())
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    if name is not None:
+        chosen = get_backend(name)
+        reasons = chosen.not_supported_reasons(inputs)
+        if reasons:
+            raise BackendNotSupported(
+                f"pyattn: backend {name!r} (forced by {source}) cannot run {inputs.op}: " + "; ".join(reasons))
+    else:
+        chosen = None
+        for cand in _priority(inputs):
+            b = _BACKENDS.get(cand)
+            if b is not None and not b.not_supported_reasons(inputs):
+                chosen = b
+                break
+        if chosen is None:
+            chosen = get_backend("torch")
+    _cache[key] = chosen
+    return chosen
+
+
+def explain_inputs(inputs: OpInputs, backend: Optional[str] = None) -> str:
+    name, source = _requested(backend)
+    lines = [f"op {inputs.op} on {inputs.device.type}: " + ", ".join(f"{k}={v}" for k, v in inputs.describe().items())]
+    if name is not None:
+        reasons = get_backend(name).not_supported_reasons(inputs)
+        verdict = "REFUSES: " + "; ".join(reasons) if reasons else "accepts"
+        lines.append(f"  forced {name!r} by {source}: {verdict}")
+        return "\n".join(lines)
+    order = _priority(inputs)
+    chosen = None
+    for cand in order + [b for b in _BACKENDS if b not in order]:
+        b = _BACKENDS.get(cand)
+        if b is None:
+            continue
+        reasons = b.not_supported_reasons(inputs)
+        tag = "" if cand in order else " (not in priority list)"
+        if reasons:
+            lines.append(f"  {cand}{tag}: refuses: " + "; ".join(reasons))
+        elif chosen is None and cand in order:
+            chosen = cand
+            lines.append(f"  {cand}: accepts -> selected")
+        else:
+            lines.append(f"  {cand}{tag}: accepts")
+    lines.insert(1, f"  priority: {' > '.join(order)}; selected: {chosen or 'torch'}")
+    return "\n".join(lines)

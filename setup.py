@@ -1,0 +1,88 @@
+"""Build pyattn: always the C++ CPU extension ``pyattn._C``; CUDA sources too when torch has CUDA and nvcc exists.
+
+Environment:
+  PYATTN_CUDA=0|1          force the CUDA part off/on (default: on when torch.version.cuda and nvcc are found)
+  TORCH_CUDA_ARCH_LIST     CUDA archs (default "8.0;9.0a")
+  PYATTN_CPU_ARCH          -march for the CPU kernels (default "native"; "none" for a portable build)
+  MAX_JOBS                 parallel compile jobs (ninja)
+No network access happens here.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _want_cuda(torch):
+    flag = os.environ.get("PYATTN_CUDA")
+    if flag is not None:
+        return flag == "1"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
+
+
+def _write_build_info(info):
+    path = os.path.join(ROOT, "pyattn", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time: what pyattn._C contains.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # metadata-only invocation (e.g. sdist) without torch
+        print("pyattn: torch not importable, building without the C++ extension", file=sys.stderr)
+        return [], {}
+
+    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                       + glob.glob(os.path.join(ROOT, "csrc", "bindings", "*.cpp")))
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                        + glob.glob(os.path.join(ROOT, "csrc", "bindings", "cuda", "*.cpp")))
+    march = os.environ.get("PYATTN_CPU_ARCH", "native")
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    if march != "none":
+        cxx.append(f"-march={march}")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    with_cuda = _want_cuda(torch) and bool(cuda_sources)
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a") if with_cuda else ""
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if with_cuda else None,
+        "cuda_archs": archs or None,
+        "cpu_march": march,
+        "with_cuda": with_cuda,
+        "sources": cpu_sources + (cuda_sources if with_cuda else []),
+    }
+    _write_build_info(info)
+    if with_cuda:
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+        ext = CUDAExtension("pyattn._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx + ["-DPYATTN_WITH_CUDA"], "nvcc": nvcc},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("pyattn._C", cpu_sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["pyattn", "pyattn.*"]) + ["pyattn.kernels", "pyattn.benchmarks"],
+    package_dir={"pyattn.kernels": "kernels", "pyattn.benchmarks": "benchmarks"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
