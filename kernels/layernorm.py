@@ -12,9 +12,11 @@ Math, per row of s = x (+ residual, rounded to x.dtype), all in fp32:
                dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))   [RMSNorm: no mean(wdy) term]
                dw = sum_rows(dy * xhat), db = sum_rows(dy)
 
-A row of up to _MAX_FUSED_BLOCK_N elements is held in registers (one load per input element). Longer rows
-(up to MAX_HIDDEN_SIZE) are processed in chunks of _MAX_FUSED_BLOCK_N columns with several passes over
-the row, because a 65536-wide fp32 row would need the whole register file of an SM (spills).
+A row of up to _MAX_FUSED_BLOCK_N_FWD (forward) / _MAX_FUSED_BLOCK_N_BWD (backward) elements is held in
+registers (one load per input element). Longer rows (up to MAX_HIDDEN_SIZE) are processed in chunks of
+_CHUNK_N columns with several passes over the row, because a 65536-wide fp32 row would need the whole
+register file of an SM (spills); the compile check (scripts/compile_triton.py) keeps every shipped
+configuration spill-free.
 
 dweight/dbias are deterministic: backward program p owns a fixed block of rows and writes its fp32
 column sums to row p of a (P, N) partial buffer; a second kernel sums the P partial rows in a fixed
@@ -30,7 +32,11 @@ import triton
 import triton.language as tl
 
 MAX_HIDDEN_SIZE = 65536  # largest supported N (hidden size)
-_MAX_FUSED_BLOCK_N = 8192  # rows up to this width stay in registers; wider rows are chunked
+# Rows up to this width stay in registers; wider rows are processed in chunks of this width. The backward
+# keeps more row-sized values live (dy, s, w and two column accumulators), so its limit is lower.
+_MAX_FUSED_BLOCK_N_FWD = 8192
+_MAX_FUSED_BLOCK_N_BWD = 4096
+_CHUNK_N = 4096  # chunk width for wider rows (both kernels; the multi-pass loops keep more values live)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # dweight/dbias reduction kernel tile: (_RED_BLOCK_P partial rows) x (_RED_BLOCK_N columns) per step.
@@ -45,19 +51,44 @@ _RED_NUM_WARPS = 4
 
 
 @triton.jit
-def _load_s(X, R, cols, mask, HAS_RESIDUAL: tl.constexpr):
+def _round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """fp32 -> dtype, rounding to nearest even. SOFT_BF16 (set by the launchers for the CPU interpreter,
+    whose fp32 -> bf16 cast truncates) rounds to bf16 with integer ops; on GPUs the native cast is used."""
+    if SOFT_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # noqa: PLR0124  (NaN stays a quiet NaN)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _load_s(X, R, cols, mask, HAS_RESIDUAL: tl.constexpr, SOFT_BF16: tl.constexpr):
     """s = x (+ r) as fp32; with a residual the fp32 sum is rounded to x's dtype first (matches
     torch's unfused `x + r`). Masked lanes are 0. X and R already point at the row start."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
-        x = (x + r).to(X.dtype.element_ty).to(tl.float32)
+        x = _round_to(x + r, X.dtype.element_ty, SOFT_BF16).to(tl.float32)
     return x
 
 
 @triton.jit
-def _normalize_store(Y, W, B, s, mean, rstd, cols, mask,
-                     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _normalize_store(
+    Y,  # (N,) output row
+    W,  # (N,) weight
+    B,  # (N,) bias
+    s,  # (BLOCK_N,) fp32 block of the row's input
+    mean,
+    rstd,
+    cols,  # (BLOCK_N,) column indices of the block
+    mask,  # (BLOCK_N,) cols < N
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """y = (s - mean) * rstd * w + b, stored in Y's dtype. Y already points at the row start."""
     if IS_RMS:
         y = s * rstd
@@ -67,7 +98,7 @@ def _normalize_store(Y, W, B, s, mean, rstd, cols, mask,
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + cols, _round_to(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit
@@ -93,6 +124,7 @@ def _layer_norm_fwd_kernel(
     STORE_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SOFT_BF16: tl.constexpr,  # exact bf16 rounding in the CPU interpreter (see _round_to)
 ):
     # One program per row.
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31
@@ -104,7 +136,7 @@ def _layer_norm_fwd_kernel(
 
     if SINGLE_CHUNK:
         mask = cols < N
-        s = _load_s(X, R, cols, mask, HAS_RESIDUAL)  # (BLOCK_N,) fp32, 0 past N
+        s = _load_s(X, R, cols, mask, HAS_RESIDUAL, SOFT_BF16)  # (BLOCK_N,) fp32, 0 past N
         if STORE_RESIDUAL:
             tl.store(RO + cols, s.to(RO.dtype.element_ty), mask=mask)
         if IS_RMS:
@@ -115,14 +147,14 @@ def _layer_norm_fwd_kernel(
             d = tl.where(mask, s - mean, 0.0)
             var = tl.sum(d * d, axis=0) / N
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-        _normalize_store(Y, W, B, s, mean, rstd, cols, mask, IS_RMS, HAS_WEIGHT, HAS_BIAS)
+        _normalize_store(Y, W, B, s, mean, rstd, cols, mask, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
     else:
         # Pass 1: sum(s) (LayerNorm) or sum(s^2) (RMSNorm); residual_out is written here.
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = c < N
-            s = _load_s(X, R, c, m, HAS_RESIDUAL)
+            s = _load_s(X, R, c, m, HAS_RESIDUAL, SOFT_BF16)
             if STORE_RESIDUAL:
                 tl.store(RO + c, s.to(RO.dtype.element_ty), mask=m)
             if IS_RMS:
@@ -139,7 +171,7 @@ def _layer_norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 m = c < N
-                d = tl.where(m, _load_s(X, R, c, m, HAS_RESIDUAL) - mean, 0.0)
+                d = tl.where(m, _load_s(X, R, c, m, HAS_RESIDUAL, SOFT_BF16) - mean, 0.0)
                 acc += d * d
             var = tl.sum(acc, axis=0) / N
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
@@ -147,8 +179,8 @@ def _layer_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = c < N
-            s = _load_s(X, R, c, m, HAS_RESIDUAL)
-            _normalize_store(Y, W, B, s, mean, rstd, c, m, IS_RMS, HAS_WEIGHT, HAS_BIAS)
+            s = _load_s(X, R, c, m, HAS_RESIDUAL, SOFT_BF16)
+            _normalize_store(Y, W, B, s, mean, rstd, c, m, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
 
     if not IS_RMS:
         tl.store(Mean + row, mean)
@@ -196,13 +228,15 @@ def _layer_norm_bwd_kernel(
     HAS_DRES: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    SOFT_BF16: tl.constexpr,  # exact bf16 rounding in the CPU interpreter (see _round_to)
 ):
     # Program p handles rows [p * rows_per_program, min((p + 1) * rows_per_program, M)) in order.
-    pid = tl.program_id(0).to(tl.int64)
+    # The row counter is i32 (the launcher keeps M + rows_per_program < 2^31); addresses use int64.
+    pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    DW_partial += pid * N
-    DB_partial += pid * N
+    DW_partial += pid.to(tl.int64) * N
+    DB_partial += pid.to(tl.int64) * N
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_CHUNK:
@@ -214,8 +248,18 @@ def _layer_norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(Mean + row)
             rstd = tl.load(Rstd + row)
-            dy, xhat, wdy = _bwd_row_terms(DY + row * stride_dy_row, S + row * stride_s_row, W, cols, mask,
-                                           mean, rstd, IS_RMS, HAS_WEIGHT)
+            row64 = tl.cast(row, tl.int64)
+            dy, xhat, wdy = _bwd_row_terms(
+                DY + row64 * stride_dy_row,
+                S + row64 * stride_s_row,
+                W,
+                cols,
+                mask,
+                mean,
+                rstd,
+                IS_RMS,
+                HAS_WEIGHT,
+            )
             c1 = tl.sum(xhat * wdy, axis=0) / N
             if IS_RMS:
                 dx = (wdy - xhat * c1) * rstd
@@ -223,8 +267,10 @@ def _layer_norm_bwd_kernel(
                 c2 = tl.sum(wdy, axis=0) / N
                 dx = (wdy - (xhat * c1 + c2)) * rstd
             if HAS_DRES:
-                dx += tl.load(DRES + row * stride_dres_row + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DRES + row64 * stride_dres_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(
+                DX + row64 * stride_dx_row + cols, _round_to(dx, DX.dtype.element_ty, SOFT_BF16), mask=mask
+            )
             if COMPUTE_DW:
                 dw_acc += dy * xhat
             if COMPUTE_DB:
@@ -249,8 +295,11 @@ def _layer_norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(Mean + row)
             rstd = tl.load(Rstd + row)
-            dy_row = DY + row * stride_dy_row
-            s_row = S + row * stride_s_row
+            row64 = tl.cast(row, tl.int64)
+            dy_row = DY + row64 * stride_dy_row
+            s_row = S + row64 * stride_s_row
+            dres_row = DRES + row64 * stride_dres_row
+            dx_row = DX + row64 * stride_dx_row
             # Pass 1: the two row means needed by dx.
             acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -272,8 +321,8 @@ def _layer_norm_bwd_kernel(
                 else:
                     dx = (wdy - (xhat * c1 + c2)) * rstd
                 if HAS_DRES:
-                    dx += tl.load(DRES + row * stride_dres_row + c, mask=m, other=0.0).to(tl.float32)
-                tl.store(DX + row * stride_dx_row + c, dx.to(DX.dtype.element_ty), mask=m)
+                    dx += tl.load(dres_row + c, mask=m, other=0.0).to(tl.float32)
+                tl.store(dx_row + c, _round_to(dx, DX.dtype.element_ty, SOFT_BF16), mask=m)
                 if COMPUTE_DW:
                     tl.store(DW_partial + c, tl.load(DW_partial + c, mask=m, other=0.0) + dy * xhat, mask=m)
                 if COMPUTE_DB:
@@ -292,6 +341,7 @@ def _layer_norm_bwd_dwdb_kernel(
     BLOCK_N: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    SOFT_BF16: tl.constexpr,  # exact bf16 rounding in the CPU interpreter (see _round_to)
 ):
     # Program j sums columns [j * BLOCK_N, (j + 1) * BLOCK_N) over the P partial rows, in a fixed order.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -307,9 +357,9 @@ def _layer_norm_bwd_dwdb_kernel(
         if COMPUTE_DB:
             db_acc += tl.load(DB_partial + offs, mask=mask, other=0.0)
     if COMPUTE_DW:
-        tl.store(DW + cols, tl.sum(dw_acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+        tl.store(DW + cols, _round_to(tl.sum(dw_acc, axis=0), DW.dtype.element_ty, SOFT_BF16), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(DB + cols, tl.sum(db_acc, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+        tl.store(DB + cols, _round_to(tl.sum(db_acc, axis=0), DB.dtype.element_ty, SOFT_BF16), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,12 +368,25 @@ def _layer_norm_bwd_dwdb_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _block_n(N: int):
-    """(BLOCK_N, SINGLE_CHUNK) for hidden size N."""
+def _block_n(N: int, max_block: int):
+    """(BLOCK_N, SINGLE_CHUNK) for hidden size N: the whole row in one block up to max_block columns,
+    else chunks of _CHUNK_N columns."""
     block = triton.next_power_of_2(N)
-    if block <= _MAX_FUSED_BLOCK_N:
+    if block <= max_block:
         return block, True
-    return _MAX_FUSED_BLOCK_N, False
+    return _CHUNK_N, False
+
+
+# Resident warps per SM each kernel is sized for. The register cap (maxnreg) follows from it: with an
+# explicit cap ptxas uses registers up to it instead of squeezing towards a higher occupancy on its own,
+# which otherwise produces small spills in a few configurations (seen with Triton 3.9's ptxas).
+_FWD_WARPS_PER_SM = 32  # forward: one program per row, many programs: keep occupancy at >= 50% (H100)
+_BWD_WARPS_PER_SM = 16  # backward: the grid itself holds ~16 warps per SM (see _bwd_num_programs)
+_REGS_PER_SM = 65536
+
+
+def _maxnreg(warps_per_sm: int) -> int:
+    return min(255, _REGS_PER_SM // (32 * warps_per_sm)) // 8 * 8
 
 
 def _fwd_num_warps(block_n: int) -> int:
@@ -336,10 +399,22 @@ def _bwd_num_warps(block_n: int) -> int:
     return min(max(block_n // 128, 1), 16)
 
 
+def _fwd_launch_options(block_n: int) -> dict:
+    return {"num_warps": _fwd_num_warps(block_n), "maxnreg": _maxnreg(_FWD_WARPS_PER_SM)}
+
+
+def _bwd_launch_options(block_n: int) -> dict:
+    return {"num_warps": _bwd_num_warps(block_n), "maxnreg": _maxnreg(_BWD_WARPS_PER_SM)}
+
+
+def _red_launch_options() -> dict:
+    return {"num_warps": _RED_NUM_WARPS, "maxnreg": _maxnreg(_BWD_WARPS_PER_SM)}
+
+
 def _bwd_num_programs(M: int, num_warps: int, device: torch.device) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        programs = sms * max(1, 16 // num_warps)  # ~16 resident warps per SM
+        programs = sms * max(1, _BWD_WARPS_PER_SM // num_warps)
     else:
         programs = 4  # the interpreter runs programs one by one: few programs, many rows each
     return max(1, min(M, programs))
@@ -363,13 +438,13 @@ def _check_hidden_size(N: int):
         raise ValueError(
             f"pyattn Triton layer_norm: hidden size {N} exceeds the supported maximum of {MAX_HIDDEN_SIZE}"
         )
-    if N < 1:
-        raise ValueError(f"pyattn Triton layer_norm: hidden size must be at least 1, got {N}")
 
 
 def _rows_2d(t: torch.Tensor, name: str, shape) -> torch.Tensor:
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"pyattn Triton layer_norm: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise ValueError(
+            f"pyattn Triton layer_norm: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+        )
     if t.stride(-1) != 1:  # kernels need unit column stride; anything else is copied
         t = t.contiguous()
     return t
@@ -410,21 +485,28 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool, store_resid
     if residual is not None:
         residual = _rows_2d(residual, "residual", (M, N))
         if residual.dtype != x.dtype:
-            raise ValueError(f"pyattn Triton layer_norm: residual dtype {residual.dtype} != input dtype {x.dtype}")
+            raise ValueError(
+                f"pyattn Triton layer_norm: residual dtype {residual.dtype} != input dtype {x.dtype}"
+            )
     weight = _vector(weight, "weight", N)
     bias = _vector(bias, "bias", N)
     store_residual = bool(store_residual) and residual is not None
 
     dev = x.device
     y = torch.empty((M, N), dtype=x.dtype, device=dev)
-    residual_out = (torch.empty((M, N), dtype=x.dtype, device=dev) if store_residual
-                    else torch.empty(0, dtype=x.dtype, device=dev))
+    residual_out = (
+        torch.empty((M, N), dtype=x.dtype, device=dev)
+        if store_residual
+        else torch.empty(0, dtype=x.dtype, device=dev)
+    )
     mean = torch.empty(0 if rms else M, dtype=torch.float32, device=dev)
     rstd = torch.empty(M, dtype=torch.float32, device=dev)
-    if M == 0:
+    if M == 0 or N == 0:  # nothing to normalize, no launch; N == 0 gives torch's mean 0, rstd NaN
+        mean.zero_()
+        rstd.fill_(float("nan"))
         return y, residual_out, mean, rstd
 
-    block_n, single = _block_n(N)
+    block_n, single = _block_n(N, _MAX_FUSED_BLOCK_N_FWD)
     with _device_guard(x):
         _layer_norm_fwd_kernel[(M,)](
             x,
@@ -448,7 +530,8 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool, store_resid
             STORE_RESIDUAL=store_residual,
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
-            num_warps=_fwd_num_warps(block_n),
+            SOFT_BF16=not x.is_cuda,
+            **_fwd_launch_options(block_n),
         )
     return y, residual_out, mean, rstd
 
@@ -484,16 +567,18 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms: bool, has_bias
     compute_db = bool(need_dweight) and bool(has_bias)
     dx = torch.empty((M, N), dtype=s.dtype, device=dev)
     empty = torch.empty(0, dtype=param_dtype, device=dev)
-    if M == 0:  # no rows: zero parameter gradients, no launch
+    if M == 0 or N == 0:  # no rows (or columns): zero parameter gradients, no launch
         dw = torch.zeros(N, dtype=param_dtype, device=dev) if compute_dw else empty
         db = torch.zeros(N, dtype=param_dtype, device=dev) if compute_db else empty
         return dx, dw, db
 
-    block_n, single = _block_n(N)
-    num_warps = _bwd_num_warps(block_n)
-    programs = _bwd_num_programs(M, num_warps, dev)
+    block_n, single = _block_n(N, _MAX_FUSED_BLOCK_N_BWD)
+    options = _bwd_launch_options(block_n)
+    programs = _bwd_num_programs(M, options["num_warps"], dev)
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)  # no program without rows
+    if M + rows_per_program >= 2**31:  # the kernel's row counter is i32
+        raise ValueError(f"pyattn Triton layer_norm: {M} rows exceed the supported maximum of 2^31 - 1")
     dw_partial = torch.empty((programs, N) if compute_dw else (0,), dtype=torch.float32, device=dev)
     db_partial = torch.empty((programs, N) if compute_db else (0,), dtype=torch.float32, device=dev)
     dw = torch.empty(N, dtype=param_dtype, device=dev) if compute_dw else empty
@@ -524,7 +609,8 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms: bool, has_bias
             HAS_DRES=dresidual_out is not None,
             COMPUTE_DW=compute_dw,
             COMPUTE_DB=compute_db,
-            num_warps=num_warps,
+            SOFT_BF16=not s.is_cuda,
+            **options,
         )
         if compute_dw or compute_db:
             _layer_norm_bwd_dwdb_kernel[(triton.cdiv(N, _RED_BLOCK_N),)](
@@ -538,7 +624,8 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms: bool, has_bias
                 BLOCK_N=_RED_BLOCK_N,
                 COMPUTE_DW=compute_dw,
                 COMPUTE_DB=compute_db,
-                num_warps=_RED_NUM_WARPS,
+                SOFT_BF16=not s.is_cuda,
+                **_red_launch_options(),
             )
     return dx, dw, db
 
@@ -550,61 +637,139 @@ def layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms: bool, has_bias
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def shipped_block_configs():
-    """Every (BLOCK_N, SINGLE_CHUNK) the launchers can pick: powers of 2 up to _MAX_FUSED_BLOCK_N in one
-    block, plus the chunked configuration used for _MAX_FUSED_BLOCK_N < N <= MAX_HIDDEN_SIZE."""
-    out = [(1 << k, True) for k in range(int(math.log2(_MAX_FUSED_BLOCK_N)) + 1)]
-    out.append(_block_n(MAX_HIDDEN_SIZE))
+def shipped_block_configs(max_block: int, full: bool = True):
+    """Every (BLOCK_N, SINGLE_CHUNK) a launcher with this max_block can pick: each power of 2 up to
+    max_block in one block, plus the chunked configuration used for max_block < N <= MAX_HIDDEN_SIZE.
+    full=False keeps a representative subset: one BLOCK_N per num_warps value, the largest single block
+    and the chunked one."""
+    out = [(1 << k, True) for k in range(int(math.log2(max_block)) + 1)]
+    if not full:
+        out = [(b, single) for b, single in out if b in (16, 256, 1024, 2048, 4096, max_block)]
+    out.append(_block_n(MAX_HIDDEN_SIZE, max_block))
     return out
 
 
-def compile_configs(full: bool = False):
-    """Configurations for scripts/compile_triton.py: a list of (kernel_fn, signature, constexprs, num_warps).
+def _flag_combos(kernel: str, full: bool):
+    """Constexpr flag combinations to compile. Representative: the heaviest LayerNorm and RMSNorm
+    combinations (register pressure) and the lightest; full: every valid combination."""
+    if kernel == "fwd":  # (IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL, HAS_WEIGHT, HAS_BIAS)
+        everything = [
+            (rms, res, store, w, b)
+            for rms in (False, True)
+            for res in (False, True)
+            for store in ((False, True) if res else (False,))
+            for w in (False, True)
+            for b in ((False,) if rms else (False, True))
+        ]
+        names = ("IS_RMS", "HAS_RESIDUAL", "STORE_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS")
+        # heaviest LayerNorm / RMSNorm (with and without residual_out), lightest
+        pick = [
+            (False, True, True, True, True),
+            (False, True, False, True, True),
+            (True, True, True, True, False),
+            (True, True, False, True, False),
+            (False,) * 5,
+        ]
+    else:  # (IS_RMS, HAS_WEIGHT, HAS_DRES, COMPUTE_DW, COMPUTE_DB)
+        everything = [
+            (rms, w, dres, cdw, cdb)
+            for rms in (False, True)
+            for w in (False, True)
+            for dres in (False, True)
+            for cdw in ((False, True) if w else (False,))
+            for cdb in ((False,) if rms else (False, True))
+        ]
+        names = ("IS_RMS", "HAS_WEIGHT", "HAS_DRES", "COMPUTE_DW", "COMPUTE_DB")
+        pick = [(False, True, True, True, True), (True, True, True, True, False), (False,) * 5]
+    return [dict(zip(names, combo)) for combo in (everything if full else pick)]
 
-    Covers every kernel x dtype (fp32/fp16/bf16) x weight dtype (x.dtype, fp32) x shipped BLOCK_N with the
-    num_warps the launchers pick for it, with the heaviest flag combinations (all features on, LayerNorm and
-    RMSNorm) plus a minimal one. full=False keeps a representative subset of BLOCK_N (every num_warps
-    value, the largest single block and the chunked path); full=True takes every shipped BLOCK_N.
+
+def compile_configs(full: bool = False):
+    """Configurations for scripts/compile_triton.py: a list of
+    (kernel_fn, signature, constexprs, num_warps, {"maxnreg": ...}) with the launch options the launchers
+    pick for each BLOCK_N.
+
+    Representative (default): x dtypes fp32/fp16/bf16 (weights fp32, fp16, fp32 respectively) x BLOCK_N in
+    {16, 256, 1024, 2048, 4096, (8192,) chunked} (every num_warps value, the largest single block and the
+    chunked path used up to N = 65536) x the heaviest/lightest flag combinations; plus the reduction kernel.
+    full=True: every shipped BLOCK_N, both weight dtypes, every valid flag combination.
     """
-    blocks = shipped_block_configs()
-    if not full:
-        keep = {16, 256, 1024, 2048, 4096, _MAX_FUSED_BLOCK_N}
-        blocks = [(b, single) for b, single in blocks if b in keep or not single]
-    i64 = "i32"  # strides as the JIT usually sees them (Python ints < 2^31 are passed as i32)
+    # Strides as the JIT usually sees them (Python ints below 2^31 arrive as i32; the kernels widen
+    # row offsets to int64 themselves).
+    idx = "i32"
     configs = []
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         t = _TRITON_DTYPE[dt]
-        wts = [t] if dt == torch.float32 else [t, "fp32"]
+        if full:
+            wts = [t] if dt == torch.float32 else [t, "fp32"]
+        else:
+            wts = ["fp16"] if dt == torch.float16 else ["fp32"]
         for wt in wts:
-            for block_n, single in blocks:
-                # (IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL, HAS_WEIGHT, HAS_BIAS)
-                for rms, res, store, has_w, has_b in ((False, True, True, True, True),
-                                                      (True, True, True, True, False),
-                                                      (False, False, False, False, False)):
-                    sig = {"X": f"*{t}", "R": f"*{t}", "Y": f"*{t}", "RO": f"*{t}", "W": f"*{wt}",
-                           "B": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32", "stride_x_row": i64,
-                           "stride_r_row": i64, "stride_y_row": i64, "stride_ro_row": i64, "N": "i32",
-                           "eps": "fp32"}
-                    consts = {"BLOCK_N": block_n, "SINGLE_CHUNK": single, "IS_RMS": rms, "HAS_RESIDUAL": res,
-                              "STORE_RESIDUAL": store, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b}
+            for block_n, single in shipped_block_configs(_MAX_FUSED_BLOCK_N_FWD, full):
+                for flags in _flag_combos("fwd", full):
+                    sig = {
+                        "X": f"*{t}",
+                        "R": f"*{t}",
+                        "Y": f"*{t}",
+                        "RO": f"*{t}",
+                        "W": f"*{wt}",
+                        "B": f"*{wt}",
+                        "Mean": "*fp32",
+                        "Rstd": "*fp32",
+                        "stride_x_row": idx,
+                        "stride_r_row": idx,
+                        "stride_y_row": idx,
+                        "stride_ro_row": idx,
+                        "N": "i32",
+                        "eps": "fp32",
+                    }
+                    consts = {"BLOCK_N": block_n, "SINGLE_CHUNK": single, **flags, "SOFT_BF16": False}
                     sig.update({k: "constexpr" for k in consts})
-                    configs.append((_layer_norm_fwd_kernel, sig, consts, _fwd_num_warps(block_n)))
-                # (IS_RMS, HAS_WEIGHT, HAS_DRES, COMPUTE_DW, COMPUTE_DB)
-                for rms, has_w, dres, cdw, cdb in ((False, True, True, True, True),
-                                                   (True, True, True, True, False),
-                                                   (False, False, False, False, False)):
-                    sig = {"DY": f"*{t}", "S": f"*{t}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
-                           "DRES": f"*{t}", "DX": f"*{t}", "DW_partial": "*fp32", "DB_partial": "*fp32",
-                           "stride_dy_row": i64, "stride_s_row": i64, "stride_dres_row": i64,
-                           "stride_dx_row": i64, "M": "i32", "N": "i32", "rows_per_program": "i32"}
-                    consts = {"BLOCK_N": block_n, "SINGLE_CHUNK": single, "IS_RMS": rms, "HAS_WEIGHT": has_w,
-                              "HAS_DRES": dres, "COMPUTE_DW": cdw, "COMPUTE_DB": cdb}
+                    opts = _fwd_launch_options(block_n)
+                    configs.append((_layer_norm_fwd_kernel, sig, consts, opts.pop("num_warps"), opts))
+            for block_n, single in shipped_block_configs(_MAX_FUSED_BLOCK_N_BWD, full):
+                for flags in _flag_combos("bwd", full):
+                    sig = {
+                        "DY": f"*{t}",
+                        "S": f"*{t}",
+                        "W": f"*{wt}",
+                        "Mean": "*fp32",
+                        "Rstd": "*fp32",
+                        "DRES": f"*{t}",
+                        "DX": f"*{t}",
+                        "DW_partial": "*fp32",
+                        "DB_partial": "*fp32",
+                        "stride_dy_row": idx,
+                        "stride_s_row": idx,
+                        "stride_dres_row": idx,
+                        "stride_dx_row": idx,
+                        "M": "i32",
+                        "N": "i32",
+                        "rows_per_program": "i32",
+                    }
+                    consts = {"BLOCK_N": block_n, "SINGLE_CHUNK": single, **flags, "SOFT_BF16": False}
                     sig.update({k: "constexpr" for k in consts})
-                    configs.append((_layer_norm_bwd_kernel, sig, consts, _bwd_num_warps(block_n)))
-            # The reduction kernel does not depend on BLOCK_N of the row kernels.
-            sig = {"DW_partial": "*fp32", "DB_partial": "*fp32", "DW": f"*{wt}", "DB": f"*{wt}", "P": "i32",
-                   "N": "i32"}
-            consts = {"BLOCK_P": _RED_BLOCK_P, "BLOCK_N": _RED_BLOCK_N, "COMPUTE_DW": True, "COMPUTE_DB": True}
-            sig.update({k: "constexpr" for k in consts})
-            configs.append((_layer_norm_bwd_dwdb_kernel, sig, consts, _RED_NUM_WARPS))
+                    opts = _bwd_launch_options(block_n)
+                    configs.append((_layer_norm_bwd_kernel, sig, consts, opts.pop("num_warps"), opts))
+            # The reduction kernel does not depend on the row kernels' BLOCK_N; its output has the
+            # parameter dtype.
+            for cdw, cdb in ((True, True), (True, False), (False, True)) if full else ((True, True),):
+                sig = {
+                    "DW_partial": "*fp32",
+                    "DB_partial": "*fp32",
+                    "DW": f"*{wt}",
+                    "DB": f"*{wt}",
+                    "P": "i32",
+                    "N": "i32",
+                }
+                consts = {
+                    "BLOCK_P": _RED_BLOCK_P,
+                    "BLOCK_N": _RED_BLOCK_N,
+                    "COMPUTE_DW": cdw,
+                    "COMPUTE_DB": cdb,
+                    "SOFT_BF16": False,
+                }
+                sig.update({k: "constexpr" for k in consts})
+                opts = _red_launch_options()
+                configs.append((_layer_norm_bwd_dwdb_kernel, sig, consts, opts.pop("num_warps"), opts))
     return configs

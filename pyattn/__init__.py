@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from . import backends as _backends  # noqa: F401  (registers torch, cpp, triton, cuda)
 from .dispatch import BackendNotSupported, backends, use_backend
 from .functional import layer_norm, rms_norm
+from .functional import flash_attn_func, gru_cell, scaled_dot_product_attention
 from . import nn  # noqa: E402
 
 _EXPLAIN = {}
@@ -21,6 +22,11 @@ def _explainers():
 
         _EXPLAIN["layer_norm"] = lambda *a, **k: _ln.make_inputs(*a, rms=False, **k)
         _EXPLAIN["rms_norm"] = lambda *a, **k: _ln.make_inputs(*a, rms=True, **k)
+        from .ops import attention as _attn
+        from .ops import gru as _gru
+
+        _EXPLAIN["attention"] = _attn.make_inputs  # scaled_dot_product_attention's arguments
+        _EXPLAIN["gru_cell"] = _gru.make_cell_inputs
     return _EXPLAIN
 
 
@@ -36,3 +42,4 @@ def explain(op: str, *args, backend=None, **kwargs) -> str:
 
 __all__ = ["BackendNotSupported", "backends", "explain", "layer_norm", "nn", "rms_norm", "use_backend",
            "__version__"]
+__all__ += ["flash_attn_func", "gru_cell", "scaled_dot_product_attention"]

@@ -82,9 +82,33 @@ def _bench(args) -> int:
     return bench_run.main(args)
 
 
+LECTURE_TEXT = ("the gated recurrent unit keeps a hidden state and decides with its update gate how much of "
+                "the past to keep and with its reset gate how much of it to use")
+
+
 def _demo(args) -> int:
-    print(f"pyattn demo {args.what}: not available in this version (see the README's roadmap)", file=sys.stderr)
-    return 2
+    if args.what != "gru":
+        print(f"pyattn demo {args.what}: not available yet (only `pyattn demo gru`)", file=sys.stderr)
+        return 2
+    import pyattn
+    from pyattn.models.char_gru import train_on_text
+
+    print(pyattn.explain("gru_cell", *_probe_gru_args()).splitlines()[1].strip())
+    ok = True
+    for text, prompt_len, steps in (("help", 1, 60), (LECTURE_TEXT, 4, 200)):
+        print(f"\ntraining a character GRU on {text!r} ({len(text)} chars, {steps} steps, device {args.device})")
+        res = train_on_text(text, prompt_len=prompt_len, steps=steps, device=args.device,
+                            log=lambda step, loss: print(f"  step {step:4d}  loss {loss:.4f}"))
+        verdict = "correct" if res.correct else "WRONG"
+        print(f"  {res.seconds:.1f} s; prompt {res.prompt!r} -> {res.continuation!r} ({verdict})")
+        ok &= res.correct
+    return 0 if ok else 1
+
+
+def _probe_gru_args():
+    import torch
+
+    return torch.zeros(1, 8), torch.zeros(1, 8), torch.zeros(24, 8), torch.zeros(24, 8)
 
 
 def build_parser() -> argparse.ArgumentParser:

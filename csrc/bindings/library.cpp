@@ -10,6 +10,21 @@ TORCH_LIBRARY(pyattn, m) {
         "bool store_residual) -> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor dy, Tensor s, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dresidual_out, "
         "bool rms, bool has_bias, bool need_dweight) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // ---- GRU ---- (kernels: csrc/bindings/gru.cpp; argument lists mirror the torch backend's gru_* methods)
+  // One direction of one layer, x (T, B, I) time-major, h0 (B, H) -> out (T, B, H), h_last (B, H), ws (T, B, 4H)
+  // float32 [r | z | n | hn] (empty unless needs_grad).
+  m.def("gru_seq_fwd(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, "
+        "bool needs_grad) -> (Tensor out, Tensor h_last, Tensor ws)");
+  m.def("gru_seq_bwd(Tensor dout, Tensor dh_last, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor out, "
+        "Tensor ws, bool has_b_ih, bool has_b_hh, bool reverse, bool need_weights) -> (Tensor dx, Tensor dh0, "
+        "Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  // One cell step: x (B, I), hx (B, H) -> h (B, H), ws (B, 4H) (empty unless needs_grad).
+  m.def("gru_step_fwd(Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool needs_grad) "
+        "-> (Tensor h, Tensor ws)");
+  m.def("gru_step_bwd(Tensor dh, Tensor x, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor ws, bool has_b_ih, "
+        "bool has_b_hh, bool need_weights) -> (Tensor dx, Tensor dhx, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, "
+        "Tensor db_hh)");
+  // ---- end GRU ----
 }
 
 // `import pyattn._C` loads this library (and runs the registrations above); it has no Python functions.

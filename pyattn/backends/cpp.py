@@ -18,6 +18,13 @@ class CppBackend(Backend):
     caps = {
         "layer_norm": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT),
         "rms_norm": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT),
+        # ---- GRU ---- fp32 only: the kernels (csrc/cpu/gru.cpp) compute and store float32; other dtypes are
+        # refused with the generic dtype reason and fall through to the torch backend.
+        "gru_cell": OpCaps(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                           notes=("float32 only (fused C++ cell, AVX-512/AVX2 GEMM)",)),
+        "gru": OpCaps(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
+                      notes=("float32 only (hoisted input GEMM + fused recurrence, C++ BPTT)",)),
+        # ---- end GRU ----
     }
 
     def availability(self):
@@ -32,6 +39,21 @@ class CppBackend(Backend):
 
     def layer_norm_bwd(self, dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
         return torch.ops.pyattn.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight)
+
+    # ---- GRU ---- (same signatures and returns as TorchBackend.gru_*; C++ ops in csrc/bindings/gru.cpp)
+    def gru_cell_fwd(self, x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad):
+        return tuple(torch.ops.pyattn.gru_step_fwd(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad))
+
+    def gru_cell_bwd(self, dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights):
+        return tuple(torch.ops.pyattn.gru_step_bwd(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights))
+
+    def gru_layer_fwd(self, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
+        return tuple(torch.ops.pyattn.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad))
+
+    def gru_layer_bwd(self, dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights):
+        return tuple(torch.ops.pyattn.gru_seq_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh,
+                                                  reverse, need_weights))
+    # ---- end GRU ----
 
 
 def _register_fakes() -> None:
@@ -55,5 +77,44 @@ def _register_fakes() -> None:
         return s.new_empty(s.shape), dw, db
 
 
+# ---- GRU ----
+def _register_gru_fakes() -> None:
+    """Fakes of the GRU C++ ops (skipped when pyattn._C is missing or was built before they existed; the backend
+    then refuses GRU with the missing-kernel reason)."""
+    if load_C()[0] is None or not hasattr(torch.ops.pyattn, "gru_seq_fwd"):
+        return
+
+    def _gru_wgrads(w_ih, w_hh, has_b_ih, has_b_hh, need_weights):
+        g3 = w_hh.shape[0]
+        if not need_weights:
+            return tuple(w_ih.new_empty(0) for _ in range(4))
+        return (w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), w_ih.new_empty(g3 if has_b_ih else 0),
+                w_ih.new_empty(g3 if has_b_hh else 0))
+
+    @torch.library.register_fake("pyattn::gru_seq_fwd")
+    def _(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
+        t, b, h = x.shape[0], x.shape[1], w_hh.shape[1]
+        ws = x.new_empty((t, b, 4 * h) if needs_grad else (0,), dtype=torch.float32)
+        return x.new_empty((t, b, h)), h0.new_empty((b, h)), ws
+
+    @torch.library.register_fake("pyattn::gru_seq_bwd")
+    def _(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights):
+        return (x.new_empty(x.shape), h0.new_empty(h0.shape),
+                *_gru_wgrads(w_ih, w_hh, has_b_ih, has_b_hh, need_weights))
+
+    @torch.library.register_fake("pyattn::gru_step_fwd")
+    def _(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad):
+        b, h = x.shape[0], w_hh.shape[1]
+        ws = x.new_empty((b, 4 * h) if needs_grad else (0,), dtype=torch.float32)
+        return x.new_empty((b, h)), ws
+
+    @torch.library.register_fake("pyattn::gru_step_bwd")
+    def _(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights):
+        return (x.new_empty(x.shape), hx.new_empty(hx.shape),
+                *_gru_wgrads(w_ih, w_hh, has_b_ih, has_b_hh, need_weights))
+# ---- end GRU ----
+
+
 _register_fakes()
+_register_gru_fakes()  # GRU
 register(CppBackend())

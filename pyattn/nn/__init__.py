@@ -1,4 +1,6 @@
 """Drop-in modules: same constructor arguments, defaults and state_dict keys as their torch.nn twins."""
+from .activation import MultiheadAttention
 from .normalization import AddNorm, LayerNorm, RMSNorm
+from .rnn import GRU, GRUCell
 
-__all__ = ["AddNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["AddNorm", "GRU", "MultiheadAttention", "GRUCell", "LayerNorm", "RMSNorm"]

@@ -16,5 +16,16 @@ void layer_norm_bwd(const NormBwdParams& p);
 // fp32 elements of scratch layer_norm_bwd needs in p.workspace (0 when neither dweight nor dbias is wanted).
 int64_t layer_norm_bwd_workspace_floats(const NormBwdParams& p);
 
+// ---- GRU (csrc/cpu/gru.cpp) ----
+// Forward of one direction of one layer (a cell is T = 1): writes p.out (T, B, H) and, when non-null, p.ws.
+// Deterministic: the result depends only on the sizes, never on the thread count.
+void gru_fwd(const GRUFwdParams& p);
+// fp32 scratch elements gru_fwd needs in p.workspace.
+int64_t gru_fwd_workspace_floats(const GRUFwdParams& p);
+// BPTT: writes p.dx, p.dh0 and, when p.need_weights, p.dw_ih, p.dw_hh and the non-null bias grads.
+void gru_bwd(const GRUBwdParams& p);
+int64_t gru_bwd_workspace_floats(const GRUBwdParams& p);
+// ---- end GRU ----
+
 }  // namespace cpu
 }  // namespace pyattn

@@ -83,5 +83,70 @@ struct NormBwdParams {
 // ============================================================================================================
 // GRU
 // ============================================================================================================
+// ---- GRU ----
+// One direction of one GRU layer over a time-major sequence (a cell is the same with T = 1). torch's formula
+// and gate order r | z | n:
+//   gi = W_ih x_t + b_ih,  gh = W_hh h + b_hh                 (both (B, 3H))
+//   r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z),  hn = gh_n,  n = tanh(gi_n + r * hn)
+//   h' = n + z * (h - n)                                     (= (1 - z) * n + z * h)
+// `reverse` consumes x[T-1] first; out[t] is always the state after consuming x[t]. The saved workspace `ws`
+// is [r | z | n | hn] per (t, b) row, last dim 4H, fp32 (the op contract of pyattn/ops/gru.py).
+// Backward (BPTT), with dh the gradient reaching the state after a step:
+//   dn = dh (1 - z), dz = dh (h - n), dn' = dn (1 - n^2), dr' = dn' hn r (1 - r), dz' = dz z (1 - z)
+//   dgi = [dr' | dz' | dn'], dgh = [dr' | dz' | dn' r], dh_prev = dgh W_hh + dh z (+ dout of the step before)
+//   dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev, db_ih = colsum(dGi), db_hh = colsum(dGh)
+// Only fp32 is implemented (dtype must be F32). Strides are in elements; every last dim has stride 1.
+struct GRUFwdParams {
+  const void* x = nullptr;     // (T, B, I): element (t, b, i) at t * x_t_stride + b * x_b_stride + i
+  const void* h0 = nullptr;    // (B, H), row stride h0_row_stride
+  const void* w_ih = nullptr;  // (3H, I), row stride w_ih_row_stride
+  const void* w_hh = nullptr;  // (3H, H), row stride w_hh_row_stride
+  const void* b_ih = nullptr;  // (3H,) contiguous; nullptr: no bias
+  const void* b_hh = nullptr;  // (3H,) contiguous; nullptr: no bias
+  void* out = nullptr;         // (T, B, H) contiguous
+  float* ws = nullptr;         // (T, B, 4H) fp32 contiguous; nullptr: not stored (inference)
+  float* workspace = nullptr;  // gru_fwd_workspace_floats(params) fp32 scratch (cpu_kernels.h); never nullptr
+
+  int64_t T = 0, B = 0, I = 0, H = 0;  // all >= 1 (empty inputs never reach the kernel)
+  int64_t x_t_stride = 0, x_b_stride = 0;
+  int64_t h0_row_stride = 0;
+  int64_t w_ih_row_stride = 0, w_hh_row_stride = 0;
+
+  bool reverse = false;
+  DType dtype = DType::F32;
+  int num_threads = 0;  // threads to use (>= 1; the kernels run their own small pool); results never depend on it
+};
+
+struct GRUBwdParams {
+  const void* dout = nullptr;     // (T, B, H): element (t, b, j) at t * dout_t_stride + b * dout_b_stride + j
+  const void* dh_last = nullptr;  // (B, H), row stride dh_last_row_stride; nullptr: zero
+  const void* x = nullptr;        // (T, B, I), strides as in GRUFwdParams
+  const void* h0 = nullptr;       // (B, H), row stride h0_row_stride
+  const void* w_ih = nullptr;     // (3H, I), row stride w_ih_row_stride
+  const void* w_hh = nullptr;     // (3H, H), row stride w_hh_row_stride
+  const void* out = nullptr;      // (T, B, H) the forward's output, strides out_t_stride, out_b_stride (T >= 2)
+  const float* ws = nullptr;      // (T, B, 4H) fp32 contiguous: the forward's [r | z | n | hn]
+  void* dx = nullptr;             // (T, B, I) contiguous
+  void* dh0 = nullptr;            // (B, H) contiguous
+  void* dw_ih = nullptr;          // (3H, I) contiguous; nullptr: weight grads not computed (then all four null)
+  void* dw_hh = nullptr;          // (3H, H) contiguous
+  void* db_ih = nullptr;          // (3H,) contiguous; nullptr: not computed
+  void* db_hh = nullptr;          // (3H,) contiguous; nullptr: not computed
+  float* workspace = nullptr;     // gru_bwd_workspace_floats(params) fp32 scratch; never nullptr
+
+  int64_t T = 0, B = 0, I = 0, H = 0;
+  int64_t dout_t_stride = 0, dout_b_stride = 0;
+  int64_t dh_last_row_stride = 0;
+  int64_t x_t_stride = 0, x_b_stride = 0;
+  int64_t h0_row_stride = 0;
+  int64_t w_ih_row_stride = 0, w_hh_row_stride = 0;
+  int64_t out_t_stride = 0, out_b_stride = 0;
+
+  bool reverse = false;
+  bool need_weights = false;  // dw_ih/dw_hh (and the bias grads that are non-null) are computed
+  DType dtype = DType::F32;
+  int num_threads = 0;
+};
+// ---- end GRU ----
 
 }  // namespace pyattn

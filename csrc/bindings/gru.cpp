@@ -1,0 +1,243 @@
+// CPU implementations of pyattn::gru_seq_fwd / gru_seq_bwd (one direction of one GRU layer) and
+// pyattn::gru_step_fwd / gru_step_bwd (one cell step), schemas in library.cpp: input checks, output and workspace
+// allocation, params filling, then the torch-free kernels of csrc/cpu/gru.cpp. Only float32 is implemented; the
+// cpp backend (pyattn/backends/cpp.py) sends other dtypes elsewhere.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <initializer_list>
+#include <limits>
+#include <tuple>
+
+#include "pyattn/cpu_kernels.h"
+#include "pyattn/params.h"
+
+namespace pyattn {
+namespace {
+
+using at::Tensor;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
+
+// PYATTN_DEBUG_NAN_FILL=1 (read on every call; for tests): outputs, the saved workspace and the kernels' scratch are
+// filled with NaN before the kernel runs, so an element the kernel fails to write, or scratch it reads before
+// writing, shows up as NaN in the results.
+bool nan_fill() {
+  const char* e = std::getenv("PYATTN_DEBUG_NAN_FILL");
+  return e != nullptr && e[0] == '1';
+}
+Tensor scratch(int64_t floats, const at::TensorOptions& opts) {
+  Tensor t = at::empty({floats}, opts.dtype(at::kFloat));
+  if (nan_fill()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+void maybe_nan_fill(std::initializer_list<Tensor*> ts) {
+  if (!nan_fill()) return;
+  for (Tensor* t : ts)
+    if (t->numel() > 0) t->fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// A CPU float32 tensor with the given sizes; returned with stride 1 along its last dim (copied when not so).
+Tensor check_t(const char* op, const char* name, const Tensor& t, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (got device ", t.device(), ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name,
+              " must have dtype float32 (got ", t.scalar_type(),
+              "; the cpp GRU kernels implement float32 only, other dtypes go through the torch backend)");
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, " (got ", t.sizes(), ")");
+  if (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) return t.contiguous();
+  return t;
+}
+
+// ws: (rows..., 4H) float32; made contiguous.
+Tensor check_ws(const char* op, const Tensor& ws, at::IntArrayRef sizes) {
+  TORCH_CHECK(ws.device().is_cpu(), op, ": ws must be a CPU tensor (got device ", ws.device(), ")");
+  TORCH_CHECK(ws.scalar_type() == at::kFloat, op, ": ws must have dtype float32 (got ", ws.scalar_type(), ")");
+  TORCH_CHECK(ws.sizes() == sizes, op, ": ws must have shape ", sizes,
+              " (the forward's [r | z | n | hn] workspace, saved with needs_grad=True; got ", ws.sizes(), ")");
+  return ws.contiguous();
+}
+
+struct Sizes {
+  int64_t T, B, I, H;
+};
+
+// x (T, B, I), h (B, H), w_ih (3H, I), w_hh (3H, H): checks and returns the sizes. H comes from w_hh.
+Sizes check_core(const char* op, Tensor& x, Tensor& h, Tensor& w_ih, Tensor& w_hh, const char* hname) {
+  TORCH_CHECK(w_hh.dim() == 2, op, ": weight_hh must be 2-D (3 * hidden_size, hidden_size) (got shape ",
+              w_hh.sizes(), ")");
+  const int64_t H = w_hh.size(1);
+  TORCH_CHECK(w_hh.size(0) == 3 * H, op, ": weight_hh must have shape (3 * hidden_size, hidden_size) = (", 3 * H,
+              ", ", H, ") (got ", w_hh.sizes(), ")");
+  TORCH_CHECK(x.dim() == 3, op, ": input must be 3-D (seq_len, batch, input_size) (got shape ", x.sizes(), ")");
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  x = check_t(op, "input", x, {T, B, I});
+  h = check_t(op, hname, h, {B, H});
+  w_ih = check_t(op, "weight_ih", w_ih, {3 * H, I});
+  w_hh = check_t(op, "weight_hh", w_hh, {3 * H, H});
+  return {T, B, I, H};
+}
+
+const void* opt_bias(const char* op, const char* name, const std::optional<Tensor>& b, int64_t H, Tensor& keep) {
+  if (!b.has_value() || !b->defined()) return nullptr;
+  keep = check_t(op, name, *b, {3 * H}).contiguous();
+  return keep.data_ptr();
+}
+
+std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+                                           const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                                           bool reverse, bool needs_grad) {
+  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0");
+  Tensor kb_ih, kb_hh;
+  const void* pb_ih = opt_bias(op, "bias_ih", b_ih, s.H, kb_ih);
+  const void* pb_hh = opt_bias(op, "bias_hh", b_hh, s.H, kb_hh);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor out = at::empty({s.T, s.B, s.H}, x.options());
+  Tensor ws = needs_grad ? at::empty({s.T, s.B, 4 * s.H}, f32) : at::empty({0}, f32);
+  if (out.numel() == 0) {  // empty batch/hidden/sequence: nothing to run; out is empty and h_T = h0
+    return {out, h0.clone(), ws};
+  }
+
+  GRUFwdParams p;
+  p.x = x.data_ptr();
+  p.h0 = h0.data_ptr();
+  p.w_ih = w_ih.data_ptr();
+  p.w_hh = w_hh.data_ptr();
+  p.b_ih = pb_ih;
+  p.b_hh = pb_hh;
+  p.out = out.data_ptr();
+  p.ws = needs_grad ? ws.data_ptr<float>() : nullptr;
+  p.T = s.T;
+  p.B = s.B;
+  p.I = s.I;
+  p.H = s.H;
+  p.x_t_stride = x.stride(0);
+  p.x_b_stride = x.stride(1);
+  p.h0_row_stride = h0.stride(0);
+  p.w_ih_row_stride = w_ih.stride(0);
+  p.w_hh_row_stride = w_hh.stride(0);
+  p.reverse = reverse;
+  p.dtype = DType::F32;
+  p.num_threads = num_threads();
+  maybe_nan_fill({&out, &ws});
+  Tensor workspace = scratch(cpu::gru_fwd_workspace_floats(p), f32);
+  p.workspace = workspace.data_ptr<float>();
+  cpu::gru_fwd(p);
+  Tensor h_last = out.select(0, reverse ? 0 : s.T - 1).clone();
+  return {out, h_last, ws};
+}
+
+Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last, Tensor x, Tensor h0, Tensor w_ih,
+              Tensor w_hh, const std::optional<Tensor>& out, Tensor ws, bool has_b_ih, bool has_b_hh, bool reverse,
+              bool need_weights) {
+  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0");
+  dout = check_t(op, "dout", dout, {s.T, s.B, s.H});
+  Tensor dhl;
+  if (dh_last.has_value() && dh_last->defined()) dhl = check_t(op, "dh_last", *dh_last, {s.B, s.H});
+  Tensor o;
+  if (out.has_value() && out->defined()) o = check_t(op, "out", *out, {s.T, s.B, s.H});
+  const auto wopts = w_ih.options();
+  Tensor dx = at::empty({s.T, s.B, s.I}, x.options());
+  Tensor dh0 = at::empty({s.B, s.H}, h0.options());
+  Tensor dw_ih = need_weights ? at::empty({3 * s.H, s.I}, wopts) : at::empty({0}, wopts);
+  Tensor dw_hh = need_weights ? at::empty({3 * s.H, s.H}, wopts) : at::empty({0}, wopts);
+  Tensor db_ih = (need_weights && has_b_ih) ? at::empty({3 * s.H}, wopts) : at::empty({0}, wopts);
+  Tensor db_hh = (need_weights && has_b_hh) ? at::empty({3 * s.H}, wopts) : at::empty({0}, wopts);
+  if (s.T == 0 || s.B == 0 || s.H == 0) {  // empty: the torch backend's answers, no kernel
+    dx.zero_();
+    if (dhl.defined() && s.T == 0) dh0.copy_(dhl); else dh0.zero_();
+    for (Tensor* g : {&dw_ih, &dw_hh, &db_ih, &db_hh}) g->zero_();
+    return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+  }
+  TORCH_CHECK(s.T == 1 || o.defined(), op, ": out (the forward's output) is required when seq_len > 1");
+  ws = check_ws(op, ws, {s.T, s.B, 4 * s.H});
+
+  GRUBwdParams p;
+  p.dout = dout.data_ptr();
+  p.dh_last = dhl.defined() ? dhl.data_ptr() : nullptr;
+  p.x = x.data_ptr();
+  p.h0 = h0.data_ptr();
+  p.w_ih = w_ih.data_ptr();
+  p.w_hh = w_hh.data_ptr();
+  p.out = o.defined() ? o.data_ptr() : nullptr;
+  p.ws = ws.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.dh0 = dh0.data_ptr();
+  if (need_weights) {
+    p.dw_ih = dw_ih.data_ptr();
+    p.dw_hh = dw_hh.data_ptr();
+    p.db_ih = has_b_ih ? db_ih.data_ptr() : nullptr;
+    p.db_hh = has_b_hh ? db_hh.data_ptr() : nullptr;
+  }
+  p.T = s.T;
+  p.B = s.B;
+  p.I = s.I;
+  p.H = s.H;
+  p.dout_t_stride = dout.stride(0);
+  p.dout_b_stride = dout.stride(1);
+  p.dh_last_row_stride = dhl.defined() ? dhl.stride(0) : 0;
+  p.x_t_stride = x.stride(0);
+  p.x_b_stride = x.stride(1);
+  p.h0_row_stride = h0.stride(0);
+  p.w_ih_row_stride = w_ih.stride(0);
+  p.w_hh_row_stride = w_hh.stride(0);
+  p.out_t_stride = o.defined() ? o.stride(0) : 0;
+  p.out_b_stride = o.defined() ? o.stride(1) : 0;
+  p.reverse = reverse;
+  p.need_weights = need_weights;
+  p.dtype = DType::F32;
+  p.num_threads = num_threads();
+  maybe_nan_fill({&dx, &dh0, &dw_ih, &dw_hh, &db_ih, &db_hh});
+  Tensor workspace = scratch(cpu::gru_bwd_workspace_floats(p), x.options());
+  p.workspace = workspace.data_ptr<float>();
+  cpu::gru_bwd(p);
+  return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_seq_fwd_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                   const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                                   const std::optional<Tensor>& b_hh, bool reverse, bool needs_grad) {
+  return seq_fwd("pyattn::gru_seq_fwd", x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad);
+}
+
+Grads gru_seq_bwd_cpu(const Tensor& dout, const Tensor& dh_last, const Tensor& x, const Tensor& h0,
+                      const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool has_b_ih,
+                      bool has_b_hh, bool reverse, bool need_weights) {
+  return seq_bwd("pyattn::gru_seq_bwd", dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse,
+                 need_weights);
+}
+
+std::tuple<Tensor, Tensor> gru_step_fwd_cpu(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                                            const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                            const std::optional<Tensor>& b_hh, bool needs_grad) {
+  constexpr const char* op = "pyattn::gru_step_fwd";
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
+  TORCH_CHECK(hx.dim() == 2, op, ": hx must be 2-D (batch, hidden_size) (got shape ", hx.sizes(), ")");
+  auto [out, h_last, ws] = seq_fwd(op, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, false, needs_grad);
+  return {out.squeeze(0), needs_grad ? ws.squeeze(0) : ws};
+}
+
+Grads gru_step_bwd_cpu(const Tensor& dh, const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                       const Tensor& ws, bool has_b_ih, bool has_b_hh, bool need_weights) {
+  constexpr const char* op = "pyattn::gru_step_bwd";
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
+  TORCH_CHECK(dh.dim() == 2, op, ": dh must be 2-D (batch, hidden_size) (got shape ", dh.sizes(), ")");
+  TORCH_CHECK(ws.dim() == 2, op, ": ws must be 2-D (batch, 4 * hidden_size) (got shape ", ws.sizes(), ")");
+  auto g = seq_bwd(op, dh.unsqueeze(0), std::nullopt, x.unsqueeze(0), hx, w_ih, w_hh, std::nullopt, ws.unsqueeze(0),
+                   has_b_ih, has_b_hh, false, need_weights);
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace
+}  // namespace pyattn
+
+TORCH_LIBRARY_IMPL(pyattn, CPU, m) {
+  m.impl("gru_seq_fwd", &pyattn::gru_seq_fwd_cpu);
+  m.impl("gru_seq_bwd", &pyattn::gru_seq_bwd_cpu);
+  m.impl("gru_step_fwd", &pyattn::gru_step_fwd_cpu);
+  m.impl("gru_step_bwd", &pyattn::gru_step_bwd_cpu);
+}

@@ -1,0 +1,868 @@
+// GRU CPU kernels: one direction of one layer, forward and BPTT (a cell is T = 1). Torch-free: see the GRU section
+// of pyattn/params.h for the contract and the formulas.
+//
+// Forward
+//   1. gi = X W_ih^T for all T * B rows at once (one GEMM; the biases are added in step 3).
+//   2. W_hh is packed once per call, gate-interleaved: panel p holds hidden units [p*NB, p*NB + NB) of all three
+//      gates, laid out [k][r | z | n][NB], so one register tile computes gh_r, gh_z and gh_n of the same units and
+//      the gate math runs on the accumulators (no gh round trip through memory).
+//   3. Per step: one small GEMM h (B, H) @ packed W_hh with the fused epilogue (biases, sigmoid, tanh, h', the
+//      workspace [r | z | n | hn]). Batch rows never interact, so the work items are blocks of MRMAX batch rows,
+//      each running the whole sequence: threads never wait for each other between steps. Small problems (e.g.
+//      B = 1, H = 128) run on the calling thread alone.
+// Backward
+//   Per step (processing order reversed): dh_prev = dGh_t W_hh (W_hh packed once in [panel][k][NB] form) with the
+//   epilogue dh_prev += dh z, += dout of the step before, then that step's gate-gradient math; again one work item
+//   per block of batch rows. After the loop: dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev as big GEMMs,
+//   db = column sums.
+// GEMM: Goto-style, K blocked (KC depends only on K), B packed in NB-wide panels, A packed in MR-row slivers, an
+// MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators). Every output element is summed in a fixed
+// order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
+// independent of the number of threads.
+// SIMD: AVX-512 (NB = 16 lanes, up to 24 accumulators), AVX2 + FMA (NB = 8, up to 12), or portable 128-bit vector
+// extensions (NB = 4, libm sigmoid/tanh), chosen at compile time from the target ISA. The SIMD paths use Cephes-style
+// exp/sigmoid/tanh polynomials (a few ulp; NaN propagates).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside _mm512_undefined_ps
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
+#if defined(__AVX512F__)
+#define PYATTN_GRU_ISA 512
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PYATTN_GRU_ISA 256
+#include <immintrin.h>
+#else
+#define PYATTN_GRU_ISA 0
+#endif
+
+#include "pyattn/cpu_kernels.h"
+#include "pyattn/params.h"
+
+namespace pyattn {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------
+// Vector layer: V holds NB fp32 lanes
+// ------------------------------------------------------------------------------------------------------------
+#if PYATTN_GRU_ISA == 512
+
+constexpr int NB = 16;       // lanes
+constexpr int MRMAX = 8;     // rows of the micro-kernel
+constexpr int ACC_MAX = 24;  // accumulators (of 32 zmm registers)
+using V = __m512;
+inline __mmask16 lane_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float a) { return _mm512_set1_ps(a); }
+inline V vld(const float* p) { return _mm512_loadu_ps(p); }
+inline V vldn(const float* p, int n) { return n >= NB ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p); }
+inline void vst(float* p, V a) { _mm512_storeu_ps(p, a); }
+inline void vstn(float* p, V a, int n) {
+  if (n >= NB)
+    _mm512_storeu_ps(p, a);
+  else
+    _mm512_mask_storeu_ps(p, lane_mask(n), a);
+}
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
+inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+// max/min return their SECOND operand when either is NaN: clamp(x) = min(hi, max(lo, x)) keeps a NaN x.
+inline V vclamp(V x, float lo, float hi) { return _mm512_min_ps(vset(hi), _mm512_max_ps(vset(lo), x)); }
+inline V vabs(V a) { return _mm512_abs_ps(a); }
+inline V vsign_of(V a) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+}
+inline V vor(V a, V b) { return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))); }
+inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral in [-126, 127]
+inline V vselect_lt(V x, float thr, V a, V b) {                // x < thr ? a : b (NaN -> b)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(thr), _CMP_LT_OQ), b, a);
+}
+
+#elif PYATTN_GRU_ISA == 256
+
+constexpr int NB = 8;
+constexpr int MRMAX = 4;
+constexpr int ACC_MAX = 12;  // of 16 ymm registers
+using V = __m256;
+inline __m256i lane_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float a) { return _mm256_set1_ps(a); }
+inline V vld(const float* p) { return _mm256_loadu_ps(p); }
+inline V vldn(const float* p, int n) { return n >= NB ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n)); }
+inline void vst(float* p, V a) { _mm256_storeu_ps(p, a); }
+inline void vstn(float* p, V a, int n) {
+  if (n >= NB)
+    _mm256_storeu_ps(p, a);
+  else
+    _mm256_maskstore_ps(p, lane_mask(n), a);
+}
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+inline V vclamp(V x, float lo, float hi) { return _mm256_min_ps(vset(hi), _mm256_max_ps(vset(lo), x)); }
+inline V vabs(V a) { return _mm256_andnot_ps(vset(-0.0f), a); }
+inline V vsign_of(V a) { return _mm256_and_ps(vset(-0.0f), a); }
+inline V vor(V a, V b) { return _mm256_or_ps(a, b); }
+inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V p, V n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+inline V vselect_lt(V x, float thr, V a, V b) {
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, vset(thr), _CMP_LT_OQ));
+}
+
+#else  // portable: GCC/Clang vector extensions (lowered to whatever SIMD the target has, SSE2 on any x86-64)
+
+constexpr int NB = 4;  // one 128-bit register (SSE2 / NEON)
+constexpr int MRMAX = 4;
+constexpr int ACC_MAX = 12;
+typedef float V __attribute__((vector_size(16)));
+inline V vzero() { return V{}; }
+inline V vset(float a) { return V{} + a; }
+inline V vldn(const float* p, int n) {
+  V r{};
+  std::memcpy(&r, p, sizeof(float) * size_t(n < NB ? n : NB));
+  return r;
+}
+inline V vld(const float* p) {
+  V r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void vstn(float* p, V a, int n) { std::memcpy(p, &a, sizeof(float) * size_t(n < NB ? n : NB)); }
+inline void vst(float* p, V a) { std::memcpy(p, &a, sizeof(a)); }
+inline V vadd(V a, V b) { return a + b; }
+inline V vsub(V a, V b) { return a - b; }
+inline V vmul(V a, V b) { return a * b; }
+inline V vdiv(V a, V b) { return a / b; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+
+#endif
+
+#if PYATTN_GRU_ISA != 0
+// exp(x) for x clamped to [-87, 88] (so 2^n stays normal): Cephes expf, n = round(x log2 e), x - n ln2 in two
+// parts, a degree-6 polynomial; about 1 ulp. NaN propagates.
+inline V vexp(V x) {
+  x = vclamp(x, -87.0f, 88.0f);
+  const V n = vround(vmul(x, vset(1.44269504088896341f)));
+  V r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(vmul(p, r), r, vadd(r, vset(1.0f)));
+  return vpow2i(p, n);
+}
+inline V vsigmoid(V x) { return vdiv(vset(1.0f), vadd(vset(1.0f), vexp(vsub(vzero(), x)))); }
+// tanh: Cephes tanhf. |x| < 0.625: x + x^3 P(x^2); else sign(x) (1 - 2 / (exp(2|x|) + 1)).
+inline V vtanh(V x) {
+  const V ax = vabs(x);
+  const V s = vmul(x, x);
+  V p = vset(-5.70498872745e-3f);
+  p = vfma(p, s, vset(2.06390887954e-2f));
+  p = vfma(p, s, vset(-5.37397155531e-2f));
+  p = vfma(p, s, vset(1.33314422036e-1f));
+  p = vfma(p, s, vset(-3.33332819422e-1f));
+  const V small = vfma(vmul(p, s), x, x);
+  const V e = vexp(vadd(ax, ax));
+  const V big = vor(vsub(vset(1.0f), vdiv(vset(2.0f), vadd(e, vset(1.0f)))), vsign_of(x));
+  return vselect_lt(ax, 0.625f, small, big);
+}
+#else
+inline V vsigmoid(V x) {
+  V r;
+  for (int l = 0; l < NB; ++l) r[l] = 1.0f / (1.0f + std::exp(-x[l]));
+  return r;
+}
+inline V vtanh(V x) {
+  V r;
+  for (int l = 0; l < NB; ++l) r[l] = std::tanh(x[l]);
+  return r;
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
+// Threads: independent work items on a small private thread pool
+// ------------------------------------------------------------------------------------------------------------
+// Every parallel loop here is a set of independent items (GEMM: a block of rows x a block of columns; recurrence: a
+// block of batch rows for the whole sequence, since batch rows never interact), claimed in order from one atomic
+// counter. There is no static split, no barrier, and the caller never waits for a worker that has not started:
+// these machines are shared and oversubscribed, and an OpenMP team's fork/join (or a barrier per time step) waits
+// for every thread to be scheduled; measured here, a 2-thread OpenMP region or per-step barrier cost milliseconds
+// whenever other processes held the cores. With this queue a descheduled worker delays the caller by at most the
+// item it holds, and a worker that wakes late finds the work done and leaves. Which thread runs an item never
+// changes its result: the results do not depend on the threads.
+constexpr double kMinParallelGemm = double(1 << 23);  // multiply-adds below which a GEMM runs on one thread
+constexpr double kMinParallelStep = double(1 << 19);  // multiply-adds per recurrent step, same
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Calls one item of a job per call: step(tid) returns false once no item is left to claim.
+struct PoolJob {
+  virtual bool step(int tid) = 0;
+  virtual ~PoolJob() = default;
+};
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: its threads are detached and may outlive static destructors
+    return *pool;
+  }
+
+  // Runs `job` on the caller (tid 0) and on up to nth - 1 workers (tids 1 .. nth-1) that are free to join, until
+  // its step() returns false; returns when no worker is inside a step of it.
+  void run(int nth, PoolJob& job) {
+    if (nth <= 1 || !usable() || !run_mutex_.try_lock()) {  // busy (another caller) or forked: run here
+      while (job.step(0)) {
+      }
+      return;
+    }
+    ensure_workers(nth - 1);
+    job_ = &job;
+    job_nth_ = nth;
+    const uint64_t g = gen_.load() + 1;
+    open_.store(g);
+    gen_.store(g);
+    {
+      std::lock_guard<std::mutex> lk(mutex_);
+    }
+    cv_.notify_all();
+    while (job.step(0)) {
+    }
+    open_.store(0);  // late workers no longer enter; wait for those inside a step
+    for (int spin = 0; active_.load() != 0; ++spin) {
+      if (spin < 4096)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
+    run_mutex_.unlock();
+  }
+
+ private:
+  Pool() : pid_(current_pid()) {}
+
+  static long current_pid() {
+#if defined(__unix__) || defined(__APPLE__)
+    return static_cast<long>(getpid());
+#else
+    return 0;
+#endif
+  }
+  bool usable() const { return current_pid() == pid_; }  // a forked child has no workers: never wait for them
+
+  void ensure_workers(int n) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    while (nworkers_ < n) {
+      try {
+        std::thread([this, id = nworkers_ + 1] { worker(id); }).detach();
+      } catch (...) {  // no more threads: the caller runs what the workers would have
+        return;
+      }
+      ++nworkers_;
+    }
+  }
+
+  void worker(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spin = 0; gen_.load() == seen && spin < 4000; ++spin) cpu_relax();  // ~50 us, then sleep
+      if (gen_.load() == seen) {
+        std::unique_lock<std::mutex> lk(mutex_);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+      }
+      seen = gen_.load();
+      for (;;) {  // one step at a time, each inside an active window opened only while job `seen` is open
+        active_.fetch_add(1);
+        if (open_.load() != seen || tid >= job_nth_) {
+          active_.fetch_sub(1);
+          break;
+        }
+        const bool more = job_->step(tid);
+        active_.fetch_sub(1);
+        if (!more) break;
+      }
+    }
+  }
+
+  std::mutex run_mutex_;  // one job at a time
+  std::mutex mutex_;      // guards nworkers_ and the sleeping workers' wake-up
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};   // the last job posted
+  std::atomic<uint64_t> open_{0};  // the job workers may enter (0: none)
+  std::atomic<int> active_{0};     // workers inside a step
+  PoolJob* job_ = nullptr;
+  int job_nth_ = 0;
+  int nworkers_ = 0;
+  const long pid_;
+};
+
+// Runs work(g, tid) for g in [0, total) on up to nth threads (tid < nth), items in any order and concurrently.
+template <class Work>
+void run_items(int nth, int64_t total, Work work) {
+  if (total <= 0) return;
+  if (nth <= 1 || total == 1) {
+    for (int64_t g = 0; g < total; ++g) work(g, 0);
+    return;
+  }
+  struct Job final : PoolJob {
+    Work& work;
+    int64_t total;
+    std::atomic<int64_t> next{0};
+    Job(Work& w, int64_t n) : work(w), total(n) {}
+    bool step(int tid) override {
+      const int64_t g = next.fetch_add(1, std::memory_order_relaxed);
+      if (g >= total) return false;
+      work(g, tid);
+      return true;
+    }
+  } job(work, total);
+  Pool::get().run(int(std::min<int64_t>(nth, total)), job);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }  // keeps workspace regions 64-byte aligned
+
+// ------------------------------------------------------------------------------------------------------------
+// Micro-kernel: tile (MR x NV*NB) = A sliver (K x MR, packed: a[k * MR + i]) times NV vectors of B per k
+// (vector q at bq[q] + k * ldb). Written to `tile` with row stride TLD.
+// ------------------------------------------------------------------------------------------------------------
+constexpr int NVMAX = 6;
+constexpr int TLD = NVMAX * NB;
+
+template <int MR, int NV>
+void micro_kernel(const float* __restrict a, int64_t K, const float* const* bq, int64_t ldb, float* __restrict tile) {
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 6
+    for (int q = 0; q < NV; ++q) acc[i][q] = vzero();
+  const float* b[NV];
+#pragma GCC unroll 6
+  for (int q = 0; q < NV; ++q) b[q] = bq[q];
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NV];
+#pragma GCC unroll 6
+    for (int q = 0; q < NV; ++q) w[q] = vld(b[q] + k * ldb);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const V s = vset(a[k * MR + i]);
+#pragma GCC unroll 6
+      for (int q = 0; q < NV; ++q) acc[i][q] = vfma(s, w[q], acc[i][q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 6
+    for (int q = 0; q < NV; ++q) vst(tile + i * TLD + q * NB, acc[i][q]);
+}
+
+using MicroKernel = void (*)(const float*, int64_t, const float* const*, int64_t, float*);
+
+#define PYATTN_GRU_MK_ROW(MR)                                                                                    \
+  {                                                                                                              \
+    nullptr, &micro_kernel<MR, 1>, &micro_kernel<MR, 2>, &micro_kernel<MR, 3>, &micro_kernel<MR, 4>,              \
+        &micro_kernel<MR, 5>, &micro_kernel<MR, 6>                                                               \
+  }
+#if PYATTN_GRU_ISA == 512
+const MicroKernel kMicroKernels[MRMAX + 1][NVMAX + 1] = {
+    {nullptr},           PYATTN_GRU_MK_ROW(1), PYATTN_GRU_MK_ROW(2), PYATTN_GRU_MK_ROW(3), PYATTN_GRU_MK_ROW(4),
+    PYATTN_GRU_MK_ROW(5), PYATTN_GRU_MK_ROW(6), PYATTN_GRU_MK_ROW(7), PYATTN_GRU_MK_ROW(8)};
+#else
+const MicroKernel kMicroKernels[MRMAX + 1][NVMAX + 1] = {
+    {nullptr}, PYATTN_GRU_MK_ROW(1), PYATTN_GRU_MK_ROW(2), PYATTN_GRU_MK_ROW(3), PYATTN_GRU_MK_ROW(4)};
+#endif
+#undef PYATTN_GRU_MK_ROW
+
+inline int nv_max(int mr) { return std::min(NVMAX, ACC_MAX / mr); }
+
+// A matrix view for packing: element (r, c) at p[row(r) + c * cs], row(r) = (r / rin) * rs_out + (r % rin) * rs_in.
+// The two-level row lets a (T, B, I) tensor with any t/b strides act as a (T * B, I) matrix.
+struct Mat {
+  const float* p;
+  int64_t rs_out, rs_in, rin, cs;
+  int64_t row(int64_t r) const { return rin == 1 ? r * rs_out : (r / rin) * rs_out + (r % rin) * rs_in; }
+};
+inline Mat row_major(const float* p, int64_t ld) { return Mat{p, ld, 0, 1, 1}; }
+inline Mat col_major(const float* p, int64_t ld) { return Mat{p, 1, 0, 1, ld}; }  // the transpose of row_major
+
+// A sliver: dst[kk * mr + i] = A(m0 + i, k0 + kk).
+// Full slivers of row-major rows are transposed a square block at a time (8 x 8 with AVX, 4 x 4 with SSE).
+#if PYATTN_GRU_ISA == 512
+constexpr int kTransposeBlock = 8;
+inline void transpose_block(const float* const* src, int64_t kk, float* dst) {  // dst[j * 8 + i] = src[i][kk + j]
+  const __m256 r0 = _mm256_loadu_ps(src[0] + kk), r1 = _mm256_loadu_ps(src[1] + kk);
+  const __m256 r2 = _mm256_loadu_ps(src[2] + kk), r3 = _mm256_loadu_ps(src[3] + kk);
+  const __m256 r4 = _mm256_loadu_ps(src[4] + kk), r5 = _mm256_loadu_ps(src[5] + kk);
+  const __m256 r6 = _mm256_loadu_ps(src[6] + kk), r7 = _mm256_loadu_ps(src[7] + kk);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst + 0, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(dst + 16, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(dst + 24, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(dst + 32, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(dst + 40, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(dst + 48, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(dst + 56, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#elif PYATTN_GRU_ISA == 256
+constexpr int kTransposeBlock = 4;
+inline void transpose_block(const float* const* src, int64_t kk, float* dst) {  // dst[j * 4 + i] = src[i][kk + j]
+  __m128 r0 = _mm_loadu_ps(src[0] + kk), r1 = _mm_loadu_ps(src[1] + kk);
+  __m128 r2 = _mm_loadu_ps(src[2] + kk), r3 = _mm_loadu_ps(src[3] + kk);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(dst + 0, r0);
+  _mm_storeu_ps(dst + 4, r1);
+  _mm_storeu_ps(dst + 8, r2);
+  _mm_storeu_ps(dst + 12, r3);
+}
+#else
+constexpr int kTransposeBlock = 0;
+inline void transpose_block(const float* const*, int64_t, float*) {}
+#endif
+
+void pack_a(const Mat& A, int64_t m0, int mr, int64_t k0, int64_t kc, float* __restrict dst) {
+  if (A.rin == 1 && A.rs_out == 1) {  // rows adjacent (a transposed row-major matrix): mr contiguous values per k
+    const float* s = A.p + m0 + k0 * A.cs;
+    for (int64_t kk = 0; kk < kc; ++kk) vstn(dst + kk * mr, vldn(s + kk * A.cs, mr), mr);
+    return;
+  }
+  const float* src[MRMAX];
+  for (int i = 0; i < mr; ++i) src[i] = A.p + A.row(m0 + i) + k0 * A.cs;
+  if (A.cs == 1) {
+    int64_t kk = 0;
+    if (kTransposeBlock == MRMAX && mr == MRMAX)
+      for (; kk + kTransposeBlock <= kc; kk += kTransposeBlock) transpose_block(src, kk, dst + kk * MRMAX);
+    for (; kk < kc; ++kk)
+      for (int i = 0; i < mr; ++i) dst[kk * mr + i] = src[i][kk];
+  } else {
+    for (int64_t kk = 0; kk < kc; ++kk)
+      for (int i = 0; i < mr; ++i) dst[kk * mr + i] = src[i][kk * A.cs];
+  }
+}
+
+// A B panel: dst[kk * NB + j] = B(k0 + kk, n0 + j) for j < nn, 0 for nn <= j < NB.
+void pack_b(const Mat& B, int64_t k0, int64_t kc, int64_t n0, int nn, float* __restrict dst) {
+  if (B.cs == 1) {
+    for (int64_t kk = 0; kk < kc; ++kk) vst(dst + kk * NB, vldn(B.p + B.row(k0 + kk) + n0, nn));
+  } else {
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const float* s = B.p + B.row(k0 + kk) + n0 * B.cs;
+      float* d = dst + kk * NB;
+      for (int j = 0; j < nn; ++j) d[j] = s[j * B.cs];
+      for (int j = nn; j < NB; ++j) d[j] = 0.0f;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// GEMM: C (M, N), row stride ldc, = A (M, K) B (K, N)
+// ------------------------------------------------------------------------------------------------------------
+inline int64_t gemm_kc(int64_t K) { return K <= 384 ? K : 256; }
+
+// Scratch of sgemm: the whole of B packed (K x N rounded up to panels) and one A sliver (MRMAX x KC) per thread.
+int64_t sgemm_scratch_floats(int64_t N, int64_t K, int nt) {
+  return round16(std::max<int64_t>(K, 1) * ceil_div(N, NB) * NB) + std::max(nt, 1) * round16(MRMAX * gemm_kc(K));
+}
+
+// B is packed by the caller (a few percent of the GEMM at most: it is K x N against M x N x K multiply-adds), then
+// the items are groups of MRMAX-row slivers, each over all K blocks in order (C = block 0, then C += block 1, ...),
+// so every C element is summed in the same order whatever the threads.
+void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C, int64_t ldc, float* scratch,
+           int nt) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(float) * N);
+    return;
+  }
+  const int64_t kc_full = gemm_kc(K), np = ceil_div(N, NB), npad = np * NB;
+  const int64_t nsliver = ceil_div(M, MRMAX);
+  float* bpack = scratch;  // K block starting at k0 (kc rows), panel pn: bpack + k0 * npad + pn * kc * NB
+  float* apack0 = scratch + round16(K * npad);
+  for (int64_t k0 = 0; k0 < K; k0 += kc_full) {
+    const int64_t kc = std::min(kc_full, K - k0);
+    for (int64_t pn = 0; pn < np; ++pn)
+      pack_b(B, k0, kc, pn * NB, int(std::min<int64_t>(NB, N - pn * NB)), bpack + k0 * npad + pn * kc * NB);
+  }
+  const int nth = double(M) * double(N) * double(K) < kMinParallelGemm ? 1 : std::max(nt, 1);
+  const int64_t sg = nth == 1 ? nsliver : std::max<int64_t>(1, std::min<int64_t>(32, nsliver / (4 * nth)));
+  run_items(nth, ceil_div(nsliver, sg), [&](int64_t g, int tid) {
+    float* apack = apack0 + tid * round16(MRMAX * kc_full);
+    alignas(64) float tile[MRMAX * TLD];
+    const float* bq[NVMAX];
+    const int64_t s0 = g * sg, s1 = std::min(nsliver, s0 + sg);
+    for (int64_t k0 = 0; k0 < K; k0 += kc_full) {
+      const int64_t kc = std::min(kc_full, K - k0);
+      const float* bk = bpack + k0 * npad;
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const int64_t m0 = sl * MRMAX;
+        const int mr = int(std::min<int64_t>(MRMAX, M - m0));
+        pack_a(A, m0, mr, k0, kc, apack);
+        const int nvm = nv_max(mr);
+        for (int64_t pn = 0; pn < np; pn += nvm) {
+          const int nv = int(std::min<int64_t>(nvm, np - pn));
+          for (int q = 0; q < nv; ++q) bq[q] = bk + (pn + q) * kc * NB;
+          kMicroKernels[mr][nv](apack, kc, bq, NB, tile);
+          for (int i = 0; i < mr; ++i) {
+            float* crow = C + (m0 + i) * ldc;
+            for (int q = 0; q < nv; ++q) {
+              const int64_t c0 = (pn + q) * NB;
+              const int nn = int(std::min<int64_t>(NB, N - c0));
+              V v = vld(tile + i * TLD + q * NB);
+              if (k0 > 0) v = vadd(vldn(crow + c0, nn), v);
+              vstn(crow + c0, v, nn);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// dst[c] = sum over rows r (ascending) of src[r * ld + c], c < C.
+void col_sums(const float* src, int64_t R, int64_t C, int64_t ld, float* dst, int nt) {
+  constexpr int CH = 4;  // vectors per column chunk
+  const int64_t nchunk = ceil_div(C, CH * NB);
+  const int nth = double(R) * double(C) < kMinParallelGemm ? 1 : std::max(nt, 1);
+  run_items(
+      nth, nchunk,
+      [&](int64_t ch, int) {
+        const int64_t c0 = ch * CH * NB;
+        V acc[CH];
+        int nn[CH];
+        for (int q = 0; q < CH; ++q) {
+          acc[q] = vzero();
+          nn[q] = int(std::max<int64_t>(0, std::min<int64_t>(NB, C - c0 - q * NB)));
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const float* s = src + r * ld + c0;
+          for (int q = 0; q < CH; ++q)
+            if (nn[q] > 0) acc[q] = vadd(acc[q], vldn(s + q * NB, nn[q]));
+        }
+        for (int q = 0; q < CH; ++q)
+          if (nn[q] > 0) vstn(dst + c0 + q * NB, acc[q], nn[q]);
+      });
+}
+
+// Threads for the recurrence. Its items are blocks of MRMAX batch rows, each running the whole sequence (batch rows
+// never interact), so the threads never wait for each other between steps. Batches of one row block, and small
+// steps (e.g. B = 1, H = 128), run on the calling thread.
+int step_threads(int64_t B, int64_t H, int nt) {
+  const double work = double(B) * double(3 * H) * double(H);
+  return work < kMinParallelStep ? 1 : int(std::min<int64_t>(std::max(nt, 1), ceil_div(B, MRMAX)));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+struct FwdLayout {
+  int64_t wp, gi, gemm, sliver, total;
+};
+
+FwdLayout fwd_layout(const GRUFwdParams& p) {
+  const int64_t P = ceil_div(p.H, NB);
+  const int nt = std::max(p.num_threads, 1);
+  FwdLayout l;
+  l.wp = 0;
+  l.gi = l.wp + round16(P * p.H * 3 * NB);
+  l.gemm = l.gi + round16(p.T * p.B * 3 * p.H);
+  l.sliver = l.gemm + sgemm_scratch_floats(3 * p.H, p.I, nt);
+  l.total = l.sliver + nt * round16(MRMAX * p.H);
+  return l;
+}
+
+}  // namespace
+
+int64_t gru_fwd_workspace_floats(const GRUFwdParams& p) { return fwd_layout(p).total; }
+
+void gru_fwd(const GRUFwdParams& p) {
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB);
+  if (T <= 0 || B <= 0 || H <= 0) return;
+  const FwdLayout L = fwd_layout(p);
+  float* wp = p.workspace + L.wp;  // [P][H][3][NB]: W_hh gate-interleaved
+  float* gi = p.workspace + L.gi;  // (T * B, 3H): X W_ih^T (no bias)
+  const float* x = static_cast<const float*>(p.x);
+  const float* h0 = static_cast<const float*>(p.h0);
+  const float* w_ih = static_cast<const float*>(p.w_ih);
+  const float* w_hh = static_cast<const float*>(p.w_hh);
+  const float* b_ih = static_cast<const float*>(p.b_ih);
+  const float* b_hh = static_cast<const float*>(p.b_hh);
+  float* out = static_cast<float*>(p.out);
+  float* ws = p.ws;
+  const int nt = std::max(p.num_threads, 1);
+
+  // 1. the input projection of every step at once
+  const Mat X{x, p.x_t_stride, p.x_b_stride, B, 1};
+  sgemm(T * B, G, I, X, col_major(w_ih, p.w_ih_row_stride), gi, G, p.workspace + L.gemm, nt);
+
+  // 2. W_hh, gate-interleaved: wp[pn][k][gate][l] = W_hh[gate * H + pn * NB + l][k] (0 past H)
+  for (int64_t pn = 0; pn < P; ++pn) {
+    float* dst = wp + pn * H * 3 * NB;
+    for (int gate = 0; gate < 3; ++gate)
+      for (int l = 0; l < NB; ++l) {
+        const int64_t j = pn * NB + l;
+        if (j < H) {
+          const float* src = w_hh + (gate * H + j) * p.w_hh_row_stride;
+          for (int64_t k = 0; k < H; ++k) dst[k * 3 * NB + gate * NB + l] = src[k];
+        } else {
+          for (int64_t k = 0; k < H; ++k) dst[k * 3 * NB + gate * NB + l] = 0.0f;
+        }
+      }
+  }
+
+  // 3. the recurrence, one item per block of batch rows [m0, m0 + mr)
+  run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
+    const int64_t m0 = blk * MRMAX;
+    const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+    float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * H);
+    alignas(64) float tile[MRMAX * TLD];
+    const float* bq[NVMAX];
+    const bool two = nv_max(mr) >= 6;  // two hidden panels (6 vectors) per micro-kernel call
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = p.reverse ? T - 1 - s : s;
+      const float* hp = s == 0 ? h0 : out + (p.reverse ? t + 1 : t - 1) * B * H;  // the state before the step
+      const int64_t hrs = s == 0 ? p.h0_row_stride : H;
+      const float* a = hp + m0 * hrs;
+      if (mr > 1) {
+        pack_a(row_major(hp, hrs), m0, mr, 0, H, sliver);
+        a = sliver;
+      }
+      const float* git = gi + t * B * G;
+      float* outt = out + t * B * H;
+      float* wst = ws ? ws + t * B * 4 * H : nullptr;
+      for (int64_t pn = 0; pn < P;) {
+        const int np = (two && pn + 1 < P) ? 2 : 1;
+        for (int q = 0; q < np; ++q)
+          for (int gate = 0; gate < 3; ++gate) bq[q * 3 + gate] = wp + (pn + q) * H * 3 * NB + gate * NB;
+        kMicroKernels[mr][3 * np](a, H, bq, 3 * NB, tile);  // gh_r | gh_z | gh_n (no bias) of np panels
+        for (int q = 0; q < np; ++q) {
+          const int64_t j0 = (pn + q) * NB;
+          const int nj = int(std::min<int64_t>(NB, H - j0));
+          const V bir = b_ih ? vldn(b_ih + j0, nj) : vzero();
+          const V biz = b_ih ? vldn(b_ih + H + j0, nj) : vzero();
+          const V bin = b_ih ? vldn(b_ih + 2 * H + j0, nj) : vzero();
+          const V bhr = b_hh ? vldn(b_hh + j0, nj) : vzero();
+          const V bhz = b_hh ? vldn(b_hh + H + j0, nj) : vzero();
+          const V bhn = b_hh ? vldn(b_hh + 2 * H + j0, nj) : vzero();
+          for (int i = 0; i < mr; ++i) {
+            const int64_t row = m0 + i;
+            const float* gr = git + row * G + j0;
+            const float* tr = tile + i * TLD + q * 3 * NB;
+            const V r = vsigmoid(vadd(vadd(vldn(gr, nj), bir), vadd(vld(tr), bhr)));
+            const V z = vsigmoid(vadd(vadd(vldn(gr + H, nj), biz), vadd(vld(tr + NB), bhz)));
+            const V hn = vadd(vld(tr + 2 * NB), bhn);
+            const V n = vtanh(vfma(r, hn, vadd(vldn(gr + 2 * H, nj), bin)));
+            const V h = vldn(hp + row * hrs + j0, nj);
+            vstn(outt + row * H + j0, vfma(z, vsub(h, n), n), nj);  // n + z (h - n)
+            if (wst) {
+              float* w = wst + row * 4 * H + j0;
+              vstn(w, r, nj);
+              vstn(w + H, z, nj);
+              vstn(w + 2 * H, n, nj);
+              vstn(w + 3 * H, hn, nj);
+            }
+          }
+        }
+        pn += np;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+namespace {
+
+struct BwdLayout {
+  int64_t wq, dgi, dgh, dh, hprev, gemm, sliver, total;
+};
+
+BwdLayout bwd_layout(const GRUBwdParams& p) {
+  const int64_t P = ceil_div(p.H, NB), G = 3 * p.H, TB = p.T * p.B;
+  const int nt = std::max(p.num_threads, 1);
+  const bool need_w = p.need_weights && p.dw_ih != nullptr;
+  BwdLayout l;
+  l.wq = 0;
+  l.dgi = l.wq + round16(P * G * NB);
+  l.dgh = l.dgi + round16(TB * G);
+  l.dh = l.dgh + round16((need_w ? TB : 2 * p.B) * G);
+  l.hprev = l.dh + round16(p.B * p.H);
+  l.gemm = l.hprev + (need_w ? round16(TB * p.H) : 0);
+  int64_t g = sgemm_scratch_floats(p.I, G, nt);
+  if (need_w) g = std::max({g, sgemm_scratch_floats(p.I, TB, nt), sgemm_scratch_floats(p.H, TB, nt)});
+  l.sliver = l.gemm + g;
+  l.total = l.sliver + nt * round16(MRMAX * G);
+  return l;
+}
+
+}  // namespace
+
+int64_t gru_bwd_workspace_floats(const GRUBwdParams& p) { return bwd_layout(p).total; }
+
+void gru_bwd(const GRUBwdParams& p) {
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
+  if (T <= 0 || B <= 0 || H <= 0) return;
+  const BwdLayout L = bwd_layout(p);
+  const bool need_w = p.need_weights && p.dw_ih != nullptr;
+  float* wq = p.workspace + L.wq;    // [P][3H][NB]: W_hh (3H, H) as NB-wide column panels
+  float* dgi = p.workspace + L.dgi;  // (T * B, 3H), rows t * B + b
+  float* dgh = p.workspace + L.dgh;  // (T * B, 3H) when need_w, else two (B, 3H) buffers used alternately
+  float* dhb = p.workspace + L.dh;   // (B, H): dL/dh after the step being processed
+  const float* dout = static_cast<const float*>(p.dout);
+  const float* dh_last = static_cast<const float*>(p.dh_last);
+  const float* x = static_cast<const float*>(p.x);
+  const float* h0 = static_cast<const float*>(p.h0);
+  const float* w_ih = static_cast<const float*>(p.w_ih);
+  const float* w_hh = static_cast<const float*>(p.w_hh);
+  const float* out = static_cast<const float*>(p.out);
+  const float* ws = p.ws;
+  float* dh0 = static_cast<float*>(p.dh0);
+  const int nt = std::max(p.num_threads, 1);
+
+  auto tt = [&](int64_t s) { return p.reverse ? T - 1 - s : s; };  // processing position -> time index
+  auto hprev = [&](int64_t s, int64_t row) -> const float* {     // the state step s started from
+    return s == 0 ? h0 + row * p.h0_row_stride : out + tt(s - 1) * p.out_t_stride + row * p.out_b_stride;
+  };
+  auto dgh_of = [&](int64_t s) { return need_w ? dgh + tt(s) * B * G : dgh + (s & 1) * B * G; };
+  // Gate gradients of step s for row `row`, hidden units [j0, j0 + nj), given dh (the gradient after the step).
+  auto gate_bwd = [&](int64_t s, int64_t row, int64_t j0, int nj, V dh) {
+    const int64_t t = tt(s);
+    const float* w = ws + (t * B + row) * 4 * H + j0;
+    const V r = vldn(w, nj), z = vldn(w + H, nj), n = vldn(w + 2 * H, nj), hn = vldn(w + 3 * H, nj);
+    const V hp = vldn(hprev(s, row) + j0, nj);
+    const V one = vset(1.0f);
+    const V dn = vmul(dh, vsub(one, z));
+    const V dz = vmul(dh, vsub(hp, n));
+    const V dnp = vmul(dn, vsub(one, vmul(n, n)));
+    const V drp = vmul(vmul(vmul(dnp, hn), r), vsub(one, r));
+    const V dzp = vmul(vmul(dz, z), vsub(one, z));
+    float* gi_row = dgi + (t * B + row) * G + j0;
+    vstn(gi_row, drp, nj);
+    vstn(gi_row + H, dzp, nj);
+    vstn(gi_row + 2 * H, dnp, nj);
+    float* gh_row = dgh_of(s) + row * G + j0;
+    vstn(gh_row, drp, nj);
+    vstn(gh_row + H, dzp, nj);
+    vstn(gh_row + 2 * H, vmul(dnp, r), nj);
+  };
+
+  // W_hh as NB-wide column panels: wq[pn][k][l] = W_hh[k][pn * NB + l] (0 past H)
+  for (int64_t pn = 0; pn < P; ++pn) {
+    const int nn = int(std::min<int64_t>(NB, H - pn * NB));
+    for (int64_t k = 0; k < G; ++k) vst(wq + (pn * G + k) * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, nn));
+  }
+
+  // BPTT, one item per block of batch rows [m0, m0 + mr): the last step processed starts from dh = dh_last + dout;
+  // then for s = T-1 .. 0: dh_prev = dGh_s W_hh + dh z, and (s > 0) dh_prev += dout of step s - 1 and the gate math
+  // of step s - 1, or (s == 0) dh0 = dh_prev.
+  run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
+    const int64_t m0 = blk * MRMAX;
+    const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+    {
+      const int64_t s = T - 1, t = tt(s);
+      for (int64_t row = m0; row < m0 + mr; ++row)
+        for (int64_t pn = 0; pn < P; ++pn) {
+          const int64_t j0 = pn * NB;
+          const int nj = int(std::min<int64_t>(NB, H - j0));
+          const V d0 = dh_last ? vldn(dh_last + row * p.dh_last_row_stride + j0, nj) : vzero();
+          const V dh = vadd(d0, vldn(dout + t * p.dout_t_stride + row * p.dout_b_stride + j0, nj));
+          vstn(dhb + row * H + j0, dh, nj);
+          gate_bwd(s, row, j0, nj, dh);
+        }
+    }
+    float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * G);
+    alignas(64) float tile[MRMAX * TLD];
+    const float* bq[NVMAX];
+    const int nvm = nv_max(mr);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = tt(s);
+      const float* A = dgh_of(s);
+      const float* a = A + m0 * G;
+      if (mr > 1) {
+        pack_a(row_major(A, G), m0, mr, 0, G, sliver);
+        a = sliver;
+      }
+      for (int64_t pn = 0; pn < P;) {
+        const int nv = int(std::min<int64_t>(nvm, P - pn));
+        for (int q = 0; q < nv; ++q) bq[q] = wq + (pn + q) * G * NB;
+        kMicroKernels[mr][nv](a, G, bq, NB, tile);  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
+        for (int q = 0; q < nv; ++q) {
+          const int64_t j0 = (pn + q) * NB;
+          const int nj = int(std::min<int64_t>(NB, H - j0));
+          for (int i = 0; i < mr; ++i) {
+            const int64_t row = m0 + i;
+            const V z = vldn(ws + (t * B + row) * 4 * H + H + j0, nj);
+            const V dhc = vldn(dhb + row * H + j0, nj);
+            V dh = vfma(dhc, z, vld(tile + i * TLD + q * NB));  // dGh W_hh + dh z
+            if (s > 0) {
+              dh = vadd(dh, vldn(dout + tt(s - 1) * p.dout_t_stride + row * p.dout_b_stride + j0, nj));
+              vstn(dhb + row * H + j0, dh, nj);
+              gate_bwd(s - 1, row, j0, nj, dh);
+            } else {
+              vstn(dh0 + row * H + j0, dh, nj);
+            }
+          }
+        }
+        pn += nv;
+      }
+    }
+  });
+
+  float* gemm_ws = p.workspace + L.gemm;
+  sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt);
+  if (!need_w) return;
+  float* hp_all = p.workspace + L.hprev;  // (T * B, H): the state each (t, b) row started from
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t s = p.reverse ? T - 1 - t : t;
+    for (int64_t b = 0; b < B; ++b) std::memcpy(hp_all + (t * B + b) * H, hprev(s, b), sizeof(float) * H);
+  }
+  const Mat X{x, p.x_t_stride, p.x_b_stride, B, 1};
+  sgemm(G, I, TB, col_major(dgi, G), X, static_cast<float*>(p.dw_ih), I, gemm_ws, nt);
+  sgemm(G, H, TB, col_major(dgh, G), row_major(hp_all, H), static_cast<float*>(p.dw_hh), H, gemm_ws, nt);
+  if (p.db_ih) col_sums(dgi, TB, G, G, static_cast<float*>(p.db_ih), nt);
+  if (p.db_hh) col_sums(dgh, TB, G, G, static_cast<float*>(p.db_hh), nt);
+}
+
+}  // namespace cpu
+}  // namespace pyattn

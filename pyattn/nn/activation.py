@@ -1,0 +1,107 @@
+"""MultiheadAttention: a subclass of torch.nn.MultiheadAttention (same constructor, parameters, state_dict and
+forward signature) whose attention runs on pyattn.scaled_dot_product_attention.
+
+``need_weights=True`` (torch's default) needs the attention matrix, which fused kernels never form: that call is
+served by torch's own implementation, exactly as torch.nn.MultiheadAttention would compute it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.attention import scaled_dot_product_attention
+
+
+def _as_keep_or_additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """torch.nn's masks mark positions to IGNORE (bool True) or add a float; SDPA's bool marks positions to KEEP."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if not mask.is_floating_point():
+        raise AssertionError(f"only bool and floating types of masks are supported, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def _merge(attn_mask: Optional[Tensor], kpm: Optional[Tensor]) -> Optional[Tensor]:
+    """Combine (.., L, S) attention and (B, 1, 1, S) key-padding masks, each bool-keep or additive."""
+    if attn_mask is None or kpm is None:
+        return attn_mask if kpm is None else kpm
+    if attn_mask.dtype == torch.bool and kpm.dtype == torch.bool:
+        return attn_mask & kpm
+    dtype = attn_mask.dtype if attn_mask.dtype != torch.bool else kpm.dtype
+
+    def additive(m: Tensor) -> Tensor:
+        return m if m.dtype != torch.bool else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(
+            ~m, float("-inf"))
+    return additive(attn_mask) + additive(kpm)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention on pyattn's attention kernels (see the module docstring for need_weights)."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if need_weights:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                               "method `generate_square_subsequent_mask` to create this mask.")
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # -> (L, B, E) views
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)  # (L, B, E)
+        if not batched:
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
+        tgt_len, bsz, embed = query.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        if embed != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {embed}")
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)  # (L|S, B, E)
+        # torch only trusts the is_causal hint when there is no key padding mask to merge
+        causal = is_causal and key_padding_mask is None
+        am = None if causal else _as_keep_or_additive(attn_mask, q.dtype)
+        kpm = _as_keep_or_additive(key_padding_mask, q.dtype)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, bsz, embed)])
+            v = torch.cat([v, self.bias_v.expand(1, bsz, embed)])
+            am = None if am is None else F.pad(am, (0, 1), value=True if am.dtype == torch.bool else 0.0)
+            kpm = None if kpm is None else F.pad(kpm, (0, 1), value=True if kpm.dtype == torch.bool else 0.0)
+        src_len = k.shape[0]
+        q = q.view(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)  # (B, H, L, Dh)
+        k = k.view(src_len, bsz, heads, head_dim).permute(1, 2, 0, 3)  # (B, H, S, Dh)
+        v = v.view(src_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(bsz, heads, 1, head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(bsz, heads, 1, head_dim)], dim=2)
+            am = None if am is None else F.pad(am, (0, 1), value=True if am.dtype == torch.bool else 0.0)
+            kpm = None if kpm is None else F.pad(kpm, (0, 1), value=True if kpm.dtype == torch.bool else 0.0)
+        if am is not None:
+            am = am.view(bsz, heads, tgt_len, -1) if am.dim() == 3 else am.view(1, 1, tgt_len, -1)
+        if kpm is not None:
+            kpm = kpm.view(bsz, 1, 1, -1)
+        mask = _merge(am, kpm)
+        dropout = self.dropout if self.training else 0.0
+        o = scaled_dot_product_attention(q, k, v, mask, dropout, causal)  # (B, H, L, Dh)
+        o = o.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed)
+        return F.linear(o, self.out_proj.weight, self.out_proj.bias)

@@ -1,0 +1,311 @@
+"""Shared by tests and benchmarks: input makers, reference runners and the tolerance policy (TESTING.md).
+
+* ``make_qkv`` builds attention inputs in the layouts every backend must handle, with the same values for the
+  same seed whatever the layout (except ``"expanded"``), so layout tests can compare bit for bit.
+* ``nan_padded`` returns a view of a larger NaN-filled buffer: any read past the logical end shows up as NaN.
+* ``attention_ref`` runs the ``torch`` backend in float64 (the oracle); ``attention_low`` runs the same math
+  in the input dtype with the operation order perturbed; ``assert_attention_close`` applies TESTING.md's rule
+  to both.
+* ``TOL`` holds the per-dtype (atol, rtol) tables for LayerNorm and GRU; ``assert_close_fp32`` the fp32
+  policy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# ---- tolerance policy --------------------------------------------------------------------------------------
+
+FP32_FWD = (1e-5, 1.3e-6)  # (atol, rtol): CPU kernels and the Triton interpreter compute exact fp32
+FP32_BWD = (1e-4, 1e-5)  # backward sums many products: looser atol
+
+# TOL[op][dtype] = ((atol, rtol) forward, (atol, rtol) backward), against the float64 oracle.
+TOL = {
+    "layer_norm": {
+        # fp32: TESTING.md's policy.
+        torch.float32: ((1e-5, 1.3e-6), (1e-4, 1e-5)),
+        # bf16: one rounding of the output (ulp 2^-8 = 3.9e-3 relative) on values up to ~4 (|xhat| <= ~4),
+        # plus the rounding of x + residual before normalising; backward sums N products of rounded values.
+        torch.bfloat16: ((2e-2, 1e-2), (5e-2, 2e-2)),
+        # fp16: as bf16 with ulp 2^-11 = 4.9e-4 relative.
+        torch.float16: ((4e-3, 2e-3), (1e-2, 4e-3)),
+        torch.float64: ((1e-12, 1e-12), (1e-11, 1e-11)),  # the oracle against torch's own float64 ops
+    },
+    "gru": {
+        # Backward atol is relative: it is multiplied by max(1, max|ref|) of the tensor compared, because
+        # weight grads are sums over T * B rows whose size grows with them (|dW| ~ 80 at T = 200). Budgets
+        # below were measured on T up to 1000, H up to 1000 (the torch backend run in the dtype vs float64
+        # from unrounded inputs, an upper bound) and given a 3-10x margin.
+        # fp32: TESTING.md's policy; the recurrence is contractive for torch's U(-1/sqrt(H), 1/sqrt(H)) init,
+        # so the state's error stays at a few ulps (measured 2e-7 forward, 3e-7 relative backward).
+        torch.float32: ((1e-5, 1.3e-6), (1e-4, 1e-5)),
+        # bf16: the state is rounded to bf16 each step (ulp 2^-8 = 3.9e-3 on |h| <= 1); measured 3.3e-3
+        # forward (rtol 1e-2) and 1.4e-2 relative backward (rtol 2e-2).
+        torch.bfloat16: ((1e-2, 1e-2), (5e-2, 2e-2)),
+        # fp16: as bf16 with ulp 2^-11 = 4.9e-4; measured 3.5e-4 forward (rtol 2e-3), 3.7e-4 relative
+        # backward.
+        torch.float16: ((2e-3, 2e-3), (4e-3, 1e-2)),
+        torch.float64: ((1e-12, 1e-12), (1e-11, 1e-11)),  # the oracle against torch.nn.GRU in float64
+    },
+}
+
+
+def assert_close_fp32(out: Tensor, ref: Tensor, kind: str = "fwd", msg: Optional[str] = None) -> None:
+    """TESTING.md's fp32 rule: atol 1e-5 / rtol 1.3e-6 forward, atol 1e-4 / rtol 1e-5 backward (NaNs must
+    match)."""
+    atol, rtol = {"fwd": FP32_FWD, "bwd": FP32_BWD}[kind]
+    torch.testing.assert_close(out.double(), ref.double(), atol=atol, rtol=rtol, equal_nan=True, msg=msg)
+
+
+def assert_tol(out: Tensor, ref: Tensor, op: str, dtype: torch.dtype, kind: str = "fwd",
+               msg: Optional[str] = None) -> None:
+    """Compare with TOL[op][dtype] (forward or backward entry); GRU backward atol scales with max(1,
+    max|ref|)."""
+    atol, rtol = TOL[op][dtype][0 if kind == "fwd" else 1]
+    if op == "gru" and kind != "fwd" and ref.numel() > 0:
+        atol *= max(1.0, ref.detach().abs().nan_to_num(0, 0, 0).max().item())
+    torch.testing.assert_close(out.double(), ref.double(), atol=atol, rtol=rtol, equal_nan=True, msg=msg)
+
+
+def assert_attention_close(out: Tensor, ref: Tensor, low: Tensor, factor: float, floor: float = 1e-3,
+                           name: str = "out") -> None:
+    """TESTING.md's attention rule: NaN/inf patterns equal; max|out - ref| <= factor * max|low - ref| + floor
+    (F = 2 forward, 3 backward); relative RMS error sqrt(mean((out - ref)^2) / mean(ref^2)) < 5e-3."""
+    assert out.shape == ref.shape == low.shape, f"{name}: shapes {out.shape}, {ref.shape}, {low.shape}"
+    o, r, lo = out.double(), ref.double(), low.double()
+    assert torch.equal(o.isnan(), r.isnan()), f"{name}: NaN pattern differs from the reference"
+    assert torch.equal(o.isposinf(), r.isposinf()) and torch.equal(o.isneginf(), r.isneginf()), \
+        f"{name}: inf pattern differs from the reference"
+    fin = r.isfinite()
+    if not bool(fin.any()):
+        return
+    err = (o - r)[fin].abs().max().item()
+    low_err = (lo - r)[fin & lo.isfinite()].abs().max().item() if bool((fin & lo.isfinite()).any()) else 0.0
+    bound = factor * low_err + floor
+    assert err <= bound, (
+        f"{name}: max|out - ref| = {err:.3g} > {factor} * {low_err:.3g} + {floor} = {bound:.3g}"
+    )
+    ref_rms = r[fin].square().mean().sqrt().item()
+    rms = (o - r)[fin].square().mean().sqrt().item()
+    if ref_rms > 0:
+        assert rms / ref_rms < 5e-3, f"{name}: relative RMS error {rms / ref_rms:.3g} >= 5e-3"
+    else:
+        assert rms <= floor, f"{name}: RMS error {rms:.3g} on an all-zero reference"
+
+
+# ---- input makers ------------------------------------------------------------------------------------------
+
+
+def nan_padded(t: Tensor, pad_last: int = 7, pad_rows: int = 3, requires_grad: bool = False) -> Tensor:
+    """A view with ``t``'s values into a larger NaN-filled buffer (``pad_last`` extra columns in the last dim
+    and ``pad_rows`` extra rows in dim -2): reading past the logical end gives NaN. With ``requires_grad`` the
+    buffer is the leaf and the view is returned (take grads with torch.autograd.grad on the view)."""
+    t = t.detach()
+    if t.dim() == 0:
+        return t.clone()
+    if t.dim() == 1:
+        buf = torch.full((t.shape[0] + pad_last,), math.nan, dtype=t.dtype, device=t.device)
+        buf[: t.shape[0]] = t
+        if requires_grad:
+            buf.requires_grad_()
+        return buf[: t.shape[0]]
+    shape = tuple(t.shape[:-2]) + (t.shape[-2] + pad_rows, t.shape[-1] + pad_last)
+    buf = torch.full(shape, math.nan, dtype=t.dtype, device=t.device)
+    buf[..., : t.shape[-2], : t.shape[-1]] = t
+    if requires_grad:
+        buf.requires_grad_()
+    return buf[..., : t.shape[-2], : t.shape[-1]]
+
+
+LAYOUTS = ("contiguous", "blhd", "packed", "nan_padded", "strided", "expanded")
+
+
+def make_qkv(
+    b: int,
+    hq: int,
+    lq: int,
+    lk: int,
+    d: int,
+    *,
+    hkv: Optional[int] = None,
+    dv: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    layout: str = "contiguous",
+    requires_grad: bool = False,
+    seed: int = 0,
+    std: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q (b, hq, lq, d), k (b, hkv, lk, d), v (b, hkv, lk, dv) in (B, H, L, D) logical shape, in one of
+    ``LAYOUTS``:
+
+    * ``contiguous``: contiguous (B, H, L, D) tensors;
+    * ``blhd``: transposed views of contiguous (B, L, H, D) tensors (what flash_attn_func / MHA pass);
+    * ``packed``: slices of one packed buffer (B, L, Hq + 2 Hkv, D) when lq == lk and dv == d (q separate and
+      a packed (B, Lk, 2 Hkv, D) kv buffer otherwise);
+    * ``nan_padded``: views into NaN-filled larger buffers (``nan_padded``);
+    * ``strided``: last dim strided (every other element of a 2x wider buffer);
+    * ``expanded``: k and v broadcast over the batch with stride 0 (their values repeat across the batch).
+
+    Values are drawn in float32 from ``seed`` (scaled by ``std``) and rounded to ``dtype``; all layouts but
+    ``expanded`` give equal values. With ``requires_grad`` the underlying buffers are leaves and the returned
+    views are not: take grads with ``torch.autograd.grad(out, (q, k, v))``.
+    """
+    hkv = hq if hkv is None else hkv
+    dv = d if dv is None else dv
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=g) * std for s in ((b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, dv))]
+    base = [t.to(dtype=dtype, device=device) for t in base]
+
+    def leaf(t):
+        return t.requires_grad_() if requires_grad else t
+
+    if layout == "contiguous":
+        return tuple(leaf(t.contiguous()) for t in base)
+    if layout == "blhd":
+        return tuple(leaf(t.transpose(1, 2).contiguous()).transpose(1, 2) for t in base)
+    if layout == "nan_padded":
+        return tuple(nan_padded(t, requires_grad=requires_grad) for t in base)
+    if layout == "strided":
+        out = []
+        for t in base:
+            buf = torch.full(t.shape[:-1] + (2 * t.shape[-1],), math.nan, dtype=dtype, device=device)
+            buf[..., ::2] = t
+            out.append(leaf(buf)[..., ::2])
+        return tuple(out)
+    if layout == "expanded":
+        q = leaf(base[0])
+        k1, v1 = (leaf(t[:1].contiguous()) for t in base[1:])
+        return q, k1.expand(b, -1, -1, -1), v1.expand(b, -1, -1, -1)
+    if layout == "packed":
+        q, k, v = (t.transpose(1, 2) for t in base)  # (B, L, H, D)
+        if lq == lk and dv == d:
+            buf = leaf(torch.cat([q, k, v], 2).contiguous())
+            return (
+                buf[:, :, :hq].transpose(1, 2),
+                buf[:, :, hq : hq + hkv].transpose(1, 2),
+                buf[:, :, hq + hkv :].transpose(1, 2),
+            )
+        qb = leaf(q.contiguous())
+        if dv == d:
+            kv = leaf(torch.cat([k, v], 2).contiguous())
+            return qb.transpose(1, 2), kv[:, :, :hkv].transpose(1, 2), kv[:, :, hkv:].transpose(1, 2)
+        return qb.transpose(1, 2), leaf(k.contiguous()).transpose(1, 2), leaf(v.contiguous()).transpose(1, 2)
+    raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+
+
+def key_padding_mask(lengths, lk: int, device="cpu") -> Tensor:
+    """Bool (B, 1, 1, Lk) mask, True for the first lengths[b] keys of batch b (a key padding mask)."""
+    lengths = torch.as_tensor(lengths, device=device)
+    return (torch.arange(lk, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+# ---- reference runners -------------------------------------------------------------------------------------
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    causal: bool = False,
+    bottom_right: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    dout: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+):
+    """The oracle: the ``torch`` backend (forced) on inputs cast to ``dtype`` (float64 by default).
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) in canonical layout; mask 4-D broadcastable to (B,
+    Hq, Lq, Lk). Dropout uses the torch backend's keep-mask for (seed, offset). Returns (out, lse), and with
+    ``dout`` (out, lse, (dq, dk, dv)), all in ``dtype`` (lse in float32 unless dtype is float64)."""
+    from .ops.attention import _attention_bwd, _attention_fwd
+
+    qf, kf, vf = (t.detach().to(dtype) for t in (q, k, v))
+    m = None
+    if mask is not None:
+        m = mask.detach()
+        if m.dtype != torch.bool:
+            m = m.to(dtype)
+        m = m[(None,) * (4 - m.dim())]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    rng = torch.tensor([seed, offset], dtype=torch.int64)
+    with torch.no_grad():
+        out, lse, state = _attention_fwd(
+            qf,
+            kf,
+            vf,
+            m,
+            float(dropout_p),
+            causal,
+            bottom_right,
+            float(scale),
+            rng,
+            dout is not None,
+            "torch",
+        )
+        if dout is None:
+            return out, lse
+        grads = _attention_bwd(
+            dout.detach().to(dtype),
+            qf,
+            kf,
+            vf,
+            out,
+            lse,
+            m,
+            float(dropout_p),
+            causal,
+            bottom_right,
+            float(scale),
+            state,
+            "torch",
+        )
+    return out, lse, grads
+
+
+def attention_low(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    causal: bool = False,
+    bottom_right: bool = False,
+    scale: Optional[float] = None,
+    dout: Optional[Tensor] = None,
+):
+    """The same math in the input dtype with the operation order perturbed (scale folded into k, logits and P
+    @ V in the input dtype, softmax in float32 rounded to the input dtype): the ``low`` of TESTING.md's rule.
+    No dropout. Returns out, and with ``dout`` (out, (dq, dk, dv)) through autograd, in the input dtype."""
+    from .backends.torch import causal_keep
+
+    dt = q.dtype
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    qq, kk, vv = (t.detach().clone().requires_grad_(dout is not None) for t in (q, k, v))
+    with torch.enable_grad():
+        hq, hkv = q.shape[1], k.shape[1]
+        kr = kk.repeat_interleave(hq // hkv, 1) if hq != hkv else kk
+        vr = vv.repeat_interleave(hq // hkv, 1) if hq != hkv else vv
+        s = torch.matmul(qq, (kr * scale).transpose(-1, -2))
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(dt)
+        if causal:
+            s = s.masked_fill(~causal_keep(q.shape[2], k.shape[2], bottom_right, q.device), -math.inf)
+        sf = s.float()
+        dead = (sf == -math.inf).all(-1, keepdim=True)
+        p = torch.softmax(sf.masked_fill(dead, 0), -1).masked_fill(dead, 0).to(dt)
+        out = torch.matmul(p, vr)
+        if dout is None:
+            return out.detach()
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dt))
+    return out.detach(), grads

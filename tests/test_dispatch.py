@@ -1,0 +1,75 @@
+"""Backend selection: priority, overrides (argument > context > env > list), refusals with reasons, caching."""
+import pytest
+import torch
+
+import pyattn
+from pyattn.dispatch import BackendNotSupported, PRIORITY, get_backend, select
+from pyattn.ops.layer_norm import make_inputs
+
+
+def _inputs(n=16, dtype=torch.float32):
+    return make_inputs(torch.randn(2, n, dtype=dtype), (n,))
+
+
+def test_backends_listed_with_reasons():
+    names = {name: (ok, why) for name, ok, why in pyattn.backends()}
+    assert set(names) >= {"torch", "cpp", "triton", "cuda"}
+    assert names["torch"] == (True, "")
+    for ok, why in names.values():
+        assert ok or why  # an unavailable backend always says why
+    if not torch.cuda.is_available():
+        assert not names["cuda"][0]
+
+
+def test_priority_is_data_and_followed():
+    assert PRIORITY[("layer_norm", "cpu")][-1] == "torch"
+    chosen = select(_inputs())
+    first_ok = next(n for n in PRIORITY[("layer_norm", "cpu")] if not get_backend(n).not_supported_reasons(_inputs()))
+    assert chosen.name == first_ok
+
+
+def test_float64_falls_back_to_torch():
+    assert select(_inputs(dtype=torch.float64)).name == "torch"
+
+
+def test_override_precedence(monkeypatch):
+    x = _inputs()
+    monkeypatch.setenv("PYATTN_BACKEND", "torch")
+    assert select(x).name == "torch"
+    with pyattn.use_backend("cpp"):
+        assert select(x).name == "cpp"  # context beats env
+        assert select(x, "torch").name == "torch"  # argument beats context
+    monkeypatch.delenv("PYATTN_BACKEND")
+    with pyattn.use_backend(None):
+        assert select(x).name == PRIORITY[("layer_norm", "cpu")][0]
+
+
+def test_forced_refusal_raises_with_reasons():
+    x64 = _inputs(dtype=torch.float64)
+    with pytest.raises(BackendNotSupported, match=r"backend 'cpp' \(forced by backend= argument\) cannot run "
+                                                  r"layer_norm: dtype float64 not supported"):
+        select(x64, "cpp")
+    with pytest.raises(BackendNotSupported, match="cuda"):
+        pyattn.layer_norm(torch.randn(2, 8), (8,), backend="cuda")
+    with pytest.raises(ValueError, match="unknown pyattn backend 'nope'"):
+        pyattn.layer_norm(torch.randn(2, 8), (8,), backend="nope")
+    # the process stays usable after a refusal
+    assert pyattn.layer_norm(torch.randn(2, 8), (8,)).shape == (2, 8)
+
+
+def test_triton_refuses_huge_rows_and_cpu_without_interpreter(monkeypatch):
+    tri = get_backend("triton")
+    if not tri.availability()[0]:
+        pytest.skip(f"triton unavailable: {tri.availability()[1]}")
+    big = make_inputs(torch.empty(1, 65537), (65537,))
+    assert any("65537 > 65536" in r for r in tri.not_supported_reasons(big))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert any("TRITON_INTERPRET=1" in r for r in tri.not_supported_reasons(_inputs()))
+
+
+def test_explain_names_choice_and_refusals():
+    text = pyattn.explain("layer_norm", torch.randn(2, 8, dtype=torch.float64), (8,))
+    assert "selected: torch" in text and "cpp: refuses: dtype float64 not supported" in text
+    assert "forced 'torch'" in pyattn.explain("layer_norm", torch.randn(2, 8), (8,), backend="torch")
+    with pytest.raises(ValueError, match="unknown op"):
+        pyattn.explain("conv", torch.randn(2))

@@ -1,0 +1,153 @@
+"""Drop-in modules against their torch.nn twins with copied weights: GRUCell, GRU, MultiheadAttention.
+
+Runs on the automatic backend choice of this machine (kernels where available, else torch); the per-backend
+kernel suites force each backend.
+"""
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import pyattn
+
+FWD = dict(atol=1e-5, rtol=1.3e-6)
+BWD = dict(atol=1e-4, rtol=1e-5)
+
+
+def _pair(ours_cls, theirs_cls, *args, **kwargs):
+    theirs = theirs_cls(*args, **kwargs)
+    ours = ours_cls(*args, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
+
+
+def _grads(module, *outs):
+    loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+    return torch.autograd.grad(loss, [p for p in module.parameters()])
+
+
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias", [
+    (1, False, False, True), (2, True, True, True), (3, False, True, False), (2, True, False, False)])
+def test_gru_matches_torch(layers, bidirectional, batch_first, bias):
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 7, 13, num_layers=layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional)
+    dirs = 2 if bidirectional else 1
+    for t_len, bsz in ((1, 3), (17, 1), (5, 33)):
+        x = torch.randn((bsz, t_len, 7) if batch_first else (t_len, bsz, 7))
+        for h0 in (None, torch.zeros(layers * dirs, bsz, 13), torch.randn(layers * dirs, bsz, 13)):
+            (o1, h1), (o2, h2) = ours(x, h0), theirs(x, h0)
+            torch.testing.assert_close(o1, o2, **FWD)
+            torch.testing.assert_close(h1, h2, **FWD)
+        for g1, g2 in zip(_grads(ours, o1, h1), _grads(theirs, o2, h2)):
+            torch.testing.assert_close(g1, g2, **BWD)
+
+
+def test_gru_unbatched_empty_and_dropout():
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 4, 6, num_layers=2, batch_first=True, dropout=0.5)
+    x = torch.randn(9, 4)  # unbatched (T, I)
+    h0 = torch.randn(2, 6)
+    ours.eval(), theirs.eval()
+    for a, b in zip(ours(x, h0), theirs(x, h0)):
+        torch.testing.assert_close(a, b, **FWD)
+    xb = torch.randn(0, 3, 4)  # batch 0 (batch_first)
+    for a, b in zip(ours(xb), theirs(xb)):
+        assert a.shape == b.shape
+    ours.train()
+    o1, _ = ours(torch.randn(2, 5, 4))
+    o2, _ = ours(torch.randn(2, 5, 4))
+    assert o1.shape == (2, 5, 6) and not torch.equal(o1, o2)
+    with pytest.warns(UserWarning, match="dropout option adds dropout after all but last recurrent layer"):
+        pyattn.nn.GRU(4, 6, num_layers=1, dropout=0.3)
+
+
+def test_gru_errors_match_torch():
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 10, 20, num_layers=2)
+    cases = [
+        (torch.randn(5, 3, 7), None),
+        (torch.randn(5, 3, 10), torch.randn(1, 3, 20)),
+        (torch.randn(5, 3, 10, 1), None),
+        (torch.randn(0, 3, 10), None),
+        (torch.randn(5, 3, 10).double(), None),
+        (torch.randn(5, 10), torch.randn(2, 3, 20)),
+    ]
+    for x, h in cases:
+        with pytest.raises(Exception) as want:
+            theirs(x, h)
+        with pytest.raises(type(want.value), match=str(want.value).split("\n")[0][:60].replace("(", r"\(")
+                           .replace(")", r"\)").replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+            ours(x, h)
+
+
+def test_gru_packed_sequence_through_torch():
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 3, 5)
+    x = torch.randn(6, 2, 3)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4]))
+    (p1, h1), (p2, h2) = ours(packed), theirs(packed)
+    torch.testing.assert_close(p1.data, p2.data, **FWD)
+    torch.testing.assert_close(h1, h2, **FWD)
+
+
+def test_gru_cell_matches_torch():
+    for bias in (True, False):
+        ours, theirs = _pair(pyattn.nn.GRUCell, torch.nn.GRUCell, 5, 11, bias=bias)
+        for x, h in ((torch.randn(3, 5), torch.randn(3, 11)), (torch.randn(5), None), (torch.randn(1, 5), None)):
+            a, b = ours(x, h), theirs(x, h)
+            torch.testing.assert_close(a, b, **FWD)
+        for g1, g2 in zip(_grads(ours, a), _grads(theirs, b)):
+            torch.testing.assert_close(g1, g2, **BWD)
+
+
+def test_gru_compiles_fullgraph():
+    torch._dynamo.reset()
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 4, 8, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 4)
+    out, h = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+    ref_out, ref_h = theirs(x)
+    torch.testing.assert_close(out, ref_out, **FWD)
+    torch.testing.assert_close(h, ref_h, **FWD)
+
+
+MHA_VARIANTS = [dict(), dict(batch_first=True), dict(bias=False), dict(add_bias_kv=True), dict(add_zero_attn=True),
+                dict(kdim=8, vdim=12), dict(dropout=0.0, batch_first=True, add_bias_kv=True, add_zero_attn=True)]
+
+
+@pytest.mark.parametrize("kw", MHA_VARIANTS, ids=lambda k: ",".join(k) or "default")
+def test_multihead_attention_matches_torch(kw):
+    e, h = 16, 4
+    ours, theirs = _pair(pyattn.nn.MultiheadAttention, torch.nn.MultiheadAttention, e, h, **kw)
+    kd, vd = kw.get("kdim", e), kw.get("vdim", e)
+    q, k, v = torch.randn(5, 3, e), torch.randn(7, 3, kd), torch.randn(7, 3, vd)
+    if kw.get("batch_first"):
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[0, -2:] = True
+    am_bool = torch.rand(5, 7) > 0.7
+    am_bool[:, 0] = False
+    masks = [dict(), dict(key_padding_mask=kpm), dict(attn_mask=torch.randn(5, 7)),
+             dict(attn_mask=am_bool, key_padding_mask=kpm), dict(attn_mask=torch.randn(3 * h, 5, 7))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about mixed mask types; the result is still defined
+        for m, need_weights in itertools.product(masks, (False, True)):
+            a, wa = ours(q, k, v, need_weights=need_weights, **m)
+            b, wb = theirs(q, k, v, need_weights=need_weights, **m)
+            torch.testing.assert_close(a, b, **FWD)
+            assert (wa is None) == (wb is None)
+        for g1, g2 in zip(_grads(ours, a), _grads(theirs, b)):
+            torch.testing.assert_close(g1, g2, **BWD)
+
+
+def test_multihead_attention_causal_and_unbatched():
+    ours, theirs = _pair(pyattn.nn.MultiheadAttention, torch.nn.MultiheadAttention, 8, 2)
+    x = torch.randn(6, 2, 8)
+    m = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    a = ours(x, x, x, attn_mask=m, is_causal=True, need_weights=False)[0]
+    b = theirs(x, x, x, attn_mask=m, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(a, b, **FWD)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+        ours(x, x, x, is_causal=True, need_weights=False)
+    xu = torch.randn(6, 8)
+    torch.testing.assert_close(ours(xu, xu, xu, need_weights=False)[0], theirs(xu, xu, xu, need_weights=False)[0],
+                               **FWD)
