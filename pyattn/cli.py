@@ -82,8 +82,7 @@ def _bench(args) -> int:
     return bench_run.main(args)
 
 
-LECTURE_TEXT = ("the gated recurrent unit keeps a hidden state and decides with its update gate how much of "
-                "the past to keep and with its reset gate how much of it to use")
+LECTURE_TEXT = "a gated recurrent unit: the reset gate r, the update gate z, the candidate n and the new state h"
 
 
 def _demo(args) -> int:
@@ -95,7 +94,7 @@ def _demo(args) -> int:
 
     print(pyattn.explain("gru_cell", *_probe_gru_args()).splitlines()[1].strip())
     ok = True
-    for text, prompt_len, steps in (("help", 1, 60), (LECTURE_TEXT, 4, 200)):
+    for text, prompt_len, steps in (("help", 1, 60), (LECTURE_TEXT, 2, 200)):
         print(f"\ntraining a character GRU on {text!r} ({len(text)} chars, {steps} steps, device {args.device})")
         res = train_on_text(text, prompt_len=prompt_len, steps=steps, device=args.device,
                             log=lambda step, loss: print(f"  step {step:4d}  loss {loss:.4f}"))
