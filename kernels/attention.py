@@ -1,0 +1,830 @@
+"""Triton FlashAttention-2: scaled dot-product attention forward and backward (pyattn's "triton" backend).
+
+Layout of this file: jit helpers, four kernels (forward; backward preprocess, dK/dV, dQ), a dropout keep-mask
+debug kernel, the launchers ``attn_fwd`` / ``attn_bwd`` (same arguments and results as the torch backend's
+``attention_fwd`` / ``attention_bwd``), autotune tables, and ``compile_configs()`` for
+scripts/compile_triton.py.
+
+Math (per (batch, q head) and query row i; kv head = q head // group, never materialised per q head):
+    s_ij = scale * q_i . k_j  (+ additive mask; -inf where a bool mask is False, causal hides j, or j >= Lk)
+    The kernels work in base 2: t_ij = s_ij * log2(e) (log2(e) folded into the scale), p = exp2(t - m).
+    Forward (online softmax, fp32): m_i = running max, l_i = running sum of exp2(t - m_i), acc = sum p v.
+        out_i = acc / l_i (times 1 / (1 - p_drop) with dropout), lse_i = ln(2) * (m_i + log2(l_i)):
+        natural-log, fp32, +inf with out_i = 0 for a row that sees no key (l_i = 0).
+    Backward: delta_i = rowsum(dout_i * out_i); P = exp2(t - lse * log2(e)) recomputed (0 on +inf rows);
+        dP = dout v^T (dropped entries 0, kept ones / (1 - p_drop)); dS = P * (dP - delta);
+        dV = P_dropped^T dout, dK = scale * dS^T q, dQ = scale * dS k.
+    Causal: query i sees key j iff j <= i + shift, shift = Lk - Lq for bottom-right (flash-attn), else 0
+        (torch). Blocks that no row sees are skipped. Forward and dQ test causality and j < Lk only on the
+        diagonal / tail blocks; dK/dV tests causality on each block it visits (a second, unchecked loop in its
+        per-head loop made every useful configuration spill registers).
+    Dropout: uniforms from Philox (tl.rand4x) keyed by seed; keys j..j+3 (j % 4 == 0) of row i share the
+        int64 counter offset + ((b * Hq + h) * Lq + i) * Lk + j, one uniform each; kept iff u >= p. Forward and
+        backward regenerate the same mask in any tile shape (``dropout_keep_mask`` materialises it).
+    dK/dV of a kv head sum over its group's q heads inside one program, in a fixed order: no atomics, the
+    backward is deterministic.
+
+Strides: any (the last dim of q, k, v, out, dout must have stride 1; launchers copy only tensors that lack it),
+batch/head offsets in int64, row offsets through an int64 scalar start plus small in-block offsets.
+Interpreter (TRITON_INTERPRET=1): bf16/fp16 dots and arithmetic are unreliable there, so UPCAST loads every
+tile as fp32 (GPU: native fp16/bf16 tensor-core dots with fp32 accumulation; fp32 inputs: IEEE fp32 dots).
+
+Standalone: imports only torch, triton and the standard library (no pyattn imports).
+"""
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256  # largest head dim (of q/k and of v) the kernels take
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
+
+
+def _pre_block_m(block_dv: int) -> int:
+    """Backward preprocess: rows per program, 4096 elements of out and of dout per tile (spill-free)."""
+    return max(16, min(64, 4096 // block_dv))
+
+
+# The one configuration used under the interpreter (multi-config autotuning needs a GPU). BLOCK_M != BLOCK_N
+# on purpose: the causal block arithmetic is exercised with unequal blocks. Tests may patch it.
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, start, stride, n_rows, offs_r, offs_c, N_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows [start, start + len(offs_r)) x columns offs_c of a (rows, N_COLS) matrix with row stride `stride`
+    and unit column stride; rows >= n_rows and columns >= N_COLS read as 0. `start` is widened to int64."""
+    ptrs = base + tl.cast(start, tl.int64) * stride + offs_r[:, None] * stride + offs_c[None, :]
+    ok = ((start + offs_r) < n_rows)[:, None] & (offs_c < N_COLS)[None, :]
+    t = tl.load(ptrs, mask=ok, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _dot(a, b):
+    """a @ b in fp32; fp32 operands use exact IEEE products (no TF32), fp16/bf16 ones tensor cores."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _dot_acc(a, b, acc):
+    """acc + a @ b, as _dot."""
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _mask_scores(t, Mask, stride_mm, m0, n0, lm, ln, Lq, Lk, causal_shift, CHECK: tl.constexpr,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
+    """Apply the masks to a tile of base-2 logits `t` for query rows m0 + lm and keys n0 + ln, where lm / ln
+    are the in-tile offsets shaped to broadcast against t (either orientation). Mask points at this (batch,
+    head); it varies along queries when MASK_Q (row stride stride_mm) and along keys when MASK_K (stride 1):
+    a key-padding mask is a vector load, a per-(batch, head) mask a scalar. CHECK: also hide keys j >= Lk and
+    (CAUSAL) keys j > i + causal_shift."""
+    qi = m0 + lm
+    kj = n0 + ln
+    if MASK_KIND != 0:
+        if MASK_Q and MASK_K:
+            mv = tl.load(Mask + tl.cast(m0, tl.int64) * stride_mm + n0 + lm * stride_mm + ln,
+                         mask=(qi < Lq) & (kj < Lk), other=0)
+        elif MASK_K:
+            mv = tl.load(Mask + n0 + ln, mask=kj < Lk, other=0)
+        elif MASK_Q:
+            mv = tl.load(Mask + tl.cast(m0, tl.int64) * stride_mm + lm * stride_mm, mask=qi < Lq, other=0)
+        else:
+            mv = tl.load(Mask)
+        if MASK_KIND == 1:  # bool, True = keep
+            t = tl.where(mv != 0, t, float("-inf"))
+        else:  # additive. Finite values are clamped so that * log2(e) cannot overflow to -inf (finfo.min
+            # masks stay finite, as in torch); -inf stays -inf.
+            add = mv.to(tl.float32)
+            add = tl.where(add == float("-inf"), add, tl.maximum(add, -2.0e38))
+            t = t + add * _LOG2E
+    if CHECK:
+        ok = kj < Lk
+        if CAUSAL:
+            ok = ok & (kj <= qi + causal_shift)
+        t = tl.where(ok, t, float("-inf"))
+    return t
+
+
+@triton.jit
+def _dropout_keep(seed, rng_base, m0, n0, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep-mask (True = kept) for query rows m0.. and keys n0.. (n0 a multiple of 4) of one
+    (batch, head), rng_base = offset + (b * Hq + h) * Lq * Lk (int64). One Philox call (4 uniforms) serves 4
+    consecutive keys: the group of keys j..j+3 in row i (j % 4 == 0) uses counter rng_base + i * Lk + j, unique
+    per group. The same element gets the same value in every kernel and tile shape."""
+    ctr = rng_base + tl.cast(m0, tl.int64) * Lk + n0
+    ctr = ctr + (tl.arange(0, BLOCK_M)[:, None] * Lk + tl.arange(0, BLOCK_N // 4)[None, :] * 4)
+    u0, u1, u2, u3 = tl.rand4x(seed, ctr)
+    u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # keys 4c + (0, 1, 2, 3) <- u0..u3
+    return u >= dropout_p
+
+
+@triton.jit
+def _key_range(m0, Lk, causal_shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key blocks for query rows [m0, m0 + BLOCK_M): [0, mid) is fully visible and in bounds (no checks),
+    [mid, hi) needs the causal / bounds checks; keys >= hi are seen by no row of the block."""
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_shift, 0), Lk)
+        mid = tl.minimum(tl.maximum(m0 + causal_shift + 1, 0), Lk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk + m0 * 0
+        mid = Lk // BLOCK_N * BLOCK_N + m0 * 0
+    return mid, hi
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_vn, stride_mm, m0, lo, hi,
+               Lq, Lk, causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CHECK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr,
+               MASK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        t = _dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
+                         CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: p = 0, no NaN
+        p = tl.math.exp2(t - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, rng_base, m0, n0, Lk, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
+        v = _load_rows(V, n0, stride_vn, Lk, offs_n, offs_dv, DV, UPCAST)  # (BLOCK_N, BLOCK_DV)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, Hq, Lq, D), strides (stride_qb, stride_qh, stride_qm, 1)
+    K,  # (B, Hkv, Lk, D), strides (stride_kb, stride_kh, stride_kn, 1)
+    V,  # (B, Hkv, Lk, DV), strides (stride_vb, stride_vh, stride_vn, 1)
+    Mask,  # (B|1, Hq|1, Lq|1, Lk|1) bool or additive, strides (stride_mb, stride_mh, stride_mm, 1), 0 on
+    #        broadcast dims (dummy when MASK_KIND == 0)
+    Out,  # (B, Hq, Lq, DV), strides (stride_ob, stride_oh, stride_om, 1)
+    Lse,  # (B, Hq, Lq) fp32, contiguous
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm,
+    stride_ob, stride_oh, stride_om,
+    H,  # q heads
+    GROUP,  # q heads per kv head
+    Lq, Lk,
+    causal_shift,  # query i sees keys j <= i + causal_shift (when CAUSAL)
+    qk_scale,  # softmax scale * log2(e)
+    dropout_p, seed, rng_offset,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grid: (cdiv(Lq, BLOCK_M), Hq, B); one program = BLOCK_M query rows of one (batch, head).
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + kvh * stride_kh
+    V += b * stride_vb + kvh * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    Out += b * stride_ob + h * stride_oh
+    row0 = (b * H + h) * Lq  # this (batch, head)'s first row in Lse
+    rng_base = rng_offset + row0 * Lk
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(Q, m0, stride_qm, Lq, offs_m, offs_d, D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    mid, hi = _key_range(m0, Lk, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_vn, stride_mm, m0, 0, mid, Lq, Lk,
+                               causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv,
+                               D, DV, BLOCK_M, BLOCK_N, False, CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT,
+                               UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_vn, stride_mm, m0, mid, hi, Lq, Lk,
+                               causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv,
+                               D, DV, BLOCK_M, BLOCK_N, True, CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT,
+                               UPCAST)
+
+    dead = l_i == 0.0  # the row saw no key: out 0, lse +inf
+    out_scale = 1.0
+    if HAS_DROPOUT:
+        out_scale = 1.0 / (1.0 - dropout_p)
+    acc = acc * (out_scale / tl.where(dead, 1.0, l_i))[:, None]
+    lse = tl.where(dead, float("inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * _LN2)
+    rows = m0 + offs_m
+    o_ptrs = Out + tl.cast(m0, tl.int64) * stride_om + offs_m[:, None] * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows < Lq)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(Lse + row0 + rows, lse, mask=rows < Lq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out,  # (B, Hq, Lq, DV), strides (stride_ob, stride_oh, stride_om, 1)
+    DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
+    Delta,  # (B, Hq, Lq) fp32, contiguous: rowsum(dout * out)
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    H, Lq,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # Grid: (cdiv(Lq, BLOCK_M), Hq, B).
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, m0, stride_om, Lq, offs_m, offs_dv, DV, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_dom, Lq, offs_m, offs_dv, DV, True)
+    rows = m0 + offs_m
+    tl.store(Delta + (b * H + h) * Lq + rows, tl.sum(o * do, 1), mask=rows < Lq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, stride_qm, stride_dom, stride_mm, n0, lo, hi,
+                Lq, Lk, causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CHECK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr,
+                MASK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    # Transposed tiles (keys x queries): k / v are the MMA's left operands, no register transposes of P.
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + offs_m
+        q = _load_rows(Q, m0, stride_qm, Lq, offs_m, offs_d, D, UPCAST)  # (BLOCK_M, BLOCK_D)
+        do = _load_rows(DO, m0, stride_dom, Lq, offs_m, offs_dv, DV, UPCAST)  # (BLOCK_M, BLOCK_DV)
+        lse2 = tl.load(Lse + rows, mask=rows < Lq, other=float("inf")) * _LOG2E  # rows >= Lq: P = 0
+        delta = tl.load(Delta + rows, mask=rows < Lq, other=0.0)
+        t = _dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+        t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[None, :], offs_n[:, None], Lq, Lk, causal_shift,
+                         CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
+        p = tl.math.exp2(t - lse2[None, :])  # P^T
+        dp = _dot(v, tl.trans(do))  # dP^T (of dropped P)
+        if HAS_DROPOUT:
+            keep = tl.trans(_dropout_keep(seed, rng_base, m0, n0, Lk, dropout_p, BLOCK_M, BLOCK_N))
+            inv = 1.0 / (1.0 - dropout_p)
+            dv = _dot_acc(tl.where(keep, p * inv, 0.0).to(do.dtype), do, dv)
+            dp = tl.where(keep, dp * inv, 0.0)
+        else:
+            dv = _dot_acc(p.to(do.dtype), do, dv)
+        ds = p * (dp - delta[None, :])  # dS^T
+        dk = _dot_acc(ds.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_head(dk, dv, k, v, Q, DO, Lse, Delta, Mask, b, h, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+               stride_dom, stride_mb, stride_mh, stride_mm, n0, lo, hi, H, Lq, Lk, causal_shift, qk_scale,
+               dropout_p, seed, rng_offset, offs_m, offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Add q head h's contribution over query rows [lo, hi) to this key block's dk, dv."""
+    row0 = (b * H + h) * Lq
+    return _dkdv_inner(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                       Lse + row0, Delta + row0, Mask + b * stride_mb + h * stride_mh, stride_qm, stride_dom,
+                       stride_mm, n0, lo, hi, Lq, Lk, causal_shift, qk_scale, dropout_p, seed,
+                       rng_offset + row0 * Lk, offs_m, offs_n, offs_d, offs_dv, D, DV, BLOCK_M, BLOCK_N, CHECK,
+                       CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT, UPCAST)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,  # (B, Hq, Lq, D), strides (stride_qb, stride_qh, stride_qm, 1)
+    K,  # (B, Hkv, Lk, D), strides (stride_kb, stride_kh, stride_kn, 1)
+    V,  # (B, Hkv, Lk, DV), strides (stride_vb, stride_vh, stride_vn, 1)
+    Mask,  # (B|1, Hq|1, Lq|1, Lk|1) bool or additive, strides (stride_mb, stride_mh, stride_mm, 1), 0 on
+    #        broadcast dims (dummy when MASK_KIND == 0)
+    DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
+    Lse,  # (B, Hq, Lq) fp32, contiguous (natural log; +inf on rows that see no key)
+    Delta,  # (B, Hq, Lq) fp32, contiguous
+    DK,  # (B, Hkv, Lk, D), strides (stride_dkb, stride_dkh, stride_dkn, 1)
+    DV,  # (B, Hkv, Lk, DV), strides (stride_dvb, stride_dvh, stride_dvn, 1)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, GROUP, Lq, Lk, causal_shift, qk_scale, sm_scale, dropout_p, seed, rng_offset,
+    D: tl.constexpr, DV_: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grid: (cdiv(Lk, BLOCK_N), Hkv, B); one program = BLOCK_N keys of one (batch, kv head), summed over the
+    # GROUP q heads that share them.
+    n0 = tl.program_id(0) * BLOCK_N
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, n0, stride_vn, Lk, offs_n, offs_dv, DV_, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query rows >= lo see part of this key block (causal: the first rows that see any of it, rounded down to a
+    # block). One inner loop per head, checking causality on every block when CAUSAL: a second (unchecked) loop
+    # in the same outer loop costs so many registers that every useful configuration spills. Without CAUSAL no
+    # check is needed here: keys >= Lk only produce dk/dv rows that are never stored, and query rows >= Lq
+    # read lse = +inf (P = 0).
+    if CAUSAL:
+        lo = tl.maximum(n0 - causal_shift, 0) // BLOCK_M * BLOCK_M
+    else:
+        lo = n0 * 0
+    for g in range(0, GROUP):
+        dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, Lse, Delta, Mask, b, kvh * GROUP + g, stride_qb, stride_qh,
+                            stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, n0, lo,
+                            Lq, H, Lq, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset, offs_m, offs_n,
+                            offs_d, offs_dv, D, DV_, BLOCK_M, BLOCK_N, CAUSAL, CAUSAL, MASK_KIND, MASK_Q, MASK_K,
+                            HAS_DROPOUT, UPCAST)
+
+    rows = n0 + offs_n
+    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + tl.cast(n0, tl.int64) * stride_dkn
+    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + tl.cast(n0, tl.int64) * stride_dvn
+    tl.store(dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=(rows < Lk)[:, None] & (offs_d < D)[None, :])
+    tl.store(dv_ptrs + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=(rows < Lk)[:, None] & (offs_dv < DV_)[None, :])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_vn, stride_mm, m0, lo, hi,
+              Lq, Lk, causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CHECK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr,
+              MASK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(V, n0, stride_vn, Lk, offs_n, offs_dv, DV, UPCAST)  # (BLOCK_N, BLOCK_DV)
+        t = _dot(q, tl.trans(k)) * qk_scale
+        t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
+                         CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
+        p = tl.math.exp2(t - lse2[:, None])
+        dp = _dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, m0, n0, Lk, dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot_acc(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,  # (B, Hq, Lq, D), strides (stride_qb, stride_qh, stride_qm, 1)
+    K,  # (B, Hkv, Lk, D), strides (stride_kb, stride_kh, stride_kn, 1)
+    V,  # (B, Hkv, Lk, DV), strides (stride_vb, stride_vh, stride_vn, 1)
+    Mask,  # (B|1, Hq|1, Lq|1, Lk|1) bool or additive, strides (stride_mb, stride_mh, stride_mm, 1), 0 on
+    #        broadcast dims (dummy when MASK_KIND == 0)
+    DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
+    Lse,  # (B, Hq, Lq) fp32, contiguous
+    Delta,  # (B, Hq, Lq) fp32, contiguous
+    DQ,  # (B, Hq, Lq, D), strides (stride_dqb, stride_dqh, stride_dqm, 1)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    H, GROUP, Lq, Lk, causal_shift, qk_scale, sm_scale, dropout_p, seed, rng_offset,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grid: (cdiv(Lq, BLOCK_M), Hq, B); one program = BLOCK_M query rows of one (batch, head).
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    K += b * stride_kb + kvh * stride_kh
+    V += b * stride_vb + kvh * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    row0 = (b * H + h) * Lq
+    rng_base = rng_offset + row0 * Lk
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = m0 + offs_m
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qm, Lq, offs_m, offs_d, D, UPCAST)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_dom, Lq, offs_m, offs_dv, DV, UPCAST)
+    lse2 = tl.load(Lse + row0 + rows, mask=rows < Lq, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + row0 + rows, mask=rows < Lq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    mid, hi = _key_range(m0, Lk, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_vn, stride_mm, m0, 0, mid, Lq, Lk,
+                   causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv, D, DV,
+                   BLOCK_M, BLOCK_N, False, CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT, UPCAST)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_vn, stride_mm, m0, mid, hi, Lq, Lk,
+                   causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv, D, DV,
+                   BLOCK_M, BLOCK_N, True, CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT, UPCAST)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + tl.cast(m0, tl.int64) * stride_dqm
+    tl.store(dq_ptrs + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=(rows < Lq)[:, None] & (offs_d < D)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Dropout keep-mask (debug / tests)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_dropout_mask_kernel(
+    Keep,  # (B, Hq, Lq, Lk) int8 out, contiguous
+    H, Lq, Lk, dropout_p, seed, rng_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(Lq, BLOCK_M), Hq, B). The same _dropout_keep the attention kernels call.
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row0 = (b * H + h) * Lq
+    qi = (m0 + tl.arange(0, BLOCK_M))[:, None]
+    for n0 in range(0, Lk, BLOCK_N):
+        kj = (n0 + tl.arange(0, BLOCK_N))[None, :]
+        keep = _dropout_keep(seed, rng_offset + row0 * Lk, m0, n0, Lk, dropout_p, BLOCK_M, BLOCK_N)
+        tl.store(Keep + (row0 + qi) * Lk + kj, keep.to(tl.int8), mask=(qi < Lq) & (kj < Lk))
+
+
+def dropout_keep_mask(seed: int, offset: int, shape, p: float, device="cpu") -> torch.Tensor:
+    """The keep-mask (True = kept) the attention kernels use for (seed, offset) and a (B, Hq, Lq, Lk) problem,
+    materialised by the kernels' own Philox helper. For tests and small shapes."""
+    b, h, lq, lk = (int(s) for s in shape)
+    keep = torch.zeros((b, h, lq, lk), dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    with _device_guard(keep):
+        _attn_dropout_mask_kernel[(triton.cdiv(lq, 32), h, b)](keep, h, lq, lk, float(p), int(seed), int(offset),
+                                                                BLOCK_M=32, BLOCK_N=64)
+    return keep.bool()
+
+
+# --------------------------------------------------------------------------------------------------
+# Autotuning: per-arch configuration lists, bucketed keys
+# --------------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M is the query tile and BLOCK_N the key tile in every kernel
+# (dK/dV: a program owns BLOCK_N keys and iterates over BLOCK_M query rows). Lists are keyed by arch family and
+# (kernel, element bits "16" | "32", head-dim bucket = max(BLOCK_D, BLOCK_DV, 64), heavy), heavy = dropout or a
+# mask that varies along both queries and keys (a (BLOCK_M, BLOCK_N) mask tile and the Philox state take ~100
+# registers a thread; key-padding and per-row masks are vector loads and count as light). fp32 inputs (IEEE
+# dots, a correctness path) use one small list for both. Every entry of both arch tables compiles spill-free for
+# sm_80 *and* sm_90a with the heaviest flags of its class (scripts/compile_triton.py, compile_configs()); the
+# choice among them is the autotuner's, per bucketed key. These are compile-checked starting points: retune on
+# hardware.
+_F32 = {
+    ("fwd", 64): [(32, 32, 4, 2)], ("fwd", 128): [(32, 16, 4, 2), (16, 32, 4, 2)], ("fwd", 256): [(16, 16, 4, 1)],
+    ("dq", 64): [(16, 16, 4, 2), (32, 32, 8, 2)], ("dq", 128): [(16, 16, 4, 2), (32, 16, 4, 2)],
+    ("dq", 256): [(16, 16, 4, 1)],
+    ("dkdv", 64): [(16, 32, 4, 2)], ("dkdv", 128): [(16, 16, 4, 2)], ("dkdv", 256): [(16, 32, 8, 1), (16, 16, 8, 1)],
+}
+_CONFIGS = {
+    90: {  # H100 / H200: 8-warp 128-row tiles (wgmma) first
+        ("fwd", 64, False): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 128, False): [(128, 64, 8, 1), (128, 32, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 256, False): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+        ("fwd", 64, True): [(128, 32, 8, 2), (64, 64, 4, 2)],
+        ("fwd", 128, True): [(64, 32, 8, 2), (128, 16, 8, 2), (64, 32, 4, 2)],
+        ("fwd", 256, True): [(32, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)],
+        ("dq", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        ("dq", 128, False): [(128, 32, 8, 2), (64, 64, 4, 2)],
+        ("dq", 256, False): [(32, 32, 4, 2), (64, 16, 4, 2)],
+        ("dq", 64, True): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        ("dq", 128, True): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        ("dq", 256, True): [(32, 32, 4, 2), (32, 16, 4, 2)],
+        ("dkdv", 64, False): [(32, 128, 8, 3), (32, 64, 8, 3)],
+        ("dkdv", 128, False): [(16, 128, 8, 2), (32, 64, 8, 2)],
+        ("dkdv", 256, False): [(32, 32, 8, 2)],
+        ("dkdv", 64, True): [(32, 32, 4, 2)],
+        ("dkdv", 128, True): [(32, 32, 8, 2)],
+        ("dkdv", 256, True): [(16, 32, 8, 2)],
+    },
+    80: {  # A100 and the other sm_8x: configurations with register headroom on sm_80 first
+        ("fwd", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+        ("fwd", 128, False): [(128, 32, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 256, False): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        ("fwd", 64, True): [(64, 32, 4, 2), (64, 64, 4, 2)],
+        ("fwd", 128, True): [(64, 32, 4, 2), (64, 32, 8, 2)],
+        ("fwd", 256, True): [(32, 32, 8, 2), (64, 16, 8, 2)],
+        ("dq", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        ("dq", 128, False): [(64, 64, 4, 2), (128, 32, 8, 2)],
+        ("dq", 256, False): [(32, 32, 4, 2)],
+        ("dq", 64, True): [(32, 32, 4, 2), (64, 32, 4, 2)],
+        ("dq", 128, True): [(32, 32, 4, 2), (64, 32, 8, 2)],
+        ("dq", 256, True): [(32, 16, 4, 2), (32, 32, 4, 2)],
+        ("dkdv", 64, False): [(32, 64, 8, 3), (32, 128, 8, 3)],
+        ("dkdv", 128, False): [(32, 64, 8, 2), (16, 128, 8, 2)],
+        ("dkdv", 256, False): [(32, 32, 8, 2)],
+        ("dkdv", 64, True): [(32, 32, 4, 2)],
+        ("dkdv", 128, True): [(32, 32, 8, 2)],
+        ("dkdv", 256, True): [(16, 32, 8, 2)],
+    },
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_LEN_BUCKET_CAP = 8192
+
+
+def _arch(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _d_bucket(block_d: int, block_dv: int) -> int:
+    return max(64, block_d, block_dv)
+
+
+def _len_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), _LEN_BUCKET_CAP)
+
+
+def _config_list(kind: str, arch: int, bits: str, d_bucket: int, heavy: bool):
+    return _F32[(kind, d_bucket)] if bits == "32" else _CONFIGS[arch][(kind, d_bucket, heavy)]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kind: str, arch: int, bits: str, d_bucket: int, heavy: bool, lq_bucket: int, lk_bucket: int,
+               causal: bool):
+    """One autotuner per bucketed key: (kernel, arch, dtype width, head-dim bucket, heavy, next_power_of_2(Lq)
+    and next_power_of_2(Lk) capped at _LEN_BUCKET_CAP, causal); within it Triton's autotuner keys on the
+    remaining constexprs and the tensor dtypes. Tiles longer than the bucketed lengths are pruned (the smallest
+    configuration always stays)."""
+    configs = _config_list(kind, arch, bits, d_bucket, heavy)
+    keep = [c for c in configs if c[0] <= max(lq_bucket, 16) and c[1] <= max(lk_bucket, 16)]
+    keep = keep or [min(configs, key=lambda c: c[0] * c[1])]
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in keep],
+        key=["MASK_KIND", "MASK_Q", "MASK_K", "HAS_DROPOUT", "D", "BLOCK_DV"],
+    )(_KERNELS[kind])
+
+
+def _launch(kind: str, grid_fn, ref: torch.Tensor, lq: int, lk: int, args, consts):
+    """Run kernel `kind`: the one INTERPRET_CONFIG under the interpreter, else the autotuner for the key."""
+    if _interpreting():
+        cfg = dict(INTERPRET_CONFIG)
+        _KERNELS[kind][grid_fn(cfg)](*args, **consts, **cfg)
+        return
+    bits = "32" if ref.dtype == torch.float32 else "16"
+    heavy = consts["HAS_DROPOUT"] or (consts["MASK_Q"] and consts["MASK_K"])
+    fn = _autotuned(kind, _arch(ref.device), bits, _d_bucket(consts["BLOCK_D"], consts["BLOCK_DV"]), heavy,
+                    _len_bucket(lq), _len_bucket(lk), consts["CAUSAL"])
+    fn[grid_fn](*args, **consts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+class _NoDeviceGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NoDeviceGuard()
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+
+
+def _is_blhd(t: torch.Tensor) -> bool:
+    return (not t.is_contiguous()) and t.transpose(1, 2).is_contiguous()
+
+
+def _new_like(ref: torch.Tensor, shape) -> torch.Tensor:
+    """An empty (B, H, L, D) tensor in ref's layout: (B, L, H, D) memory when ref is such a view (what
+    flash_attn_func passes), else contiguous: the layout pyattn's op returns, so no copy follows."""
+    b, h, n, d = shape
+    if _is_blhd(ref):
+        return ref.new_empty((b, n, h, d)).transpose(1, 2)
+    return ref.new_empty((b, h, n, d))
+
+
+def _check(q, k, v, mask):
+    if q.dtype not in _SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"pyattn Triton attention: q, k, v must share one of fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("pyattn Triton attention: expected 4-D (B, H, L, D) q, k, v")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[3] != d or v.shape[1:3] != k.shape[1:3] \
+            or k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"pyattn Triton attention: inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if not (1 <= d <= MAX_HEAD_DIM and 1 <= v.shape[3] <= MAX_HEAD_DIM):
+        raise ValueError(f"pyattn Triton attention: head dims must be in [1, {MAX_HEAD_DIM}], got q/k {d}, "
+                         f"v {v.shape[3]}")
+    if mask is not None and mask.dim() != 4:
+        raise ValueError(f"pyattn Triton attention: mask must be 4-D, got shape {tuple(mask.shape)}")
+
+
+def _mask_args(mask, q):
+    """(mask tensor or dummy, its (batch, head, query) strides with 0 on size-1 dims, constexprs MASK_KIND,
+    MASK_Q (varies along queries), MASK_K (varies along keys; then its key stride must be 1))."""
+    if mask is None:
+        return q, (0, 0, 0), {"MASK_KIND": _MASK_NONE, "MASK_Q": False, "MASK_K": False}
+    if mask.shape[3] > 1 and mask.stride(3) != 1:  # not pyattn's canonical form: copy
+        mask = mask.contiguous()
+    strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
+    kind = _MASK_BOOL if mask.dtype == torch.bool else _MASK_ADD
+    return mask, strides, {"MASK_KIND": kind, "MASK_Q": mask.shape[2] > 1, "MASK_K": mask.shape[3] > 1}
+
+
+def _common_consts(q, v, causal, mask_consts, dropout_p):
+    d, dv = q.shape[3], v.shape[3]
+    return {"D": d, "BLOCK_D": max(16, triton.next_power_of_2(d)), "BLOCK_DV": max(16, triton.next_power_of_2(dv)),
+            "CAUSAL": bool(causal), **mask_consts, "HAS_DROPOUT": dropout_p > 0, "UPCAST": _interpreting()}
+
+
+def attn_fwd(q, k, v, mask, dropout_p: float, causal: bool, bottom_right: bool, scale: float, seed: int,
+             offset: int):
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with Hkv | Hq, fp16/bf16/fp32, any strides (last
+    stride 1, else copied); mask None, bool (True = keep) or additive, (B|1, Hq|1, Lq|1, Lk|1). bottom_right:
+    causal alignment j <= i + Lk - Lq (flash-attn) instead of j <= i (torch). Dropout (p in [0, 1)) from
+    (seed, offset). Returns out (B, Hq, Lq, Dv) in q's dtype and layout ((B, L, H, D) memory for such views),
+    lse (B, Hq, Lq) fp32 (natural log; +inf with out = 0 on rows that see no key)."""
+    _check(q, k, v, mask)
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = _new_like(q, (b, hq, lq, dv))
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    if b * hq * lq == 0:
+        return out, lse
+    if lk == 0:  # no key: out 0, lse +inf, no launch
+        return out.zero_(), lse.fill_(math.inf)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    mask_t, ms, mask_consts = _mask_args(mask, q)
+    shift = (lk - lq) if (causal and bottom_right) else 0
+    consts = _common_consts(q, v, causal, mask_consts, dropout_p)
+    args = (q, k, v, mask_t, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
+            hq, hq // hkv, lq, lk, shift, float(scale) * LOG2E, float(dropout_p), int(seed), int(offset))
+    with _device_guard(q):
+        _launch("fwd", lambda c: (triton.cdiv(lq, c["BLOCK_M"]), hq, b), q, lq, lk, args,
+                {**consts, "DV": dv})
+    return out, lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, mask, dropout_p: float, causal: bool, bottom_right: bool, scale: float,
+             seed: int, offset: int):
+    """Backward of attn_fwd (same q, k, v, mask, flags, scale, seed, offset; out and lse from it; dout shaped
+    like out). Returns dq, dk, dv in q's, k's, v's dtype and layout (dk/dv with Hkv heads: each kv head's
+    gradient sums its GQA group's q heads in a fixed order; deterministic, no atomics)."""
+    _check(q, k, v, mask)
+    b, hq, lq, d = q.shape
+    hkv, lk, dvd = k.shape[1], k.shape[2], v.shape[3]
+    dq, dk, dv = _new_like(q, q.shape), _new_like(k, k.shape), _new_like(v, v.shape)
+    if b * hq * lq == 0 or lk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    lse = lse.to(torch.float32).contiguous()
+    mask_t, ms, mask_consts = _mask_args(mask, q)
+    shift = (lk - lq) if (causal and bottom_right) else 0
+    consts = _common_consts(q, v, causal, mask_consts, dropout_p)
+    delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    common = (hq, hq // hkv, lq, lk, shift, float(scale) * LOG2E, float(scale), float(dropout_p), int(seed),
+              int(offset))
+    with _device_guard(q):
+        pre_m = _pre_block_m(consts["BLOCK_DV"])
+        _attn_bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), hq, b)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], hq, lq,
+            DV=dvd, BLOCK_M=pre_m, BLOCK_DV=consts["BLOCK_DV"])
+        args = (q, k, v, mask_t, dout, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
+                *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *common)
+        _launch("dkdv", lambda c: (triton.cdiv(lk, c["BLOCK_N"]), hkv, b), q, lq, lk, args,
+                {**consts, "DV_": dvd})
+        args = (q, k, v, mask_t, dout, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
+                *dout.stride()[:3], *dq.stride()[:3], *common)
+        _launch("dq", lambda c: (triton.cdiv(lq, c["BLOCK_M"]), hq, b), q, lq, lk, args,
+                {**consts, "DV": dvd})
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline compile check (scripts/compile_triton.py)
+# --------------------------------------------------------------------------------------------------
+
+def _signature(kind: str, t: str, mask_t: str) -> dict:
+    """Argument types of kernel `kind` for element type t ("fp16", ...) and mask pointer type."""
+    ptr = {"Q": t, "K": t, "V": t, "Mask": mask_t}
+    if kind == "fwd":
+        ptr.update(Out=t, Lse="fp32")
+    elif kind == "dkdv":
+        ptr.update(DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t)
+    else:
+        ptr.update(DO=t, Lse="fp32", Delta="fp32", DQ=t)
+    sig = {name: f"*{ty}" for name, ty in ptr.items()}
+    for name in _KERNELS[kind].arg_names:
+        if name.startswith("stride_") or name in ("H", "GROUP", "Lq", "Lk", "causal_shift"):
+            sig[name] = "i32"
+    sig.update(qk_scale="fp32", dropout_p="fp32", seed="i64", rng_offset="i64")
+    if kind != "fwd":
+        sig["sm_scale"] = "fp32"
+    return {name: sig[name] for name in _KERNELS[kind].arg_names if name in sig}
+
+
+def _flag_sets(heavy: bool, full: bool):
+    """(CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT) combinations of a class: the heaviest one (causal,
+    additive fp32 mask tile or key-padding vector, dropout when heavy), or with full=True every combination."""
+    if not full:
+        return [(True, _MASK_ADD, heavy, True, heavy)]
+    out = []
+    for causal in (False, True):
+        for mask_kind in (_MASK_NONE, _MASK_BOOL, _MASK_ADD):
+            shapes = [(False, False)] if mask_kind == _MASK_NONE else [(False, True), (True, False), (True, True)]
+            for mq, mk in shapes:
+                for dropout in (False, True):
+                    if (dropout or (mq and mk)) == heavy:
+                        out.append((causal, mask_kind, mq, mk, dropout))
+    return out
+
+
+def compile_configs(full: bool = False):
+    """Configurations for scripts/compile_triton.py: (kernel_fn, signature, constexprs, num_warps, options).
+
+    Every (BLOCK_M, BLOCK_N, num_warps, num_stages) that _CONFIGS (both arch tables) or _F32 can pick, at the
+    largest head dim of its bucket, with the heaviest flags of its class (see _flag_sets); bf16 for the 16-bit
+    tables (fp16 has the same register needs), fp32 for _F32. The script compiles each for sm_80 and sm_90a.
+    full=True: every flag combination of the class, plus fp16 and a non-power-of-2 head dim (heaviest flags).
+    Plus the backward preprocess kernel.
+    """
+    entries = set()  # (kind, d_bucket, heavy, dtype, config)
+    for table in _CONFIGS.values():
+        for (kind, bucket, heavy), cfgs in table.items():
+            entries.update((kind, bucket, heavy, "bf16", c) for c in cfgs)
+    for (kind, bucket), cfgs in _F32.items():
+        for heavy in ((False, True) if full else (True,)):
+            entries.update((kind, bucket, heavy, "fp32", c) for c in cfgs)
+    jobs = [(e, e[1], flags) for e in sorted(entries) for flags in _flag_sets(e[2], full)]
+    if full:  # fp16 and a non-power-of-2 head dim (masked columns), heaviest flags
+        jobs += [((kind, bucket, heavy, t2, c), d2, _flag_sets(heavy, False)[0])
+                 for kind, bucket, heavy, t, c in sorted(entries) if t == "bf16"
+                 for t2, d2 in (("fp16", bucket), ("bf16", {64: 40, 128: 96, 256: 192}[bucket]))]
+    configs = []
+    for (kind, bucket, heavy, t, (bm, bn, warps, stages)), d, flags in jobs:
+        causal, mask_kind, mq, mk, dropout = flags
+        mask_t = {_MASK_NONE: t, _MASK_BOOL: "i1", _MASK_ADD: "fp32"}[mask_kind]
+        sig = _signature(kind, t, mask_t)
+        block_d = max(16, triton.next_power_of_2(d))
+        consts = {"D": d, ("DV_" if kind == "dkdv" else "DV"): d, "BLOCK_D": block_d, "BLOCK_DV": block_d,
+                  "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "MASK_KIND": mask_kind, "MASK_Q": mq, "MASK_K": mk,
+                  "HAS_DROPOUT": dropout, "UPCAST": False}
+        sig.update({k: "constexpr" for k in consts})
+        configs.append((_KERNELS[kind], sig, consts, warps, {"num_stages": stages}))
+    for block_dv in (16, 32, 64, 128, 256) if full else (64, 256):
+        sig = {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32", "stride_ob": "i32", "stride_oh": "i32",
+               "stride_om": "i32", "stride_dob": "i32", "stride_doh": "i32", "stride_dom": "i32", "H": "i32",
+               "Lq": "i32"}
+        consts = {"DV": block_dv, "BLOCK_M": _pre_block_m(block_dv), "BLOCK_DV": block_dv}
+        sig.update({k: "constexpr" for k in consts})
+        configs.append((_attn_bwd_preprocess_kernel, sig, consts, 4))
+    return configs
