@@ -1,18 +1,23 @@
 // LayerNorm / RMSNorm (+ fused residual add) CPU kernels. Torch-free: see pyattn/params.h for the contract.
 //
-// Forward, one row at a time (a row of N <= ~8K fp32 stays in L1/L2 between the passes):
-//   pass 1  s = round_to_dtype(x + residual) (stored to residual_out and to an fp32 scratch row), sum(s)
-//           [RMS: sum(s^2)]
+// Forward, one row at a time; the row stays in L1 (N = 1024 fp32 is 4 KB) between the passes:
+//   pass 1  s = round_to_dtype(x + residual) (stored to residual_out), and sum(s) [RMS: sum(s^2)]. Each row is
+//           read from memory once: passes 2-3 re-read s from the x row, the residual_out row, or an fp32 scratch
+//           row, all in L1.
 //   pass 2  corrected two-pass variance (Bjorck): m1 = sum/N, d = s - m1, c = mean(d), var = mean(d^2) - c^2.
 //           (s - m1) is exact when s is close to m1 (Sterbenz), so inputs offset by +1000 keep full accuracy.
 //   pass 3  y = ((s - m1) - c) * rstd * w + b
+// Rows are split into one contiguous block per OpenMP thread and software-pipelined (pass 1 of row i + 1 runs
+// between the statistics and pass 3 of row i). Very large problems write their outputs with non-temporal stores.
 // Backward, one row at a time: pass 1 gathers mean(g), mean(g * xhat) and the dweight/dbias partial sums of the
 // row's chunk; pass 2 writes dx. dweight/dbias: fp32 partial sums per chunk of rows, where the chunks depend only
 // on (M, N) (never on the thread count), then a fixed-order sum over chunks: bitwise reproducible.
 //
-// Vectorisation: 16 fp32 lanes. AVX-512 intrinsics when the build targets AVX-512 (F+BW+VL); otherwise plain
-// 16-lane loops the compiler auto-vectorises (AVX2 or SSE or scalar). The reduction order inside a row depends
-// only on N (no alignment peeling), so strided/padded rows give bit-identical results to contiguous ones.
+// Vectorisation: 16 fp32 lanes. AVX-512 intrinsics when the build targets AVX-512 (F+BW+VL; +BF16/DQ for the
+// one-instruction bf16 rounding); otherwise plain 16-lane loops the compiler auto-vectorises (AVX2, SSE or
+// scalar): the same algorithm, up to last-bit differences. The reduction order inside a row depends only on N (no
+// alignment peeling), so strided/padded rows give bit-identical results to contiguous ones, and every result is
+// independent of the number of threads.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 // GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized (_mm512_undefined_*; GCC bug 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -130,6 +135,17 @@ inline void vstore(float* p, vf v, int64_t n, bool stream = false) {
 }
 template <class T>
 inline void vstore(T* p, vf v, int64_t n, bool stream = false) { store16(p, pack16(v, p), n, stream); }
+// For computed outputs (y, dx): bf16 may use the bare one-instruction conversion, which flushes results below
+// 2^-126 (fp32 subnormals, |error| < 1.2e-38) to zero and keeps NaN payloads. Inputs' copies (residual_out) use the
+// exact vstore.
+template <class T>
+inline void vstore_out(T* p, vf v, int64_t n, bool stream = false) { vstore(p, v, n, stream); }
+#if defined(__AVX512BF16__)
+template <>
+inline void vstore_out<bf16_t>(bf16_t* p, vf v, int64_t n, bool stream) {
+  store16(p, (__m256i)_mm512_cvtneps_pbh(v), n, stream);
+}
+#endif
 // v rounded to T (returned in fp32), also stored to dst when dst != nullptr.
 inline vf vround_store(vf v, float* dst, int64_t n, bool stream) {
   if (dst != nullptr) vstore(dst, v, n, stream);
@@ -198,6 +214,8 @@ inline void vstore(T* p, vf v, int64_t n, bool /*stream*/ = false) {
   for (int64_t k = 0; k < n; ++k) p[k] = from_f32<T>(v.v[k]);
 }
 template <class T>
+inline void vstore_out(T* p, vf v, int64_t n, bool stream = false) { vstore(p, v, n, stream); }
+template <class T>
 inline vf vround_store(vf v, T* dst, int64_t n, bool /*stream*/) {
   for (int64_t k = 0; k < kW; ++k) v.v[k] = to_f32(from_f32<T>(v.v[k]));
   if (dst != nullptr) vstore(dst, v, n);
@@ -239,9 +257,9 @@ inline void row_map(int64_t N, F&& body) {
 template <class T, class F>
 inline void row_store(T* dst, int64_t N, bool stream, F&& value) {
   if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
-    row_map(N, [&](int64_t j, int64_t n) { vstore(dst + j, value(j, n), n, true); });
+    row_map(N, [&](int64_t j, int64_t n) { vstore_out(dst + j, value(j, n), n, true); });
   } else {
-    row_map(N, [&](int64_t j, int64_t n) { vstore(dst + j, value(j, n), n); });
+    row_map(N, [&](int64_t j, int64_t n) { vstore_out(dst + j, value(j, n), n); });
   }
 }
 
@@ -251,13 +269,6 @@ inline int max_threads(int requested) {
 #else
   (void)requested;
   return 1;
-#endif
-}
-inline int thread_id() {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
 #endif
 }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -280,11 +291,12 @@ inline const float* param_as_f32(const void* p, DType dt, int64_t N, float fill,
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
-// Where passes 2 and 3 re-read the row s (fp32 values) from, while it is still in L1:
+// Where passes 2 and 3 re-read the row s from, while it is still in L1 (each the faster one measured):
 enum class SrcMode {
-  kInput,    // no residual: the input row x itself
-  kResOut,   // residual: the residual_out row just written (s rounded to T)
-  kScratch,  // residual, residual_out absent or streamed: a per-thread fp32 scratch row
+  kInput,         // fp32, no residual: the input row x itself
+  kScratchInput,  // 16-bit, no residual: an fp32 scratch row (converted once instead of in every pass)
+  kResOut,        // residual: the residual_out row just written
+  kScratch,       // residual, residual_out absent or streamed (not in cache): an fp32 scratch row
 };
 
 // Pass 1 of row i: s = x (+ residual, rounded to T; stored to residual_out), and sum(s) (LN) or sum(s^2) (RMS).
@@ -304,6 +316,13 @@ inline float norm_fwd_pass1(const T* xr, const T* rr, T* ro, float* scratch, int
       acc[0] = RMS ? vfma(v, v, acc[0]) : vadd(acc[0], v);
     }, &sum1);
     *src = reinterpret_cast<const S*>(ro);
+  } else if (MODE == SrcMode::kScratchInput) {
+    row_reduce<1>(N, [&](int64_t j, int64_t n, vf* acc) {
+      const vf v = vload(xr + j, n);
+      vstore(scratch + j, v, n);
+      acc[0] = RMS ? vfma(v, v, acc[0]) : vadd(acc[0], v);
+    }, &sum1);
+    *src = reinterpret_cast<const S*>(scratch);
   } else {
     const bool stream_ro = stream && (reinterpret_cast<uintptr_t>(ro) & 63) == 0;
     row_reduce<1>(N, [&](int64_t j, int64_t n, vf* acc) {
@@ -363,13 +382,15 @@ inline void norm_fwd_pass3(const S* s, const RowStats& st, T* yr, const float* w
   });
 }
 
-// Rows [begin, end) on one thread, software-pipelined: pass 1 of row i + 1 (memory bound) is issued between the
-// statistics of row i (a latency-bound chain of reductions, divisions and a square root) and pass 3 of row i, so
-// the out-of-order core overlaps them. Everything is passed by value so pointers stay in registers.
+// Rows [begin, end) on one thread, software-pipelined: pass 1 of row i + 1 is issued between the statistics of
+// row i (a latency-bound chain of reductions, divisions and a square root) and pass 3 of row i, so the
+// out-of-order core overlaps them (about 10% faster on rows in cache). Everything is passed by value so pointers
+// stay in registers.
 template <class T, bool RMS, SrcMode MODE>
 void norm_fwd_rows(const NormFwdParams q, int64_t begin, int64_t end, const float* w, const float* b,
                    float* scratch2 /* 2 x scratch_stride floats (kScratch) */, int64_t scratch_stride, bool stream) {
-  using S = typename std::conditional<MODE == SrcMode::kScratch, float, T>::type;
+  constexpr bool kScratch = MODE == SrcMode::kScratch || MODE == SrcMode::kScratchInput;
+  using S = typename std::conditional<kScratch, float, T>::type;
   const int64_t N = q.N;
   const T* x = static_cast<const T*>(q.x);
   const T* res = static_cast<const T*>(q.residual);
@@ -409,7 +430,8 @@ void norm_fwd_impl(const NormFwdParams& p, bool stream) {
   const int nthreads = parallel ? max_threads(p.num_threads) : 1;
   // Two fp32 scratch rows per thread (rows i and i + 1 are in flight together).
   const int64_t scratch_stride = round_up(N, kW);
-  std::unique_ptr<float[]> scratch_all(MODE == SrcMode::kScratch ? new float[2 * scratch_stride * nthreads] : nullptr);
+  constexpr bool kScratch = MODE == SrcMode::kScratch || MODE == SrcMode::kScratchInput;
+  std::unique_ptr<float[]> scratch_all(kScratch ? new float[2 * scratch_stride * nthreads] : nullptr);
 
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
@@ -434,7 +456,8 @@ void norm_fwd_mode(const NormFwdParams& p) {
   const bool res = p.residual != nullptr, res_out = p.residual_out != nullptr;
   const int64_t bytes = p.M * p.N * static_cast<int64_t>(sizeof(T)) * (2 + (res ? 1 : 0) + (res_out ? 1 : 0));
   const bool stream = kHasStream && bytes >= stream_bytes();
-  if (!res) norm_fwd_impl<T, RMS, SrcMode::kInput>(p, stream);
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  if (!res) norm_fwd_impl<T, RMS, kF32 ? SrcMode::kInput : SrcMode::kScratchInput>(p, stream);
   else if (res_out && !stream) norm_fwd_impl<T, RMS, SrcMode::kResOut>(p, stream);
   else norm_fwd_impl<T, RMS, SrcMode::kScratch>(p, stream);
 }
@@ -496,7 +519,7 @@ inline void norm_bwd_row(const NormBwdParams& p, int64_t i, const float* w, floa
     const vf g = vmul(vload(dyr + j, n), vload(w + j, n));
     vf dx = vmul(vsub(g, vfma(xhat, vb, va)), vr);
     if (dres != nullptr) dx = vadd(dx, vload(dres + j, n));
-    vstore(dxr + j, dx, n);
+    vstore_out(dxr + j, dx, n);
   });
 }
 
@@ -510,7 +533,7 @@ void norm_bwd_impl(const NormBwdParams& p) {
   const float* w = param_as_f32(p.weight, p.weight_dtype, N, 1.f, pbuf.get());
 
   const bool parallel = M > 1 && M * N >= kParallelMinElems;
-  const int nthreads = parallel ? max_threads(p.num_threads) : 1;
+  [[maybe_unused]] const int nthreads = parallel ? max_threads(p.num_threads) : 1;
 
   if (!partial) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (parallel)
@@ -529,7 +552,7 @@ void norm_bwd_impl(const NormBwdParams& p) {
   float* db_part = ws + ch.nchunks * N;    // (nchunks, N)
 
   if (M > 0) {
-    const bool par_chunks = parallel && ch.nchunks > 1;
+    [[maybe_unused]] const bool par_chunks = parallel && ch.nchunks > 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (par_chunks)
     for (int64_t k = 0; k < ch.nchunks; ++k) {
       float* dwp = dw_part + k * N;
@@ -544,7 +567,7 @@ void norm_bwd_impl(const NormBwdParams& p) {
   // Fixed-order sum over chunks, column by column (independent of the thread count).
   auto reduce = [&](const float* part, void* out, DType dt) {
     const int64_t nblocks = (N + kW - 1) / kW;
-    const bool par_red = parallel && ch.nchunks * N >= kParallelMinElems;
+    [[maybe_unused]] const bool par_red = parallel && ch.nchunks * N >= kParallelMinElems;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (par_red)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t j = blk * kW, n = std::min(kW, N - j);
