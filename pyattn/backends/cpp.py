@@ -6,7 +6,7 @@ import torch
 from .._ext import load_C
 from ..dispatch import Backend, register
 from ..dispatch.backend import OpCaps
-from ..ops.layer_norm import MAX_HIDDEN  # noqa: F401  (cpp takes any hidden size)
+from ..ops.layer_norm import fake_norm_bwd, fake_norm_fwd
 from ._native import missing_kernel_reason
 
 _HALF_AND_FLOAT = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -63,18 +63,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("pyattn::layer_norm_fwd")
     def _(x, residual, weight, bias, eps, rms, store_residual):
-        m = x.shape[0]
-        s = x.new_empty(x.shape) if (store_residual and residual is not None) else x.new_empty(0)
-        f32 = torch.float32
-        return x.new_empty(x.shape), s, x.new_empty(0 if rms else m, dtype=f32), x.new_empty(m, dtype=f32)
+        return fake_norm_fwd(x, residual, rms, store_residual)  # the kernels take no float64: stats are fp32
 
     @torch.library.register_fake("pyattn::layer_norm_bwd")
     def _(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
-        n = s.shape[-1]
-        wdt = weight.dtype if weight is not None else s.dtype
-        dw = s.new_empty(n if (need_dweight and weight is not None) else 0, dtype=wdt)
-        db = s.new_empty(n if (need_dweight and has_bias) else 0, dtype=wdt)
-        return s.new_empty(s.shape), dw, db
+        return fake_norm_bwd(s, weight, has_bias, need_dweight)
 
 
 # ---- GRU ----

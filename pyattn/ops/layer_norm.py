@@ -122,12 +122,26 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], b
     return select(inputs, backend).layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
 
 
-@_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, rms, store_residual, backend):
+def fake_norm_fwd(x, residual, rms: bool, store_residual: bool):
+    """Outputs of a norm forward, shapes and dtypes only (the fake impl of every norm forward op, C++ ones too)."""
     m = x.shape[0]
     s = x.new_empty(x.shape) if (store_residual and residual is not None) else x.new_empty(0)
     stat = stat_dtype(x.dtype)
     return x.new_empty(x.shape), s, x.new_empty(0 if rms else m, dtype=stat), x.new_empty(m, dtype=stat)
+
+
+def fake_norm_bwd(s, weight, has_bias: bool, need_dweight: bool):
+    """Outputs of a norm backward, shapes and dtypes only."""
+    n = s.shape[-1]
+    wdt = weight.dtype if weight is not None else s.dtype
+    dw = s.new_empty(n if (need_dweight and weight is not None) else 0, dtype=wdt)
+    db = s.new_empty(n if (need_dweight and has_bias) else 0, dtype=wdt)
+    return s.new_empty(s.shape), dw, db
+
+
+@_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, rms, store_residual, backend):
+    return fake_norm_fwd(x, residual, rms, store_residual)
 
 
 @torch.library.custom_op("pyattn::norm_bwd", mutates_args=())
@@ -141,11 +155,7 @@ def _norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rst
 
 @_norm_bwd.register_fake
 def _(dy, s, weight, mean, rstd, dresidual_out, eps, rms, has_bias, need_dweight, backend):
-    n = s.shape[-1]
-    wdt = weight.dtype if weight is not None else s.dtype
-    dw = s.new_empty(n if (need_dweight and weight is not None) else 0, dtype=wdt)
-    db = s.new_empty(n if (need_dweight and has_bias) else 0, dtype=wdt)
-    return s.new_empty(s.shape), dw, db
+    return fake_norm_bwd(s, weight, has_bias, need_dweight)
 
 
 def _setup_context(ctx, inputs, output):
