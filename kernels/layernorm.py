@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import round_to as _round_to
+
 MAX_HIDDEN_SIZE = 65536  # largest supported N (hidden size)
 # Rows up to this width stay in registers; wider rows are processed in chunks of this width. The backward
 # keeps more row-sized values live (dy, s, w and two column accumulators), so its limit is lower.
@@ -48,19 +50,6 @@ _RED_NUM_WARPS = 4
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """fp32 -> dtype, rounding to nearest even. SOFT_BF16 (set by the launchers for the CPU interpreter,
-    whose fp32 -> bf16 cast truncates) rounds to bf16 with integer ops; on GPUs the native cast is used."""
-    if SOFT_BF16 and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = tl.where(x != x, bits | 0x400000, rounded)  # noqa: PLR0124  (NaN stays a quiet NaN)
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit

@@ -54,16 +54,13 @@ def _import_triton():
 
 
 def kernel_modules(only=None):
-    """Names of kernels/*.py modules (optionally filtered)."""
-    names = []
-    for path in sorted(glob.glob(os.path.join(REPO, "kernels", "*.py"))):
-        name = os.path.splitext(os.path.basename(path))[0]
-        if name.startswith("_"):
-            continue
-        if only and name not in only:
-            continue
-        names.append(name)
-    return names
+    """Names of kernels/*.py modules (optionally filtered); an unknown name in ``only`` is an error."""
+    paths = sorted(glob.glob(os.path.join(REPO, "kernels", "*.py")))
+    every = [n for n in (os.path.splitext(os.path.basename(p))[0] for p in paths) if not n.startswith("_")]
+    unknown = sorted(set(only or ()) - set(every))
+    if unknown:  # a typo must not turn the check into "0/0 compiles ok"
+        raise SystemExit(f"compile_triton: no kernel file kernels/{unknown[0]}.py (have: {', '.join(every)})")
+    return [n for n in every if not only or n in only]
 
 
 def _load_module(name):

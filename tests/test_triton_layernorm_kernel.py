@@ -12,19 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
 
-try:
-    from pyattn.kernels import layernorm as ln
-except ImportError:  # pyattn not installed: load the kernel file on its own (it imports only torch/triton)
-    _path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "layernorm.py"
-    )
-    _spec = importlib.util.spec_from_file_location("pyattn_kernels_layernorm", _path)
-    ln = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ln)
+from pyattn.kernels import layernorm as ln  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
