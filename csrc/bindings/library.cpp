@@ -10,6 +10,15 @@ TORCH_LIBRARY(pyattn, m) {
         "bool store_residual) -> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor dy, Tensor s, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dresidual_out, "
         "bool rms, bool has_bias, bool need_dweight) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // Attention (kernels: csrc/bindings/attention.cpp; contract: the Attention section of pyattn/params.h).
+  // q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), mask (B|1, Hq|1, Lq|1, Lk|1) bool (True = keep) or
+  // additive -> out (B, Hq, Lq, Dv) in q's layout, lse (B, Hq, Lq) float32 (natural log; +inf for rows that see no key).
+  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool causal, bool bottom_right, "
+        "float scale, int seed, int offset) -> (Tensor out, Tensor lse)");
+  m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, float dropout_p, "
+        "bool causal, bool bottom_right, float scale, int seed, int offset) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The dropout keep-mask (B, H, Lq, Lk) bool the CPU attention kernels apply for (seed, offset, p).
+  m.def("attn_dropout_keep(int seed, int offset, int batch, int heads, int q_len, int k_len, float p) -> Tensor");
   // ---- GRU ---- (kernels: csrc/bindings/gru.cpp; argument lists mirror the torch backend's gru_* methods)
   // One direction of one layer, x (T, B, I) time-major, h0 (B, H) -> out (T, B, H), h_last (B, H), ws (T, B, 4H)
   // float32 [r | z | n | hn] (empty unless needs_grad).

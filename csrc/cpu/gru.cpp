@@ -19,335 +19,26 @@
 // MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators). Every output element is summed in a fixed
 // order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
 // independent of the number of threads.
-// SIMD: AVX-512 (NB = 16 lanes, up to 24 accumulators), AVX2 + FMA (NB = 8, up to 12), or portable 128-bit vector
-// extensions (NB = 4, libm sigmoid/tanh), chosen at compile time from the target ISA. The SIMD paths use Cephes-style
-// exp/sigmoid/tanh polynomials (a few ulp; NaN propagates).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside _mm512_undefined_ps
+// SIMD: the shared vector layer pyattn/cpu_simd.h (AVX-512 NB = 16, AVX2 + FMA NB = 8, or portable NB = 4).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <thread>
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
-#endif
-
-#if defined(__AVX512F__)
-#define PYATTN_GRU_ISA 512
-#include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__)
-#define PYATTN_GRU_ISA 256
-#include <immintrin.h>
-#else
-#define PYATTN_GRU_ISA 0
-#endif
 
 #include "pyattn/cpu_kernels.h"
+#include "pyattn/cpu_pool.h"
+#include "pyattn/cpu_simd.h"
 #include "pyattn/params.h"
 
 namespace pyattn {
 namespace cpu {
 namespace {
 
-// ------------------------------------------------------------------------------------------------------------
-// Vector layer: V holds NB fp32 lanes
-// ------------------------------------------------------------------------------------------------------------
-#if PYATTN_GRU_ISA == 512
+using namespace simd;
 
-constexpr int NB = 16;       // lanes
-constexpr int MRMAX = 8;     // rows of the micro-kernel
-constexpr int ACC_MAX = 24;  // accumulators (of 32 zmm registers)
-using V = __m512;
-inline __mmask16 lane_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vset(float a) { return _mm512_set1_ps(a); }
-inline V vld(const float* p) { return _mm512_loadu_ps(p); }
-inline V vldn(const float* p, int n) { return n >= NB ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p); }
-inline void vst(float* p, V a) { _mm512_storeu_ps(p, a); }
-inline void vstn(float* p, V a, int n) {
-  if (n >= NB)
-    _mm512_storeu_ps(p, a);
-  else
-    _mm512_mask_storeu_ps(p, lane_mask(n), a);
-}
-inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
-inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
-inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
-inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
-// max/min return their SECOND operand when either is NaN: clamp(x) = min(hi, max(lo, x)) keeps a NaN x.
-inline V vclamp(V x, float lo, float hi) { return _mm512_min_ps(vset(hi), _mm512_max_ps(vset(lo), x)); }
-inline V vabs(V a) { return _mm512_abs_ps(a); }
-inline V vsign_of(V a) {
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
-}
-inline V vor(V a, V b) { return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))); }
-inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vpow2i(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral in [-126, 127]
-inline V vselect_lt(V x, float thr, V a, V b) {                // x < thr ? a : b (NaN -> b)
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(thr), _CMP_LT_OQ), b, a);
-}
-
-#elif PYATTN_GRU_ISA == 256
-
-constexpr int NB = 8;
-constexpr int MRMAX = 4;
-constexpr int ACC_MAX = 12;  // of 16 ymm registers
-using V = __m256;
-inline __m256i lane_mask(int n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-inline V vzero() { return _mm256_setzero_ps(); }
-inline V vset(float a) { return _mm256_set1_ps(a); }
-inline V vld(const float* p) { return _mm256_loadu_ps(p); }
-inline V vldn(const float* p, int n) { return n >= NB ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n)); }
-inline void vst(float* p, V a) { _mm256_storeu_ps(p, a); }
-inline void vstn(float* p, V a, int n) {
-  if (n >= NB)
-    _mm256_storeu_ps(p, a);
-  else
-    _mm256_maskstore_ps(p, lane_mask(n), a);
-}
-inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
-inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
-inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-inline V vclamp(V x, float lo, float hi) { return _mm256_min_ps(vset(hi), _mm256_max_ps(vset(lo), x)); }
-inline V vabs(V a) { return _mm256_andnot_ps(vset(-0.0f), a); }
-inline V vsign_of(V a) { return _mm256_and_ps(vset(-0.0f), a); }
-inline V vor(V a, V b) { return _mm256_or_ps(a, b); }
-inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vpow2i(V p, V n) {
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-inline V vselect_lt(V x, float thr, V a, V b) {
-  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, vset(thr), _CMP_LT_OQ));
-}
-
-#else  // portable: GCC/Clang vector extensions (lowered to whatever SIMD the target has, SSE2 on any x86-64)
-
-constexpr int NB = 4;  // one 128-bit register (SSE2 / NEON)
-constexpr int MRMAX = 4;
-constexpr int ACC_MAX = 12;
-typedef float V __attribute__((vector_size(16)));
-inline V vzero() { return V{}; }
-inline V vset(float a) { return V{} + a; }
-inline V vldn(const float* p, int n) {
-  V r{};
-  std::memcpy(&r, p, sizeof(float) * size_t(n < NB ? n : NB));
-  return r;
-}
-inline V vld(const float* p) {
-  V r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-inline void vstn(float* p, V a, int n) { std::memcpy(p, &a, sizeof(float) * size_t(n < NB ? n : NB)); }
-inline void vst(float* p, V a) { std::memcpy(p, &a, sizeof(a)); }
-inline V vadd(V a, V b) { return a + b; }
-inline V vsub(V a, V b) { return a - b; }
-inline V vmul(V a, V b) { return a * b; }
-inline V vdiv(V a, V b) { return a / b; }
-inline V vfma(V a, V b, V c) { return a * b + c; }
-
-#endif
-
-#if PYATTN_GRU_ISA != 0
-// exp(x) for x clamped to [-87, 88] (so 2^n stays normal): Cephes expf, n = round(x log2 e), x - n ln2 in two
-// parts, a degree-6 polynomial; about 1 ulp. NaN propagates.
-inline V vexp(V x) {
-  x = vclamp(x, -87.0f, 88.0f);
-  const V n = vround(vmul(x, vset(1.44269504088896341f)));
-  V r = vfnma(n, vset(0.693359375f), x);
-  r = vfnma(n, vset(-2.12194440e-4f), r);
-  V p = vset(1.9875691500e-4f);
-  p = vfma(p, r, vset(1.3981999507e-3f));
-  p = vfma(p, r, vset(8.3334519073e-3f));
-  p = vfma(p, r, vset(4.1665795894e-2f));
-  p = vfma(p, r, vset(1.6666665459e-1f));
-  p = vfma(p, r, vset(5.0000001201e-1f));
-  p = vfma(vmul(p, r), r, vadd(r, vset(1.0f)));
-  return vpow2i(p, n);
-}
-inline V vsigmoid(V x) { return vdiv(vset(1.0f), vadd(vset(1.0f), vexp(vsub(vzero(), x)))); }
-// tanh: Cephes tanhf. |x| < 0.625: x + x^3 P(x^2); else sign(x) (1 - 2 / (exp(2|x|) + 1)).
-inline V vtanh(V x) {
-  const V ax = vabs(x);
-  const V s = vmul(x, x);
-  V p = vset(-5.70498872745e-3f);
-  p = vfma(p, s, vset(2.06390887954e-2f));
-  p = vfma(p, s, vset(-5.37397155531e-2f));
-  p = vfma(p, s, vset(1.33314422036e-1f));
-  p = vfma(p, s, vset(-3.33332819422e-1f));
-  const V small = vfma(vmul(p, s), x, x);
-  const V e = vexp(vadd(ax, ax));
-  const V big = vor(vsub(vset(1.0f), vdiv(vset(2.0f), vadd(e, vset(1.0f)))), vsign_of(x));
-  return vselect_lt(ax, 0.625f, small, big);
-}
-#else
-inline V vsigmoid(V x) {
-  V r;
-  for (int l = 0; l < NB; ++l) r[l] = 1.0f / (1.0f + std::exp(-x[l]));
-  return r;
-}
-inline V vtanh(V x) {
-  V r;
-  for (int l = 0; l < NB; ++l) r[l] = std::tanh(x[l]);
-  return r;
-}
-#endif
-
-// ------------------------------------------------------------------------------------------------------------
-// Threads: independent work items on a small private thread pool
-// ------------------------------------------------------------------------------------------------------------
-// Every parallel loop here is a set of independent items (GEMM: a block of rows x a block of columns; recurrence: a
-// block of batch rows for the whole sequence, since batch rows never interact), claimed in order from one atomic
-// counter. There is no static split, no barrier, and the caller never waits for a worker that has not started:
-// these machines are shared and oversubscribed, and an OpenMP team's fork/join (or a barrier per time step) waits
-// for every thread to be scheduled; measured here, a 2-thread OpenMP region or per-step barrier cost milliseconds
-// whenever other processes held the cores. With this queue a descheduled worker delays the caller by at most the
-// item it holds, and a worker that wakes late finds the work done and leaves. Which thread runs an item never
-// changes its result: the results do not depend on the threads.
+// Parallel loops run on the shared pool (pyattn/cpu_pool.h): independent items claimed from one atomic counter.
 constexpr double kMinParallelGemm = double(1 << 23);  // multiply-adds below which a GEMM runs on one thread
 constexpr double kMinParallelStep = double(1 << 19);  // multiply-adds per recurrent step, same
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-// Calls one item of a job per call: step(tid) returns false once no item is left to claim.
-struct PoolJob {
-  virtual bool step(int tid) = 0;
-  virtual ~PoolJob() = default;
-};
-
-class Pool {
- public:
-  static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: its threads are detached and may outlive static destructors
-    return *pool;
-  }
-
-  // Runs `job` on the caller (tid 0) and on up to nth - 1 workers (tids 1 .. nth-1) that are free to join, until
-  // its step() returns false; returns when no worker is inside a step of it.
-  void run(int nth, PoolJob& job) {
-    if (nth <= 1 || !usable() || !run_mutex_.try_lock()) {  // busy (another caller) or forked: run here
-      while (job.step(0)) {
-      }
-      return;
-    }
-    ensure_workers(nth - 1);
-    job_ = &job;
-    job_nth_ = nth;
-    const uint64_t g = gen_.load() + 1;
-    open_.store(g);
-    gen_.store(g);
-    {
-      std::lock_guard<std::mutex> lk(mutex_);
-    }
-    cv_.notify_all();
-    while (job.step(0)) {
-    }
-    open_.store(0);  // late workers no longer enter; wait for those inside a step
-    for (int spin = 0; active_.load() != 0; ++spin) {
-      if (spin < 4096)
-        cpu_relax();
-      else
-        std::this_thread::yield();
-    }
-    run_mutex_.unlock();
-  }
-
- private:
-  Pool() : pid_(current_pid()) {}
-
-  static long current_pid() {
-#if defined(__unix__) || defined(__APPLE__)
-    return static_cast<long>(getpid());
-#else
-    return 0;
-#endif
-  }
-  bool usable() const { return current_pid() == pid_; }  // a forked child has no workers: never wait for them
-
-  void ensure_workers(int n) {
-    std::lock_guard<std::mutex> lk(mutex_);
-    while (nworkers_ < n) {
-      try {
-        std::thread([this, id = nworkers_ + 1] { worker(id); }).detach();
-      } catch (...) {  // no more threads: the caller runs what the workers would have
-        return;
-      }
-      ++nworkers_;
-    }
-  }
-
-  void worker(int tid) {
-    uint64_t seen = 0;
-    for (;;) {
-      for (int spin = 0; gen_.load() == seen && spin < 4000; ++spin) cpu_relax();  // ~50 us, then sleep
-      if (gen_.load() == seen) {
-        std::unique_lock<std::mutex> lk(mutex_);
-        cv_.wait(lk, [&] { return gen_.load() != seen; });
-      }
-      seen = gen_.load();
-      for (;;) {  // one step at a time, each inside an active window opened only while job `seen` is open
-        active_.fetch_add(1);
-        if (open_.load() != seen || tid >= job_nth_) {
-          active_.fetch_sub(1);
-          break;
-        }
-        const bool more = job_->step(tid);
-        active_.fetch_sub(1);
-        if (!more) break;
-      }
-    }
-  }
-
-  std::mutex run_mutex_;  // one job at a time
-  std::mutex mutex_;      // guards nworkers_ and the sleeping workers' wake-up
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};   // the last job posted
-  std::atomic<uint64_t> open_{0};  // the job workers may enter (0: none)
-  std::atomic<int> active_{0};     // workers inside a step
-  PoolJob* job_ = nullptr;
-  int job_nth_ = 0;
-  int nworkers_ = 0;
-  const long pid_;
-};
-
-// Runs work(g, tid) for g in [0, total) on up to nth threads (tid < nth), items in any order and concurrently.
-template <class Work>
-void run_items(int nth, int64_t total, Work work) {
-  if (total <= 0) return;
-  if (nth <= 1 || total == 1) {
-    for (int64_t g = 0; g < total; ++g) work(g, 0);
-    return;
-  }
-  struct Job final : PoolJob {
-    Work& work;
-    int64_t total;
-    std::atomic<int64_t> next{0};
-    Job(Work& w, int64_t n) : work(w), total(n) {}
-    bool step(int tid) override {
-      const int64_t g = next.fetch_add(1, std::memory_order_relaxed);
-      if (g >= total) return false;
-      work(g, tid);
-      return true;
-    }
-  } job(work, total);
-  Pool::get().run(int(std::min<int64_t>(nth, total)), job);
-}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }  // keeps workspace regions 64-byte aligned
@@ -393,7 +84,7 @@ using MicroKernel = void (*)(const float*, int64_t, const float* const*, int64_t
     nullptr, &micro_kernel<MR, 1>, &micro_kernel<MR, 2>, &micro_kernel<MR, 3>, &micro_kernel<MR, 4>,              \
         &micro_kernel<MR, 5>, &micro_kernel<MR, 6>                                                               \
   }
-#if PYATTN_GRU_ISA == 512
+#if PYATTN_CPU_ISA == 512
 const MicroKernel kMicroKernels[MRMAX + 1][NVMAX + 1] = {
     {nullptr},           PYATTN_GRU_MK_ROW(1), PYATTN_GRU_MK_ROW(2), PYATTN_GRU_MK_ROW(3), PYATTN_GRU_MK_ROW(4),
     PYATTN_GRU_MK_ROW(5), PYATTN_GRU_MK_ROW(6), PYATTN_GRU_MK_ROW(7), PYATTN_GRU_MK_ROW(8)};
@@ -417,7 +108,7 @@ inline Mat col_major(const float* p, int64_t ld) { return Mat{p, 1, 0, 1, ld}; }
 
 // A sliver: dst[kk * mr + i] = A(m0 + i, k0 + kk).
 // Full slivers of row-major rows are transposed a square block at a time (8 x 8 with AVX, 4 x 4 with SSE).
-#if PYATTN_GRU_ISA == 512
+#if PYATTN_CPU_ISA == 512
 constexpr int kTransposeBlock = 8;
 inline void transpose_block(const float* const* src, int64_t kk, float* dst) {  // dst[j * 8 + i] = src[i][kk + j]
   const __m256 r0 = _mm256_loadu_ps(src[0] + kk), r1 = _mm256_loadu_ps(src[1] + kk);
@@ -445,7 +136,7 @@ inline void transpose_block(const float* const* src, int64_t kk, float* dst) {  
   _mm256_storeu_ps(dst + 48, _mm256_permute2f128_ps(s2, s6, 0x31));
   _mm256_storeu_ps(dst + 56, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
-#elif PYATTN_GRU_ISA == 256
+#elif PYATTN_CPU_ISA == 256
 constexpr int kTransposeBlock = 4;
 inline void transpose_block(const float* const* src, int64_t kk, float* dst) {  // dst[j * 4 + i] = src[i][kk + j]
   __m128 r0 = _mm_loadu_ps(src[0] + kk), r1 = _mm_loadu_ps(src[1] + kk);

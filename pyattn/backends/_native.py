@@ -9,6 +9,7 @@ from .._ext import load_C
 NATIVE_OPS = {
     "layer_norm": "layer_norm_fwd",
     "rms_norm": "layer_norm_fwd",
+    "attention": "attn_fwd",
     "gru_cell": "gru_step_fwd",  # GRU
     "gru": "gru_seq_fwd",  # GRU
 }

@@ -18,6 +18,9 @@ class CppBackend(Backend):
     caps = {
         "layer_norm": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT),
         "rms_norm": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT),
+        "attention": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT,
+                            notes=("FlashAttention-2 on CPU (csrc/cpu/attention.cpp): O(L) memory, any head dim, "
+                                   "GQA, masks, both causal alignments, dropout",)),
         # ---- GRU ---- fp32 only: the kernels (csrc/cpu/gru.cpp) compute and store float32; other dtypes are
         # refused with the generic dtype reason and fall through to the torch backend.
         "gru_cell": OpCaps(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
@@ -39,6 +42,13 @@ class CppBackend(Backend):
 
     def layer_norm_bwd(self, dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
         return torch.ops.pyattn.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight)
+
+    def attention_fwd(self, q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset):
+        return tuple(torch.ops.pyattn.attn_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset))
+
+    def attention_bwd(self, dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, seed, offset):
+        return tuple(torch.ops.pyattn.attn_bwd(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale,
+                                               seed, offset))
 
     # ---- GRU ---- (same signatures and returns as TorchBackend.gru_*; C++ ops in csrc/bindings/gru.cpp)
     def gru_cell_fwd(self, x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad):
@@ -68,6 +78,33 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pyattn::layer_norm_bwd")
     def _(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
         return fake_norm_bwd(s, weight, has_bias, need_dweight)
+
+
+def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> torch.Tensor:
+    """The keep-mask (B, Hq, Lq, Lk) bool (True = kept) the cpp attention kernels apply for (seed, offset, p): a hash
+    of (seed, offset, b, h, i, j), the same in forward and backward."""
+    b, h, lq, lk = (int(x) for x in shape)
+    return torch.ops.pyattn.attn_dropout_keep(seed, offset, b, h, lq, lk, p)
+
+
+def _register_attention_fakes() -> None:
+    if load_C()[0] is None or not hasattr(torch.ops.pyattn, "attn_fwd"):
+        return
+
+    def like_layout(t, shape):
+        b, h, length, d = shape
+        if not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
+            return t.new_empty((b, length, h, d)).transpose(1, 2)
+        return t.new_empty(shape)
+
+    @torch.library.register_fake("pyattn::attn_fwd")
+    def _(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset):
+        b, h, lq, _ = q.shape
+        return like_layout(q, (b, h, lq, v.shape[3])), q.new_empty((b, h, lq), dtype=torch.float32)
+
+    @torch.library.register_fake("pyattn::attn_bwd")
+    def _(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, seed, offset):
+        return like_layout(q, q.shape), like_layout(k, k.shape), like_layout(v, v.shape)
 
 
 # ---- GRU ----
@@ -109,5 +146,6 @@ def _register_gru_fakes() -> None:
 
 
 _register_fakes()
+_register_attention_fakes()
 _register_gru_fakes()  # GRU
 register(CppBackend())

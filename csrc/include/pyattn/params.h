@@ -77,8 +77,60 @@ struct NormBwdParams {
 };
 
 // ============================================================================================================
-// Attention
+// Attention (scaled dot-product, FlashAttention-style: never an Lq x Lk matrix)
+//   s_ij = scale * q_i . k_j  (+ additive mask; -inf where a bool mask is false or causal hides j)
+//   out_i = sum_j softmax_j(s_i)_j * keep_ij / (1 - p) * v_j,   lse_i = log sum_j exp(s_ij)  (natural log)
+//   Causal: query i sees key j iff j <= i + shift, shift = Lk - Lq when bottom_right (flash-attn), else 0.
+//   A row that sees no key (all -inf) gets out 0 and lse +inf; backward then recomputes P = 0 for it.
+//   GQA: query head h reads kv head h / (Hq / Hkv). Dropout keep_ij is a hash of (seed, offset, b, h, i, j)
+//   (attn_dropout_keep below), the same in forward and backward.
+// Tensors are (B, H, L, D) with any b/h/l strides (0 allowed) and stride 1 along D; strides in elements.
 // ============================================================================================================
+
+enum class MaskKind : int8_t { None, Bool, Additive };
+
+struct AttnCommon {
+  const void* q = nullptr;  // (B, Hq, Lq, D) dtype
+  const void* k = nullptr;  // (B, Hkv, Lk, D) dtype
+  const void* v = nullptr;  // (B, Hkv, Lk, Dv) dtype
+  // (B|1, Hq|1, Lq|1, Lk|1) bool (1 byte, nonzero = keep) or additive (mask_dtype); a broadcast dim has stride 0.
+  const void* mask = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};  // b, h, l
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t mask_stride[4] = {0, 0, 0, 0};  // b, h, i, j
+
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0, Dv = 0;  // all >= 1 (empty calls never reach a kernel)
+  float scale = 1.0f;
+  float dropout_p = 0.0f;  // in [0, 1)
+  uint64_t seed = 0, offset = 0;
+  bool causal = false;
+  bool bottom_right = false;
+  MaskKind mask_kind = MaskKind::None;
+  DType mask_dtype = DType::F32;  // additive masks: F32 or dtype
+  DType dtype = DType::F32;       // q, k, v, out (and dout, dq, dk, dv)
+  int num_threads = 1;
+};
+
+struct AttnFwdParams : AttnCommon {
+  void* out = nullptr;  // (B, Hq, Lq, Dv) dtype
+  int64_t out_stride[3] = {0, 0, 0};
+  float* lse = nullptr;  // (B, Hq, Lq) fp32 contiguous
+};
+
+struct AttnBwdParams : AttnCommon {
+  const void* dout = nullptr;  // (B, Hq, Lq, Dv) dtype
+  const void* out = nullptr;   // (B, Hq, Lq, Dv) dtype: the forward's output
+  const float* lse = nullptr;  // (B, Hq, Lq) fp32 contiguous: the forward's lse
+  void* dq = nullptr;          // (B, Hq, Lq, D) dtype
+  void* dk = nullptr;          // (B, Hkv, Lk, D) dtype
+  void* dv = nullptr;          // (B, Hkv, Lk, Dv) dtype
+  int64_t dout_stride[3] = {0, 0, 0};
+  int64_t out_stride[3] = {0, 0, 0};
+  int64_t dq_stride[3] = {0, 0, 0};
+  int64_t dk_stride[3] = {0, 0, 0};
+  int64_t dv_stride[3] = {0, 0, 0};
+};
 
 // ============================================================================================================
 // GRU

@@ -1,0 +1,513 @@
+// Attention CPU kernels: FlashAttention-2 forward and backward, torch-free (contract: the Attention section of
+// pyattn/params.h). Memory is O(L): no Lq x Lk matrix is ever formed, only BN x BM tiles.
+//
+// Layout: every tile is TRANSPOSED, keys x queries: the queries of a block lie along the SIMD lanes (BM = QV * NB
+// lanes), the keys along rows. Then
+//   * S^T = K Q^T is a GEMM whose A operand is K's rows as stored (scalar broadcasts) and whose B operand is the
+//     query block packed once per block as Q^T (D x BM), pre-scaled by scale * log2(e) (softmax in base 2);
+//   * softmax statistics (row max, row sum of each query) are lane-wise vector max/add down the rows: no
+//     horizontal reductions;
+//   * O^T (Dv x BM) += V^T P^T reads V's rows as stored (broadcasts) and P^T as computed; O is transposed back once
+//     at the end of the block.
+// So K and V are never packed or copied (fp32 inputs; 16-bit inputs are widened to fp32 once per call).
+// Forward work items: (batch, query head, query block), heaviest causal blocks first.
+// Backward (FA2): work items (batch, kv head, chunk of key blocks); for each key block, loop over the GQA group's
+// query heads and the query blocks that see it: S^T and P^T = exp2(S^T - lse) again, dP^T = V dO^T, dV += P^T dO,
+// dS^T = P^T (dP^T - delta), dK += dS^T Q, dQ_partial(chunk) += dS K. dQ partials of the chunks are summed in order.
+// Every sum runs in a fixed order whatever the thread count: results are deterministic.
+// GEMMs: one register-tiled micro-kernel, C (MR x NV*NB) (=|+=|= C*scale +) A (MR x K, element (i, k) at
+// a[i * ars + k * aks], broadcast) x B (K x NV*NB, row k at b + k * ldb), tail lanes masked.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "pyattn/cpu_kernels.h"
+#include "pyattn/cpu_pool.h"
+#include "pyattn/cpu_simd.h"
+#include "pyattn/cpu_util.h"
+#include "pyattn/params.h"
+
+namespace pyattn {
+namespace cpu {
+namespace {
+
+using namespace simd;
+
+constexpr int QV = 4;         // lane vectors per query block
+constexpr int BM = QV * NB;   // queries per block (64 with AVX-512)
+constexpr int BN = 64;        // keys per block
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------------------------
+// GEMM micro-kernel and driver
+// ------------------------------------------------------------------------------------------------------------
+// c_i = (acc ? c_i * cscale : 0) + sum_k a(i, k) b_k for i < MR; b_k and c_i are NV vectors; the last vector holds
+// `nlast` valid lanes unless FULL. cscale (NV vectors) may be nullptr (= 1).
+template <int MR, int NV, bool FULL>
+void micro_kernel(const float* __restrict a, int64_t ars, int64_t aks, int64_t K, const float* __restrict b,
+                  int64_t ldb, int nlast, float* __restrict c, int64_t ldc, const float* cscale, bool acc) {
+  auto load = [&](const float* p, int q) { return (FULL || q < NV - 1) ? vld(p) : vldn(p, nlast); };
+  V t[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < NV; ++q) {
+      if (!acc) {
+        t[i][q] = vzero();
+      } else {
+        t[i][q] = load(c + i * ldc + q * NB, q);
+        if (cscale != nullptr) t[i][q] = vmul(t[i][q], vld(cscale + q * NB));
+      }
+    }
+  const float* ap[MR];
+  for (int i = 0; i < MR; ++i) ap[i] = a + i * ars;
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NV];
+    for (int q = 0; q < NV; ++q) w[q] = load(b + k * ldb + q * NB, q);
+    for (int i = 0; i < MR; ++i) {
+      const V s = vset(ap[i][k * aks]);
+      for (int q = 0; q < NV; ++q) t[i][q] = vfma(s, w[q], t[i][q]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < NV; ++q) {
+      if (FULL || q < NV - 1)
+        vst(c + i * ldc + q * NB, t[i][q]);
+      else
+        vstn(c + i * ldc + q * NB, t[i][q], nlast);
+    }
+}
+
+using MicroKernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int, float*, int64_t,
+                             const float*, bool);
+
+template <int MR>
+struct KernelRow {
+  MicroKernel k[QV + 1][2] = {{nullptr, nullptr},
+                              {&micro_kernel<MR, 1, false>, &micro_kernel<MR, 1, true>},
+                              {&micro_kernel<MR, 2, false>, &micro_kernel<MR, 2, true>},
+                              {&micro_kernel<MR, 3, false>, &micro_kernel<MR, 3, true>},
+                              {&micro_kernel<MR, 4, false>, &micro_kernel<MR, 4, true>}};
+};
+
+struct KernelTable {
+  MicroKernel k[MRMAX + 1][QV + 1][2] = {};
+  template <int MR>
+  void fill() {
+    const KernelRow<MR> row;
+    std::memcpy(k[MR], row.k, sizeof(row.k));
+    if constexpr (MR > 1) fill<MR - 1>();
+  }
+  KernelTable() { fill<MRMAX>(); }
+};
+const KernelTable kTable;
+
+inline int rows_for(int nv) { return std::min(MRMAX, ACC_MAX / nv); }
+
+// C (M x N) (=|+=|= C * cscale +) A (M x K) B (K x N): A(i, k) = a[i * ars + k * aks], B(k, n) = b[k * ldb + n],
+// C(i, n) = c[i * ldc + n]; cscale[n] scales C's old value (nullptr: 1). N is split into panels of QV vectors.
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+          float* c, int64_t ldc, const float* cscale, bool acc) {
+  for (int64_t n0 = 0; n0 < N; n0 += QV * NB) {
+    const int nn = int(std::min<int64_t>(QV * NB, N - n0));
+    const int nv = (nn + NB - 1) / NB;
+    const int nlast = nn - (nv - 1) * NB;
+    const bool full = nlast == NB;
+    const int mr = rows_for(nv);
+    for (int64_t m0 = 0; m0 < M; m0 += mr) {
+      const int m = int(std::min<int64_t>(mr, M - m0));
+      kTable.k[m][nv][full](a + m0 * ars, ars, aks, K, b + n0, ldb, nlast, c + m0 * ldc + n0, ldc,
+                            cscale == nullptr ? nullptr : cscale + n0, acc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Element access, dropout hash, masks
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+inline float ld(const void* p, int64_t i) {
+  return to_f32(static_cast<const T*>(p)[i]);
+}
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+inline uint32_t mix32(uint32_t x) {  // lowbias32 finalizer
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t dropout_row_key(uint64_t seed, uint64_t offset, int64_t Hq, int64_t Lq, int64_t b, int64_t h,
+                                int64_t i) {
+  return uint32_t(splitmix64(seed ^ splitmix64(offset + uint64_t((b * Hq + h) * Lq + i))));
+}
+inline uint32_t dropout_col(int64_t j) { return uint32_t(j) * 0x9E3779B9u + 0x7F4A7C15u; }
+inline uint32_t dropout_threshold(float p) {  // keep iff hash >= threshold: P(keep) = 1 - p
+  return uint32_t(std::min(double(p) * 4294967296.0, 4294967295.0));
+}
+
+// Multiplies a transposed tile (nk rows of keys j0.., BM lanes of queries) by keep / (1 - p), in place.
+void apply_dropout(const uint32_t* keys, int64_t j0, int nk, uint32_t thr, float inv, float* t) {
+  for (int j = 0; j < nk; ++j) {
+    const uint32_t cj = dropout_col(j0 + j);
+    float* row = t + j * BM;
+    for (int i = 0; i < BM; ++i) row[i] = mix32(keys[i] ^ cj) >= thr ? row[i] * inv : 0.0f;
+  }
+}
+
+void dropout_keys(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq, uint32_t* keys) {
+  for (int i = 0; i < BM; ++i) keys[i] = i < nq ? dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, i0 + i) : 0u;
+}
+
+// Log2-domain additive mask value: m * log2(e), with finite values kept finite (finfo.min * log2(e) would overflow
+// to -inf and turn a row of "very negative" logits, which softmax treats as uniform, into a dead row).
+inline float mask_log2(float m) {
+  const float v = m * kLog2e;
+  return (std::isinf(v) && !std::isinf(m)) ? std::copysign(std::numeric_limits<float>::max(), v) : v;
+}
+
+template <class MT>
+void add_mask_t(const AttnCommon& p, const char* base, int64_t i0, int nq, int64_t j0, int nk, float* st) {
+  const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
+  const MT* m = reinterpret_cast<const MT*>(base);
+  for (int j = 0; j < nk; ++j) {
+    const MT* mj = m + (j0 + j) * sj + i0 * si;
+    float* row = st + j * BM;
+    for (int i = 0; i < nq; ++i) row[i] += mask_log2(to_f32(mj[i * si]));
+  }
+}
+
+// Applies the attention mask and the causal diagonal to a transposed log2-domain tile st (nk keys from j0 x BM
+// queries from i0; lanes >= nq are left alone).
+void apply_masks(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq, int64_t j0, int nk, float* st) {
+  if (p.mask_kind != MaskKind::None) {
+    const int64_t esize = p.mask_kind == MaskKind::Bool ? 1 : (p.mask_dtype == DType::F32 ? 4 : 2);
+    const char* base = static_cast<const char*>(p.mask) + (b * p.mask_stride[0] + h * p.mask_stride[1]) * esize;
+    if (p.mask_kind == MaskKind::Bool) {
+      const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
+      const uint8_t* m = reinterpret_cast<const uint8_t*>(base);
+      for (int j = 0; j < nk; ++j) {
+        const uint8_t* mj = m + (j0 + j) * sj + i0 * si;
+        float* row = st + j * BM;
+        for (int i = 0; i < nq; ++i)
+          if (!mj[i * si]) row[i] = -kInf;
+      }
+    } else if (p.mask_dtype == DType::F32) {
+      add_mask_t<float>(p, base, i0, nq, j0, nk, st);
+    } else if (p.mask_dtype == DType::BF16) {
+      add_mask_t<bf16_t>(p, base, i0, nq, j0, nk, st);
+    } else {
+      add_mask_t<f16_t>(p, base, i0, nq, j0, nk, st);
+    }
+  }
+  if (p.causal) {  // query i0 + i sees key j0 + j iff j0 + j <= i0 + i + shift: hide lanes i < j0 + j - shift - i0
+    const int64_t shift = p.bottom_right ? p.Lk - p.Lq : 0;
+    for (int j = 0; j < nk; ++j) {
+      const int64_t t = std::min<int64_t>(BM, std::max<int64_t>(0, j0 + j - shift - i0));
+      float* row = st + j * BM;
+      for (int64_t i = 0; i < t; ++i) row[i] = -kInf;
+    }
+  }
+}
+
+// Does the causal diagonal cut through the tile (some query of [i0, i0 + nq) must not see some key of [j0, j0 + nk))?
+inline bool causal_cut(const AttnCommon& p, int64_t i0, int64_t j0, int nk) {
+  const int64_t shift = p.bottom_right ? p.Lk - p.Lq : 0;
+  return p.causal && j0 + nk - 1 > i0 + shift;
+}
+// Keys [0, key_end) can be seen by some query of the block starting at i0 with nq rows.
+inline int64_t key_end(const AttnCommon& p, int64_t i0, int nq) {
+  if (!p.causal) return p.Lk;
+  const int64_t shift = p.bottom_right ? p.Lk - p.Lq : 0;
+  return std::max<int64_t>(0, std::min<int64_t>(p.Lk, i0 + nq + shift));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// fp32 views of K and V (16-bit inputs are widened once per call, in parallel over (b, kv head))
+// ------------------------------------------------------------------------------------------------------------
+struct F32View {
+  const float* p = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;
+  const float* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
+
+template <class T>
+F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t L, int64_t D, int nth,
+              std::vector<float>& buf) {
+  if (std::is_same<T, float>::value) return F32View{static_cast<const float*>(src), st[0], st[1], st[2]};
+  buf.resize(size_t(B * H * L * D));
+  float* dst = buf.data();
+  run_items(nth, B * H, [&](int64_t g, int) {
+    const int64_t b = g / H, h = g % H;
+    const T* s = static_cast<const T*>(src) + b * st[0] + h * st[1];
+    float* d = dst + g * L * D;
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t x = 0; x < D; ++x) d[l * D + x] = to_f32(s[l * st[2] + x]);
+  });
+  return F32View{dst, H * L * D, L * D, D};
+}
+
+// Per-thread scratch (the pool's threads live for the process).
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+void fwd_impl(const AttnFwdParams& p) {
+  const int nth = std::max(1, p.num_threads);
+  std::vector<float> kbuf, vbuf;
+  const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
+  const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);
+  const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv;
+  const int64_t nqb = ceil_div(p.Lq, BM);
+  const float c = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.0f;
+  const uint32_t thr = dropout_threshold(p.dropout_p);
+  const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+
+  run_items(nth, p.B * p.Hq * nqb, [&](int64_t g, int) {
+    const int64_t qb = p.causal ? nqb - 1 - g % nqb : g % nqb;  // causal: the blocks with most keys first
+    const int64_t bh = g / nqb, b = bh / p.Hq, h = bh % p.Hq, hk = h / G;
+    const int64_t i0 = qb * BM;
+    const int nq = int(std::min<int64_t>(BM, p.Lq - i0));
+    float* qt = scratch(size_t((D + Dv + BN + 2 * QV * NB) * BM + BM));
+    float* ot = qt + D * BM;          // O^T (Dv x BM)
+    float* st = ot + Dv * BM;         // S^T / P^T (BN x BM)
+    float* m = st + BN * BM;          // running max (log2 units), per lane
+    float* l = m + BM;                // running sum, per lane
+    uint32_t* keys = reinterpret_cast<uint32_t*>(l + BM);
+
+    // Q^T, pre-scaled: qt[d][i] = q[i][d] * scale * log2(e), zero past nq.
+    const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+    for (int64_t d = 0; d < D; ++d)
+      for (int i = 0; i < BM; ++i) qt[d * BM + i] = i < nq ? to_f32(qs[i * p.q_stride[2] + d]) * c : 0.0f;
+    std::fill(ot, ot + Dv * BM, 0.0f);
+    for (int q = 0; q < QV; ++q) {
+      vst(m + q * NB, vset(-kInf));
+      vst(l + q * NB, vzero());
+    }
+    if (dropout) dropout_keys(p, b, h, i0, nq, keys);
+
+    const int64_t jend = key_end(p, i0, nq);
+    for (int64_t j0 = 0; j0 < jend; j0 += BN) {
+      const int nk = int(std::min<int64_t>(BN, jend - j0));
+      // S^T (nk x BM) = K[j0:j0+nk] Q^T
+      gemm(nk, BM, D, K.at(b, hk, j0), K.sl, 1, qt, BM, st, BM, nullptr, false);
+      if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
+      // online softmax down the rows, lane-wise
+      alignas(64) float alpha[BM];
+      for (int q = 0; q < QV; ++q) {
+        const V m_old = vld(m + q * NB);
+        V mx = m_old;
+        for (int j = 0; j < nk; ++j) mx = vmax(vld(st + j * BM + q * NB), mx);
+        // a row that has seen only -inf so far keeps max -inf; subtract 0 then (exp2(-inf) = 0, no NaN)
+        const V m_use = vselect_lt(mx, -std::numeric_limits<float>::max(), vzero(), mx);
+        V sum = vzero();
+        for (int j = 0; j < nk; ++j) {
+          const V e = vexp2(vsub(vld(st + j * BM + q * NB), m_use));
+          vst(st + j * BM + q * NB, e);
+          sum = vadd(sum, e);
+        }
+        const V a = vexp2(vsub(m_old, m_use));
+        vst(alpha + q * NB, a);
+        vst(l + q * NB, vfma(vld(l + q * NB), a, sum));
+        vst(m + q * NB, mx);
+      }
+      if (dropout) apply_dropout(keys, j0, nk, thr, inv_keep, st);
+      // O^T = O^T * alpha + V[j0:j0+nk]^T P^T
+      gemm(Dv, BM, nk, Vv.at(b, hk, j0), 1, Vv.sl, st, BM, ot, BM, alpha, true);
+    }
+
+    // out[i][dv] = O^T[dv][i] / l[i]; lse = (m + log2 l) ln 2; a row that saw nothing: 0 and +inf
+    T* os = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+    float* lse = p.lse + (b * p.Hq + h) * p.Lq + i0;
+    for (int i = 0; i < nq; ++i) {
+      const bool dead = !(l[i] > 0.0f) && !std::isnan(l[i]);
+      const float inv = dead ? 0.0f : 1.0f / l[i];
+      T* orow = os + i * p.out_stride[2];
+      for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(ot[d * BM + i] * inv);
+      lse[i] = dead ? kInf : (m[i] + std::log2(l[i])) * kLn2;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+void bwd_impl(const AttnBwdParams& p) {
+  const int nth = std::max(1, p.num_threads);
+  std::vector<float> kbuf, vbuf;
+  const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
+  const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);
+  const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv, G = Hq / Hkv;
+  const int64_t nqb = ceil_div(Lq, BM), nkb = ceil_div(Lk, BN), Lqp = nqb * BM;
+  const float c = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.0f;
+  const uint32_t thr = dropout_threshold(p.dropout_p);
+  const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const int64_t shift = p.bottom_right ? Lk - Lq : 0;
+
+  // Phase 1, per (b, h, query block): Q^T and dO^T panels (D x BM, Dv x BM), fp32 rows of Q and dO (16-bit inputs),
+  // lse in log2 units (+inf past Lq: P = 0 there) and delta = rowsum(dO * O) (0 past Lq).
+  std::vector<float> qt(size_t(B * Hq * Lqp * D)), dot(size_t(B * Hq * Lqp * Dv));
+  std::vector<float> lse2(size_t(B * Hq * Lqp)), delta(size_t(B * Hq * Lqp));
+  std::vector<float> qbuf, dobuf;
+  const bool half = !std::is_same<T, float>::value;
+  if (half) {
+    qbuf.resize(size_t(B * Hq * Lq * D));
+    dobuf.resize(size_t(B * Hq * Lq * Dv));
+  }
+  run_items(nth, B * Hq * nqb, [&](int64_t g, int) {
+    const int64_t bh = g / nqb, qb = g % nqb, b = bh / Hq, h = bh % Hq, i0 = qb * BM;
+    const int nq = int(std::min<int64_t>(BM, Lq - i0));
+    const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+    const T* ds = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i0 * p.dout_stride[2];
+    const T* os = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+    float* qtp = qt.data() + (bh * Lqp + i0) * D;  // panel qb of head bh: D x BM
+    float* dtp = dot.data() + (bh * Lqp + i0) * Dv;
+    for (int64_t d = 0; d < D; ++d)
+      for (int i = 0; i < BM; ++i) qtp[d * BM + i] = i < nq ? to_f32(qs[i * p.q_stride[2] + d]) * c : 0.0f;
+    for (int64_t d = 0; d < Dv; ++d)
+      for (int i = 0; i < BM; ++i) dtp[d * BM + i] = i < nq ? to_f32(ds[i * p.dout_stride[2] + d]) : 0.0f;
+    for (int i = 0; i < BM; ++i) {
+      float dl = 0.0f;
+      if (i < nq)
+        for (int64_t d = 0; d < Dv; ++d) dl += to_f32(ds[i * p.dout_stride[2] + d]) * to_f32(os[i * p.out_stride[2] + d]);
+      delta[size_t(bh * Lqp + i0 + i)] = dl;
+      lse2[size_t(bh * Lqp + i0 + i)] = i < nq ? p.lse[bh * Lq + i0 + i] * kLog2e : kInf;
+    }
+    if (half) {
+      for (int i = 0; i < nq; ++i) {
+        for (int64_t d = 0; d < D; ++d) qbuf[size_t((bh * Lq + i0 + i) * D + d)] = to_f32(qs[i * p.q_stride[2] + d]);
+        for (int64_t d = 0; d < Dv; ++d)
+          dobuf[size_t((bh * Lq + i0 + i) * Dv + d)] = to_f32(ds[i * p.dout_stride[2] + d]);
+      }
+    }
+  });
+  const F32View Q = half ? F32View{qbuf.data(), Hq * Lq * D, Lq * D, D}
+                         : F32View{static_cast<const float*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2]};
+  const F32View dO = half ? F32View{dobuf.data(), Hq * Lq * Dv, Lq * Dv, Dv}
+                          : F32View{static_cast<const float*>(p.dout), p.dout_stride[0], p.dout_stride[1],
+                                    p.dout_stride[2]};
+
+  // Phase 2: (b, kv head, chunk of key blocks). Chunks only split the keys when (b, kv head) pairs are too few to
+  // feed the threads; each chunk accumulates its own dQ partial.
+  int64_t nch = 1;
+  while (B * Hkv * nch < 4 * nth && nch < nkb) nch *= 2;
+  nch = std::min(nch, nkb);
+  std::vector<float> dqp(size_t(nch * B * Hq * Lq * D), 0.0f);
+  run_items(nth, B * Hkv * nch, [&](int64_t g, int) {
+    const int64_t ch = g % nch, bk = g / nch, b = bk / Hkv, hk = bk % Hkv;
+    float* st = scratch(size_t(3 * BN * BM + BN * (D + Dv) + BM));
+    float* dpt = st + BN * BM;      // dP^T, then dS^T
+    float* pdt = dpt + BN * BM;     // P^T after dropout
+    float* dka = pdt + BN * BM;     // dK accumulator (nk x D)
+    float* dva = dka + BN * D;      // dV accumulator (nk x Dv)
+    uint32_t* keys = reinterpret_cast<uint32_t*>(dva + BN * Dv);
+    float* dq_part = dqp.data() + ch * B * Hq * Lq * D;
+    for (int64_t kb = nkb * ch / nch; kb < nkb * (ch + 1) / nch; ++kb) {
+      const int64_t j0 = kb * BN;
+      const int nk = int(std::min<int64_t>(BN, Lk - j0));
+      std::fill(dka, dka + nk * D, 0.0f);
+      std::fill(dva, dva + nk * Dv, 0.0f);
+      // causal: query i sees key j0 iff i >= j0 - shift
+      const int64_t qb_lo = p.causal ? std::max<int64_t>(0, j0 - shift) / BM : 0;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const int64_t bh = b * Hq + h;
+        for (int64_t qb = qb_lo; qb < nqb; ++qb) {
+          const int64_t i0 = qb * BM;
+          const int nq = int(std::min<int64_t>(BM, Lq - i0));
+          const float* qtp = qt.data() + (bh * Lqp + i0) * D;
+          const float* dtp = dot.data() + (bh * Lqp + i0) * Dv;
+          const float* lsep = lse2.data() + bh * Lqp + i0;
+          const float* dlp = delta.data() + bh * Lqp + i0;
+          gemm(nk, BM, D, K.at(b, hk, j0), K.sl, 1, qtp, BM, st, BM, nullptr, false);  // S^T
+          if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
+          for (int j = 0; j < nk; ++j)  // P^T = exp2(S^T - lse)
+            for (int q = 0; q < QV; ++q)
+              vst(st + j * BM + q * NB, vexp2(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB))));
+          gemm(nk, BM, Dv, Vv.at(b, hk, j0), Vv.sl, 1, dtp, BM, dpt, BM, nullptr, false);  // dP^T = V dO^T
+          const float* pd = st;
+          if (dropout) {
+            dropout_keys(p, b, h, i0, nq, keys);
+            std::memcpy(pdt, st, sizeof(float) * size_t(nk * BM));
+            apply_dropout(keys, j0, nk, thr, inv_keep, pdt);
+            apply_dropout(keys, j0, nk, thr, inv_keep, dpt);
+            pd = pdt;
+          }
+          // dV += P^T dO  (rows: keys; lanes: dv; k: queries)
+          gemm(nk, Dv, nq, pd, BM, 1, dO.at(b, h, i0), dO.sl, dva, Dv, nullptr, true);
+          for (int j = 0; j < nk; ++j)  // dS^T = P^T (dP^T - delta)
+            for (int q = 0; q < QV; ++q) {
+              const int o = j * BM + q * NB;
+              vst(dpt + o, vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
+            }
+          // dK += dS^T Q ; dQ += dS K
+          gemm(nk, D, nq, dpt, BM, 1, Q.at(b, h, i0), Q.sl, dka, D, nullptr, true);
+          gemm(nq, D, nk, dpt, 1, BM, K.at(b, hk, j0), K.sl, dq_part + (bh * Lq + i0) * D, D, nullptr, true);
+        }
+      }
+      T* dk = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + j0 * p.dk_stride[2];
+      T* dv = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + j0 * p.dv_stride[2];
+      for (int j = 0; j < nk; ++j) {
+        for (int64_t d = 0; d < D; ++d) dk[j * p.dk_stride[2] + d] = from_f32<T>(dka[j * D + d] * p.scale);
+        for (int64_t d = 0; d < Dv; ++d) dv[j * p.dv_stride[2] + d] = from_f32<T>(dva[j * Dv + d]);
+      }
+    }
+  });
+
+  // Phase 3: dq = scale * sum over chunks (in order).
+  run_items(nth, B * Hq, [&](int64_t bh, int) {
+    const int64_t b = bh / Hq, h = bh % Hq;
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+    for (int64_t i = 0; i < Lq; ++i)
+      for (int64_t d = 0; d < D; ++d) {
+        float s = 0.0f;
+        for (int64_t ch = 0; ch < nch; ++ch) s += dqp[size_t(((ch * B * Hq + bh) * Lq + i) * D + d)];
+        dq[i * p.dq_stride[2] + d] = from_f32<T>(s * p.scale);
+      }
+  });
+}
+
+}  // namespace
+
+bool attn_dropout_keep(uint64_t seed, uint64_t offset, int64_t Hq, int64_t Lq, int64_t b, int64_t h, int64_t i,
+                       int64_t j, float p) {
+  return mix32(dropout_row_key(seed, offset, Hq, Lq, b, h, i) ^ dropout_col(j)) >= dropout_threshold(p);
+}
+
+void attention_fwd(const AttnFwdParams& p) {
+  switch (p.dtype) {
+    case DType::F32: return fwd_impl<float>(p);
+    case DType::BF16: return fwd_impl<bf16_t>(p);
+    case DType::F16: return fwd_impl<f16_t>(p);
+  }
+}
+
+void attention_bwd(const AttnBwdParams& p) {
+  switch (p.dtype) {
+    case DType::F32: return bwd_impl<float>(p);
+    case DType::BF16: return bwd_impl<bf16_t>(p);
+    case DType::F16: return bwd_impl<f16_t>(p);
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyattn

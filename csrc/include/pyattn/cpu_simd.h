@@ -1,0 +1,203 @@
+// Torch-free SIMD layer shared by the C++ CPU kernels (csrc/cpu/): V holds NB fp32 lanes of the widest ISA the
+// build targets (chosen at compile time: AVX-512 NB = 16, AVX2 + FMA NB = 8, else portable 128-bit vector extensions
+// NB = 4), with loads/stores (tail-masked: vldn/vstn), arithmetic and Cephes-style exp/sigmoid/tanh (a few ulp;
+// NaN propagates). MRMAX / ACC_MAX: the micro-kernel row and accumulator-register budgets of that ISA.
+#pragma once
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside _mm512_undefined_ps
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#define PYATTN_CPU_ISA 512
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PYATTN_CPU_ISA 256
+#include <immintrin.h>
+#else
+#define PYATTN_CPU_ISA 0
+#endif
+
+namespace pyattn {
+namespace cpu {
+namespace simd {
+
+// ------------------------------------------------------------------------------------------------------------
+// Vector layer: V holds NB fp32 lanes
+// ------------------------------------------------------------------------------------------------------------
+#if PYATTN_CPU_ISA == 512
+
+constexpr int NB = 16;       // lanes
+constexpr int MRMAX = 8;     // rows of the micro-kernel
+constexpr int ACC_MAX = 24;  // accumulators (of 32 zmm registers)
+using V = __m512;
+inline __mmask16 lane_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float a) { return _mm512_set1_ps(a); }
+inline V vld(const float* p) { return _mm512_loadu_ps(p); }
+inline V vldn(const float* p, int n) { return n >= NB ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(n), p); }
+inline void vst(float* p, V a) { _mm512_storeu_ps(p, a); }
+inline void vstn(float* p, V a, int n) {
+  if (n >= NB)
+    _mm512_storeu_ps(p, a);
+  else
+    _mm512_mask_storeu_ps(p, lane_mask(n), a);
+}
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
+inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+// max/min return their SECOND operand when either is NaN: clamp(x) = min(hi, max(lo, x)) keeps a NaN x.
+inline V vclamp(V x, float lo, float hi) { return _mm512_min_ps(vset(hi), _mm512_max_ps(vset(lo), x)); }
+inline V vabs(V a) { return _mm512_abs_ps(a); }
+inline V vsign_of(V a) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+}
+inline V vor(V a, V b) { return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))); }
+inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral in [-126, 127]
+inline V vselect_lt(V x, float thr, V a, V b) {                // x < thr ? a : b (NaN -> b)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(thr), _CMP_LT_OQ), b, a);
+}
+
+#elif PYATTN_CPU_ISA == 256
+
+constexpr int NB = 8;
+constexpr int MRMAX = 4;
+constexpr int ACC_MAX = 12;  // of 16 ymm registers
+using V = __m256;
+inline __m256i lane_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float a) { return _mm256_set1_ps(a); }
+inline V vld(const float* p) { return _mm256_loadu_ps(p); }
+inline V vldn(const float* p, int n) { return n >= NB ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n)); }
+inline void vst(float* p, V a) { _mm256_storeu_ps(p, a); }
+inline void vstn(float* p, V a, int n) {
+  if (n >= NB)
+    _mm256_storeu_ps(p, a);
+  else
+    _mm256_maskstore_ps(p, lane_mask(n), a);
+}
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+inline V vclamp(V x, float lo, float hi) { return _mm256_min_ps(vset(hi), _mm256_max_ps(vset(lo), x)); }
+inline V vabs(V a) { return _mm256_andnot_ps(vset(-0.0f), a); }
+inline V vsign_of(V a) { return _mm256_and_ps(vset(-0.0f), a); }
+inline V vor(V a, V b) { return _mm256_or_ps(a, b); }
+inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2i(V p, V n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+inline V vselect_lt(V x, float thr, V a, V b) {
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, vset(thr), _CMP_LT_OQ));
+}
+
+#else  // portable: GCC/Clang vector extensions (lowered to whatever SIMD the target has, SSE2 on any x86-64)
+
+constexpr int NB = 4;  // one 128-bit register (SSE2 / NEON)
+constexpr int MRMAX = 4;
+constexpr int ACC_MAX = 12;
+typedef float V __attribute__((vector_size(16)));
+inline V vzero() { return V{}; }
+inline V vset(float a) { return V{} + a; }
+inline V vldn(const float* p, int n) {
+  V r{};
+  std::memcpy(&r, p, sizeof(float) * size_t(n < NB ? n : NB));
+  return r;
+}
+inline V vld(const float* p) {
+  V r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void vstn(float* p, V a, int n) { std::memcpy(p, &a, sizeof(float) * size_t(n < NB ? n : NB)); }
+inline void vst(float* p, V a) { std::memcpy(p, &a, sizeof(a)); }
+inline V vadd(V a, V b) { return a + b; }
+inline V vsub(V a, V b) { return a - b; }
+inline V vmul(V a, V b) { return a * b; }
+inline V vdiv(V a, V b) { return a / b; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+inline V vmax(V a, V b) { return a > b ? a : b; }  // b when either is NaN
+
+#endif
+
+#if PYATTN_CPU_ISA != 0
+// exp(x) for x clamped to [-87, 88] (so 2^n stays normal): Cephes expf, n = round(x log2 e), x - n ln2 in two
+// parts, a degree-6 polynomial; about 1 ulp. NaN propagates.
+inline V vexp(V x) {
+  x = vclamp(x, -87.0f, 88.0f);
+  const V n = vround(vmul(x, vset(1.44269504088896341f)));
+  V r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(vmul(p, r), r, vadd(r, vset(1.0f)));
+  return vpow2i(p, n);
+}
+// 2^x: Cephes exp2f (n = round(x), 2^f = 1 + f P(f) on [-0.5, 0.5]; about 1 ulp), exactly 0 for x < -126 (so
+// -inf gives 0, as softmax of a masked logit must); NaN propagates.
+inline V vexp2(V x) {
+  const V xc = vclamp(x, -127.0f, 127.0f);
+  const V n = vround(xc);
+  const V f = vsub(xc, n);
+  V p = vset(1.535336188319500e-4f);
+  p = vfma(p, f, vset(1.339887440266574e-3f));
+  p = vfma(p, f, vset(9.618437357674640e-3f));
+  p = vfma(p, f, vset(5.550332471162809e-2f));
+  p = vfma(p, f, vset(2.402264791363012e-1f));
+  p = vfma(p, f, vset(6.931472028550421e-1f));
+  p = vfma(p, f, vset(1.0f));
+  return vselect_lt(x, -126.0f, vzero(), vpow2i(p, n));
+}
+inline V vsigmoid(V x) { return vdiv(vset(1.0f), vadd(vset(1.0f), vexp(vsub(vzero(), x)))); }
+// tanh: Cephes tanhf. |x| < 0.625: x + x^3 P(x^2); else sign(x) (1 - 2 / (exp(2|x|) + 1)).
+inline V vtanh(V x) {
+  const V ax = vabs(x);
+  const V s = vmul(x, x);
+  V p = vset(-5.70498872745e-3f);
+  p = vfma(p, s, vset(2.06390887954e-2f));
+  p = vfma(p, s, vset(-5.37397155531e-2f));
+  p = vfma(p, s, vset(1.33314422036e-1f));
+  p = vfma(p, s, vset(-3.33332819422e-1f));
+  const V small = vfma(vmul(p, s), x, x);
+  const V e = vexp(vadd(ax, ax));
+  const V big = vor(vsub(vset(1.0f), vdiv(vset(2.0f), vadd(e, vset(1.0f)))), vsign_of(x));
+  return vselect_lt(ax, 0.625f, small, big);
+}
+#else
+inline V vexp2(V x) {
+  V r;
+  for (int l = 0; l < NB; ++l) r[l] = x[l] < -126.0f ? 0.0f : std::exp2(x[l]);
+  return r;
+}
+inline V vsigmoid(V x) {
+  V r;
+  for (int l = 0; l < NB; ++l) r[l] = 1.0f / (1.0f + std::exp(-x[l]));
+  return r;
+}
+inline V vtanh(V x) {
+  V r;
+  for (int l = 0; l < NB; ++l) r[l] = std::tanh(x[l]);
+  return r;
+}
+#endif
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace pyattn
