@@ -2,5 +2,8 @@
 from .activation import MultiheadAttention
 from .normalization import AddNorm, LayerNorm, RMSNorm
 from .rnn import GRU, GRUCell
+from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                          TransformerEncoderLayer)
 
-__all__ = ["AddNorm", "GRU", "MultiheadAttention", "GRUCell", "LayerNorm", "RMSNorm"]
+__all__ = ["AddNorm", "GRU", "MultiheadAttention", "GRUCell", "LayerNorm", "RMSNorm", "Transformer",
+           "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer"]

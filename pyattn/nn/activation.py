@@ -6,6 +6,7 @@ served by torch's own implementation, exactly as torch.nn.MultiheadAttention wou
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -15,15 +16,48 @@ from torch import Tensor, nn
 from ..ops.attention import scaled_dot_product_attention
 
 
-def _as_keep_or_additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _as_keep_or_additive(mask: Optional[Tensor], dtype: torch.dtype, name: str = "masks") -> Optional[Tensor]:
     """torch.nn's masks mark positions to IGNORE (bool True) or add a float; SDPA's bool marks positions to KEEP."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
-        raise AssertionError(f"only bool and floating types of masks are supported, got {mask.dtype}")
+        raise AssertionError(f"only bool and floating types of {name} are supported")
     return mask.to(dtype)
+
+
+def _shape_check(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                 attn_mask: Optional[Tensor], num_heads: int) -> bool:
+    """torch's _mha_shape_check (same exception types and texts): is the input batched (3-D) or not (2-D)?"""
+    if query.dim() == 3:
+        if key.dim() != 3 or value.dim() != 3:
+            raise AssertionError("For batched (3-D) `query`, expected `key` and `value` to be 3-D"
+                                 f" but found {key.dim()}-D and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != 2:
+            raise AssertionError("For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D"
+                                 f" but found {key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AssertionError("For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                                 f" but found {attn_mask.dim()}-D tensor instead")
+        return True
+    if query.dim() == 2:
+        if key.dim() != 2 or value.dim() != 2:
+            raise AssertionError("For unbatched (2-D) `query`, expected `key` and `value` to be 2-D"
+                                 f" but found {key.dim()}-D and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != 1:
+            raise AssertionError("For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D"
+                                 f" but found {key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None:
+            if attn_mask.dim() not in (2, 3):
+                raise AssertionError("For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                                     f" but found {attn_mask.dim()}-D tensor instead")
+            if attn_mask.dim() == 3:
+                expected = (num_heads, query.shape[0], key.shape[0])
+                if attn_mask.shape != expected:
+                    raise AssertionError(f"Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
+        return False
+    raise AssertionError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
 
 
 def _merge(attn_mask: Optional[Tensor], kpm: Optional[Tensor]) -> Optional[Tensor]:
@@ -50,10 +84,13 @@ class MultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
+        batched = _shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
+                          "both instead.", stacklevel=2)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
                                "method `generate_square_subsequent_mask` to create this mask.")
-        batched = query.dim() == 3
         if self.batch_first and batched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # -> (L, B, E) views
         if not batched:
@@ -78,10 +115,25 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)  # (L|S, B, E)
+        src_len = k.shape[0]
         # torch only trusts the is_causal hint when there is no key padding mask to merge
         causal = is_causal and key_padding_mask is None
-        am = None if causal else _as_keep_or_additive(attn_mask, q.dtype)
-        kpm = _as_keep_or_additive(key_padding_mask, q.dtype)
+        kpm = _as_keep_or_additive(key_padding_mask, q.dtype, "key_padding_mask")  # torch checks it first
+        if causal:  # the mask is not read, but torch still checks its dtype
+            _as_keep_or_additive(attn_mask[:0], q.dtype, "attn_mask")
+        am = None if causal else _as_keep_or_additive(attn_mask, q.dtype, "attn_mask")
+        # torch's shape checks (same texts): without them a transposed mask of the right numel would be reshaped
+        # into place silently
+        if am is not None:
+            if am.dim() == 2 and am.shape != (tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {am.shape}, but should be {(tgt_len, src_len)}.")
+            if am.dim() == 3 and am.shape != (bsz * heads, tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {am.shape}, but should be "
+                                   f"{(bsz * heads, tgt_len, src_len)}.")
+        if kpm is not None:
+            for d, want in ((0, bsz), (1, src_len)):
+                if kpm.shape[d] != want:
+                    raise AssertionError(f"Expected key_padded_mask.shape[{d}] to be {want}, but got {kpm.shape[d]}")
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, bsz, embed)])
             v = torch.cat([v, self.bias_v.expand(1, bsz, embed)])
@@ -96,10 +148,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(bsz, heads, 1, head_dim)], dim=2)
             am = None if am is None else F.pad(am, (0, 1), value=True if am.dtype == torch.bool else 0.0)
             kpm = None if kpm is None else F.pad(kpm, (0, 1), value=True if kpm.dtype == torch.bool else 0.0)
+        # explicit last dims: a -1 is ambiguous when the batch or the query length is 0
         if am is not None:
-            am = am.view(bsz, heads, tgt_len, -1) if am.dim() == 3 else am.view(1, 1, tgt_len, -1)
+            s_len = am.shape[-1]
+            am = am.view(bsz, heads, tgt_len, s_len) if am.dim() == 3 else am.view(1, 1, tgt_len, s_len)
         if kpm is not None:
-            kpm = kpm.view(bsz, 1, 1, -1)
+            kpm = kpm.view(bsz, 1, 1, kpm.shape[-1])
         mask = _merge(am, kpm)
         dropout = self.dropout if self.training else 0.0
         o = scaled_dot_product_attention(q, k, v, mask, dropout, causal)  # (B, H, L, Dh)
