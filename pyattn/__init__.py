@@ -12,6 +12,7 @@ from .dispatch import BackendNotSupported, backends, use_backend
 from .functional import layer_norm, rms_norm
 from .functional import flash_attn_func, gru_cell, scaled_dot_product_attention
 from . import nn  # noqa: E402
+from .patch import patch_torch
 
 _EXPLAIN = {}
 
@@ -43,3 +44,4 @@ def explain(op: str, *args, backend=None, **kwargs) -> str:
 __all__ = ["BackendNotSupported", "backends", "explain", "layer_norm", "nn", "rms_norm", "use_backend",
            "__version__"]
 __all__ += ["flash_attn_func", "gru_cell", "scaled_dot_product_attention"]
+__all__ += ["patch_torch"]
