@@ -8,7 +8,6 @@ except in the one test that compares against it on purpose. Most tests run on th
 """
 import contextlib
 import io
-import itertools
 import warnings
 from collections import Counter
 
@@ -604,6 +603,18 @@ def test_encoder_layer_compiles_fullgraph(no_fastpath):
         _run_both(compiled, theirs, [x], lambda m, x: m(x, src_mask=mask, is_causal=True), train)
 
 
+def test_stack_compiles_fullgraph_with_explicit_is_causal(no_fastpath):
+    """The stacks' causal-mask detection (is_causal=None) is data dependent, as in torch; with the hint given
+    explicitly a whole Transformer compiles with fullgraph=True."""
+    torch._dynamo.reset()
+    ours, theirs = _pair("Transformer", 16, 2, 1, 1, 32, 0.0)
+    src, tgt = torch.randn(6, 2, 16), torch.randn(4, 2, 16)
+    kw = dict(tgt_mask=_attn_mask("causal", 4, 4, 2, 2), tgt_is_causal=True, src_is_causal=False,
+              src_key_padding_mask=_kpm("bool", 6, 2))
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    _run_both(compiled, theirs, [src, tgt], lambda m, a, c: m(a, c, **kw), False, grads=False)
+
+
 @pytest.mark.slow
 def test_encoder_layer_compiles_inductor(no_fastpath):
     """Inductor (C++ codegen on CPU, ~15 s here): pyattn's ops stay opaque custom ops with fake impls."""
@@ -701,5 +712,5 @@ def test_mismatched_mask_types_warn_like_torch(no_fastpath):
 def test_exports():
     for name in CLASSES:
         assert name in pyattn.nn.__all__ and getattr(pyattn.nn, name).__module__ == "pyattn.nn.transformer"
-    assert set(itertools.chain(CLASSES)) <= set(dir(pyattn.nn))
+    assert set(CLASSES) <= set(dir(pyattn.nn))
     assert F.relu is pyattn.nn.TransformerEncoderLayer(8, 2, 16).activation
