@@ -628,11 +628,18 @@ def test_encoder_layer_compiles_inductor(no_fastpath):
 
 # ---- torch's fast path: the one documented difference -------------------------------------------------------------
 
-def test_matches_torch_fast_path_on_real_positions():
+@pytest.fixture
+def fastpath():
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(True)
+    yield
+    torch.backends.mha.set_fastpath_enabled(prev)
+
+
+def test_matches_torch_fast_path_on_real_positions(fastpath):
     """In eval mode under no_grad torch switches to its fused fast path, and TransformerEncoder with a key padding
     mask to nested tensors, which writes 0 at padded positions. pyattn has no fast path: it returns the computed
     values there (as torch's regular path does). Every non-padded position agrees."""
-    torch.backends.mha.set_fastpath_enabled(True)
     with _quiet():
         theirs = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True), 2)
     ours = pyattn.nn.TransformerEncoder(pyattn.nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True), 2)
@@ -644,6 +651,8 @@ def test_matches_torch_fast_path_on_real_positions():
     with torch.no_grad():
         a, b = ours(x, src_key_padding_mask=kpm), theirs(x, src_key_padding_mask=kpm)
         assert_close_fp32(a[~kpm], b[~kpm])
+        # the reference really took the nested path (zeros where padded; docs/transformer.md documents this)
+        assert bool((b[kpm] == 0).all()) and not bool((a[kpm] == 0).all())
         a, b = ours(x), theirs(x)  # no padding: the layer fast path, all positions
         assert_close_fp32(a, b)
 
