@@ -40,6 +40,7 @@ using namespace simd;
 constexpr int QV = 4;         // lane vectors per query block
 constexpr int BM = QV * NB;   // queries per block (64 with AVX-512)
 constexpr int BN = 64;        // keys per block
+constexpr int64_t kMinBwdItems = 16;  // backward: split the keys into chunks until there are this many items
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -171,7 +172,8 @@ void dropout_keys(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq,
 }
 
 // Log2-domain additive mask value: m * log2(e), with finite values kept finite (finfo.min * log2(e) would overflow
-// to -inf and turn a row of "very negative" logits, which softmax treats as uniform, into a dead row).
+// to -inf and turn a row of "very negative" logits, which softmax treats as uniform, into a dead row). The lse of
+// such a row then reads -FLT_MAX * ln 2 (-2.36e38) instead of finfo.min: hugely negative either way.
 inline float mask_log2(float m) {
   const float v = m * kLog2e;
   return (std::isinf(v) && !std::isinf(m)) ? std::copysign(std::numeric_limits<float>::max(), v) : v;
@@ -350,6 +352,35 @@ void fwd_impl(const AttnFwdParams& p) {
 // ------------------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------------------
+// A row whose logits are all hugely negative (e.g. an additive mask of finfo.min on every key: softmax is uniform
+// there) has an lse so large in magnitude that fp32 cannot hold log2(sum) next to it, so exp2(S - lse) would not
+// give P back. For such rows (lse2 < kHugeNegative, never reached by ordinary logits) the backward recomputes the
+// row's max m and l2 = log2(sum 2^(S - m)) and uses P = exp2((S - m) - l2).
+constexpr float kHugeNegative = -1e30f;
+
+// One query row, scalar: qt_col[d * BM] is the row's pre-scaled query; writes m into *m_out and l2 into *l2_out.
+void exact_row_stats(const AttnCommon& p, const F32View& K, int64_t b, int64_t h, int64_t i, const float* qt_col,
+                     float* m_out, float* l2_out) {
+  const int64_t hk = h / (p.Hq / p.Hkv), jend = key_end(p, i, 1);
+  std::vector<float> s(size_t(std::max<int64_t>(jend, 1)));
+  alignas(64) float tile[BM];
+  float m = -kInf;
+  for (int64_t j = 0; j < jend; ++j) {
+    const float* kj = K.at(b, hk, j);
+    float acc = 0.0f;
+    for (int64_t d = 0; d < p.D; ++d) acc += qt_col[d * BM] * kj[d];
+    std::fill(tile, tile + BM, 0.0f);
+    tile[0] = acc;
+    apply_masks(p, b, h, i, 1, j, 1, tile);  // the same masks, on a 1 x 1 tile
+    s[size_t(j)] = tile[0];
+    m = std::max(m, tile[0]);
+  }
+  double l = 0.0;
+  for (int64_t j = 0; j < jend; ++j) l += std::exp2(double(s[size_t(j)]) - double(m));
+  *m_out = m;
+  *l2_out = float(std::log2(l));
+}
+
 template <class T>
 void bwd_impl(const AttnBwdParams& p) {
   const int nth = std::max(1, p.num_threads);
@@ -365,9 +396,10 @@ void bwd_impl(const AttnBwdParams& p) {
   const int64_t shift = p.bottom_right ? Lk - Lq : 0;
 
   // Phase 1, per (b, h, query block): Q^T and dO^T panels (D x BM, Dv x BM), fp32 rows of Q and dO (16-bit inputs),
-  // lse in log2 units (+inf past Lq: P = 0 there) and delta = rowsum(dO * O) (0 past Lq).
+  // lse in log2 units (+inf past Lq: P = 0 there) and delta = rowsum(dO * O) (0 past Lq). P = exp2((S - lse2) - l2)
+  // with l2 = 0, except for rows whose logits are all hugely negative (see exact_row_stats).
   std::vector<float> qt(size_t(B * Hq * Lqp * D)), dot(size_t(B * Hq * Lqp * Dv));
-  std::vector<float> lse2(size_t(B * Hq * Lqp)), delta(size_t(B * Hq * Lqp));
+  std::vector<float> lse2(size_t(B * Hq * Lqp)), delta(size_t(B * Hq * Lqp)), l2(size_t(B * Hq * Lqp), 0.0f);
   std::vector<float> qbuf, dobuf;
   const bool half = !std::is_same<T, float>::value;
   if (half) {
@@ -393,6 +425,10 @@ void bwd_impl(const AttnBwdParams& p) {
       delta[size_t(bh * Lqp + i0 + i)] = dl;
       lse2[size_t(bh * Lqp + i0 + i)] = i < nq ? p.lse[bh * Lq + i0 + i] * kLog2e : kInf;
     }
+    for (int i = 0; i < nq; ++i) {
+      const size_t r = size_t(bh * Lqp + i0 + i);
+      if (lse2[r] < kHugeNegative) exact_row_stats(p, K, b, h, i0 + i, qtp + i, &lse2[r], &l2[r]);
+    }
     if (half) {
       for (int i = 0; i < nq; ++i) {
         for (int64_t d = 0; d < D; ++d) qbuf[size_t((bh * Lq + i0 + i) * D + d)] = to_f32(qs[i * p.q_stride[2] + d]);
@@ -408,9 +444,10 @@ void bwd_impl(const AttnBwdParams& p) {
                                     p.dout_stride[2]};
 
   // Phase 2: (b, kv head, chunk of key blocks). Chunks only split the keys when (b, kv head) pairs are too few to
-  // feed the threads; each chunk accumulates its own dQ partial.
+  // feed several threads; each chunk accumulates its own dQ partial.
+  // nch depends on the sizes only (never on the thread count), so dq's summation order, and its bits, are fixed.
   int64_t nch = 1;
-  while (B * Hkv * nch < 4 * nth && nch < nkb) nch *= 2;
+  while (B * Hkv * nch < kMinBwdItems && nch < nkb) nch *= 2;
   nch = std::min(nch, nkb);
   std::vector<float> dqp(size_t(nch * B * Hq * Lq * D), 0.0f);
   run_items(nth, B * Hkv * nch, [&](int64_t g, int) {
@@ -440,9 +477,12 @@ void bwd_impl(const AttnBwdParams& p) {
           const float* dlp = delta.data() + bh * Lqp + i0;
           gemm(nk, BM, D, K.at(b, hk, j0), K.sl, 1, qtp, BM, st, BM, nullptr, false);  // S^T
           if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
-          for (int j = 0; j < nk; ++j)  // P^T = exp2(S^T - lse)
-            for (int q = 0; q < QV; ++q)
-              vst(st + j * BM + q * NB, vexp2(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB))));
+          const float* l2p = l2.data() + bh * Lqp + i0;
+          for (int j = 0; j < nk; ++j)  // P^T = exp2((S^T - lse) - l2)
+            for (int q = 0; q < QV; ++q) {
+              const V x = vsub(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB)), vld(l2p + q * NB));
+              vst(st + j * BM + q * NB, vexp2(x));
+            }
           gemm(nk, BM, Dv, Vv.at(b, hk, j0), Vv.sl, 1, dtp, BM, dpt, BM, nullptr, false);  // dP^T = V dO^T
           const float* pd = st;
           if (dropout) {

@@ -88,6 +88,15 @@ def attention_lse(s: Tensor) -> Tensor:
     return torch.where(dead, torch.full_like(lse, math.inf), lse).squeeze(-1)
 
 
+def attention_probs(s: Tensor, lse: Tensor) -> Tensor:
+    """softmax(s) along the keys, 0 on rows with lse = +inf (they saw no key). Computed by softmax, not as
+    exp(s - lse): when every logit of a row is hugely negative (an additive mask of finfo.min on all keys),
+    fp32/fp64 cannot hold log(sum) next to the huge max, and exp(s - lse) would not give the uniform
+    distribution back."""
+    dead = (lse == math.inf)[..., None]
+    return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+
+
 def attention_math(
     q: Tensor,
     k: Tensor,
@@ -108,7 +117,7 @@ def attention_math(
     acc = _acc(q.dtype)
     s = attention_logits(q, k, mask, causal, bottom_right, scale, acc)
     lse = attention_lse(s)
-    p = torch.exp(s - lse[..., None])
+    p = attention_probs(s, lse)
     if dropout_p > 0:
         keep = dropout_keep_mask(seed, offset, p.shape, dropout_p, q.device)
         p = p.masked_fill(~keep, 0) * (1.0 / (1.0 - dropout_p))
@@ -258,7 +267,7 @@ class TorchBackend(Backend):
         group = hq // hkv
         with torch.no_grad():
             s = attention_logits(q, k, mask, causal, bottom_right, scale, acc)
-            p = torch.exp(s - lse.to(acc)[..., None])  # fully masked rows: lse = +inf -> p = 0
+            p = attention_probs(s, lse.to(acc))  # fully masked rows: lse = +inf -> p = 0
             del s
             do = dout.to(acc)
             vf = v.to(acc)

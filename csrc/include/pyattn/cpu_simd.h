@@ -130,6 +130,7 @@ inline V vmul(V a, V b) { return a * b; }
 inline V vdiv(V a, V b) { return a / b; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmax(V a, V b) { return a > b ? a : b; }  // b when either is NaN
+inline V vselect_lt(V x, float thr, V a, V b) { return x < vset(thr) ? a : b; }  // x < thr ? a : b (NaN -> b)
 
 #endif
 
@@ -151,9 +152,15 @@ inline V vexp(V x) {
   return vpow2i(p, n);
 }
 // 2^x: Cephes exp2f (n = round(x), 2^f = 1 + f P(f) on [-0.5, 0.5]; about 1 ulp), exactly 0 for x < -126 (so
-// -inf gives 0, as softmax of a masked logit must); NaN propagates.
+// -inf gives 0, as softmax of a masked logit must); NaN propagates. AVX-512's scalef handles any n (overflow to
+// +inf, -inf lanes are replaced by the final select; x = +inf gives NaN there), so only the AVX2 path, which builds 2^n from exponent
+// bits, clamps x to 127 first.
 inline V vexp2(V x) {
+#if PYATTN_CPU_ISA == 512
+  const V xc = x;
+#else
   const V xc = vclamp(x, -127.0f, 127.0f);
+#endif
   const V n = vround(xc);
   const V f = vsub(xc, n);
   V p = vset(1.535336188319500e-4f);
