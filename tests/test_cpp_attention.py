@@ -834,3 +834,61 @@ def test_forward_memory_is_linear_at_16k():
     grew_kb, control_kb = (int(x) for x in res.stdout.split("\n")[-2].split())
     assert control_kb > 60 * 1024, f"VmHWM does not see a 64 MiB allocation (grew {control_kb} kB)"
     assert grew_kb < 64 * 1024, f"forward at L = 16384 grew the peak RSS by {grew_kb / 1024:.1f} MiB"
+
+
+# ---- the few-rows forward path (Lq <= 4: decoding with a KV cache) -----------------------------------------------
+
+
+@pytest.mark.parametrize("lq", [1, 3, 4, 5], ids=lambda n: f"lq{n}")  # 5: the block path, for contrast
+@pytest.mark.parametrize("kind", ["none", "bool", "additive", "causal-br", "dropout"])
+def test_few_query_rows_path(lq, kind):
+    """Lq <= 4 runs a separate forward (csrc/cpu/attention.cpp, fwd_row: one work item per row, SIMD along D):
+    outputs and lse vs the float64 oracle, and the backward (block path) consistent with it."""
+    q, k, v = make_qkv(2, 4, lq, 150, 40, dv=24, hkv=2, requires_grad=True, seed=30 + lq)
+    g = torch.Generator().manual_seed(lq)
+    mask, causal, br, p = None, False, False, 0.0
+    if kind == "bool":
+        mask = torch.rand(2, 1, lq, 150, generator=g) > 0.3
+        mask[0, 0, 0] = False  # a fully masked row: out 0, lse +inf
+    elif kind == "additive":
+        mask = torch.randn(1, 4, lq, 150, generator=g).masked_fill(torch.rand(1, 4, lq, 150, generator=g) < 0.2,
+                                                                   -math.inf)
+    elif kind == "causal-br":
+        causal, br = True, True
+    elif kind == "dropout":
+        p = 0.3
+    seed, offset = 2**35 + 1, 7
+    out, lse, _ = _attention_fwd(q, k, v, mask, p, causal, br, 0.3, torch.tensor([seed, offset]), True, "cpp")
+    dout = _dout(out.shape, lq)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        kr, vr = (t.repeat_interleave(2, 1) for t in (k64, v64))
+        s = torch.matmul(q64, kr.transpose(-1, -2)) * 0.3
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
+        if causal:
+            s = s.masked_fill(~causal_keep(lq, 150, br, "cpu"), -math.inf)
+        dead = (s == -math.inf).all(-1, keepdim=True)
+        prob = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+        if p > 0:
+            keep = C.dropout_keep_mask(seed, offset, (2, 4, lq, 150), p)
+            prob = prob * keep / (1 - p)
+        ref = torch.matmul(prob, vr)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+        ref_lse = torch.logsumexp(s, -1).masked_fill(dead.squeeze(-1), math.inf)
+    assert_close_fp32(out, ref, "fwd")
+    assert_close_fp32(lse, ref_lse, "fwd", msg=lambda m: "lse: " + m)
+    for name, a, r in zip("qkv", grads, ref_grads):
+        assert_close_fp32(a, r, "bwd", msg=lambda m, name=name: f"d{name}: " + m)
+    if kind == "bool":
+        assert torch.equal(out[0, :2, 0], torch.zeros_like(out[0, :2, 0])) and bool((lse[0, :2, 0] == math.inf).all())
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_few_query_rows_half(dtype):
+    q, k, v = make_qkv(1, 4, 1, 300, 64, hkv=1, dtype=dtype, seed=40)
+    out = pyattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpp")
+    ref = attention_ref(q, k, v)[0]
+    low = attention_low(q, k, v)
+    assert_attention_close(out, ref, low, 2, name="out")

@@ -260,6 +260,13 @@ F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t 
   return F32View{dst, H * L * D, L * D, D};
 }
 
+// Threads to use: one for small problems, where waking the pool costs more than it saves (results never depend on it).
+constexpr double kMinParallelWork = double(1 << 21);  // multiply-adds of the (unmasked) problem
+int threads_for(const AttnCommon& p) {
+  const double work = double(p.B) * double(p.Hq) * double(p.Lq) * double(p.Lk) * double(p.D + p.Dv);
+  return work < kMinParallelWork ? 1 : std::max(1, p.num_threads);
+}
+
 // Per-thread scratch (the pool's threads live for the process).
 float* scratch(size_t floats) {
   thread_local std::vector<float> buf;
@@ -270,9 +277,73 @@ float* scratch(size_t floats) {
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
+// Few query rows (decoding with a KV cache: Lq = 1): one work item per (b, h, row), vectorized along D instead of
+// along the queries (a query block would waste all lanes but one): s_j = q . k_j as a SIMD dot product, the online
+// softmax over a key block's scores, out += p_j v_j along Dv. Same masks, dropout hash and outputs as the block path.
+constexpr int64_t kRowPathMaxLq = 4;
+
+template <class T>
+void fwd_row(const AttnFwdParams& p, const F32View& K, const F32View& Vv, int64_t b, int64_t h, int64_t i) {
+  const int64_t D = p.D, Dv = p.Dv, hk = h / (p.Hq / p.Hkv);
+  const int64_t Dp = ceil_div(D, NB) * NB, Dvp = ceil_div(Dv, NB) * NB;
+  float* qr = scratch(size_t(Dp + Dvp + BN * BM + BN));
+  float* acc = qr + Dp;     // out row accumulator (Dv)
+  float* st = acc + Dvp;    // scores, lane 0 of a BN x BM tile (so apply_masks applies unchanged)
+  float* sc = st + BN * BM; // the same scores, contiguous, then probabilities
+  const float c = p.scale * kLog2e;
+  const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+  for (int64_t d = 0; d < Dp; ++d) qr[d] = d < D ? to_f32(qs[d]) * c : 0.0f;
+  std::fill(acc, acc + Dvp, 0.0f);
+  const bool dropout = p.dropout_p > 0.0f;
+  const uint32_t key = dropout ? dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, i) : 0u;
+  const uint32_t thr = dropout_threshold(p.dropout_p);
+  const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  float m = -kInf, l = 0.0f;
+  const int64_t jend = key_end(p, i, 1);
+  for (int64_t j0 = 0; j0 < jend; j0 += BN) {
+    const int nk = int(std::min<int64_t>(BN, jend - j0));
+    for (int j = 0; j < nk; ++j) {
+      const float* kj = K.at(b, hk, j0 + j);
+      V t = vzero();
+      for (int64_t d = 0; d < D; d += NB) t = vfma(vld(qr + d), vldn(kj + d, int(std::min<int64_t>(NB, D - d))), t);
+      st[j * BM] = vhsum(t);
+    }
+    if (p.mask_kind != MaskKind::None || causal_cut(p, i, j0, nk)) apply_masks(p, b, h, i, 1, j0, nk, st);
+    float mx = m;
+    for (int j = 0; j < nk; ++j) {
+      sc[j] = st[j * BM];
+      mx = std::max(mx, sc[j]);  // NaN scores are skipped here and propagate through exp2 below
+    }
+    const float m_use = mx == -kInf ? 0.0f : mx;
+    float sum = 0.0f;
+    for (int j = 0; j < nk; j += NB) {
+      const int n = std::min(NB, nk - j);
+      const V e = vexp2(vsub(vldn(sc + j, n), vset(m_use)));
+      vstn(sc + j, e, n);
+    }
+    for (int j = 0; j < nk; ++j) sum += sc[j];
+    const float alpha = std::exp2(m - m_use);
+    l = l * alpha + sum;
+    m = mx;
+    if (dropout)
+      for (int j = 0; j < nk; ++j) sc[j] = mix32(key ^ dropout_col(j0 + j)) >= thr ? sc[j] * inv_keep : 0.0f;
+    for (int64_t d = 0; d < Dv; d += NB) {
+      const int n = int(std::min<int64_t>(NB, Dv - d));
+      V o = vmul(vld(acc + d), vset(alpha));
+      for (int j = 0; j < nk; ++j) o = vfma(vset(sc[j]), vldn(Vv.at(b, hk, j0 + j) + d, n), o);
+      vst(acc + d, o);
+    }
+  }
+  const bool dead = !(l > 0.0f) && !std::isnan(l);
+  const float inv = dead ? 0.0f : 1.0f / l;
+  T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+  for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(acc[d] * inv);
+  p.lse[(b * p.Hq + h) * p.Lq + i] = dead ? kInf : (m + std::log2(l)) * kLn2;
+}
+
 template <class T>
 void fwd_impl(const AttnFwdParams& p) {
-  const int nth = std::max(1, p.num_threads);
+  const int nth = threads_for(p);
   std::vector<float> kbuf, vbuf;
   const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
   const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);
@@ -283,6 +354,12 @@ void fwd_impl(const AttnFwdParams& p) {
   const uint32_t thr = dropout_threshold(p.dropout_p);
   const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 
+  if (p.Lq <= kRowPathMaxLq) {
+    run_items(nth, p.B * p.Hq * p.Lq, [&](int64_t g, int) {
+      fwd_row<T>(p, K, Vv, g / (p.Hq * p.Lq), (g / p.Lq) % p.Hq, g % p.Lq);
+    });
+    return;
+  }
   run_items(nth, p.B * p.Hq * nqb, [&](int64_t g, int) {
     const int64_t qb = p.causal ? nqb - 1 - g % nqb : g % nqb;  // causal: the blocks with most keys first
     const int64_t bh = g / nqb, b = bh / p.Hq, h = bh % p.Hq, hk = h / G;
@@ -383,7 +460,7 @@ void exact_row_stats(const AttnCommon& p, const F32View& K, int64_t b, int64_t h
 
 template <class T>
 void bwd_impl(const AttnBwdParams& p) {
-  const int nth = std::max(1, p.num_threads);
+  const int nth = threads_for(p);
   std::vector<float> kbuf, vbuf;
   const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
   const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);

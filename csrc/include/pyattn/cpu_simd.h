@@ -51,6 +51,7 @@ inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
 inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+inline float vhsum(V a) { return _mm512_reduce_add_ps(a); }
 // max/min return their SECOND operand when either is NaN: clamp(x) = min(hi, max(lo, x)) keeps a NaN x.
 inline V vclamp(V x, float lo, float hi) { return _mm512_min_ps(vset(hi), _mm512_max_ps(vset(lo), x)); }
 inline V vabs(V a) { return _mm512_abs_ps(a); }
@@ -91,6 +92,11 @@ inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
 inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+inline float vhsum(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 inline V vclamp(V x, float lo, float hi) { return _mm256_min_ps(vset(hi), _mm256_max_ps(vset(lo), x)); }
 inline V vabs(V a) { return _mm256_andnot_ps(vset(-0.0f), a); }
 inline V vsign_of(V a) { return _mm256_and_ps(vset(-0.0f), a); }
@@ -131,6 +137,7 @@ inline V vdiv(V a, V b) { return a / b; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmax(V a, V b) { return a > b ? a : b; }  // b when either is NaN
 inline V vselect_lt(V x, float thr, V a, V b) { return x < vset(thr) ? a : b; }  // x < thr ? a : b (NaN -> b)
+inline float vhsum(V a) { return (a[0] + a[1]) + (a[2] + a[3]); }
 
 #endif
 
