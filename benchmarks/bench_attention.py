@@ -9,6 +9,17 @@ cudnn on GPU; flash and math on CPU; a backend torch refuses for a case is noted
 runs in its interpreter; the pure-torch reference only at L <= 2048, since it forms the L x L matrix).
 Baseline: torch's flash backend. FLOPs per PERF.md: 4*B*H*L*L*D forward, halved when causal, x2.5 bwd, x3.5
 fwd+bwd. bwd times the backward only (the forward runs in the factory, outside the timed region).
+
+Peak memory (PERF.md "Attention peak memory, L=16384: O(L), not O(L^2)"): on GPU every row carries it
+(``peak_mem_mb``). On CPU, separate ``attention_memory`` rows (``metric`` "memory"; CPU only, fp32): the forward pass,
+non-causal, B=1, H=1, D=64, L in 4096, 8192, 16384 (``--quick``: 16384; the tests' tiny setting: 512), for torch SDPA
+forced to math (the baseline, which forms the L x L matrix) and to flash, and every pyattn backend that accepts the
+input on CPU, the pure-torch L x L reference at every L included (never Triton). Each (L, provider) runs in a fresh
+Python process (``memory_probe`` through ``harness.run_probe``): it builds the inputs, warms the call up once on
+L=64, and reports the peak resident memory one call adds (``harness.cpu_peak_rss``: VmHWM after the call minus VmRSS
+before it, after resetting VmHWM through /proc/self/clear_refs; the output counts). ``mem_ref_mb`` is what one
+B x H x L x L fp32 matrix takes (1 GiB at L=16384); the table shows the peak and its % of that. A process killed
+(out of memory) or timed out is a note. Target: pyattn:cpp at L=16384 below 1/8 of the L x L matrix, i.e. O(L).
 """
 from __future__ import annotations
 
@@ -20,12 +31,16 @@ from pyattn.dispatch import get_backend
 from pyattn.ops.attention import make_inputs as _attn_inputs
 
 try:
-    from .harness import BenchContext, Case, Provider, Skip, Target, Work, attention_flops
+    from .harness import (BenchContext, Case, Provider, Skip, Target, Work, attention_flops, case_from_dict,
+                          cpu_peak_rss)
 except ImportError:  # run as a plain module from the benchmarks/ folder
-    from harness import BenchContext, Case, Provider, Skip, Target, Work, attention_flops  # type: ignore
+    from harness import (BenchContext, Case, Provider, Skip, Target, Work, attention_flops,  # type: ignore
+                         case_from_dict, cpu_peak_rss)
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 REFERENCE_MAX_L = 2048  # the torch reference backend materialises (B, H, L, L)
+MEMORY_OP = "attention_memory"
+MEMORY_WARMUP_L = 64    # the memory probe's warm-up call (libraries loaded, thread pools started) runs at this L
 
 
 def targets() -> list[Target]:
@@ -39,6 +54,8 @@ def targets() -> list[Target]:
                text="CPU attention fwd (non-causal) vs torch CPU flash"),
         Target("attention_causal", "fwd", "cpu", cpu, min_speedup=1.3, dtypes=("float32",),
                text="CPU attention fwd (causal) vs torch CPU flash"),
+        Target(MEMORY_OP, "fwd", "cpu", lambda p: p["L"] == 16384, max_mem_ratio=1 / 8, dtypes=("float32",),
+               kinds=("pyattn:cpp",), text="CPU attention peak memory O(L): pyattn:cpp < 1/8 of an L x L fp32 matrix"),
     ]
 
 
@@ -96,17 +113,25 @@ def _timed(case: Case, inputs: dict, attend):
     return fwd_bwd
 
 
-def _torch_sdpa(backend_name: str):
+def _sdpa_attend(backend_name: str, causal: bool):
+    """``attend(q, k, v)`` through torch SDPA forced to one backend (``SDPBackend`` member name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sdp = getattr(SDPBackend, backend_name)
 
-    def factory(case: Case, inputs: dict):
-        causal = case.op == "attention_causal"
+    def attend(q, k, v):
+        with sdpa_kernel([sdp]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return attend
 
-        def attend(q, k, v):
-            with sdpa_kernel([sdp]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+def _pyattn_attend(backend: str, causal: bool):
+    return lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
+
+
+def _torch_sdpa(backend_name: str):
+    def factory(case: Case, inputs: dict):
+        attend = _sdpa_attend(backend_name, case.op == "attention_causal")
         fn = _timed(case, inputs, attend)
         try:
             fn()  # torch raises "No available kernel" when the forced backend cannot take the case
@@ -118,38 +143,112 @@ def _torch_sdpa(backend_name: str):
 
 def _pyattn(backend: str):
     def factory(case: Case, inputs: dict):
-        causal = case.op == "attention_causal"
-        return _timed(case, inputs, lambda q, k, v: pyattn.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, backend=backend))
+        return _timed(case, inputs, _pyattn_attend(backend, case.op == "attention_causal"))
     return factory
 
 
-def providers_for(ctx: BenchContext):
-    names = [name for name, _, _ in pyattn.backends()]
-    torch_backends = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") if ctx.device == "cuda" \
+def _sdpa_backends(device: str) -> tuple:
+    return ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") if device == "cuda" \
         else ("FLASH_ATTENTION", "MATH")
 
+
+def _sdpa_provider(backend_name: str, baseline: bool) -> Provider:
+    return Provider(f"torch:sdpa-{backend_name.split('_')[0].lower()}", _torch_sdpa(backend_name),
+                    f"torch:sdpa-{backend_name.lower()}", baseline=baseline)
+
+
+def _pyattn_backends(ctx: BenchContext, case: Case, reference_max_l=None) -> list[str]:
+    """The pyattn backends that accept ``case`` (each refusal is a note): never Triton on CPU; the L x L torch
+    reference only up to ``reference_max_l`` (None: always)."""
+    probe = {k: torch.empty(1, device=case.device, dtype=case.dtype).expand(
+        case.shape["B"], case.shape["H"], case.shape["L"], case.shape["D"]) for k in "qkv"}
+    inputs = _attn_inputs(probe["q"], probe["k"], probe["v"], is_causal=case.op == "attention_causal")
+    out = []
+    for name, _, _ in pyattn.backends():
+        if name == "triton" and case.device == "cpu":
+            ctx.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
+            continue
+        if name == "torch" and reference_max_l is not None and case.shape["L"] > reference_max_l:
+            ctx.note(f"pyattn:torch (the L x L reference) not benchmarked above L={reference_max_l}")
+            continue
+        reasons = get_backend(name).not_supported_reasons(inputs)
+        if reasons:
+            ctx.note(f"pyattn:{name} not benchmarked for attention on {case.device}: " + "; ".join(reasons))
+            continue
+        out.append(name)
+    return out
+
+
+def providers_for(ctx: BenchContext):
     def providers(case: Case) -> list[Provider]:
-        out = [Provider(f"torch:sdpa-{b.split('_')[0].lower()}", _torch_sdpa(b), f"torch:sdpa-{b.lower()}",
-                        baseline=b == "FLASH_ATTENTION") for b in torch_backends]
-        probe = {k: torch.empty(1, device=case.device, dtype=case.dtype).expand(
-            case.shape["B"], case.shape["H"], case.shape["L"], case.shape["D"]) for k in "qkv"}
-        inputs = _attn_inputs(probe["q"], probe["k"], probe["v"], is_causal=case.op == "attention_causal")
-        for name in names:
-            if name == "triton" and case.device == "cpu":
-                ctx.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
-                continue
-            if name == "torch" and case.shape["L"] > REFERENCE_MAX_L:
-                ctx.note(f"pyattn:torch (the L x L reference) not benchmarked above L={REFERENCE_MAX_L}")
-                continue
-            reasons = get_backend(name).not_supported_reasons(inputs)
-            if reasons:
-                ctx.note(f"pyattn:{name} not benchmarked for attention on {case.device}: " + "; ".join(reasons))
-                continue
+        out = [_sdpa_provider(b, baseline=b == "FLASH_ATTENTION") for b in _sdpa_backends(ctx.device)]
+        for name in _pyattn_backends(ctx, case, REFERENCE_MAX_L):
             out.append(Provider(f"pyattn:{name}", _pyattn(name), f"pyattn:{name}"))
         return out
     return providers
 
 
+# ---- CPU peak memory ------------------------------------------------------------------------------------------------
+
+def memory_cases(ctx: BenchContext) -> list[Case]:
+    """The ``attention_memory`` cases: CPU, fp32, forward, B=1, H=1, D=64 (none on GPU, whose timed rows carry it)."""
+    if ctx.device != "cpu" or not ctx.want([torch.float32]):
+        return []
+    lengths = (512,) if ctx.tiny else (16384,) if ctx.quick else (4096, 8192, 16384)
+    return [Case(MEMORY_OP, "fwd", {"B": 1, "H": 1, "L": seq, "D": 64}, torch.float32, ctx.device, x="L")
+            for seq in lengths]
+
+
+def memory_providers(ctx: BenchContext):
+    """torch SDPA forced to math (the baseline: PERF.md's "math attention") and to flash, then every pyattn backend
+    that accepts the case, the L x L reference at every L (it is the O(L^2) comparison point). The factories are
+    not used: ``memory_probe`` rebuilds the call from the provider's kind in its own process."""
+    def providers(case: Case) -> list[Provider]:
+        out = [_sdpa_provider("MATH", baseline=True), _sdpa_provider("FLASH_ATTENTION", baseline=False)]
+        out += [Provider(f"pyattn:{name}", _pyattn(name), f"pyattn:{name}") for name in _pyattn_backends(ctx, case)]
+        return out
+    return providers
+
+
+def lxl_bytes(case: Case) -> float:
+    """What one B x H x L x L fp32 attention matrix takes: the O(L^2) reference of the memory rows."""
+    B, H, L = (case.shape[k] for k in ("B", "H", "L"))
+    return 4.0 * B * H * L * L
+
+
+def _attend_for_kind(kind: str, causal: bool):
+    if kind.startswith("torch:sdpa-"):
+        return _sdpa_attend(kind[len("torch:sdpa-"):].upper(), causal)
+    if kind.startswith("pyattn:"):
+        return _pyattn_attend(kind[len("pyattn:"):], causal)
+    raise ValueError(f"unknown attention provider kind {kind!r}")
+
+
+def memory_probe(case: dict, provider: str) -> dict:
+    """Runs in a fresh process (``harness.run_probe``): the peak resident memory that one forward call of
+    ``provider`` (a Provider.kind) adds on ``case`` (``harness.case_to_dict``), after one warm-up call at
+    L = MEMORY_WARMUP_L. Returns ``harness.cpu_peak_rss``'s dict."""
+    case = case_from_dict(case)
+    attend = _attend_for_kind(provider, causal=case.op == "attention_causal")
+    small = make_inputs(Case(case.op, case.mode, {**case.shape, "L": MEMORY_WARMUP_L}, case.dtype, case.device))
+    with torch.no_grad():
+        attend(small["q"], small["k"], small["v"])
+    del small
+    inputs = make_inputs(case)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    del inputs
+
+    def call():
+        with torch.no_grad():
+            return attend(q, k, v)
+    return cpu_peak_rss(call)
+
+
 def run(ctx: BenchContext) -> list[dict]:
-    return ctx.run_cases(cases(ctx), make_inputs, providers_for(ctx), work_for)
+    rows = ctx.run_cases(cases(ctx), make_inputs, providers_for(ctx), work_for)
+    mem_cases = memory_cases(ctx)
+    if mem_cases:
+        ctx.note(f"{MEMORY_OP} rows: the forward pass; ref = one B x H x L x L fp32 matrix (what math attention "
+                 "forms); O(L) means well below it (target: pyattn:cpp < 1/8 of it at L=16384)")
+        rows += ctx.run_memory_cases(mem_cases, memory_providers(ctx), memory_probe, lxl_bytes, work_for)
+    return rows

@@ -19,6 +19,9 @@ How a bench file plugs in (``benchmarks/bench_<op>.py``, run by ``benchmarks/run
   gets a speedup quietly.
 * ``work_for(case) -> Work``: bytes (norms, reported in GB/s against PEAK_COPY) or FLOPs (attention, GRU, reported
   in TFLOP/s on GPU and GFLOP/s on CPU against PEAK_GEMM), using the formulas of PERF.md below.
+* optional CPU peak-memory rows: ``rows += ctx.run_memory_cases(cases, providers_for, probe, mem_ref_for, work_for)``
+  with a module-level ``probe(case: dict, provider: str) -> dict`` that rebuilds the call from the provider's kind
+  in a fresh process and returns ``cpu_peak_rss(call)`` (see "Peak memory" below; bench_attention.py has one).
 
 Method (PERF.md): p20/p50/p80 over repeated runs after warm-up, the median quoted; CUDA events on GPU (the L2
 cache is flushed before every repetition by writing a 256 MiB buffer, so small sizes are not timed from L2),
@@ -30,8 +33,19 @@ p20 time, and it is measured twice, before the first case and after the last (``
 higher value: a burst of load from other users of a shared machine then lowers it less often.
 
 Peak memory: on GPU ``torch.cuda.max_memory_allocated()`` during one extra call minus what was allocated before it
-(the memory the call itself needs: outputs + workspace). On CPU it is left ``None``: torch's CPU allocator keeps no
-statistics, and neither tracemalloc nor the profiler sees its allocations reliably.
+(the memory the call itself needs: outputs + workspace). In the timed CPU rows it is left ``None``: torch's CPU
+allocator keeps no statistics, and neither tracemalloc nor the profiler sees its allocations (or a C++ kernel's)
+reliably. CPU peak memory is measured by the operating system instead, in separate rows (``metric`` "memory",
+``BenchContext.run_memory_cases``): each (case, provider) runs in a fresh Python process (``run_probe``), which builds
+its inputs, warms the call up on a tiny input, then measures one call with ``cpu_peak_rss``: the peak resident set
+(Linux ``VmHWM``, reset to the current ``VmRSS`` by writing 5 to ``/proc/self/clear_refs``) minus the resident set
+before the call, i.e. the pages the call touches that were not resident yet: outputs + workspace, C++ allocations
+included. Where clear_refs is not writable, ``resource.getrusage`` ``ru_maxrss`` deltas are used (an upper bound when
+the call does not raise the process's earlier peak). Page granularity and allocator reuse make it a few-MiB-accurate
+measurement, good for telling O(L) from O(L^2), not for comparing kilobytes. A process that dies (out of memory) or
+times out becomes a note. Memory rows carry ``peak_mem_mb``, ``mem_ref_mb`` (a size to compare it with, e.g. what an
+L x L fp32 matrix takes), and the wall time of that single call in ``p20/p50/p80_ms`` (``reps`` = 1: not a
+benchmark; no speedup, no % of ceiling). ``Target.max_mem_ratio`` checks ``peak_mem_mb < ratio * mem_ref_mb``.
 """
 from __future__ import annotations
 
@@ -263,6 +277,118 @@ def measure(fn: Callable[[], Any], device: str, warmup: int = 3, reps: Optional[
             fn()
             times.append(pc() - t)
     return Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80), reps, peak, times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU peak memory: the resident memory one call adds, measured by the OS in a fresh process
+# ---------------------------------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM); None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_rss(fn: Callable[[], Any]) -> dict:
+    """The peak resident memory one ``fn()`` call adds to this process, its output included (held until the peak is
+    read): ``{"peak_bytes", "seconds" (wall time of the call), "method"}``. Run it in a fresh process after a warm-up
+    (``run_probe``): memory freed earlier and still resident can be reused by the call without showing up."""
+    import gc
+    import resource
+
+    gc.collect()
+    if _reset_peak_rss() and _status_kb("VmRSS") is not None:
+        base = _status_kb("VmRSS")
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+        peak = _status_kb("VmHWM")
+        del out
+        return {"peak_bytes": max(0, peak - base) * 1024, "seconds": seconds, "method": "VmHWM"}
+    # ru_maxrss: kB on Linux, bytes on macOS; it cannot be reset, so it only moves when the call beats the old peak
+    scale = 1 if sys.platform == "darwin" else 1024
+    before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    rss = _status_kb("VmRSS")
+    base = rss * 1024 if rss is not None else before_max
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    after_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    del out
+    if after_max > before_max:
+        return {"peak_bytes": max(0, after_max - base), "seconds": seconds, "method": "ru_maxrss"}
+    return {"peak_bytes": max(0, before_max - base), "seconds": seconds,
+            "method": "ru_maxrss (upper bound: the call did not raise the process's earlier peak)"}
+
+
+class ProbeFailed(Exception):
+    """A ``run_probe`` subprocess died (e.g. killed when out of memory), timed out, or returned no result."""
+
+
+_PROBE_MARK = "PYATTN_PROBE_RESULT "
+
+
+def run_probe(func: Callable[..., dict], kwargs: dict, timeout: float = 300.0) -> dict:
+    """Call the module-level ``func(**kwargs)`` in a fresh Python process (this interpreter, this ``sys.path``, this
+    torch thread count) and return its JSON result. ``kwargs`` and the result must be JSON-able. Raises
+    ``ProbeFailed`` with a one-line reason when the process exits non-zero, is killed or runs past ``timeout``."""
+    import signal
+
+    code = ("import json, sys\n"
+            f"sys.path[:0] = {[p for p in sys.path if p]!r}\n"
+            "import importlib, torch\n"
+            f"torch.set_num_threads({torch.get_num_threads()})\n"
+            f"f = importlib.import_module({func.__module__!r})\n"
+            f"for name in {func.__qualname__!r}.split('.'):\n"
+            "    f = getattr(f, name)\n"
+            "res = f(**json.loads(sys.argv[1]))\n"
+            f"print('\\n' + {_PROBE_MARK!r} + json.dumps(res), flush=True)\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ProbeFailed(f"timed out after {timeout:g} s") from None
+    if res.returncode < 0:
+        try:
+            sig = signal.Signals(-res.returncode).name
+        except ValueError:
+            sig = f"signal {-res.returncode}"
+        raise ProbeFailed(f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else ""))
+    if res.returncode != 0:
+        last = next((line.strip() for line in reversed(res.stderr.splitlines()) if line.strip()), "")
+        raise ProbeFailed(f"exit code {res.returncode}" + (f": {last[:200]}" if last else "")
+                          + (" (out of memory?)" if res.returncode == 137 else ""))
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith(_PROBE_MARK):
+            return json.loads(line[len(_PROBE_MARK):])
+    raise ProbeFailed("the subprocess printed no result")
+
+
+def case_to_dict(case: Case) -> dict:
+    """A JSON-able ``Case`` (for ``run_probe``); ``case_from_dict`` inverts it."""
+    return {"op": case.op, "mode": case.mode, "shape": dict(case.shape), "dtype": dtype_str(case.dtype),
+            "device": case.device, "x": case.x, "tags": list(case.tags)}
+
+
+def case_from_dict(d: dict) -> Case:
+    return Case(d["op"], d["mode"], dict(d["shape"]), DTYPE_NAMES[d["dtype"]], d["device"], d.get("x"),
+                tuple(d.get("tags", ())))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,6 +738,47 @@ class BenchContext:
             r["speedup"] = (base_time / r["p50_ms"] * 1e3) if base_time else None
         return case_rows
 
+    def run_memory_cases(self, cases: Sequence[Case], providers_for: Callable[[Case], list],
+                         probe: Callable[..., dict], mem_ref_for: Callable[[Case], float],
+                         work_for: Callable[[Case], Work], timeout: Optional[float] = None) -> list[dict]:
+        """CPU peak-memory rows (``metric`` "memory"; see the module docstring): for every case and provider,
+        ``probe(case=case_to_dict(case), provider=provider.kind)`` runs in a fresh process (``run_probe``) and
+        returns ``cpu_peak_rss``'s dict for one call. ``providers_for`` gives ``Provider`` objects whose ``factory``
+        is not used (the probe rebuilds the call from the kind); the baseline provider, if any, is named in the rows'
+        ``baseline``. ``mem_ref_for(case)`` is the byte count the rows compare against (``mem_ref_mb``). A provider
+        whose process fails, is killed or times out (``timeout`` seconds; default 60 with ``tiny``, else 300) gets
+        a note instead of a row."""
+        if timeout is None:
+            timeout = 60.0 if self.tiny else 300.0
+        plan = [(c, sorted(providers_for(c), key=lambda p: not p.baseline)) for c in cases]
+        bar = _Progress(sum(len(ps) for _, ps in plan), self.progress)
+        rows: list[dict] = []
+        methods: set = set()
+        try:
+            for case, providers in plan:
+                base_name = providers[0].name if providers and providers[0].baseline else None
+                for prov in providers:
+                    bar.update(f"{case.op} {case.mode} {case.shape_str} {dtype_str(case.dtype)}", prov.name)
+                    try:
+                        res = run_probe(probe, {"case": case_to_dict(case), "provider": prov.kind}, timeout)
+                    except ProbeFailed as e:
+                        self.note(f"{prov.name} peak memory not measured for {case.op} {case.mode} {case.shape_str} "
+                                  f"{dtype_str(case.dtype)}: {e}")
+                        continue
+                    methods.add(res["method"])
+                    sec = max(float(res["seconds"]), 1e-9)
+                    row = self._row(case, prov, Timing(sec, sec, sec, 1, int(res["peak_bytes"])), work_for(case),
+                                    ("unchecked", None), base_name)
+                    row.update(metric="memory", mem_ref_mb=mem_ref_for(case) / MiB, ceiling=None, ceiling_value=None,
+                               pct_of_ceiling=None)
+                    rows.append(row)
+        finally:
+            bar.close()
+        if methods:
+            self.note("peak memory rows (metric 'memory'): resident memory one call adds in a fresh process, read "
+                      f"from {' / '.join(sorted(methods))}; the time columns are that single call's")
+        return rows
+
     def _row(self, case: Case, prov: Provider, t: Timing, work: Work, check, baseline: Optional[str]) -> dict:
         label, div = throughput_unit(work.unit, case.device)
         rate = work.amount / t.p50
@@ -632,6 +799,7 @@ class BenchContext:
             "pct_of_ceiling": (100.0 * rate / ceil.value) if ceil else None,
             "speedup": None,
             "peak_mem_mb": (t.peak_mem_bytes / MiB) if t.peak_mem_bytes is not None else None,
+            "metric": "time", "mem_ref_mb": None,
             "check": check[0], "max_abs_err": check[1],
             "target": None, "meets_target": None,
         }
@@ -643,7 +811,9 @@ class BenchContext:
 
 @dataclass
 class Target:
-    """``min_speedup`` vs the baseline and/or ``min_pct`` of the ceiling, for the best pyattn provider."""
+    """``min_speedup`` vs the baseline and/or ``min_pct`` of the ceiling, for the best pyattn provider (the fastest;
+    the one with the least peak memory for a memory-only target); ``max_mem_ratio``: peak memory below that
+    fraction of the row's ``mem_ref_mb`` (memory rows). ``kinds`` limits the target to those pyattn providers."""
 
     op: str
     mode: str
@@ -653,6 +823,8 @@ class Target:
     min_pct: Optional[float] = None
     dtypes: Optional[tuple] = None       # dtype names; None = any
     text: str = ""
+    max_mem_ratio: Optional[float] = None
+    kinds: Optional[tuple] = None        # provider kinds (e.g. ("pyattn:cpp",)); None = every pyattn provider
 
     def applies(self, row: dict) -> bool:
         return (row["op"] == self.op and row["mode"] == self.mode and row["device"] == self.device
@@ -664,7 +836,13 @@ class Target:
             parts.append(f">= {self.min_speedup:g}x")
         if self.min_pct is not None:
             parts.append(f">= {self.min_pct:g}% of ceiling")
+        if self.max_mem_ratio is not None:
+            parts.append(f"peak mem < {self.max_mem_ratio:g} x ref")
         return ", ".join(parts)
+
+
+def _fmt_mib(mib: float) -> str:
+    return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
 
 
 def apply_targets(rows: list[dict], targets: Sequence[Target]) -> list[str]:
@@ -676,23 +854,33 @@ def apply_targets(rows: list[dict], targets: Sequence[Target]) -> list[str]:
             if tgt.applies(r):
                 groups.setdefault((r["shape"], r["dtype"]), []).append(r)
         for (shape, dtype), rs in sorted(groups.items()):
-            ours = [r for r in rs if r["kind"].startswith("pyattn:")]
+            ours = [r for r in rs if r["kind"].startswith("pyattn:") and (tgt.kinds is None or r["kind"] in tgt.kinds)]
             for r in ours:
                 ok = True
                 if tgt.min_speedup is not None:
                     ok = ok and r["speedup"] is not None and r["speedup"] >= tgt.min_speedup
                 if tgt.min_pct is not None:
                     ok = ok and r["pct_of_ceiling"] is not None and r["pct_of_ceiling"] >= tgt.min_pct
+                if tgt.max_mem_ratio is not None:
+                    ok = ok and r.get("peak_mem_mb") is not None and bool(r.get("mem_ref_mb")) \
+                        and r["peak_mem_mb"] < tgt.max_mem_ratio * r["mem_ref_mb"]
                 ok = ok and r["check"] != "MISMATCH"
                 r["target"], r["meets_target"] = tgt.describe(), ok
             if not ours:
                 lines.append(f"  {tgt.text or tgt.op} {tgt.mode} {shape} {dtype}: no pyattn provider ran")
                 continue
-            best = max(ours, key=lambda r: r["speedup"] or 0.0)
-            pct = f", {best['pct_of_ceiling']:.0f}% of {best['ceiling']}" if best["pct_of_ceiling"] is not None else ""
-            sp = f"{best['speedup']:.2f}x" if best["speedup"] is not None else "n/a"
+            if tgt.min_speedup is None and tgt.min_pct is None and tgt.max_mem_ratio is not None:
+                best = min(ours, key=lambda r: math.inf if r.get("peak_mem_mb") is None else r["peak_mem_mb"])
+                got = "peak mem " + ("n/a" if best.get("peak_mem_mb") is None else _fmt_mib(best["peak_mem_mb"]))
+                if best.get("peak_mem_mb") is not None and best.get("mem_ref_mb"):
+                    got += f" = {best['peak_mem_mb'] / best['mem_ref_mb']:.3g} x ref ({_fmt_mib(best['mem_ref_mb'])})"
+            else:
+                best = max(ours, key=lambda r: r["speedup"] or 0.0)
+                pct = (f", {best['pct_of_ceiling']:.0f}% of {best['ceiling']}" if best["pct_of_ceiling"] is not None
+                       else "")
+                got = (f"{best['speedup']:.2f}x" if best["speedup"] is not None else "n/a") + pct
             lines.append(f"  {'MET ' if best['meets_target'] else 'MISS'}  {tgt.text or tgt.op} {tgt.mode} {shape} "
-                         f"{dtype}: target {tgt.describe()}; best {best['provider']} {sp}{pct}")
+                         f"{dtype}: target {tgt.describe()}; best {best['provider']} {got}")
     return lines
 
 
@@ -710,9 +898,11 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def format_table(rows: list[dict], ceilings: Optional[dict] = None, env: Optional[dict] = None) -> str:
-    """An aligned text table, one line per row, blank line between (op, mode, dtype) groups."""
+    """An aligned text table, one line per row, blank line between (op, mode, dtype) groups. ``peak mem``: the
+    measured peak memory (GPU rows, CPU memory rows), with its share of the row's ``mem_ref_mb`` where one is given;
+    a single-call memory row shows ``(1 call)`` instead of the p20 - p80 spread."""
     head = ["op", "mode", "dtype", "shape", "provider", "p50 ms", "[p20 - p80]", "throughput", "% ceil",
-            "speedup", "check", "target"]
+            "speedup", "peak mem", "check", "target"]
     body: list[Optional[list[str]]] = []
     prev = None
     for r in sorted(rows, key=_sort_key):
@@ -721,13 +911,17 @@ def format_table(rows: list[dict], ceilings: Optional[dict] = None, env: Optiona
             body.append(None)
         prev = grp
         target = "" if r["target"] is None else (("MET " if r["meets_target"] else "MISS ") + r["target"])
+        mem = "-" if r.get("peak_mem_mb") is None else _fmt_mib(r["peak_mem_mb"])
+        if r.get("peak_mem_mb") is not None and r.get("mem_ref_mb"):
+            mem += f" ({100.0 * r['peak_mem_mb'] / r['mem_ref_mb']:.1f}% of ref)"
         body.append([r["op"], r["mode"], r["dtype"], r["shape"], r["provider"], f"{r['p50_ms']:.3f}",
-                     f"[{r['p20_ms']:.3f} - {r['p80_ms']:.3f}]", f"{r['throughput']:.1f} {r['throughput_unit']}",
+                     f"[{r['p20_ms']:.3f} - {r['p80_ms']:.3f}]" if r.get("metric") != "memory" else "(1 call)",
+                     f"{r['throughput']:.1f} {r['throughput_unit']}",
                      _fmt(r["pct_of_ceiling"], ".0f") + ("%" if r["pct_of_ceiling"] is not None else ""),
                      "base" if r["is_baseline"] else (_fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else "")),
-                     r["check"], target])
+                     mem, r["check"], target])
     widths = [max([len(h)] + [len(b[i]) for b in body if b is not None]) for i, h in enumerate(head)]
-    right = {5, 6, 7, 8, 9}
+    right = {5, 6, 7, 8, 9, 10}
 
     def line(cells):
         cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -751,8 +945,8 @@ def format_table(rows: list[dict], ceilings: Optional[dict] = None, env: Optiona
 CSV_FIELDS = ["op", "mode", "shape", "x_name", "x", "dtype", "provider", "kind", "baseline", "is_baseline", "device",
               "device_name", "threads", "torch", "cuda", "triton", "pyattn", "commit", "dirty", "timestamp",
               "p20_ms", "p50_ms", "p80_ms", "reps", "work", "work_unit", "throughput", "throughput_unit", "ceiling",
-              "ceiling_value", "pct_of_ceiling", "speedup", "peak_mem_mb", "check", "max_abs_err", "target",
-              "meets_target", "params", "tags"]
+              "ceiling_value", "pct_of_ceiling", "speedup", "peak_mem_mb", "metric", "mem_ref_mb", "check",
+              "max_abs_err", "target", "meets_target", "params", "tags"]
 
 
 def write_json(path: str, rows: list[dict], env: dict, ceilings: dict, notes: Sequence[str] = (),
@@ -783,8 +977,9 @@ def _mkparent(path: str) -> None:
 
 
 def write_plots(outdir: str, rows: list[dict]) -> list[str]:
-    """One PNG per (op, mode, dtype): throughput vs the swept size, one line per provider, the ceiling dashed.
-    Uses matplotlib's object API with the Agg canvas (no pyplot, no display). Returns the files written."""
+    """One PNG per (op, mode, dtype): throughput vs the swept size, one line per provider, the ceiling dashed (memory
+    rows: peak memory in MiB, log scale, the reference size dotted). Uses matplotlib's object API with the Agg canvas
+    (no pyplot, no display). Returns the files written."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -803,15 +998,22 @@ def write_plots(outdir: str, rows: list[dict]) -> list[str]:
         xs_all = sorted({r["x"] for r in rs if isinstance(r["x"], (int, float))})
         use_index = not xs_all
         order = sorted({r["shape"] for r in rs}, key=lambda s: next((r["x"] or 0) for r in rs if r["shape"] == s))
+        memory = all(r.get("metric") == "memory" and r.get("peak_mem_mb") is not None for r in rs)
+        value = (lambda r: max(r["peak_mem_mb"], 1e-3)) if memory else (lambda r: r["throughput"])  # noqa: E731
         for prov in sorted({r["provider"] for r in rs}, key=lambda p: (not any(r["is_baseline"] for r in rs
                                                                                  if r["provider"] == p), p)):
             pr = sorted((r for r in rs if r["provider"] == prov), key=lambda r: (r["x"] or 0, r["shape"]))
             xs = [order.index(r["shape"]) if use_index else r["x"] for r in pr]
             base = any(r["is_baseline"] for r in pr)
-            ax.plot(xs, [r["throughput"] for r in pr], marker="o", linestyle="--" if base else "-",
+            ax.plot(xs, [value(r) for r in pr], marker="o", linestyle="--" if base else "-",
                     label=prov + (" (baseline)" if base else ""))
+        refs = sorted({(order.index(r["shape"]) if use_index else r["x"], r["mem_ref_mb"]) for r in rs
+                       if memory and r.get("mem_ref_mb")})
+        if refs:
+            ax.plot([x for x, _ in refs], [m for _, m in refs], color="gray", linestyle=":", marker="x",
+                    label="reference size")
         ceil = next((r for r in rs if r["ceiling_value"] is not None), None)
-        if ceil is not None:
+        if ceil is not None and not memory:
             ax.axhline(ceil["ceiling_value"], color="gray", linestyle=":", linewidth=1,
                        label=f"{ceil['ceiling']} {ceil['ceiling_value']:.0f} {ceil['throughput_unit']}")
         if use_index:
@@ -824,8 +1026,12 @@ def write_plots(outdir: str, rows: list[dict]) -> list[str]:
             ax.set_xticklabels([str(x) for x in xs_all])
             ax.set_xlabel(rs[0]["x_name"] + "   (" + " ".join(f"{k}={v}" for k, v in rs[0]["params"].items()
                                                            if k != rs[0]["x_name"]) + ")")
-        ax.set_ylabel(rs[0]["throughput_unit"])
-        ax.set_ylim(bottom=0)
+        if memory:
+            ax.set_ylabel("peak memory (MiB)")
+            ax.set_yscale("log")
+        else:
+            ax.set_ylabel(rs[0]["throughput_unit"])
+            ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{op} {mode} {dtype} on {rs[0]['device_name']}", fontsize=10)
         ax.legend(fontsize=8)
