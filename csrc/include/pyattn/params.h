@@ -199,6 +199,38 @@ struct GRUBwdParams {
   DType dtype = DType::F32;
   int num_threads = 0;
 };
+
+// CUDA (csrc/cuda/gru.cu): the elementwise part of one step; the bindings run the GEMMs through cuBLAS.
+// dtype is F32, F16 or BF16 (storage); all math is fp32. Row strides in elements; every last dim has stride 1.
+struct GRUGatesFwdParams {
+  const float* gi = nullptr;   // (B, 3H) fp32, row stride gi_row_stride: x W_ih^T (bias NOT added)
+  const float* gh = nullptr;   // (B, 3H) fp32, row stride gh_row_stride: h W_hh^T (bias NOT added)
+  const void* b_ih = nullptr;  // (3H,) dtype contiguous; nullptr: no bias
+  const void* b_hh = nullptr;  // (3H,) dtype contiguous; nullptr: no bias
+  const void* h = nullptr;     // (B, H) dtype, row stride h_row_stride: the state before the step
+  void* out = nullptr;         // (B, H) dtype, row stride out_row_stride: h' (must not overlap h)
+  float* ws = nullptr;         // (B, 4H) fp32, row stride ws_row_stride: [r | z | n | hn]; nullptr: not stored
+  int64_t B = 0, H = 0;        // >= 1 each
+  int64_t gi_row_stride = 0, gh_row_stride = 0, h_row_stride = 0, out_row_stride = 0, ws_row_stride = 0;
+  DType dtype = DType::F32;
+};
+
+// d = dh (+ dout): dgi = [dr' | dz' | dn'], dgh = [dr' | dz' | dn' r], dh_direct = d z (formulas above).
+struct GRUGatesBwdParams {
+  const void* dh = nullptr;    // (B, H) dh_dtype, row stride dh_row_stride: dL/dh' carried from later steps
+  const void* dout = nullptr;  // (B, H) dtype, row stride dout_row_stride, added to dh; nullptr: none
+  const void* h = nullptr;     // (B, H) dtype, row stride h_row_stride: the state before the step
+  const float* ws = nullptr;   // (B, 4H) fp32, row stride ws_row_stride: the forward's [r | z | n | hn]
+  float* dgi = nullptr;        // (B, 3H) fp32, row stride dgi_row_stride
+  float* dgh = nullptr;        // (B, 3H) fp32, row stride dgh_row_stride
+  float* dh_direct = nullptr;  // (B, H) fp32, row stride dh_direct_row_stride (may be the same buffer as dh only
+                               // when dh_dtype is F32 and the strides agree: each element is read before written)
+  int64_t B = 0, H = 0;        // >= 1 each
+  int64_t dh_row_stride = 0, dout_row_stride = 0, h_row_stride = 0, ws_row_stride = 0;
+  int64_t dgi_row_stride = 0, dgh_row_stride = 0, dh_direct_row_stride = 0;
+  DType dtype = DType::F32;     // dout, h
+  DType dh_dtype = DType::F32;  // F32 or dtype
+};
 // ---- end GRU ----
 
 }  // namespace pyattn
