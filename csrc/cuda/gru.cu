@@ -338,8 +338,8 @@ void launch_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream) {
-  if (p.B <= 0 || p.H <= 0) return;
+cudaError_t gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream) {
+  if (p.B <= 0 || p.H <= 0) return cudaSuccess;
   switch (p.dtype) {
     case DType::F32:
       launch_fwd<float>(p, stream);
@@ -351,10 +351,11 @@ void gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream) {
       launch_fwd<__nv_bfloat16>(p, stream);
       break;
   }
+  return cudaGetLastError();
 }
 
-void gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
-  if (p.B <= 0 || p.H <= 0) return;
+cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
+  if (p.B <= 0 || p.H <= 0) return cudaSuccess;
   switch (p.dtype) {
     case DType::F32:
       launch_bwd<float>(p, stream);
@@ -366,6 +367,7 @@ void gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
       launch_bwd<__nv_bfloat16>(p, stream);
       break;
   }
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

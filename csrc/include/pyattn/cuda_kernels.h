@@ -27,5 +27,13 @@ cudaError_t layer_norm_bwd(const NormBwdParams& p, cudaStream_t stream);
 int64_t layer_norm_bwd_workspace_floats(const NormBwdParams& p);
 // ---- end LayerNorm ----
 
+// ---- GRU (csrc/cuda/gru.cu) ----
+// One fused launch per step (the GEMMs are the bindings' cuBLAS calls). Forward: writes p.out (h') and, if non-null,
+// p.ws ([r | z | n | hn]). Backward: writes p.dgi, p.dgh and p.dh_direct (= d z, d = dh (+ dout)).
+// B == 0 or H == 0 launches nothing.
+cudaError_t gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream);
+cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream);
+// ---- end GRU ----
+
 }  // namespace cuda
 }  // namespace pyattn
