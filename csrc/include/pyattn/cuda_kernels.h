@@ -35,5 +35,23 @@ cudaError_t gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream);
 cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream);
 // ---- end GRU ----
 
+// ---- attention (csrc/cuda/attention.cu) ----
+// FlashAttention-2 forward / backward on tensor cores; contract: the Attention section of params.h. fp16 / bf16 only
+// (p.dtype F16 or BF16), D and Dv each <= kAttnMaxHeadDim, any Lq / Lk / strides (last dims stride 1; rows that are
+// not 16-byte aligned take a slower 2-byte path), compute capability >= 8.0. p.num_threads is ignored.
+constexpr int64_t kAttnMaxHeadDim = 256;
+// nullptr when the kernels take p (dtype, head dims, sizes >= 1, grid size), else a sentence saying why not.
+const char* attention_unsupported(const AttnCommon& p);
+// Dynamic shared memory (bytes) per block that the forward (backward = false) or the backward's largest kernel needs
+// for head dims (D, Dv); 0 when unsupported. The bindings compare it with the device's opt-in limit.
+size_t attention_smem_bytes(int64_t D, int64_t Dv, bool backward);
+// Writes p.out and p.lse. Deterministic.
+cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream);
+// Writes p.dq, p.dk, p.dv (GQA: dk/dv summed over the group in a fixed order, no atomics; deterministic).
+// workspace: attention_bwd_workspace_floats(p) floats of device memory (fp32 row statistics).
+cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream);
+int64_t attention_bwd_workspace_floats(const AttnBwdParams& p);
+// ---- end attention ----
+
 }  // namespace cuda
 }  // namespace pyattn

@@ -1,0 +1,245 @@
+// Device helpers of the CUDA attention kernels (csrc/cuda/attention.cu): element types, tensor-core mma
+// (mma.sync m16n8k16, fp32 accumulation), ldmatrix, cp.async, global <-> shared tile copies, masks.
+// Torch-free. Element data is handled as raw 16-bit patterns (uint16_t) everywhere except in the conversions
+// below, so the code compiles with and without -D__CUDA_NO_HALF_CONVERSIONS__ and friends.
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16.row.col (lane = 4 * g + t, g = lane / 4, t = lane % 4):
+//   A (16 x 16, row-major) a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B (16 x 8,  k x n)     b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   C (16 x 8, fp32)       c[0..1] = C[g][2t, 2t+1]                   c[2..3] = C[g+8][2t, 2t+1]
+// A C fragment pair (n-tiles 2k, 2k+1) is therefore the A fragment of k-step k once packed to 16 bits: that is how
+// P = exp(S - m) goes from the first GEMM's accumulators into the second GEMM without touching shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "pyattn/params.h"
+
+namespace pyattn {
+namespace cuda {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kHugeNegative = -1e30f;  // lse (log2 units) below this: the backward recomputes the row (see .cu)
+constexpr int kPad = 8;                   // shared-memory row padding (elements): conflict-free ldmatrix / cp.async
+
+// ------------------------------------------------------------------------------------------------------------
+// Element types: tags with the conversions and the mma of each 16-bit type
+// ------------------------------------------------------------------------------------------------------------
+struct F16 {
+  static __device__ __forceinline__ float to_float(uint16_t u) { return __half2float(__ushort_as_half(u)); }
+  static __device__ __forceinline__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  // Two floats -> one register (lo = a: the element with the smaller column index).
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+struct BF16 {
+  static __device__ __forceinline__ float to_float(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Shared memory: ldmatrix, cp.async
+// ------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; r[m] = matrix m's fragment.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Row-major tiles in shared memory with row stride LD (elements). For a 16 x 16 block at (r0, c0):
+// A operand (rows = M, cols = K): a[0..3] as in the table above.
+template <int LD>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* s, int r0, int c0, int lane) {
+  ldsm_x4(a, s + (r0 + (lane & 15)) * LD + c0 + (lane >> 4) * 8);
+}
+// B operand from a tile stored (n, k) row-major (B = tile^T: K in S = Q K^T): rows r0..r0+15 are TWO n-tiles,
+// cols c0..c0+15 one k-step. b[0], b[1]: n-tile r0; b[2], b[3]: n-tile r0 + 8.
+template <int LD>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const uint16_t* s, int r0, int c0, int lane) {
+  ldsm_x4(b, s + (r0 + (lane & 7) + ((lane >> 4) << 3)) * LD + c0 + ((lane >> 3) & 1) * 8);
+}
+// B operand from a tile stored (k, n) row-major (V in O = P V): rows r0..r0+15 one k-step, cols c0..c0+15 TWO
+// n-tiles. b[0], b[1]: n-tile c0; b[2], b[3]: n-tile c0 + 8.
+template <int LD>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const uint16_t* s, int r0, int c0, int lane) {
+  ldsm_x4_trans(b, s + (r0 + (lane & 15)) * LD + c0 + (lane >> 4) * 8);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Global (rows of `ncols` valid elements, row stride `stride` elements, unit column stride) -> shared tile
+// ROWS x COLS (row stride LD). Rows >= nrows and columns >= ncols become 0. vec: the row pointers are 16-byte aligned
+// and ncols % 8 == 0 -> asynchronous 16-byte copies (complete at the next cp_async_wait + __syncthreads); otherwise
+// synchronous 2-byte loads (visible after the same barrier). ncols may be <= 0 (all zeros).
+template <int ROWS, int COLS, int LD, int NT>
+__device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_t stride, int nrows, int ncols,
+                                          bool vec, int tid) {
+  if (vec) {
+    constexpr int CPR = COLS / 8;  // 16-byte chunks per row
+    constexpr int N = ROWS * CPR;
+#pragma unroll
+    for (int k = 0; k < (N + NT - 1) / NT; ++k) {
+      const int c = tid + k * NT;
+      if (N % NT != 0 && c >= N) break;
+      const int r = c / CPR, cc = (c % CPR) * 8;
+      uint16_t* dst = s + r * LD + cc;
+      if (r < nrows && cc < ncols)
+        cp_async16(dst, g + r * stride + cc);
+      else
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    constexpr int N = ROWS * COLS;
+#pragma unroll 4
+    for (int k = 0; k < (N + NT - 1) / NT; ++k) {
+      const int e = tid + k * NT;
+      if (N % NT != 0 && e >= N) break;
+      const int r = e / COLS, c = e % COLS;
+      s[r * LD + c] = (r < nrows && c < ncols) ? g[r * stride + c] : uint16_t(0);
+    }
+  }
+}
+
+// Shared tile (row stride LD) -> global rows [0, nrows) x columns [0, ncols) (ncols <= COLS; may be <= 0).
+// vec: 16-byte stores (aligned rows, ncols % 8 == 0); otherwise 2-byte stores.
+template <int ROWS, int COLS, int LD, int NT>
+__device__ __forceinline__ void store_tile(uint16_t* g, int64_t stride, const uint16_t* s, int nrows, int ncols,
+                                           bool vec, int tid) {
+  if (vec) {
+    constexpr int CPR = COLS / 8;
+    constexpr int N = ROWS * CPR;
+#pragma unroll
+    for (int k = 0; k < (N + NT - 1) / NT; ++k) {
+      const int c = tid + k * NT;
+      if (N % NT != 0 && c >= N) break;
+      const int r = c / CPR, cc = (c % CPR) * 8;
+      if (r < nrows && cc < ncols)
+        *reinterpret_cast<uint4*>(g + r * stride + cc) = *reinterpret_cast<const uint4*>(s + r * LD + cc);
+    }
+  } else {
+    constexpr int N = ROWS * COLS;
+#pragma unroll 4
+    for (int k = 0; k < (N + NT - 1) / NT; ++k) {
+      const int e = tid + k * NT;
+      if (N % NT != 0 && e >= N) break;
+      const int r = e / COLS, c = e % COLS;
+      if (r < nrows && c < ncols) g[r * stride + c] = s[r * LD + c];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Warp reductions over the 4 lanes of a quad (the lanes that hold one row of a C fragment)
+// ------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Masks (same rules as csrc/cpu/attention.cpp, in base-2 logits x = scale * log2(e) * q.k)
+// ------------------------------------------------------------------------------------------------------------
+// Log2-domain additive mask value m * log2(e); finite values stay finite (finfo.min * log2(e) would overflow to
+// -inf and turn a row of "very negative" logits, which softmax treats as uniform, into a dead row).
+__device__ __forceinline__ float mask_log2(float m) {
+  const float v = m * kLog2e;
+  return (isinf(v) && !isinf(m)) ? copysignf(3.402823466e38f, v) : v;
+}
+
+// The attention mask of one (batch, query head): element (i, j) at base + (i * si + j * sj) * element size.
+struct MaskView {
+  const unsigned char* base = nullptr;
+  int64_t si = 0, sj = 0;
+  MaskKind kind = MaskKind::None;
+  DType dtype = DType::F32;
+};
+
+__device__ __forceinline__ MaskView make_mask_view(const AttnCommon& p, int64_t b, int64_t h) {
+  MaskView m;
+  m.kind = p.mask_kind;
+  if (p.mask_kind == MaskKind::None) return m;
+  m.dtype = p.mask_dtype;
+  const int64_t esize = p.mask_kind == MaskKind::Bool ? 1 : (p.mask_dtype == DType::F32 ? 4 : 2);
+  m.base = static_cast<const unsigned char*>(p.mask) + (b * p.mask_stride[0] + h * p.mask_stride[1]) * esize;
+  m.si = p.mask_stride[2];
+  m.sj = p.mask_stride[3];
+  return m;
+}
+
+__device__ __forceinline__ float apply_mask(const MaskView& m, int64_t i, int64_t j, float x) {
+  const int64_t off = i * m.si + j * m.sj;
+  if (m.kind == MaskKind::Bool) return m.base[off] != 0 ? x : -INFINITY;
+  float v;
+  if (m.dtype == DType::F32)
+    v = reinterpret_cast<const float*>(m.base)[off];
+  else if (m.dtype == DType::BF16)
+    v = BF16::to_float(reinterpret_cast<const uint16_t*>(m.base)[off]);
+  else
+    v = F16::to_float(reinterpret_cast<const uint16_t*>(m.base)[off]);
+  return x + mask_log2(v);
+}
+
+// Everything that hides key j from query i, applied to the base-2 logit x: out-of-range (i >= Lq or j >= Lk:
+// -inf, no memory access), causal (j > i + shift: -inf), then the attention mask.
+template <bool CAUSAL>
+__device__ __forceinline__ float masked_logit(float x, int64_t i, int64_t j, int64_t Lq, int64_t Lk, int64_t shift,
+                                              const MaskView& m) {
+  if (i >= Lq || j >= Lk) return -INFINITY;
+  if (CAUSAL && j > i + shift) return -INFINITY;
+  if (m.kind != MaskKind::None) x = apply_mask(m, i, j, x);
+  return x;
+}
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace pyattn
