@@ -83,3 +83,217 @@ def test_gru_module(backend, bsz, hidden):
     ref_out, ref_h = theirs(x.double())
     assert_tol(out, ref_out, "gru", torch.float32)
     assert_tol(h, ref_h, "gru", torch.float32)
+
+
+# ---- GRU (cell and layer suites for every GPU backend; the cuda backend's C++ ops directly) ----------------
+# Oracle: the torch backend in float64 on the same (rounded) values, compared with pyattn.testing.TOL["gru"].
+
+
+def _gru_params(isz, hsz, bias, dtype, seed=0):
+    """torch.nn.GRU's init U(-1/sqrt(H), 1/sqrt(H)) in `dtype` on the GPU: (w_ih, w_hh, b_ih, b_hh)."""
+    g = torch.Generator().manual_seed(seed)
+    k = hsz ** -0.5
+
+    def u(*shape):
+        return ((torch.rand(*shape, generator=g) * 2 - 1) * k).to(DEV, dtype)
+
+    w_ih, w_hh = u(3 * hsz, isz), u(3 * hsz, hsz)
+    return (w_ih, w_hh, u(3 * hsz), u(3 * hsz)) if bias else (w_ih, w_hh, None, None)
+
+
+def _gru_outs_and_grads(fn, tensors, douts):
+    """fn(*leaves) -> outputs; returns (outputs, grads of every non-None leaf) for loss = sum(out_i * dout_i)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o * d.to(o.dtype)).sum() for o, d in zip(outs, douts))
+    return outs, torch.autograd.grad(loss, [t for t in leaves if t is not None])
+
+
+def _gru_check_against_oracle(fn, tensors, douts, dtype):
+    outs, grads = _gru_outs_and_grads(fn("backend"), tensors, douts)
+    ref_outs, ref_grads = _gru_outs_and_grads(
+        fn("torch"), [None if t is None else t.double() for t in tensors], [d.double() for d in douts])
+    for got, want in zip(outs, ref_outs):
+        assert got.dtype == dtype
+        assert_tol(got, want, "gru", dtype)
+    assert len(grads) == len(ref_grads)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_tol(got, want, "gru", dtype, kind="bwd")
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("gru_cell"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bsz,isz,hsz", [(1, 1, 1), (3, 5, 7), (33, 64, 127), (64, 256, 1000), (2, 17, 1023),
+                                         (4, 64, 1024), (1, 64, 4096)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gru_cell(backend, dtype, bsz, isz, hsz, bias):
+    g = torch.Generator().manual_seed(bsz * 10007 + hsz)
+    x = torch.randn(bsz, isz, generator=g).to(DEV, dtype)
+    h = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(DEV, dtype)
+    dh = torch.randn(bsz, hsz, generator=g).to(DEV, dtype)
+
+    def fn(name):
+        be = backend if name == "backend" else name
+        return lambda x, h, *p: pyattn.gru_cell(x, h, *p, backend=be)
+
+    _gru_check_against_oracle(fn, (x, h, *_gru_params(isz, hsz, bias, dtype)), (dh,), dtype)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("gru"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("seq,bsz,isz,hsz", [(1, 1, 3, 5), (2, 3, 33, 70), (17, 33, 64, 256), (200, 4, 16, 33),
+                                             (1000, 2, 8, 64)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gru_layer(backend, dtype, seq, bsz, isz, hsz, reverse):
+    from pyattn.ops.gru import gru_layer
+
+    g = torch.Generator().manual_seed(seq * 131 + bsz * 17 + hsz)
+    x = torch.randn(seq, bsz, isz, generator=g).to(DEV, dtype)
+    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(DEV, dtype)
+    dout = torch.randn(seq, bsz, hsz, generator=g).to(DEV, dtype)
+    dh_last = torch.randn(bsz, hsz, generator=g).to(DEV, dtype)
+
+    def fn(name):
+        be = backend if name == "backend" else name
+        return lambda x, h, *p: gru_layer(x, h, *p, reverse=reverse, backend=be)
+
+    _gru_check_against_oracle(fn, (x, h0, *_gru_params(isz, hsz, True, dtype, seed=seq)), (dout, dh_last), dtype)
+
+
+def _cuda_gru_missing():
+    ok, why = get_backend("cuda").availability()
+    if not ok:
+        return f"cuda backend unavailable: {why}"
+    from pyattn.backends._native import has_kernel
+
+    if not has_kernel("gru_seq_fwd", "CUDA"):
+        return "pyattn._C has no CUDA GRU kernels"
+    return None
+
+
+_needs_cuda_gru = pytest.mark.skipif(_cuda_gru_missing() is not None, reason=str(_cuda_gru_missing()))
+
+
+def _seq_args(dtype=torch.float32, seq=4, bsz=3, isz=5, hsz=7, bias=True):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(seq, bsz, isz, generator=g).to(DEV, dtype),
+            torch.randn(bsz, hsz, generator=g).to(DEV, dtype), *_gru_params(isz, hsz, bias, dtype)]
+
+
+@_needs_cuda_gru
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gru_cuda_opcheck(dtype, bias):
+    ops = torch.ops.pyattn
+    args = _seq_args(dtype, bias=bias)
+    for reverse in (False, True):
+        for needs_grad in (False, True):
+            torch.library.opcheck(ops.gru_seq_fwd.default, (*args, reverse, needs_grad))
+    out, h_last, ws = ops.gru_seq_fwd(*args, False, True)
+    assert ws.dtype == torch.float32 and ws.shape == (4, 3, 28)
+    x, h0, w_ih, w_hh = args[:4]
+    dout, dh = torch.randn_like(out), torch.randn_like(h_last)
+    for need_w in (False, True):
+        torch.library.opcheck(ops.gru_seq_bwd.default, (dout, dh, x, h0, w_ih, w_hh, out, ws, bias, bias, False,
+                                                        need_w))
+    torch.library.opcheck(ops.gru_step_fwd.default, (x[0], h0, w_ih, w_hh, args[4], args[5], True))
+    h1, ws1 = ops.gru_step_fwd(x[0], h0, w_ih, w_hh, args[4], args[5], True)
+    for need_w in (False, True):
+        torch.library.opcheck(ops.gru_step_bwd.default, (torch.randn_like(h1), x[0], h0, w_ih, w_hh, ws1, bias,
+                                                         bias, need_w))
+
+
+@_needs_cuda_gru
+def test_gru_cuda_workspace_is_the_op_contract():
+    """ws = [r | z | n | W_hn h + b_hn] in fp32, equal to the torch backend's (so backends can mix)."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(torch.bfloat16, seq=1, bsz=5, isz=9, hsz=33)
+    h, ws = torch.ops.pyattn.gru_step_fwd(x[0], h0, w_ih, w_hh, b_ih, b_hh, True)
+    ref_h, ref_ws = get_backend("torch").gru_cell_fwd(*(t.double() for t in (x[0], h0, w_ih, w_hh, b_ih, b_hh)),
+                                                       True)
+    assert ws.dtype == torch.float32
+    assert_tol(ws, ref_ws, "gru", torch.float32)
+    assert_tol(h, ref_h, "gru", torch.bfloat16)
+
+
+@_needs_cuda_gru
+def test_gru_cuda_nan_filled_scratch_and_determinism(monkeypatch):
+    """Outputs/scratch NaN-filled before the kernels (PYATTN_DEBUG_NAN_FILL=1) give the same bits: every element
+    is written before it is read. Two runs are bitwise equal."""
+    ops = torch.ops.pyattn
+    args = _seq_args(torch.float16, seq=9, bsz=6, isz=11, hsz=70)
+
+    def run():
+        out, h_last, ws = ops.gru_seq_fwd(*args, True, True)
+        grads = ops.gru_seq_bwd(torch.ones_like(out), torch.ones_like(h_last), *args[:4], out, ws, True, True, True,
+                                True)
+        return (out, h_last, ws, *grads)
+
+    plain = run()
+    assert all(torch.isfinite(t).all() for t in plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain, run()))
+    monkeypatch.setenv("PYATTN_DEBUG_NAN_FILL", "1")
+    filled = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, filled))
+
+
+@_needs_cuda_gru
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gru_cuda_strided_and_unaligned_inputs(dtype):
+    """Rows with odd strides and storage offsets (the kernels fall back to narrower vectors) give the contiguous
+    result."""
+    seq, bsz, isz, hsz = 5, 3, 6, 12
+    x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq, bsz, isz, hsz)
+    xbuf = torch.full((seq, bsz, isz + 3), float("nan"), device=DEV, dtype=dtype)
+    xbuf[:, :, 1:1 + isz] = x
+    hbuf = torch.full((bsz, hsz + 1), float("nan"), device=DEV, dtype=dtype)
+    hbuf[:, 1:] = h0
+    ops = torch.ops.pyattn
+    want = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+    got = ops.gru_seq_fwd(xbuf[:, :, 1:1 + isz], hbuf[:, 1:], w_ih, w_hh, b_ih, b_hh, False, True)
+    f32 = dtype == torch.float32  # only the GEMMs' summation order may differ (cuBLAS picks kernels by alignment)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6 if f32 else 1e-3, rtol=1e-5 if f32 else 2e-3)
+    dout = torch.randn_like(want[0])
+    gw = ops.gru_seq_bwd(dout, want[1], x, h0, w_ih, w_hh, want[0], want[2], True, True, False, True)
+    gg = ops.gru_seq_bwd(dout, want[1], xbuf[:, :, 1:1 + isz], hbuf[:, 1:], w_ih, w_hh, want[0], want[2], True, True,
+                         False, True)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, atol=1e-5 if f32 else 1e-2, rtol=1e-4 if f32 else 2e-3)
+
+
+@_needs_cuda_gru
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(0, a[0].double()), "input must have dtype float32, float16 or bfloat16"),
+        (lambda a: a.__setitem__(1, a[1].half()), r"h0 must have dtype float32 \(the input's dtype; got float16\)"),
+        (lambda a: a.__setitem__(1, a[1].cpu()), "h0 must be a CUDA tensor on the input's device"),
+        (lambda a: a.__setitem__(2, a[2][:, :-1]), r"weight_ih must have shape \[21, 5\]"),
+        (lambda a: a.__setitem__(5, a[5].bfloat16()), "bias_hh must have dtype float32"),
+    ],
+    ids=["x_dtype", "h0_dtype", "h0_device", "w_ih_shape", "b_hh_dtype"],
+)
+def test_gru_cuda_bad_inputs_raise_naming_the_argument(mutate, match):
+    args = _seq_args()
+    good = [a.clone() for a in args]
+    mutate(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.pyattn.gru_seq_fwd(*args, False, True)
+    out, _h, _ws = torch.ops.pyattn.gru_seq_fwd(*good, False, True)  # nothing lost: the next valid call works
+    assert out.shape == (4, 3, 7) and torch.isfinite(out).all()
+
+
+@_needs_cuda_gru
+def test_gru_cuda_empty_inputs():
+    ops = torch.ops.pyattn
+    x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args()
+    out, h_last, ws = ops.gru_seq_fwd(x[:, :0], h0[:0], w_ih, w_hh, b_ih, b_hh, False, True)
+    assert out.shape == (4, 0, 7) and h_last.shape == (0, 7) and ws.shape == (4, 0, 28)
+    out, h_last, ws = ops.gru_seq_fwd(x[:0], h0, w_ih, w_hh, b_ih, b_hh, False, True)
+    assert out.shape == (0, 3, 7) and torch.equal(h_last, h0)
+    dl = torch.randn_like(h0)
+    g = ops.gru_seq_bwd(out, dl, x[:0], h0, w_ih, w_hh, out, ws, True, True, False, True)
+    assert torch.equal(g[1], dl) and g[0].shape == (0, 3, 5)
+    assert all(t.abs().sum() == 0 for t in g[2:])

@@ -6,11 +6,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <initializer_list>
-#include <limits>
+#include <algorithm>
+#include <optional>
 #include <tuple>
 
+#include "gru_checks.h"
 #include "pyattn/cpu_kernels.h"
 #include "pyattn/params.h"
 
@@ -22,78 +22,24 @@ using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
-// PYATTN_DEBUG_NAN_FILL=1 (read on every call; for tests): outputs, the saved workspace and the kernels' scratch are
-// filled with NaN before the kernel runs, so an element the kernel fails to write, or scratch it reads before
-// writing, shows up as NaN in the results.
-bool nan_fill() {
-  const char* e = std::getenv("PYATTN_DEBUG_NAN_FILL");
-  return e != nullptr && e[0] == '1';
-}
-Tensor scratch(int64_t floats, const at::TensorOptions& opts) {
-  Tensor t = at::empty({floats}, opts.dtype(at::kFloat));
-  if (nan_fill()) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
-}
-void maybe_nan_fill(std::initializer_list<Tensor*> ts) {
-  if (!nan_fill()) return;
-  for (Tensor* t : ts)
-    if (t->numel() > 0) t->fill_(std::numeric_limits<double>::quiet_NaN());
-}
-
-// A CPU float32 tensor with the given sizes; returned with stride 1 along its last dim (copied when not so).
-Tensor check_t(const char* op, const char* name, const Tensor& t, at::IntArrayRef sizes) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (got device ", t.device(), ")");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name,
-              " must have dtype float32 (got ", t.scalar_type(),
-              "; the cpp GRU kernels implement float32 only, other dtypes go through the torch backend)");
-  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, " (got ", t.sizes(), ")");
-  if (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) return t.contiguous();
-  return t;
-}
-
-// ws: (rows..., 4H) float32; made contiguous.
-Tensor check_ws(const char* op, const Tensor& ws, at::IntArrayRef sizes) {
-  TORCH_CHECK(ws.device().is_cpu(), op, ": ws must be a CPU tensor (got device ", ws.device(), ")");
-  TORCH_CHECK(ws.scalar_type() == at::kFloat, op, ": ws must have dtype float32 (got ", ws.scalar_type(), ")");
-  TORCH_CHECK(ws.sizes() == sizes, op, ": ws must have shape ", sizes,
-              " (the forward's [r | z | n | hn] workspace, saved with needs_grad=True; got ", ws.sizes(), ")");
-  return ws.contiguous();
-}
-
-struct Sizes {
-  int64_t T, B, I, H;
-};
-
-// x (T, B, I), h (B, H), w_ih (3H, I), w_hh (3H, H): checks and returns the sizes. H comes from w_hh.
-Sizes check_core(const char* op, Tensor& x, Tensor& h, Tensor& w_ih, Tensor& w_hh, const char* hname) {
-  TORCH_CHECK(w_hh.dim() == 2, op, ": weight_hh must be 2-D (3 * hidden_size, hidden_size) (got shape ",
-              w_hh.sizes(), ")");
-  const int64_t H = w_hh.size(1);
-  TORCH_CHECK(w_hh.size(0) == 3 * H, op, ": weight_hh must have shape (3 * hidden_size, hidden_size) = (", 3 * H,
-              ", ", H, ") (got ", w_hh.sizes(), ")");
-  TORCH_CHECK(x.dim() == 3, op, ": input must be 3-D (seq_len, batch, input_size) (got shape ", x.sizes(), ")");
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  x = check_t(op, "input", x, {T, B, I});
-  h = check_t(op, hname, h, {B, H});
-  w_ih = check_t(op, "weight_ih", w_ih, {3 * H, I});
-  w_hh = check_t(op, "weight_hh", w_hh, {3 * H, H});
-  return {T, B, I, H};
-}
-
-const void* opt_bias(const char* op, const char* name, const std::optional<Tensor>& b, int64_t H, Tensor& keep) {
-  if (!b.has_value() || !b->defined()) return nullptr;
-  keep = check_t(op, name, *b, {3 * H}).contiguous();
-  return keep.data_ptr();
-}
+// Checks and NaN-fill helpers shared with the CUDA bindings (csrc/bindings/gru_checks.h); this file's target is
+// float32 CPU tensors.
+using gru::check_core;
+using gru::check_t;
+using gru::check_ws;
+using gru::maybe_nan_fill;
+using gru::opt_bias;
+using gru::scratch;
+using gru::Sizes;
 
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                            const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                                            bool reverse, bool needs_grad) {
-  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0");
+  gru::Target tg = gru::cpu_target();
+  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0", tg);
   Tensor kb_ih, kb_hh;
-  const void* pb_ih = opt_bias(op, "bias_ih", b_ih, s.H, kb_ih);
-  const void* pb_hh = opt_bias(op, "bias_hh", b_hh, s.H, kb_hh);
+  const void* pb_ih = opt_bias(op, "bias_ih", b_ih, s.H, kb_ih, tg);
+  const void* pb_hh = opt_bias(op, "bias_hh", b_hh, s.H, kb_hh, tg);
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor out = at::empty({s.T, s.B, s.H}, x.options());
   Tensor ws = needs_grad ? at::empty({s.T, s.B, 4 * s.H}, f32) : at::empty({0}, f32);
@@ -133,12 +79,13 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
 Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last, Tensor x, Tensor h0, Tensor w_ih,
               Tensor w_hh, const std::optional<Tensor>& out, Tensor ws, bool has_b_ih, bool has_b_hh, bool reverse,
               bool need_weights) {
-  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0");
-  dout = check_t(op, "dout", dout, {s.T, s.B, s.H});
+  gru::Target tg = gru::cpu_target();
+  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0", tg);
+  dout = check_t(op, "dout", dout, {s.T, s.B, s.H}, tg);
   Tensor dhl;
-  if (dh_last.has_value() && dh_last->defined()) dhl = check_t(op, "dh_last", *dh_last, {s.B, s.H});
+  if (dh_last.has_value() && dh_last->defined()) dhl = check_t(op, "dh_last", *dh_last, {s.B, s.H}, tg);
   Tensor o;
-  if (out.has_value() && out->defined()) o = check_t(op, "out", *out, {s.T, s.B, s.H});
+  if (out.has_value() && out->defined()) o = check_t(op, "out", *out, {s.T, s.B, s.H}, tg);
   const auto wopts = w_ih.options();
   Tensor dx = at::empty({s.T, s.B, s.I}, x.options());
   Tensor dh0 = at::empty({s.B, s.H}, h0.options());
@@ -153,7 +100,7 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
     return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
   }
   TORCH_CHECK(s.T == 1 || o.defined(), op, ": out (the forward's output) is required when seq_len > 1");
-  ws = check_ws(op, ws, {s.T, s.B, 4 * s.H});
+  ws = check_ws(op, ws, {s.T, s.B, 4 * s.H}, tg);
 
   GRUBwdParams p;
   p.dout = dout.data_ptr();

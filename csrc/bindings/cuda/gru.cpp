@@ -1,0 +1,259 @@
+// CUDA implementations of pyattn::gru_seq_fwd / gru_seq_bwd (one direction of one GRU layer) and
+// pyattn::gru_step_fwd / gru_step_bwd (one cell step), schemas in ../library.cpp. Same checks and error texts as the
+// CPU bindings (../gru_checks.h), but float32, float16 and bfloat16 are taken (every tensor in the input's dtype, on
+// its device). The GEMMs run through cuBLAS (at::mm / addmm, fp32 outputs: fp16/bf16 operands with fp32
+// accumulation, never rounded to the input dtype), the gate math in the fused kernels of csrc/cuda/gru.cu:
+//   forward:  gi = X W_ih^T for all steps (one GEMM), then per step gh = h W_hh^T (one GEMM) + one fused launch
+//             (r, z, n, h', ws; both biases added there);
+//   backward: per step (reverse processing order) one fused launch (dgi, dgh, dh z) + one addmm
+//             (dh_prev = dh z + dgh W_hh, in place); dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev and the
+//             bias grads are one GEMM / column sum each over all T * B rows at the end.
+// fp32 GEMMs follow torch's TF32 setting (torch.backends.cuda.matmul.allow_tf32, off by default).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../gru_checks.h"
+#include "pyattn/cuda_kernels.h"
+#include "pyattn/params.h"
+
+namespace pyattn {
+namespace {
+
+using at::Tensor;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using gru::check_core;
+using gru::check_t;
+using gru::check_ws;
+using gru::maybe_nan_fill;
+using gru::opt_bias;
+using gru::Sizes;
+
+DType kernel_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    default:
+      return DType::F32;  // check_core admits float32, float16 and bfloat16 only
+  }
+}
+
+// a (M, K) @ b (K, N) -> fp32: fp32 operands as they are, fp16/bf16 through cuBLAS with fp32 output.
+Tensor mm_f32(const Tensor& a, const Tensor& b) {
+  return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
+}
+void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == at::kFloat)
+    at::mm_out(out, a, b);
+  else
+    at::mm_out(out, a, b, at::kFloat);
+}
+
+// Row t of a (T, rows, cols) tensor with unit last stride, as a raw pointer.
+void* row_ptr(const Tensor& t, int64_t i) {
+  return static_cast<char*>(t.data_ptr()) + i * t.stride(0) * static_cast<int64_t>(t.element_size());
+}
+
+std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+                                           const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                                           bool reverse, bool needs_grad) {
+  gru::Target tg = gru::cuda_target();
+  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0", tg);
+  Tensor kb_ih, kb_hh;
+  const void* pb_ih = opt_bias(op, "bias_ih", b_ih, s.H, kb_ih, tg);
+  const void* pb_hh = opt_bias(op, "bias_hh", b_hh, s.H, kb_hh, tg);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor out = at::empty({s.T, s.B, s.H}, x.options());
+  Tensor ws = needs_grad ? at::empty({s.T, s.B, 4 * s.H}, f32) : at::empty({0}, f32);
+  if (out.numel() == 0) {  // empty batch/hidden/sequence: nothing to run; out is empty and h_T = h0
+    return {out, h0.clone(), ws};
+  }
+  maybe_nan_fill({&out, &ws});
+
+  const int64_t T = s.T, B = s.B, H = s.H;
+  // Input projection of every step: one GEMM, (T * B, I) x (I, 3H) -> fp32, biases added by the gate kernel.
+  Tensor gi = s.I == 0 ? at::zeros({T * B, 3 * H}, f32) : mm_f32(x.reshape({T * B, s.I}), w_ih.t());
+  Tensor gh = at::empty({B, 3 * H}, f32);  // h W_hh^T of the current step
+  maybe_nan_fill({&gh});
+  const Tensor w_hh_t = w_hh.t();  // (H, 3H) view
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  GRUGatesFwdParams p;
+  p.gh = gh.data_ptr<float>();
+  p.b_ih = pb_ih;
+  p.b_hh = pb_hh;
+  p.B = B;
+  p.H = H;
+  p.gi_row_stride = 3 * H;
+  p.gh_row_stride = 3 * H;
+  p.out_row_stride = out.stride(1);
+  p.ws_row_stride = 4 * H;
+  p.dtype = kernel_dtype(tg.dtype);
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    // the state this step starts from: the previous step's output (in processing order), or h0
+    const Tensor h = k == 0 ? h0 : out.select(0, reverse ? t + 1 : t - 1);
+    mm_f32_out(gh, h, w_hh_t);
+    p.gi = gi.data_ptr<float>() + t * B * 3 * H;
+    p.h = h.data_ptr();
+    p.h_row_stride = h.stride(0);
+    p.out = row_ptr(out, t);
+    p.ws = needs_grad ? ws.data_ptr<float>() + t * B * 4 * H : nullptr;
+    C10_CUDA_CHECK(cuda::gru_gates_fwd(p, stream));
+  }
+  Tensor h_last = out.select(0, reverse ? 0 : T - 1).clone();
+  return {out, h_last, ws};
+}
+
+Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last, Tensor x, Tensor h0, Tensor w_ih,
+              Tensor w_hh, const std::optional<Tensor>& out, Tensor ws, bool has_b_ih, bool has_b_hh, bool reverse,
+              bool need_weights) {
+  gru::Target tg = gru::cuda_target();
+  const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0", tg);
+  dout = check_t(op, "dout", dout, {s.T, s.B, s.H}, tg);
+  Tensor dhl;
+  if (dh_last.has_value() && dh_last->defined()) dhl = check_t(op, "dh_last", *dh_last, {s.B, s.H}, tg);
+  Tensor o;
+  if (out.has_value() && out->defined()) o = check_t(op, "out", *out, {s.T, s.B, s.H}, tg);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto wopts = w_ih.options();
+  if (s.T == 0 || s.B == 0 || s.H == 0) {  // empty: the torch backend's answers, no kernel
+    Tensor dx = at::zeros({s.T, s.B, s.I}, x.options());
+    Tensor dh0 = (dhl.defined() && s.T == 0) ? dhl.clone(at::MemoryFormat::Contiguous)
+                                             : at::zeros({s.B, s.H}, h0.options());
+    Tensor dw_ih = need_weights ? at::zeros({3 * s.H, s.I}, wopts) : at::empty({0}, wopts);
+    Tensor dw_hh = need_weights ? at::zeros({3 * s.H, s.H}, wopts) : at::empty({0}, wopts);
+    Tensor db_ih = (need_weights && has_b_ih) ? at::zeros({3 * s.H}, wopts) : at::empty({0}, wopts);
+    Tensor db_hh = (need_weights && has_b_hh) ? at::zeros({3 * s.H}, wopts) : at::empty({0}, wopts);
+    return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+  }
+  TORCH_CHECK(s.T == 1 || o.defined(), op, ": out (the forward's output) is required when seq_len > 1");
+  ws = check_ws(op, ws, {s.T, s.B, 4 * s.H}, tg);
+
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H;
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dgi = at::empty({T, B, 3 * H}, f32);  // gate grads of every step, rows as in x
+  Tensor dgh = at::empty({T, B, 3 * H}, f32);
+  Tensor dh = at::empty({B, H}, f32);  // carried dL/dh (fp32): in place, d -> d z -> d z + dgh W_hh = dh_prev
+  maybe_nan_fill({&dgi, &dgh, &dh});
+  const bool carried = dhl.defined();
+  if (carried) dh.copy_(dhl);
+  const Tensor whh = w_hh.to(at::kFloat);  // (3H, H)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  GRUGatesBwdParams p;
+  p.ws_row_stride = 4 * H;
+  p.dgi_row_stride = 3 * H;
+  p.dgh_row_stride = 3 * H;
+  p.dh_direct = dh.data_ptr<float>();
+  p.dh_direct_row_stride = H;
+  p.B = B;
+  p.H = H;
+  p.dtype = kernel_dtype(tg.dtype);
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? k : T - 1 - k;  // processing order, backwards
+    const bool first = reverse ? t == T - 1 : t == 0;  // the first step of the forward pass starts from h0
+    const Tensor hp = first ? h0 : o.select(0, reverse ? t + 1 : t - 1);
+    if (k == 0 && !carried) {  // nothing carried yet: d = dout[t] directly (no zero-filled buffer)
+      p.dh = row_ptr(dout, t);
+      p.dh_row_stride = dout.stride(1);
+      p.dh_dtype = p.dtype;
+      p.dout = nullptr;
+      p.dout_row_stride = 0;
+    } else {
+      p.dh = dh.data_ptr<float>();
+      p.dh_row_stride = H;
+      p.dh_dtype = DType::F32;
+      p.dout = row_ptr(dout, t);
+      p.dout_row_stride = dout.stride(1);
+    }
+    p.h = hp.data_ptr();
+    p.h_row_stride = hp.stride(0);
+    p.ws = ws.data_ptr<float>() + t * B * 4 * H;
+    p.dgi = dgi.data_ptr<float>() + t * B * 3 * H;
+    p.dgh = dgh.data_ptr<float>() + t * B * 3 * H;
+    C10_CUDA_CHECK(cuda::gru_gates_bwd(p, stream));
+    dh.addmm_(dgh.select(0, t), whh);  // dh_prev = dh z + dgh W_hh
+  }
+
+  const Tensor dgi2 = dgi.view({T * B, 3 * H});
+  const Tensor dgh2 = dgh.view({T * B, 3 * H});
+  Tensor dx = at::mm(dgi2, w_ih.to(at::kFloat)).view({T, B, I}).to(x.scalar_type());
+  Tensor dh0 = dh.to(h0.scalar_type());
+  Tensor dw_ih, dw_hh, db_ih, db_hh;
+  if (need_weights) {
+    // the state each step started from, rows matching dgh: h0 for the first step of the forward pass, else the
+    // output of the step processed before it
+    Tensor hprev;
+    if (T == 1)
+      hprev = h0;
+    else if (reverse)
+      hprev = at::cat({o.slice(0, 1, T), h0.unsqueeze(0)}, 0);
+    else
+      hprev = at::cat({h0.unsqueeze(0), o.slice(0, 0, T - 1)}, 0);
+    dw_ih = at::mm(dgi2.t(), x.reshape({T * B, I}).to(at::kFloat)).to(w_ih.scalar_type());
+    dw_hh = at::mm(dgh2.t(), hprev.reshape({T * B, H}).to(at::kFloat)).to(w_hh.scalar_type());
+    db_ih = has_b_ih ? dgi2.sum(0).to(w_ih.scalar_type()) : at::empty({0}, wopts);
+    db_hh = has_b_hh ? dgh2.sum(0).to(w_ih.scalar_type()) : at::empty({0}, wopts);
+  } else {
+    dw_ih = at::empty({0}, wopts);
+    dw_hh = at::empty({0}, wopts);
+    db_ih = at::empty({0}, wopts);
+    db_hh = at::empty({0}, wopts);
+  }
+  return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_seq_fwd_cuda(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                    const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                                    const std::optional<Tensor>& b_hh, bool reverse,
+                                                    bool needs_grad) {
+  return seq_fwd("pyattn::gru_seq_fwd", x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad);
+}
+
+Grads gru_seq_bwd_cuda(const Tensor& dout, const Tensor& dh_last, const Tensor& x, const Tensor& h0,
+                       const Tensor& w_ih, const Tensor& w_hh, const Tensor& out, const Tensor& ws, bool has_b_ih,
+                       bool has_b_hh, bool reverse, bool need_weights) {
+  return seq_bwd("pyattn::gru_seq_bwd", dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse,
+                 need_weights);
+}
+
+std::tuple<Tensor, Tensor> gru_step_fwd_cuda(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                                             const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                             const std::optional<Tensor>& b_hh, bool needs_grad) {
+  constexpr const char* op = "pyattn::gru_step_fwd";
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
+  TORCH_CHECK(hx.dim() == 2, op, ": hx must be 2-D (batch, hidden_size) (got shape ", hx.sizes(), ")");
+  auto [out, h_last, ws] = seq_fwd(op, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, false, needs_grad);
+  return {out.squeeze(0), needs_grad ? ws.squeeze(0) : ws};
+}
+
+Grads gru_step_bwd_cuda(const Tensor& dh, const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                        const Tensor& ws, bool has_b_ih, bool has_b_hh, bool need_weights) {
+  constexpr const char* op = "pyattn::gru_step_bwd";
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
+  TORCH_CHECK(dh.dim() == 2, op, ": dh must be 2-D (batch, hidden_size) (got shape ", dh.sizes(), ")");
+  TORCH_CHECK(ws.dim() == 2, op, ": ws must be 2-D (batch, 4 * hidden_size) (got shape ", ws.sizes(), ")");
+  auto g = seq_bwd(op, dh.unsqueeze(0), std::nullopt, x.unsqueeze(0), hx, w_ih, w_hh, std::nullopt, ws.unsqueeze(0),
+                   has_b_ih, has_b_hh, false, need_weights);
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace
+}  // namespace pyattn
+
+TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
+  m.impl("gru_seq_fwd", &pyattn::gru_seq_fwd_cuda);
+  m.impl("gru_seq_bwd", &pyattn::gru_seq_bwd_cuda);
+  m.impl("gru_step_fwd", &pyattn::gru_step_fwd_cuda);
+  m.impl("gru_step_bwd", &pyattn::gru_step_bwd_cuda);
+}
