@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pyattn/attn_dropout.h"
 #include "pyattn/cpu_kernels.h"
 #include "pyattn/cpu_pool.h"
 #include "pyattn/cpu_simd.h"
@@ -135,28 +136,11 @@ inline float ld(const void* p, int64_t i) {
   return to_f32(static_cast<const T*>(p)[i]);
 }
 
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-inline uint32_t mix32(uint32_t x) {  // lowbias32 finalizer
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-inline uint32_t dropout_row_key(uint64_t seed, uint64_t offset, int64_t Hq, int64_t Lq, int64_t b, int64_t h,
-                                int64_t i) {
-  return uint32_t(splitmix64(seed ^ splitmix64(offset + uint64_t((b * Hq + h) * Lq + i))));
-}
-inline uint32_t dropout_col(int64_t j) { return uint32_t(j) * 0x9E3779B9u + 0x7F4A7C15u; }
-inline uint32_t dropout_threshold(float p) {  // keep iff hash >= threshold: P(keep) = 1 - p
-  return uint32_t(std::min(double(p) * 4294967296.0, 4294967295.0));
-}
+// The keep hash (splitmix64 / mix32 row key, column hash, threshold) is shared with the CUDA kernels.
+using attn_dropout::dropout_col;
+using attn_dropout::dropout_row_key;
+using attn_dropout::dropout_threshold;
+using attn_dropout::mix32;
 
 // Multiplies a transposed tile (nk rows of keys j0.., BM lanes of queries) by keep / (1 - p), in place.
 void apply_dropout(const uint32_t* keys, int64_t j0, int nk, uint32_t thr, float inv, float* t) {
