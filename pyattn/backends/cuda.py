@@ -11,12 +11,55 @@ from ._native import missing_kernel_reason
 _HALF_AND_FLOAT = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
+# ---- attention ----
+_ATTN_MAX_HEAD_DIM = 256  # = kAttnMaxHeadDim (pyattn/cuda_kernels.h)
+# Dynamic shared memory per block (bytes) of the kernels for each padded head dim max(D, Dv) -> 64 / 128 / 256:
+# (forward, largest backward kernel) = attention_smem_bytes() of csrc/cuda/attention.cu (Tiles<HD>).
+_ATTN_SMEM = {64: (46080, 57344), 128: (87040, 104448), 256: (101376, 136192)}
+
+
+def _attention_reasons(inputs) -> list[str]:
+    """The refusals of csrc/bindings/cuda/attention.cpp, so that an unforced call falls back instead of raising
+    (float32 is refused by the caps' dtype set)."""
+    d, dv = inputs.head_dim, inputs.v_head_dim
+    if max(d, dv) > _ATTN_MAX_HEAD_DIM:
+        return [f"head dim {max(d, dv)} > {_ATTN_MAX_HEAD_DIM} (the CUDA attention kernels' largest tile; q/k and v "
+                f"head dims must each be <= {_ATTN_MAX_HEAD_DIM})"]
+    reasons = []
+    props = torch.cuda.get_device_properties(inputs.device)
+    if (props.major, props.minor) < (8, 0):
+        reasons.append(f"compute capability {props.major}.{props.minor} < 8.0 (fp16/bf16 mma.sync m16n8k16 and "
+                       "cp.async need sm_80)")
+    bucket = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
+    need = _ATTN_SMEM[bucket][1 if inputs.needs_grad else 0]
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit is not None and need > limit:
+        reasons.append(f"head dims ({d}, {dv}) need {need} bytes of shared memory per block "
+                       f"({'backward' if inputs.needs_grad else 'forward'}); this device allows {limit}")
+    return reasons
+
+
+def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> torch.Tensor:
+    """The keep-mask (B, Hq, Lq, Lk) bool (True = kept) the CUDA attention kernels apply for (seed, offset, p): the
+    cpp kernels' hash (pyattn/attn_dropout.h, shared by both), computed on the CPU and moved to `device`."""
+    b, h, lq, lk = (int(x) for x in shape)
+    keep = torch.ops.pyattn.attn_dropout_keep(seed, offset, b, h, lq, lk, p)
+    return keep if device is None else keep.to(device)
+# ---- end attention ----
+
+
 class CudaBackend(Backend):
     name = "cuda"
     description = "CUDA C++ kernels (pyattn._C built with csrc/cuda)"
     caps = {
         "layer_norm": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT),
         "rms_norm": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT),
+        # ---- attention ---- fp16/bf16 only: float32 is refused by this dtype set (the kernels are tensor-core mma)
+        "attention": OpCaps(devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16, torch.float16}),
+                            notes=(f"FlashAttention-2 on tensor cores (csrc/cuda/attention.cu): head dims up to "
+                                   f"{_ATTN_MAX_HEAD_DIM}, GQA/MQA, bool/additive masks, both causal alignments, "
+                                   "dropout (the cpp backend's keep hash), deterministic backward",)),
+        # ---- end attention ----
         # ---- GRU ---- cuBLAS GEMMs + one fused gate kernel per step (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
                            notes=("two GEMMs (fp32 output) + one fused gate launch; backward: one fused "
@@ -38,7 +81,19 @@ class CudaBackend(Backend):
         return True, ""
 
     def extra_reasons(self, inputs) -> list[str]:
-        return missing_kernel_reason(inputs.op, "CUDA")
+        reasons = missing_kernel_reason(inputs.op, "CUDA")
+        if inputs.op == "attention" and not reasons:  # attention
+            reasons.extend(_attention_reasons(inputs))
+        return reasons
+
+    # ---- attention ---- (same signatures and returns as TorchBackend.attention_*; csrc/bindings/cuda/attention.cpp)
+    def attention_fwd(self, q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset):
+        return tuple(torch.ops.pyattn.attn_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset))
+
+    def attention_bwd(self, dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, seed, offset):
+        return tuple(torch.ops.pyattn.attn_bwd(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale,
+                                               seed, offset))
+    # ---- end attention ----
 
     # ---- GRU ---- (same signatures and returns as TorchBackend.gru_*; C++ ops in csrc/bindings/cuda/gru.cpp)
     def gru_cell_fwd(self, x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad):
