@@ -45,9 +45,10 @@ def _probe_ok(n: int):
 
 
 def _probe_without_clear_refs():
-    """cpu_peak_rss where /proc/self/clear_refs is refused: the ru_maxrss fallback, on a 128 MiB allocation."""
+    """cpu_peak_rss where /proc/self/clear_refs is refused: the ru_maxrss fallback, on a 512 MiB allocation (large
+    enough to beat the peak the process reached while importing torch and pyattn, which ru_maxrss cannot forget)."""
     harness._reset_peak_rss = lambda: False
-    return harness.cpu_peak_rss(lambda: torch.ones(4096, 8192))
+    return harness.cpu_peak_rss(lambda: torch.ones(16384, 8192))
 
 
 # ---- the measurement ---------------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def test_cpu_peak_rss_sees_a_64_mib_allocation_and_not_a_small_one():
 
 def test_ru_maxrss_fallback_in_a_fresh_process():
     res = harness.run_probe(_probe_without_clear_refs, {}, timeout=120)
-    assert res["method"] == "ru_maxrss", res                 # the fresh process's earlier peak is below 128 MiB more
-    assert 120 * MiB < res["peak_bytes"] < 150 * MiB, res
+    assert res["method"] == "ru_maxrss", res                 # the fresh process's earlier peak is below 512 MiB more
+    assert 500 * MiB < res["peak_bytes"] < 560 * MiB, res
 
 
 def test_run_probe_returns_json_and_turns_failures_into_one_line_reasons():
