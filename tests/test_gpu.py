@@ -51,6 +51,223 @@ def test_attention(backend, dtype, lq, lk, d, causal, bottom_right, hkv):
         assert_attention_close(got, want, lo, factor=3, name="d" + name)
 
 
+# ---- attention: masks, dead rows, NaN rows, layouts, dropout hash, finfo.min rows, refusals ---------------------
+# Every GPU backend where the semantics are shared; the cuda backend alone where a test pins its implementation (its
+# dropout keep-mask is the cpp kernels' hash, pyattn/attn_dropout.h; Triton's is Philox).
+import math  # noqa: E402
+
+from pyattn.backends.torch import causal_keep  # noqa: E402
+from pyattn.ops.attention import _attention_fwd  # noqa: E402
+from pyattn.testing import attention_low, key_padding_mask, make_qkv  # noqa: E402
+
+
+def _cuda_attention_missing():
+    ok, why = get_backend("cuda").availability()
+    if not ok:
+        return f"cuda backend unavailable: {why}"
+    from pyattn.backends._native import has_kernel
+
+    if not has_kernel("attn_fwd", "CUDA"):
+        return "pyattn._C has no CUDA attention kernels"
+    return None
+
+
+_needs_cuda_attention = pytest.mark.skipif(_cuda_attention_missing() is not None,
+                                           reason=str(_cuda_attention_missing()))
+
+
+def _check_half(backend, q, k, v, mask=None, causal=False, dtype=torch.float16, seed=0):
+    """sdpa through `backend` vs the float64 oracle with the 2x / 3x rule; returns out and grads."""
+    out = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=q.shape[1] != k.shape[1], backend=backend)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEV, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, _, ref_grads = attention_ref(q, k, v, mask, causal=causal, dout=dout)
+    low, low_grads = attention_low(q, k, v, mask, causal=causal, dout=dout)
+    assert_attention_close(out, ref, low, 2)
+    for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
+        assert_attention_close(g, r, lo, 3, name=f"d{name}")
+    return out, grads
+
+
+ATTN_MASK_SHAPES = [(37,), (19, 37), "key_padding", (1, 2, 19, 37), (2, 2, 19, 37), (2, 1, 19, 1)]
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("attention"))
+@pytest.mark.parametrize("shape", ATTN_MASK_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attention_masks_broadcast(backend, shape, kind):
+    g = torch.Generator().manual_seed(len(str(shape)))
+    q, k, v = make_qkv(2, 2, 19, 37, 64, dtype=torch.float16, device=DEV, requires_grad=True, seed=3)
+    keep = key_padding_mask([37, 20], 37) if shape == "key_padding" else \
+        torch.rand(shape, generator=g) > (0.3 if shape[-1] > 1 else 0.2)
+    mask = keep if kind == "bool" else torch.randn(keep.shape, generator=g).masked_fill(~keep, -math.inf)
+    _check_half(backend, q, k, v, mask=mask.to(DEV))
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("attention"))
+def test_attention_fully_masked_rows_zero_output_and_grads(backend):
+    q, k, v = make_qkv(2, 2, 70, 130, 64, dtype=torch.bfloat16, device=DEV, requires_grad=True, seed=9)
+    keep = torch.rand(2, 2, 70, 130, generator=torch.Generator().manual_seed(9)) > 0.3
+    keep[0, 1, 3] = False
+    keep[1, :, 69] = False
+    for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, -math.inf)):
+        out, (dq, _, _) = _check_half(backend, q, k, v, mask=mask.to(DEV), dtype=torch.bfloat16)
+        for t in (out, dq):
+            assert torch.equal(t[0, 1, 3], torch.zeros_like(t[0, 1, 3]))
+            assert torch.equal(t[1, :, 69], torch.zeros_like(t[1, :, 69]))
+    # bottom-right causal with Lq > Lk: the first Lq - Lk query rows see no key: out 0, lse +inf, dq 0
+    q, k, v = make_qkv(1, 2, 100, 17, 64, dtype=torch.float16, device=DEV, layout="blhd", requires_grad=True,
+                       seed=10)
+    out, lse = pyattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                      return_lse=True, backend=backend)
+    (dq,) = torch.autograd.grad(out, (q,), torch.randn_like(out))
+    assert torch.equal(out[:, :83], torch.zeros_like(out[:, :83]))  # (B, L, H, D)
+    assert torch.equal(dq[:, :, :83], torch.zeros_like(dq[:, :, :83]))
+    assert bool((lse[:, :, :83] == math.inf).all()) and bool(lse[:, :, 83:].isfinite().all())
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("attention"))
+def test_attention_nan_in_one_query_row_stays_in_that_row(backend):
+    q, k, v = make_qkv(1, 2, 77, 90, 64, dtype=torch.float16, device=DEV, seed=12)
+    q[0, 1, 5] = math.nan
+    out = pyattn.scaled_dot_product_attention(q, k, v, backend=backend)
+    expect = torch.zeros(out.shape[:-1], dtype=torch.bool, device=DEV)
+    expect[0, 1, 5] = True
+    assert torch.equal(out.isnan().any(-1), expect) and bool(out[0, 1, 5].isnan().all())
+
+
+@_needs_cuda_attention
+@pytest.mark.parametrize("d,dv", [(64, 64), (24, 40), (20, 20), (128, 96), (200, 256)])
+def test_attention_cuda_layouts_bit_identical(d, dv):
+    """Same values in every layout -> the same bits: 16-byte rows (cp.async) and unaligned rows (NaN-padded
+    buffers, odd head dims: the 2-byte path) give identical results, and nothing past a row's end is read."""
+    def run(layout):
+        q, k, v = make_qkv(2, 4, 70, 70, d, dv=dv, hkv=2, dtype=torch.bfloat16, device=DEV, layout=layout,
+                           requires_grad=True, seed=15)
+        out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend="cuda")
+        dout = torch.linspace(-1, 1, out.numel(), device=DEV).view(out.shape).to(out.dtype)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    base = run("contiguous")
+    assert all(bool(t.isfinite().all()) for t in base)
+    for layout in ("blhd", "packed", "nan_padded", "strided"):
+        for a, b in zip(run(layout), base):
+            assert torch.equal(a, b), layout
+    again = run("contiguous")
+    for a, b in zip(again, base):
+        assert torch.equal(a, b)  # deterministic, backward included (no atomics)
+
+
+@_needs_cuda_attention
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, True), (True, False)])
+def test_attention_cuda_dropout_keep_mask_equals_cpu(causal, bottom_right):
+    """The CUDA kernels drop exactly the elements the CPU kernels drop (the shared hash of pyattn/attn_dropout.h).
+    Observed through the kernels themselves: with q = 0 every visible key gets P = 1 / n_i, and with v = I (Lk x Lk)
+    out[i, j] = keep_ij / ((1 - p) n_i) on visible keys, 0 elsewhere."""
+    from pyattn.backends import cpp
+
+    b, hq, hkv, lq, lk, p = 2, 4, 2, 77, 130, 0.3
+    seed, offset = 2**40 + 17, 3 * 2**33 + 5
+    rng = torch.tensor([seed, offset])
+    q = torch.zeros(b, hq, lq, 16, dtype=torch.float16)
+    k = torch.randn(b, hkv, lk, 16, generator=torch.Generator().manual_seed(1)).half()
+    v = torch.eye(lk, dtype=torch.float16).expand(b, hkv, lk, lk)
+    out_gpu, _, _ = _attention_fwd(q.to(DEV), k.to(DEV), v.to(DEV), None, p, causal, bottom_right, 1.0, rng, False,
+                                   "cuda")
+    out_cpu, _, _ = _attention_fwd(q, k, v, None, p, causal, bottom_right, 1.0, rng, False, "cpp")
+    keep = cpp.dropout_keep_mask(seed, offset, (b, hq, lq, lk), p)
+    visible = causal_keep(lq, lk, bottom_right, "cpu") if causal else torch.ones(lq, lk, dtype=torch.bool)
+    assert torch.equal(out_gpu.cpu() != 0, keep & visible)
+    assert torch.equal(out_cpu != 0, keep & visible)
+    n = visible.sum(-1, keepdim=True).clamp(min=1)
+    want = (keep & visible) / ((1 - p) * n)
+    torch.testing.assert_close(out_gpu.cpu().float(), want.float(), atol=0, rtol=2e-3)
+    assert 0.65 < keep.float().mean().item() < 0.75
+
+
+def _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype):
+    """out = (softmax(q k^T scale) * keep / (1 - p)) v and its grads through autograd, in `dtype` on q's device."""
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        g = q.shape[1] // k.shape[1]
+        kr, vr = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+        s = torch.matmul(qq, kr.transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(~causal_keep(q.shape[2], k.shape[2], bottom_right, q.device), -math.inf)
+        dead = (s == -math.inf).all(-1, keepdim=True)
+        prob = torch.softmax(s.float().masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0).to(dtype)
+        out = torch.matmul(prob * keep.to(q.device, dtype) / (1 - p), vr)
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
+    return out.detach(), grads
+
+
+@_needs_cuda_attention
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq,lk,d,causal,bottom_right", [(129, 70, 64, False, False), (200, 65, 128, True, True),
+                                                         (65, 200, 96, True, False)])
+def test_attention_cuda_dropout_forward_backward_vs_keep_mask(dtype, lq, lk, d, causal, bottom_right):
+    from pyattn.backends import cuda as cuda_backend
+
+    b, hq, hkv, p, scale = 2, 4, 2, 0.25, 0.3
+    seed, offset = 2**40 + 17, 3 * 2**33 + 5
+    q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, requires_grad=True, seed=14)
+    out, lse, _ = _attention_fwd(q, k, v, None, p, causal, bottom_right, scale, torch.tensor([seed, offset]), True,
+                                 "cuda")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(14)).to(DEV, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    keep = cuda_backend.dropout_keep_mask(seed, offset, (b, hq, lq, lk), p, DEV)
+    ref, ref_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float64)
+    low, low_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype)
+    assert_attention_close(out, ref, low, 2)
+    for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
+        assert_attention_close(g, r, lo, 3, name=f"d{name}")
+    _, ref_lse = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right, scale=scale)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-3, rtol=1e-4)  # lse does not see dropout
+
+
+@_needs_cuda_attention
+def test_attention_cuda_finfo_min_rows():
+    """A row whose every key carries an additive finfo.min: softmax is uniform there (torch's result); the
+    backward recomputes that row's statistics exactly instead of exp2(x - lse) = 1."""
+    q, k, v = make_qkv(2, 2, 70, 90, 64, dtype=torch.float16, device=DEV, requires_grad=True, seed=21)
+    mask = torch.randn(2, 1, 70, 90, generator=torch.Generator().manual_seed(21))
+    mask[0, 0, 7] = torch.finfo(torch.float32).min
+    mask[1, 0, 69, :50] = torch.finfo(torch.float32).min
+    mask[1, 0, 69, 50:] = -math.inf
+    _check_half("cuda", q, k, v, mask=mask.to(DEV))
+
+
+@_needs_cuda_attention
+def test_attention_cuda_refusals_fall_back():
+    be = get_backend("cuda")
+    q, k, v = make_qkv(1, 2, 16, 16, 64, dtype=torch.float32, device=DEV)
+    reasons = be.not_supported_reasons(pyattn.ops.attention.make_inputs(q, k, v))
+    assert any("float32" in r for r in reasons), reasons
+    with pytest.raises(Exception, match="float32"):
+        pyattn.scaled_dot_product_attention(q, k, v, backend="cuda")
+    out = pyattn.scaled_dot_product_attention(q, k, v)  # unforced: another backend takes it
+    assert out.shape == q.shape
+    q, k, v = make_qkv(1, 2, 16, 16, 300, dtype=torch.float16, device=DEV)
+    reasons = be.not_supported_reasons(pyattn.ops.attention.make_inputs(q, k, v))
+    assert any("head dim 300" in r for r in reasons), reasons
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):  # the op itself refuses too
+        torch.ops.pyattn.attn_fwd(q.float()[..., :64], k.float()[..., :64], v.float()[..., :64], None, 0.0, False,
+                                  False, 0.125, 0, 0)
+
+
+@_needs_cuda_attention
+def test_attention_cuda_opcheck():
+    q, k, v = make_qkv(2, 4, 33, 47, 64, hkv=2, dtype=torch.bfloat16, device=DEV, seed=3)
+    mask = torch.rand(2, 1, 33, 47, generator=torch.Generator().manual_seed(3)).to(DEV) > 0.2
+    args = (q, k, v, mask, 0.1, False, False, 0.125, 7, 11)
+    torch.library.opcheck(torch.ops.pyattn.attn_fwd.default, args)
+    out, lse = torch.ops.pyattn.attn_fwd(*args)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.pyattn.attn_bwd.default, (dout, q, k, v, out, lse, *args[3:]))
+# ---- end attention ----
+
+
 @pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n", [1, 127, 1024, 4096, 8192, 65536])
