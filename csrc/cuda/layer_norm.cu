@@ -1,0 +1,945 @@
+// LayerNorm / RMSNorm (+ fused residual add, "Add & Norm") CUDA kernels, forward and backward.
+// Torch-free: the contract is the LayerNorm section of pyattn/params.h, the numerics those of
+// csrc/cpu/layer_norm.cpp. Launchers are declared in pyattn/cuda_kernels.h.
+//
+// STATUS: compiled offline for sm_80 and sm_90a (scripts/compile_cuda.py: -Werror, zero spills) but NOT YET RUN
+// ON A GPU. The `cuda` backend is therefore after `triton` in every priority list (pyattn/dispatch/registry.py)
+// until a GPU session runs tests/test_gpu.py and scripts/gpu_sanitize.sh on it.
+//
+// Layout of the work
+//   A row of N elements is handled by TPR threads ("a row group": part of a warp, a warp, or a whole block of up to
+//   512 threads); a block holds RPB row groups. Thread `lane` of a row group owns the 16-byte vectors
+//   v = lane, lane + TPR, lane + 2 TPR, ... (coalesced: consecutive lanes read consecutive 16-byte pieces), at most
+//   EPT elements (EPT / V vectors, V = 16 / sizeof(T)). The configuration is the smallest one whose TPR * EPT
+//   covers N; the row then lives in registers (as fp32) between the passes, so it is read from memory once.
+//   Rows longer than the largest configuration (N > 8192 forward and backward) take a "looped" kernel: one
+//   block of 512 threads per row that re-reads the row from memory (L2) in each pass. Any N >= 1 works.
+//   When a pointer is not 16-byte aligned or a row stride is not a multiple of V, the same kernels load and store
+//   element by element (`vec` = false); results are identical.
+//
+// Forward (per row), exactly the CPU kernel's algorithm:
+//   pass 1  s = round_to_dtype(x + residual) (stored to residual_out when asked), sum(s) [RMS: sum(s^2)]
+//   pass 2  corrected two-pass variance: m1 = sum / N, d = s - m1, c = mean(d), var = max(mean(d^2) - c^2, 0)
+//           (s - m1 is exact when s is close to m1, so inputs offset by +1000 keep full accuracy)
+//   pass 3  y = ((s - m1) * rstd - c * rstd) * w + b   [RMS: y = s * rstd * w]
+//   rstd = 1 / sqrt(var + eps) to fp32 precision (rstd_of) and sum / N with an FMA-corrected quotient (div_n),
+//   both accurate under --use_fast_math. Sums: per-thread sequential, then a butterfly over the warp and a fixed-order
+//   sum over the warps of the row group, so results are deterministic run to run.
+// Backward (per row): xhat = (s - mean) * rstd [RMS: s * rstd], g = dy * w; a = mean(g) [LN only],
+//   b = mean(g * xhat); dx = (g - (xhat * b + a)) * rstd (+ dresidual_out).
+// dweight / dbias, deterministic without atomics: the rows are cut into chunks that depend only on (M, N)
+//   (bwd_plan below); each row group handles one chunk and keeps fp32 partial sums of dy * xhat and dy for the
+//   columns it owns in registers, written once to workspace[chunk, :]; then ln_bwd_reduce_kernel sums the chunks
+//   of each column in a fixed order. The looped path computes the same partials with a column kernel
+//   (ln_bwd_colsum_kernel) that re-reads dy and s.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "pyattn/cuda_kernels.h"
+#include "pyattn/params.h"
+
+namespace pyattn {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------
+// Element types and 16-byte vectors. Conversions go through the intrinsics only: torch's build defines
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ / __CUDA_NO_HALF_OPERATORS__.
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+struct Vec;
+template <>
+struct Vec<float> {
+  static constexpr int kN = 4;
+};
+template <>
+struct Vec<__half> {
+  static constexpr int kN = 8;
+};
+template <>
+struct Vec<__nv_bfloat16> {
+  static constexpr int kN = 8;
+};
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <class T>
+__device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
+
+// Two 16-bit values packed in a 32-bit word (low half first in memory) <-> fp32.
+__device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi, const __half*) {
+  lo = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  hi = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+__device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi, const __nv_bfloat16*) {
+  lo = __uint_as_float(w << 16);  // bf16 is the top half of an fp32: exact
+  hi = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, const __half*) {
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
+         (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, const __nv_bfloat16*) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+__device__ __forceinline__ void unpack16(const uint4& u, float (&v)[4], const float*) {
+  v[0] = __uint_as_float(u.x);
+  v[1] = __uint_as_float(u.y);
+  v[2] = __uint_as_float(u.z);
+  v[3] = __uint_as_float(u.w);
+}
+template <class H>
+__device__ __forceinline__ void unpack16(const uint4& u, float (&v)[8], const H* tag) {
+  unpack2(u.x, v[0], v[1], tag);
+  unpack2(u.y, v[2], v[3], tag);
+  unpack2(u.z, v[4], v[5], tag);
+  unpack2(u.w, v[6], v[7], tag);
+}
+__device__ __forceinline__ uint4 pack16(const float (&v)[4], const float*) {
+  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+template <class H>
+__device__ __forceinline__ uint4 pack16(const float (&v)[8], const H* tag) {
+  return make_uint4(pack2(v[0], v[1], tag), pack2(v[2], v[3], tag), pack2(v[4], v[5], tag), pack2(v[6], v[7], tag));
+}
+
+// Elements [j, j + V) of a row in their storage format, packed in 16 bytes (fp32: 4 floats; 16-bit types: 8 values);
+// 0 for elements at or past n. One 16-byte load when `vec` and the vector is whole (`vec` guarantees 16-byte
+// alignment of row + j), element loads otherwise. Kernels keep rows in this packed form in registers: 16-bit rows
+// take half the registers of fp32 copies, and nothing is lost (every value kept is representable in T).
+template <class T>
+__device__ __forceinline__ uint4 load_raw(const T* row, int64_t j, int64_t n, bool vec) {
+  constexpr int V = Vec<T>::kN;
+  if (vec && j + V <= n) return *reinterpret_cast<const uint4*>(row + j);
+  float v[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) v[e] = (j + e < n) ? to_f32(row[j + e]) : 0.f;
+  return pack16(v, row);
+}
+
+template <class T>
+__device__ __forceinline__ void store_raw(T* row, int64_t j, int64_t n, bool vec, const uint4& u) {
+  constexpr int V = Vec<T>::kN;
+  if (vec && j + V <= n) {
+    *reinterpret_cast<uint4*>(row + j) = u;
+  } else {
+    float v[V];
+    unpack16(u, v, static_cast<const T*>(row));
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if (j + e < n) row[j + e] = from_f32<T>(v[e]);
+  }
+}
+
+// The same as fp32 values (rounded to T on the way out for stores).
+template <class T>
+__device__ __forceinline__ void load_vec(const T* row, int64_t j, int64_t n, bool vec, float (&v)[Vec<T>::kN]) {
+  unpack16(load_raw(row, j, n, vec), v, row);
+}
+template <class T>
+__device__ __forceinline__ void store_vec(T* row, int64_t j, int64_t n, bool vec, const float (&v)[Vec<T>::kN]) {
+  store_raw(row, j, n, vec, pack16(v, static_cast<const T*>(row)));
+}
+
+// A (N,) parameter vector (weight or bias) of dtype F32 or T, elements [j, j + V) as fp32; `fill` when absent.
+template <class T>
+__device__ __forceinline__ void load_param(const void* p, DType dt, float fill, int64_t j, int64_t n, bool vec,
+                                           float (&v)[Vec<T>::kN]) {
+  constexpr int V = Vec<T>::kN;
+  if (p == nullptr) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = fill;
+  } else if (dt == DType::F32) {
+    const float* q = static_cast<const float*>(p);
+    if (vec && j + V <= n) {
+#pragma unroll
+      for (int h = 0; h < V / 4; ++h) {
+        const float4 f = *reinterpret_cast<const float4*>(q + j + 4 * h);
+        v[4 * h] = f.x;
+        v[4 * h + 1] = f.y;
+        v[4 * h + 2] = f.z;
+        v[4 * h + 3] = f.w;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = (j + e < n) ? q[j + e] : 0.f;
+    }
+  } else {
+    load_vec(static_cast<const T*>(p), j, n, vec, v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Sums over a row group of TPR threads (TPR a power of two, 4..512), NV values at once. Every thread of the group
+// gets the same bits: a butterfly inside the warp (lane i and lane i ^ off add the same two numbers), then the
+// warps' partials summed in a fixed order from shared memory. Must be reached by every thread of the block.
+// ------------------------------------------------------------------------------------------------------------
+constexpr int group_sum_smem_floats(int tpr, int rpb, int nv) { return tpr > 32 ? rpb * (tpr / 32) * nv : 1; }
+
+template <int TPR, int RPB, int NV>
+__device__ __forceinline__ void group_sum(float (&v)[NV], float* smem, int group, int lane) {
+  constexpr int kWidth = TPR < 32 ? TPR : 32;
+#pragma unroll
+  for (int off = kWidth / 2; off > 0; off >>= 1) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
+  }
+  if constexpr (TPR > 32) {
+    constexpr int kWarps = TPR / 32;
+    float* s = smem + group * kWarps * NV;
+    if (lane % 32 == 0) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) s[(lane / 32) * NV + i] = v[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      float a = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) a += s[w * NV + i];
+      v[i] = a;
+    }
+    __syncthreads();  // smem is reused by the next sum
+  } else {
+    (void)smem;
+    (void)group;
+    (void)lane;
+  }
+}
+
+// 1 / sqrt(v + eps) to fp32 precision without the division/sqrt slow-path subroutines (their calls made ptxas
+// spill around them): the MUFU.RSQ estimate, then one Newton step in double (error ~ 2^-44 relative, far below
+// half an fp32 ulp, so the result matches the CPU kernel's 1.0 / std::sqrt(double(v) + eps) except in rare ties).
+// v + eps == 0 gives inf, inf gives 0 and NaN stays NaN, like the CPU kernel; a sum below 2^-126 (only possible
+// with eps == 0) flushes to zero in the estimate and gives inf where the CPU gives a huge finite number.
+__device__ __forceinline__ float rstd_of(float v, float eps) {
+  const double vd = static_cast<double>(v) + static_cast<double>(eps);
+  const float est = rsqrtf(static_cast<float>(vd));
+  if (!(est > 0.f) || isinf(est)) return est;  // 0 (v + eps = inf), inf (0), NaN
+  const double y = est;
+  return static_cast<float>(y * fma(-0.5 * vd * y, y, 1.5));
+}
+
+// a / n from inv_n = 1 / n (computed on the host, IEEE): q = a * inv_n, then one FMA correction step. The result
+// is the correctly rounded quotient whenever that is representable (constant rows: sum / N == the value exactly)
+// and within one ulp otherwise; no slow-path subroutine (__fdiv_rn has one).
+__device__ __forceinline__ float div_n(float a, float n, float inv_n) {
+  const float q = a * inv_n;
+  return fmaf(fmaf(-q, n, a), inv_n, q);
+}
+
+// max(v, 0) that keeps NaN (like the CPU kernel's std::max(v, 0.f)); fmaxf would turn NaN into 0.
+__device__ __forceinline__ float nonneg(float v) { return v < 0.f ? 0.f : v; }
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward, row in registers
+// ------------------------------------------------------------------------------------------------------------
+template <class T, bool RMS, int TPR, int RPB, int EPT>
+__global__ void __launch_bounds__(TPR * RPB) ln_fwd_kernel(const NormFwdParams p, const bool vec, const float inv_n) {
+  constexpr int V = Vec<T>::kN;
+  constexpr int VPT = EPT / V;
+  static_assert(EPT % V == 0 && VPT >= 1, "EPT must be a multiple of the vector width");
+  __shared__ float smem[group_sum_smem_floats(TPR, RPB, 2)];
+
+  const int lane = static_cast<int>(threadIdx.x) % TPR;
+  const int group = static_cast<int>(threadIdx.x) / TPR;
+  const int64_t M = p.M, N = p.N;
+  const float fN = static_cast<float>(N);
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  T* res_out = static_cast<T*>(p.residual_out);
+
+  // The loop bound is uniform over the block (every thread reaches every GroupSum); rows past M are inactive.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * RPB; base < M;
+       base += static_cast<int64_t>(gridDim.x) * RPB) {
+    const int64_t row = base + group;
+    const bool active = row < M;
+    const T* tag = nullptr;
+    uint4 sr[VPT];  // the row's s, packed in T (see load_raw)
+    float acc[1] = {0.f};
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+      sr[k] = make_uint4(0u, 0u, 0u, 0u);
+      if (active && j < N) {
+        sr[k] = load_raw(x + row * p.x_row_stride, j, N, vec);
+        if (res != nullptr) {
+          float a[V], r[V];
+          unpack16(sr[k], a, tag);
+          load_vec(res + row * p.residual_row_stride, j, N, vec, r);
+#pragma unroll
+          for (int e = 0; e < V; ++e) a[e] += r[e];
+          sr[k] = pack16(a, tag);  // s = x + residual rounded to T
+          if (res_out != nullptr) store_raw(res_out + row * p.residual_out_row_stride, j, N, vec, sr[k]);
+        }
+      }
+      float v[V];
+      unpack16(sr[k], v, tag);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[0] += RMS ? v[e] * v[e] : v[e];  // elements past N are 0
+    }
+    group_sum<TPR, RPB, 1>(acc, smem, group, lane);
+
+    float m1 = 0.f, c = 0.f, rstd;
+    if constexpr (RMS) {
+      rstd = rstd_of(div_n(acc[0], fN, inv_n), p.eps);
+    } else {
+      m1 = div_n(acc[0], fN, inv_n);
+      float q[2] = {0.f, 0.f};
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+        float v[V];
+        unpack16(sr[k], v, tag);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          if (active && j + e < N) {
+            const float d = v[e] - m1;
+            q[0] += d;
+            q[1] += d * d;
+          }
+        }
+      }
+      group_sum<TPR, RPB, 2>(q, smem, group, lane);
+      c = div_n(q[0], fN, inv_n);
+      rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
+    }
+    if (active && lane == 0) {
+      if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
+      if (p.rstd != nullptr) p.rstd[row] = rstd;
+    }
+    const float ncr = -c * rstd;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+      if (active && j < N) {
+        float v[V], w[V], out[V];
+        unpack16(sr[k], v, tag);
+        load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+        if constexpr (RMS) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) out[e] = v[e] * rstd * w[e];
+        } else {
+          float b[V];
+          load_param<T>(p.bias, p.bias_dtype, 0.f, j, N, vec, b);
+#pragma unroll
+          for (int e = 0; e < V; ++e) out[e] = fmaf(fmaf(v[e] - m1, rstd, ncr), w[e], b[e]);
+        }
+        store_vec(y + row * p.y_row_stride, j, N, vec, out);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward, looped: one block of TPR threads per row, the row re-read in each pass (any N).
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+__device__ __forceinline__ void fwd_get_s(const NormFwdParams& p, int64_t row, int64_t j, bool vec,
+                                          float (&s)[Vec<T>::kN]) {
+  constexpr int V = Vec<T>::kN;
+  const int64_t N = p.N;
+  if (p.residual_out != nullptr) {  // written by this same thread in pass 1
+    load_vec(static_cast<const T*>(p.residual_out) + row * p.residual_out_row_stride, j, N, vec, s);
+  } else {
+    load_vec(static_cast<const T*>(p.x) + row * p.x_row_stride, j, N, vec, s);
+    if (p.residual != nullptr) {
+      float r[V];
+      load_vec(static_cast<const T*>(p.residual) + row * p.residual_row_stride, j, N, vec, r);
+#pragma unroll
+      for (int e = 0; e < V; ++e) s[e] = round_to<T>(s[e] + r[e]);
+    }
+  }
+}
+
+// VEC: 16-byte accesses (a template parameter here: with a run-time flag ptxas spilled a register or two).
+template <class T, bool RMS, int TPR, bool VEC>
+__global__ void __launch_bounds__(TPR) ln_fwd_looped_kernel(const NormFwdParams p, const float inv_n) {
+  constexpr bool vec = VEC;
+  constexpr int V = Vec<T>::kN;
+  __shared__ float smem[group_sum_smem_floats(TPR, 1, 2)];
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t N = p.N;
+  const float fN = static_cast<float>(N);
+  const int64_t step = static_cast<int64_t>(TPR) * V;
+
+  // One row per block: the launcher never needs more than 2^31 - 1 blocks here (N > 8192 and M >= 2^31 would be
+  // more than 2^44 elements). (A grid-stride loop over rows made ptxas spill two loop-invariant registers.)
+  const int64_t row = blockIdx.x;
+  {
+    float acc[1] = {0.f};
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
+      float s[V];
+      load_vec(static_cast<const T*>(p.x) + row * p.x_row_stride, j, N, vec, s);
+      if (p.residual != nullptr) {
+        float r[V];
+        load_vec(static_cast<const T*>(p.residual) + row * p.residual_row_stride, j, N, vec, r);
+#pragma unroll
+        for (int e = 0; e < V; ++e) s[e] = round_to<T>(s[e] + r[e]);
+        if (p.residual_out != nullptr)
+          store_vec(static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride, j, N, vec, s);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[0] += RMS ? s[e] * s[e] : s[e];
+    }
+    group_sum<TPR, 1, 1>(acc, smem, 0, lane);
+
+    float m1 = 0.f, c = 0.f, rstd;
+    if constexpr (RMS) {
+      rstd = rstd_of(div_n(acc[0], fN, inv_n), p.eps);
+    } else {
+      m1 = div_n(acc[0], fN, inv_n);
+      float q[2] = {0.f, 0.f};
+      for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
+        float s[V];
+        fwd_get_s<T>(p, row, j, vec, s);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          if (j + e < N) {
+            const float d = s[e] - m1;
+            q[0] += d;
+            q[1] += d * d;
+          }
+        }
+      }
+      group_sum<TPR, 1, 2>(q, smem, 0, lane);
+      c = div_n(q[0], fN, inv_n);
+      rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
+    }
+    if (lane == 0) {
+      if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
+      if (p.rstd != nullptr) p.rstd[row] = rstd;
+    }
+    const float ncr = -c * rstd;
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
+      float s[V], w[V], out[V];
+      fwd_get_s<T>(p, row, j, vec, s);
+      load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+      if constexpr (RMS) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) out[e] = s[e] * rstd * w[e];
+      } else {
+        float b[V];
+        load_param<T>(p.bias, p.bias_dtype, 0.f, j, N, vec, b);
+#pragma unroll
+        for (int e = 0; e < V; ++e) out[e] = fmaf(fmaf(s[e] - m1, rstd, ncr), w[e], b[e]);
+      }
+      store_vec(static_cast<T*>(p.y) + row * p.y_row_stride, j, N, vec, out);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward, row in registers. Row group `chunk` handles rows [chunk * rows_per_chunk, ... + rows_per_chunk) and,
+// when dw_part != nullptr, writes its partial sums to dw_part / db_part [chunk, :].
+// ------------------------------------------------------------------------------------------------------------
+template <class T, bool RMS, int TPR, int RPB, int EPT>
+__global__ void __launch_bounds__(TPR * RPB)
+    ln_bwd_kernel(const NormBwdParams p, const bool vec, const float inv_n, const int64_t rows_per_chunk,
+                  const int64_t nchunks, float* __restrict__ dw_part, float* __restrict__ db_part) {
+  constexpr int V = Vec<T>::kN;
+  constexpr int VPT = EPT / V;
+  static_assert(EPT % V == 0 && VPT >= 1, "EPT must be a multiple of the vector width");
+  __shared__ float smem[group_sum_smem_floats(TPR, RPB, 2)];
+
+  const int lane = static_cast<int>(threadIdx.x) % TPR;
+  const int group = static_cast<int>(threadIdx.x) / TPR;
+  const int64_t M = p.M, N = p.N;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * RPB + group;
+  const bool chunk_ok = chunk < nchunks;
+  const bool partial = dw_part != nullptr;
+  const int64_t block_first_row = static_cast<int64_t>(blockIdx.x) * RPB * rows_per_chunk;
+  const T* s_base = static_cast<const T*>(p.s);
+  const T* dy_base = static_cast<const T*>(p.dy);
+  const T* dres_base = static_cast<const T*>(p.dresidual_out);
+  T* dx_base = static_cast<T*>(p.dx);
+
+  float dwp[VPT][V], dbp[VPT][V];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) dwp[k][e] = dbp[k][e] = 0.f;
+  }
+
+  const T* tag = nullptr;
+  for (int64_t i = 0; i < rows_per_chunk; ++i) {
+    if (block_first_row + i >= M) break;  // uniform over the block: no row group of this block has row i left
+    const int64_t row = chunk * rows_per_chunk + i;
+    const bool active = chunk_ok && row < M;
+    const float mean = (active && !RMS) ? p.mean[row] : 0.f;
+    const float rstd = active ? p.rstd[row] : 0.f;
+    uint4 sr[VPT], dyr[VPT];  // the row's s and dy, packed in T (see load_raw)
+    float sums[2] = {0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+      sr[k] = dyr[k] = make_uint4(0u, 0u, 0u, 0u);
+      if (active && j < N) {
+        sr[k] = load_raw(s_base + row * p.s_row_stride, j, N, vec);
+        dyr[k] = load_raw(dy_base + row * p.dy_row_stride, j, N, vec);
+        float sv[V], dy[V], w[V];
+        unpack16(sr[k], sv, tag);
+        unpack16(dyr[k], dy, tag);
+        load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          if (j + e < N) {  // masked: xhat of a padding element may be inf when rstd is
+            const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+            const float g = dy[e] * w[e];
+            if (!RMS) sums[0] += g;
+            sums[1] += g * xh;
+            if (partial) {
+              dwp[k][e] += dy[e] * xh;
+              if (!RMS) dbp[k][e] += dy[e];
+            }
+          }
+        }
+      }
+    }
+    group_sum<TPR, RPB, 2>(sums, smem, group, lane);
+    const float a = RMS ? 0.f : sums[0] * inv_n;
+    const float b = sums[1] * inv_n;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+      if (active && j < N) {
+        float sv[V], dy[V], w[V], dx[V];
+        unpack16(sr[k], sv, tag);
+        unpack16(dyr[k], dy, tag);
+        load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);  // again: an L1 hit, cheaper than registers
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+          dx[e] = (dy[e] * w[e] - fmaf(xh, b, a)) * rstd;
+        }
+        if (dres_base != nullptr) {
+          float dr[V];
+          load_vec(dres_base + row * p.dresidual_out_row_stride, j, N, vec, dr);
+#pragma unroll
+          for (int e = 0; e < V; ++e) dx[e] += dr[e];
+        }
+        store_vec(dx_base + row * p.dx_row_stride, j, N, vec, dx);
+      }
+    }
+  }
+
+  if (partial && chunk_ok) {
+    float* dwr = dw_part + chunk * N;
+    float* dbr = db_part + chunk * N;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (j + e < N) {
+          dwr[j + e] = dwp[k][e];
+          dbr[j + e] = dbp[k][e];
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward, looped: dx only, one block of TPR threads per row (any N). dweight/dbias: ln_bwd_colsum_kernel.
+// ------------------------------------------------------------------------------------------------------------
+template <class T, bool RMS, int TPR, bool VEC>
+__global__ void __launch_bounds__(TPR) ln_bwd_looped_kernel(const NormBwdParams p, const float inv_n) {
+  constexpr bool vec = VEC;
+  constexpr int V = Vec<T>::kN;
+  __shared__ float smem[group_sum_smem_floats(TPR, 1, 2)];
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t N = p.N;
+  const int64_t step = static_cast<int64_t>(TPR) * V;
+
+  // One row per block: the launcher never needs more than 2^31 - 1 blocks here (N > 8192 and M >= 2^31 would be
+  // more than 2^44 elements). (A grid-stride loop over rows made ptxas spill two loop-invariant registers.)
+  const int64_t row = blockIdx.x;
+  {
+    const float mean = RMS ? 0.f : p.mean[row];
+    const float rstd = p.rstd[row];
+    const T* sr = static_cast<const T*>(p.s) + row * p.s_row_stride;
+    const T* dyr = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
+    float sums[2] = {0.f, 0.f};
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
+      float sv[V], dy[V], w[V];
+      load_vec(sr, j, N, vec, sv);
+      load_vec(dyr, j, N, vec, dy);
+      load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (j + e < N) {
+          const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+          const float g = dy[e] * w[e];
+          if (!RMS) sums[0] += g;
+          sums[1] += g * xh;
+        }
+      }
+    }
+    group_sum<TPR, 1, 2>(sums, smem, 0, lane);
+    const float a = RMS ? 0.f : sums[0] * inv_n;
+    const float b = sums[1] * inv_n;
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
+      float sv[V], dy[V], w[V], dx[V];
+      load_vec(sr, j, N, vec, sv);
+      load_vec(dyr, j, N, vec, dy);
+      load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+        dx[e] = (dy[e] * w[e] - fmaf(xh, b, a)) * rstd;
+      }
+      if (p.dresidual_out != nullptr) {
+        float dr[V];
+        load_vec(static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride, j, N, vec, dr);
+#pragma unroll
+        for (int e = 0; e < V; ++e) dx[e] += dr[e];
+      }
+      store_vec(static_cast<T*>(p.dx) + row * p.dx_row_stride, j, N, vec, dx);
+    }
+  }
+}
+
+// Partial column sums of dy * xhat and dy over the rows of chunk blockIdx.y, for the vectors of columns
+// cv = blockIdx.x * 32 + threadIdx.x; the 8 thread rows (threadIdx.y) take every 8th row of the chunk and are summed
+// in a fixed order. Writes dw_part / db_part [chunk, :].
+constexpr int kColX = 32, kColY = 8;
+
+template <class T, bool RMS>
+__global__ void __launch_bounds__(kColX * kColY)
+    ln_bwd_colsum_kernel(const NormBwdParams p, const bool vec, const int64_t rows_per_chunk,
+                         float* __restrict__ dw_part, float* __restrict__ db_part) {
+  constexpr int V = Vec<T>::kN;
+  __shared__ float sdw[kColY][kColX * V + 1];
+  __shared__ float sdb[kColY][kColX * V + 1];
+  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+  const int64_t M = p.M, N = p.N;
+  const int64_t chunk = blockIdx.y;
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * kColX + tx) * V;
+  const int64_t r0 = chunk * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
+  float dw[V], db[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) dw[e] = db[e] = 0.f;
+  if (j < N) {
+    for (int64_t row = r0 + ty; row < r1; row += kColY) {
+      const float mean = RMS ? 0.f : p.mean[row];
+      const float rstd = p.rstd[row];
+      float sv[V], dy[V];
+      load_vec(static_cast<const T*>(p.s) + row * p.s_row_stride, j, N, vec, sv);
+      load_vec(static_cast<const T*>(p.dy) + row * p.dy_row_stride, j, N, vec, dy);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+        dw[e] += dy[e] * xh;
+        db[e] += dy[e];
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sdw[ty][tx * V + e] = dw[e];
+    sdb[ty][tx * V + e] = db[e];
+  }
+  __syncthreads();
+  // Thread (tx, ty) finishes columns c = ty * kColX + tx, ty * kColX + tx + kColX * kColY, ... of the block's
+  // kColX * V columns: a fixed-order sum over the 8 thread rows.
+  for (int c = ty * kColX + tx; c < kColX * V; c += kColX * kColY) {
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * kColX * V + c;
+    if (col < N) {
+      float a = 0.f, b = 0.f;
+#pragma unroll
+      for (int y = 0; y < kColY; ++y) {
+        a += sdw[y][c];
+        b += sdb[y][c];
+      }
+      dw_part[chunk * N + col] = a;
+      db_part[chunk * N + col] = b;
+    }
+  }
+}
+
+// dweight (blockIdx.y == 0) / dbias (blockIdx.y == 1) = sum over chunks of the partials, in a fixed order: thread
+// row ty sums chunks ty, ty + 8, ... in order, then the 8 thread rows are summed in order. nchunks == 0 gives 0.
+__device__ __forceinline__ void store_as(void* out, DType dt, int64_t j, float v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(out)[j] = v; break;
+    case DType::F16: static_cast<__half*>(out)[j] = __float2half_rn(v); break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(out)[j] = __float2bfloat16_rn(v); break;
+  }
+}
+
+__global__ void __launch_bounds__(kColX * kColY)
+    ln_bwd_reduce_kernel(const float* __restrict__ dw_part, const float* __restrict__ db_part, const int64_t nchunks,
+                         const int64_t N, void* dweight, const DType dweight_dtype, void* dbias,
+                         const DType dbias_dtype) {
+  __shared__ float sm[kColY][kColX + 1];
+  const bool is_db = blockIdx.y == 1;
+  void* out = is_db ? dbias : dweight;
+  if (out == nullptr) return;  // uniform over the block
+  const float* part = is_db ? db_part : dw_part;
+  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColX + tx;
+  float acc = 0.f;
+  if (j < N) {
+#pragma unroll 4
+    for (int64_t k = ty; k < nchunks; k += kColY) acc += part[k * N + j];
+  }
+  sm[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < N) {
+    float total = 0.f;
+#pragma unroll
+    for (int y = 0; y < kColY; ++y) total += sm[y][tx];
+    store_as(out, is_db ? dbias_dtype : dweight_dtype, j, total);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Host side: configurations, plans, launches.
+// ------------------------------------------------------------------------------------------------------------
+constexpr int kLoopedThreads = 512;
+constexpr int64_t kMaxGrid = 0x7fffffff;
+
+// Forward configurations (TPR, RPB, EPT), smallest capacity TPR * EPT first; N above the last: looped kernel.
+struct Cfg {
+  int tpr, rpb, ept;
+};
+// (512, 1, 32) would hold 16384 elements but spills on sm_80 (ptxas hoists every load of pass 3 at the
+// 128-register cap of 512 threads): rows above 8192 take the looped kernel instead.
+constexpr Cfg kFwdCfgs[] = {{8, 16, 8},   {32, 4, 8},   {32, 4, 16},  {32, 4, 32},
+                            {128, 1, 16}, {128, 1, 32}, {256, 1, 32}};
+// Backward keeps s and dy packed plus two fp32 partial sums per element in registers: at most 16 elements.
+constexpr Cfg kBwdCfgs[] = {{8, 16, 8},   {32, 4, 8},   {32, 4, 16},  {64, 2, 16},
+                            {128, 1, 16}, {256, 1, 16}, {512, 1, 16}};
+constexpr int kNumFwdCfgs = sizeof(kFwdCfgs) / sizeof(Cfg);
+constexpr int kNumBwdCfgs = sizeof(kBwdCfgs) / sizeof(Cfg);
+
+// The first of cfgs[0 .. count) that holds N elements; -1: none (looped kernel).
+int pick_cfg(const Cfg* cfgs, int count, int64_t N) {
+  for (int i = 0; i < count; ++i)
+    if (N <= static_cast<int64_t>(cfgs[i].tpr) * cfgs[i].ept) return i;
+  return -1;
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline float host_inv_n(int64_t n) { return 1.0f / static_cast<float>(n); }  // host: IEEE division
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+// 16-byte vector access is valid for every row of a tensor: base aligned, row stride a multiple of V elements.
+inline bool rows_vec_ok(const void* ptr, int64_t row_stride, int64_t M, int V) {
+  return ptr == nullptr || (aligned16(ptr) && (M <= 1 || row_stride % V == 0));
+}
+
+// The partition of rows into chunks for dweight/dbias: depends only on (M, N) and whether partial sums are needed,
+// so results are bitwise reproducible for a shape on any GPU. (Untuned: chosen without a GPU to measure on.)
+constexpr int64_t kMinChunkRows = 16;        // rows per chunk at least (bounds the partial-sum traffic)
+constexpr int64_t kTargetWarps = 4096;       // row groups in flight, counted in warps
+constexpr int64_t kMaxColsumChunks = 1024;   // chunks of the looped path's column kernel
+constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 24;  // 64 MiB of partial sums at most
+
+struct BwdPlan {
+  int cfg = -1;  // index into kBwdCfgs; -1: looped
+  bool partial = false;
+  int64_t rows_per_chunk = 1;
+  int64_t nchunks = 0;
+};
+
+BwdPlan bwd_plan(const NormBwdParams& p) {
+  BwdPlan pl;
+  const int64_t M = p.M, N = p.N;
+  pl.cfg = pick_cfg(kBwdCfgs, kNumBwdCfgs, N);
+  pl.partial = p.dweight != nullptr || (!p.rms && p.dbias != nullptr);
+  if (M <= 0) return pl;
+  int64_t max_chunks;
+  if (pl.cfg >= 0) {
+    const int tpr = kBwdCfgs[pl.cfg].tpr;
+    max_chunks = kTargetWarps * 32 / tpr;
+  } else {
+    max_chunks = kMaxColsumChunks;
+  }
+  if (pl.partial) {
+    const int64_t ws_chunks = kMaxWorkspaceFloats / (2 * N);
+    max_chunks = max_chunks < ws_chunks ? max_chunks : ws_chunks;
+    if (max_chunks < 1) max_chunks = 1;
+  }
+  const int64_t min_rows = pl.partial ? kMinChunkRows : 1;
+  const int64_t want = cdiv(M, max_chunks);
+  pl.rows_per_chunk = want > min_rows ? want : min_rows;
+  pl.nchunks = cdiv(M, pl.rows_per_chunk);
+  return pl;
+}
+
+#define PYATTN_RETURN_IF_LAUNCH_ERROR()              \
+  do {                                               \
+    const cudaError_t err_ = cudaGetLastError();     \
+    if (err_ != cudaSuccess) return err_;            \
+  } while (0)
+
+template <class T, bool RMS, int TPR, int RPB, int EPT>
+cudaError_t launch_fwd(const NormFwdParams& p, bool vec, cudaStream_t stream) {
+  const int64_t blocks = cdiv(p.M, RPB);
+  ln_fwd_kernel<T, RMS, TPR, RPB, EPT>
+      <<<static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid), TPR * RPB, 0, stream>>>(p, vec, host_inv_n(p.N));
+  PYATTN_RETURN_IF_LAUNCH_ERROR();
+  return cudaSuccess;
+}
+
+template <class T, bool RMS>
+cudaError_t fwd_dispatch(const NormFwdParams& p, cudaStream_t stream) {
+  constexpr int V = Vec<T>::kN;
+  const bool vec = rows_vec_ok(p.x, p.x_row_stride, p.M, V) && rows_vec_ok(p.residual, p.residual_row_stride, p.M, V) &&
+                   rows_vec_ok(p.y, p.y_row_stride, p.M, V) &&
+                   rows_vec_ok(p.residual_out, p.residual_out_row_stride, p.M, V) &&
+                   (p.weight == nullptr || aligned16(p.weight)) && (p.bias == nullptr || aligned16(p.bias));
+  switch (pick_cfg(kFwdCfgs, kNumFwdCfgs, p.N)) {
+#define PYATTN_FWD_CASE(i) \
+  case i: return launch_fwd<T, RMS, kFwdCfgs[i].tpr, kFwdCfgs[i].rpb, kFwdCfgs[i].ept>(p, vec, stream);
+    PYATTN_FWD_CASE(0)
+    PYATTN_FWD_CASE(1)
+    PYATTN_FWD_CASE(2)
+    PYATTN_FWD_CASE(3)
+    PYATTN_FWD_CASE(4)
+    PYATTN_FWD_CASE(5)
+    PYATTN_FWD_CASE(6)
+#undef PYATTN_FWD_CASE
+    default: {
+      if (p.M > kMaxGrid) return cudaErrorInvalidValue;  // one block per row (see the kernel)
+      const unsigned blocks = static_cast<unsigned>(p.M);
+      if (vec) {
+        ln_fwd_looped_kernel<T, RMS, kLoopedThreads, true><<<blocks, kLoopedThreads, 0, stream>>>(p, host_inv_n(p.N));
+      } else {
+        ln_fwd_looped_kernel<T, RMS, kLoopedThreads, false><<<blocks, kLoopedThreads, 0, stream>>>(p, host_inv_n(p.N));
+      }
+      PYATTN_RETURN_IF_LAUNCH_ERROR();
+      return cudaSuccess;
+    }
+  }
+}
+static_assert(kNumFwdCfgs == 7, "the cases of fwd_dispatch must cover kFwdCfgs");
+
+template <class T, bool RMS, int TPR, int RPB, int EPT>
+cudaError_t launch_bwd(const NormBwdParams& p, const BwdPlan& pl, bool vec, float* dw_part, float* db_part,
+                       cudaStream_t stream) {
+  const int64_t blocks = cdiv(pl.nchunks, RPB);  // <= kTargetWarps * 32 / TPR / RPB: small
+  ln_bwd_kernel<T, RMS, TPR, RPB, EPT><<<static_cast<unsigned>(blocks), TPR * RPB, 0, stream>>>(
+      p, vec, host_inv_n(p.N), pl.rows_per_chunk, pl.nchunks, dw_part, db_part);
+  PYATTN_RETURN_IF_LAUNCH_ERROR();
+  return cudaSuccess;
+}
+
+template <class T, bool RMS>
+cudaError_t bwd_dispatch(const NormBwdParams& p, cudaStream_t stream) {
+  constexpr int V = Vec<T>::kN;
+  const BwdPlan pl = bwd_plan(p);
+  float* dw_part = nullptr;
+  float* db_part = nullptr;
+  if (pl.partial && pl.nchunks > 0) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;  // the bindings allocate it
+    dw_part = p.workspace;
+    db_part = p.workspace + pl.nchunks * p.N;
+  }
+  if (p.M > 0) {
+    const bool vec = rows_vec_ok(p.dy, p.dy_row_stride, p.M, V) && rows_vec_ok(p.s, p.s_row_stride, p.M, V) &&
+                     rows_vec_ok(p.dresidual_out, p.dresidual_out_row_stride, p.M, V) &&
+                     rows_vec_ok(p.dx, p.dx_row_stride, p.M, V) && (p.weight == nullptr || aligned16(p.weight));
+    cudaError_t err = cudaSuccess;
+    switch (pl.cfg) {
+#define PYATTN_BWD_CASE(i)                                                                                    \
+  case i:                                                                                                     \
+    err = launch_bwd<T, RMS, kBwdCfgs[i].tpr, kBwdCfgs[i].rpb, kBwdCfgs[i].ept>(p, pl, vec, dw_part, db_part, \
+                                                                                 stream);                     \
+    break;
+      PYATTN_BWD_CASE(0)
+      PYATTN_BWD_CASE(1)
+      PYATTN_BWD_CASE(2)
+      PYATTN_BWD_CASE(3)
+      PYATTN_BWD_CASE(4)
+      PYATTN_BWD_CASE(5)
+      PYATTN_BWD_CASE(6)
+#undef PYATTN_BWD_CASE
+      default: {
+        if (p.M > kMaxGrid) return cudaErrorInvalidValue;  // one block per row (see the kernel)
+        const unsigned blocks = static_cast<unsigned>(p.M);
+        if (vec) {
+          ln_bwd_looped_kernel<T, RMS, kLoopedThreads, true><<<blocks, kLoopedThreads, 0, stream>>>(p, host_inv_n(p.N));
+        } else {
+          ln_bwd_looped_kernel<T, RMS, kLoopedThreads, false><<<blocks, kLoopedThreads, 0, stream>>>(p, host_inv_n(p.N));
+        }
+        PYATTN_RETURN_IF_LAUNCH_ERROR();
+        if (pl.partial) {
+          const dim3 grid(static_cast<unsigned>(cdiv(p.N, int64_t(kColX) * V)), static_cast<unsigned>(pl.nchunks));
+          ln_bwd_colsum_kernel<T, RMS>
+              <<<grid, dim3(kColX, kColY), 0, stream>>>(p, vec, pl.rows_per_chunk, dw_part, db_part);
+          PYATTN_RETURN_IF_LAUNCH_ERROR();
+        }
+      }
+    }
+    if (err != cudaSuccess) return err;
+  }
+  if (pl.partial) {
+    const dim3 grid(static_cast<unsigned>(cdiv(p.N, kColX)), 2);
+    ln_bwd_reduce_kernel<<<grid, dim3(kColX, kColY), 0, stream>>>(dw_part, db_part, pl.nchunks, p.N, p.dweight,
+                                                                  p.dweight_dtype, p.rms ? nullptr : p.dbias,
+                                                                  p.dbias_dtype);
+    PYATTN_RETURN_IF_LAUNCH_ERROR();
+  }
+  return cudaSuccess;
+}
+static_assert(kNumBwdCfgs == 7, "the cases of bwd_dispatch must cover kBwdCfgs");
+
+template <class T>
+cudaError_t fwd_rms(const NormFwdParams& p, cudaStream_t stream) {
+  return p.rms ? fwd_dispatch<T, true>(p, stream) : fwd_dispatch<T, false>(p, stream);
+}
+template <class T>
+cudaError_t bwd_rms(const NormBwdParams& p, cudaStream_t stream) {
+  return p.rms ? bwd_dispatch<T, true>(p, stream) : bwd_dispatch<T, false>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t layer_norm_fwd(const NormFwdParams& p, cudaStream_t stream) {
+  if (p.M <= 0) return cudaSuccess;
+  if (p.N <= 0) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::F32: return fwd_rms<float>(p, stream);
+    case DType::F16: return fwd_rms<__half>(p, stream);
+    case DType::BF16: return fwd_rms<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t layer_norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
+  if (p.N <= 0) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::F32: return bwd_rms<float>(p, stream);
+    case DType::F16: return bwd_rms<__half>(p, stream);
+    case DType::BF16: return bwd_rms<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t layer_norm_bwd_workspace_floats(const NormBwdParams& p) {
+  const BwdPlan pl = bwd_plan(p);
+  return pl.partial ? 2 * pl.nchunks * p.N : 0;
+}
+
+}  // namespace cuda
+}  // namespace pyattn
