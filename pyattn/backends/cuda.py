@@ -84,6 +84,11 @@ class CudaBackend(Backend):
         reasons = missing_kernel_reason(inputs.op, "CUDA")
         if inputs.op == "attention" and not reasons:  # attention
             reasons.extend(_attention_reasons(inputs))
+        if inputs.op in ("gru_cell", "gru") and not reasons:  # GRU
+            major, minor = torch.cuda.get_device_capability(inputs.device)
+            if (major, minor) < (8, 0):
+                reasons.append(f"compute capability {major}.{minor} < 8.0 (csrc/cuda/gru.cu is built for sm_80 and "
+                               "sm_90a only)")
         return reasons
 
     # ---- attention ---- (same signatures and returns as TorchBackend.attention_*; csrc/bindings/cuda/attention.cpp)
