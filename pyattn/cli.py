@@ -86,8 +86,13 @@ LECTURE_TEXT = "a gated recurrent unit: the reset gate r, the update gate z, the
 
 
 def _demo(args) -> int:
+    if args.what == "transformer":
+        from pyattn.models.translation_demo import run_demo
+
+        return run_demo(device=args.device, steps=args.steps, seconds=args.seconds, seed=args.seed, out=args.out,
+                        max_digits=args.digits)
     if args.what != "gru":
-        print(f"pyattn demo {args.what}: not available yet (only `pyattn demo gru`)", file=sys.stderr)
+        print(f"pyattn demo {args.what}: unknown demo (gru | transformer)", file=sys.stderr)
         return 2
     import pyattn
     from pyattn.models.char_gru import train_on_text
@@ -124,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None, help="write PNG plots into this directory")
     d = sub.add_parser("demo", help="train a small model on pyattn")
     d.add_argument("what", nargs="?", default="gru", help="gru | transformer")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--device", default="cpu", help="cpu (default) | cuda")
+    d.add_argument("--steps", type=int, default=None,
+                   help="transformer: training steps (default 600; about a minute on 2 CPU cores)")
+    d.add_argument("--seconds", type=float, default=None,
+                   help="transformer: stop training after this many seconds if the steps are not done yet")
+    d.add_argument("--seed", type=int, default=0, help="transformer: random seed (model, data)")
+    d.add_argument("--out", default="pyattn_demo_transformer_loss.png",
+                   help="transformer: where to write the loss-curve PNG")
+    d.add_argument("--digits", type=int, default=6, help="transformer: numbers of up to this many digits (1-12)")
     return p
 
 

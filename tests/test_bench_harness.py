@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from pyattn import backends as pyattn_backends
 from pyattn.benchmarks import harness, run
 from pyattn.benchmarks.harness import (BenchContext, Case, Provider, Target, Work, apply_targets, attention_flops,
                                        compare, gru_flops, measure, norm_bytes, percentile)
@@ -302,3 +303,83 @@ def test_every_accepting_backend_is_benchmarked_and_refusals_are_noted(monkeypat
     assert any("pyattn:fakecpp not benchmarked for layer_norm on cpu: dtype bfloat16 not supported" in n
                for n in doc["notes"])
     assert "pyattn:fakecpp" in capsys.readouterr().out
+
+
+# ---- pyattn bench --op transformer, tiny ----------------------------------------------------------------------------
+
+def test_transformer_flop_formulas_match_torch_flop_counter():
+    """The matmul part of transformer_flops / generate_flops equals what torch.utils.flop_counter counts on the real
+    model (it does not count attention, which is added by hand here: 4*Lq*Lk*E per layer and batch, causal halved)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pyattn.benchmarks import bench_transformer as bt
+
+    p = dict(bt.TINY)
+    B, S, T, G, E, F_, N, V = (p[k] for k in "BSTGEFNV")
+    train = Case("transformer", "fwd+bwd", {k: v for k, v in p.items() if k != "G"}, torch.float32, "cpu")
+    inputs = bt.make_inputs(train)
+    m = bt._model(train, inputs, "torch").train()
+    with FlopCounterMode(display=False) as fc:
+        m(inputs["src"], inputs["tgt_in"]).sum().backward()
+    attn = N * B * (4 * S * S * E + 2 * T * T * E + 4 * T * S * E)
+    assert fc.get_total_flops() == bt.transformer_flops(B, S, T, E, F_, N, V, "fwd+bwd") - 3 * attn
+    assert bt.work_for(train).amount == bt.transformer_flops(B, S, T, E, F_, N, V, "fwd+bwd")
+    gen = Case("transformer", "generate", {k: v for k, v in p.items() if k != "T"}, torch.float32, "cpu")
+    inputs = bt.make_inputs(gen)
+    m = bt._model(gen, inputs, "pyattn")
+    with FlopCounterMode(display=False) as fc:
+        out = m.generate(inputs["src"], G, min_new_tokens=G)
+    assert out.shape == (B, G)
+    attn = N * B * (4 * S * S * E + 4 * S * E * G + 4 * E * sum(t + 1 for t in range(G)))
+    assert fc.get_total_flops() == bt.generate_flops(B, S, G, E, F_, N, V) - attn
+
+
+def test_bench_transformer_tiny(tmp_path, capsys):
+    out_json = tmp_path / "tr.json"
+    assert run.main(_args(tmp_path, op="transformer", json=str(out_json), csv=None,
+                          plot=str(tmp_path / "trplots"))) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    rows = doc["rows"]
+    assert {(r["op"], r["mode"]) for r in rows} == {("transformer", "fwd+bwd"), ("transformer", "generate")}
+    available = {name for name, ok, _ in pyattn_backends() if ok and name != "triton"}
+    assert {"cpp", "torch"} <= available
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["check"] == "ok", r                    # losses and grads vs float64; tokens vs the baseline's
+        assert r["tokens_per_s"] > 0 and r["speedup"] > 0 and r["throughput"] > 0
+        assert r["kind"] != "pyattn:triton"
+    train = {r["provider"] for r in rows if r["mode"] == "fwd+bwd"}
+    gen = {r["provider"] for r in rows if r["mode"] == "generate"}
+    assert train == {"torch:nn.Transformer"} | {f"pyattn:{n}" for n in available}
+    # the baseline says it has no cache; the default (first-priority) backend also runs without one
+    assert gen == ({"torch:nn.Transformer, no KV cache (torch has none)", "pyattn:cpp no cache"}
+                   | {f"pyattn:{n} KV cache" for n in available})
+    assert sum(r["is_baseline"] for r in rows) == 2
+    assert any("generated tokens/s" in n for n in doc["notes"])
+    assert any("pyattn:triton not benchmarked on CPU" in n for n in doc["notes"])
+    assert "no KV cache (torch has none)" in out and "pyattn:cpp KV cache" in out
+    pngs = sorted(p.name for p in (tmp_path / "trplots").iterdir())
+    assert pngs == ["transformer_fwd-bwd_float32_cpu.png", "transformer_generate_float32_cpu.png"]
+
+
+def test_bench_transformer_catches_a_wrong_model(monkeypatch, tmp_path):
+    """A pyattn model that computes something else (a decoder layer's weights perturbed after loading) is flagged
+    MISMATCH in the training-step rows, not given a speedup quietly."""
+    from pyattn.benchmarks import bench_transformer as bt
+
+    real = bt._model
+
+    def broken(case, inputs, core):
+        m = real(case, inputs, core)
+        if core == "pyattn":
+            with torch.no_grad():
+                m.transformer.decoder.layers[0].linear1.weight.mul_(1.5)
+        return m
+
+    monkeypatch.setattr(bt, "_model", broken)
+    out_json = tmp_path / "bad.json"
+    assert run.main(_args(tmp_path, op="transformer", json=str(out_json), csv=None, plot=None)) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    ours = [r for r in rows if r["mode"] == "fwd+bwd" and not r["is_baseline"]]
+    assert ours and all(r["check"] == "MISMATCH" for r in ours)
