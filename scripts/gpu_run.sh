@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (works offline): build pyattn with its CUDA extension, run the `gpu` tests and the
-# whole test suite, run the full benchmark, and keep everything under benchmarks/results/<device-slug>/:
-#   info.txt (pyattn info), build.log, test.log, bench.txt (the printed table), bench.log (with progress),
-#   bench.json, bench.csv, plots/*.png, summary.txt (one line per step).
+# One command for a GPU machine (works offline): build pyattn with its CUDA extension, run the `gpu` tests, the
+# compute-sanitizer checks of the CUDA kernels (scripts/gpu_sanitize.sh) and the whole test suite, run the full
+# benchmark, and keep everything under benchmarks/results/<device-slug>/:
+#   info.txt (pyattn info), build.log, test.log, sanitize.log, bench.txt (the printed table), bench.log (with
+#   progress), bench.json, bench.csv, plots/*.png, summary.txt (one line per step).
 # Every step runs even when an earlier one failed (a failed build still leaves the torch/triton backends to
 # measure); the script exits non-zero if any step failed, after writing what it has.
 #
@@ -21,6 +22,17 @@ fi
 PY="${PYTHON:-python}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}"
 export MAX_JOBS="${MAX_JOBS:-16}"
+# The CUDA build's toolchain, as scripts/build_cuda_ext.sh sets it: CUDA_HOME from nvcc itself (the nvcc on PATH may
+# be a wrapper, which defeats torch's guess), and the cuBLAS/cuSPARSE headers of torch's nvidia wheels on CPATH when
+# the toolkit lacks them.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  probe="$(mktemp -d)"; : > "$probe/x.cu"
+  top="$(cd "$probe" && nvcc --dryrun -c x.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+  rm -rf "$probe"
+  [ -n "$top" ] && [ -d "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
+fi
+NV_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia/cu13/include"
+[ -d "$NV_INC" ] && export CPATH="$NV_INC${CPATH:+:$CPATH}"
 
 # The device slug: the GPU's name as torch (else nvidia-smi) reports it, e.g. nvidia-h100-80gb-hbm3.
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' \
@@ -58,7 +70,7 @@ step() {  # step NAME LOGFILE CMD...: run CMD, tee its output into LOGFILE (appe
   return 0
 }
 
-rm -f "$OUT/build.log" "$OUT/test.log" "$OUT/bench.txt" "$OUT/bench.log" "$OUT/info.txt"
+rm -f "$OUT/build.log" "$OUT/test.log" "$OUT/sanitize.log" "$OUT/bench.txt" "$OUT/bench.log" "$OUT/info.txt"
 if [ "${PYATTN_SKIP_BUILD:-0}" != "1" ]; then
   # --no-build-isolation: compile against the installed (CUDA) torch; --no-deps --no-index: never touch the network.
   step build "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
@@ -66,6 +78,9 @@ fi
 step info "$OUT/info.txt" "$PY" -m pyattn info
 if [ -f scripts/compile_triton.py ]; then
   step ptxas "$OUT/test.log" "$PY" scripts/compile_triton.py
+fi
+if [ -f scripts/compile_cuda.py ]; then  # every csrc/cuda/*.cu for sm_80/sm_90a: -Werror, no spills
+  step nvcc "$OUT/test.log" "$PY" scripts/compile_cuda.py
 fi
 gpu_tests() {  # pytest exits 5 when no test carries the gpu marker: say so, but it is not a failure
   "$PY" -m pytest -m gpu -v -ra tests ${PYATTN_PYTEST_ARGS:-}
@@ -75,6 +90,8 @@ gpu_tests() {  # pytest exits 5 when no test carries the gpu marker: say so, but
 }
 # shellcheck disable=SC2086
 step gpu-tests "$OUT/test.log" gpu_tests
+# compute-sanitizer memcheck + racecheck of the cuda backend's kernels on small shapes (exit 2: not available here)
+step sanitize "$OUT/sanitize.log" env PYTHON="$PY" bash scripts/gpu_sanitize.sh
 # shellcheck disable=SC2086
 step all-tests "$OUT/test.log" "$PY" -m pytest -q -ra tests ${PYATTN_PYTEST_ARGS:-}
 rm -rf "$OUT/plots"

@@ -290,6 +290,279 @@ def test_layer_norm(backend, dtype, n):
         assert_tol(got, want, "layer_norm", dtype if got.shape == x.shape else torch.float32, kind="bwd")
 
 
+# ---- norm (LayerNorm / RMSNorm, + fused residual) ------------------------------------------------------------
+# Every GPU backend for the shared semantics; the cuda backend alone (its C++ ops directly) where a test pins its
+# implementation: vector and element paths bit-identical, chunked deterministic dweight/dbias, the bindings' checks.
+# Shapes cross every configuration of csrc/cuda/layer_norm.cu (row group capacities 64 .. 8192 elements, then the
+# looped kernel) and the dweight chunking (16 rows per chunk at least).
+import torch.nn.functional as F  # noqa: E402
+
+NORM_SHAPES = [(1, 1), (3, 7), (5, 64), (33, 65), (2, 127), (17, 256), (4, 257), (100, 1000), (3, 1023),
+               (40, 1024), (7, 1500), (3, 2048), (33, 4096), (5, 8192), (3, 8193), (19, 16384), (2, 65536)]
+
+
+def _norm_oracle(s, w, b, eps, rms, dy, ds):
+    """float64 forward and (dx, dw, db) of norm(s) from the kernel's own rounded s; dx includes ds (the gradient of
+    the returned residual sum)."""
+    s64 = s.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    n = s.shape[-1]
+    y64 = F.rms_norm(s64, (n,), w64, eps) if rms else F.layer_norm(s64, (n,), w64, b64, eps)
+    grads = torch.autograd.grad(y64, [s64, w64] + ([b64] if b64 is not None else []), dy.double())
+    return y64, (grads[0] + ds.double(), *grads[1:])
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+def test_norm_shapes_residual_and_grads(backend, rms, dtype, param_dtype):
+    g = torch.Generator().manual_seed(0)
+    pdt = torch.float32 if param_dtype == "float32" else dtype
+    for m, n in NORM_SHAPES:
+        x = torch.randn(m, n, generator=g).to(DEV, dtype).requires_grad_()
+        r = torch.randn(m, n, generator=g).to(DEV, dtype).requires_grad_()
+        w = (1 + 0.5 * torch.randn(n, generator=g)).to(DEV, pdt).requires_grad_()
+        b = None if rms else (0.5 * torch.randn(n, generator=g)).to(DEV, pdt).requires_grad_()
+        if rms:
+            y, s = pyattn.rms_norm(x, (n,), w, 1e-5, residual=r, return_residual=True, backend=backend)
+        else:
+            y, s = pyattn.layer_norm(x, (n,), w, b, 1e-5, residual=r, return_residual=True, backend=backend)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert torch.equal(s, x.detach() + r.detach()), (m, n)  # the sum is rounded to dtype like torch's x + r
+        dy = torch.randn(m, n, generator=g).to(DEV, dtype)
+        ds = torch.randn(m, n, generator=g).to(DEV, dtype)
+        leaves = [x, r, w] + ([b] if b is not None else [])
+        grads = torch.autograd.grad((y, s), leaves, (dy, ds))
+        y64, (dx64, *dp64) = _norm_oracle(s, w, b, 1e-5, rms, dy, ds)
+        what = f"{backend} {'rms' if rms else 'ln'} {dtype} params {pdt} shape {(m, n)}"
+        assert_tol(y, y64, "layer_norm", dtype, msg=lambda msg: f"{what} y: {msg}")
+        assert_tol(grads[0], dx64, "layer_norm", dtype, "bwd", msg=lambda msg: f"{what} dx: {msg}")
+        assert torch.equal(grads[0], grads[1])  # d/dx = d/dresidual
+        for name, got, want in zip(("dweight", "dbias"), grads[2:], dp64):
+            assert got.dtype == pdt
+            assert_tol(got, want, "layer_norm", pdt, "bwd", msg=lambda msg: f"{what} {name}: {msg}")
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))
+@pytest.mark.parametrize("n", [1000, 4096, 20000])
+def test_norm_offset_constant_and_nan_rows(backend, n):
+    """+1000 offsets stay accurate (corrected two-pass variance); a constant row gives the bias; NaN stays in its
+    row."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, n, generator=g) * 0.1 + 1000.0
+    x[1] = 3.0
+    x[2, n // 2] = float("nan")
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    x, w, b = x.to(DEV), w.to(DEV), b.to(DEV)
+    y = pyattn.layer_norm(x, (n,), w, b, backend=backend)
+    ref = F.layer_norm(x.double(), (n,), w.double(), b.double())
+    keep = [0, 3, 4]
+    # fp32 inputs near 1000 carry an absolute error of ulp(1000)/2 = 3e-5 each, 3e-4 of the deviation (0.1) itself.
+    torch.testing.assert_close(y[keep].double(), ref[keep], atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(y[1], b)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+    yr = pyattn.rms_norm(x[keep], (n,), w, backend=backend)
+    # rtol 1e-5, not 1.3e-6: mean(s^2) of values near 1e6 summed in fp32 carries ~(terms per thread) * 2^-24.
+    torch.testing.assert_close(yr.double(), F.rms_norm(x[keep].double(), (n,), w.double()), atol=1e-5, rtol=1e-5)
+
+
+def _cuda_norm_missing():
+    ok, why = get_backend("cuda").availability()
+    if not ok:
+        return f"cuda backend unavailable: {why}"
+    from pyattn.backends._native import has_kernel
+
+    if not has_kernel("layer_norm_fwd", "CUDA"):
+        return "pyattn._C has no CUDA LayerNorm kernels"
+    return None
+
+
+_needs_cuda_norm = pytest.mark.skipif(_cuda_norm_missing() is not None, reason=str(_cuda_norm_missing()))
+
+
+def _ln_fwd(x, r, w, b, rms=False, store=True, eps=1e-5):
+    return torch.ops.pyattn.layer_norm_fwd(x, r, w, b, eps, rms, store)
+
+
+def _ln_bwd(dy, s, w, mean, rstd, dres, rms=False, has_bias=True, need_dweight=True):
+    return torch.ops.pyattn.layer_norm_bwd(dy, s, w, mean, rstd, dres, rms, has_bias, need_dweight)
+
+
+def _nan_padded(t, pad, shift):
+    """A copy of the (M, N) tensor t whose rows have stride N + pad and whose first element sits `shift` elements
+    past an allocation's start; NaN everywhere else in the allocation."""
+    m, n = t.shape
+    buf = torch.full((shift + m * (n + pad),), float("nan"), device=t.device, dtype=t.dtype)
+    out = buf[shift:].view(m, n + pad)[:, :n]
+    out.copy_(t)
+    return out
+
+
+@_needs_cuda_norm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [7, 64, 1000, 1024, 5000, 8192, 12000])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_norm_cuda_layouts_bit_identical(dtype, n, rms):
+    """Row strides that keep 16-byte vectors (pad 8), that break them (pad 3), a base 1 element off 16-byte alignment,
+    unaligned weights, expanded gradients: the vector and element paths give the same bits as contiguous inputs, and
+    NaN past each row's end never leaks in."""
+    m = 37
+    g = torch.Generator().manual_seed(n)
+    x, r, dy, dres = (torch.randn(m, n, generator=g).to(DEV, dtype) for _ in range(4))
+    w = (1 + 0.5 * torch.randn(n, generator=g)).to(DEV)
+    b = None if rms else (0.5 * torch.randn(n, generator=g)).to(DEV)
+    y0, s0, mean0, rstd0 = _ln_fwd(x, r, w, b, rms)
+    dx0, dw0, db0 = _ln_bwd(dy, s0, w, mean0, rstd0, dres, rms, b is not None)
+    w_un = torch.full((n + 1,), float("nan"), device=DEV)[1:].copy_(w)  # contiguous, 4 bytes off alignment
+    b_un = None if b is None else torch.full((n + 1,), float("nan"), device=DEV)[1:].copy_(b)
+    for pad, shift in ((8, 0), (3, 0), (8, 1), (0, 1)):
+        xv, rv, dyv, dresv = (_nan_padded(t, pad, shift) for t in (x, r, dy, dres))
+        for wv, bv in ((w, b), (w_un, b_un)):
+            y, s, mean, rstd = _ln_fwd(xv, rv, wv, bv, rms)
+            assert torch.equal(y, y0) and torch.equal(s, s0) and torch.equal(rstd, rstd0), (pad, shift)
+            assert torch.equal(mean, mean0)
+            dx, dw, db = _ln_bwd(dyv, _nan_padded(s0, pad, shift), wv, mean0, rstd0, dresv, rms, b is not None)
+            assert torch.equal(dx, dx0) and torch.equal(dw, dw0) and torch.equal(db, db0), (pad, shift)
+    # An expanded gradient (row stride 0) and one with a strided last dim (copied by the binding).
+    dy_row = dy[:1]
+    dx_e, dw_e, db_e = _ln_bwd(dy_row.expand(m, n), s0, w, mean0, rstd0, None, rms, b is not None)
+    dx_c, dw_c, db_c = _ln_bwd(dy_row.expand(m, n).contiguous(), s0, w, mean0, rstd0, None, rms, b is not None)
+    assert torch.equal(dx_e, dx_c) and torch.equal(dw_e, dw_c) and torch.equal(db_e, db_c)
+    dy_t = dy.t().contiguous().t()  # same values, last-dim stride m
+    assert torch.equal(_ln_bwd(dy_t, s0, w, mean0, rstd0, dres, rms, b is not None)[0], dx0)
+
+
+@_needs_cuda_norm
+@pytest.mark.parametrize("m,n", [(300000, 64), (5000, 64), (1000, 300), (257, 1024), (70, 8192), (40, 16384),
+                                 (3, 65536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_cuda_weight_grads_deterministic_and_right(m, n, dtype):
+    """dweight/dbias from per-chunk partial sums and a fixed-order reduction: bitwise equal across runs, for row
+    counts that make one chunk, many chunks, and more chunks than the cap (300000 rows); and the column kernel of
+    long rows. Also the statistics (mean, rstd) against float64."""
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, n, generator=g).to(DEV, dtype)
+    w, b = (1 + 0.5 * torch.randn(n, generator=g)).to(DEV), (0.5 * torch.randn(n, generator=g)).to(DEV)
+    dy = torch.randn(m, n, generator=g).to(DEV, dtype)
+    for rms in (False, True):
+        bias = None if rms else b
+        y, _, mean, rstd = _ln_fwd(x, None, w, bias, rms, False)
+        x64 = x.double()
+        if rms:
+            ref_rstd = torch.rsqrt(x64.pow(2).mean(-1) + 1e-5)
+        else:
+            ref_mean = x64.mean(-1)
+            ref_rstd = torch.rsqrt((x64 - ref_mean[:, None]).pow(2).mean(-1) + 1e-5)
+            torch.testing.assert_close(mean.double(), ref_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rstd.double(), ref_rstd, atol=1e-6, rtol=1e-5)
+        first = _ln_bwd(dy, x, w, mean, rstd, None, rms, not rms)
+        for _ in range(2):
+            again = _ln_bwd(dy, x, w, mean, rstd, None, rms, not rms)
+            assert all(torch.equal(a, c) for a, c in zip(first, again))
+        if m * n <= 2_000_000:  # the float64 oracle for sizes where it is cheap
+            y64, (dx64, *dp64) = _norm_oracle(x, w, bias, 1e-5, rms, dy, torch.zeros_like(dy))
+            assert_tol(first[0], dx64, "layer_norm", dtype, "bwd")
+            for got, want in zip(first[1:], dp64):
+                assert_tol(got, want, "layer_norm", torch.float32, "bwd")
+
+
+@_needs_cuda_norm
+def test_norm_cuda_nan_filled_outputs_and_workspace(monkeypatch):
+    """PYATTN_DEBUG_NAN_FILL=1 makes the CUDA bindings fill outputs and the partial-sum workspace with NaN before
+    the kernels: the same bits come out, so every element is written before it is read."""
+    g = torch.Generator().manual_seed(3)
+    for m, n in ((37, 7), (100, 1000), (33, 4096), (19, 16384)):
+        x, r, dy = (torch.randn(m, n, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+        w, b = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+
+        def run():
+            y, s, mean, rstd = _ln_fwd(x, r, w, b)
+            return (y, s, mean, rstd, *_ln_bwd(dy, s, w, mean, rstd, dy))
+
+        monkeypatch.delenv("PYATTN_DEBUG_NAN_FILL", raising=False)
+        plain = run()
+        assert all(torch.isfinite(t).all() for t in plain)
+        monkeypatch.setenv("PYATTN_DEBUG_NAN_FILL", "1")
+        assert all(torch.equal(a, c) for a, c in zip(plain, run()))
+
+
+@_needs_cuda_norm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_cuda_opcheck(dtype):
+    m, n = 5, 33
+    g = torch.Generator().manual_seed(4)
+    x, r, dy = (torch.randn(m, n, generator=g).to(DEV, dtype) for _ in range(3))
+    w, b = torch.randn(n, generator=g).to(DEV, dtype), torch.randn(n, generator=g).to(DEV, dtype)
+    torch.library.opcheck(torch.ops.pyattn.layer_norm_fwd.default, (x, r, w, b, 1e-5, False, True))
+    torch.library.opcheck(torch.ops.pyattn.layer_norm_fwd.default, (x, None, w, None, 1e-6, True, False))
+    _, s, mean, rstd = _ln_fwd(x, r, w, b)
+    torch.library.opcheck(torch.ops.pyattn.layer_norm_bwd.default, (dy, s, w, mean, rstd, dy, False, True, True))
+    torch.library.opcheck(torch.ops.pyattn.layer_norm_bwd.default,
+                          (dy, s, None, mean, rstd, None, False, False, False))
+
+
+@_needs_cuda_norm
+def test_norm_cuda_empty_rows():
+    x = torch.empty(0, 16, device=DEV)
+    w, b = torch.randn(16, device=DEV), torch.randn(16, device=DEV)
+    y, s, mean, rstd = _ln_fwd(x, x, w, b)
+    assert y.shape == (0, 16) and s.shape == (0, 16) and mean.shape == (0,) and rstd.shape == (0,)
+    dx, dw, db = _ln_bwd(x, x, w, mean, rstd, None)
+    assert dx.shape == (0, 16) and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+
+
+def _norm_bad_cuda_cases():
+    x = torch.randn(4, 8, device=DEV)
+    w = torch.randn(8, device=DEV)
+    _, _, mean, rstd = _ln_fwd(x, None, w, None, False, False)
+    return [
+        ("x must be 2-D", lambda: _ln_fwd(torch.randn(8, device=DEV), None, w, None)),
+        ("x must have dtype float32, bfloat16 or float16", lambda: _ln_fwd(x.double(), None, w.double(), None)),
+        ("x must have stride 1", lambda: _ln_fwd(torch.randn(8, 4, device=DEV).t(), None, w, None)),
+        ("x must have a non-empty last dimension", lambda: _ln_fwd(torch.randn(4, 0, device=DEV), None, None, None)),
+        ("residual must have shape", lambda: _ln_fwd(x, torch.randn(4, 9, device=DEV), w, None)),
+        ("residual must have dtype", lambda: _ln_fwd(x, x.bfloat16(), w, None)),
+        ("residual must be a CUDA tensor", lambda: _ln_fwd(x, x.cpu(), w, None)),
+        ("weight must be a CUDA tensor", lambda: _ln_fwd(x, None, w.cpu(), None)),
+        ("weight must have dtype float32 or", lambda: _ln_fwd(x, None, w.half(), None)),
+        ("weight must be contiguous", lambda: _ln_fwd(x, None, torch.randn(16, device=DEV)[::2], None)),
+        ("bias must be None when rms", lambda: _ln_fwd(x, None, w, w, True)),
+        ("eps must be a finite number", lambda: _ln_fwd(x, None, w, None, eps=-1.0)),
+        ("dy must have shape", lambda: _ln_bwd(torch.randn(4, 9, device=DEV), x, w, mean, rstd, None)),
+        ("dy must be a CUDA tensor", lambda: _ln_bwd(x.cpu(), x, w, mean, rstd, None)),
+        ("mean must have dtype float32", lambda: _ln_bwd(x, x, w, mean.double(), rstd, None)),
+        ("rstd must have shape", lambda: _ln_bwd(x, x, w, mean, rstd[:3], None)),
+        ("dresidual_out must have shape", lambda: _ln_bwd(x, x, w, mean, rstd, torch.randn(3, 8, device=DEV))),
+        ("has_bias must be False when rms", lambda: _ln_bwd(x, x, w, mean, rstd, None, True, True)),
+    ]
+
+
+@_needs_cuda_norm
+@pytest.mark.parametrize("case", range(18))
+def test_norm_cuda_bad_inputs_raise_like_the_cpu_binding(case):
+    cases = _norm_bad_cuda_cases()
+    assert len(cases) == 18
+    match, call = cases[case]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+    assert _ln_fwd(torch.ones(2, 3, device=DEV), None, None, None)[0].shape == (2, 3)  # still usable
+
+
+@_needs_cuda_norm
+def test_norm_cuda_second_device_mismatch():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = torch.randn(4, 8, device="cuda:0")
+    with pytest.raises(RuntimeError, match="weight must be on the same device as x"):
+        _ln_fwd(x, None, torch.randn(8, device="cuda:1"), None)
+    y1 = _ln_fwd(x.to("cuda:1"), None, None, None)[0]  # runs on its own device (CUDAGuard)
+    assert y1.device == torch.device("cuda:1")
+    torch.testing.assert_close(y1.cpu(), _ln_fwd(x, None, None, None)[0].cpu())
+# ---- end norm ----
+
+
 @pytest.mark.parametrize("backend", _gpu_backends("gru"))
 @pytest.mark.parametrize("bsz,hidden", [(1, 128), (33, 256), (64, 1024)])
 def test_gru_module(backend, bsz, hidden):

@@ -48,12 +48,54 @@ def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> t
 # ---- end attention ----
 
 
+# ---- norm ----
+_NORM_NOTES = ("LayerNorm/RMSNorm (+ fused residual) kernels of csrc/cuda/layer_norm.cu: one row per warp or block, "
+               "16-byte loads, corrected two-pass variance in fp32, any hidden size, deterministic dweight/dbias",
+               "compiled offline for sm_80/sm_90a but not yet run on a GPU: after triton in the priority lists "
+               "until tests/test_gpu.py and scripts/gpu_sanitize.sh pass on one (docs/design.md, CUDA backend status)")
+
+
+def _device_code_for(capability, archs: str) -> bool:
+    """Whether a build for TORCH_CUDA_ARCH_LIST `archs` (e.g. "8.0;9.0a") has code a device of `capability` can run:
+    a cubin sm_XY runs on X.y with y >= Y, an arch-specific sm_XYa only on X.Y, and +PTX on anything newer."""
+    major, minor = capability
+    for arch in archs.replace(" ", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        name = arch[:-4] if ptx else arch
+        specific = name.endswith("a")
+        try:
+            a_major, a_minor = (int(v) for v in name.rstrip("a").split("."))
+        except ValueError:
+            continue
+        if ptx and (major, minor) >= (a_major, a_minor):
+            return True
+        if major == a_major and (minor == a_minor if specific else minor >= a_minor):
+            return True
+    return False
+
+
+def _norm_reasons(inputs) -> list[str]:
+    archs = build_info().get("cuda_archs") or "8.0;9.0a"
+    capability = torch.cuda.get_device_capability(inputs.device)
+    if not _device_code_for(capability, archs):
+        return [f"pyattn._C has no device code for compute capability {capability[0]}.{capability[1]} "
+                f"(built for TORCH_CUDA_ARCH_LIST={archs})"]
+    return []
+# ---- end norm ----
+
+
 class CudaBackend(Backend):
     name = "cuda"
     description = "CUDA C++ kernels (pyattn._C built with csrc/cuda)"
     caps = {
-        "layer_norm": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT),
-        "rms_norm": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT),
+        # ---- norm ---- any hidden size (rows up to 8192 held in registers, longer rows re-read per pass); fp32
+        # statistics; weight/bias float32 or the input's dtype; deterministic dweight/dbias (no atomics)
+        "layer_norm": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT, notes=_NORM_NOTES),
+        "rms_norm": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT, notes=_NORM_NOTES),
+        # ---- end norm ----
         # ---- attention ---- fp16/bf16 only: float32 is refused by this dtype set (the kernels are tensor-core mma)
         "attention": OpCaps(devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16, torch.float16}),
                             notes=(f"FlashAttention-2 on tensor cores (csrc/cuda/attention.cu): head dims up to "
@@ -82,6 +124,8 @@ class CudaBackend(Backend):
 
     def extra_reasons(self, inputs) -> list[str]:
         reasons = missing_kernel_reason(inputs.op, "CUDA")
+        if inputs.op in ("layer_norm", "rms_norm") and not reasons:  # norm
+            reasons.extend(_norm_reasons(inputs))
         if inputs.op == "attention" and not reasons:  # attention
             reasons.extend(_attention_reasons(inputs))
         if inputs.op in ("gru_cell", "gru") and not reasons:  # GRU
@@ -90,6 +134,15 @@ class CudaBackend(Backend):
                 reasons.append(f"compute capability {major}.{minor} < 8.0 (csrc/cuda/gru.cu is built for sm_80 and "
                                "sm_90a only)")
         return reasons
+
+    # ---- norm ---- (same signatures and returns as TorchBackend.layer_norm_*; csrc/bindings/cuda/layer_norm.cpp)
+    def layer_norm_fwd(self, x, residual, weight, bias, eps, rms, store_residual):
+        return tuple(torch.ops.pyattn.layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual))
+
+    def layer_norm_bwd(self, dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
+        return tuple(torch.ops.pyattn.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias,
+                                                     need_dweight))
+    # ---- end norm ----
 
     # ---- attention ---- (same signatures and returns as TorchBackend.attention_*; csrc/bindings/cuda/attention.cpp)
     def attention_fwd(self, q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset):

@@ -14,16 +14,22 @@ from typing import Iterator, Optional
 from .backend import Backend, OpInputs
 
 # Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
+# CUDA devices: "cuda" comes AFTER "triton" on purpose. The CUDA C++ kernels (csrc/cuda) have been compiled offline
+# (scripts/compile_cuda.py, scripts/build_cuda_ext.sh) but have never run on a GPU, while the Triton kernels have;
+# so an unforced call on a GPU takes Triton, and `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces
+# the CUDA kernels. An op's "cuda" moves back before "triton" once a GPU session has passed its tests/test_gpu.py
+# suites and scripts/gpu_sanitize.sh (memcheck + racecheck) on backend "cuda" and its benchmark beats Triton's
+# (docs/design.md, "CUDA backend status").
 PRIORITY: dict[tuple[str, str], list[str]] = {
-    ("attention", "cuda"): ["cuda", "triton", "torch"],
+    ("attention", "cuda"): ["triton", "cuda", "torch"],
     ("attention", "cpu"): ["cpp", "torch"],
-    ("layer_norm", "cuda"): ["cuda", "triton", "torch"],
+    ("layer_norm", "cuda"): ["triton", "cuda", "torch"],
     ("layer_norm", "cpu"): ["cpp", "torch"],
-    ("rms_norm", "cuda"): ["cuda", "triton", "torch"],
+    ("rms_norm", "cuda"): ["triton", "cuda", "torch"],
     ("rms_norm", "cpu"): ["cpp", "torch"],
-    ("gru_cell", "cuda"): ["cuda", "triton", "torch"],
+    ("gru_cell", "cuda"): ["triton", "cuda", "torch"],
     ("gru_cell", "cpu"): ["cpp", "torch"],
-    ("gru", "cuda"): ["cuda", "triton", "torch"],
+    ("gru", "cuda"): ["triton", "cuda", "torch"],
     ("gru", "cpu"): ["cpp", "torch"],
 }
 DEFAULT_PRIORITY = ["torch"]
