@@ -15,8 +15,9 @@ from .backend import Backend, OpInputs
 
 # Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
 # CUDA devices: "cuda" comes AFTER "triton" on purpose. The CUDA C++ kernels (csrc/cuda) have been compiled offline
-# (scripts/compile_cuda.py, scripts/build_cuda_ext.sh) but have never run on a GPU, while the Triton kernels have;
-# so an unforced call on a GPU takes Triton, and `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces
+# (scripts/compile_cuda.py, scripts/build_cuda_ext.sh) but have never run at all, while the Triton kernels have
+# run (in the Triton interpreter, against the float64 oracle; neither has run on a GPU yet); so an unforced call on
+# a GPU takes Triton, and `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces
 # the CUDA kernels. An op's "cuda" moves back before "triton" once a GPU session has passed its tests/test_gpu.py
 # suites and scripts/gpu_sanitize.sh (memcheck + racecheck) on backend "cuda" and its benchmark beats Triton's
 # (docs/design.md, "CUDA backend status").
