@@ -82,3 +82,56 @@ def test_add_layer_norm_fwd(benchmark, dtype, provider):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_fwd(benchmark, dtype, provider):
     _bench(benchmark, "rms_norm", "fwd", dtype, provider)
+
+
+# ---- transformer: the calls of `pyattn bench --op transformer` (benchmarks/bench_transformer.py), small size ------
+
+def _transformer_callable(mode: str, provider: str):
+    from pyattn.benchmarks import bench_transformer as bt
+
+    shape = {k: v for k, v in bt.SMALL.items() if k != ("T" if mode == "generate" else "G")}
+    case = Case("transformer", mode, shape, torch.float32, DEVICE)
+    if provider == "baseline":  # torch.nn.Transformer, same weights; generation without a cache (torch has none)
+        return bt._factory("torch", use_cache=False)(case, bt.make_inputs(case)), case
+    if provider == "triton" and DEVICE == "cpu":
+        pytest.skip("triton is not benchmarked on CPU (it only runs in the Triton interpreter there)")
+    ok, why = get_backend(provider).availability()
+    if not ok:
+        pytest.skip(f"pyattn backend {provider} unavailable: {why}")
+    reasons = bt._refusals(provider, case)
+    if reasons:
+        pytest.skip(f"pyattn backend {provider} cannot run the transformer here: " + "; ".join(reasons))
+    return bt._factory("pyattn", provider)(case, bt.make_inputs(case)), case
+
+
+def _bench_transformer(benchmark, mode: str, provider: str):
+    from pyattn.benchmarks import bench_transformer as bt
+
+    fn, case = _transformer_callable(mode, provider)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+
+    def timed():
+        fn()
+        sync()
+
+    p = case.shape
+    benchmark.group = f"transformer {mode} {case.shape_str} float32 {DEVICE}"
+    benchmark.extra_info["flop"] = bt.work_for(case).amount
+    benchmark.extra_info["tokens"] = p["B"] * (p["G"] if mode == "generate" else p["T"])
+    benchmark.pedantic(timed, warmup_rounds=2, rounds=10, iterations=1)
+
+
+def _transformer_providers():
+    return [pytest.param("baseline", id="torch-nn.Transformer-baseline")] + [
+        pytest.param(name, id=f"pyattn-{name}") for name, _, _ in pyattn.backends()]
+
+
+@pytest.mark.parametrize("provider", _transformer_providers())
+def test_transformer_train_step(benchmark, provider):
+    _bench_transformer(benchmark, "fwd+bwd", provider)
+
+
+@pytest.mark.parametrize("provider", _transformer_providers())
+def test_transformer_generate_greedy(benchmark, provider):
+    """pyattn: KV cache, one query row per step; the torch baseline decodes without a cache."""
+    _bench_transformer(benchmark, "generate", provider)
