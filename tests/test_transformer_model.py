@@ -304,6 +304,21 @@ def test_generate_with_cache_equals_without_per_backend(backend):
             assert torch.equal(a, b), (backend, beams)
 
 
+def test_cached_step_also_runs_torch_nn_decoder_layers():
+    """decoder_layer_step reads parameters by torch.nn's names, so a model whose core is swapped for a
+    torch.nn.Transformer with the same weights decodes with the cache too, and gives the same translations."""
+    m = _trained_model(True)
+    twin = copy.deepcopy(m)
+    twin.transformer = torch.nn.Transformer(32, 4, 2, 2, 48, 0.0, activation="gelu", batch_first=True,
+                                            norm_first=True).eval()
+    twin.transformer.load_state_dict(m.transformer.state_dict(), strict=True)
+    src = _src(batch=4)
+    for beams in (1, 3):
+        want = m.generate(src, 7, num_beams=beams)
+        assert torch.equal(twin.generate(src, 7, num_beams=beams), want)
+        assert torch.equal(twin.generate(src, 7, num_beams=beams, use_cache=False), want)
+
+
 def test_greedy_equals_an_argmax_loop_over_the_model():
     m = _trained_model(False)
     src = _src(batch=4)

@@ -22,7 +22,7 @@ instead (the reference the cache is tested against).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -154,7 +154,6 @@ class KVCache:
     memory_mask: Optional[Tensor]
     length: int = 0
     capacity: int = 0
-    reorders: int = field(default=0, repr=False)
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: sequence i continues sequence ``index[i]``. Reorders the self-attention K/V of the cached
@@ -164,7 +163,6 @@ class KVCache:
         for lc in self.layers:
             lc.self_k[:, :, :n] = lc.self_k[index, :, :n]
             lc.self_v[:, :, :n] = lc.self_v[index, :, :n]
-        self.reorders += 1
 
 
 def _check_layer_for_step(layer: nn.Module) -> None:
