@@ -16,6 +16,14 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# nvcc flags of csrc/cuda/*.cu, after torch's own (torch.utils.cpp_extension.COMMON_NVCC_FLAGS, which define
+# __CUDA_NO_HALF_OPERATORS__, __CUDA_NO_HALF_CONVERSIONS__, __CUDA_NO_BFLOAT16_CONVERSIONS__ and
+# __CUDA_NO_HALF2_OPERATORS__: kernels convert with __half2float / __float2bfloat16_rn & co.) and before the
+# -gencode flags TORCH_CUDA_ARCH_LIST gives. scripts/compile_cuda.py reads this literal (it must stay a plain list
+# of strings) to compile every .cu standalone with the same flags.
+# The C++ standard is added by _extensions() (_cxx_std: C++20 when the installed torch requires it, else C++17).
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+
 
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
@@ -28,6 +36,16 @@ def _want_cuda(torch):
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
+
+
+def _cxx_std(torch):
+    """-std for every source: torch >= 2.10 headers need C++20 (ATen.h says so and #errors otherwise)."""
+    aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten) as f:
+            return "c++20" if "C++20" in f.read() else "c++17"
+    except OSError:
+        return "c++17"
 
 
 def _write_build_info(info):
@@ -50,7 +68,8 @@ def _extensions():
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
                         + glob.glob(os.path.join(ROOT, "csrc", "bindings", "cuda", "*.cpp")))
     march = os.environ.get("PYATTN_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    std = _cxx_std(torch)
+    cxx = ["-O3", f"-std={std}", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     if march != "none":
         cxx.append(f"-march={march}")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
@@ -66,9 +85,7 @@ def _extensions():
     }
     _write_build_info(info)
     if with_cuda:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+        nvcc = NVCC_FLAGS + [f"-std={std}"]
         ext = CUDAExtension("pyattn._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx + ["-DPYATTN_WITH_CUDA"], "nvcc": nvcc},
                             extra_link_args=["-fopenmp"])

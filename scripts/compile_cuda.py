@@ -3,7 +3,7 @@
 Each .cu is compiled on its own with nvcc for sm_80 and sm_90a (one job per file and arch, run in parallel) with
 the flags the real build (setup.py + torch.utils.cpp_extension) uses:
     torch's COMMON_NVCC_FLAGS  (-D__CUDA_NO_HALF_OPERATORS__ ... --expt-relaxed-constexpr)
-    --compiler-options -fPIC   setup.py's NVCC_FLAGS (read from setup.py)   -gencode=arch=compute_XX,code=sm_XX
+    --compiler-options -fPIC   setup.py's NVCC_FLAGS (read from setup.py)   -std=c++17   -gencode=arch=compute_XX,code=sm_XX
 plus `-Werror all-warnings -Xcompiler -Wall,-Werror -Xptxas -v`, and only -I csrc/include on the include path
 (kernels are torch-free). ptxas' report is parsed per kernel; the check fails (exit 1) on a compile error or
 warning, on any register spill ("bytes spill stores/loads" > 0), or on static shared memory above the per-block
@@ -13,6 +13,7 @@ kernel allocates dynamically at launch is not visible here: its launcher must ch
     python scripts/compile_cuda.py                      # every csrc/cuda/*.cu for sm_80 and sm_90a
     python scripts/compile_cuda.py --only layer_norm --arch 90 -v
     python scripts/compile_cuda.py --allow-missing-nvcc # exit 0 (with a message) when nvcc is not installed
+    NVCC=/path/to/nvcc python scripts/compile_cuda.py   # a given nvcc (NVCC= empty: behave as if none existed)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ TORCH_COMMON_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
     "--expt-relaxed-constexpr",
 ]
+# setup.py adds -std=c++17, or c++20 when the installed torch needs it (its headers); kernels must compile as both:
+# this check uses the older standard, scripts/build_cuda_ext.sh (torch 2.14) builds them as C++20.
+STD_FLAG = "-std=c++17"
 STRICT_FLAGS = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror", "-Xptxas", "-v"]
 
 
@@ -66,7 +70,11 @@ def gencode(arch: int) -> str:
 
 
 def find_nvcc() -> str | None:
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"),
+    """$NVCC when set (only it: an empty or wrong value means "no nvcc"), else PATH, $CUDA_HOME/bin, /usr/local/cuda."""
+    if "NVCC" in os.environ:
+        cand = os.environ["NVCC"]
+        return cand if cand and os.path.isfile(cand) and os.access(cand, os.X_OK) else None
+    for cand in (shutil.which("nvcc"),
                  os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
                  "/usr/local/cuda/bin/nvcc"):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
@@ -76,7 +84,7 @@ def find_nvcc() -> str | None:
 
 def nvcc_command(nvcc: str, src: str, arch: int, out: str) -> list[str]:
     return ([nvcc, "-c", src, "-o", out, "-I", os.path.join(REPO, "csrc", "include")]
-            + TORCH_COMMON_NVCC_FLAGS + ["--compiler-options", "-fPIC"] + setup_nvcc_flags()
+            + TORCH_COMMON_NVCC_FLAGS + ["--compiler-options", "-fPIC"] + setup_nvcc_flags() + [STD_FLAG]
             + [gencode(arch)] + STRICT_FLAGS)
 
 
@@ -253,7 +261,8 @@ def main(argv=None) -> int:
     ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     jobs = [(nvcc, s, a) for s in srcs for a in archs]
     print(f"compile_cuda: {ver[-1] if ver else nvcc}; {len(srcs)} files x {len(archs)} archs = {len(jobs)} "
-          f"compiles, {args.jobs} jobs; flags: {' '.join(TORCH_COMMON_NVCC_FLAGS + setup_nvcc_flags() + STRICT_FLAGS)}",
+          f"compiles, {args.jobs} jobs; flags: "
+          f"{' '.join(TORCH_COMMON_NVCC_FLAGS + setup_nvcc_flags() + [STD_FLAG] + STRICT_FLAGS)}",
           flush=True)
 
     t0 = time.time()
