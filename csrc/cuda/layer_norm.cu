@@ -30,8 +30,8 @@
 // dweight / dbias, deterministic without atomics: the rows are cut into chunks that depend only on (M, N)
 //   (bwd_plan below); each row group handles one chunk and keeps fp32 partial sums of dy * xhat and dy for the
 //   columns it owns in registers, written once to workspace[chunk, :]; then ln_bwd_reduce_kernel sums the chunks
-//   of each column in a fixed order. The looped path computes the same partials with a column kernel
-//   (ln_bwd_colsum_kernel) that re-reads dy and s.
+//   of each column as a fixed tree (one level per 128 chunks). The looped path computes the same partials with a
+//   column kernel (ln_bwd_colsum_kernel) that re-reads dy and s.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -676,8 +676,16 @@ __global__ void __launch_bounds__(kColX * kColY)
   }
 }
 
-// dweight (blockIdx.y == 0) / dbias (blockIdx.y == 1) = sum over chunks of the partials, in a fixed order: thread
-// row ty sums chunks ty, ty + 8, ... in order, then the 8 thread rows are summed in order. nchunks == 0 gives 0.
+// dweight / dbias = the sum over chunks of the partials, as a fixed tree (the same for a given number of chunks, so
+// bitwise reproducible) whose levels are launches of ln_bwd_reduce_kernel: block (blockIdx.x: 32 columns,
+// blockIdx.y: a group of kReduceGroup consecutive rows k of the level, blockIdx.z: 0 dweight / 1 dbias). Row k of a
+// level is row k * stride of the workspace. Thread row ty sums rows k0 + ty, k0 + ty + 8, ... of its group in order,
+// then thread row 0 sums the 8 results in order and writes the total either to the output (the last level, a single
+// group) or back into the group's first row k0 * stride, which only this block reads, and only before the barrier:
+// the next level reads rows 0, kReduceGroup, 2 kReduceGroup, ... of this one. Every thread does at most 16 loads.
+// No rows (M == 0) writes zeros.
+constexpr int kReduceGroup = 128;
+
 __device__ __forceinline__ void store_as(void* out, DType dt, int64_t j, float v) {
   switch (dt) {
     case DType::F32: static_cast<float*>(out)[j] = v; break;
@@ -687,20 +695,22 @@ __device__ __forceinline__ void store_as(void* out, DType dt, int64_t j, float v
 }
 
 __global__ void __launch_bounds__(kColX * kColY)
-    ln_bwd_reduce_kernel(const float* __restrict__ dw_part, const float* __restrict__ db_part, const int64_t nchunks,
-                         const int64_t N, void* dweight, const DType dweight_dtype, void* dbias,
+    ln_bwd_reduce_kernel(float* dw_part, float* db_part, const int64_t count, const int64_t stride, const int64_t N,
+                         const bool last, void* dweight, const DType dweight_dtype, void* dbias,
                          const DType dbias_dtype) {
   __shared__ float sm[kColY][kColX + 1];
-  const bool is_db = blockIdx.y == 1;
+  const bool is_db = blockIdx.z == 1;
   void* out = is_db ? dbias : dweight;
   if (out == nullptr) return;  // uniform over the block
-  const float* part = is_db ? db_part : dw_part;
+  float* part = is_db ? db_part : dw_part;
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColX + tx;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kReduceGroup;
+  const int64_t k1 = k0 + kReduceGroup < count ? k0 + kReduceGroup : count;
   float acc = 0.f;
   if (j < N) {
 #pragma unroll 4
-    for (int64_t k = ty; k < nchunks; k += kColY) acc += part[k * N + j];
+    for (int64_t k = k0 + ty; k < k1; k += kColY) acc += part[k * stride * N + j];
   }
   sm[ty][tx] = acc;
   __syncthreads();
@@ -708,7 +718,11 @@ __global__ void __launch_bounds__(kColX * kColY)
     float total = 0.f;
 #pragma unroll
     for (int y = 0; y < kColY; ++y) total += sm[y][tx];
-    store_as(out, is_db ? dbias_dtype : dweight_dtype, j, total);
+    if (last) {
+      store_as(out, is_db ? dbias_dtype : dweight_dtype, j, total);
+    } else {
+      part[k0 * stride * N + j] = total;
+    }
   }
 }
 
@@ -893,11 +907,20 @@ cudaError_t bwd_dispatch(const NormBwdParams& p, cudaStream_t stream) {
     }
     if (err != cudaSuccess) return err;
   }
-  if (pl.partial) {
-    const dim3 grid(static_cast<unsigned>(cdiv(p.N, kColX)), 2);
-    ln_bwd_reduce_kernel<<<grid, dim3(kColX, kColY), 0, stream>>>(dw_part, db_part, pl.nchunks, p.N, p.dweight,
-                                                                  p.dweight_dtype, p.rms ? nullptr : p.dbias,
-                                                                  p.dbias_dtype);
+  if (pl.partial) {  // the fixed reduction tree over chunks (see ln_bwd_reduce_kernel)
+    void* dbias = p.rms ? nullptr : p.dbias;
+    const unsigned col_blocks = static_cast<unsigned>(cdiv(p.N, kColX));
+    int64_t count = pl.nchunks, stride = 1;
+    while (count > kReduceGroup) {
+      const dim3 grid(col_blocks, static_cast<unsigned>(cdiv(count, kReduceGroup)), 2);
+      ln_bwd_reduce_kernel<<<grid, dim3(kColX, kColY), 0, stream>>>(
+          dw_part, db_part, count, stride, p.N, false, p.dweight, p.dweight_dtype, dbias, p.dbias_dtype);
+      PYATTN_RETURN_IF_LAUNCH_ERROR();
+      stride *= kReduceGroup;
+      count = cdiv(count, kReduceGroup);
+    }
+    ln_bwd_reduce_kernel<<<dim3(col_blocks, 1, 2), dim3(kColX, kColY), 0, stream>>>(
+        dw_part, db_part, count, stride, p.N, true, p.dweight, p.dweight_dtype, dbias, p.dbias_dtype);
     PYATTN_RETURN_IF_LAUNCH_ERROR();
   }
   return cudaSuccess;
