@@ -175,7 +175,7 @@ def _fake_nvcc(tmp_path, report):
 def test_compile_cuda_fails_on_a_spill_and_passes_a_clean_report(tmp_path):
     if not [f for f in os.listdir(os.path.join(REPO, "csrc", "cuda")) if f.endswith(".cu")]:
         pytest.skip("no csrc/cuda/*.cu to compile")
-    name = sorted(f for f in os.listdir(os.path.join(REPO, "csrc", "cuda")) if f.endswith(".cu"))[0][:-3]
+    name = min(f for f in os.listdir(os.path.join(REPO, "csrc", "cuda")) if f.endswith(".cu"))[:-3]
     spill = _fake_nvcc(tmp_path / "spill", CANNED_REPORT)
     p = _run(["--only", name, "-j", "2"], {"NVCC": spill})
     assert p.returncode == 1, p.stdout + p.stderr

@@ -49,10 +49,12 @@ def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> t
 
 
 # ---- norm ----
-_NORM_NOTES = ("LayerNorm/RMSNorm (+ fused residual) kernels of csrc/cuda/layer_norm.cu: one row per warp or block, "
-               "16-byte loads, corrected two-pass variance in fp32, any hidden size, deterministic dweight/dbias",
-               "compiled offline for sm_80/sm_90a but not yet run on a GPU: after triton in the priority lists "
-               "until tests/test_gpu.py and scripts/gpu_sanitize.sh pass on one (docs/design.md, CUDA backend status)")
+_NORM_NOTES = (("LayerNorm/RMSNorm (+ fused residual) kernels of csrc/cuda/layer_norm.cu: one row per warp or "
+                "block, 16-byte loads, corrected two-pass variance in fp32, any hidden size, deterministic "
+                "dweight/dbias"),
+               ("compiled offline for sm_80/sm_90a but not yet run on a GPU: after triton in the priority lists "
+                "until tests/test_gpu.py and scripts/gpu_sanitize.sh pass on one (docs/design.md, CUDA backend "
+                "status)"))
 
 
 def _device_code_for(capability, archs: str) -> bool:
