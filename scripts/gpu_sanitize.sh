@@ -72,50 +72,62 @@ def padded(t, pad, shift):
 
 
 def attempt(name, fn):
-    try:
-        fn()
-        torch.cuda.synchronize()
-        ran.append(name)
-    except BackendNotSupported as e:  # this build or device lacks the op's CUDA kernels: say so, go on
-        skipped.append(f"{name}: {e}")
+    """Runs one op's cases; a case the cuda backend refuses (this build or device lacks the kernel, or the shape is
+    outside the kernel's range) is reported and skipped, the others still run."""
+    done = {"cases": 0, "refused": []}
+
+    def case(label, thunk):
+        try:
+            thunk()
+            torch.cuda.synchronize()
+            done["cases"] += 1
+        except BackendNotSupported as e:
+            done["refused"].append(f"{label}: {e}")
+
+    fn(case)
+    if done["cases"]:
+        ran.append(f"{name} ({done['cases']} cases)")
+    skipped.extend(f"{name} {r}" for r in done["refused"])
 
 
-def norm():
+def norm(case):
+    def one(m, n, dtype, pdt, rms):
+        x = rnd(m, n, dtype=dtype).requires_grad_()
+        r = rnd(m, n, dtype=dtype).requires_grad_()
+        w = rnd(n, dtype=pdt).requires_grad_()
+        b = None if rms else rnd(n, dtype=pdt).requires_grad_()
+        if rms:
+            y, s = pyattn.rms_norm(x, (n,), w, residual=r, return_residual=True, backend="cuda")
+        else:
+            y, s = pyattn.layer_norm(x, (n,), w, b, residual=r, return_residual=True, backend="cuda")
+        leaves = [x, r, w] + ([b] if b is not None else [])
+        torch.autograd.grad((y, s), leaves, (torch.ones_like(y), torch.ones_like(s)))
+
+    def elementwise(n, dtype, pad, shift):  # unaligned base / row stride not a multiple of the vector
+        x, dy, w = rnd(9, n, dtype=dtype), rnd(9, n, dtype=dtype), rnd(n)
+        _, _, mean, rstd = torch.ops.pyattn.layer_norm_fwd(padded(x, pad, shift), None, w, None, 1e-5, False, False)
+        torch.ops.pyattn.layer_norm_bwd(padded(dy, pad, shift), padded(x, pad, shift), w, mean, rstd, None, False,
+                                        False, True)
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for m, n in ((1, 1), (3, 7), (37, 64), (5, 65), (40, 300), (3, 1024), (2, 1025), (17, 4096), (3, 8193),
                      (2, 20000)):
             for pdt in (torch.float32, dtype):
                 for rms in (False, True):
-                    x = rnd(m, n, dtype=dtype).requires_grad_()
-                    r = rnd(m, n, dtype=dtype).requires_grad_()
-                    w = rnd(n, dtype=pdt).requires_grad_()
-                    b = None if rms else rnd(n, dtype=pdt).requires_grad_()
-                    if rms:
-                        y, s = pyattn.rms_norm(x, (n,), w, residual=r, return_residual=True, backend="cuda")
-                    else:
-                        y, s = pyattn.layer_norm(x, (n,), w, b, residual=r, return_residual=True, backend="cuda")
-                    leaves = [x, r, w] + ([b] if b is not None else [])
-                    torch.autograd.grad((y, s), leaves, (torch.ones_like(y), torch.ones_like(s)))
-            # the element-by-element paths: unaligned base, row stride not a multiple of the vector
-            x, dy = rnd(9, n, dtype=dtype), rnd(9, n, dtype=dtype)
-            w = rnd(n)
+                    case(f"{dtype} {(m, n)} params {pdt} rms={rms}", lambda: one(m, n, dtype, pdt, rms))
             for pad, shift in ((3, 0), (0, 1)):
-                y, s, mean, rstd = torch.ops.pyattn.layer_norm_fwd(padded(x, pad, shift), None, w, None, 1e-5,
-                                                                   False, False)
-                torch.ops.pyattn.layer_norm_bwd(padded(dy, pad, shift), padded(x, pad, shift), w, mean, rstd, None,
-                                                False, False, True)
+                case(f"{dtype} n={n} pad={pad} shift={shift}", lambda: elementwise(n, dtype, pad, shift))
 
 
-def attention():
-    for dtype in (torch.float16, torch.bfloat16):
-        for (lq, lk, d, causal, hkv) in ((1, 17, 64, False, 2), (17, 17, 64, True, 2), (65, 130, 128, False, 1),
-                                         (130, 65, 128, True, 2), (33, 33, 256, True, 2), (20, 20, 40, False, 2)):
-            q = rnd(1, 2, lq, d, dtype=dtype).requires_grad_()
-            k = rnd(1, hkv, lk, d, dtype=dtype).requires_grad_()
-            v = rnd(1, hkv, lk, d, dtype=dtype).requires_grad_()
-            out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != 2,
-                                                      backend="cuda")
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+def attention(case):
+    def one(lq, lk, d, causal, hkv, dtype):
+        q = rnd(1, 2, lq, d, dtype=dtype).requires_grad_()
+        k = rnd(1, hkv, lk, d, dtype=dtype).requires_grad_()
+        v = rnd(1, hkv, lk, d, dtype=dtype).requires_grad_()
+        out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != 2, backend="cuda")
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    def masked(dtype):
         q = rnd(2, 2, 19, 64, dtype=dtype).requires_grad_()
         k = rnd(2, 2, 37, 64, dtype=dtype).requires_grad_()
         v = rnd(2, 2, 37, 64, dtype=dtype).requires_grad_()
@@ -123,27 +135,42 @@ def attention():
         out = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1, backend="cuda")
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
+    for dtype in (torch.float16, torch.bfloat16):
+        for shape in ((1, 17, 64, False, 2), (17, 17, 64, True, 2), (65, 130, 128, False, 1), (130, 65, 128, True, 2),
+                      (33, 33, 256, True, 2), (20, 20, 40, False, 2)):
+            case(f"{dtype} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
+        case(f"{dtype} bool mask + dropout", lambda: masked(dtype))
 
-def gru():
+
+def gru(case):
+    def cell(bsz, isz, hsz, dtype):
+        x = rnd(bsz, isz, dtype=dtype).requires_grad_()
+        h = rnd(bsz, hsz, dtype=dtype).requires_grad_()
+        w_ih = rnd(3 * hsz, isz, dtype=dtype).requires_grad_()
+        w_hh = rnd(3 * hsz, hsz, dtype=dtype).requires_grad_()
+        b_ih, b_hh = rnd(3 * hsz, dtype=dtype).requires_grad_(), rnd(3 * hsz, dtype=dtype).requires_grad_()
+        out = pyattn.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, backend="cuda")
+        torch.autograd.grad(out, (x, h, w_ih, w_hh, b_ih, b_hh), torch.ones_like(out))
+
+    def layer():
+        module = pyattn.nn.GRU(16, 33, num_layers=2, bidirectional=True).to(DEV)
+        with pyattn.use_backend("cuda"):
+            out, hn = module(rnd(5, 3, 16))
+            (out.sum() + hn.sum()).backward()
+
     for dtype in (torch.float32, torch.bfloat16):
         for bsz, isz, hsz in ((1, 3, 5), (3, 17, 33), (4, 64, 130)):
-            x = rnd(bsz, isz, dtype=dtype).requires_grad_()
-            h = rnd(bsz, hsz, dtype=dtype).requires_grad_()
-            w_ih, w_hh = rnd(3 * hsz, isz, dtype=dtype).requires_grad_(), rnd(3 * hsz, hsz, dtype=dtype).requires_grad_()
-            b_ih, b_hh = rnd(3 * hsz, dtype=dtype).requires_grad_(), rnd(3 * hsz, dtype=dtype).requires_grad_()
-            out = pyattn.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, backend="cuda")
-            torch.autograd.grad(out, (x, h, w_ih, w_hh, b_ih, b_hh), torch.ones_like(out))
-        layer = pyattn.nn.GRU(16, 33, num_layers=2, bidirectional=True).to(DEV)
-        with pyattn.use_backend("cuda"):
-            out, hn = layer(rnd(5, 3, 16))
-            (out.sum() + hn.sum()).backward()
+            case(f"cell {dtype} {(bsz, isz, hsz)}", lambda: cell(bsz, isz, hsz, dtype))
+    case("2-layer bidirectional GRU", layer)
 
 
 for op in ops:
     if op not in ("norm", "attention", "gru"):
         sys.exit(f"gpu_sanitize: unknown op {op!r} in PYATTN_SANITIZE_OPS (norm, attention, gru)")
     attempt(op, globals()[op])
-print(f"gpu_sanitize: ran {', '.join(ran) or 'nothing'}" + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+print(f"gpu_sanitize: ran {', '.join(ran) or 'nothing'}")
+for line in skipped:
+    print(f"gpu_sanitize: skipped {line}")
 if not ran:
     sys.exit("gpu_sanitize: no op ran on the cuda backend: nothing was checked")
 EOF
