@@ -16,9 +16,10 @@
 //
 // Tiles (4 warps = 128 threads per block; every warp owns 16 rows of the block's M dimension; shared-memory rows are
 // padded by 8 elements so ldmatrix and cp.async are conflict-free):
-//   forward  (attn_fwd_kernel):  64 query rows x key blocks of BN (64; 32 for HD 256), K/V double-buffered with
-//            cp.async; Q fragments kept in registers for HD <= 128; P goes from the S accumulators straight into the
-//            A operand of O += P V. Grid: one block per (64 query rows, b, h); causal: the heaviest rows first.
+//   forward  (attn_fwd_kernel):  BM query rows x key blocks of BN, K/V double-buffered with cp.async; P goes from
+//            the S accumulators straight into the A operand of O += P V. HD 64: BM 128 (2 m-tiles of 16 rows per warp,
+//            each K / V fragment feeding 2 mma's), BN 32; HD 128: BM 128, BN 32; HD 256: BM 64 (1 m-tile per warp),
+//            BN 32 (BN 64 with 2 m-tiles spills registers). Grid: one block per (BM query rows, b, h); causal: the heaviest rows first.
 //   backward (FA2): attn_bwd_pre_kernel: delta = rowsum(dO * O), lse in log2 units (one warp per row);
 //            attn_bwd_dkdv_kernel: 64 keys of one (b, kv head) per block (16 per warp), looping over the GQA group's
 //            query heads and their query blocks of BMQ rows (Q / dO / row statistics double-buffered): S^T = K Q^T,
@@ -73,14 +74,16 @@ struct Derived {
 template <int HD>
 struct Tiles {
   static constexpr int NW = 4;                          // warps per block, every kernel
-  static constexpr int FWD_BN = HD <= 128 ? 64 : 32;    // forward: keys per iteration
+  static constexpr int FWD_MT = HD <= 128 ? 2 : 1;      // forward: m-tiles (16 query rows) per warp
+  static constexpr int FWD_BM = 16 * FWD_MT * NW;        // forward: query rows per block
+  static constexpr int FWD_BN = 32;                     // forward: keys per iteration
   static constexpr int DC = HD <= 128 ? HD : 128;       // backward: output columns per block (dK, dV, dQ)
   static constexpr int DKDV_BMQ = HD <= 64 ? 64 : 32;   // dK/dV: query rows per iteration
   static constexpr int DQ_BN = HD <= 128 ? 64 : 32;     // dQ: keys per iteration
   static constexpr int LD = HD + kPad;
   static constexpr size_t kElem = sizeof(uint16_t);
-  // Q [64][LD] + K, V [2][FWD_BN][LD]
-  static constexpr size_t fwd_smem = size_t(16 * NW + 4 * FWD_BN) * LD * kElem;
+  // Q [FWD_BM][LD] + K, V [2][FWD_BN][LD]
+  static constexpr size_t fwd_smem = size_t(FWD_BM + 4 * FWD_BN) * LD * kElem;
   // K, V [64][LD] + Q, dO [2][BMQ][LD] + statistics [2][4][BMQ] fp32
   static constexpr size_t dkdv_smem = size_t(2 * 16 * NW + 4 * DKDV_BMQ) * LD * kElem + 8 * DKDV_BMQ * 4;
   // Q, dO [64][LD] + K, V [2][DQ_BN][LD]
@@ -90,15 +93,17 @@ struct Tiles {
 // ============================================================================================================
 // Forward
 // ============================================================================================================
-// Block: BM = 16 * NW query rows [i0, i0 + BM) of one (b, h); warp w owns rows i0 + 16 w .. + 15; this thread holds
-// rows ri = i0 + 16 w + g and ri + 8 of the S / O accumulators (g = lane / 4), columns 2t, 2t + 1 of each n-tile.
-template <class E, int HD, int BN, int NW, bool CAUSAL>
+// Block: BM = 16 * MT * NW query rows [i0, i0 + BM) of one (b, h); warp w owns the MT m-tiles of 16 rows starting at
+// row i0 + 16 MT w (each K / V fragment read from shared memory feeds MT mma's); in m-tile mt this thread holds rows
+// ri[mt] = i0 + 16 (MT w + mt) + g and ri[mt] + 8 of the S / O accumulators (g = lane / 4), columns 2t, 2t + 1 of
+// each n-tile.
+template <class E, int HD, int BN, int MT, int NW, bool CAUSAL>
 __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p, const Derived d) {
-  constexpr int BM = 16 * NW, NT = NW * 32, LD = HD + kPad;
+  constexpr int BM = 16 * MT * NW, NT = NW * 32, LD = HD + kPad;
   constexpr int KS = HD / 16;  // k-steps of S = Q K^T
   constexpr int NS = BN / 8;   // n-tiles of S (keys)
   constexpr int NO = HD / 8;   // n-tiles of O (value columns)
-  constexpr bool kCacheQ = HD <= 128;
+  constexpr bool kCacheQ = MT == 1 && HD <= 128;  // Q fragments in registers (else re-read from shared memory)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* Qs = reinterpret_cast<uint16_t*>(smem_raw);  // [BM][LD] q tile (B, Hq, Lq, D); the out tile at the end
@@ -122,6 +127,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
   const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, i0 + nq + d.shift)) : p.Lk;
   const int nkb = int((jend + BN - 1) / BN);
   const int D = int(p.D), Dv = int(p.Dv);
+  const int wr0 = warp * 16 * MT;  // the warp's first row in the tile
 
   const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
@@ -137,19 +143,29 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
   if (nkb > 0) load_kv(0, 0);
   cp_async_commit();
 
-  const int64_t ri = i0 + warp * 16 + g;  // this thread's rows ri, ri + 8
-  uint32_t rkey[2] = {0u, 0u};
-  if (d.dropout) {
-    rkey[0] = attn_dropout::dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, ri);
-    rkey[1] = attn_dropout::dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, ri + 8);
+  int64_t ri[MT];  // this thread's rows ri[mt], ri[mt] + 8
+  uint32_t rkey[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    ri[mt] = i0 + wr0 + mt * 16 + g;
+    rkey[mt][0] = rkey[mt][1] = 0u;
+    if (d.dropout) {
+      rkey[mt][0] = attn_dropout::dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, ri[mt]);
+      rkey[mt][1] = attn_dropout::dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, ri[mt] + 8);
+    }
   }
   const MaskView mv = make_mask_view(p, b, h);
 
-  float o[NO][4];
+  float o[MT][NO][4];
+  float m_run[MT][2];  // running max (log2 units), quad-uniform
+  float l_run[MT][2];  // running sum: this thread's columns only (quad-summed at the end)
 #pragma unroll
-  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 units), quad-uniform
-  float l_run[2] = {0.0f, 0.0f};            // running sum: this thread's columns only (quad-summed at the end)
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
   uint32_t qf[kCacheQ ? KS : 1][4];
 
   for (int kb = 0; kb < nkb; ++kb) {
@@ -165,95 +181,121 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
     if constexpr (kCacheQ) {
       if (kb == 0) {
 #pragma unroll
-        for (int kk = 0; kk < KS; ++kk) load_a<LD>(qf[kk], Qs, warp * 16, kk * 16, lane);
+        for (int kk = 0; kk < KS; ++kk) load_a<LD>(qf[kk], Qs, wr0, kk * 16, lane);
       }
     }
 
-    // S (16 x BN per warp) = Q K^T
-    float s[NS][4];
+    // S (16 MT x BN per warp) = Q K^T
+    float s[MT][NS][4];
 #pragma unroll
-    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
       if (kk * 16 >= D) break;  // zero columns
-      uint32_t a[4];
-      if constexpr (kCacheQ) {
-        a[0] = qf[kk][0];
-        a[1] = qf[kk][1];
-        a[2] = qf[kk][2];
-        a[3] = qf[kk][3];
-      } else {
-        load_a<LD>(a, Qs, warp * 16, kk * 16, lane);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (kCacheQ) {
+          a[mt][0] = qf[kk][0];
+          a[mt][1] = qf[kk][1];
+          a[mt][2] = qf[kk][2];
+          a[mt][3] = qf[kk][3];
+        } else {
+          load_a<LD>(a[mt], Qs, wr0 + mt * 16, kk * 16, lane);
+        }
       }
 #pragma unroll
       for (int n2 = 0; n2 < NS / 2; ++n2) {
         uint32_t bb[4];
         load_b_nk<LD>(bb, Kb, n2 * 16, kk * 16, lane);
-        E::mma(s[2 * n2], a, bb[0], bb[1]);
-        E::mma(s[2 * n2 + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          E::mma(s[mt][2 * n2], a[mt], bb[0], bb[1]);
+          E::mma(s[mt][2 * n2 + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
 
     // base-2 logits and masks (per element only where a mask, the causal diagonal or the key tail cuts the block)
     const bool check = j0 + BN > p.Lk || mv.kind != MaskKind::None || (CAUSAL && j0 + BN - 1 > i0 + d.shift);
 #pragma unroll
-    for (int n = 0; n < NS; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * d.scale_log2;
-        if (check) x = masked_logit<CAUSAL>(x, ri + (e >> 1) * 8, j0 + n * 8 + 2 * t + (e & 1), p.Lq, p.Lk, d.shift, mv);
-        s[n][e] = x;
-      }
-
-    // online softmax; a row that has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN)
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_run[r];
-#pragma unroll
-      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));  // NaN scores are skipped
-      mx = quad_max(mx);
-      const float mu = mx == -INFINITY ? 0.0f : mx;
-      alpha[r] = fast_exp2(m_run[r] - mu);
-      m_run[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int n = 0; n < NS; ++n) {
-        s[n][2 * r] = fast_exp2(s[n][2 * r] - mu);
-        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - mu);
-        sum += s[n][2 * r] + s[n][2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha[r] + sum;
-    }
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-    if (d.dropout) {  // after l: the normalizer sees every key; kept probabilities are scaled by 1 / (1 - p)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool keep = attn_dropout::dropout_keep(rkey[e >> 1], j0 + n * 8 + 2 * t + (e & 1), d.drop_thr);
-          s[n][e] = keep ? s[n][e] * d.inv_keep : 0.0f;
+          float x = s[mt][n][e] * d.scale_log2;
+          if (check)
+            x = masked_logit<CAUSAL>(x, ri[mt] + (e >> 1) * 8, j0 + n * 8 + 2 * t + (e & 1), p.Lq, p.Lk, d.shift,
+                                     mv);
+          s[mt][n][e] = x;
         }
+
+    // online softmax; a row that has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_run[mt][r];
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+          mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));  // NaN scores are skipped
+        mx = quad_max(mx);
+        const float mu = mx == -INFINITY ? 0.0f : mx;
+        alpha[r] = fast_exp2(m_run[mt][r] - mu);
+        m_run[mt][r] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          s[mt][n][2 * r] = fast_exp2(s[mt][n][2 * r] - mu);
+          s[mt][n][2 * r + 1] = fast_exp2(s[mt][n][2 * r + 1] - mu);
+          sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
+        }
+        l_run[mt][r] = l_run[mt][r] * alpha[r] + sum;
+      }
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[mt][n][0] *= alpha[0];
+        o[mt][n][1] *= alpha[0];
+        o[mt][n][2] *= alpha[1];
+        o[mt][n][3] *= alpha[1];
+      }
+      if (d.dropout) {  // after l: the normalizer sees every key; kept probabilities are scaled by 1 / (1 - p)
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool keep =
+                attn_dropout::dropout_keep(rkey[mt][e >> 1], j0 + n * 8 + 2 * t + (e & 1), d.drop_thr);
+            s[mt][n][e] = keep ? s[mt][n][e] * d.inv_keep : 0.0f;
+          }
+      }
     }
 
-    // O (16 x HD per warp) += P V: the S accumulators of n-tiles 2k, 2k + 1 are the A fragment of k-step k
+    // O (16 MT x HD per warp) += P V: the S accumulators of n-tiles 2k, 2k + 1 are the A fragment of k-step k
 #pragma unroll
     for (int k2 = 0; k2 < BN / 16; ++k2) {
-      const uint32_t a[4] = {E::pack(s[2 * k2][0], s[2 * k2][1]), E::pack(s[2 * k2][2], s[2 * k2][3]),
-                             E::pack(s[2 * k2 + 1][0], s[2 * k2 + 1][1]), E::pack(s[2 * k2 + 1][2], s[2 * k2 + 1][3])};
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = E::pack(s[mt][2 * k2][0], s[mt][2 * k2][1]);
+        a[mt][1] = E::pack(s[mt][2 * k2][2], s[mt][2 * k2][3]);
+        a[mt][2] = E::pack(s[mt][2 * k2 + 1][0], s[mt][2 * k2 + 1][1]);
+        a[mt][3] = E::pack(s[mt][2 * k2 + 1][2], s[mt][2 * k2 + 1][3]);
+      }
 #pragma unroll
       for (int d2 = 0; d2 < HD / 16; ++d2) {
         if (d2 * 16 >= Dv) break;
         uint32_t bb[4];
         load_b_kn<LD>(bb, Vb, k2 * 16, d2 * 16, lane);
-        E::mma(o[2 * d2], a, bb[0], bb[1]);
-        E::mma(o[2 * d2 + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          E::mma(o[mt][2 * d2], a[mt], bb[0], bb[1]);
+          E::mma(o[mt][2 * d2 + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
@@ -262,21 +304,26 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
   // Epilogue: out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf for such a row).
   cp_async_wait<0>();
   __syncthreads();  // (no key block: the Q copy must land before the out tile reuses its memory)
-  float inv[2];
+  uint16_t* Os = Qs;  // each warp writes only its own rows
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_run[r]);
-    const bool dead = !(l > 0.0f) && !isnan(l);
-    inv[r] = dead ? 0.0f : 1.0f / l;
-    const int64_t row = ri + 8 * r;
-    if (t == 0 && row < p.Lq) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[r] + log2f(l)) * kLn2;
-  }
-  uint16_t* Os = Qs;  // each warp writes only its own 16 rows
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) {
-    *reinterpret_cast<uint32_t*>(Os + (warp * 16 + g) * LD + n * 8 + 2 * t) = E::pack(o[n][0] * inv[0], o[n][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(Os + (warp * 16 + g + 8) * LD + n * 8 + 2 * t) =
-        E::pack(o[n][2] * inv[1], o[n][3] * inv[1]);
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_run[mt][r]);
+      const bool dead = !(l > 0.0f) && !isnan(l);
+      inv[r] = dead ? 0.0f : 1.0f / l;
+      const int64_t row = ri[mt] + 8 * r;
+      if (t == 0 && row < p.Lq) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[mt][r] + log2f(l)) * kLn2;
+    }
+    const int row0 = wr0 + mt * 16 + g;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      *reinterpret_cast<uint32_t*>(Os + row0 * LD + n * 8 + 2 * t) =
+          E::pack(o[mt][n][0] * inv[0], o[mt][n][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(Os + (row0 + 8) * LD + n * 8 + 2 * t) =
+          E::pack(o[mt][n][2] * inv[1], o[mt][n][3] * inv[1]);
+    }
   }
   __syncthreads();
   uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
@@ -814,10 +861,10 @@ cudaError_t prepare(K kernel, size_t smem) {
 template <class E, int HD, bool CAUSAL>
 cudaError_t run_attn_fwd(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
   using T = Tiles<HD>;
-  auto kernel = attn_fwd_kernel<E, HD, T::FWD_BN, T::NW, CAUSAL>;
+  auto kernel = attn_fwd_kernel<E, HD, T::FWD_BN, T::FWD_MT, T::NW, CAUSAL>;
   cudaError_t err = prepare(kernel, T::fwd_smem);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = ceil_div(p.Lq, 16 * T::NW) * p.B * p.Hq;
+  const int64_t blocks = ceil_div(p.Lq, T::FWD_BM) * p.B * p.Hq;
   kernel<<<unsigned(blocks), T::NW * 32, T::fwd_smem, stream>>>(p, d);
   return cudaGetLastError();
 }

@@ -15,7 +15,7 @@ _HALF_AND_FLOAT = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _ATTN_MAX_HEAD_DIM = 256  # = kAttnMaxHeadDim (pyattn/cuda_kernels.h)
 # Dynamic shared memory per block (bytes) of the kernels for each padded head dim max(D, Dv) -> 64 / 128 / 256:
 # (forward, largest backward kernel) = attention_smem_bytes() of csrc/cuda/attention.cu (Tiles<HD>).
-_ATTN_SMEM = {64: (46080, 57344), 128: (87040, 104448), 256: (101376, 136192)}
+_ATTN_SMEM = {64: (36864, 57344), 128: (69632, 104448), 256: (101376, 136192)}
 
 
 def _attention_reasons(inputs) -> list[str]:
