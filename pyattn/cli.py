@@ -90,7 +90,7 @@ def _demo(args) -> int:
         from pyattn.models.translation_demo import run_demo
 
         return run_demo(device=args.device, steps=args.steps, seconds=args.seconds, seed=args.seed, out=args.out,
-                        max_digits=args.digits)
+                        max_digits=args.digits, threads=args.threads)
     if args.what != "gru":
         print(f"pyattn demo {args.what}: unknown demo (gru | transformer)", file=sys.stderr)
         return 2
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="pyattn_demo_transformer_loss.png",
                    help="transformer: where to write the loss-curve PNG")
     d.add_argument("--digits", type=int, default=6, help="transformer: numbers of up to this many digits (1-12)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="transformer: torch CPU threads while training (default: torch's; on a busy shared machine "
+                        "1 avoids oversubscription)")
     return p
 
 

@@ -1,8 +1,9 @@
 """`pyattn demo transformer`: the digits -> words task, and a short run of the demo that must learn it.
 
 The full demo (6 digits, 600 steps, about a minute) reaches > 95% held-out exact match; here a smaller variant
-(numbers of up to 4 digits, 150 steps, 15-25 s on 2 loaded cores) must pass 70% (it reaches 88% with this seed),
-far above what an untrained or broken model gets (0%), and the loss curve must be written.
+(numbers of up to 4 digits, 120 steps, one torch thread: about 25 s on 2 cores busy with other work) must pass 60%
+(it reaches 79% with this seed), far above what an untrained or broken model gets (0%), and the loss curve must be
+written. One thread because on a shared 2-core machine two spinning OpenMP threads make each step up to 10x slower.
 """
 from __future__ import annotations
 
@@ -64,13 +65,16 @@ def test_untrained_model_scores_zero():
 
 def test_short_demo_run_learns_and_writes_the_loss_curve(tmp_path, capsys):
     out = tmp_path / "plots" / "loss.png"
-    rc = main(["demo", "transformer", "--steps", "150", "--digits", "4", "--seed", "0", "--out", str(out)])
+    threads = torch.get_num_threads()
+    rc = main(["demo", "transformer", "--steps", "120", "--digits", "4", "--seed", "0", "--threads", "1",
+               "--out", str(out)])
+    assert torch.get_num_threads() == threads                       # restored
     text = capsys.readouterr().out
     greedy = float(re.search(r"held-out exact match: greedy ([\d.]+)%", text).group(1))
     beam = float(re.search(r"beam search \(4 beams\) ([\d.]+)%", text).group(1))
-    assert greedy > 70.0 and beam > 70.0, text
+    assert greedy > 60.0 and beam > 60.0, text
     assert rc == (0 if greedy > 95.0 else 1)                        # the exit status follows the 95% bar
-    assert "trained 150 steps" in text and "held-out examples (greedy | beam)" in text
+    assert "trained 120 steps" in text and "(1 threads)" in text and "held-out examples (greedy | beam)" in text
     assert len(re.findall(r"^\s+\d+ -> '", text, flags=re.M)) == 6  # six decoded examples
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loss = re.search(r"train loss ([\d.]+) -> ([\d.]+)", text)
@@ -82,6 +86,7 @@ def test_short_demo_run_learns_and_writes_the_loss_curve(tmp_path, capsys):
     (["--seconds", "-1"], "--seconds"),
     (["--digits", "13"], "--digits"),
     (["--device", "nonsense"], "--device"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_demo_bad_arguments_exit_2(argv, msg, capsys):
     assert main(["demo", "transformer", *argv]) == 2

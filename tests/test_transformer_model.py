@@ -26,6 +26,16 @@ from pyattn.models.transformer import project_memory
 PAD, BOS, EOS = 0, 1, 2
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny (d_model 32): one torch thread is as fast, and on a 2-core machine shared with other
+    busy processes two spinning OpenMP threads make them up to 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _config(**kw) -> TransformerConfig:
     base = dict(src_vocab_size=19, tgt_vocab_size=13, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
                 dim_feedforward=48, dropout=0.0, max_len=40)

@@ -251,13 +251,13 @@ DEFAULT_STEPS = 600
 
 def run_demo(device: str = "cpu", steps: Optional[int] = None, seconds: Optional[float] = None, seed: int = 0,
              out: str = "pyattn_demo_transformer_loss.png", max_digits: int = 6, examples: int = 6,
-             num_beams: int = 4, threshold: float = 0.95, print_fn=print) -> int:
+             num_beams: int = 4, threshold: float = 0.95, threads: Optional[int] = None, print_fn=print) -> int:
     """``pyattn demo transformer``: train with a tqdm progress bar, report loss and held-out exact match (greedy and
     beam search), write the loss curve, decode a few held-out numbers. Exit status 0 when the greedy held-out exact
-    match exceeds ``threshold``, 1 otherwise, 2 for bad arguments."""
+    match exceeds ``threshold``, 1 otherwise, 2 for bad arguments. ``threads``: torch's CPU thread count for the run
+    (restored afterwards); on a 2-core machine shared with other busy processes, 2 spinning OpenMP threads can make
+    every step 10x slower than 1 thread."""
     import sys
-
-    import pyattn
 
     steps = DEFAULT_STEPS if steps is None else steps
     try:
@@ -268,10 +268,25 @@ def run_demo(device: str = "cpu", steps: Optional[int] = None, seconds: Optional
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("pyattn demo transformer: --device cuda requested but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if steps < 1 or (seconds is not None and seconds <= 0) or not 1 <= max_digits <= 3 * len(SCALES):
-        print(f"pyattn demo transformer: need --steps >= 1, --seconds > 0 and 1 <= --digits <= {3 * len(SCALES)} "
-              f"(got {steps}, {seconds}, {max_digits})", file=sys.stderr)
+    if steps < 1 or (seconds is not None and seconds <= 0) or not 1 <= max_digits <= 3 * len(SCALES) \
+            or (threads is not None and threads < 1):
+        print(f"pyattn demo transformer: need --steps >= 1, --seconds > 0, 1 <= --digits <= {3 * len(SCALES)} and "
+              f"--threads >= 1 (got {steps}, {seconds}, {max_digits}, {threads})", file=sys.stderr)
         return 2
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(dev, steps, seconds, seed, out, max_digits, examples, num_beams, threshold, print_fn)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_demo(dev, steps, seconds, seed, out, max_digits, examples, num_beams, threshold, print_fn) -> int:
+    import sys
+
+    import pyattn
+
     task = NumberTask(max_digits)
     cfg = demo_config(task)
     probe = torch.zeros(1, cfg.nhead, 4, cfg.d_model // cfg.nhead, device=dev)
@@ -282,12 +297,13 @@ def run_demo(device: str = "cpu", steps: Optional[int] = None, seconds: Optional
              f"{' '.join(number_to_words(40213))!r}; a tenth of all numbers held out")
     print_fn(f"model: encoder-decoder Transformer, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
              f"d_model {cfg.d_model}, {cfg.nhead} heads, d_ff {cfg.dim_feedforward}, {n_params / 1e3:.0f}k parameters; "
-             f"training {budget} on {dev}, batch 128")
+             f"training {budget} on {dev}" + (f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else "")
+             + ", batch 128")
     try:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm is a dependency of the demo's extra
+    except ImportError:  # tqdm is not a dependency of pyattn: plain progress lines instead
         bar = None
 
     def progress(step, loss, frac):
@@ -310,8 +326,10 @@ def run_demo(device: str = "cpu", steps: Optional[int] = None, seconds: Optional
     beam_acc, beam_preds = exact_match(res.model, task, res.eval_numbers[:beam_n], str(dev), num_beams=num_beams)
     print_fn(f"held-out exact match: greedy {100 * res.accuracy:.1f}% ({len(res.eval_numbers)} numbers), "
              f"beam search ({num_beams} beams) {100 * beam_acc:.1f}% (first {beam_n})")
-    path = plot_losses(res, out)
-    print_fn(f"loss curve: {path}")
+    try:
+        print_fn(f"loss curve: {plot_losses(res, out)}")
+    except ImportError:
+        print_fn("loss curve: not written (matplotlib is not installed: pip install matplotlib)")
     print_fn("held-out examples (greedy | beam):")
     for n, greedy, beam in list(zip(res.eval_numbers, res.predictions, beam_preds))[:examples]:
         ref = " ".join(number_to_words(n))
