@@ -280,14 +280,15 @@ def _ended_early(out: torch.Tensor, steps: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
-@pytest.mark.parametrize("num_beams, length_penalty", [(1, 1.0), (4, 1.0), (3, 0.0), (5, 2.0)])
-def test_generate_with_cache_equals_without(norm_first, num_beams, length_penalty):
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping", [
+    (1, 1.0, False), (4, 1.0, False), (3, 0.0, False), (5, 2.0, False), (4, 1.0, True)])
+def test_generate_with_cache_equals_without(norm_first, num_beams, length_penalty, early_stopping):
     m = _trained_model(norm_first)
     src = _src(batch=6)
     steps = 7
-    a, sa = m.generate(src, steps, num_beams=num_beams, length_penalty=length_penalty, return_scores=True)
-    b, sb = m.generate(src, steps, num_beams=num_beams, length_penalty=length_penalty, return_scores=True,
-                       use_cache=False)
+    kw = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, return_scores=True)
+    a, sa = m.generate(src, steps, **kw)
+    b, sb = m.generate(src, steps, use_cache=False, **kw)
     assert torch.equal(a, b)
     torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-5)
     assert a.shape[0] == 6 and a.shape[1] <= steps and a.dtype == torch.long
