@@ -65,26 +65,8 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout_in, const Ten
   auto [q, k, v, m, s] =
       fill_common(op, p, q_in, k_in, v_in, mask, dropout_p, causal, bottom_right, scale, seed, offset);
   auto [dout, out, lse] = check_bwd_inputs(op, dout_in, out_in, lse_in, q.scalar_type(), s, at::Device(at::kCPU));
-  Tensor dq = empty_like_layout(q, {s.B, s.Hq, s.Lq, s.D});
-  Tensor dk = empty_like_layout(k, {s.B, s.Hkv, s.Lk, s.D});
-  Tensor dv = empty_like_layout(v, {s.B, s.Hkv, s.Lk, s.Dv});
-  if (s.B * s.Hq * s.Lq == 0 || s.Lk == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
-  p.dout = dout.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  strides3(dout, p.dout_stride);
-  strides3(out, p.out_stride);
-  strides3(dq, p.dq_stride);
-  strides3(dk, p.dk_stride);
-  strides3(dv, p.dv_stride);
+  Tensor dq, dk, dv;
+  if (!attn_checks::alloc_bwd_outputs(p, q, k, v, dout, out, lse, s, dq, dk, dv)) return {dq, dk, dv};
   cpu::attention_bwd(p);
   return {dq, dk, dv};
 }

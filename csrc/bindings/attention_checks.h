@@ -141,5 +141,33 @@ inline std::tuple<Tensor, Tensor, Tensor> check_bwd_inputs(const char* op, const
   return {dout, out, lse_in.contiguous()};
 }
 
+// dq, dk, dv allocated in q's / k's / v's layout, with p's dout/out/lse/dq/dk/dv pointers and strides filled.
+// Returns false (gradients zeroed, nothing to launch) for an empty problem.
+inline bool alloc_bwd_outputs(AttnBwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+                              const Tensor& out, const Tensor& lse, const Sizes& s, Tensor& dq, Tensor& dk,
+                              Tensor& dv) {
+  dq = empty_like_layout(q, {s.B, s.Hq, s.Lq, s.D});
+  dk = empty_like_layout(k, {s.B, s.Hkv, s.Lk, s.D});
+  dv = empty_like_layout(v, {s.B, s.Hkv, s.Lk, s.Dv});
+  if (s.B * s.Hq * s.Lq == 0 || s.Lk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return false;
+  }
+  p.dout = dout.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  strides3(dout, p.dout_stride);
+  strides3(out, p.out_stride);
+  strides3(dq, p.dq_stride);
+  strides3(dk, p.dk_stride);
+  strides3(dv, p.dv_stride);
+  return true;
+}
+
 }  // namespace attn_checks
 }  // namespace pyattn

@@ -87,26 +87,8 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cuda(const Tensor& dout_in, const Te
   const c10::cuda::CUDAGuard guard(q.device());
   auto [dout, out, lse] = check_bwd_inputs(op, dout_in, out_in, lse_in, q.scalar_type(), s, q.device());
   check_kernel_support(op, p, q.device(), true);
-  Tensor dq = empty_like_layout(q, {s.B, s.Hq, s.Lq, s.D});
-  Tensor dk = empty_like_layout(k, {s.B, s.Hkv, s.Lk, s.D});
-  Tensor dv = empty_like_layout(v, {s.B, s.Hkv, s.Lk, s.Dv});
-  if (s.B * s.Hq * s.Lq == 0 || s.Lk == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
-  p.dout = dout.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  strides3(dout, p.dout_stride);
-  strides3(out, p.out_stride);
-  strides3(dq, p.dq_stride);
-  strides3(dk, p.dk_stride);
-  strides3(dv, p.dv_stride);
+  Tensor dq, dk, dv;
+  if (!attn_checks::alloc_bwd_outputs(p, q, k, v, dout, out, lse, s, dq, dk, dv)) return {dq, dk, dv};
   check_launchable(op, p);
   // fp32 row statistics (lse in log2 units, l2, delta), 3 * B * Hq * Lq floats; freed stream-ordered on return
   Tensor ws = at::empty({cuda::attention_bwd_workspace_floats(p)}, q.options().dtype(at::kFloat));
