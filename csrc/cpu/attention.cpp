@@ -219,6 +219,41 @@ inline int64_t key_end(const AttnCommon& p, int64_t i0, int nq) {
   return std::max<int64_t>(0, std::min<int64_t>(p.Lk, i0 + nq + shift));
 }
 
+// Causal diagonal tiles, in finer steps than whole tiles: the key rows are taken NB at a time, and a group of rows
+// computes only the lane vectors from the first one holding a query that sees the group's first key (lo) onward;
+// consecutive groups with equal lo merge. Column q of S^T / P^T is then valid in rows [0, rows[q]) only (the
+// rest of the tile is never read). A tile the diagonal does not cut is one group: rows [0, nk), lo = 0.
+struct RowGroups {
+  int n = 0;
+  int r0[BN / NB + 1] = {}, lo[BN / NB] = {};  // group g: rows [r0[g], r0[g + 1]) x lane vectors [lo[g], QV)
+  int rows[QV] = {};
+};
+RowGroups row_groups(const AttnCommon& p, int64_t i0, int64_t j0, int nk) {
+  RowGroups rg;
+  if (!causal_cut(p, i0, j0, nk)) {
+    rg.n = 1;
+    rg.r0[1] = nk;
+    for (int q = 0; q < QV; ++q) rg.rows[q] = nk;
+    return rg;
+  }
+  const int64_t shift = p.bottom_right ? p.Lk - p.Lq : 0;
+  for (int r = 0; r < nk; r += NB) {
+    // lanes below i0 + first cannot see key j0 + r; first < nq since j0 + r < key_end(p, i0, nq)
+    const int64_t first = std::max<int64_t>(0, j0 + r - shift - i0);
+    const int lo = int(first / NB);
+    if (rg.n == 0 || rg.lo[rg.n - 1] != lo) {
+      rg.r0[rg.n] = r;
+      rg.lo[rg.n++] = lo;
+    }
+  }
+  rg.r0[rg.n] = nk;
+  for (int q = 0, g = 0; q < QV; ++q) {
+    while (g < rg.n && rg.lo[g] <= q) ++g;
+    rg.rows[q] = rg.r0[g];
+  }
+  return rg;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // fp32 views of K and V (16-bit inputs are widened once per call, in parallel over (b, kv head))
 // ------------------------------------------------------------------------------------------------------------
@@ -370,20 +405,35 @@ void fwd_impl(const AttnFwdParams& p) {
     const int64_t jend = key_end(p, i0, nq);
     for (int64_t j0 = 0; j0 < jend; j0 += BN) {
       const int nk = int(std::min<int64_t>(BN, jend - j0));
-      // S^T (nk x BM) = K[j0:j0+nk] Q^T
-      gemm(nk, BM, D, K.at(b, hk, j0), K.sl, 1, qt, BM, st, BM, nullptr, false);
+      const RowGroups rg = row_groups(p, i0, j0, nk);
+      // S^T (nk x BM) = K[j0:j0+nk] Q^T, group by group: rows [r0, r1) x lane vectors [lo, QV)
+      for (int g = 0; g < rg.n; ++g) {
+        const int r0 = rg.r0[g], lo = rg.lo[g];
+        gemm(rg.r0[g + 1] - r0, (QV - lo) * NB, D, K.at(b, hk, j0 + r0), K.sl, 1, qt + lo * NB, BM,
+             st + r0 * BM + lo * NB, BM, nullptr, false);
+      }
       if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
-      // online softmax down the rows, lane-wise
+      // online softmax down the rows [0, rows[q]) of each lane vector q, lane-wise
       alignas(64) float alpha[BM];
       for (int q = 0; q < QV; ++q) {
+        const int n = rg.rows[q];
+        const float* col = st + q * NB;
         const V m_old = vld(m + q * NB);
-        V mx = m_old;
-        for (int j = 0; j < nk; ++j) mx = vmax(vld(st + j * BM + q * NB), mx);
+        V mx0 = m_old, mx1 = m_old, mx2 = m_old, mx3 = m_old;  // four chains: vmax latency would bound one
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+          mx0 = vmax(vld(col + j * BM), mx0);
+          mx1 = vmax(vld(col + (j + 1) * BM), mx1);
+          mx2 = vmax(vld(col + (j + 2) * BM), mx2);
+          mx3 = vmax(vld(col + (j + 3) * BM), mx3);
+        }
+        for (; j < n; ++j) mx0 = vmax(vld(col + j * BM), mx0);
+        const V mx = vmax(vmax(mx0, mx1), vmax(mx2, mx3));  // NaN scores never win a vmax: skipped here
         // a row that has seen only -inf so far keeps max -inf; subtract 0 then (exp2(-inf) = 0, no NaN)
         const V m_use = vselect_lt(mx, -std::numeric_limits<float>::max(), vzero(), mx);
         V sum = vzero();
-        for (int j = 0; j < nk; ++j) {
-          const V e = vexp2(vsub(vld(st + j * BM + q * NB), m_use));
+        for (j = 0; j < n; ++j) {
+          const V e = vexp2(vsub(vld(col + j * BM), m_use));
           vst(st + j * BM + q * NB, e);
           sum = vadd(sum, e);
         }
@@ -393,8 +443,13 @@ void fwd_impl(const AttnFwdParams& p) {
         vst(m + q * NB, mx);
       }
       if (dropout) apply_dropout(keys, j0, nk, thr, inv_keep, st);
-      // O^T = O^T * alpha + V[j0:j0+nk]^T P^T
-      gemm(Dv, BM, nk, Vv.at(b, hk, j0), 1, Vv.sl, st, BM, ot, BM, alpha, true);
+      // O^T = O^T * alpha + V[j0:j0+nk]^T P^T, group by group (the first group holds every lane vector that
+      // saw a key of this tile; the others' alpha is 1, or 0 on a still-zero column)
+      for (int g = 0; g < rg.n; ++g) {
+        const int r0 = rg.r0[g], lo = rg.lo[g];
+        gemm(Dv, (QV - lo) * NB, rg.r0[g + 1] - r0, Vv.at(b, hk, j0 + r0), 1, Vv.sl, st + r0 * BM + lo * NB, BM,
+             ot + lo * NB, BM, g == 0 ? alpha + lo * NB : nullptr, true);
+      }
     }
 
     // out[i][dv] = O^T[dv][i] / l[i]; lse = (m + log2 l) ln 2; a row that saw nothing: 0 and +inf
