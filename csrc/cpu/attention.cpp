@@ -286,6 +286,43 @@ int threads_for(const AttnCommon& p) {
   return work < kMinParallelWork ? 1 : std::max(1, p.num_threads);
 }
 
+// Q^T of a query block, pre-scaled: qt[d * BM + i] = q[i][d] * c (row i at qs + i * sq), zero for lanes i >= nq.
+// fp32 rows are transposed NB x NB in registers, the rest element by element.
+template <class T>
+void pack_qt(const T* qs, int64_t sq, int nq, int64_t D, float c, float* qt) {
+  int64_t d0 = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    for (; d0 + NB <= D; d0 += NB) {
+      int i = 0;
+      for (; i + NB <= nq; i += NB) transpose_nb(qs + i * sq + d0, sq, qt + d0 * BM + i, BM);
+      for (int64_t d = d0; d < d0 + NB; ++d)
+        for (int k = i; k < BM; ++k) qt[d * BM + k] = k < nq ? qs[k * sq + d] : 0.0f;
+      for (int64_t d = d0; d < d0 + NB; ++d)
+        for (int q = 0; q < QV; ++q) vst(qt + d * BM + q * NB, vmul(vld(qt + d * BM + q * NB), vset(c)));
+    }
+  }
+  for (int64_t d = d0; d < D; ++d)
+    for (int i = 0; i < BM; ++i) qt[d * BM + i] = i < nq ? to_f32(qs[i * sq + d]) * c : 0.0f;
+}
+
+// out[i][dv] = O^T[dv][i] * inv[i] for i < nq (row i at os + i * so); scales O^T in place. fp32 rows: NB x NB
+// register transposes.
+template <class T>
+void unpack_ot(float* ot, const float* inv, int nq, int64_t Dv, T* os, int64_t so) {
+  for (int64_t d = 0; d < Dv; ++d)
+    for (int q = 0; q < QV; ++q) vst(ot + d * BM + q * NB, vmul(vld(ot + d * BM + q * NB), vld(inv + q * NB)));
+  int64_t d0 = 0;
+  int i0 = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    for (; i0 + NB <= nq; i0 += NB)
+      for (d0 = 0; d0 + NB <= Dv; d0 += NB) transpose_nb(ot + d0 * BM + i0, BM, os + i0 * so + d0, so);
+    for (int i = 0; i < i0; ++i)  // the last Dv % NB columns of those rows
+      for (int64_t d = d0; d < Dv; ++d) os[i * so + d] = ot[d * BM + i];
+  }
+  for (int i = i0; i < nq; ++i)
+    for (int64_t d = 0; d < Dv; ++d) os[i * so + d] = from_f32<T>(ot[d * BM + i]);
+}
+
 // Per-thread scratch (the pool's threads live for the process).
 float* scratch(size_t floats) {
   thread_local std::vector<float> buf;
@@ -393,8 +430,7 @@ void fwd_impl(const AttnFwdParams& p) {
 
     // Q^T, pre-scaled: qt[d][i] = q[i][d] * scale * log2(e), zero past nq.
     const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-    for (int64_t d = 0; d < D; ++d)
-      for (int i = 0; i < BM; ++i) qt[d * BM + i] = i < nq ? to_f32(qs[i * p.q_stride[2] + d]) * c : 0.0f;
+    pack_qt(qs, p.q_stride[2], nq, D, c, qt);
     std::fill(ot, ot + Dv * BM, 0.0f);
     for (int q = 0; q < QV; ++q) {
       vst(m + q * NB, vset(-kInf));
@@ -455,13 +491,13 @@ void fwd_impl(const AttnFwdParams& p) {
     // out[i][dv] = O^T[dv][i] / l[i]; lse = (m + log2 l) ln 2; a row that saw nothing: 0 and +inf
     T* os = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
     float* lse = p.lse + (b * p.Hq + h) * p.Lq + i0;
-    for (int i = 0; i < nq; ++i) {
+    alignas(64) float inv[BM];
+    for (int i = 0; i < BM; ++i) {
       const bool dead = !(l[i] > 0.0f) && !std::isnan(l[i]);
-      const float inv = dead ? 0.0f : 1.0f / l[i];
-      T* orow = os + i * p.out_stride[2];
-      for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(ot[d * BM + i] * inv);
-      lse[i] = dead ? kInf : (m[i] + std::log2(l[i])) * kLn2;
+      inv[i] = dead ? 0.0f : 1.0f / l[i];
+      if (i < nq) lse[i] = dead ? kInf : (m[i] + std::log2(l[i])) * kLn2;
     }
+    unpack_ot(ot, inv, nq, Dv, os, p.out_stride[2]);
   });
 }
 

@@ -64,6 +64,30 @@ inline V vpow2i(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n inte
 inline V vselect_lt(V x, float thr, V a, V b) {                // x < thr ? a : b (NaN -> b)
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(thr), _CMP_LT_OQ), b, a);
 }
+// dst[c * ds + r] = src[r * ss + c] for r, c < NB (an NB x NB block, transposed in registers). Each 128-bit lane is
+// a 4 x 4 transpose (unpack, shuffle); then the lanes are exchanged in two shuffle_f32x4 rounds.
+inline void transpose_nb(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3 -> t[4g + c] = their column 4k + c in lane k
+    const __m512 lo01 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), hi01 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+    const __m512 lo23 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+    const __m512 hi23 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+    t[4 * g] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+    t[4 * g + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+    t[4 * g + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+    t[4 * g + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {  // out row 4k + c = lane k of t[c], t[4 + c], t[8 + c], t[12 + c]
+    const __m512 u0 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xDD);
+    const __m512 u2 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x88);
+    const __m512 u3 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xDD);
+    _mm512_storeu_ps(dst + c * ds, _mm512_shuffle_f32x4(u0, u2, 0x88));
+    _mm512_storeu_ps(dst + (4 + c) * ds, _mm512_shuffle_f32x4(u1, u3, 0x88));
+    _mm512_storeu_ps(dst + (8 + c) * ds, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+    _mm512_storeu_ps(dst + (12 + c) * ds, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+  }
+}
 
 #elif PYATTN_CPU_ISA == 256
 
@@ -109,6 +133,24 @@ inline V vpow2i(V p, V n) {
 inline V vselect_lt(V x, float thr, V a, V b) {
   return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, vset(thr), _CMP_LT_OQ));
 }
+// dst[c * ds + r] = src[r * ss + c] for r, c < NB: 4 x 4 transposes per 128-bit lane, then the lanes exchanged.
+inline void transpose_nb(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int g = 0; g < 2; ++g) {
+    const __m256 lo01 = _mm256_unpacklo_ps(r[4 * g], r[4 * g + 1]), hi01 = _mm256_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+    const __m256 lo23 = _mm256_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+    const __m256 hi23 = _mm256_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+    t[4 * g] = _mm256_shuffle_ps(lo01, lo23, 0x44);
+    t[4 * g + 1] = _mm256_shuffle_ps(lo01, lo23, 0xEE);
+    t[4 * g + 2] = _mm256_shuffle_ps(hi01, hi23, 0x44);
+    t[4 * g + 3] = _mm256_shuffle_ps(hi01, hi23, 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * ds, _mm256_permute2f128_ps(t[c], t[4 + c], 0x20));
+    _mm256_storeu_ps(dst + (4 + c) * ds, _mm256_permute2f128_ps(t[c], t[4 + c], 0x31));
+  }
+}
 
 #else  // portable: GCC/Clang vector extensions (lowered to whatever SIMD the target has, SSE2 on any x86-64)
 
@@ -138,6 +180,11 @@ inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmax(V a, V b) { return a > b ? a : b; }  // b when either is NaN
 inline V vselect_lt(V x, float thr, V a, V b) { return x < vset(thr) ? a : b; }  // x < thr ? a : b (NaN -> b)
 inline float vhsum(V a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+// dst[c * ds + r] = src[r * ss + c] for r, c < NB.
+inline void transpose_nb(const float* src, int64_t ss, float* dst, int64_t ds) {
+  for (int r = 0; r < NB; ++r)
+    for (int c = 0; c < NB; ++c) dst[c * ds + r] = src[r * ss + c];
+}
 
 #endif
 
