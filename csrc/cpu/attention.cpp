@@ -289,7 +289,8 @@ int threads_for(const AttnCommon& p) {
   return work < kMinParallelWork ? 1 : std::max(1, p.num_threads);
 }
 
-// Q^T of a query block, pre-scaled: qt[d * BM + i] = q[i][d] * c (row i at qs + i * sq), zero for lanes i >= nq.
+// A query block's rows transposed and scaled (Q^T, dO^T): qt[d * BM + i] = q[i][d] * c (row i at qs + i * sq), zero
+// for lanes i >= nq.
 // fp32 rows are transposed NB x NB in registers, the rest element by element.
 template <class T>
 void pack_qt(const T* qs, int64_t sq, int nq, int64_t D, float c, float* qt) {
@@ -569,10 +570,8 @@ void bwd_impl(const AttnBwdParams& p) {
     const T* os = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
     float* qtp = qt.data() + (bh * Lqp + i0) * D;  // panel qb of head bh: D x BM
     float* dtp = dot.data() + (bh * Lqp + i0) * Dv;
-    for (int64_t d = 0; d < D; ++d)
-      for (int i = 0; i < BM; ++i) qtp[d * BM + i] = i < nq ? to_f32(qs[i * p.q_stride[2] + d]) * c : 0.0f;
-    for (int64_t d = 0; d < Dv; ++d)
-      for (int i = 0; i < BM; ++i) dtp[d * BM + i] = i < nq ? to_f32(ds[i * p.dout_stride[2] + d]) : 0.0f;
+    pack_qt(qs, p.q_stride[2], nq, D, c, qtp);
+    pack_qt(ds, p.dout_stride[2], nq, Dv, 1.0f, dtp);
     for (int i = 0; i < BM; ++i) {
       float dl = 0.0f;
       if (i < nq)

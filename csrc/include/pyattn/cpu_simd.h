@@ -64,28 +64,36 @@ inline V vpow2i(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n inte
 inline V vselect_lt(V x, float thr, V a, V b) {                // x < thr ? a : b (NaN -> b)
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(thr), _CMP_LT_OQ), b, a);
 }
+// The all-lanes zero-masked forms of unpack/shuffle: the same instructions, without the _mm512_undefined_ps()
+// operand that GCC 12 reports as uninitialized under -Wall.
+inline __m512 unpacklo(__m512 a, __m512 b) { return _mm512_maskz_unpacklo_ps(0xFFFF, a, b); }
+inline __m512 unpackhi(__m512 a, __m512 b) { return _mm512_maskz_unpackhi_ps(0xFFFF, a, b); }
+template <int IMM>
+inline __m512 shuffle_ps(__m512 a, __m512 b) { return _mm512_maskz_shuffle_ps(0xFFFF, a, b, IMM); }
+template <int IMM>
+inline __m512 shuffle_lanes(__m512 a, __m512 b) { return _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, IMM); }
 // dst[c * ds + r] = src[r * ss + c] for r, c < NB (an NB x NB block, transposed in registers). Each 128-bit lane is
 // a 4 x 4 transpose (unpack, shuffle); then the lanes are exchanged in two shuffle_f32x4 rounds.
 inline void transpose_nb(const float* src, int64_t ss, float* dst, int64_t ds) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
   for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3 -> t[4g + c] = their column 4k + c in lane k
-    const __m512 lo01 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), hi01 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-    const __m512 lo23 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
-    const __m512 hi23 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
-    t[4 * g] = _mm512_shuffle_ps(lo01, lo23, 0x44);
-    t[4 * g + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
-    t[4 * g + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
-    t[4 * g + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+    const __m512 lo01 = unpacklo(r[4 * g], r[4 * g + 1]), hi01 = unpackhi(r[4 * g], r[4 * g + 1]);
+    const __m512 lo23 = unpacklo(r[4 * g + 2], r[4 * g + 3]);
+    const __m512 hi23 = unpackhi(r[4 * g + 2], r[4 * g + 3]);
+    t[4 * g] = shuffle_ps<0x44>(lo01, lo23);
+    t[4 * g + 1] = shuffle_ps<0xEE>(lo01, lo23);
+    t[4 * g + 2] = shuffle_ps<0x44>(hi01, hi23);
+    t[4 * g + 3] = shuffle_ps<0xEE>(hi01, hi23);
   }
   for (int c = 0; c < 4; ++c) {  // out row 4k + c = lane k of t[c], t[4 + c], t[8 + c], t[12 + c]
-    const __m512 u0 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xDD);
-    const __m512 u2 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x88);
-    const __m512 u3 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xDD);
-    _mm512_storeu_ps(dst + c * ds, _mm512_shuffle_f32x4(u0, u2, 0x88));
-    _mm512_storeu_ps(dst + (4 + c) * ds, _mm512_shuffle_f32x4(u1, u3, 0x88));
-    _mm512_storeu_ps(dst + (8 + c) * ds, _mm512_shuffle_f32x4(u0, u2, 0xDD));
-    _mm512_storeu_ps(dst + (12 + c) * ds, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+    const __m512 u0 = shuffle_lanes<0x88>(t[c], t[4 + c]), u1 = shuffle_lanes<0xDD>(t[c], t[4 + c]);
+    const __m512 u2 = shuffle_lanes<0x88>(t[8 + c], t[12 + c]);
+    const __m512 u3 = shuffle_lanes<0xDD>(t[8 + c], t[12 + c]);
+    _mm512_storeu_ps(dst + c * ds, shuffle_lanes<0x88>(u0, u2));
+    _mm512_storeu_ps(dst + (4 + c) * ds, shuffle_lanes<0x88>(u1, u3));
+    _mm512_storeu_ps(dst + (8 + c) * ds, shuffle_lanes<0xDD>(u0, u2));
+    _mm512_storeu_ps(dst + (12 + c) * ds, shuffle_lanes<0xDD>(u1, u3));
   }
 }
 
