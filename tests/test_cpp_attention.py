@@ -741,11 +741,11 @@ def test_opcheck_python_ops_with_cpp_backend():
     samples = [(q, k, v, bool_mask, 0.2, True, True, 0.3, torch.tensor([3, 4]), True, "cpp"),
                (q, k, v, None, 0.0, False, False, 0.3, None, True, "cpp")]
     for args in samples:
-        torch.library.opcheck(_attention_fwd, args)
+        torch.library.opcheck(_attention_fwd.op, args)
         out, lse, state = _attention_fwd(*args)
         qq, kk, vv = (t.detach() for t in args[:3])
         torch.library.opcheck(
-            _attention_bwd,
+            _attention_bwd.op,
             (torch.randn(out.shape, generator=g), qq, kk, vv, out.detach(), lse, *args[3:8], state, "cpp"),
         )
 

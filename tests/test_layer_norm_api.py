@@ -81,9 +81,9 @@ def test_opcheck_custom_ops(backend):
     w, b = torch.randn(20, requires_grad=True), torch.randn(20, requires_grad=True)
     for rms in (False, True):
         args = (x, r, w, None if rms else b, 1e-5, rms, True, backend)
-        torch.library.opcheck(_norm_fwd, args)
+        torch.library.opcheck(_norm_fwd.op, args)
         y, s, mean, rstd = _norm_fwd(*args)
-        torch.library.opcheck(_norm_bwd, (torch.randn(3, 20), s.detach(), w.detach(), mean.detach(), rstd.detach(),
+        torch.library.opcheck(_norm_bwd.op, (torch.randn(3, 20), s.detach(), w.detach(), mean.detach(), rstd.detach(),
                                           torch.randn(3, 20), 1e-5, rms, not rms, True, backend))
 
 

@@ -259,11 +259,11 @@ def test_opcheck_attention_ops():
         ),
     ]
     for args in samples:
-        torch.library.opcheck(_attention_fwd, args)
+        torch.library.opcheck(_attention_fwd.op, args)
         out, lse, state = _attention_fwd(*args)
         qq, kk, vv = (t.detach() for t in args[:3])
         torch.library.opcheck(
-            _attention_bwd,
+            _attention_bwd.op,
             (torch.randn(out.shape, generator=g), qq, kk, vv, out.detach(), lse, *args[3:8], state, args[10]),
         )
 
@@ -276,10 +276,10 @@ def test_opcheck_gru_ops():
     w = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
     for bias in (w[2:], (None, w[3])):
         args = (x, h, w[0], w[1], *bias, True, None)
-        torch.library.opcheck(_gru_cell_fwd, args)
+        torch.library.opcheck(_gru_cell_fwd.op, args)
         _, ws = _gru_cell_fwd(*args)
         torch.library.opcheck(
-            _gru_cell_bwd,
+            _gru_cell_bwd.op,
             (
                 torch.randn(3, 7, generator=g),
                 x.detach(),
@@ -293,17 +293,17 @@ def test_opcheck_gru_ops():
                 None,
             ),
         )
-    torch.library.opcheck(_gru_cell_fwd, (x, h, *w, False, None))  # no workspace: backward recomputes it
+    torch.library.opcheck(_gru_cell_fwd.op, (x, h, *w, False, None))  # no workspace: backward recomputes it
     torch.library.opcheck(
-        _gru_layer_fwd, (torch.randn(2, 3, 5, requires_grad=True), h, *w, False, False, None)
+        _gru_layer_fwd.op, (torch.randn(2, 3, 5, requires_grad=True), h, *w, False, False, None)
     )
     xs = torch.randn(4, 3, 5, generator=g, requires_grad=True)
     for reverse in (False, True):
         args = (xs, h, *w, reverse, True, None)
-        torch.library.opcheck(_gru_layer_fwd, args)
+        torch.library.opcheck(_gru_layer_fwd.op, args)
         out, _, ws = _gru_layer_fwd(*args)
         torch.library.opcheck(
-            _gru_layer_bwd,
+            _gru_layer_bwd.op,
             (
                 torch.randn(4, 3, 7, generator=g),
                 torch.randn(3, 7, generator=g),

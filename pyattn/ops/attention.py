@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..dispatch import OpInputs, get_backend, select
 from ..dispatch.registry import _BACKENDS, _requested
-from ._common import dtype_name
+from ._common import Op, dtype_name
 
 _TORCH_DTYPE_NAMES = {
     torch.float32: "float",
@@ -459,11 +459,11 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
     return int(vals[0]), int(vals[1]) if len(vals) > 1 else 0
 
 
-# ---- custom ops: what torch.compile sees. Selection happens inside, at run time. ---------------------------
+# ---- ops: custom ops for torch.compile, a direct path for plain eager calls (_common.Op). Selection happens
+# inside, at run time. ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pyattn::attention_fwd", mutates_args=())
-def _attention_fwd(
+def _attention_fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -496,15 +496,13 @@ def _attention_fwd(
     return _into(o, out), _into(lse_, lse), state
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, mask, dropout_p, causal, bottom_right, scale, rng, needs_grad, backend):
+def _attention_fwd_fake(q, k, v, mask, dropout_p, causal, bottom_right, scale, rng, needs_grad, backend):
     b, h, lq, _ = q.shape
     out = _empty_like_layout(q, (b, h, lq, v.shape[3]))
     return out, q.new_empty((b, h, lq), dtype=stat_dtype(q.dtype)), torch.empty(3, dtype=torch.int64)
 
 
-@torch.library.custom_op("pyattn::attention_bwd", mutates_args=())
-def _attention_bwd(
+def _attention_bwd_impl(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -546,9 +544,11 @@ def _attention_bwd(
     return _into(gq, dq), _into(gk, dk), _into(gv, dv)
 
 
-@_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, rng_state, backend):
+def _attention_bwd_fake(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, rng_state, backend):
     return _empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape)
+
+
+_attention_bwd = Op("pyattn::attention_bwd", _attention_bwd_impl, _attention_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -588,7 +588,7 @@ def _backward(ctx, dout, dlse, drng):
     )
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd = Op("pyattn::attention_fwd", _attention_fwd_impl, _attention_fwd_fake, _setup_context, _backward)
 
 
 # ---- public functions --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import OpInputs, get_backend, select
-from ._common import check_same_device, dtype_name
+from ._common import Op, check_same_device, dtype_name
 
 _SCALAR_NAMES = {
     torch.float32: "Float",
@@ -200,11 +200,10 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-# ---- custom ops: cell --------------------------------------------------------------------------------------
+# ---- ops (custom op + eager path, _common.Op): cell ---------------------------------------------------------
 
 
-@torch.library.custom_op("pyattn::gru_cell_fwd", mutates_args=())
-def _gru_cell_fwd(
+def _gru_cell_fwd_impl(
     x: Tensor,
     hx: Tensor,
     w_ih: Tensor,
@@ -221,15 +220,13 @@ def _gru_cell_fwd(
     return be.gru_cell_fwd(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad)
 
 
-@_gru_cell_fwd.register_fake
-def _(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad, backend):
+def _gru_cell_fwd_fake(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad, backend):
     b, h = hx.shape
     ws = x.new_empty((b, 4 * h) if needs_grad else (0,), dtype=ws_dtype(x.dtype))
     return x.new_empty((b, h)), ws
 
 
-@torch.library.custom_op("pyattn::gru_cell_bwd", mutates_args=())
-def _gru_cell_bwd(
+def _gru_cell_bwd_impl(
     dh: Tensor,
     x: Tensor,
     hx: Tensor,
@@ -261,13 +258,15 @@ def _weight_grad_fakes(w_ih, w_hh, has_b_ih, has_b_hh, need_weights):
     )
 
 
-@_gru_cell_bwd.register_fake
-def _(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights, backend):
+def _gru_cell_bwd_fake(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights, backend):
     return (
         x.new_empty(x.shape),
         hx.new_empty(hx.shape),
         *_weight_grad_fakes(w_ih, w_hh, has_b_ih, has_b_hh, need_weights),
     )
+
+
+_gru_cell_bwd = Op("pyattn::gru_cell_bwd", _gru_cell_bwd_impl, _gru_cell_bwd_fake)
 
 
 def _cell_setup(ctx, inputs, output):
@@ -301,14 +300,13 @@ def _cell_backward(ctx, dh, dws):
     )
 
 
-_gru_cell_fwd.register_autograd(_cell_backward, setup_context=_cell_setup)
+_gru_cell_fwd = Op("pyattn::gru_cell_fwd", _gru_cell_fwd_impl, _gru_cell_fwd_fake, _cell_setup, _cell_backward)
 
 
-# ---- custom ops: layer -------------------------------------------------------------------------------------
+# ---- ops (custom op + eager path, _common.Op): layer --------------------------------------------------------
 
 
-@torch.library.custom_op("pyattn::gru_layer_fwd", mutates_args=())
-def _gru_layer_fwd(
+def _gru_layer_fwd_impl(
     x: Tensor,
     h0: Tensor,
     w_ih: Tensor,
@@ -327,16 +325,14 @@ def _gru_layer_fwd(
     return be.gru_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad)
 
 
-@_gru_layer_fwd.register_fake
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad, backend):
+def _gru_layer_fwd_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad, backend):
     t = x.shape[0]
     b, h = h0.shape
     ws = x.new_empty((t, b, 4 * h) if needs_grad else (0,), dtype=ws_dtype(x.dtype))
     return x.new_empty((t, b, h)), h0.new_empty((b, h)), ws
 
 
-@torch.library.custom_op("pyattn::gru_layer_bwd", mutates_args=())
-def _gru_layer_bwd(
+def _gru_layer_bwd_impl(
     dout: Tensor,
     dh_last: Tensor,
     x: Tensor,
@@ -360,13 +356,17 @@ def _gru_layer_bwd(
     )
 
 
-@_gru_layer_bwd.register_fake
-def _(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights, backend):
+def _gru_layer_bwd_fake(
+    dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights, backend
+):
     return (
         x.new_empty(x.shape),
         h0.new_empty(h0.shape),
         *_weight_grad_fakes(w_ih, w_hh, has_b_ih, has_b_hh, need_weights),
     )
+
+
+_gru_layer_bwd = Op("pyattn::gru_layer_bwd", _gru_layer_bwd_impl, _gru_layer_bwd_fake)
 
 
 def _layer_setup(ctx, inputs, output):
@@ -413,7 +413,9 @@ def _layer_backward(ctx, dout, dh_last, dws):
     )
 
 
-_gru_layer_fwd.register_autograd(_layer_backward, setup_context=_layer_setup)
+_gru_layer_fwd = Op(
+    "pyattn::gru_layer_fwd", _gru_layer_fwd_impl, _gru_layer_fwd_fake, _layer_setup, _layer_backward
+)
 
 
 # ---- public functions --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import OpInputs, select
-from ._common import check_same_device, dtype_name
+from ._common import Op, check_same_device, dtype_name
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """mean/rstd are float32, except float64 for float64 inputs (the oracle)."""
@@ -113,10 +113,9 @@ def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
-# ---- custom ops: what torch.compile sees. Selection happens inside, at run time. ----------------------------
+# ---- ops: custom ops for torch.compile, a direct path for plain eager calls (_common.Op). Selection inside. ----
 
-@torch.library.custom_op("pyattn::norm_fwd", mutates_args=())
-def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def _norm_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
               rms: bool, store_residual: bool, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     inputs = NormInputs(x, residual, weight, bias, eps, rms)
     return select(inputs, backend).layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
@@ -139,13 +138,11 @@ def fake_norm_bwd(s, weight, has_bias: bool, need_dweight: bool):
     return s.new_empty(s.shape), dw, db
 
 
-@_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, rms, store_residual, backend):
+def _norm_fwd_fake(x, residual, weight, bias, eps, rms, store_residual, backend):
     return fake_norm_fwd(x, residual, rms, store_residual)
 
 
-@torch.library.custom_op("pyattn::norm_bwd", mutates_args=())
-def _norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+def _norm_bwd_impl(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
               dresidual_out: Optional[Tensor], eps: float, rms: bool, has_bias: bool, need_dweight: bool,
               backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = NormInputs(s, None, weight, None, eps, rms)
@@ -153,9 +150,11 @@ def _norm_bwd(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rst
                                                   need_dweight)
 
 
-@_norm_bwd.register_fake
-def _(dy, s, weight, mean, rstd, dresidual_out, eps, rms, has_bias, need_dweight, backend):
+def _norm_bwd_fake(dy, s, weight, mean, rstd, dresidual_out, eps, rms, has_bias, need_dweight, backend):
     return fake_norm_bwd(s, weight, has_bias, need_dweight)
+
+
+_norm_bwd = Op("pyattn::norm_bwd", _norm_bwd_impl, _norm_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -179,7 +178,7 @@ def _backward(ctx, dy, ds, dmean, drstd):
             None, None, None, None)
 
 
-_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_norm_fwd = Op("pyattn::norm_fwd", _norm_fwd_impl, _norm_fwd_fake, _setup_context, _backward)
 
 
 def _norm(input, normalized_shape, weight, bias, eps, residual, return_residual, backend, rms):
