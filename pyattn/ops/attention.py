@@ -147,14 +147,15 @@ class AttentionInputs(OpInputs):
         return "bottom_right" if (self.bottom_right and self.q_len != self.k_len) else "top_left"
 
     def signature(self) -> tuple:
+        q, mask = self.q, self.mask  # runs on every call: plain attribute reads where a property would repeat them
         return (
-            self.device.type,
-            self.dtype,
-            self.head_dim,
-            self.v_head_dim,
+            q.device.type,
+            q.dtype,
+            q.shape[3],
+            self.v.shape[3],
             self.causal_alignment,
             self.mask_kind,
-            None if self.mask is None else self.mask.dtype,
+            None if mask is None else mask.dtype,
             self.mask_pattern,
             self.dropout_p > 0,
             self.group,
@@ -286,6 +287,13 @@ def _broadcast(sizes, what: str) -> int:
     return vals.pop() if vals else 1
 
 
+def _flatten_batch(t: Tensor, shape: tuple, b: int) -> Tensor:
+    """t broadcast to ``shape`` (*batch, H, L, D) and viewed as (b, H, L, D); t itself when it already is."""
+    if len(shape) == 4 and t.shape == shape:
+        return t
+    return t[(None,) * (len(shape) - t.dim())].expand(shape).reshape((b,) + shape[-3:])
+
+
 def _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Validate torch-style arguments -> (AttentionInputs in (B, H, L, D) form, output shape)."""
     names = ("query", "key", "value")
@@ -302,16 +310,16 @@ def _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     _check_dims(query, key, value, names)
     rank = max(query.dim(), key.dim(), value.dim())
     r = max(rank, 3)
-    q, k, v = (t[(None,) * (r - t.dim())] for t in (query, key, value))  # views: (*batch, H, L, D)
+    qs, ks, vs = ((1,) * (r - t.dim()) + tuple(t.shape) for t in (query, key, value))  # (*batch, H, L, D)
     nb = r - 3
     try:
-        batch = tuple(_broadcast(sz, "") for sz in zip(q.shape[:nb], k.shape[:nb], v.shape[:nb]))
+        batch = tuple(_broadcast(sz, "") for sz in zip(qs[:nb], ks[:nb], vs[:nb]))
     except RuntimeError:
         raise RuntimeError(
             f"Expected query, key and value batch dimensions to be broadcastable, but got query of "
             f"shape {list(query.shape)}, key {list(key.shape)} and value {list(value.shape)}"
         ) from None
-    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    hq, hk, hv = qs[-3], ks[-3], vs[-3]
     if enable_gqa:
         if hk != hv or (hq % hk != 0 if hk > 0 else hq != 0):
             raise RuntimeError(
@@ -327,11 +335,11 @@ def _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
             f"key {hk}, value {hv}; pass enable_gqa=True for grouped-query attention)",
         )
         hkv = 1 if (hk == 1 and hv == 1) else h  # k/v broadcast over all heads = MQA: no expand needed
-    lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    lq, lk, d, dv = qs[-2], ks[-2], qs[-1], vs[-1]
     b = math.prod(batch)
-    q = q.expand(batch + (h, lq, d)).reshape(b, h, lq, d)
-    k = k.expand(batch + (hkv, lk, d)).reshape(b, hkv, lk, d)
-    v = v.expand(batch + (hkv, lk, dv)).reshape(b, hkv, lk, dv)
+    q = _flatten_batch(query, batch + (h, lq, d), b)
+    k = _flatten_batch(key, batch + (hkv, lk, d), b)
+    v = _flatten_batch(value, batch + (hkv, lk, dv), b)
     mask = None
     if attn_mask is not None:
         _check_mask(attn_mask, query, batch + (h, lq, lk))
@@ -423,13 +431,31 @@ def _check_canonical(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) ->
 
 
 def _is_blhd(t: Tensor) -> bool:
-    """A (B, H, L, D) view of a contiguous (B, L, H, D) tensor (what flash_attn_func passes)."""
-    return (not t.is_contiguous()) and t.transpose(1, 2).is_contiguous()
+    """A (B, H, L, D) view of a contiguous (B, L, H, D) tensor (what flash_attn_func passes), read from the
+    strides (no view is made: this runs on every call)."""
+    b, h, length, d = t.shape
+    if h <= 1 or length <= 1 or t.is_contiguous():  # contiguous with H, L > 1: not a (B, L, H, D) view
+        return False
+    return _strides_match(t, (length * h * d, d, h * d, 1))
+
+
+def _strides_match(t: Tensor, strides: tuple) -> bool:
+    """t's strides equal ``strides`` in every dim of size > 1 (a size-1 dim's stride is never used)."""
+    st = t.stride()
+    return st == strides or all(n <= 1 or s == e for n, s, e in zip(t.shape, st, strides))
+
+
+def _layout_strides(ref: Tensor, shape) -> tuple:
+    """Strides of a (B, H, L, D) tensor of ``shape`` in ref's layout: (B, L, H, D) memory when ref is such a
+    view, else contiguous."""
+    b, h, length, d = shape
+    if _is_blhd(ref):
+        return (length * h * d, d, h * d, 1)
+    return (h * length * d, length * d, d, 1)
 
 
 def _empty_like_layout(ref: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty (B, H, L, D) tensor in ref's layout: (B, L, H, D) memory when ref is such a view, else
-    contiguous."""
+    """An empty (B, H, L, D) tensor in ref's layout (see _layout_strides)."""
     b, h, length, d = shape
     dtype = ref.dtype if dtype is None else dtype
     if _is_blhd(ref):
@@ -437,11 +463,13 @@ def _empty_like_layout(ref: Tensor, shape, dtype: Optional[torch.dtype] = None) 
     return ref.new_empty((b, h, length, d), dtype=dtype)
 
 
-def _into(result: Tensor, like: Tensor) -> Tensor:
-    """``result`` with ``like``'s strides (copied only when a backend returned another layout)."""
-    if result.stride() == like.stride() and result.dtype == like.dtype:
+def _in_layout(result: Tensor, ref: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``result`` (B, H, L, D) in ref's layout and ``dtype`` (default: ref's), copied only when a backend
+    returned another layout or dtype."""
+    dtype = ref.dtype if dtype is None else dtype
+    if result.dtype == dtype and _strides_match(result, _layout_strides(ref, result.shape)):
         return result
-    return like.copy_(result)
+    return _empty_like_layout(ref, result.shape, dtype).copy_(result)
 
 
 def _backend_id(name: str) -> int:
@@ -482,18 +510,19 @@ def _attention_fwd_impl(
     _check_canonical(q, k, v, mask)
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
-    out = _empty_like_layout(q, (b, h, lq, dv))
-    lse = q.new_empty((b, h, lq), dtype=stat_dtype(q.dtype))
     seed, offset = _seed_offset(rng) if dropout_p > 0 else (0, 0)
+    lse_dtype = stat_dtype(q.dtype)
     if b * h * lq == 0 or lk == 0:  # nothing to compute: no kernel runs
-        out.zero_()
-        lse.fill_(math.inf)
+        out = _empty_like_layout(q, (b, h, lq, dv)).zero_()
+        lse = q.new_empty((b, h, lq), dtype=lse_dtype).fill_(math.inf)
         return out, lse, torch.tensor([seed, offset, -1], dtype=torch.int64)
     inputs = AttentionInputs(q, k, v, mask, dropout_p, causal, bottom_right, scale, needs_grad)
     be = get_backend("torch") if (d == 0 or dv == 0) else select(inputs, backend)
-    o, lse_ = be.attention_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset)
+    o, lse = be.attention_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset)
+    if lse.dtype != lse_dtype or not lse.is_contiguous():
+        lse = lse.to(lse_dtype, memory_format=torch.contiguous_format)
     state = torch.tensor([seed, offset, _backend_id(be.name)], dtype=torch.int64)
-    return _into(o, out), _into(lse_, lse), state
+    return _in_layout(o, q), lse, state
 
 
 def _attention_fwd_fake(q, k, v, mask, dropout_p, causal, bottom_right, scale, rng, needs_grad, backend):
@@ -523,13 +552,8 @@ def _attention_bwd_impl(
     _check_canonical(q, k, v, mask)
     b, h, lq, d = q.shape
     lk, dv_ = k.shape[2], v.shape[3]
-    dq, dk, dv = (
-        _empty_like_layout(q, q.shape),
-        _empty_like_layout(k, k.shape),
-        _empty_like_layout(v, v.shape),
-    )
     if b * h * lq == 0 or lk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return tuple(_empty_like_layout(t, t.shape).zero_() for t in (q, k, v))
     seed, offset, bid = (int(x) for x in rng_state.tolist())
     inputs = AttentionInputs(q, k, v, mask, dropout_p, causal, bottom_right, scale, True)
     if d == 0 or dv_ == 0:
@@ -541,7 +565,7 @@ def _attention_bwd_impl(
     gq, gk, gv = be.attention_bwd(
         dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, seed, offset
     )
-    return _into(gq, dq), _into(gk, dk), _into(gv, dv)
+    return _in_layout(gq, q), _in_layout(gk, k), _in_layout(gv, v)
 
 
 def _attention_bwd_fake(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, rng_state, backend):
