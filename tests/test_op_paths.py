@@ -167,3 +167,23 @@ def test_eager_path_under_compile_uses_the_custom_op():
     f = torch.compile(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v), backend="eager",
                       fullgraph=True)
     torch.testing.assert_close(f(q, k, v), pyattn.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+
+
+def test_unused_outputs_get_no_grad_tensors():
+    """Ops skip materializing grads of unused outputs (lse, workspaces, statistics); a backward reached through
+    one output only must still be right."""
+    x, r, w, b = _leaves((6, 16), (6, 16), (16,), (16,), seed=3)
+    _, s = pyattn.layer_norm(x, (16,), w, b, residual=r, return_residual=True)
+    (s * 2).sum().backward()  # only the residual sum s = x + r is used
+    assert torch.equal(x.grad, torch.full_like(x, 2.0)) and torch.equal(r.grad, torch.full_like(r, 2.0))
+    assert w.grad is None or not w.grad.any()
+
+    xs, h0 = _leaves((5, 2, 4), (2, 6), seed=4)
+    gru = torch.nn.GRU(4, 6)
+    _, h_last = gru_ops.gru_layer(xs, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0,
+                                  backend="cpp")
+    gx, gh = torch.autograd.grad(h_last.sum(), (xs, h0))  # only the final state is used
+    _, h_ref = gru(xs, h0.unsqueeze(0))
+    rx, rh = torch.autograd.grad(h_ref.sum(), (xs, h0))
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-5)

@@ -91,31 +91,46 @@ class MultiheadAttention(nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
                                "method `generate_square_subsequent_mask` to create this mask.")
-        if self.batch_first and batched:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # -> (L, B, E) views
+        same_kv = key is value
+        same_qkv = same_kv and query is key
+        if batched and not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # -> (B, L, E) views
         if not batched:
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)  # (L, B, E)
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, same_qkv, same_kv)  # (B, L, E)
         if not batched:
-            return out.squeeze(1), None
-        return (out.transpose(0, 1) if self.batch_first else out), None
+            return out.squeeze(0), None
+        return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
-        tgt_len, bsz, embed = query.shape
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, same_qkv: bool, same_kv: bool):
+        """The input projections, packed like torch's: one GEMM for self-attention (query is key is value), two
+        when key is value. q, k, v come back as column slices of the packed output (no copies)."""
+        e = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if not self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+            return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        if same_qkv:
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        if same_kv:
+            k, v = F.linear(key, w[e:], None if b is None else b[e:]).chunk(2, dim=-1)
+            return F.linear(query, w[:e], None if b is None else b[:e]), k, v
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        w_q, w_k, w_v = w.chunk(3)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, same_qkv=False, same_kv=False):
+        """query (B, L, E), key/value (B, S, E) -> (B, L, E). Heads are views of the projections, (B, H, L, Dh) with
+        (B, L, H, Dh) memory, and so is the attention output: no transposing copies on the way."""
+        bsz, tgt_len, embed = query.shape
         heads, head_dim = self.num_heads, self.head_dim
         if embed != self.embed_dim:
             raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {embed}")
-        if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q = b_k = b_v = None
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)  # (L|S, B, E)
-        src_len = k.shape[0]
+        q, k, v = self._project(query, key, value, same_qkv, same_kv)  # (B, L|S, E)
+        src_len = k.shape[1]
         # torch only trusts the is_causal hint when there is no key padding mask to merge
         causal = is_causal and key_padding_mask is None
         kpm = _as_keep_or_additive(key_padding_mask, q.dtype, "key_padding_mask")  # torch checks it first
@@ -135,14 +150,14 @@ class MultiheadAttention(nn.MultiheadAttention):
                 if kpm.shape[d] != want:
                     raise AssertionError(f"Expected key_padded_mask.shape[{d}] to be {want}, but got {kpm.shape[d]}")
         if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(1, bsz, embed)])
-            v = torch.cat([v, self.bias_v.expand(1, bsz, embed)])
+            k = torch.cat([k, self.bias_k.reshape(1, 1, embed).expand(bsz, 1, embed)], dim=1)
+            v = torch.cat([v, self.bias_v.reshape(1, 1, embed).expand(bsz, 1, embed)], dim=1)
             am = None if am is None else F.pad(am, (0, 1), value=True if am.dtype == torch.bool else 0.0)
             kpm = None if kpm is None else F.pad(kpm, (0, 1), value=True if kpm.dtype == torch.bool else 0.0)
-        src_len = k.shape[0]
-        q = q.view(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)  # (B, H, L, Dh)
-        k = k.view(src_len, bsz, heads, head_dim).permute(1, 2, 0, 3)  # (B, H, S, Dh)
-        v = v.view(src_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
+        src_len = k.shape[1]
+        q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (B, H, L, Dh)
+        k = k.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (B, H, S, Dh)
+        v = v.unflatten(-1, (heads, head_dim)).transpose(1, 2)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(bsz, heads, 1, head_dim)], dim=2)
             v = torch.cat([v, v.new_zeros(bsz, heads, 1, head_dim)], dim=2)
@@ -157,5 +172,5 @@ class MultiheadAttention(nn.MultiheadAttention):
         mask = _merge(am, kpm)
         dropout = self.dropout if self.training else 0.0
         o = scaled_dot_product_attention(q, k, v, mask, dropout, causal)  # (B, H, L, Dh)
-        o = o.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed)
+        o = o.transpose(1, 2).reshape(bsz, tgt_len, embed)
         return F.linear(o, self.out_proj.weight, self.out_proj.bias)

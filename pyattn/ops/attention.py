@@ -431,12 +431,14 @@ def _check_canonical(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) ->
 
 
 def _is_blhd(t: Tensor) -> bool:
-    """A (B, H, L, D) view of a contiguous (B, L, H, D) tensor (what flash_attn_func passes), read from the
-    strides (no view is made: this runs on every call)."""
+    """A (B, H, L, D) tensor whose memory runs (B, L, H, D): heads inside positions, as flash_attn_func passes
+    them and as pyattn.nn.MultiheadAttention's head views of its projections are. Outputs and gradients then
+    take (B, L, H, D) memory too, so merging the heads back is a view. Read from the strides (runs every call)."""
     b, h, length, d = t.shape
-    if h <= 1 or length <= 1 or t.is_contiguous():  # contiguous with H, L > 1: not a (B, L, H, D) view
+    if h <= 1 or length <= 1:
         return False
-    return _strides_match(t, (length * h * d, d, h * d, 1))
+    st = t.stride()
+    return st[1] < st[2]
 
 
 def _strides_match(t: Tensor, strides: tuple) -> bool:
@@ -579,6 +581,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask, dropout_p, causal, bottom_right, scale, rng, needs_grad, backend = inputs
     out, lse, rng_state = output
     ctx.mark_non_differentiable(lse, rng_state)
+    ctx.set_materialize_grads(False)  # no zero tensors for lse / rng_state per call
     ctx.save_for_backward(q, k, v, out, lse, mask, rng_state)
     ctx.meta = (dropout_p, causal, bottom_right, scale, backend)
 
@@ -591,6 +594,8 @@ def _backward(ctx, dout, dlse, drng):
             "pyattn::attention_fwd does not differentiate attn_mask; call pyattn's public functions, "
             "which compute a mask that requires grad through a differentiable torch path"
         )
+    if dout is None:  # only lse was used (it is not differentiable)
+        return (None,) * 11
     if dout.stride() != out.stride():  # e.g. the stride-0 grad of out.sum(): hand backends out's layout
         dout = torch.empty_like(out).copy_(dout)
     dq, dk, dv = _attention_bwd(

@@ -273,12 +273,15 @@ def _cell_setup(ctx, inputs, output):
     x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad, backend = inputs
     _, ws = output
     ctx.mark_non_differentiable(ws)
+    ctx.set_materialize_grads(False)  # no zero tensor for the workspace per call
     ctx.save_for_backward(x, hx, w_ih, w_hh, b_ih, b_hh, ws)
     ctx.meta = (needs_grad, backend)
 
 
 def _cell_backward(ctx, dh, dws):
     x, hx, w_ih, w_hh, b_ih, b_hh, ws = ctx.saved_tensors
+    if dh is None:
+        return (None,) * 8
     needs_grad, backend = ctx.meta
     has_b_ih, has_b_hh = b_ih is not None, b_hh is not None
     if not needs_grad:  # the forward saved no workspace (direct op call with needs_grad=False): recompute it
@@ -373,12 +376,17 @@ def _layer_setup(ctx, inputs, output):
     x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad, backend = inputs
     out, _, ws = output
     ctx.mark_non_differentiable(ws)
+    ctx.set_materialize_grads(False)  # no zero tensor for the workspace per call; unused outputs' grads: None
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out, ws)
     ctx.meta = (reverse, needs_grad, backend)
 
 
 def _layer_backward(ctx, dout, dh_last, dws):
     x, h0, w_ih, w_hh, b_ih, b_hh, out, ws = ctx.saved_tensors
+    if dout is None and dh_last is None:
+        return (None,) * 9
+    dout = torch.zeros_like(out) if dout is None else dout
+    dh_last = torch.zeros_like(h0) if dh_last is None else dh_last
     reverse, needs_grad, backend = ctx.meta
     has_b_ih, has_b_hh = b_ih is not None, b_hh is not None
     if not needs_grad:  # the forward saved no workspace (direct op call with needs_grad=False): recompute it

@@ -161,6 +161,8 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, rms, store_residual, backend = inputs
     _, s, mean, rstd = output
     saved_s = s if residual is not None else x
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None (no zero tensors made per call)
     ctx.save_for_backward(saved_s, weight, mean, rstd)
     ctx.meta = (eps, rms, bias is not None, residual is not None, store_residual, backend)
 
@@ -173,6 +175,8 @@ def _backward(ctx, dy, ds, dmean, drstd):
         raise RuntimeError("pyattn.layer_norm: backward through a fused residual needs store_residual=True "
                            "(the public functions set it whenever grad is enabled)")
     dres = ds if (has_residual and ds is not None and ds.numel() > 0) else None
+    if dy is None:  # only s = x + residual was used
+        dy = torch.zeros_like(s)
     dx, dw, db = _norm_bwd(dy, s, weight, mean, rstd, dres, eps, rms, has_bias, need_w or need_b, backend)
     return (dx if need_x else None, dx if need_r else None, dw if need_w else None, db if need_b else None,
             None, None, None, None)
