@@ -109,6 +109,8 @@ def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
     """View (..., *normalized_shape) as (M, N) with a unit last stride, copying only when no such view exists."""
     if t is None:
         return None
+    if t.dim() == 2 and t.shape[1] == n and (n <= 1 or t.stride(1) == 1):  # already rows (runs every call)
+        return t
     t2 = t.reshape(-1, n)
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
@@ -190,12 +192,13 @@ def _norm(input, normalized_shape, weight, bias, eps, residual, return_residual,
     n = math.prod(shape)
     x2 = _rows(input, n)
     r2 = _rows(residual, n)
-    w = None if weight is None else weight.reshape(n)
-    b = None if bias is None else bias.reshape(n)
+    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
+    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, residual, weight, bias))
     store = residual is not None and (return_residual or grad)
     y, s, _, _ = _norm_fwd(x2, r2, w, b, float(eps), rms, store, backend)
-    y = y.view(input.shape)
+    if y.shape != input.shape:
+        y = y.view(input.shape)
     if return_residual:
         return y, (s.view(input.shape) if residual is not None else input)
     return y
