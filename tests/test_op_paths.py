@@ -151,6 +151,12 @@ def test_plain_eager_predicate():
 
     torch.func.grad(f)(t)
 
+    def traced(x):
+        assert not plain_eager((x,))
+        return x * 2
+
+    torch.jit.trace(traced, t, check_trace=False)  # (the check re-runs it untraced)
+
 
 def test_eager_path_keeps_the_forward_backend_for_dropout():
     """With dropout the backward must run on the backend that drew the keep-mask: rng_state carries it on both

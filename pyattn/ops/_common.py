@@ -27,12 +27,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager(args) -> bool:
-    """True when a call may run an op's implementation directly: no torch.compile / export tracing, no
+    """True when a call may run an op's implementation directly: no torch.compile / export / jit tracing, no
     dispatch mode (FakeTensorMode, proxy tracing, FlopCounterMode, ...), no torch function mode, no functorch
     transform (vmap, grad), and only plain, non-meta tensors or Parameters among the arguments. Anything else
     takes the registered custom op, which those systems understand."""
     if (
         torch.compiler.is_compiling()
+        or torch._C._is_tracing()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None

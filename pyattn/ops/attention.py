@@ -441,12 +441,6 @@ def _is_blhd(t: Tensor) -> bool:
     return st[1] < st[2]
 
 
-def _strides_match(t: Tensor, strides: tuple) -> bool:
-    """t's strides equal ``strides`` in every dim of size > 1 (a size-1 dim's stride is never used)."""
-    st = t.stride()
-    return st == strides or all(n <= 1 or s == e for n, s, e in zip(t.shape, st, strides))
-
-
 def _layout_strides(ref: Tensor, shape) -> tuple:
     """Strides of a (B, H, L, D) tensor of ``shape`` in ref's layout: (B, L, H, D) memory when ref is such a
     view, else contiguous."""
@@ -465,13 +459,12 @@ def _empty_like_layout(ref: Tensor, shape, dtype: Optional[torch.dtype] = None) 
     return ref.new_empty((b, h, length, d), dtype=dtype)
 
 
-def _in_layout(result: Tensor, ref: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``result`` (B, H, L, D) in ref's layout and ``dtype`` (default: ref's), copied only when a backend
-    returned another layout or dtype."""
-    dtype = ref.dtype if dtype is None else dtype
-    if result.dtype == dtype and _strides_match(result, _layout_strides(ref, result.shape)):
+def _in_layout(result: Tensor, ref: Tensor) -> Tensor:
+    """``result`` (B, H, L, D) with exactly the strides and dtype _empty_like_layout(ref, ...) gives (what the fake
+    impls promise torch.compile), copied only when a backend returned another layout or dtype."""
+    if result.dtype == ref.dtype and result.stride() == _layout_strides(ref, result.shape):
         return result
-    return _empty_like_layout(ref, result.shape, dtype).copy_(result)
+    return _empty_like_layout(ref, result.shape).copy_(result)
 
 
 def _backend_id(name: str) -> int:
