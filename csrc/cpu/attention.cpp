@@ -337,73 +337,148 @@ float* scratch(size_t floats) {
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
-// Few query rows (decoding with a KV cache: Lq = 1): one work item per (b, h, row), vectorized along D instead of
-// along the queries (a query block would waste all lanes but one): s_j = q . k_j as a SIMD dot product, the online
-// softmax over a key block's scores, out += p_j v_j along Dv. Same masks, dropout hash and outputs as the block path.
+// Few query rows (decoding with a KV cache: Lq <= 4), where a query block would waste all lanes but one. A work item
+// takes a slice of the G x Lq rows that share one kv head (G = Hq / Hkv query heads: GQA / MQA) and walks the keys
+// in blocks of BN: the block's K and V rows are fetched once (16-bit inputs converted to fp32 here, block by block,
+// so K and V are never widened as a whole) and stay in cache while each row of the slice computes, vectorized
+// along D, its scores s_j = q . k_j, its online softmax and out += p_j v_j. GQA decoding so reads K and V once per
+// kv head instead of once per query head. Each row's arithmetic is the same whatever the slicing: results do not
+// depend on the thread count. Same masks, dropout hash and outputs as the block path.
 constexpr int64_t kRowPathMaxLq = 4;
 
+// A block of nk rows of K or V (row j at src + j * sl), as fp32 rows of `width` floats: fp32 inputs in place.
 template <class T>
-void fwd_row(const AttnFwdParams& p, const F32View& K, const F32View& Vv, int64_t b, int64_t h, int64_t i) {
-  const int64_t D = p.D, Dv = p.Dv, hk = h / (p.Hq / p.Hkv);
+const float* rows_f32(const T* src, int64_t sl, int nk, int64_t width, float* buf, int64_t& stride) {
+  if constexpr (std::is_same<T, float>::value) {
+    stride = sl;
+    return src;
+  } else {
+    for (int j = 0; j < nk; ++j)
+      for (int64_t x = 0; x < width; ++x) buf[j * width + x] = to_f32(src[j * sl + x]);
+    stride = width;
+    return buf;
+  }
+}
+
+template <class T>
+void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
+  const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv, R = r1 - r0;
   const int64_t Dp = ceil_div(D, NB) * NB, Dvp = ceil_div(Dv, NB) * NB;
-  float* qr = scratch(size_t(Dp + Dvp + BN * BM + BN));
-  float* acc = qr + Dp;     // out row accumulator (Dv)
-  float* st = acc + Dvp;    // scores, lane 0 of a BN x BM tile (so apply_masks applies unchanged)
-  float* sc = st + BN * BM; // the same scores, contiguous, then probabilities
+  float* qr = scratch(size_t(R * (Dp + Dvp + 3) + BN * (BM + 1 + D + Dv)));
+  float* acc = qr + R * Dp;                 // R x Dvp output accumulators
+  float* ms = acc + R * Dvp;                // R running maxima (log2 units)
+  float* ls = ms + R;                       // R running sums
+  uint32_t* keys = reinterpret_cast<uint32_t*>(ls + R);  // R dropout row keys
+  float* st = ls + 2 * R;                   // scores of one row: lane 0 of a BN x BM tile (apply_masks' layout)
+  float* sc = st + BN * BM;                 // the same scores, contiguous, then probabilities
+  float* kbuf = sc + BN;                    // a block of K (nk x D) and V (nk x Dv) rows, 16-bit inputs only
+  float* vbuf = kbuf + BN * D;
   const float c = p.scale * kLog2e;
-  const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
-  for (int64_t d = 0; d < Dp; ++d) qr[d] = d < D ? to_f32(qs[d]) * c : 0.0f;
-  std::fill(acc, acc + Dvp, 0.0f);
   const bool dropout = p.dropout_p > 0.0f;
-  const uint32_t key = dropout ? dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, i) : 0u;
   const uint32_t thr = dropout_threshold(p.dropout_p);
   const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
-  float m = -kInf, l = 0.0f;
-  const int64_t jend = key_end(p, i, 1);
+  auto head = [&](int64_t r) { return hk * G + (r0 + r) / p.Lq; };
+  auto row = [&](int64_t r) { return (r0 + r) % p.Lq; };
+  int64_t jend = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = head(r), i = row(r);
+    const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+    for (int64_t d = 0; d < Dp; ++d) qr[r * Dp + d] = d < D ? to_f32(qs[d]) * c : 0.0f;
+    std::fill(acc + r * Dvp, acc + (r + 1) * Dvp, 0.0f);
+    ms[r] = -kInf;
+    ls[r] = 0.0f;
+    keys[r] = dropout ? dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, i) : 0u;
+    jend = std::max(jend, key_end(p, i, 1));
+  }
+  const T* kh = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* vh = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   for (int64_t j0 = 0; j0 < jend; j0 += BN) {
-    const int nk = int(std::min<int64_t>(BN, jend - j0));
-    for (int j = 0; j < nk; ++j) {
-      const float* kj = K.at(b, hk, j0 + j);
-      V t = vzero();
-      for (int64_t d = 0; d < D; d += NB) t = vfma(vld(qr + d), vldn(kj + d, int(std::min<int64_t>(NB, D - d))), t);
-      st[j * BM] = vhsum(t);
-    }
-    if (p.mask_kind != MaskKind::None || causal_cut(p, i, j0, nk)) apply_masks(p, b, h, i, 1, j0, nk, st);
-    float mx = m;
-    for (int j = 0; j < nk; ++j) {
-      sc[j] = st[j * BM];
-      mx = std::max(mx, sc[j]);  // NaN scores are skipped here and propagate through exp2 below
-    }
-    const float m_use = mx == -kInf ? 0.0f : mx;
-    float sum = 0.0f;
-    for (int j = 0; j < nk; j += NB) {
-      const int n = std::min(NB, nk - j);
-      const V e = vexp2(vsub(vldn(sc + j, n), vset(m_use)));
-      vstn(sc + j, e, n);
-    }
-    for (int j = 0; j < nk; ++j) sum += sc[j];
-    const float alpha = std::exp2(m - m_use);
-    l = l * alpha + sum;
-    m = mx;
-    if (dropout)
-      for (int j = 0; j < nk; ++j) sc[j] = mix32(key ^ dropout_col(j0 + j)) >= thr ? sc[j] * inv_keep : 0.0f;
-    for (int64_t d = 0; d < Dv; d += NB) {
-      const int n = int(std::min<int64_t>(NB, Dv - d));
-      V o = vmul(vld(acc + d), vset(alpha));
-      for (int j = 0; j < nk; ++j) o = vfma(vset(sc[j]), vldn(Vv.at(b, hk, j0 + j) + d, n), o);
-      vst(acc + d, o);
+    const int nb = int(std::min<int64_t>(BN, jend - j0));
+    int64_t ksl = 0, vsl = 0;
+    const float* kb = rows_f32(kh + j0 * p.k_stride[2], p.k_stride[2], nb, D, kbuf, ksl);
+    const float* vb = rows_f32(vh + j0 * p.v_stride[2], p.v_stride[2], nb, Dv, vbuf, vsl);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = head(r), i = row(r);
+      const int nk = int(std::min<int64_t>(nb, key_end(p, i, 1) - j0));
+      if (nk <= 0) continue;
+      const float* q = qr + r * Dp;
+      for (int j = 0; j < nk; ++j) {
+        const float* kj = kb + j * ksl;
+        V t = vzero();
+        for (int64_t d = 0; d < D; d += NB) t = vfma(vld(q + d), vldn(kj + d, int(std::min<int64_t>(NB, D - d))), t);
+        st[j * BM] = vhsum(t);
+      }
+      if (p.mask_kind != MaskKind::None || causal_cut(p, i, j0, nk)) apply_masks(p, b, h, i, 1, j0, nk, st);
+      float mx = ms[r];
+      for (int j = 0; j < nk; ++j) {
+        sc[j] = st[j * BM];
+        mx = std::max(mx, sc[j]);  // NaN scores are skipped here and propagate through exp2 below
+      }
+      const float m_use = mx == -kInf ? 0.0f : mx;
+      float sum = 0.0f;
+      for (int j = 0; j < nk; j += NB) {
+        const int n = std::min(NB, nk - j);
+        const V e = vexp2(vsub(vldn(sc + j, n), vset(m_use)));
+        vstn(sc + j, e, n);
+      }
+      for (int j = 0; j < nk; ++j) sum += sc[j];
+      const float alpha = std::exp2(ms[r] - m_use);
+      ls[r] = ls[r] * alpha + sum;
+      ms[r] = mx;
+      if (dropout)
+        for (int j = 0; j < nk; ++j) sc[j] = mix32(keys[r] ^ dropout_col(j0 + j)) >= thr ? sc[j] * inv_keep : 0.0f;
+      // out += p V: four vectors of Dv at a time (four independent FMA chains down the keys), then the rest
+      float* a = acc + r * Dvp;
+      int64_t d = 0;
+      for (; d + 4 * NB <= Dv; d += 4 * NB) {
+        V o0 = vmul(vld(a + d), vset(alpha)), o1 = vmul(vld(a + d + NB), vset(alpha));
+        V o2 = vmul(vld(a + d + 2 * NB), vset(alpha)), o3 = vmul(vld(a + d + 3 * NB), vset(alpha));
+        for (int j = 0; j < nk; ++j) {
+          const V pj = vset(sc[j]);
+          const float* vj = vb + j * vsl + d;
+          o0 = vfma(pj, vld(vj), o0);
+          o1 = vfma(pj, vld(vj + NB), o1);
+          o2 = vfma(pj, vld(vj + 2 * NB), o2);
+          o3 = vfma(pj, vld(vj + 3 * NB), o3);
+        }
+        vst(a + d, o0);
+        vst(a + d + NB, o1);
+        vst(a + d + 2 * NB, o2);
+        vst(a + d + 3 * NB, o3);
+      }
+      for (; d < Dv; d += NB) {
+        const int n = int(std::min<int64_t>(NB, Dv - d));
+        V o = vmul(vld(a + d), vset(alpha));
+        for (int j = 0; j < nk; ++j) o = vfma(vset(sc[j]), vldn(vb + j * vsl + d, n), o);
+        vst(a + d, o);
+      }
     }
   }
-  const bool dead = !(l > 0.0f) && !std::isnan(l);
-  const float inv = dead ? 0.0f : 1.0f / l;
-  T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
-  for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(acc[d] * inv);
-  p.lse[(b * p.Hq + h) * p.Lq + i] = dead ? kInf : (m + std::log2(l)) * kLn2;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = head(r), i = row(r);
+    const bool dead = !(ls[r] > 0.0f) && !std::isnan(ls[r]);
+    const float inv = dead ? 0.0f : 1.0f / ls[r];
+    T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(acc[r * Dvp + d] * inv);
+    p.lse[(b * p.Hq + h) * p.Lq + i] = dead ? kInf : (ms[r] + std::log2(ls[r])) * kLn2;
+  }
 }
 
 template <class T>
 void fwd_impl(const AttnFwdParams& p) {
   const int nth = threads_for(p);
+  if (p.Lq <= kRowPathMaxLq) {
+    // (b, kv head, slice of its G * Lq rows): slices only when there are too few (b, kv head) pairs to feed the
+    // threads (each slice reads the kv head's K and V again)
+    if (p.B * p.Hkv == 0) return;
+    const int64_t rows = (p.Hq / p.Hkv) * p.Lq;
+    const int64_t ns = std::min(rows, ceil_div(int64_t(4) * nth, p.B * p.Hkv));
+    run_items(nth, p.B * p.Hkv * ns, [&](int64_t g, int) {
+      const int64_t bk = g / ns, sl = g % ns;
+      fwd_rows<T>(p, bk / p.Hkv, bk % p.Hkv, rows * sl / ns, rows * (sl + 1) / ns);
+    });
+    return;
+  }
   std::vector<float> kbuf, vbuf;
   const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
   const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);
@@ -414,12 +489,6 @@ void fwd_impl(const AttnFwdParams& p) {
   const uint32_t thr = dropout_threshold(p.dropout_p);
   const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 
-  if (p.Lq <= kRowPathMaxLq) {
-    run_items(nth, p.B * p.Hq * p.Lq, [&](int64_t g, int) {
-      fwd_row<T>(p, K, Vv, g / (p.Hq * p.Lq), (g / p.Lq) % p.Hq, g % p.Lq);
-    });
-    return;
-  }
   run_items(nth, p.B * p.Hq * nqb, [&](int64_t g, int) {
     const int64_t qb = p.causal ? nqb - 1 - g % nqb : g % nqb;  // causal: the blocks with most keys first
     const int64_t bh = g / nqb, b = bh / p.Hq, h = bh % p.Hq, hk = h / G;
