@@ -20,6 +20,7 @@ L=64, and reports the peak resident memory one call adds (``harness.cpu_peak_rss
 before it, after resetting VmHWM through /proc/self/clear_refs; the output counts). ``mem_ref_mb`` is what one
 B x H x L x L fp32 matrix takes (1 GiB at L=16384); the table shows the peak and its % of that. A process killed
 (out of memory) or timed out is a note. Target: pyattn:cpp at L=16384 below 1/8 of the L x L matrix, i.e. O(L).
+Decoding (one query row against a KV cache) is bench_decode.py (``--op decode``).
 """
 from __future__ import annotations
 
@@ -160,9 +161,11 @@ def _sdpa_provider(backend_name: str, baseline: bool) -> Provider:
 def _pyattn_backends(ctx: BenchContext, case: Case, reference_max_l=None) -> list[str]:
     """The pyattn backends that accept ``case`` (each refusal is a note): never Triton on CPU; the L x L torch
     reference only up to ``reference_max_l`` (None: always)."""
-    probe = {k: torch.empty(1, device=case.device, dtype=case.dtype).expand(
-        case.shape["B"], case.shape["H"], case.shape["L"], case.shape["D"]) for k in "qkv"}
-    inputs = _attn_inputs(probe["q"], probe["k"], probe["v"], is_causal=case.op == "attention_causal")
+    p = case.shape
+    one = torch.empty(1, device=case.device, dtype=case.dtype)
+    q = one.expand(p["B"], p["H"], p.get("Lq", p["L"]), p["D"])
+    k = one.expand(p["B"], p.get("Hkv", p["H"]), p["L"], p["D"])
+    inputs = _attn_inputs(q, k, k, is_causal=case.op == "attention_causal", enable_gqa="Hkv" in p)
     out = []
     for name, _, _ in pyattn.backends():
         if name == "triton" and case.device == "cpu":

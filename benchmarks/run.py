@@ -17,9 +17,9 @@ import torch
 from . import harness
 
 # --op name -> bench file (benchmarks/bench_<name>.py). 'all' runs every one that exists.
-BENCHES = ("layernorm", "attention", "gru", "transformer")
+BENCHES = ("layernorm", "attention", "decode", "gru", "transformer")
 ALIASES = {"layer_norm": "layernorm", "rms_norm": "layernorm", "norm": "layernorm", "ln": "layernorm",
-           "attn": "attention", "sdpa": "attention", "gru_cell": "gru"}
+           "attn": "attention", "sdpa": "attention", "attention_decode": "decode", "gru_cell": "gru"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, build contents, backend availability per op")
     b = sub.add_parser("bench", help="benchmark pyattn's backends against torch")
-    b.add_argument("--op", default="all", help="attention | layernorm | gru | transformer | all")
+    b.add_argument("--op", default="all", help="attention | decode | layernorm | gru | transformer | all")
     b.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     b.add_argument("--dtype", default=None, help="comma-separated dtypes, e.g. float32,bfloat16")
     b.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute on 2 cores)")

@@ -383,3 +383,20 @@ def test_bench_transformer_catches_a_wrong_model(monkeypatch, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     ours = [r for r in rows if r["mode"] == "fwd+bwd" and not r["is_baseline"]]
     assert ours and all(r["check"] == "MISMATCH" for r in ours)
+
+
+def test_attention_decode_rows_tiny():
+    """`pyattn bench --op decode` rows (one query row against a KV cache, GQA): every provider checked against the
+    float64 baseline, GB/s against PEAK_COPY, pyattn:cpp among them."""
+    from pyattn.benchmarks import bench_decode as ba
+
+    ctx = BenchContext("cpu", tiny=True, progress=False)
+    cases = ba.decode_cases(ctx)
+    assert cases and all(c.op == ba.DECODE_OP and c.shape["Lq"] == 1 and c.shape["H"] > c.shape["Hkv"]
+                         for c in cases)
+    rows = ctx.run_cases(cases, ba.make_decode_inputs, ba.decode_providers(ctx), ba.decode_work)
+    by = {(r["dtype"], r["provider"]): r for r in rows}
+    for dt in ("float32", "bfloat16"):
+        assert by[(dt, "torch:sdpa-flash")]["is_baseline"]
+        cpp = by[(dt, "pyattn:cpp")]
+        assert cpp["check"] == "ok" and cpp["ceiling"] == "PEAK_COPY" and cpp["speedup"] > 0

@@ -892,3 +892,32 @@ def test_few_query_rows_half(dtype):
     ref = attention_ref(q, k, v)[0]
     low = attention_low(q, k, v)
     assert_attention_close(out, ref, low, 2, name="out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=str)
+@pytest.mark.parametrize("lq", [1, 3])
+def test_few_query_rows_share_kv_across_the_group(dtype, lq):
+    """The decoding path takes each kv head's G x Lq rows together (sliced when there are few kv heads): MQA with
+    12 query heads, K/V as a window of a longer preallocated cache (the KV-cache layout: row stride > D), 16-bit K/V
+    converted block by block. Outputs vs the oracle, and bitwise the same on 1 and 2 threads (slicing differs)."""
+    g = torch.Generator().manual_seed(50 + lq)
+    q = torch.randn(2, 12, lq, 32, generator=g).to(dtype)
+    cache_k = torch.randn(2, 1, 200, 32, generator=g).to(dtype)
+    cache_v = torch.randn(2, 1, 200, 48, generator=g).to(dtype)
+    k, v = cache_k[:, :, :131], cache_v[:, :, :131]  # the filled part of the cache: a strided view
+    outs = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            outs.append(pyattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=lq > 1,
+                                                            backend="cpp"))
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+    kr, vr = (t.expand(2, 12, 131, t.shape[-1]) for t in (k, v))
+    ref = attention_ref(q, kr, vr, causal=lq > 1)[0]
+    if dtype == torch.float32:
+        assert_close_fp32(outs[0], ref, "fwd")
+    else:
+        assert_attention_close(outs[0], ref, attention_low(q, kr, vr, causal=lq > 1), 2, name="out")
