@@ -902,9 +902,10 @@ def test_few_query_rows_share_kv_across_the_group(dtype, lq):
     converted block by block. Outputs vs the oracle, and bitwise the same on 1 and 2 threads (slicing differs)."""
     g = torch.Generator().manual_seed(50 + lq)
     q = torch.randn(2, 12, lq, 32, generator=g).to(dtype)
-    cache_k = torch.randn(2, 1, 200, 32, generator=g).to(dtype)
-    cache_v = torch.randn(2, 1, 200, 48, generator=g).to(dtype)
-    k, v = cache_k[:, :, :131], cache_v[:, :, :131]  # the filled part of the cache: a strided view
+    cache_k = torch.randn(2, 1, 1300, 32, generator=g).to(dtype)
+    cache_v = torch.randn(2, 1, 1300, 48, generator=g).to(dtype)
+    k, v = cache_k[:, :, :1131], cache_v[:, :, :1131]  # the filled part of the cache: a strided view
+    # (big enough for the kernel to use both threads: 2 x 12 x lq x 1131 x 80 multiply-adds > 2^21)
     outs = []
     for threads in (1, 2):
         old = torch.get_num_threads()
@@ -915,7 +916,7 @@ def test_few_query_rows_share_kv_across_the_group(dtype, lq):
         finally:
             torch.set_num_threads(old)
     assert torch.equal(outs[0], outs[1])
-    kr, vr = (t.expand(2, 12, 131, t.shape[-1]) for t in (k, v))
+    kr, vr = (t.expand(2, 12, 1131, t.shape[-1]) for t in (k, v))
     ref = attention_ref(q, kr, vr, causal=lq > 1)[0]
     if dtype == torch.float32:
         assert_close_fp32(outs[0], ref, "fwd")
