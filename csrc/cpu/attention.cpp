@@ -698,7 +698,12 @@ void bwd_impl(const AttnBwdParams& p) {
           const float* dtp = dot.data() + (bh * Lqp + i0) * Dv;
           const float* lsep = lse2.data() + bh * Lqp + i0;
           const float* dlp = delta.data() + bh * Lqp + i0;
-          gemm(nk, BM, D, K.at(b, hk, j0), K.sl, 1, qtp, BM, st, BM, nullptr, false);  // S^T
+          // The causal diagonal: row groups as in the forward (group g: key rows [r0, r1) x lane vectors [lo, QV));
+          // what a group does not compute is masked (P = 0 there) and its dS is set to 0.
+          const RowGroups rg = row_groups(p, i0, j0, nk);
+          for (int g = 0; g < rg.n; ++g)  // S^T = K Q^T
+            gemm(rg.r0[g + 1] - rg.r0[g], (QV - rg.lo[g]) * NB, D, K.at(b, hk, j0 + rg.r0[g]), K.sl, 1,
+                 qtp + rg.lo[g] * NB, BM, st + rg.r0[g] * BM + rg.lo[g] * NB, BM, nullptr, false);
           if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
           const float* l2p = l2.data() + bh * Lqp + i0;
           for (int j = 0; j < nk; ++j)  // P^T = exp2((S^T - lse) - l2)
@@ -706,7 +711,9 @@ void bwd_impl(const AttnBwdParams& p) {
               const V x = vsub(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB)), vld(l2p + q * NB));
               vst(st + j * BM + q * NB, vexp2(x));
             }
-          gemm(nk, BM, Dv, Vv.at(b, hk, j0), Vv.sl, 1, dtp, BM, dpt, BM, nullptr, false);  // dP^T = V dO^T
+          for (int g = 0; g < rg.n; ++g)  // dP^T = V dO^T
+            gemm(rg.r0[g + 1] - rg.r0[g], (QV - rg.lo[g]) * NB, Dv, Vv.at(b, hk, j0 + rg.r0[g]), Vv.sl, 1,
+                 dtp + rg.lo[g] * NB, BM, dpt + rg.r0[g] * BM + rg.lo[g] * NB, BM, nullptr, false);
           const float* pd = st;
           if (dropout) {
             dropout_keys(p, b, h, i0, nq, keys);
@@ -715,15 +722,26 @@ void bwd_impl(const AttnBwdParams& p) {
             apply_dropout(keys, j0, nk, thr, inv_keep, dpt);
             pd = pdt;
           }
-          // dV += P^T dO  (rows: keys; lanes: dv; k: queries)
-          gemm(nk, Dv, nq, pd, BM, 1, dO.at(b, h, i0), dO.sl, dva, Dv, nullptr, true);
-          for (int j = 0; j < nk; ++j)  // dS^T = P^T (dP^T - delta)
-            for (int q = 0; q < QV; ++q) {
-              const int o = j * BM + q * NB;
-              vst(dpt + o, vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
-            }
+          // dV += P^T dO  (rows: keys; lanes: dv; k: queries from the group's first lane vector on)
+          for (int g = 0; g < rg.n; ++g) {
+            const int r0 = rg.r0[g], c0 = rg.lo[g] * NB;
+            if (nq > c0)
+              gemm(rg.r0[g + 1] - r0, Dv, nq - c0, pd + r0 * BM + c0, BM, 1, dO.at(b, h, i0 + c0), dO.sl,
+                   dva + r0 * Dv, Dv, nullptr, true);
+          }
+          for (int g = 0; g < rg.n; ++g)  // dS^T = P^T (dP^T - delta); 0 where the group computed nothing
+            for (int j = rg.r0[g]; j < rg.r0[g + 1]; ++j)
+              for (int q = 0; q < QV; ++q) {
+                const int o = j * BM + q * NB;
+                vst(dpt + o, q < rg.lo[g] ? vzero() : vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
+              }
           // dK += dS^T Q ; dQ += dS K
-          gemm(nk, D, nq, dpt, BM, 1, Q.at(b, h, i0), Q.sl, dka, D, nullptr, true);
+          for (int g = 0; g < rg.n; ++g) {
+            const int r0 = rg.r0[g], c0 = rg.lo[g] * NB;
+            if (nq > c0)
+              gemm(rg.r0[g + 1] - r0, D, nq - c0, dpt + r0 * BM + c0, BM, 1, Q.at(b, h, i0 + c0), Q.sl,
+                   dka + r0 * D, D, nullptr, true);
+          }
           gemm(nq, D, nk, dpt, 1, BM, K.at(b, hk, j0), K.sl, dq_part + (bh * Lq + i0) * D, D, nullptr, true);
         }
       }
