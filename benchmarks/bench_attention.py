@@ -237,9 +237,8 @@ def memory_probe(case: dict, provider: str) -> dict:
     with torch.no_grad():
         attend(small["q"], small["k"], small["v"])
     del small
-    inputs = make_inputs(case)
+    inputs = make_inputs(case)  # kept alive: a freed input (dout) would hand its memory to the output unseen
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    del inputs
 
     def call():
         with torch.no_grad():
