@@ -166,20 +166,12 @@ def _pyattn_backends(ctx: BenchContext, case: Case, reference_max_l=None) -> lis
     q = one.expand(p["B"], p["H"], p.get("Lq", p["L"]), p["D"])
     k = one.expand(p["B"], p.get("Hkv", p["H"]), p["L"], p["D"])
     inputs = _attn_inputs(q, k, k, is_causal=case.op == "attention_causal", enable_gqa="Hkv" in p)
-    out = []
-    for name, _, _ in pyattn.backends():
-        if name == "triton" and case.device == "cpu":
-            ctx.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
-            continue
-        if name == "torch" and reference_max_l is not None and case.shape["L"] > reference_max_l:
-            ctx.note(f"pyattn:torch (the L x L reference) not benchmarked above L={reference_max_l}")
-            continue
-        reasons = get_backend(name).not_supported_reasons(inputs)
-        if reasons:
-            ctx.note(f"pyattn:{name} not benchmarked for attention on {case.device}: " + "; ".join(reasons))
-            continue
-        out.append(name)
-    return out
+
+    def refusals(name: str) -> list:
+        if name == "torch" and reference_max_l is not None and p["L"] > reference_max_l:
+            return [f"the L x L reference is not benchmarked above L={reference_max_l}"]
+        return get_backend(name).not_supported_reasons(inputs)
+    return ctx.pyattn_backends(case, refusals, "attention")
 
 
 def providers_for(ctx: BenchContext):

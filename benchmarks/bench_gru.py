@@ -162,18 +162,7 @@ def providers_for(ctx: BenchContext):
     def providers(case: Case) -> list[Provider]:
         out = [Provider("torch:nn.GRU", _torch_gru, "torch:nn.GRU", baseline=True),
                Provider("torch:GRUCell loop", _torch_cell_loop, "torch:nn.GRUCell-loop")]
-        for name in names:
-            if name == "triton" and case.device == "cpu":
-                ctx.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
-                continue
-            ok, why = get_backend(name).availability()
-            if not ok:
-                ctx.note(f"pyattn:{name} unavailable: {why}")
-                continue
-            reasons = _refusals(name, case)
-            if reasons:
-                ctx.note(f"pyattn:{name} not benchmarked for gru {case.mode} on {case.device}: " + "; ".join(reasons))
-                continue
+        for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case), f"gru {case.mode}", names):
             out.append(Provider(f"pyattn:{name}", _pyattn_gru(name), f"pyattn:{name}"))
         return out
     return providers

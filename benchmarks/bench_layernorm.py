@@ -134,18 +134,7 @@ def providers_for(ctx: BenchContext):
                 "add_layer_norm": ("torch:x+r,F.layer_norm", "torch:add+F.layer_norm")}[case.op]
         out = [Provider(base[0], _factory(torch_ref=True), base[1], baseline=True)]
         probe = make_inputs(Case(case.op, case.mode, {"M": 1, "N": case.shape["N"]}, case.dtype, case.device))
-        for name in names:
-            if name == "triton" and case.device == "cpu":
-                ctx.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
-                continue
-            ok, why = get_backend(name).availability()
-            if not ok:
-                ctx.note(f"pyattn:{name} unavailable: {why}")
-                continue
-            reasons = _refusals(name, case, probe)
-            if reasons:
-                ctx.note(f"pyattn:{name} not benchmarked for {case.op} on {case.device}: " + "; ".join(reasons))
-                continue
+        for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case, probe), case.op, names):
             out.append(Provider(f"pyattn:{name}", _factory(backend=name), f"pyattn:{name}"))
         return out
     return providers

@@ -202,19 +202,7 @@ def providers_for(ctx: BenchContext):
         else:
             out = [Provider("torch:nn.Transformer", _factory("torch"), "torch:nn.Transformer", baseline=True)]
         first = True                      # the default backend also gets a no-cache generation row
-        for name in names:
-            if name == "triton" and case.device == "cpu":
-                ctx.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
-                continue
-            ok, why = get_backend(name).availability()
-            if not ok:
-                ctx.note(f"pyattn:{name} unavailable: {why}")
-                continue
-            reasons = _refusals(name, case)
-            if reasons:
-                ctx.note(f"pyattn:{name} not benchmarked for transformer {case.mode} on {case.device}: "
-                         + "; ".join(reasons))
-                continue
+        for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case), f"transformer {case.mode}", names):
             if case.mode == "generate":
                 out.append(Provider(f"pyattn:{name} KV cache", _factory("pyattn", name), f"pyattn:{name}"))
                 if first:

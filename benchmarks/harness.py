@@ -621,6 +621,30 @@ class BenchContext:
         if text not in self.notes:
             self.notes.append(text)
 
+    def pyattn_backends(self, case: Case, refusals: Callable[[str], list], what: str,
+                        names: Optional[Sequence[str]] = None) -> list[str]:
+        """The pyattn backends to time on ``case`` (``names``, default: every registered one, in order): never Triton
+        on CPU (it only runs in its interpreter there); a backend that is unavailable or whose ``refusals(name)`` is
+        non-empty is a note ("pyattn:<name> not benchmarked for <what> on <device>: ...") instead."""
+        import pyattn
+        from pyattn.dispatch import get_backend
+
+        out = []
+        for name in (names if names is not None else [n for n, _, _ in pyattn.backends()]):
+            if name == "triton" and case.device == "cpu":
+                self.note("pyattn:triton not benchmarked on CPU (it only runs in the Triton interpreter there)")
+                continue
+            ok, why = get_backend(name).availability()
+            if not ok:
+                self.note(f"pyattn:{name} unavailable: {why}")
+                continue
+            reasons = refusals(name)
+            if reasons:
+                self.note(f"pyattn:{name} not benchmarked for {what} on {case.device}: " + "; ".join(reasons))
+                continue
+            out.append(name)
+        return out
+
     def want(self, dtypes: Iterable[torch.dtype]) -> list[torch.dtype]:
         """The bench's default dtypes, filtered by --dtype."""
         dtypes = list(dtypes)
