@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "cuda_device.h"
+
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
@@ -110,7 +112,7 @@ inline Sizes check_core(const char* op, Tensor& x, Tensor& h, Tensor& w_ih, Tens
               ", ", H, ") (got ", w_hh.sizes(), ")");
   TORCH_CHECK(x.dim() == 3, op, ": input must be 3-D (seq_len, batch, input_size) (got shape ", x.sizes(), ")");
   if (tg.cuda) {
-    TORCH_CHECK(x.device().is_cuda(), op, ": input must be a CUDA tensor (got device ", x.device(), ")");
+    TORCH_CHECK(on_cuda_device(x), op, ": input must be a CUDA tensor (got device ", x.device(), ")");
     const at::ScalarType s = x.scalar_type();
     TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op,
                 ": input must have dtype float32, float16 or bfloat16 (got ", dtype_text(s),

@@ -52,9 +52,13 @@ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a
 
 // 2^x (ex2.approx: 2 ulp; exp2(-inf) = 0, NaN stays NaN), whatever the compiler's math flags.
 __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef PYATTN_CUDA_EMU
+  return ::pyattn_emu::ex2_approx_ftz(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // Per-call values computed on the host from the params.

@@ -1,6 +1,7 @@
 // Device helpers of the CUDA attention kernels (csrc/cuda/attention.cu): element types, tensor-core mma
 // (mma.sync m16n8k16, fp32 accumulation), ldmatrix, cp.async, global <-> shared tile copies, masks.
-// Torch-free. Element data is handled as raw 16-bit patterns (uint16_t) everywhere except in the conversions
+// Torch-free. The inline PTX has PYATTN_CUDA_EMU branches: the CPU emulator's version of the same instruction
+// (csrc/emu/cuda_emu.h), used only by the emulator build (scripts/cuda_emu.py), never by nvcc. Element data is handled as raw 16-bit patterns (uint16_t) everywhere except in the conversions
 // below, so the code compiles with and without -D__CUDA_NO_HALF_CONVERSIONS__ and friends.
 //
 // Fragment layouts of mma.sync.aligned.m16n8k16.row.col (lane = 4 * g + t, g = lane / 4, t = lane % 4):
@@ -34,16 +35,24 @@ struct F16 {
   static __device__ __forceinline__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
   // Two floats -> one register (lo = a: the element with the smaller column index).
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
+#ifdef PYATTN_CUDA_EMU
+    return ::pyattn_emu::cvt_rn_f16x2(b, a);  // same operands as the PTX below: upper half, lower half
+#else
     uint32_t r;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
     return r;
+#endif
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef PYATTN_CUDA_EMU
+    ::pyattn_emu::mma_m16n8k16(c, a, b0, b1, /*bf16=*/false);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -53,16 +62,24 @@ struct BF16 {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));
   }
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
+#ifdef PYATTN_CUDA_EMU
+    return ::pyattn_emu::cvt_rn_bf16x2(b, a);  // same operands as the PTX below: upper half, lower half
+#else
     uint32_t r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
     return r;
+#endif
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef PYATTN_CUDA_EMU
+    ::pyattn_emu::mma_m16n8k16(c, a, b0, b1, /*bf16=*/true);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -75,14 +92,22 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; r[m] = matrix m's fragment.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* p) {
+#ifdef PYATTN_CUDA_EMU
+  ::pyattn_emu::ldmatrix_x4(r, p, /*trans=*/false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
+#ifdef PYATTN_CUDA_EMU
+  ::pyattn_emu::ldmatrix_x4(r, p, /*trans=*/true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // Row-major tiles in shared memory with row stride LD (elements). For a 16 x 16 block at (r0, c0):
@@ -104,6 +129,14 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const uint16_t* s, i
   ldsm_x4_trans(b, s + (r0 + (lane & 15)) * LD + c0 + (lane >> 4) * 8);
 }
 
+#ifdef PYATTN_CUDA_EMU
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) { ::pyattn_emu::cp_async16(smem, gmem); }
+__device__ __forceinline__ void cp_async_commit() { ::pyattn_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  ::pyattn_emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
@@ -112,6 +145,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // Global (rows of `ncols` valid elements, row stride `stride` elements, unit column stride) -> shared tile
 // ROWS x COLS (row stride LD). Rows >= nrows and columns >= ncols become 0. vec: the row pointers are 16-byte aligned

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "../attention_checks.h"
+#include "../cuda_device.h"
 #include "pyattn/cuda_kernels.h"
 #include "pyattn/params.h"
 
@@ -55,7 +56,7 @@ std::tuple<Tensor, Tensor> attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
                                          bool bottom_right, double scale, int64_t seed, int64_t offset) {
   constexpr const char* op = "pyattn::attn_fwd";
   AttnFwdParams p;
-  auto [q, k, v, m, s] = attn_checks::fill_common(op, "cuda", at::kCUDA, p, q_in, k_in, v_in, mask, dropout_p,
+  auto [q, k, v, m, s] = attn_checks::fill_common(op, "cuda", kCudaDevice, p, q_in, k_in, v_in, mask, dropout_p,
                                                   causal, bottom_right, scale, seed, offset);
   const c10::cuda::CUDAGuard guard(q.device());
   check_kernel_support(op, p, q.device(), false);
@@ -82,7 +83,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cuda(const Tensor& dout_in, const Te
                                                  bool bottom_right, double scale, int64_t seed, int64_t offset) {
   constexpr const char* op = "pyattn::attn_bwd";
   AttnBwdParams p;
-  auto [q, k, v, m, s] = attn_checks::fill_common(op, "cuda", at::kCUDA, p, q_in, k_in, v_in, mask, dropout_p,
+  auto [q, k, v, m, s] = attn_checks::fill_common(op, "cuda", kCudaDevice, p, q_in, k_in, v_in, mask, dropout_p,
                                                   causal, bottom_right, scale, seed, offset);
   const c10::cuda::CUDAGuard guard(q.device());
   auto [dout, out, lse] = check_bwd_inputs(op, dout_in, out_in, lse_in, q.scalar_type(), s, q.device());
@@ -100,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cuda(const Tensor& dout_in, const Te
 }  // namespace
 }  // namespace pyattn
 
-TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
+PYATTN_CUDA_IMPL(m) {
   m.impl("attn_fwd", &pyattn::attn_fwd_cuda);
   m.impl("attn_bwd", &pyattn::attn_bwd_cuda);
 }

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "../gru_checks.h"
+#include "../cuda_device.h"
 #include "pyattn/cuda_kernels.h"
 #include "pyattn/params.h"
 
@@ -251,7 +252,7 @@ Grads gru_step_bwd_cuda(const Tensor& dh, const Tensor& x, const Tensor& hx, con
 }  // namespace
 }  // namespace pyattn
 
-TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
+PYATTN_CUDA_IMPL(m) {
   m.impl("gru_seq_fwd", &pyattn::gru_seq_fwd_cuda);
   m.impl("gru_seq_bwd", &pyattn::gru_seq_bwd_cuda);
   m.impl("gru_step_fwd", &pyattn::gru_step_fwd_cuda);

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "../norm_checks.h"
+#include "../cuda_device.h"
 #include "pyattn/cuda_kernels.h"
 #include "pyattn/params.h"
 
@@ -38,7 +39,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& x, 
                                                                const std::optional<Tensor>& weight,
                                                                const std::optional<Tensor>& bias, double eps,
                                                                bool rms, bool store_residual) {
-  norm::check_fwd(x, residual, weight, bias, eps, rms, at::kCUDA);
+  norm::check_fwd(x, residual, weight, bias, eps, rms, kCudaDevice);
   const c10::cuda::CUDAGuard guard(x.device());
   const norm::FwdOutputs o = norm::alloc_fwd(x, norm::present(residual), rms, store_residual);
   if (x.size(0) == 0) return o.as_tuple();
@@ -54,9 +55,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy, const T
                                                        const Tensor& rstd, const std::optional<Tensor>& dresidual_out,
                                                        bool rms, bool has_bias, bool need_dweight) {
   // check_bwd may copy dy / dresidual_out (unit last stride): on s's device, hence the guard first.
-  TORCH_CHECK(s.device().is_cuda(), norm::kBwdOp, ": s must be a CUDA tensor (got device ", s.device(), ")");
+  TORCH_CHECK(on_cuda_device(s), norm::kBwdOp, ": s must be a CUDA tensor (got device ", s.device(), ")");
   const c10::cuda::CUDAGuard guard(s.device());
-  const norm::BwdInputs in = norm::check_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, at::kCUDA);
+  const norm::BwdInputs in = norm::check_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, kCudaDevice);
   const norm::BwdOutputs o = norm::alloc_bwd(s, weight, has_bias, need_dweight);
   if (norm::bwd_is_empty(s, o)) return o.as_tuple();
   NormBwdParams p = norm::bwd_params(in, s, weight, mean, rstd, rms, o);
@@ -76,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy, const T
 }  // namespace
 }  // namespace pyattn
 
-TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
+PYATTN_CUDA_IMPL(m) {
   m.impl("layer_norm_fwd", &pyattn::layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &pyattn::layer_norm_bwd_cuda);
 }

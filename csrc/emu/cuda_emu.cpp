@@ -1,0 +1,393 @@
+// pyattn's CUDA emulator: the scheduler, warp collectives, cp.async and launches (see cuda_emu.h).
+#include "cuda_emu.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace pyattn_emu {
+
+namespace {
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kDefaultSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
+constexpr size_t kSmemOptinLimit = 227 * 1024;   // sm_90
+
+enum class State { Ready, AtBarrier, AtWarp, Done };
+struct Copy {
+  void* dst;
+  const void* src;
+};
+}  // namespace
+
+struct Thread {
+  ucontext_t ctx;
+  uint3 idx;
+  int linear = 0;
+  State state = State::Ready;
+  const char* bar_file = "";
+  int bar_line = 0;
+  std::vector<Copy> pending;               // cp.async not yet committed
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+struct Warp {
+  int size = 32, arrived = 0, exited = 0;
+  Op op = Op::Shfl;
+  uint64_t param = 0;
+  uint64_t in[32][12];
+  uint32_t out[32][4];
+};
+
+struct Block {
+  ucontext_t sched;
+  std::vector<Thread> threads;
+  std::vector<Warp> warps;
+  uint3 idx;
+  dim3 dim, grid;
+  unsigned char* smem = nullptr;
+  size_t smem_size = 0;
+  const std::function<void()>* body = nullptr;
+  bool failed = false;
+  std::string error;
+};
+
+namespace {
+thread_local Block* g_block = nullptr;
+thread_local Thread* g_thread = nullptr;
+thread_local cudaError_t g_last_error = cudaSuccess;
+thread_local std::string g_last_message;
+std::map<const void*, int> g_max_dyn_smem;
+std::vector<std::unique_ptr<char[]>> g_stacks;
+
+std::string where(const Thread& t) {
+  return "thread (" + std::to_string(t.idx.x) + ", " + std::to_string(t.idx.y) + ", " + std::to_string(t.idx.z) +
+         ") of block (" + std::to_string(g_block->idx.x) + ", " + std::to_string(g_block->idx.y) + ", " +
+         std::to_string(g_block->idx.z) + ")";
+}
+
+void yield(State s) {
+  Thread* t = g_thread;
+  t->state = s;
+  swapcontext(&t->ctx, &g_block->sched);
+}
+
+void run_copies(std::vector<Copy>& cs) {
+  for (const Copy& c : cs) std::memcpy(c.dst, c.src, 16);
+  cs.clear();
+}
+
+void fiber_main() {
+  (*g_block->body)();
+  Thread* t = g_thread;
+  // copies still in flight complete after the thread (harmless; the kernel never waited for them)
+  for (auto& g : t->groups) run_copies(g);
+  run_copies(t->pending);
+  Warp& w = g_block->warps[t->linear / 32];
+  ++w.exited;
+  if (w.arrived > 0)
+    fail("a lane exited while other lanes of its warp wait at a warp collective (full-mask shuffle/ldmatrix/mma)",
+         __FILE__, __LINE__);
+  t->state = State::Done;
+  // returning switches to uc_link (the scheduler)
+}
+
+// Order in which a pass runs the ready threads: PYATTN_EMU_ORDER=forward (default) | reverse | random.
+int order_mode() {
+  const char* e = std::getenv("PYATTN_EMU_ORDER");
+  if (e == nullptr || std::strcmp(e, "forward") == 0) return 0;
+  if (std::strcmp(e, "reverse") == 0) return 1;
+  return 2;
+}
+
+bool run_block(Block& b, int mode, std::mt19937& rng) {
+  const int n = static_cast<int>(b.threads.size());
+  for (int i = 0; i < n; ++i) {
+    Thread& t = b.threads[i];
+    t = Thread();
+    t.linear = i;
+    t.idx = uint3{unsigned(i % b.dim.x), unsigned((i / b.dim.x) % b.dim.y), unsigned(i / (b.dim.x * b.dim.y))};
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = g_stacks[i].get();
+    t.ctx.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc_link = &b.sched;
+    makecontext(&t.ctx, fiber_main, 0);
+  }
+  for (size_t w = 0; w < b.warps.size(); ++w) {
+    b.warps[w] = Warp();
+    b.warps[w].size = std::min(32, n - int(w) * 32);
+  }
+  if (b.smem_size > 0) std::memset(b.smem, 0xff, b.smem_size);
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = mode == 1 ? n - 1 - i : i;
+  for (;;) {
+    if (mode == 2) std::shuffle(order.begin(), order.end(), rng);
+    for (int i : order) {
+      Thread& t = b.threads[i];
+      if (t.state != State::Ready) continue;
+      g_thread = &t;
+      swapcontext(&b.sched, &t.ctx);
+      g_thread = nullptr;
+      if (b.failed) return false;
+    }
+    int done = 0, ready = 0, at_barrier = 0;
+    const Thread* first_bar = nullptr;
+    for (const Thread& t : b.threads) {
+      done += t.state == State::Done;
+      ready += t.state == State::Ready;
+      if (t.state == State::AtBarrier) {
+        ++at_barrier;
+        if (first_bar == nullptr) first_bar = &t;
+      }
+    }
+    if (done == n) return true;
+    if (ready > 0) continue;
+    if (at_barrier == n - done) {  // every live thread is at __syncthreads: release (exited threads count as there)
+      for (Thread& t : b.threads) {
+        if (t.state != State::AtBarrier) continue;
+        if (t.bar_line != first_bar->bar_line || std::strcmp(t.bar_file, first_bar->bar_file) != 0) {
+          b.error = "divergent __syncthreads: " + where(*first_bar) + " at " + first_bar->bar_file + ":" +
+                    std::to_string(first_bar->bar_line) + ", " + where(t) + " at " + t.bar_file + ":" +
+                    std::to_string(t.bar_line);
+          return false;
+        }
+        t.state = State::Ready;
+      }
+      continue;
+    }
+    for (const Thread& t : b.threads)
+      if (t.state == State::AtWarp) {
+        b.error = "deadlock: " + where(t) + " waits at a warp collective while other lanes of its warp wait at "
+                  "__syncthreads or have exited";
+        return false;
+      }
+    b.error = "deadlock";
+    return false;
+  }
+}
+}  // namespace
+
+Thread* current() { return g_thread; }
+Block* current_block() { return g_block; }
+uint3 thread_idx() { return g_thread->idx; }
+uint3 block_idx() { return g_block->idx; }
+dim3 block_dim() { return g_block->dim; }
+dim3 grid_dim() { return g_block->grid; }
+unsigned char* dynamic_smem() { return g_block->smem; }
+bool in_dynamic_smem(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return g_block != nullptr && c >= g_block->smem && c + bytes <= g_block->smem + g_block->smem_size;
+}
+
+cudaError_t take_last_error() {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+const char* last_error_message() { return g_last_message.c_str(); }
+void set_max_dynamic_smem(const void* kernel, int bytes) { g_max_dyn_smem[kernel] = bytes; }
+
+void fail(const char* what, const char* file, int line) {
+  if (g_thread == nullptr || g_block == nullptr) {
+    std::fprintf(stderr, "pyattn_emu: %s (%s:%d) outside a kernel\n", what, file, line);
+    std::abort();
+  }
+  g_block->failed = true;
+  g_block->error = std::string(what) + " (" + where(*g_thread) + ", " + file + ":" + std::to_string(line) + ")";
+  swapcontext(&g_thread->ctx, &g_block->sched);  // never resumed
+  std::abort();
+}
+
+void syncthreads(const char* file, int line) {
+  g_thread->bar_file = file;
+  g_thread->bar_line = line;
+  yield(State::AtBarrier);
+}
+
+void check_full_mask(unsigned mask, const char* what, const char* file, int line) {
+  if (mask != 0xffffffffu) {
+    const std::string m = std::string(what) + " with a partial mask: the emulator takes full warps only";
+    fail(m.c_str(), file, line);
+  }
+}
+
+void warp_collective(Op op, uint64_t param, const uint64_t (&in)[12], uint32_t (&out)[4], Collective fn) {
+  Thread* t = g_thread;
+  Warp& w = g_block->warps[t->linear / 32];
+  const int lane = t->linear % 32;
+  if (w.size != 32) fail("warp collective in a partial warp (block size not a multiple of 32)", __FILE__, __LINE__);
+  if (w.exited > 0) fail("warp collective after lanes of the warp exited", __FILE__, __LINE__);
+  if (w.arrived == 0) {
+    w.op = op;
+    w.param = param;
+  } else if (w.op != op || w.param != param) {
+    fail("lanes of one warp at different warp collectives", __FILE__, __LINE__);
+  }
+  std::memcpy(w.in[lane], in, sizeof(in));
+  if (++w.arrived == 32) {
+    fn(w.in, w.out, param);
+    w.arrived = 0;
+    for (int l = 0; l < 32; ++l) {
+      Thread& o = g_block->threads[(t->linear / 32) * 32 + l];
+      if (&o != t) o.state = State::Ready;
+    }
+  } else {
+    yield(State::AtWarp);
+  }
+  std::memcpy(out, w.out[lane], sizeof(out));
+}
+
+void shfl_collective(int mode, int arg, const uint64_t (&in)[12], uint32_t (&out)[4]) {
+  uint64_t v[12] = {in[0], static_cast<uint64_t>(static_cast<uint32_t>(arg))};
+  warp_collective(Op::Shfl, static_cast<uint64_t>(mode), v, out,
+                  [](const uint64_t (*i)[12], uint32_t (*o)[4], uint64_t m) {
+                    for (int l = 0; l < 32; ++l) {
+                      const int a = static_cast<int>(static_cast<uint32_t>(i[l][1]));
+                      int src = m == 0 ? (l ^ a) : m == 1 ? (a & 31) : l + a;
+                      if (src < 0 || src >= 32) src = l;  // out of range: own value (also for a mask >= 32)
+                      o[l][0] = static_cast<uint32_t>(i[src][0]);
+                      o[l][1] = static_cast<uint32_t>(i[src][0] >> 32);
+                    }
+                  });
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+  uint64_t in[12] = {reinterpret_cast<uintptr_t>(p)};
+  warp_collective(trans ? Op::LdsmTrans : Op::Ldsm, 0, in, r,
+                  [](const uint64_t (*i)[12], uint32_t (*o)[4], uint64_t) {
+                    const bool tr = g_block->warps[g_thread->linear / 32].op == Op::LdsmTrans;
+                    uint16_t m[4][8][8];
+                    for (int mat = 0; mat < 4; ++mat)
+                      for (int row = 0; row < 8; ++row) {
+                        const void* a = reinterpret_cast<const void*>(i[8 * mat + row][0]);
+                        if (reinterpret_cast<uintptr_t>(a) % 16 != 0)
+                          fail("ldmatrix: row address not 16-byte aligned", __FILE__, __LINE__);
+                        if (!in_dynamic_smem(a, 16))
+                          fail("ldmatrix: row address outside the block's shared memory", __FILE__, __LINE__);
+                        std::memcpy(m[mat][row], a, 16);
+                      }
+                    for (int l = 0; l < 32; ++l) {
+                      const int g = l / 4, t = l % 4;
+                      for (int mat = 0; mat < 4; ++mat) {
+                        const uint16_t lo = tr ? m[mat][2 * t][g] : m[mat][g][2 * t];
+                        const uint16_t hi = tr ? m[mat][2 * t + 1][g] : m[mat][g][2 * t + 1];
+                        o[l][mat] = uint32_t(lo) | (uint32_t(hi) << 16);
+                      }
+                    }
+                  });
+}
+
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+  uint64_t in[12] = {a[0], a[1], a[2], a[3], b0, b1, f2u(c[0]), f2u(c[1]), f2u(c[2]), f2u(c[3])};
+  uint32_t out[4];
+  warp_collective(bf16 ? Op::MmaBF16 : Op::MmaF16, 0, in, out,
+                  [](const uint64_t (*i)[12], uint32_t (*o)[4], uint64_t) {
+                    const bool bf = g_block->warps[g_thread->linear / 32].op == Op::MmaBF16;
+                    auto cv = [bf](uint64_t w, int half) {
+                      const uint16_t h = static_cast<uint16_t>(w >> (16 * half));
+                      return bf ? bf16_to_float(h) : half_to_float(h);
+                    };
+                    float A[16][16], B[16][8], C[16][8];
+                    for (int l = 0; l < 32; ++l) {
+                      const int g = l / 4, t = l % 4;
+                      for (int h = 0; h < 2; ++h) {
+                        A[g][2 * t + h] = cv(i[l][0], h);
+                        A[g + 8][2 * t + h] = cv(i[l][1], h);
+                        A[g][2 * t + 8 + h] = cv(i[l][2], h);
+                        A[g + 8][2 * t + 8 + h] = cv(i[l][3], h);
+                        B[2 * t + h][g] = cv(i[l][4], h);
+                        B[2 * t + 8 + h][g] = cv(i[l][5], h);
+                        C[g][2 * t + h] = u2f(static_cast<uint32_t>(i[l][6 + h]));
+                        C[g + 8][2 * t + h] = u2f(static_cast<uint32_t>(i[l][8 + h]));
+                      }
+                    }
+                    float D[16][8];
+                    for (int r = 0; r < 16; ++r)
+                      for (int n = 0; n < 8; ++n) {
+                        double s = 0.0;
+                        for (int k = 0; k < 16; ++k) s += double(A[r][k]) * double(B[k][n]);
+                        D[r][n] = static_cast<float>(s + double(C[r][n]));
+                      }
+                    for (int l = 0; l < 32; ++l) {
+                      const int g = l / 4, t = l % 4;
+                      o[l][0] = f2u(D[g][2 * t]);
+                      o[l][1] = f2u(D[g][2 * t + 1]);
+                      o[l][2] = f2u(D[g + 8][2 * t]);
+                      o[l][3] = f2u(D[g + 8][2 * t + 1]);
+                    }
+                  });
+  for (int k = 0; k < 4; ++k) c[k] = u2f(out[k]);
+}
+
+void cp_async16(void* smem, const void* gmem) {
+  if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
+    fail("cp.async (16 bytes): source or destination not 16-byte aligned", __FILE__, __LINE__);
+  if (!in_dynamic_smem(smem, 16)) fail("cp.async: destination outside the block's shared memory", __FILE__, __LINE__);
+  g_thread->pending.push_back(Copy{smem, gmem});
+}
+void cp_async_commit() {
+  g_thread->groups.push_back(std::move(g_thread->pending));
+  g_thread->pending.clear();
+}
+void cp_async_wait(int n) {
+  auto& gs = g_thread->groups;
+  while (static_cast<int>(gs.size()) > n) {
+    run_copies(gs.front());
+    gs.erase(gs.begin());
+  }
+}
+
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  auto refuse = [](cudaError_t e, const std::string& m) {
+    if (g_last_error == cudaSuccess) g_last_error = e;
+    g_last_message = m;
+    return e;
+  };
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    return refuse(cudaErrorInvalidConfiguration,
+                  "invalid launch configuration: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
+                      ", " + std::to_string(grid.z) + "), block (" + std::to_string(block.x) + ", " +
+                      std::to_string(block.y) + ", " + std::to_string(block.z) + ")");
+  size_t limit = kDefaultSmemLimit;
+  auto it = g_max_dyn_smem.find(kernel);
+  if (it != g_max_dyn_smem.end()) limit = std::max(limit, size_t(it->second));
+  if (smem > std::min(limit, kSmemOptinLimit))
+    return refuse(cudaErrorInvalidValue, "launch with " + std::to_string(smem) +
+                                             " bytes of dynamic shared memory; the kernel's limit is " +
+                                             std::to_string(limit) + " (cudaFuncAttributeMaxDynamicSharedMemorySize)");
+  while (g_stacks.size() < nthreads) g_stacks.emplace_back(new char[kStackBytes]);
+  std::unique_ptr<unsigned char[]> smem_buf(new unsigned char[smem + 128]);
+  Block b;
+  b.threads.resize(nthreads);
+  b.warps.resize((nthreads + 31) / 32);
+  b.dim = block;
+  b.grid = grid;
+  b.smem = smem_buf.get() + (128 - reinterpret_cast<uintptr_t>(smem_buf.get()) % 128) % 128;
+  b.smem_size = smem;
+  b.body = &body;
+  const int mode = order_mode();
+  const char* seed = std::getenv("PYATTN_EMU_SEED");
+  std::mt19937 rng(seed != nullptr ? static_cast<unsigned>(std::atoi(seed)) : 1234u);
+  Block* const outer = g_block;
+  g_block = &b;
+  bool ok = true;
+  for (unsigned z = 0; z < grid.z && ok; ++z)
+    for (unsigned y = 0; y < grid.y && ok; ++y)
+      for (unsigned x = 0; x < grid.x && ok; ++x) {
+        b.idx = uint3{x, y, z};
+        ok = run_block(b, mode, rng);
+      }
+  g_block = outer;
+  if (!ok) return refuse(cudaErrorLaunchFailure, "kernel failed in the emulator: " + b.error);
+  return cudaSuccess;
+}
+
+}  // namespace pyattn_emu

@@ -1,0 +1,267 @@
+// pyattn's CUDA emulator: runs csrc/cuda/*.cu unchanged (bar the PYATTN_CUDA_EMU branches of the inline PTX) on the
+// CPU, so that the CUDA kernels and their bindings are tested on machines without a GPU (tests/test_cuda_emu.py).
+// Built by scripts/cuda_emu.py, which turns `k<<<grid, block, smem, stream>>>(args)` into
+// `::pyattn_emu::launch(k, grid, block, smem, stream)(args)` and `extern __shared__ T name[];` into a pointer to the
+// launch's dynamic shared memory, then compiles everything as C++ with csrc/emu/include first on the include path
+// (its cuda_runtime.h, cuda_fp16.h, c10/cuda/... headers all come here).
+//
+// Execution model (what it checks is in docs/design.md, "CUDA emulator"):
+// - blocks run one after another; the threads of a block are fibers (ucontext) scheduled cooperatively: each runs
+//   until it reaches __syncthreads(), a warp collective (shuffle, ldmatrix, mma) or its end. The order in which the
+//   threads run between two barriers is forward, reverse or shuffled (PYATTN_EMU_ORDER=forward|reverse|random), so
+//   a missing barrier shows up as a wrong result in at least one order.
+// - warp collectives need all 32 lanes (full mask, blockDim a multiple of 32) and the same instruction; the last
+//   lane to arrive computes the result for all. ldmatrix / mma follow the PTX ISA fragment layouts.
+// - cp.async copies are deferred to the cp.async.wait_group that covers them (the latest moment real hardware may
+//   complete them); dynamic shared memory is filled with 0xff bytes (NaN in fp32, fp16 and bf16) before each block.
+// - errors (deadlock, divergent __syncthreads, collective with exited lanes, ldmatrix/cp.async outside shared
+//   memory or misaligned, too much shared memory, bad launch configuration) abort the launch: cudaGetLastError()
+//   returns an error and pyattn_emu::last_error_message() says what happened, where.
+#pragma once
+
+#include <math.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ---- CUDA C++ keywords -------------------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+#define __constant__ static
+#define __restrict__ __restrict
+
+// ---- runtime types -------------------------------------------------------------------------------------------------
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
+enum cudaError {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+typedef enum cudaError cudaError_t;
+typedef struct CUstream_st* cudaStream_t;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct cudaDeviceProp {
+  int major = 9, minor = 0;
+  size_t sharedMemPerBlock = 48 * 1024;
+  size_t sharedMemPerBlockOptin = 227 * 1024;
+  int multiProcessorCount = 132;
+  int warpSize = 32;
+};
+constexpr int warpSize = 32;
+
+namespace pyattn_emu {
+
+// ---- scheduler state (cuda_emu.cpp) ----------------------------------------------------------------------------------
+struct Thread;
+struct Block;
+Thread* current();
+Block* current_block();
+uint3 thread_idx();
+uint3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
+
+cudaError_t take_last_error();     // cudaGetLastError: returns and clears
+const char* last_error_message();  // what went wrong in the last failed launch ("" if none)
+void set_max_dynamic_smem(const void* kernel, int bytes);
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+
+[[noreturn]] void fail(const char* what, const char* file, int line);  // aborts the running launch
+void syncthreads(const char* file, int line);
+unsigned char* dynamic_smem();
+bool in_dynamic_smem(const void* p, size_t bytes);
+
+// Warp collectives: each lane gives up to 12 words, gets up to 4 back.
+enum class Op : int { Shfl, Ldsm, LdsmTrans, MmaF16, MmaBF16 };
+using Collective = void (*)(const uint64_t (*in)[12], uint32_t (*out)[4], uint64_t param);
+void warp_collective(Op op, uint64_t param, const uint64_t (&in)[12], uint32_t (&out)[4], Collective fn);
+
+// cp.async: 16 bytes, deferred to the wait_group that covers it.
+void cp_async16(void* smem, const void* gmem);
+void cp_async_commit();
+void cp_async_wait(int n);
+
+// ---- launches: k<<<g, b, s, st>>>(args) becomes launch(k, g, b, s, st)(args) ------------------------------------------
+template <class... P>
+struct Launcher {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+  template <class... A>
+  void operator()(A&&... args) const {
+    // kernel parameters are copies made at launch (as CUDA copies them to the parameter space)
+    std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+    auto* k = kernel;
+    run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(k, params); });
+  }
+};
+template <class... P>
+Launcher<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+  return Launcher<P...>{kernel, grid, block, smem};
+}
+
+// ---- 16-bit floats ---------------------------------------------------------------------------------------------------
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return u2f(sign | 0x7f800000u | (man << 13));  // inf / NaN
+  if (exp == 0) {                                                  // zero / subnormal: man * 2^-24
+    const float v = float(man) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return u2f(sign | ((exp + 112u) << 23) | (man << 13));
+}
+inline uint16_t float_to_half_rn(float f) {  // round to nearest even, overflow to inf, NaN stays NaN
+  const uint32_t u = f2u(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520: rounds to inf
+  if (a < 0x38800000u) {                                     // below 2^-14: subnormal half (or zero)
+    const float v = u2f(a) * 16777216.0f;                    // exact: a * 2^24, value in units of 2^-24
+    return uint16_t(sign | uint16_t(nearbyintf(v)));         // default rounding mode: to nearest even
+  }
+  const uint32_t m = a + 0xfffu + ((a >> 13) & 1u);  // round the 13 dropped bits to nearest even
+  return uint16_t(sign | ((m - 0x38000000u) >> 13));
+}
+inline float bf16_to_float(uint16_t h) { return u2f(uint32_t(h) << 16); }
+inline uint16_t float_to_bf16_rn(float f) {
+  const uint32_t u = f2u(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// PTX cvt.rn.{f16,bf16}x2.f32 d, a, b: a -> upper half of d, b -> lower half.
+inline uint32_t cvt_rn_f16x2(float a, float b) { return (uint32_t(float_to_half_rn(a)) << 16) | float_to_half_rn(b); }
+inline uint32_t cvt_rn_bf16x2(float a, float b) { return (uint32_t(float_to_bf16_rn(a)) << 16) | float_to_bf16_rn(b); }
+// PTX ex2.approx.ftz.f32 (subnormal inputs and results flushed to zero)
+inline float ex2_approx_ftz(float x) {
+  if (fabsf(x) < 1.17549435e-38f) x = 0.0f;
+  const float y = exp2f(x);
+  return fabsf(y) < 1.17549435e-38f ? 0.0f : y;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 d, a, b, c (d = c in place)
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {r0..r3}, [p]
+void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans);
+
+// __shfl_xor_sync (mode 0), __shfl_sync (1), __shfl_down_sync (2) of a 32-bit value, width 32, full mask.
+void check_full_mask(unsigned mask, const char* what, const char* file, int line);
+void shfl_collective(int mode, int arg, const uint64_t (&in)[12], uint32_t (&out)[4]);
+template <class T>
+T shfl(unsigned mask, T v, int arg, int /*width*/, int mode, const char* file, int line) {
+  static_assert((sizeof(T) == 4 || sizeof(T) == 8) && std::is_trivially_copyable<T>::value,
+                "emulated shuffles move 32- and 64-bit values");
+  check_full_mask(mask, "shuffle", file, line);
+  uint64_t in[12] = {};
+  std::memcpy(&in[0], &v, sizeof(T));
+  uint32_t out[4] = {};
+  shfl_collective(mode, arg, in, out);
+  T r;
+  std::memcpy(&r, out, sizeof(T));  // out[0] = low word, out[1] = high word
+  return r;
+}
+
+}  // namespace pyattn_emu
+
+// ---- built-in variables and functions ----------------------------------------------------------------------------------
+#define threadIdx (::pyattn_emu::thread_idx())
+#define blockIdx (::pyattn_emu::block_idx())
+#define blockDim (::pyattn_emu::block_dim())
+#define gridDim (::pyattn_emu::grid_dim())
+#define __syncthreads() ::pyattn_emu::syncthreads(__FILE__, __LINE__)
+#define __shfl_xor_sync(mask, v, m, ...) ::pyattn_emu::shfl(mask, v, m, 32, 0, __FILE__, __LINE__)
+#define __shfl_sync(mask, v, l, ...) ::pyattn_emu::shfl(mask, v, l, 32, 1, __FILE__, __LINE__)
+#define __shfl_down_sync(mask, v, d, ...) ::pyattn_emu::shfl(mask, v, d, 32, 2, __FILE__, __LINE__)
+
+inline cudaError_t cudaGetLastError() { return ::pyattn_emu::take_last_error(); }
+inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : ::pyattn_emu::last_error_message();
+}
+template <class F>
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
+    ::pyattn_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
+  }
+  return cudaSuccess;
+}
+
+inline float __uint_as_float(unsigned u) { return ::pyattn_emu::u2f(u); }
+inline unsigned __float_as_uint(float f) { return ::pyattn_emu::f2u(f); }
+inline float __int_as_float(int i) { return ::pyattn_emu::u2f(static_cast<uint32_t>(i)); }
+inline int __float_as_int(float f) { return static_cast<int>(::pyattn_emu::f2u(f)); }
+inline int __float2int_rn(float f) { return static_cast<int>(nearbyintf(f)); }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline size_t __cvta_generic_to_shared(const void* p) {
+  if (!::pyattn_emu::in_dynamic_smem(p, 1)) ::pyattn_emu::fail("__cvta_generic_to_shared: not a shared-memory address", __FILE__, __LINE__);
+  return static_cast<size_t>(static_cast<const unsigned char*>(p) - ::pyattn_emu::dynamic_smem());
+}
+
+struct __half {
+  unsigned short __x;
+};
+struct __nv_bfloat16 {
+  unsigned short __x;
+};
+inline float __half2float(__half h) { return ::pyattn_emu::half_to_float(h.__x); }
+inline __half __float2half_rn(float f) { return __half{::pyattn_emu::float_to_half_rn(f)}; }
+inline __half __float2half(float f) { return __float2half_rn(f); }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return ::pyattn_emu::bf16_to_float(h.__x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{::pyattn_emu::float_to_bf16_rn(f)}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }

@@ -1,0 +1,3 @@
+// CUDA emulator stand-in for <cuda_bf16.h> (csrc/emu/cuda_emu.h).
+#pragma once
+#include "../cuda_emu.h"
