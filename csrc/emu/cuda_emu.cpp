@@ -124,13 +124,26 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
     b.warps[w].size = std::min(32, n - int(w) * 32);
   }
   if (b.smem_size > 0) std::memset(b.smem, 0xff, b.smem_size);
-  std::vector<int> order(n);
-  for (int i = 0; i < n; ++i) order[i] = mode == 1 ? n - 1 - i : i;
+  // Each step runs one ready thread until it blocks: the lowest-numbered ready one (forward), the highest (reverse)
+  // or one drawn at random. Forward / reverse let a warp run as far ahead of the others as barriers allow.
+  std::vector<int> ready_ids;
+  ready_ids.reserve(n);
   for (;;) {
-    if (mode == 2) std::shuffle(order.begin(), order.end(), rng);
-    for (int i : order) {
-      Thread& t = b.threads[i];
-      if (t.state != State::Ready) continue;
+    for (;;) {
+      int pick = -1;
+      if (mode == 2) {
+        ready_ids.clear();
+        for (int i = 0; i < n; ++i)
+          if (b.threads[i].state == State::Ready) ready_ids.push_back(i);
+        if (!ready_ids.empty()) pick = ready_ids[std::uniform_int_distribution<int>(0, int(ready_ids.size()) - 1)(rng)];
+      } else {
+        for (int k = 0; k < n && pick < 0; ++k) {
+          const int i = mode == 1 ? n - 1 - k : k;
+          if (b.threads[i].state == State::Ready) pick = i;
+        }
+      }
+      if (pick < 0) break;
+      Thread& t = b.threads[pick];
       g_thread = &t;
       swapcontext(&b.sched, &t.ctx);
       g_thread = nullptr;
@@ -325,11 +338,19 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   for (int k = 0; k < 4; ++k) c[k] = u2f(out[k]);
 }
 
+// PYATTN_EMU_CP_ASYNC=late (default): a copy lands at the cp.async.wait_group that covers it, the latest moment
+// hardware may complete it (a read before the wait sees stale data); early: at issue, the earliest (a copy issued
+// into memory other threads still read shows up). Read once per launch.
+bool g_cp_async_early = false;
+
 void cp_async16(void* smem, const void* gmem) {
   if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
     fail("cp.async (16 bytes): source or destination not 16-byte aligned", __FILE__, __LINE__);
   if (!in_dynamic_smem(smem, 16)) fail("cp.async: destination outside the block's shared memory", __FILE__, __LINE__);
-  g_thread->pending.push_back(Copy{smem, gmem});
+  if (g_cp_async_early)
+    std::memcpy(smem, gmem, 16);
+  else
+    g_thread->pending.push_back(Copy{smem, gmem});
 }
 void cp_async_commit() {
   g_thread->groups.push_back(std::move(g_thread->pending));
@@ -374,6 +395,8 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, con
   b.smem_size = smem;
   b.body = &body;
   const int mode = order_mode();
+  const char* cp = std::getenv("PYATTN_EMU_CP_ASYNC");
+  g_cp_async_early = cp != nullptr && std::strcmp(cp, "early") == 0;
   const char* seed = std::getenv("PYATTN_EMU_SEED");
   std::mt19937 rng(seed != nullptr ? static_cast<unsigned>(std::atoi(seed)) : 1234u);
   Block* const outer = g_block;

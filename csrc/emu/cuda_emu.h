@@ -7,13 +7,16 @@
 //
 // Execution model (what it checks is in docs/design.md, "CUDA emulator"):
 // - blocks run one after another; the threads of a block are fibers (ucontext) scheduled cooperatively: each runs
-//   until it reaches __syncthreads(), a warp collective (shuffle, ldmatrix, mma) or its end. The order in which the
-//   threads run between two barriers is forward, reverse or shuffled (PYATTN_EMU_ORDER=forward|reverse|random), so
-//   a missing barrier shows up as a wrong result in at least one order.
+//   until it reaches __syncthreads(), a warp collective (shuffle, ldmatrix, mma) or its end. The next thread to run
+//   is the lowest-numbered ready one, the highest, or a random one (PYATTN_EMU_ORDER=forward|reverse|random): the
+//   first two let one warp run as far ahead of the others as the barriers allow, so a missing barrier shows up as a
+//   wrong result in at least one order.
 // - warp collectives need all 32 lanes (full mask, blockDim a multiple of 32) and the same instruction; the last
 //   lane to arrive computes the result for all. ldmatrix / mma follow the PTX ISA fragment layouts.
-// - cp.async copies are deferred to the cp.async.wait_group that covers them (the latest moment real hardware may
-//   complete them); dynamic shared memory is filled with 0xff bytes (NaN in fp32, fp16 and bf16) before each block.
+// - cp.async copies land at the cp.async.wait_group that covers them (PYATTN_EMU_CP_ASYNC=late, the default: the
+//   latest moment hardware may complete them, so a read before the wait sees stale data) or at issue (early: a copy
+//   into a buffer that other warps still read shows up); dynamic shared memory is filled with 0xff bytes (NaN in
+//   fp32, fp16 and bf16) before each block.
 // - errors (deadlock, divergent __syncthreads, collective with exited lanes, ldmatrix/cp.async outside shared
 //   memory or misaligned, too much shared memory, bad launch configuration) abort the launch: cudaGetLastError()
 //   returns an error and pyattn_emu::last_error_message() says what happened, where.

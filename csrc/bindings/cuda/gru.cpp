@@ -47,6 +47,10 @@ DType kernel_dtype(at::ScalarType s) {
 }
 
 // a (M, K) @ b (K, N) -> fp32: fp32 operands as they are, fp16/bf16 through cuBLAS with fp32 output.
+#ifdef PYATTN_CUDA_EMU  // CPU torch has no mm.dtype: the same exact products of 16-bit values, summed in fp32
+Tensor mm_f32(const Tensor& a, const Tensor& b) { return at::mm(a.to(at::kFloat), b.to(at::kFloat)); }
+void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) { at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat)); }
+#else
 Tensor mm_f32(const Tensor& a, const Tensor& b) {
   return a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat);
 }
@@ -56,6 +60,7 @@ void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) {
   else
     at::mm_out(out, a, b, at::kFloat);
 }
+#endif
 
 // Row t of a (T, rows, cols) tensor with unit last stride, as a raw pointer.
 void* row_ptr(const Tensor& t, int64_t i) {

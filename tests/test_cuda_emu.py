@@ -1,0 +1,427 @@
+"""The CUDA kernels (csrc/cuda/*.cu) and their bindings (csrc/bindings/cuda/*.cpp), run without a GPU by the CUDA
+emulator (csrc/emu/cuda_emu.h, built by scripts/cuda_emu.py as torch.ops.pyattn_emu on CPU tensors).
+
+What this proves: the kernels' indexing, tiling, masking, online softmax, fragment layouts (as the PTX ISA defines
+ldmatrix and mma.sync m16n8k16), cp.async / __syncthreads ordering, warp shuffles, reductions and the bindings'
+host logic give the float64 oracle's results on small shapes, in three thread schedules. What it cannot prove:
+timing-dependent behaviour of real hardware, out-of-bounds global reads that land in mapped memory (NaN-padded
+buffers catch the ones that reach a result), and anything about speed; tests/test_gpu.py does that on a GPU.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyattn.backends import cpp
+from pyattn.backends.torch import causal_keep
+from pyattn.testing import assert_attention_close, assert_tol, attention_low, attention_ref, make_qkv
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import cuda_emu  # noqa: E402
+
+# (thread order, cp.async completion): see csrc/emu/cuda_emu.h. Late copies expose reads before a wait; early copies
+# with a warp running ahead expose buffers refilled while other warps still read them.
+SCHEDULES = (("forward", "late"), ("reverse", "late"), ("forward", "early"), ("reverse", "early"), ("random", "late"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emu():
+    """Builds (incrementally) and loads the emulator library; every test here runs the CUDA code through it."""
+    cuda_emu.build()
+    return torch.ops.pyattn_emu
+
+
+@pytest.fixture(params=SCHEDULES, ids="-".join)
+def order(request, monkeypatch):
+    """How the emulator schedules a block's threads and completes cp.async (a missing barrier or a race on shared
+    memory changes the result in at least one schedule)."""
+    monkeypatch.setenv("PYATTN_EMU_ORDER", request.param[0])
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", request.param[1])
+    return request.param
+
+
+# ---- attention -------------------------------------------------------------------------------------------------
+
+def _fwd(q, k, v, mask=None, p=0.0, causal=False, bottom_right=False, scale=None, seed=0, offset=0):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.pyattn_emu.attn_fwd(q, k, v, mask, p, causal, bottom_right, scale, seed, offset)
+
+
+def _bwd(dout, q, k, v, out, lse, mask=None, p=0.0, causal=False, bottom_right=False, scale=None, seed=0, offset=0):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.pyattn_emu.attn_bwd(dout, q, k, v, out, lse, mask, p, causal, bottom_right, scale, seed, offset)
+
+
+def _check_attention(q, k, v, mask=None, causal=False, bottom_right=False, seed=0):
+    """Forward and backward against the float64 oracle with TESTING.md's 2x / 3x rule; returns (out, lse, grads)."""
+    out, lse = _fwd(q, k, v, mask, causal=causal, bottom_right=bottom_right)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+    grads = _bwd(dout, q, k, v, out, lse, mask, causal=causal, bottom_right=bottom_right)
+    ref, ref_lse, ref_grads = attention_ref(q, k, v, mask, causal=causal, bottom_right=bottom_right, dout=dout)
+    low, low_grads = attention_low(q, k, v, mask, causal=causal, bottom_right=bottom_right, dout=dout)
+    assert_attention_close(out, ref, low, 2)
+    for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
+        assert_attention_close(g, r, lo, 3, name=f"d{name}")
+    live, dead = ref_lse.isfinite(), ~ref_lse.isfinite()
+    # rows whose logits all sit near finfo.min: the log2-domain mask saturates at -FLT_MAX, so lse is -FLT_MAX * ln 2
+    # there, as in the CPU kernels (csrc/cpu/attention.cpp); the output is still the uniform softmax
+    sat = live & (ref_lse.abs() > 1e30)
+    live &= ~sat
+    torch.testing.assert_close(lse[live].double(), ref_lse[live].double(), atol=1e-3, rtol=1e-4)
+    assert bool((lse[sat] < -1e38).all())
+    assert bool((lse[dead] == math.inf).all())
+    return out, lse, grads
+
+
+# (lq, lk, d, dv, causal, bottom_right, hq, hkv): head dims of every kernel configuration (<= 64, <= 128, <= 256,
+# odd ones on the 2-byte path), D != Dv, GQA, both causal alignments with Lq < Lk and Lq > Lk, one query row, blocks
+# with nothing to do.
+ATTN_CASES = [
+    (64, 64, 64, 64, False, False, 4, 4),
+    (33, 70, 128, 128, True, True, 4, 2),
+    (70, 33, 128, 128, True, False, 2, 1),
+    (70, 33, 64, 64, True, True, 2, 2),
+    (1, 97, 96, 96, False, False, 4, 4),
+    (47, 47, 59, 59, True, False, 2, 2),
+    (40, 40, 256, 256, True, False, 2, 1),
+    (50, 30, 24, 40, False, False, 4, 2),
+    (17, 100, 200, 256, False, False, 2, 2),
+    (300, 17, 64, 64, True, True, 2, 1),   # whole query blocks that see no key (bottom-right, Lq > Lk)
+    (17, 300, 64, 64, True, False, 2, 1),  # whole key blocks that no query sees (top-left, Lk > Lq)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=str)
+def test_attention_vs_oracle(dtype, case):
+    lq, lk, d, dv, causal, bottom_right, hq, hkv = case
+    q, k, v = make_qkv(2, hq, lq, lk, d, dv=dv, hkv=hkv, dtype=dtype, seed=lq + lk + d)
+    _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)
+
+
+def test_attention_thread_orders_give_the_same_bits(order, monkeypatch):
+    """Every schedule gives the oracle's result and the bits of the default (forward) schedule: the kernels' shared
+    memory traffic is ordered by barriers and cp.async waits, not by the order threads happen to run in."""
+    q, k, v = make_qkv(1, 4, 70, 90, 64, hkv=2, dtype=torch.bfloat16, seed=5)
+    out, lse, grads = _check_attention(q, k, v, causal=True, seed=5)
+    monkeypatch.setenv("PYATTN_EMU_ORDER", "forward")
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "late")
+    base = _fwd(q, k, v, causal=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(q.dtype)
+    base_grads = _bwd(dout, q, k, v, *base, causal=True)
+    for a, b in zip((out, lse, *grads), (*base, *base_grads)):
+        assert torch.equal(a, b), order
+
+
+@pytest.mark.parametrize("d,dv", [(64, 64), (24, 40), (128, 96)])
+def test_attention_layouts_bit_identical(d, dv):
+    """Same values in every layout give the same bits: 16-byte rows (cp.async) and unaligned rows (NaN-padded
+    buffers, strided last dims copied by the binding) alike, and nothing past a row's end is read."""
+    def run(layout):
+        q, k, v = make_qkv(2, 4, 40, 50, d, dv=dv, hkv=2, dtype=torch.bfloat16, layout=layout, seed=15)
+        out, lse = _fwd(q, k, v, causal=True)
+        dout = torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype)
+        return (out, lse, *_bwd(dout, q, k, v, out, lse, causal=True))
+
+    base = run("contiguous")
+    assert all(bool(t.isfinite().all()) for t in base)
+    for layout in ("blhd", "packed", "nan_padded", "strided", "contiguous"):
+        for a, b in zip(run(layout), base):
+            assert torch.equal(a, b), layout
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 37), (1, 1, 19, 37), (2, 1, 1, 37), (1, 2, 19, 37), (2, 2, 19, 37),
+                                   (2, 1, 19, 1)], ids=str)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attention_masks_broadcast(shape, kind):
+    g = torch.Generator().manual_seed(len(str(shape)))
+    q, k, v = make_qkv(2, 2, 19, 37, 64, dtype=torch.float16, seed=3)
+    keep = torch.rand(shape, generator=g) > (0.3 if shape[-1] > 1 else 0.2)
+    mask = keep if kind == "bool" else torch.randn(shape, generator=g).masked_fill(~keep, -math.inf)
+    _check_attention(q, k, v, mask=mask)
+
+
+def test_attention_fully_masked_rows():
+    """Rows that see no key: output 0, lse +inf, dq 0 (mask rows and bottom-right causal with Lq > Lk)."""
+    q, k, v = make_qkv(2, 2, 70, 130, 64, dtype=torch.bfloat16, seed=9)
+    keep = torch.rand(2, 2, 70, 130, generator=torch.Generator().manual_seed(9)) > 0.3
+    keep[0, 1, 3] = False
+    keep[1, :, 69] = False
+    for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, -math.inf)):
+        out, lse, (dq, _, _) = _check_attention(q, k, v, mask=mask)
+        for t in (out, dq):
+            assert torch.equal(t[0, 1, 3], torch.zeros_like(t[0, 1, 3]))
+            assert torch.equal(t[1, :, 69], torch.zeros_like(t[1, :, 69]))
+        assert lse[0, 1, 3] == math.inf and bool((lse[1, :, 69] == math.inf).all())
+    q, k, v = make_qkv(1, 2, 100, 17, 64, dtype=torch.float16, seed=10)
+    out, lse, (dq, _, _) = _check_attention(q, k, v, causal=True, bottom_right=True)
+    assert torch.equal(out[:, :, :83], torch.zeros_like(out[:, :, :83]))
+    assert torch.equal(dq[:, :, :83], torch.zeros_like(dq[:, :, :83]))
+    assert bool((lse[:, :, :83] == math.inf).all()) and bool(lse[:, :, 83:].isfinite().all())
+
+
+def test_attention_finfo_min_rows():
+    """A row whose every key carries an additive finfo.min: softmax is uniform there (torch's result); the backward
+    recomputes that row's statistics exactly instead of exp2(x - lse) = 1."""
+    q, k, v = make_qkv(2, 2, 70, 90, 64, dtype=torch.float16, seed=21)
+    mask = torch.randn(2, 1, 70, 90, generator=torch.Generator().manual_seed(21))
+    mask[0, 0, 7] = torch.finfo(torch.float32).min
+    mask[1, 0, 69, :50] = torch.finfo(torch.float32).min
+    mask[1, 0, 69, 50:] = -math.inf
+    _check_attention(q, k, v, mask=mask)
+
+
+def test_attention_nan_in_one_query_row_stays_in_that_row():
+    q, k, v = make_qkv(1, 2, 77, 90, 64, dtype=torch.float16, seed=12)
+    q[0, 1, 5] = math.nan
+    out, _ = _fwd(q, k, v)
+    expect = torch.zeros(out.shape[:-1], dtype=torch.bool)
+    expect[0, 1, 5] = True
+    assert torch.equal(out.isnan().any(-1), expect) and bool(out[0, 1, 5].isnan().all())
+
+
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, True), (True, False)])
+def test_attention_dropout_keep_mask_equals_cpu(causal, bottom_right):
+    """The CUDA kernels drop exactly the elements the CPU kernels drop (the hash of pyattn/attn_dropout.h): with
+    q = 0 every visible key gets P = 1 / n_i, and with v = I, out[i, j] = keep_ij / ((1 - p) n_i)."""
+    b, hq, hkv, lq, lk, p = 2, 4, 2, 37, 70, 0.3
+    seed, offset = 2**40 + 17, 3 * 2**33 + 5
+    q = torch.zeros(b, hq, lq, 16, dtype=torch.float16)
+    k = torch.randn(b, hkv, lk, 16, generator=torch.Generator().manual_seed(1)).half()
+    v = torch.eye(lk, dtype=torch.float16).expand(b, hkv, lk, lk)
+    out, _ = _fwd(q, k, v, None, p, causal, bottom_right, 1.0, seed, offset)
+    keep = cpp.dropout_keep_mask(seed, offset, (b, hq, lq, lk), p)
+    visible = causal_keep(lq, lk, bottom_right, "cpu") if causal else torch.ones(lq, lk, dtype=torch.bool)
+    assert torch.equal(out != 0, keep & visible)
+    n = visible.sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(out.float(), ((keep & visible) / ((1 - p) * n)).float(), atol=0, rtol=2e-3)
+
+
+def _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype):
+    """out = (softmax(q k^T scale) * keep / (1 - p)) v and its grads through autograd, in `dtype`."""
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    kr, vr = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+    s = torch.matmul(qq, kr.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~causal_keep(q.shape[2], k.shape[2], bottom_right, "cpu"), -math.inf)
+    dead = (s == -math.inf).all(-1, keepdim=True)
+    prob = torch.softmax(s.float().masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0).to(dtype)
+    out = torch.matmul(prob * keep.to(dtype) / (1 - p), vr)
+    return out.detach(), torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
+
+
+@pytest.mark.parametrize("lq,lk,d,causal,bottom_right", [(49, 30, 64, False, False), (60, 25, 128, True, True),
+                                                         (25, 60, 96, True, False)])
+def test_attention_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal, bottom_right):
+    b, hq, hkv, p, scale = 2, 4, 2, 0.25, 0.3
+    seed, offset = 2**40 + 17, 3 * 2**33 + 5
+    q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=torch.float16, seed=14)
+    out, lse = _fwd(q, k, v, None, p, causal, bottom_right, scale, seed, offset)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(14)).half()
+    grads = _bwd(dout, q, k, v, out, lse, None, p, causal, bottom_right, scale, seed, offset)
+    keep = cpp.dropout_keep_mask(seed, offset, (b, hq, lq, lk), p)
+    ref, ref_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float64)
+    low, low_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float16)
+    assert_attention_close(out, ref, low, 2)
+    for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
+        assert_attention_close(g, r, lo, 3, name=f"d{name}")
+
+
+def test_attention_refusals_name_the_problem():
+    q, k, v = make_qkv(1, 2, 16, 16, 64)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        _fwd(q, k, v)
+    q, k, v = make_qkv(1, 2, 16, 16, 300, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
+        _fwd(q, k, v)
+    q, k, v = make_qkv(0, 2, 16, 16, 64, dtype=torch.float16)
+    out, lse = _fwd(q, k, v)
+    assert out.shape == (0, 2, 16, 64) and lse.shape == (0, 2, 16)
+
+
+# ---- LayerNorm / RMSNorm ----------------------------------------------------------------------------------------
+# Shapes cross every configuration of csrc/cuda/layer_norm.cu: row groups of 8 .. 512 threads (several rows per block
+# for short rows), the looped kernel past 8192 columns, and the chunked dweight/dbias reduction (one chunk, many).
+
+def _ln_fwd(x, r, w, b, rms=False, store=True, eps=1e-5):
+    return torch.ops.pyattn_emu.layer_norm_fwd(x, r, w, b, eps, rms, store)
+
+
+def _ln_bwd(dy, s, w, mean, rstd, dres, rms=False, has_bias=True, need_dweight=True):
+    return torch.ops.pyattn_emu.layer_norm_bwd(dy, s, w, mean, rstd, dres, rms, has_bias, need_dweight)
+
+
+def _norm_oracle(s, w, b, eps, rms, dy, ds):
+    s64 = s.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    n = s.shape[-1]
+    y64 = F.rms_norm(s64, (n,), w64, eps) if rms else F.layer_norm(s64, (n,), w64, b64, eps)
+    grads = torch.autograd.grad(y64, [s64, w64] + ([b64] if b64 is not None else []), dy.double())
+    return y64, (grads[0] + ds.double(), *grads[1:])
+
+
+NORM_SHAPES = [(1, 1), (3, 7), (5, 64), (33, 65), (2, 127), (17, 256), (4, 257), (9, 1000), (3, 1023), (4, 1500),
+               (3, 2048), (2, 4096), (2, 8192), (2, 8193), (2, 12000)]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+def test_norm_vs_oracle(rms, dtype, param_dtype):
+    g = torch.Generator().manual_seed(0)
+    pdt = torch.float32 if param_dtype == "float32" else dtype
+    for m, n in NORM_SHAPES:
+        x, r, dy, ds = (torch.randn(m, n, generator=g).to(dtype) for _ in range(4))
+        w = (1 + 0.5 * torch.randn(n, generator=g)).to(pdt)
+        b = None if rms else (0.5 * torch.randn(n, generator=g)).to(pdt)
+        y, s, mean, rstd = _ln_fwd(x, r, w, b, rms)
+        assert y.dtype == dtype and torch.equal(s, x + r), (m, n)
+        dx, dw, db = _ln_bwd(dy, s, w, mean, rstd, ds, rms, b is not None)
+        y64, (dx64, *dp64) = _norm_oracle(s, w, b, 1e-5, rms, dy, ds)
+        what = f"{'rms' if rms else 'ln'} {dtype} params {pdt} shape {(m, n)}"
+        assert_tol(y, y64, "layer_norm", dtype, msg=lambda msg: f"{what} y: {msg}")
+        assert_tol(dx, dx64, "layer_norm", dtype, "bwd", msg=lambda msg: f"{what} dx: {msg}")
+        for name, got, want in zip(("dweight", "dbias"), (dw, db), dp64):
+            assert got.dtype == pdt
+            assert_tol(got, want, "layer_norm", pdt, "bwd", msg=lambda msg: f"{what} {name}: {msg}")
+
+
+def _nan_padded(t, pad, shift):
+    m, n = t.shape
+    buf = torch.full((shift + m * (n + pad),), float("nan"), dtype=t.dtype)
+    out = buf[shift:].view(m, n + pad)[:, :n]
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [7, 64, 1000, 1024, 8200])
+def test_norm_layouts_bit_identical(dtype, n):
+    """Row strides that keep 16-byte vectors (pad 8), that break them (pad 3), a base off alignment: the vector and
+    element paths give the same bits, and NaN past each row's end never leaks in."""
+    m, rms = 19, n % 2 == 0
+    g = torch.Generator().manual_seed(n)
+    x, r, dy, dres = (torch.randn(m, n, generator=g).to(dtype) for _ in range(4))
+    w = 1 + 0.5 * torch.randn(n, generator=g)
+    b = None if rms else 0.5 * torch.randn(n, generator=g)
+    y0, s0, mean0, rstd0 = _ln_fwd(x, r, w, b, rms)
+    dx0, dw0, db0 = _ln_bwd(dy, s0, w, mean0, rstd0, dres, rms, b is not None)
+    for pad, shift in ((8, 0), (3, 0), (8, 1)):
+        xv, rv, dyv, dresv = (_nan_padded(t, pad, shift) for t in (x, r, dy, dres))
+        y, s, mean, rstd = _ln_fwd(xv, rv, w, b, rms)
+        assert torch.equal(y, y0) and torch.equal(s, s0) and torch.equal(rstd, rstd0), (pad, shift)
+        dx, dw, db = _ln_bwd(dyv, _nan_padded(s0, pad, shift), w, mean0, rstd0, dresv, rms, b is not None)
+        assert torch.equal(dx, dx0) and torch.equal(dw, dw0) and torch.equal(db, db0), (pad, shift)
+
+
+def test_norm_weight_grads_deterministic_across_orders(order, monkeypatch):
+    """Many dweight/dbias chunks, then the fixed-order reduce: the oracle's result, bitwise equal in every schedule
+    and with outputs / workspace NaN-filled first (PYATTN_DEBUG_NAN_FILL=1: every element written before read)."""
+    m, n = 700, 64
+    g = torch.Generator().manual_seed(7)
+    x, dy = (torch.randn(m, n, generator=g).to(torch.bfloat16) for _ in range(2))
+    w, b = 1 + 0.5 * torch.randn(n, generator=g), 0.5 * torch.randn(n, generator=g)
+    _, _, mean, rstd = _ln_fwd(x, None, w, b, False, False)
+    got = _ln_bwd(dy, x, w, mean, rstd, None)
+    _, (dx64, dw64, db64) = _norm_oracle(x, w, b, 1e-5, False, dy, torch.zeros_like(dy))
+    assert_tol(got[0], dx64, "layer_norm", torch.bfloat16, "bwd")
+    assert_tol(got[1], dw64, "layer_norm", torch.float32, "bwd")
+    assert_tol(got[2], db64, "layer_norm", torch.float32, "bwd")
+    monkeypatch.setenv("PYATTN_EMU_ORDER", "forward")
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "late")
+    monkeypatch.setenv("PYATTN_DEBUG_NAN_FILL", "1")
+    again = _ln_bwd(dy, x, w, mean, rstd, None)
+    assert all(torch.equal(a, c) for a, c in zip(got, again))
+
+
+def test_norm_offset_constant_and_nan_rows():
+    n = 1000
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, n, generator=g) * 0.1 + 1000.0
+    x[1] = 3.0
+    x[2, n // 2] = float("nan")
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    y = _ln_fwd(x, None, w, b, False, False)[0]
+    ref = F.layer_norm(x.double(), (n,), w.double(), b.double())
+    keep = [0, 3, 4]
+    torch.testing.assert_close(y[keep].double(), ref[keep], atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(y[1], b)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+
+
+def test_norm_empty_rows_and_bad_input():
+    x = torch.empty(0, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    y, s, mean, rstd = _ln_fwd(x, x, w, b)
+    assert y.shape == (0, 16) and mean.shape == (0,)
+    dx, dw, db = _ln_bwd(x, x, w, mean, rstd, None)
+    assert dx.shape == (0, 16) and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+    with pytest.raises(RuntimeError, match="weight"):
+        _ln_fwd(torch.randn(4, 16), None, torch.randn(15), None)
+
+
+# ---- GRU ----------------------------------------------------------------------------------------------------------
+
+def _gru_params(isz, hsz, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = hsz ** -0.5
+    return tuple(((torch.rand(*s, generator=g) * 2 - 1) * k).to(dtype)
+                 for s in ((3 * hsz, isz), (3 * hsz, hsz), (3 * hsz,), (3 * hsz,)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("seq,bsz,isz,hsz", [(1, 1, 3, 5), (3, 3, 33, 70), (5, 4, 16, 129), (2, 2, 8, 1024)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gru_layer_vs_oracle(dtype, seq, bsz, isz, hsz, reverse):
+    """gru_seq_fwd / gru_seq_bwd (fused gate kernels, the GEMMs in the binding) against the torch backend in float64
+    on the same rounded values."""
+    from pyattn.dispatch import get_backend
+
+    g = torch.Generator().manual_seed(seq * 131 + hsz)
+    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
+    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
+    dout = torch.randn(seq, bsz, hsz, generator=g).to(dtype)
+    dh_last = torch.randn(bsz, hsz, generator=g).to(dtype)
+    w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=seq)
+    ops = torch.ops.pyattn_emu
+    out, h_last, ws = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+    grads = ops.gru_seq_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, True, True, reverse, True)
+    ref = get_backend("torch")
+    args64 = [t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    r_out, r_h, r_ws = ref.gru_layer_fwd(*args64, reverse, True)
+    r_grads = ref.gru_layer_bwd(dout.double(), dh_last.double(), *args64[:4], r_out, r_ws, True, True, reverse, True)
+    assert_tol(out, r_out, "gru", dtype)
+    assert_tol(h_last, r_h, "gru", dtype)
+    assert_tol(ws, r_ws, "gru", torch.float32 if dtype == torch.float32 else dtype)
+    for name, got, want in zip(("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), grads, r_grads):
+        assert got.shape == want.shape, name
+        assert_tol(got, want, "gru", dtype, kind="bwd", msg=lambda msg: f"{name}: {msg}")
+
+
+def test_gru_cell_step_and_nan_fill(order, monkeypatch):
+    """gru_step_fwd / gru_step_bwd against the torch backend; NaN-filled outputs and scratch give the same bits."""
+    from pyattn.dispatch import get_backend
+
+    g = torch.Generator().manual_seed(3)
+    x, h = torch.randn(6, 11, generator=g).half(), (torch.rand(6, 70, generator=g) * 2 - 1).half()
+    w_ih, w_hh, b_ih, b_hh = _gru_params(11, 70, torch.float16)
+    ops = torch.ops.pyattn_emu
+    h1, ws = ops.gru_step_fwd(x, h, w_ih, w_hh, b_ih, b_hh, True)
+    dh = torch.randn(6, 70, generator=g).half()
+    grads = ops.gru_step_bwd(dh, x, h, w_ih, w_hh, ws, True, True, True)
+    ref = get_backend("torch")
+    args64 = [t.double() for t in (x, h, w_ih, w_hh, b_ih, b_hh)]
+    r_h1, r_ws = ref.gru_cell_fwd(*args64, True)
+    assert_tol(h1, r_h1, "gru", torch.float16)
+    r_grads = ref.gru_cell_bwd(dh.double(), *args64[:4], r_ws, True, True, True)
+    for got, want in zip(grads, r_grads):
+        assert_tol(got, want, "gru", torch.float16, kind="bwd")
+    monkeypatch.setenv("PYATTN_DEBUG_NAN_FILL", "1")
+    again = ops.gru_step_fwd(x, h, w_ih, w_hh, b_ih, b_hh, True)
+    assert torch.equal(again[0], h1) and torch.equal(again[1], ws)
+    assert all(torch.equal(a, b) for a, b in zip(ops.gru_step_bwd(dh, x, h, w_ih, w_hh, ws, True, True, True), grads))
