@@ -170,9 +170,12 @@ print(f"build_cuda_ext: build info: torch {info['torch']}, cuda {info['cuda']}, 
 
 
 def impl_ops(pattern, key):
-    """{op: file} for every m.impl("op", ...) inside TORCH_LIBRARY_IMPL(pyattn, <key>, m) { ... } blocks."""
+    """{op: file} for every m.impl("op", ...) inside TORCH_LIBRARY_IMPL(pyattn, <key>, m) { ... } blocks (CUDA:
+    PYATTN_CUDA_IMPL(m) { ... }, which is that block outside the emulator build; csrc/bindings/cuda_device.h)."""
     ops = {}
-    block = re.compile(r"TORCH_LIBRARY_IMPL\(\s*pyattn\s*,\s*" + key + r"\s*,\s*(\w+)\s*\)\s*\{(.*?)\n\}", re.S)
+    head = r"PYATTN_CUDA_IMPL\(\s*(\w+)\s*\)" if key == "CUDA" else \
+        r"TORCH_LIBRARY_IMPL\(\s*pyattn\s*,\s*" + key + r"\s*,\s*(\w+)\s*\)"
+    block = re.compile(head + r"\s*\{(.*?)\n\}", re.S)
     for path in sorted(glob.glob(os.path.join(src, pattern))):
         text = open(path).read()
         for m in block.finditer(text):
@@ -185,7 +188,7 @@ failures = []
 for pattern, key in (("csrc/bindings/cuda/*.cpp", "CUDA"), ("csrc/bindings/*.cpp", "CPU")):
     ops = impl_ops(pattern, key)
     if not ops:
-        failures.append(f"no TORCH_LIBRARY_IMPL(pyattn, {key}, m) with m.impl(...) found in {pattern}")
+        failures.append(f"no {key} registration block with m.impl(...) found in {pattern}")
     for op, path in sorted(ops.items()):
         ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"pyattn::{op}", key)
         print(f"build_cuda_ext: pyattn::{op:<20} {key:<4} {'registered' if ok else 'MISSING'}  ({path})")
