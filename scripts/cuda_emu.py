@@ -10,6 +10,7 @@ has PYATTN_CUDA_EMU branches in csrc/cuda/attention_utils.cuh and attention.cu.
 
     python scripts/cuda_emu.py            # build (incremental) and print the library's path
     python scripts/cuda_emu.py --print    # show the rewritten sources' launch lines
+    python scripts/cuda_emu.py --memcheck # AddressSanitizer build, every op on small shapes (like memcheck)
 """
 from __future__ import annotations
 
@@ -102,26 +103,115 @@ def sources() -> list[str]:
     return out
 
 
-def build(verbose: bool = False) -> str:
-    """Build (incrementally) and load the emulator library; returns its path. torch.ops.pyattn_emu is then defined."""
+def build(verbose: bool = False, asan: bool = False) -> str:
+    """Build (incrementally) and load the emulator library; returns its path. torch.ops.pyattn_emu is then defined.
+    `asan`: the AddressSanitizer variant (its own build directory), loadable only with libasan preloaded."""
     import torch
     from torch.utils.cpp_extension import load
 
-    os.makedirs(BUILD, exist_ok=True)
-    flags = ["-DPYATTN_CUDA_EMU", "-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
-    load(name=NAME, sources=sources(), build_directory=BUILD, is_python_module=False, verbose=verbose,
-         extra_include_paths=[os.path.join(ROOT, "csrc", "emu", "include"), os.path.join(ROOT, "csrc", "include"),
-                              os.path.join(ROOT, "csrc", "cuda")],
-         extra_cflags=flags)
+    name, build_dir = (NAME + "_asan", BUILD + "_asan") if asan else (NAME, BUILD)
+    os.makedirs(build_dir, exist_ok=True)
+    flags = ["-DPYATTN_CUDA_EMU", "-O1" if asan else "-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+    if asan:
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    load(name=name, sources=sources(), build_directory=build_dir, is_python_module=False, verbose=verbose,
+         extra_include_paths=[os.path.join(ROOT, "csrc", p) for p in ("emu/include", "include", "cuda")],
+         extra_cflags=flags, extra_ldflags=["-fsanitize=address"] if asan else None)
     assert hasattr(torch.ops, "pyattn_emu")
-    return os.path.join(BUILD, NAME + ".so")
+    return os.path.join(build_dir, name + ".so")
+
+
+def libasan() -> str | None:
+    """Path of the C++ compiler's libasan.so, or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def _memcheck_workload() -> None:
+    """Every CUDA op on small shapes with tight allocations (contiguous tensors, broadcast masks, unaligned and
+    NaN-padded views): run under AddressSanitizer, an access past any tensor, workspace or shared-memory buffer is
+    reported and fails the run (the emulator's counterpart of compute-sanitizer memcheck)."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from pyattn.testing import make_qkv
+
+    os.environ.pop("LD_PRELOAD", None)  # preloaded into this process already; not into the compiler
+    build(asan=True)
+    ops = torch.ops.pyattn_emu
+    n = 0
+    for layout in ("contiguous", "blhd", "nan_padded", "strided"):
+        for d, dv, causal, br, lq, lk in ((64, 64, True, False, 37, 45), (59, 59, False, False, 37, 45),
+                                          (128, 96, True, True, 70, 33), (256, 256, True, False, 19, 40),
+                                          (24, 40, False, False, 1, 80)):
+            n += 1  # dtype and mask (none + dropout, broadcast bool, additive) rotate over the cases
+            dtype = (torch.float16, torch.bfloat16)[n % 2]
+            q, k, v = make_qkv(2, 2, lq, lk, d, dv=dv, hkv=1, dtype=dtype, layout=layout, seed=d)
+            mask = (None, torch.rand(1, 1, 1, lk) > 0.3, torch.randn(2, 1, lq, lk).to(dtype))[n % 3]
+            args = (mask, 0.1 if mask is None else 0.0, causal, br, 1 / math.sqrt(d), 5, 7)
+            out, lse = ops.attn_fwd(q, k, v, *args)
+            ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, *args)
+    for m, n in ((3, 7), (9, 1000), (2, 1024), (2, 8200), (700, 64), (4, 257)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for shift in (0, 1):
+                buf = torch.randn(shift + m * n, dtype=dtype)
+                x = buf[shift:].view(m, n)
+                w, b = torch.randn(n + shift)[shift:], torch.randn(n)
+                for rms in (False, True):
+                    y, s, mean, rstd = ops.layer_norm_fwd(x, x, w, None if rms else b, 1e-5, rms, True)
+                    ops.layer_norm_bwd(x, s, w, mean, rstd, x, rms, not rms, True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for t, bsz, i, h in ((3, 2, 5, 7), (2, 3, 16, 129), (1, 1, 3, 1024)):
+            x, h0 = torch.randn(t, bsz, i, dtype=dtype), torch.randn(bsz, h, dtype=dtype)
+            w = [torch.randn(3 * h, i), torch.randn(3 * h, h), torch.randn(3 * h), torch.randn(3 * h)]
+            w = [p.to(dtype) for p in w]
+            out, hl, ws = ops.gru_seq_fwd(x, h0, *w, True, True)
+            ops.gru_seq_bwd(out, hl, x, h0, w[0], w[1], out, ws, True, True, True, True)
+            h1, ws1 = ops.gru_step_fwd(x[0], h0, *w, True)
+            ops.gru_step_bwd(h1, x[0], h0, w[0], w[1], ws1, True, True, True)
+
+
+def memcheck() -> int:
+    """Build the AddressSanitizer variant and run the memcheck workload, both in a child process with libasan
+    preloaded; returns the child's exit status (non-zero on any report)."""
+    import subprocess
+
+    asan = libasan()
+    if asan is None:
+        print("cuda_emu: memcheck needs the C++ compiler's libasan.so, which was not found", file=sys.stderr)
+        return 2
+    env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=23")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memcheck-child"], env=env,
+                       capture_output=True, text=True)
+    report = "\n".join(l for l in r.stderr.splitlines() if "makecontext/swapcontext" not in l)
+    if r.returncode != 0 or "AddressSanitizer" in report:
+        print(r.stdout + report, file=sys.stderr)
+        return r.returncode or 1
+    print("cuda_emu: memcheck clean (AddressSanitizer, every CUDA op on small shapes)")
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--print", action="store_true", help="print the rewritten launch lines and exit")
+    ap.add_argument("--memcheck", action="store_true",
+                    help="build with AddressSanitizer and run every op on small shapes; non-zero on any report")
+    ap.add_argument("--memcheck-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
+    if args.memcheck_child:
+        _memcheck_workload()
+        return 0
+    if args.memcheck:
+        return memcheck()
     if args.print:
         for path in sources():
             with open(path) as f:

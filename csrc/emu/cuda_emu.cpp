@@ -385,13 +385,17 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, con
                                              " bytes of dynamic shared memory; the kernel's limit is " +
                                              std::to_string(limit) + " (cudaFuncAttributeMaxDynamicSharedMemorySize)");
   while (g_stacks.size() < nthreads) g_stacks.emplace_back(new char[kStackBytes]);
-  std::unique_ptr<unsigned char[]> smem_buf(new unsigned char[smem + 128]);
+  // exactly `smem` bytes, 128-byte aligned: under AddressSanitizer (scripts/cuda_emu.py --memcheck) the first byte
+  // past the end is a redzone
+  void* smem_raw = nullptr;
+  if (posix_memalign(&smem_raw, 128, smem > 0 ? smem : 1) != 0) return refuse(cudaErrorLaunchFailure, "out of memory");
+  std::unique_ptr<void, void (*)(void*)> smem_buf(smem_raw, std::free);
   Block b;
   b.threads.resize(nthreads);
   b.warps.resize((nthreads + 31) / 32);
   b.dim = block;
   b.grid = grid;
-  b.smem = smem_buf.get() + (128 - reinterpret_cast<uintptr_t>(smem_buf.get()) % 128) % 128;
+  b.smem = static_cast<unsigned char*>(smem_raw);
   b.smem_size = smem;
   b.body = &body;
   const int mode = order_mode();
