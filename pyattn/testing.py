@@ -309,3 +309,48 @@ def attention_low(
             return out.detach()
         grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dt))
     return out.detach(), grads
+
+
+def attention_dropout_ref(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, p: float, scale: float, causal: bool,
+                          bottom_right: bool, dout: Tensor, dtype: torch.dtype):
+    """out = (softmax(q k^T scale) * keep / (1 - p)) v and its grads (dq, dk, dv) through autograd, in ``dtype`` on
+    q's device, for a given keep-mask (B, Hq, Lq, Lk) bool; GQA by repeating k / v; rows that see no key give 0."""
+    from pyattn.backends.torch import causal_keep
+
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        g = q.shape[1] // k.shape[1]
+        kr, vr = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+        s = torch.matmul(qq, kr.transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(~causal_keep(q.shape[2], k.shape[2], bottom_right, q.device), -math.inf)
+        dead = (s == -math.inf).all(-1, keepdim=True)
+        prob = torch.softmax(s.float().masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0).to(dtype)
+        out = torch.matmul(prob * keep.to(q.device, dtype) / (1 - p), vr)
+        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
+    return out.detach(), grads
+
+
+def norm_ref(s: Tensor, w: Tensor, b: Optional[Tensor], eps: float, rms: bool, dy: Tensor, ds: Tensor):
+    """float64 LayerNorm (or RMSNorm) of s (M, N) and its grads: (y, (ds_total, dweight[, dbias])), where ds_total
+    adds ``ds`` (the gradient of a returned residual sum s = x + r) to the norm's own input gradient."""
+    import torch.nn.functional as F
+
+    s64 = s.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    n = s.shape[-1]
+    with torch.enable_grad():
+        y64 = F.rms_norm(s64, (n,), w64, eps) if rms else F.layer_norm(s64, (n,), w64, b64, eps)
+        grads = torch.autograd.grad(y64, [s64, w64] + ([b64] if b64 is not None else []), dy.double())
+    return y64.detach(), (grads[0] + ds.double(), *grads[1:])
+
+
+def nan_padded_rows(t: Tensor, pad: int, shift: int) -> Tensor:
+    """A copy of the (M, N) tensor t whose rows have stride N + pad and whose first element sits ``shift`` elements
+    past an allocation's start; NaN everywhere else in the allocation."""
+    m, n = t.shape
+    buf = torch.full((shift + m * (n + pad),), float("nan"), device=t.device, dtype=t.dtype)
+    out = buf[shift:].view(m, n + pad)[:, :n]
+    out.copy_(t)
+    return out

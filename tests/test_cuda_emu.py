@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from pyattn.backends import cpp
 from pyattn.backends.torch import causal_keep
-from pyattn.testing import assert_attention_close, assert_tol, attention_low, attention_ref, make_qkv
+from pyattn.testing import (assert_attention_close, assert_tol, attention_dropout_ref, attention_low, attention_ref,
+                            make_qkv, nan_padded_rows, norm_ref)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import cuda_emu  # noqa: E402
@@ -200,19 +201,6 @@ def test_attention_dropout_keep_mask_equals_cpu(causal, bottom_right):
     torch.testing.assert_close(out.float(), ((keep & visible) / ((1 - p) * n)).float(), atol=0, rtol=2e-3)
 
 
-def _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype):
-    """out = (softmax(q k^T scale) * keep / (1 - p)) v and its grads through autograd, in `dtype`."""
-    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    g = q.shape[1] // k.shape[1]
-    kr, vr = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
-    s = torch.matmul(qq, kr.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~causal_keep(q.shape[2], k.shape[2], bottom_right, "cpu"), -math.inf)
-    dead = (s == -math.inf).all(-1, keepdim=True)
-    prob = torch.softmax(s.float().masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0).to(dtype)
-    out = torch.matmul(prob * keep.to(dtype) / (1 - p), vr)
-    return out.detach(), torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
-
 
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right", [(49, 30, 64, False, False), (60, 25, 128, True, True),
                                                          (25, 60, 96, True, False)])
@@ -224,8 +212,8 @@ def test_attention_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal, bott
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(14)).half()
     grads = _bwd(dout, q, k, v, out, lse, None, p, causal, bottom_right, scale, seed, offset)
     keep = cpp.dropout_keep_mask(seed, offset, (b, hq, lq, lk), p)
-    ref, ref_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float64)
-    low, low_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float16)
+    ref, ref_grads = attention_dropout_ref(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float64)
+    low, low_grads = attention_dropout_ref(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float16)
     assert_attention_close(out, ref, low, 2)
     for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
@@ -255,15 +243,6 @@ def _ln_bwd(dy, s, w, mean, rstd, dres, rms=False, has_bias=True, need_dweight=T
     return torch.ops.pyattn_emu.layer_norm_bwd(dy, s, w, mean, rstd, dres, rms, has_bias, need_dweight)
 
 
-def _norm_oracle(s, w, b, eps, rms, dy, ds):
-    s64 = s.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    b64 = None if b is None else b.detach().double().requires_grad_()
-    n = s.shape[-1]
-    y64 = F.rms_norm(s64, (n,), w64, eps) if rms else F.layer_norm(s64, (n,), w64, b64, eps)
-    grads = torch.autograd.grad(y64, [s64, w64] + ([b64] if b64 is not None else []), dy.double())
-    return y64, (grads[0] + ds.double(), *grads[1:])
-
 
 NORM_SHAPES = [(1, 1), (3, 7), (5, 64), (33, 65), (2, 127), (17, 256), (4, 257), (9, 1000), (3, 1023), (4, 1500),
                (3, 2048), (2, 4096), (2, 8192), (2, 8193), (2, 12000)]
@@ -282,7 +261,7 @@ def test_norm_vs_oracle(rms, dtype, param_dtype):
         y, s, mean, rstd = _ln_fwd(x, r, w, b, rms)
         assert y.dtype == dtype and torch.equal(s, x + r), (m, n)
         dx, dw, db = _ln_bwd(dy, s, w, mean, rstd, ds, rms, b is not None)
-        y64, (dx64, *dp64) = _norm_oracle(s, w, b, 1e-5, rms, dy, ds)
+        y64, (dx64, *dp64) = norm_ref(s, w, b, 1e-5, rms, dy, ds)
         what = f"{'rms' if rms else 'ln'} {dtype} params {pdt} shape {(m, n)}"
         assert_tol(y, y64, "layer_norm", dtype, msg=lambda msg: f"{what} y: {msg}")
         assert_tol(dx, dx64, "layer_norm", dtype, "bwd", msg=lambda msg: f"{what} dx: {msg}")
@@ -290,13 +269,6 @@ def test_norm_vs_oracle(rms, dtype, param_dtype):
             assert got.dtype == pdt
             assert_tol(got, want, "layer_norm", pdt, "bwd", msg=lambda msg: f"{what} {name}: {msg}")
 
-
-def _nan_padded(t, pad, shift):
-    m, n = t.shape
-    buf = torch.full((shift + m * (n + pad),), float("nan"), dtype=t.dtype)
-    out = buf[shift:].view(m, n + pad)[:, :n]
-    out.copy_(t)
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -312,10 +284,10 @@ def test_norm_layouts_bit_identical(dtype, n):
     y0, s0, mean0, rstd0 = _ln_fwd(x, r, w, b, rms)
     dx0, dw0, db0 = _ln_bwd(dy, s0, w, mean0, rstd0, dres, rms, b is not None)
     for pad, shift in ((8, 0), (3, 0), (8, 1)):
-        xv, rv, dyv, dresv = (_nan_padded(t, pad, shift) for t in (x, r, dy, dres))
+        xv, rv, dyv, dresv = (nan_padded_rows(t, pad, shift) for t in (x, r, dy, dres))
         y, s, mean, rstd = _ln_fwd(xv, rv, w, b, rms)
         assert torch.equal(y, y0) and torch.equal(s, s0) and torch.equal(rstd, rstd0), (pad, shift)
-        dx, dw, db = _ln_bwd(dyv, _nan_padded(s0, pad, shift), w, mean0, rstd0, dresv, rms, b is not None)
+        dx, dw, db = _ln_bwd(dyv, nan_padded_rows(s0, pad, shift), w, mean0, rstd0, dresv, rms, b is not None)
         assert torch.equal(dx, dx0) and torch.equal(dw, dw0) and torch.equal(db, db0), (pad, shift)
 
 
@@ -328,7 +300,7 @@ def test_norm_weight_grads_deterministic_across_orders(order, monkeypatch):
     w, b = 1 + 0.5 * torch.randn(n, generator=g), 0.5 * torch.randn(n, generator=g)
     _, _, mean, rstd = _ln_fwd(x, None, w, b, False, False)
     got = _ln_bwd(dy, x, w, mean, rstd, None)
-    _, (dx64, dw64, db64) = _norm_oracle(x, w, b, 1e-5, False, dy, torch.zeros_like(dy))
+    _, (dx64, dw64, db64) = norm_ref(x, w, b, 1e-5, False, dy, torch.zeros_like(dy))
     assert_tol(got[0], dx64, "layer_norm", torch.bfloat16, "bwd")
     assert_tol(got[1], dw64, "layer_norm", torch.float32, "bwd")
     assert_tol(got[2], db64, "layer_norm", torch.float32, "bwd")

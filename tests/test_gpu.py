@@ -58,7 +58,8 @@ import math  # noqa: E402
 
 from pyattn.backends.torch import causal_keep  # noqa: E402
 from pyattn.ops.attention import _attention_fwd  # noqa: E402
-from pyattn.testing import attention_low, key_padding_mask, make_qkv  # noqa: E402
+from pyattn.testing import attention_dropout_ref, attention_low, key_padding_mask, make_qkv  # noqa: E402
+from pyattn.testing import nan_padded_rows, norm_ref  # noqa: E402
 
 
 def _cuda_attention_missing():
@@ -186,21 +187,6 @@ def test_attention_cuda_dropout_keep_mask_equals_cpu(causal, bottom_right):
     assert 0.65 < keep.float().mean().item() < 0.75
 
 
-def _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype):
-    """out = (softmax(q k^T scale) * keep / (1 - p)) v and its grads through autograd, in `dtype` on q's device."""
-    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    with torch.enable_grad():
-        g = q.shape[1] // k.shape[1]
-        kr, vr = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
-        s = torch.matmul(qq, kr.transpose(-1, -2)) * scale
-        if causal:
-            s = s.masked_fill(~causal_keep(q.shape[2], k.shape[2], bottom_right, q.device), -math.inf)
-        dead = (s == -math.inf).all(-1, keepdim=True)
-        prob = torch.softmax(s.float().masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0).to(dtype)
-        out = torch.matmul(prob * keep.to(q.device, dtype) / (1 - p), vr)
-        grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(dtype))
-    return out.detach(), grads
-
 
 @_needs_cuda_attention
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right", [(129, 70, 64, False, False), (200, 65, 128, True, True),
@@ -219,8 +205,8 @@ def test_attention_cuda_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal,
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(14)).to(DEV, dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     keep = cuda_backend.dropout_keep_mask(seed, offset, (b, hq, lq, lk), p, DEV)
-    ref, ref_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float64)
-    low, low_grads = _dropout_math(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype)
+    ref, ref_grads = attention_dropout_ref(q, k, v, keep, p, scale, causal, bottom_right, dout, torch.float64)
+    low, low_grads = attention_dropout_ref(q, k, v, keep, p, scale, causal, bottom_right, dout, dtype)
     assert_attention_close(out, ref, low, 2)
     for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
@@ -305,17 +291,6 @@ def _prefixed(prefix):
     return lambda msg: f"{prefix}: {msg}"
 
 
-def _norm_oracle(s, w, b, eps, rms, dy, ds):
-    """float64 forward and (dx, dw, db) of norm(s) from the kernel's own rounded s; dx includes ds (the gradient of
-    the returned residual sum)."""
-    s64 = s.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    b64 = None if b is None else b.detach().double().requires_grad_()
-    n = s.shape[-1]
-    y64 = F.rms_norm(s64, (n,), w64, eps) if rms else F.layer_norm(s64, (n,), w64, b64, eps)
-    grads = torch.autograd.grad(y64, [s64, w64] + ([b64] if b64 is not None else []), dy.double())
-    return y64, (grads[0] + ds.double(), *grads[1:])
-
 
 @pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
@@ -339,7 +314,7 @@ def test_norm_shapes_residual_and_grads(backend, rms, dtype, param_dtype):
         ds = torch.randn(m, n, generator=g).to(DEV, dtype)
         leaves = [x, r, w] + ([b] if b is not None else [])
         grads = torch.autograd.grad((y, s), leaves, (dy, ds))
-        y64, (dx64, *dp64) = _norm_oracle(s, w, b, 1e-5, rms, dy, ds)
+        y64, (dx64, *dp64) = norm_ref(s, w, b, 1e-5, rms, dy, ds)
         what = f"{backend} {'rms' if rms else 'ln'} {dtype} params {pdt} shape {(m, n)}"
         assert_tol(y, y64, "layer_norm", dtype, msg=_prefixed(f"{what} y"))
         assert_tol(grads[0], dx64, "layer_norm", dtype, "bwd", msg=_prefixed(f"{what} dx"))
@@ -394,15 +369,6 @@ def _ln_bwd(dy, s, w, mean, rstd, dres, rms=False, has_bias=True, need_dweight=T
     return torch.ops.pyattn.layer_norm_bwd(dy, s, w, mean, rstd, dres, rms, has_bias, need_dweight)
 
 
-def _nan_padded(t, pad, shift):
-    """A copy of the (M, N) tensor t whose rows have stride N + pad and whose first element sits `shift` elements
-    past an allocation's start; NaN everywhere else in the allocation."""
-    m, n = t.shape
-    buf = torch.full((shift + m * (n + pad),), float("nan"), device=t.device, dtype=t.dtype)
-    out = buf[shift:].view(m, n + pad)[:, :n]
-    out.copy_(t)
-    return out
-
 
 @_needs_cuda_norm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -422,12 +388,12 @@ def test_norm_cuda_layouts_bit_identical(dtype, n, rms):
     w_un = torch.full((n + 1,), float("nan"), device=DEV)[1:].copy_(w)  # contiguous, 4 bytes off alignment
     b_un = None if b is None else torch.full((n + 1,), float("nan"), device=DEV)[1:].copy_(b)
     for pad, shift in ((8, 0), (3, 0), (8, 1), (0, 1)):
-        xv, rv, dyv, dresv = (_nan_padded(t, pad, shift) for t in (x, r, dy, dres))
+        xv, rv, dyv, dresv = (nan_padded_rows(t, pad, shift) for t in (x, r, dy, dres))
         for wv, bv in ((w, b), (w_un, b_un)):
             y, s, mean, rstd = _ln_fwd(xv, rv, wv, bv, rms)
             assert torch.equal(y, y0) and torch.equal(s, s0) and torch.equal(rstd, rstd0), (pad, shift)
             assert torch.equal(mean, mean0)
-            dx, dw, db = _ln_bwd(dyv, _nan_padded(s0, pad, shift), wv, mean0, rstd0, dresv, rms, b is not None)
+            dx, dw, db = _ln_bwd(dyv, nan_padded_rows(s0, pad, shift), wv, mean0, rstd0, dresv, rms, b is not None)
             assert torch.equal(dx, dx0) and torch.equal(dw, dw0) and torch.equal(db, db0), (pad, shift)
     # An expanded gradient (row stride 0) and one with a strided last dim (copied by the binding).
     dy_row = dy[:1]
@@ -466,7 +432,7 @@ def test_norm_cuda_weight_grads_deterministic_and_right(m, n, dtype):
             again = _ln_bwd(dy, x, w, mean, rstd, None, rms, not rms)
             assert all(torch.equal(a, c) for a, c in zip(first, again))
         if m * n <= 2_000_000:  # the float64 oracle for sizes where it is cheap
-            _, (dx64, *dp64) = _norm_oracle(x, w, bias, 1e-5, rms, dy, torch.zeros_like(dy))
+            _, (dx64, *dp64) = norm_ref(x, w, bias, 1e-5, rms, dy, torch.zeros_like(dy))
             assert_tol(first[0], dx64, "layer_norm", dtype, "bwd")
             for got, want in zip(first[1:], dp64):
                 assert_tol(got, want, "layer_norm", torch.float32, "bwd")
