@@ -3,10 +3,11 @@ plain C++ against a CPU build of torch, with the CUDA runtime, shared memory, wa
 cp.async emulated (csrc/emu/cuda_emu.h). The result registers torch.ops.pyattn_emu.* (the schemas of
 torch.ops.pyattn) for CPU tensors, so the CUDA kernels are tested without a GPU (tests/test_cuda_emu.py).
 
-The sources are not edited by hand for this: each .cu is copied to build/cuda_emu/src/<name>_cu.cpp with two mechanical
-rewrites, `kernel<<<grid, block, smem, stream>>>(args)` -> `::pyattn_emu::launch(kernel, grid, block, smem,
-stream)(args)` and `extern __shared__ ... T name[];` -> `T* name = ::pyattn_emu::dynamic_smem();`; the inline PTX
-has PYATTN_CUDA_EMU branches in csrc/cuda/attention_utils.cuh and attention.cu.
+The sources are not edited by hand for this: each .cu is copied to build/cuda_emu/src/<name>_cu.cpp with three
+mechanical rewrites, `kernel<<<grid, block, smem, stream>>>(args)` -> `::pyattn_emu::launch(kernel, grid, block, smem,
+stream)(args)`, `extern __shared__ ... T name[];` -> `T* name = ::pyattn_emu::dynamic_smem();`, and a
+`check_launch_bounds(E)` call first in the body of each `__launch_bounds__(E)` kernel; the inline PTX has
+PYATTN_CUDA_EMU branches in csrc/cuda/attention_utils.cuh and attention.cu.
 
     python scripts/cuda_emu.py            # build (incremental) and print the library's path
     python scripts/cuda_emu.py --print    # show the rewritten sources' launch lines
@@ -68,10 +69,30 @@ def transform(src: str) -> str:
         out.append("::pyattn_emu::launch(%s, %s)%s(" % (kernel, config, src[e + 3:j]))
         pos = j + 1
     out.append(src[pos:])
-    res = "".join(out)
+    res = _add_launch_bounds_checks("".join(out))
     return _EXTERN_SMEM.sub(
         lambda m: "%s* const %s = reinterpret_cast<%s*>(::pyattn_emu::dynamic_smem());"
         % (m.group(1), m.group(2), m.group(1)), res)
+
+
+def _add_launch_bounds_checks(src: str) -> str:
+    """`__launch_bounds__(E) name(...) {` -> the same with `::pyattn_emu::check_launch_bounds(E, ...);` first in the
+    body (E may use the kernel's template parameters; inserted on the brace's line, so line numbers stay)."""
+    out, pos = [], 0
+    for m in re.finditer(r"__launch_bounds__\(", src):
+        i, depth = m.end(), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        expr = src[m.end():i - 1]
+        brace, semi = src.find("{", i), src.find(";", i)
+        if brace < 0 or (0 <= semi < brace):
+            continue  # a declaration
+        out.append(src[pos:brace + 1])
+        out.append(" ::pyattn_emu::check_launch_bounds(static_cast<long long>(%s), __FILE__, __LINE__);" % expr)
+        pos = brace + 1
+    out.append(src[pos:])
+    return "".join(out)
 
 
 def _write_if_changed(path: str, text: str) -> None:

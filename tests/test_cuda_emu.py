@@ -219,6 +219,24 @@ def test_attention_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal, bott
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
 
 
+@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (256, 256), (59, 59), (128, 96)])
+def test_attention_ldmatrix_is_bank_conflict_free(d, dv):
+    """Every ldmatrix phase of the forward and backward kernels (8 row addresses) hits 8 different 16-byte bank
+    groups: one shared-memory wavefront each (the kPad = 8 row padding of attention_utils.cuh; with kPad = 0 the
+    forward takes 8 wavefronts per phase)."""
+    ops = torch.ops.pyattn_emu
+    q, k, v = make_qkv(1, 2, 70, 90, d, dv=dv, dtype=torch.float16, seed=1)
+    for run in ("fwd", "bwd"):
+        ops.emu_reset_counters()
+        if run == "fwd":
+            out, lse = _fwd(q, k, v, causal=True)
+        else:
+            _bwd(torch.randn_like(out), q, k, v, out, lse, causal=True)
+        phases, wavefronts, launches, blocks = ops.emu_counters()
+        assert launches >= 1 and blocks >= 1 and phases > 0, run
+        assert wavefronts == phases, f"{run}: {wavefronts} wavefronts for {phases} ldmatrix phases"
+
+
 def test_attention_refusals_name_the_problem():
     q, k, v = make_qkv(1, 2, 16, 16, 64)
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):

@@ -64,6 +64,7 @@ thread_local Thread* g_thread = nullptr;
 thread_local cudaError_t g_last_error = cudaSuccess;
 thread_local std::string g_last_message;
 std::map<const void*, int> g_max_dyn_smem;
+long long g_counters[kNumCounters] = {};
 std::vector<std::unique_ptr<char[]>> g_stacks;
 
 std::string where(const Thread& t) {
@@ -223,6 +224,19 @@ void syncthreads(const char* file, int line) {
   yield(State::AtBarrier);
 }
 
+void check_launch_bounds(long long max_threads, const char* file, int line) {
+  const dim3 d = g_block->dim;
+  const long long n = static_cast<long long>(d.x) * d.y * d.z;
+  if (n > max_threads) {
+    const std::string m = "launch with " + std::to_string(n) + " threads per block exceeds the kernel's "
+                          "__launch_bounds__(" + std::to_string(max_threads) + ")";
+    fail(m.c_str(), file, line);
+  }
+}
+
+const long long* counters() { return g_counters; }
+void reset_counters() { std::fill(g_counters, g_counters + kNumCounters, 0LL); }
+
 void check_full_mask(unsigned mask, const char* what, const char* file, int line) {
   if (mask != 0xffffffffu) {
     const std::string m = std::string(what) + " with a partial mask: the emulator takes full warps only";
@@ -276,7 +290,22 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
                   [](const uint64_t (*i)[12], uint32_t (*o)[4], uint64_t) {
                     const bool tr = g_block->warps[g_thread->linear / 32].op == Op::LdsmTrans;
                     uint16_t m[4][8][8];
-                    for (int mat = 0; mat < 4; ++mat)
+                    for (int mat = 0; mat < 4; ++mat) {
+                      // one phase per matrix: its 8 rows take as many wavefronts as the most rows (distinct
+                      // addresses) that share a 16-byte bank group (address / 16 mod 8)
+                      uintptr_t seen[8][8];
+                      int count[8] = {};
+                      int wavefronts = 1;
+                      for (int row = 0; row < 8; ++row) {
+                        const uintptr_t a = static_cast<uintptr_t>(i[8 * mat + row][0]);
+                        const int g = static_cast<int>((a / 16) % 8);
+                        bool dup = false;
+                        for (int k = 0; k < count[g]; ++k) dup |= seen[g][k] == a;
+                        if (!dup) seen[g][count[g]++] = a;
+                        wavefronts = std::max(wavefronts, count[g]);
+                      }
+                      g_counters[kLdsmPhases] += 1;
+                      g_counters[kLdsmWavefronts] += wavefronts;
                       for (int row = 0; row < 8; ++row) {
                         const void* a = reinterpret_cast<const void*>(i[8 * mat + row][0]);
                         if (reinterpret_cast<uintptr_t>(a) % 16 != 0)
@@ -285,6 +314,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
                           fail("ldmatrix: row address outside the block's shared memory", __FILE__, __LINE__);
                         std::memcpy(m[mat][row], a, 16);
                       }
+                    }
                     for (int l = 0; l < 32; ++l) {
                       const int g = l / 4, t = l % 4;
                       for (int mat = 0; mat < 4; ++mat) {
@@ -403,6 +433,8 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, con
   g_cp_async_early = cp != nullptr && std::strcmp(cp, "early") == 0;
   const char* seed = std::getenv("PYATTN_EMU_SEED");
   std::mt19937 rng(seed != nullptr ? static_cast<unsigned>(std::atoi(seed)) : 1234u);
+  g_counters[kLaunches] += 1;
+  g_counters[kBlocks] += static_cast<long long>(grid.x) * grid.y * grid.z;
   Block* const outer = g_block;
   g_block = &b;
   bool ok = true;

@@ -114,6 +114,16 @@ enum class Op : int { Shfl, Ldsm, LdsmTrans, MmaF16, MmaBF16 };
 using Collective = void (*)(const uint64_t (*in)[12], uint32_t (*out)[4], uint64_t param);
 void warp_collective(Op op, uint64_t param, const uint64_t (&in)[12], uint32_t (&out)[4], Collective fn);
 
+// __launch_bounds__(max_threads): scripts/cuda_emu.py adds this check at the top of each kernel that declares it
+// (hardware refuses a launch with more threads than that).
+void check_launch_bounds(long long max_threads, const char* file, int line);
+
+// Counters since the last reset: [0] ldmatrix phases (8 row addresses each), [1] shared-memory wavefronts they take
+// (1 per phase when conflict-free: the 8 rows fall in 8 different 16-byte bank groups), [2] launches, [3] blocks.
+enum Counter { kLdsmPhases, kLdsmWavefronts, kLaunches, kBlocks, kNumCounters };
+const long long* counters();
+void reset_counters();
+
 // cp.async: 16 bytes, deferred to the wait_group that covers it.
 void cp_async16(void* smem, const void* gmem);
 void cp_async_commit();

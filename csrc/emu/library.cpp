@@ -2,6 +2,17 @@
 // CUDA bindings and kernels running in the CUDA emulator (built by scripts/cuda_emu.py, -DPYATTN_CUDA_EMU).
 #include <torch/library.h>
 
-#include "../bindings/schemas.h"
+#include <vector>
 
-TORCH_LIBRARY(pyattn_emu, m) { pyattn::define_schemas(m); }
+#include "../bindings/schemas.h"
+#include "cuda_emu.h"
+
+TORCH_LIBRARY(pyattn_emu, m) {
+  pyattn::define_schemas(m);
+  // The emulator's counters (cuda_emu.h: ldmatrix phases, their shared-memory wavefronts, launches, blocks).
+  m.def("emu_counters() -> int[]", [] {
+    const long long* c = pyattn_emu::counters();
+    return std::vector<int64_t>(c, c + pyattn_emu::kNumCounters);
+  });
+  m.def("emu_reset_counters() -> ()", [] { pyattn_emu::reset_counters(); });
+}
