@@ -232,9 +232,25 @@ def test_attention_ldmatrix_is_bank_conflict_free(d, dv):
             out, lse = _fwd(q, k, v, causal=True)
         else:
             _bwd(torch.randn_like(out), q, k, v, out, lse, causal=True)
-        phases, wavefronts, launches, blocks = ops.emu_counters()
+        phases, wavefronts, launches, blocks, _ = ops.emu_counters()
         assert launches >= 1 and blocks >= 1 and phases > 0, run
         assert wavefronts == phases, f"{run}: {wavefronts} wavefronts for {phases} ldmatrix phases"
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_attention_smem_table_of_the_backend_matches_the_kernels(d):
+    """pyattn/backends/cuda.py refuses head dims whose kernels need more shared memory than the device allows from
+    its _ATTN_SMEM table: that table must be what the launches really ask for (forward, largest backward kernel)."""
+    from pyattn.backends.cuda import _ATTN_SMEM
+
+    ops = torch.ops.pyattn_emu
+    q, k, v = make_qkv(1, 1, 20, 20, d, dtype=torch.bfloat16, seed=2)
+    ops.emu_reset_counters()
+    out, lse = _fwd(q, k, v)
+    fwd = ops.emu_counters()[4]
+    ops.emu_reset_counters()
+    _bwd(torch.randn_like(out), q, k, v, out, lse)
+    assert (fwd, ops.emu_counters()[4]) == _ATTN_SMEM[d]
 
 
 def test_attention_refusals_name_the_problem():

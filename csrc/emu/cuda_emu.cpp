@@ -435,6 +435,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, con
   std::mt19937 rng(seed != nullptr ? static_cast<unsigned>(std::atoi(seed)) : 1234u);
   g_counters[kLaunches] += 1;
   g_counters[kBlocks] += static_cast<long long>(grid.x) * grid.y * grid.z;
+  g_counters[kMaxDynamicSmem] = std::max(g_counters[kMaxDynamicSmem], static_cast<long long>(smem));
   Block* const outer = g_block;
   g_block = &b;
   bool ok = true;

@@ -119,8 +119,9 @@ void warp_collective(Op op, uint64_t param, const uint64_t (&in)[12], uint32_t (
 void check_launch_bounds(long long max_threads, const char* file, int line);
 
 // Counters since the last reset: [0] ldmatrix phases (8 row addresses each), [1] shared-memory wavefronts they take
-// (1 per phase when conflict-free: the 8 rows fall in 8 different 16-byte bank groups), [2] launches, [3] blocks.
-enum Counter { kLdsmPhases, kLdsmWavefronts, kLaunches, kBlocks, kNumCounters };
+// (1 per phase when conflict-free: the 8 rows fall in 8 different 16-byte bank groups), [2] launches, [3] blocks,
+// [4] the largest dynamic shared memory of a launch (bytes).
+enum Counter { kLdsmPhases, kLdsmWavefronts, kLaunches, kBlocks, kMaxDynamicSmem, kNumCounters };
 const long long* counters();
 void reset_counters();
 

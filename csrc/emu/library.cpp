@@ -9,7 +9,8 @@
 
 TORCH_LIBRARY(pyattn_emu, m) {
   pyattn::define_schemas(m);
-  // The emulator's counters (cuda_emu.h: ldmatrix phases, their shared-memory wavefronts, launches, blocks).
+  // The emulator's counters (cuda_emu.h: ldmatrix phases, their shared-memory wavefronts, launches, blocks, largest
+  // dynamic shared memory).
   m.def("emu_counters() -> int[]", [] {
     const long long* c = pyattn_emu::counters();
     return std::vector<int64_t>(c, c + pyattn_emu::kNumCounters);
