@@ -187,8 +187,6 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
 }
 }  // namespace
 
-Thread* current() { return g_thread; }
-Block* current_block() { return g_block; }
 uint3 thread_idx() { return g_thread->idx; }
 uint3 block_idx() { return g_block->idx; }
 dim3 block_dim() { return g_block->dim; }

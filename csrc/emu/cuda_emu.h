@@ -90,10 +90,6 @@ constexpr int warpSize = 32;
 namespace pyattn_emu {
 
 // ---- scheduler state (cuda_emu.cpp) ----------------------------------------------------------------------------------
-struct Thread;
-struct Block;
-Thread* current();
-Block* current_block();
 uint3 thread_idx();
 uint3 block_idx();
 dim3 block_dim();
@@ -125,7 +121,7 @@ enum Counter { kLdsmPhases, kLdsmWavefronts, kLaunches, kBlocks, kMaxDynamicSmem
 const long long* counters();
 void reset_counters();
 
-// cp.async: 16 bytes, deferred to the wait_group that covers it.
+// cp.async (16 bytes): lands at the wait_group that covers it, or at issue with PYATTN_EMU_CP_ASYNC=early.
 void cp_async16(void* smem, const void* gmem);
 void cp_async_commit();
 void cp_async_wait(int n);
@@ -209,7 +205,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans);
 void check_full_mask(unsigned mask, const char* what, const char* file, int line);
 void shfl_collective(int mode, int arg, const uint64_t (&in)[12], uint32_t (&out)[4]);
 template <class T>
-T shfl(unsigned mask, T v, int arg, int /*width*/, int mode, const char* file, int line) {
+T shfl(unsigned mask, T v, int arg, int mode, const char* file, int line) {
   static_assert((sizeof(T) == 4 || sizeof(T) == 8) && std::is_trivially_copyable<T>::value,
                 "emulated shuffles move 32- and 64-bit values");
   check_full_mask(mask, "shuffle", file, line);
@@ -230,12 +226,12 @@ T shfl(unsigned mask, T v, int arg, int /*width*/, int mode, const char* file, i
 #define blockDim (::pyattn_emu::block_dim())
 #define gridDim (::pyattn_emu::grid_dim())
 #define __syncthreads() ::pyattn_emu::syncthreads(__FILE__, __LINE__)
-#define __shfl_xor_sync(mask, v, m, ...) ::pyattn_emu::shfl(mask, v, m, 32, 0, __FILE__, __LINE__)
-#define __shfl_sync(mask, v, l, ...) ::pyattn_emu::shfl(mask, v, l, 32, 1, __FILE__, __LINE__)
-#define __shfl_down_sync(mask, v, d, ...) ::pyattn_emu::shfl(mask, v, d, 32, 2, __FILE__, __LINE__)
+// width 32 only (no width argument: a call that passes one does not compile here)
+#define __shfl_xor_sync(mask, v, m) ::pyattn_emu::shfl(mask, v, m, 0, __FILE__, __LINE__)
+#define __shfl_sync(mask, v, l) ::pyattn_emu::shfl(mask, v, l, 1, __FILE__, __LINE__)
+#define __shfl_down_sync(mask, v, d) ::pyattn_emu::shfl(mask, v, d, 2, __FILE__, __LINE__)
 
 inline cudaError_t cudaGetLastError() { return ::pyattn_emu::take_last_error(); }
-inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : ::pyattn_emu::last_error_message();
 }
