@@ -446,3 +446,38 @@ def test_memcheck_every_op_under_address_sanitizer():
                         "--memcheck"], capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "memcheck clean" in r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("hsz", [12, 13])
+def test_gru_strided_and_unaligned_inputs(dtype, hsz):
+    """Rows with odd strides and storage offsets, and odd hidden sizes, take the gate kernels' narrower vector
+    variants (4 -> 2 -> 1 elements per thread): the same results as contiguous inputs."""
+    seq, bsz, isz = 5, 3, 6
+    g = torch.Generator().manual_seed(hsz)
+    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
+    h0 = torch.randn(bsz, hsz, generator=g).to(dtype)
+    w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=hsz)
+    xbuf = torch.full((seq, bsz, isz + 3), float("nan"), dtype=dtype)
+    xbuf[:, :, 1:1 + isz] = x
+    hbuf = torch.full((bsz, hsz + 1), float("nan"), dtype=dtype)
+    hbuf[:, 1:] = h0
+    ops = torch.ops.pyattn_emu
+    want = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+    got = ops.gru_seq_fwd(xbuf[:, :, 1:1 + isz], hbuf[:, 1:], w_ih, w_hh, b_ih, b_hh, False, True)
+    # float16 goes through fp32 copies (the same GEMM inputs): bitwise equal; float32 GEMMs on strided operands may
+    # sum in another order (as cuBLAS may on a GPU), so within fp32 rounding
+    def same(a, b, atol, rtol):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+        else:
+            assert torch.equal(a, b)
+
+    for a, b in zip(got, want):
+        same(a, b, 1e-6, 1e-5)
+    dout = torch.randn(want[0].shape, generator=g).to(dtype)
+    gw = ops.gru_seq_bwd(dout, want[1], x, h0, w_ih, w_hh, want[0], want[2], True, True, False, True)
+    gg = ops.gru_seq_bwd(dout, want[1], xbuf[:, :, 1:1 + isz], hbuf[:, 1:], w_ih, w_hh, want[0], want[2], True, True,
+                         False, True)
+    for a, b in zip(gg, gw):
+        same(a, b, 1e-5, 1e-4)
