@@ -18,7 +18,7 @@ namespace pyattn {
 namespace {
 
 using at::Tensor;
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using gru::Grads;
 
 int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
@@ -160,23 +160,12 @@ Grads gru_seq_bwd_cpu(const Tensor& dout, const Tensor& dh_last, const Tensor& x
 std::tuple<Tensor, Tensor> gru_step_fwd_cpu(const Tensor& x, const Tensor& hx, const Tensor& w_ih,
                                             const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, bool needs_grad) {
-  constexpr const char* op = "pyattn::gru_step_fwd";
-  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
-  TORCH_CHECK(hx.dim() == 2, op, ": hx must be 2-D (batch, hidden_size) (got shape ", hx.sizes(), ")");
-  auto [out, h_last, ws] = seq_fwd(op, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, false, needs_grad);
-  return {out.squeeze(0), needs_grad ? ws.squeeze(0) : ws};
+  return gru::step_fwd(seq_fwd, x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad);
 }
 
 Grads gru_step_bwd_cpu(const Tensor& dh, const Tensor& x, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                        const Tensor& ws, bool has_b_ih, bool has_b_hh, bool need_weights) {
-  constexpr const char* op = "pyattn::gru_step_bwd";
-  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
-  TORCH_CHECK(dh.dim() == 2, op, ": dh must be 2-D (batch, hidden_size) (got shape ", dh.sizes(), ")");
-  TORCH_CHECK(ws.dim() == 2, op, ": ws must be 2-D (batch, 4 * hidden_size) (got shape ", ws.sizes(), ")");
-  auto g = seq_bwd(op, dh.unsqueeze(0), std::nullopt, x.unsqueeze(0), hx, w_ih, w_hh, std::nullopt, ws.unsqueeze(0),
-                   has_b_ih, has_b_hh, false, need_weights);
-  std::get<0>(g) = std::get<0>(g).squeeze(0);
-  return g;
+  return gru::step_bwd(seq_bwd, dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights);
 }
 
 }  // namespace

@@ -4,12 +4,13 @@
 
 #include <ATen/ATen.h>
 
-#include "cuda_device.h"
-
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <tuple>
+
+#include "cuda_device.h"
 
 namespace pyattn {
 namespace gru {
@@ -134,6 +135,34 @@ inline const void* opt_bias(const char* op, const char* name, const std::optiona
   if (!b.has_value() || !b->defined()) return nullptr;
   keep = check_t(op, name, *b, {3 * H}, tg).contiguous();
   return keep.data_ptr();
+}
+
+// dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The step ops of both bindings: one cell step is a one-step sequence of the binding's seq_fwd / seq_bwd.
+template <class SeqFwd>
+std::tuple<Tensor, Tensor> step_fwd(SeqFwd seq_fwd, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+                                    const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                    const std::optional<Tensor>& b_hh, bool needs_grad) {
+  constexpr const char* op = "pyattn::gru_step_fwd";
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
+  TORCH_CHECK(hx.dim() == 2, op, ": hx must be 2-D (batch, hidden_size) (got shape ", hx.sizes(), ")");
+  auto [out, h_last, ws] = seq_fwd(op, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, false, needs_grad);
+  return {out.squeeze(0), needs_grad ? ws.squeeze(0) : ws};
+}
+
+template <class SeqBwd>
+Grads step_bwd(SeqBwd seq_bwd, const Tensor& dh, const Tensor& x, const Tensor& hx, const Tensor& w_ih,
+               const Tensor& w_hh, const Tensor& ws, bool has_b_ih, bool has_b_hh, bool need_weights) {
+  constexpr const char* op = "pyattn::gru_step_bwd";
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
+  TORCH_CHECK(dh.dim() == 2, op, ": dh must be 2-D (batch, hidden_size) (got shape ", dh.sizes(), ")");
+  TORCH_CHECK(ws.dim() == 2, op, ": ws must be 2-D (batch, 4 * hidden_size) (got shape ", ws.sizes(), ")");
+  Grads g = seq_bwd(op, dh.unsqueeze(0), std::nullopt, x.unsqueeze(0), hx, w_ih, w_hh, std::nullopt,
+                    ws.unsqueeze(0), has_b_ih, has_b_hh, false, need_weights);
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
 }
 
 }  // namespace gru
