@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -21,8 +20,6 @@ using at::Tensor;
 int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
 using attn_checks::check_bwd_inputs;
-using attn_checks::empty_like_layout;
-using attn_checks::strides3;
 
 // Checks (csrc/bindings/attention_checks.h, shared with the CUDA binding) and the CPU thread count.
 template <class P>
@@ -41,17 +38,8 @@ std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q_in, const Tensor& k_in, 
   AttnFwdParams p;
   auto [q, k, v, m, s] = fill_common("pyattn::attn_fwd", p, q_in, k_in, v_in, mask, dropout_p, causal, bottom_right,
                                      scale, seed, offset);
-  Tensor out = empty_like_layout(q, {s.B, s.Hq, s.Lq, s.Dv});
-  Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
-  if (s.B * s.Hq * s.Lq == 0) return {out, lse};
-  if (s.Lk == 0) {  // no key: every row is fully masked
-    out.zero_();
-    lse.fill_(INFINITY);
-    return {out, lse};
-  }
-  p.out = out.data_ptr();
-  strides3(out, p.out_stride);
-  p.lse = lse.data_ptr<float>();
+  Tensor out, lse;
+  if (!attn_checks::alloc_fwd_outputs(p, q, s, out, lse)) return {out, lse};
   cpu::attention_fwd(p);
   return {out, lse};
 }

@@ -141,6 +141,23 @@ inline std::tuple<Tensor, Tensor, Tensor> check_bwd_inputs(const char* op, const
   return {dout, out, lse_in.contiguous()};
 }
 
+// out (in q's layout) and lse (fp32, contiguous) allocated, with p's out/lse pointers and strides filled. Returns false
+// (nothing to launch) for an empty problem: no query rows, or no key (every row fully masked: out 0, lse +inf).
+inline bool alloc_fwd_outputs(AttnFwdParams& p, const Tensor& q, const Sizes& s, Tensor& out, Tensor& lse) {
+  out = empty_like_layout(q, {s.B, s.Hq, s.Lq, s.Dv});
+  lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
+  if (s.B * s.Hq * s.Lq == 0) return false;
+  if (s.Lk == 0) {
+    out.zero_();
+    lse.fill_(INFINITY);
+    return false;
+  }
+  p.out = out.data_ptr();
+  strides3(out, p.out_stride);
+  p.lse = lse.data_ptr<float>();
+  return true;
+}
+
 // dq, dk, dv allocated in q's / k's / v's layout, with p's dout/out/lse/dq/dk/dv pointers and strides filled.
 // Returns false (gradients zeroed, nothing to launch) for an empty problem.
 inline bool alloc_bwd_outputs(AttnBwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,

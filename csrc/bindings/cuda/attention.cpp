@@ -11,7 +11,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -25,8 +24,6 @@ namespace {
 
 using at::Tensor;
 using attn_checks::check_bwd_inputs;
-using attn_checks::empty_like_layout;
-using attn_checks::strides3;
 
 // What the kernels cannot take whatever the sizes (checked before the empty-input shortcuts, so that a refused
 // input is refused for every length).
@@ -60,17 +57,8 @@ std::tuple<Tensor, Tensor> attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
                                                   causal, bottom_right, scale, seed, offset);
   const c10::cuda::CUDAGuard guard(q.device());
   check_kernel_support(op, p, q.device(), false);
-  Tensor out = empty_like_layout(q, {s.B, s.Hq, s.Lq, s.Dv});
-  Tensor lse = at::empty({s.B, s.Hq, s.Lq}, q.options().dtype(at::kFloat));
-  if (s.B * s.Hq * s.Lq == 0) return {out, lse};
-  if (s.Lk == 0) {  // no key: every row is fully masked
-    out.zero_();
-    lse.fill_(INFINITY);
-    return {out, lse};
-  }
-  p.out = out.data_ptr();
-  strides3(out, p.out_stride);
-  p.lse = lse.data_ptr<float>();
+  Tensor out, lse;
+  if (!attn_checks::alloc_fwd_outputs(p, q, s, out, lse)) return {out, lse};
   check_launchable(op, p);
   C10_CUDA_CHECK(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
