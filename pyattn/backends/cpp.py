@@ -4,15 +4,15 @@ from __future__ import annotations
 import torch
 
 from .._ext import load_C
-from ..dispatch import Backend, register
+from ..dispatch import register
 from ..dispatch.backend import OpCaps
 from ..ops.layer_norm import fake_norm_bwd, fake_norm_fwd
-from ._native import missing_kernel_reason
+from ._native import NativeBackend, missing_kernel_reason
 
 _HALF_AND_FLOAT = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
-class CppBackend(Backend):
+class CppBackend(NativeBackend):
     name = "cpp"
     description = "C++ CPU kernels (pyattn._C, OpenMP + SIMD)"
     caps = {
@@ -36,34 +36,6 @@ class CppBackend(Backend):
 
     def extra_reasons(self, inputs) -> list[str]:
         return missing_kernel_reason(inputs.op, "CPU")
-
-    def layer_norm_fwd(self, x, residual, weight, bias, eps, rms, store_residual):
-        return torch.ops.pyattn.layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
-
-    def layer_norm_bwd(self, dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
-        return torch.ops.pyattn.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight)
-
-    def attention_fwd(self, q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset):
-        return tuple(torch.ops.pyattn.attn_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset))
-
-    def attention_bwd(self, dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, seed, offset):
-        return tuple(torch.ops.pyattn.attn_bwd(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale,
-                                               seed, offset))
-
-    # ---- GRU ---- (same signatures and returns as TorchBackend.gru_*; C++ ops in csrc/bindings/gru.cpp)
-    def gru_cell_fwd(self, x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad):
-        return tuple(torch.ops.pyattn.gru_step_fwd(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad))
-
-    def gru_cell_bwd(self, dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights):
-        return tuple(torch.ops.pyattn.gru_step_bwd(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights))
-
-    def gru_layer_fwd(self, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
-        return tuple(torch.ops.pyattn.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad))
-
-    def gru_layer_bwd(self, dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights):
-        return tuple(torch.ops.pyattn.gru_seq_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh,
-                                                  reverse, need_weights))
-    # ---- end GRU ----
 
 
 def _register_fakes() -> None:

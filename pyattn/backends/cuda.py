@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._ext import build_info, load_C
-from ..dispatch import Backend, register
+from ..dispatch import register
 from ..dispatch.backend import OpCaps
-from ._native import missing_kernel_reason
+from ._native import NativeBackend, missing_kernel_reason
 
 _HALF_AND_FLOAT = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
@@ -89,7 +89,7 @@ def _norm_reasons(inputs) -> list[str]:
 # ---- end norm ----
 
 
-class CudaBackend(Backend):
+class CudaBackend(NativeBackend):
     name = "cuda"
     description = "CUDA C++ kernels (pyattn._C built with csrc/cuda)"
     caps = {
@@ -136,39 +136,6 @@ class CudaBackend(Backend):
                 reasons.append(f"compute capability {major}.{minor} < 8.0 (csrc/cuda/gru.cu is built for sm_80 and "
                                "sm_90a only)")
         return reasons
-
-    # ---- norm ---- (same signatures and returns as TorchBackend.layer_norm_*; csrc/bindings/cuda/layer_norm.cpp)
-    def layer_norm_fwd(self, x, residual, weight, bias, eps, rms, store_residual):
-        return tuple(torch.ops.pyattn.layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual))
-
-    def layer_norm_bwd(self, dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight):
-        return tuple(torch.ops.pyattn.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias,
-                                                     need_dweight))
-    # ---- end norm ----
-
-    # ---- attention ---- (same signatures and returns as TorchBackend.attention_*; csrc/bindings/cuda/attention.cpp)
-    def attention_fwd(self, q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset):
-        return tuple(torch.ops.pyattn.attn_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset))
-
-    def attention_bwd(self, dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale, seed, offset):
-        return tuple(torch.ops.pyattn.attn_bwd(dout, q, k, v, out, lse, mask, dropout_p, causal, bottom_right, scale,
-                                               seed, offset))
-    # ---- end attention ----
-
-    # ---- GRU ---- (same signatures and returns as TorchBackend.gru_*; C++ ops in csrc/bindings/cuda/gru.cpp)
-    def gru_cell_fwd(self, x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad):
-        return tuple(torch.ops.pyattn.gru_step_fwd(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad))
-
-    def gru_cell_bwd(self, dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights):
-        return tuple(torch.ops.pyattn.gru_step_bwd(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights))
-
-    def gru_layer_fwd(self, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
-        return tuple(torch.ops.pyattn.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad))
-
-    def gru_layer_bwd(self, dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights):
-        return tuple(torch.ops.pyattn.gru_seq_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh,
-                                                  reverse, need_weights))
-    # ---- end GRU ----
 
 
 register(CudaBackend())
