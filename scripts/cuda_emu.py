@@ -120,7 +120,7 @@ def sources() -> list[str]:
         out.append(dst)
     bind_dir = os.path.join(ROOT, "csrc", "bindings", "cuda")
     out += [os.path.join(bind_dir, n) for n in sorted(os.listdir(bind_dir)) if n.endswith(".cpp")]
-    out += [os.path.join(ROOT, "csrc", "emu", "cuda_emu.cpp"), os.path.join(ROOT, "csrc", "emu", "library.cpp")]
+    out += [os.path.join(ROOT, "csrc", "emu", n) for n in ("cuda_emu.cpp", "library.cpp", "selftest.cpp")]
     return out
 
 

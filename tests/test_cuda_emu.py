@@ -44,6 +44,42 @@ def order(request, monkeypatch):
     return request.param
 
 
+# ---- the emulator's own checks ----------------------------------------------------------------------------------
+# Kernels with one deliberate defect each (csrc/emu/selftest.cpp): every check must fire, so that the clean runs of
+# the real kernels below mean something.
+
+@pytest.mark.parametrize("case,message", [
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("shuffle_after_exit", "after lanes of the warp exited"),
+    ("partial_mask", "partial mask"),
+    ("shuffle_vs_barrier", "deadlock"),
+    ("launch_bounds", r"exceeds the kernel's __launch_bounds__\(64\)"),
+    ("ldmatrix_misaligned", "not 16-byte aligned"),
+    ("ldmatrix_outside_smem", "outside the block's shared memory"),
+    ("too_much_smem", "bytes of dynamic shared memory"),
+    ("bad_block", "invalid launch configuration"),
+])
+def test_emulator_reports_each_defect(case, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyattn_emu.emu_selftest(case)
+
+
+def test_emulator_schedules_expose_a_missing_barrier_and_an_early_read(monkeypatch):
+    """A shared value read without a barrier after another warp writes it, and a cp.async destination read before
+    its wait: the schedules give different answers, so the kernels' results being schedule-independent is a real
+    check."""
+    ops = torch.ops.pyattn_emu
+    seen = set()
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("PYATTN_EMU_ORDER", order)
+        seen.add(ops.emu_selftest("missing_barrier"))
+    assert seen == {0, 42}
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "late")
+    assert ops.emu_selftest("read_before_wait") == -1  # the 0xff-filled shared memory: the copy has not landed
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "early")
+    assert ops.emu_selftest("read_before_wait") == 7
+
+
 # ---- attention -------------------------------------------------------------------------------------------------
 
 def _fwd(q, k, v, mask=None, p=0.0, causal=False, bottom_right=False, scale=None, seed=0, offset=0):

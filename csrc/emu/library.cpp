@@ -2,10 +2,15 @@
 // CUDA bindings and kernels running in the CUDA emulator (built by scripts/cuda_emu.py, -DPYATTN_CUDA_EMU).
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "../bindings/schemas.h"
 #include "cuda_emu.h"
+
+namespace pyattn_emu {
+int64_t selftest(const std::string& name);  // selftest.cpp
+}
 
 TORCH_LIBRARY(pyattn_emu, m) {
   pyattn::define_schemas(m);
@@ -16,4 +21,6 @@ TORCH_LIBRARY(pyattn_emu, m) {
     return std::vector<int64_t>(c, c + pyattn_emu::kNumCounters);
   });
   m.def("emu_reset_counters() -> ()", [] { pyattn_emu::reset_counters(); });
+  // Kernels with one deliberate defect each (selftest.cpp): the emulator must report every one.
+  m.def("emu_selftest(str name) -> int", [](std::string name) { return pyattn_emu::selftest(name); });
 }

@@ -1,0 +1,107 @@
+// Kernels with one deliberate defect each, for tests/test_cuda_emu.py: every check of the emulator (cuda_emu.h) must
+// fire on its defect, so a clean run of the real kernels means something. Written in CUDA C++ against the emulator's
+// runtime (launches through pyattn_emu::launch, as scripts/cuda_emu.py rewrites them). Exposed as
+// torch.ops.pyattn_emu.emu_selftest(name) -> int (csrc/emu/library.cpp).
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_emu.h"
+
+namespace pyattn_emu {
+namespace {
+
+__global__ void divergent_barrier(int* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void shuffle_after_exit(int* out) {
+  if (threadIdx.x == 0) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+}
+
+__global__ void partial_mask(int* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 1);
+}
+
+// Half a warp at a full-mask shuffle, the other half at a barrier: neither can complete.
+__global__ void shuffle_vs_barrier(int* out) {
+  if (threadIdx.x < 16) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+  } else {
+    __syncthreads();
+  }
+}
+
+__global__ void bounded(int* out) {
+  check_launch_bounds(64, __FILE__, __LINE__);  // what scripts/cuda_emu.py adds for __launch_bounds__(64)
+  out[threadIdx.x] = 1;
+}
+
+__global__ void ldmatrix_misaligned(int* out) {
+  uint32_t r[4];
+  ldmatrix_x4(r, dynamic_smem() + 2 + 16 * (threadIdx.x % 8), false);
+  out[threadIdx.x] = static_cast<int>(r[0]);
+}
+
+__global__ void ldmatrix_outside_smem(int* out) {
+  alignas(16) static uint16_t global_rows[32 * 8];
+  uint32_t r[4];
+  ldmatrix_x4(r, global_rows + 8 * threadIdx.x, false);
+  out[threadIdx.x] = static_cast<int>(r[0]);
+}
+
+// Thread 0 writes a shared value that thread 63 (another warp) reads without a barrier in between: 0 or 42
+// depending on which warp runs first.
+__global__ void missing_barrier(int* out) {
+  __shared__ int flag;
+  if (threadIdx.x == 0) flag = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) flag = 42;
+  // __syncthreads() missing here
+  if (threadIdx.x == 63) out[0] = flag;
+  __syncthreads();
+}
+
+// cp.async read before its wait_group: the late model shows the old contents (0xff bytes = -1).
+__global__ void read_before_wait(int* out, const int* src) {
+  int* s = reinterpret_cast<int*>(dynamic_smem());
+  if (threadIdx.x == 0) {
+    cp_async16(s, src);
+    cp_async_commit();
+    out[0] = s[0];  // cp_async_wait<0>() missing before this read
+    cp_async_wait(0);
+  }
+}
+
+int run(const std::string& name) {
+  alignas(16) static int out[1024];
+  alignas(16) static const int src[4] = {7, 7, 7, 7};
+  std::fill(out, out + 1024, 0);
+  take_last_error();
+  if (name == "divergent_barrier") launch(divergent_barrier, 1, 32)(out);
+  else if (name == "shuffle_after_exit") launch(shuffle_after_exit, 1, 32)(out);
+  else if (name == "partial_mask") launch(partial_mask, 1, 32)(out);
+  else if (name == "shuffle_vs_barrier") launch(shuffle_vs_barrier, 1, 32)(out);
+  else if (name == "launch_bounds") launch(bounded, 1, 128)(out);
+  else if (name == "ldmatrix_misaligned") launch(ldmatrix_misaligned, 1, 32, 1024)(out);
+  else if (name == "ldmatrix_outside_smem") launch(ldmatrix_outside_smem, 1, 32, 1024)(out);
+  else if (name == "too_much_smem") launch(bounded, 1, 32, 100 * 1024)(out);
+  else if (name == "bad_block") launch(bounded, 1, 2048)(out);
+  else if (name == "missing_barrier") launch(missing_barrier, 1, 64)(out);
+  else if (name == "read_before_wait") launch(read_before_wait, 1, 32, 64)(out, src);
+  else throw std::invalid_argument("emu_selftest: unknown case " + name);
+  if (take_last_error() != cudaSuccess) throw std::runtime_error(last_error_message());
+  return out[0];
+}
+
+}  // namespace
+
+int64_t selftest(const std::string& name) { return run(name); }
+
+}  // namespace pyattn_emu
