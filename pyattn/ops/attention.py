@@ -450,13 +450,9 @@ def _layout_strides(ref: Tensor, shape) -> tuple:
     return (h * length * d, length * d, d, 1)
 
 
-def _empty_like_layout(ref: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty (B, H, L, D) tensor in ref's layout (see _layout_strides)."""
-    b, h, length, d = shape
-    dtype = ref.dtype if dtype is None else dtype
-    if _is_blhd(ref):
-        return ref.new_empty((b, length, h, d), dtype=dtype).transpose(1, 2)
-    return ref.new_empty((b, h, length, d), dtype=dtype)
+def _empty_like_layout(ref: Tensor, shape) -> Tensor:
+    """An empty (B, H, L, D) tensor of ref's dtype in ref's layout (see _layout_strides)."""
+    return ref.new_empty_strided(tuple(shape), _layout_strides(ref, shape))
 
 
 def _in_layout(result: Tensor, ref: Tensor) -> Tensor:
