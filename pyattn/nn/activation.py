@@ -107,19 +107,18 @@ class MultiheadAttention(nn.MultiheadAttention):
     def _project(self, query: Tensor, key: Tensor, value: Tensor, same_qkv: bool, same_kv: bool):
         """The input projections, packed like torch's: one GEMM for self-attention (query is key is value), two
         when key is value. q, k, v come back as column slices of the packed output (no copies)."""
-        e = self.embed_dim
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if not self._qkv_same_embed_dim:
+        e, b = self.embed_dim, self.in_proj_bias
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if same_qkv:
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            if same_kv:
+                k, v = F.linear(key, w[e:], None if b is None else b[e:]).chunk(2, dim=-1)
+                return F.linear(query, w[:e], None if b is None else b[:e]), k, v
+            w_q, w_k, w_v = w.chunk(3)
+        else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-            b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-            return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-        if same_qkv:
-            return F.linear(query, w, b).chunk(3, dim=-1)
-        if same_kv:
-            k, v = F.linear(key, w[e:], None if b is None else b[e:]).chunk(2, dim=-1)
-            return F.linear(query, w[:e], None if b is None else b[:e]), k, v
         b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-        w_q, w_k, w_v = w.chunk(3)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
     def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, same_qkv=False, same_kv=False):
