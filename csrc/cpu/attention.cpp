@@ -257,6 +257,27 @@ RowGroups row_groups(const AttnCommon& p, int64_t i0, int64_t j0, int nk) {
   return rg;
 }
 
+// C (nk x BM, row stride BM) = A B, group by group: each group's rows [r0, r1) x lane vectors [lo, QV) only. A: the
+// tile's nk rows of K (or V), row stride `as`, unit column stride; B: a K x BM panel (Q^T or dO^T), row stride BM.
+inline void gemm_groups(const RowGroups& rg, int64_t K, const float* a, int64_t as, const float* b, float* c) {
+  for (int g = 0; g < rg.n; ++g) {
+    const int r0 = rg.r0[g], lo = rg.lo[g];
+    gemm(rg.r0[g + 1] - r0, (QV - lo) * NB, K, a + r0 * as, as, 1, b + lo * NB, BM, c + r0 * BM + lo * NB, BM,
+         nullptr, false);
+  }
+}
+
+// acc (nk x N, row stride N) += T X, group by group: T is a tile (nk x BM, row stride BM) of which group g holds
+// rows [r0, r1) x query columns [lo * NB, nq); X: the block's query rows (row i at x + i * xs, N columns).
+inline void gemm_groups_acc(const RowGroups& rg, int nq, int64_t N, const float* t, const float* x, int64_t xs,
+                            float* acc) {
+  for (int g = 0; g < rg.n; ++g) {
+    const int r0 = rg.r0[g], c0 = rg.lo[g] * NB;
+    if (nq > c0)
+      gemm(rg.r0[g + 1] - r0, N, nq - c0, t + r0 * BM + c0, BM, 1, x + c0 * xs, xs, acc + r0 * N, N, nullptr, true);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // fp32 views of K and V (16-bit inputs are widened once per call, in parallel over (b, kv head))
 // ------------------------------------------------------------------------------------------------------------
@@ -515,12 +536,7 @@ void fwd_impl(const AttnFwdParams& p) {
     for (int64_t j0 = 0; j0 < jend; j0 += BN) {
       const int nk = int(std::min<int64_t>(BN, jend - j0));
       const RowGroups rg = row_groups(p, i0, j0, nk);
-      // S^T (nk x BM) = K[j0:j0+nk] Q^T, group by group: rows [r0, r1) x lane vectors [lo, QV)
-      for (int g = 0; g < rg.n; ++g) {
-        const int r0 = rg.r0[g], lo = rg.lo[g];
-        gemm(rg.r0[g + 1] - r0, (QV - lo) * NB, D, K.at(b, hk, j0 + r0), K.sl, 1, qt + lo * NB, BM,
-             st + r0 * BM + lo * NB, BM, nullptr, false);
-      }
+      gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qt, st);  // S^T (nk x BM) = K[j0:j0+nk] Q^T
       if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
       // online softmax down the rows [0, rows[q]) of each lane vector q, lane-wise
       alignas(64) float alpha[BM];
@@ -701,9 +717,7 @@ void bwd_impl(const AttnBwdParams& p) {
           // The causal diagonal: row groups as in the forward (group g: key rows [r0, r1) x lane vectors [lo, QV));
           // what a group does not compute is masked (P = 0 there) and its dS is set to 0.
           const RowGroups rg = row_groups(p, i0, j0, nk);
-          for (int g = 0; g < rg.n; ++g)  // S^T = K Q^T
-            gemm(rg.r0[g + 1] - rg.r0[g], (QV - rg.lo[g]) * NB, D, K.at(b, hk, j0 + rg.r0[g]), K.sl, 1,
-                 qtp + rg.lo[g] * NB, BM, st + rg.r0[g] * BM + rg.lo[g] * NB, BM, nullptr, false);
+          gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qtp, st);  // S^T = K Q^T
           if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
           const float* l2p = l2.data() + bh * Lqp + i0;
           for (int j = 0; j < nk; ++j)  // P^T = exp2((S^T - lse) - l2)
@@ -711,9 +725,7 @@ void bwd_impl(const AttnBwdParams& p) {
               const V x = vsub(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB)), vld(l2p + q * NB));
               vst(st + j * BM + q * NB, vexp2(x));
             }
-          for (int g = 0; g < rg.n; ++g)  // dP^T = V dO^T
-            gemm(rg.r0[g + 1] - rg.r0[g], (QV - rg.lo[g]) * NB, Dv, Vv.at(b, hk, j0 + rg.r0[g]), Vv.sl, 1,
-                 dtp + rg.lo[g] * NB, BM, dpt + rg.r0[g] * BM + rg.lo[g] * NB, BM, nullptr, false);
+          gemm_groups(rg, Dv, Vv.at(b, hk, j0), Vv.sl, dtp, dpt);  // dP^T = V dO^T
           const float* pd = st;
           if (dropout) {
             dropout_keys(p, b, h, i0, nq, keys);
@@ -723,12 +735,7 @@ void bwd_impl(const AttnBwdParams& p) {
             pd = pdt;
           }
           // dV += P^T dO  (rows: keys; lanes: dv; k: queries from the group's first lane vector on)
-          for (int g = 0; g < rg.n; ++g) {
-            const int r0 = rg.r0[g], c0 = rg.lo[g] * NB;
-            if (nq > c0)
-              gemm(rg.r0[g + 1] - r0, Dv, nq - c0, pd + r0 * BM + c0, BM, 1, dO.at(b, h, i0 + c0), dO.sl,
-                   dva + r0 * Dv, Dv, nullptr, true);
-          }
+          gemm_groups_acc(rg, nq, Dv, pd, dO.at(b, h, i0), dO.sl, dva);
           for (int g = 0; g < rg.n; ++g)  // dS^T = P^T (dP^T - delta); 0 where the group computed nothing
             for (int j = rg.r0[g]; j < rg.r0[g + 1]; ++j)
               for (int q = 0; q < QV; ++q) {
@@ -736,12 +743,7 @@ void bwd_impl(const AttnBwdParams& p) {
                 vst(dpt + o, q < rg.lo[g] ? vzero() : vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
               }
           // dK += dS^T Q ; dQ += dS K
-          for (int g = 0; g < rg.n; ++g) {
-            const int r0 = rg.r0[g], c0 = rg.lo[g] * NB;
-            if (nq > c0)
-              gemm(rg.r0[g + 1] - r0, D, nq - c0, dpt + r0 * BM + c0, BM, 1, Q.at(b, h, i0 + c0), Q.sl,
-                   dka + r0 * D, D, nullptr, true);
-          }
+          gemm_groups_acc(rg, nq, D, dpt, Q.at(b, h, i0), Q.sl, dka);
           gemm(nq, D, nk, dpt, 1, BM, K.at(b, hk, j0), K.sl, dq_part + (bh * Lq + i0) * D, D, nullptr, true);
         }
       }
