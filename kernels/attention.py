@@ -638,12 +638,14 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _is_blhd(t: torch.Tensor) -> bool:
-    return (not t.is_contiguous()) and t.transpose(1, 2).is_contiguous()
+    """Heads inside positions (stride(1) < stride(2)): the rule of pyattn/ops/attention.py's _is_blhd."""
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
 
 
 def _new_like(ref: torch.Tensor, shape) -> torch.Tensor:
-    """An empty (B, H, L, D) tensor in ref's layout: (B, L, H, D) memory when ref is such a view (what
-    flash_attn_func passes), else contiguous: the layout pyattn's op returns, so no copy follows."""
+    """An empty (B, H, L, D) tensor in ref's layout: (B, L, H, D) memory when ref's heads lie inside its positions
+    (flash_attn_func's inputs, a packed projection's head views), else contiguous: the layout pyattn's op
+    returns, so no copy follows."""
     b, h, n, d = shape
     if _is_blhd(ref):
         return ref.new_empty((b, n, h, d)).transpose(1, 2)

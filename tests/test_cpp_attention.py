@@ -568,6 +568,24 @@ def test_blhd_output_layout_and_op_strides():
         assert g_.shape == t.shape and g_.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "blhd", "packed", "lbhd"])
+def test_op_outputs_need_no_copy(layout):
+    """The C++ op allocates out, dq, dk, dv in the layout the Python op promises (_layout_strides: (B, L, H, D) memory
+    when the input's heads lie inside its positions), so _in_layout never copies what the kernel returned. "lbhd" is
+    the (L, B, H, D) memory of torch.nn.MultiheadAttention's heads (pyattn.patch_torch)."""
+    from pyattn.ops.attention import _layout_strides
+
+    if layout == "lbhd":
+        q, k, v = (torch.randn(40, 2, 4, 16).permute(1, 2, 0, 3) for _ in range(3))
+    else:
+        q, k, v = make_qkv(2, 4, 40, 40, 16, layout=layout, seed=21)
+    out, lse = torch.ops.pyattn.attn_fwd(q, k, v, None, 0.0, True, False, 0.25, 0, 0)
+    assert out.stride() == _layout_strides(q, out.shape)
+    grads = torch.ops.pyattn.attn_bwd(torch.randn_like(out), q, k, v, out, lse, None, 0.0, True, False, 0.25, 0, 0)
+    for g_, t in zip(grads, (q, k, v)):
+        assert g_.stride() == _layout_strides(t, g_.shape)
+
+
 def test_nan_padded_mask_bit_identical():
     q, k, v = make_qkv(2, 2, 70, 130, 16, seed=16)
     mask = torch.randn(2, 1, 70, 130, generator=torch.Generator().manual_seed(16))
@@ -706,6 +724,28 @@ def test_bitwise_deterministic_threads_dq_chunked(case):
     one, two = _run_with_threads(1, c), _run_with_threads(2, c)
     assert torch.equal(one[1], two[1]), f"dq max diff {(one[1] - two[1]).abs().max().item():.3g}"
 
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_workspace_reuse_after_nan_and_larger_calls(dtype):
+    """The kernels' temporaries come from a per-thread workspace that is reused across calls (csrc/cpu/workspace.cpp):
+    a call after a larger one whose inputs were NaN (which leaves NaN panels, partial dQ, l2 rows, widened K/V in
+    that workspace) must give the same bits as before, i.e. no temporary is read before this call writes it."""
+    def run(lq, lk, fill=None, causal=False):
+        q, k, v = make_qkv(2, 3, lq, lk, 40, dtype=dtype, seed=lq + lk)
+        if fill is not None:
+            for t in (q, k, v):
+                t.fill_(fill)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpp")
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), _dout(out.shape, lq)))
+
+    before = run(70, 90)
+    run(300, 260, fill=float("nan"))
+    after = run(70, 90)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), before, after):
+        assert not a.isnan().any(), name
+        assert torch.equal(a, b), f"{name} differs after the workspace held NaN from a larger call"
 
 # ---- custom ops, torch.compile, modules --------------------------------------------------------------------------
 

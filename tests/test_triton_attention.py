@@ -471,3 +471,17 @@ def test_gpu_launch_path_through_the_autotuner(monkeypatch):
         assert K._autotuned.cache_info().currsize == 3  # fwd, dkdv, dq went through autotuners
     finally:
         K._autotuned.cache_clear()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "blhd", "packed", "lbhd"])
+def test_output_allocation_follows_the_op_layout_rule(layout):
+    """The Triton wrapper allocates outputs and grads in the layout the op promises (_layout_strides), so the op
+    never copies them: the same rule as the C++ bindings (tests/test_cpp_attention.py test_op_outputs_need_no_copy)."""
+    from pyattn.ops.attention import _layout_strides
+
+    if layout == "lbhd":  # torch.nn.MultiheadAttention's heads: (L, B, H, D) memory
+        q = torch.randn(40, 2, 4, 16).permute(1, 2, 0, 3)
+    else:
+        q = make_qkv(2, 4, 40, 40, 16, layout=layout, seed=22)[0]
+    for shape in (q.shape, (2, 4, 40, 24)):
+        assert K._new_like(q, shape).stride() == _layout_strides(q, shape)

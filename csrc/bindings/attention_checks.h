@@ -44,9 +44,11 @@ inline Tensor check4(const char* op, const char* name, const Tensor& t, at::Scal
   return (t.size(3) > 1 && t.stride(3) != 1) ? t.contiguous() : t;
 }
 
-// (B, H, L, D) in the layout of `like`: a (B, L, H, D) transposed view when like is one, else contiguous.
+// (B, H, L, D) in the layout of `like`: (B, L, H, D) memory when like's heads lie inside its positions (stride(1) <
+// stride(2): flash_attn_func's inputs, the head views of a packed projection), else contiguous. The rule of
+// pyattn/ops/attention.py (_is_blhd), so the op takes what a kernel returns without a copy.
 inline Tensor empty_like_layout(const Tensor& like, at::IntArrayRef sizes) {
-  const bool blhd = !like.is_contiguous() && like.transpose(1, 2).is_contiguous();
+  const bool blhd = like.size(1) > 1 && like.size(2) > 1 && like.stride(1) < like.stride(2);
   if (blhd) return at::empty({sizes[0], sizes[2], sizes[1], sizes[3]}, like.options()).transpose(1, 2);
   return at::empty(sizes, like.options());
 }

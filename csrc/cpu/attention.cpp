@@ -27,9 +27,10 @@
 
 #include "pyattn/attn_dropout.h"
 #include "pyattn/cpu_kernels.h"
-#include "pyattn/cpu_pool.h"
+#include "pyattn/cpu_parallel.h"
 #include "pyattn/cpu_simd.h"
 #include "pyattn/cpu_util.h"
+#include "pyattn/cpu_workspace.h"
 #include "pyattn/params.h"
 
 namespace pyattn {
@@ -226,17 +227,20 @@ inline int64_t key_end(const AttnCommon& p, int64_t i0, int nq) {
 // computes only the lane vectors from the first one holding a query that sees the group's first key (lo) onward;
 // consecutive groups with equal lo merge. Column q of S^T / P^T is then valid in rows [0, rows[q]) only (the
 // rest of the tile is never read). A tile the diagonal does not cut is one group: rows [0, nk), lo = 0.
+// Only the nv = ceil(nq / NB) lane vectors that hold queries are computed at all (a block of 32 queries, e.g. the
+// whole of a 32-token sequence, costs half a block of 64): lanes from nv * NB on are never written nor read.
 struct RowGroups {
-  int n = 0;
-  int r0[BN / NB + 1] = {}, lo[BN / NB] = {};  // group g: rows [r0[g], r0[g + 1]) x lane vectors [lo[g], QV)
+  int n = 0, nv = QV;
+  int r0[BN / NB + 1] = {}, lo[BN / NB] = {};  // group g: rows [r0[g], r0[g + 1]) x lane vectors [lo[g], nv)
   int rows[QV] = {};
 };
-RowGroups row_groups(const AttnCommon& p, int64_t i0, int64_t j0, int nk) {
+RowGroups row_groups(const AttnCommon& p, int64_t i0, int nq, int64_t j0, int nk) {
   RowGroups rg;
+  rg.nv = (nq + NB - 1) / NB;
   if (!causal_cut(p, i0, j0, nk)) {
     rg.n = 1;
     rg.r0[1] = nk;
-    for (int q = 0; q < QV; ++q) rg.rows[q] = nk;
+    for (int q = 0; q < rg.nv; ++q) rg.rows[q] = nk;
     return rg;
   }
   const int64_t shift = p.bottom_right ? p.Lk - p.Lq : 0;
@@ -250,19 +254,19 @@ RowGroups row_groups(const AttnCommon& p, int64_t i0, int64_t j0, int nk) {
     }
   }
   rg.r0[rg.n] = nk;
-  for (int q = 0, g = 0; q < QV; ++q) {
+  for (int q = 0, g = 0; q < rg.nv; ++q) {
     while (g < rg.n && rg.lo[g] <= q) ++g;
     rg.rows[q] = rg.r0[g];
   }
   return rg;
 }
 
-// C (nk x BM, row stride BM) = A B, group by group: each group's rows [r0, r1) x lane vectors [lo, QV) only. A: the
+// C (nk x BM, row stride BM) = A B, group by group: each group's rows [r0, r1) x lane vectors [lo, nv) only. A: the
 // tile's nk rows of K (or V), row stride `as`, unit column stride; B: a K x BM panel (Q^T or dO^T), row stride BM.
 inline void gemm_groups(const RowGroups& rg, int64_t K, const float* a, int64_t as, const float* b, float* c) {
   for (int g = 0; g < rg.n; ++g) {
     const int r0 = rg.r0[g], lo = rg.lo[g];
-    gemm(rg.r0[g + 1] - r0, (QV - lo) * NB, K, a + r0 * as, as, 1, b + lo * NB, BM, c + r0 * BM + lo * NB, BM,
+    gemm(rg.r0[g + 1] - r0, (rg.nv - lo) * NB, K, a + r0 * as, as, 1, b + lo * NB, BM, c + r0 * BM + lo * NB, BM,
          nullptr, false);
   }
 }
@@ -288,11 +292,8 @@ struct F32View {
 };
 
 template <class T>
-F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t L, int64_t D, int nth,
-              std::vector<float>& buf) {
+F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t L, int64_t D, int nth, float* dst) {
   if (std::is_same<T, float>::value) return F32View{static_cast<const float*>(src), st[0], st[1], st[2]};
-  buf.resize(size_t(B * H * L * D));
-  float* dst = buf.data();
   run_items(nth, B * H, [&](int64_t g, int) {
     const int64_t b = g / H, h = g % H;
     const T* s = static_cast<const T*>(src) + b * st[0] + h * st[1];
@@ -303,7 +304,13 @@ F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t 
   return F32View{dst, H * L * D, L * D, D};
 }
 
-// Threads to use: one for small problems, where waking the pool costs more than it saves (results never depend on it).
+// Floats widen<T> needs from a Workspace for a (B, H, L, D) input: none for fp32 (read in place).
+template <class T>
+size_t widen_floats(int64_t B, int64_t H, int64_t L, int64_t D) {
+  return std::is_same<T, float>::value ? 0 : Workspace::round_floats(size_t(B * H * L * D));
+}
+
+// Threads to use: one for small problems, where a parallel region costs more than it saves (results never depend on it).
 constexpr double kMinParallelWork = double(1 << 21);  // multiply-adds of the (unmasked) problem
 int threads_for(const AttnCommon& p) {
   const double work = double(p.B) * double(p.Hq) * double(p.Lq) * double(p.Lk) * double(p.D + p.Dv);
@@ -348,7 +355,7 @@ void unpack_ot(float* ot, const float* inv, int nq, int64_t Dv, T* os, int64_t s
     for (int64_t d = 0; d < Dv; ++d) os[i * so + d] = from_f32<T>(ot[d * BM + i]);
 }
 
-// Per-thread scratch (the pool's threads live for the process).
+// Per-thread scratch (OpenMP's threads live for the process).
 float* scratch(size_t floats) {
   thread_local std::vector<float> buf;
   if (buf.size() < floats) buf.resize(floats);
@@ -500,9 +507,10 @@ void fwd_impl(const AttnFwdParams& p) {
     });
     return;
   }
-  std::vector<float> kbuf, vbuf;
-  const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
-  const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);
+  const size_t nk = widen_floats<T>(p.B, p.Hkv, p.Lk, p.D), nv = widen_floats<T>(p.B, p.Hkv, p.Lk, p.Dv);
+  Workspace ws(nk + nv);
+  const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, nk ? ws.take(nk) : nullptr);
+  const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, nv ? ws.take(nv) : nullptr);
   const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Lq, BM);
   const float c = p.scale * kLog2e;
@@ -535,12 +543,12 @@ void fwd_impl(const AttnFwdParams& p) {
     const int64_t jend = key_end(p, i0, nq);
     for (int64_t j0 = 0; j0 < jend; j0 += BN) {
       const int nk = int(std::min<int64_t>(BN, jend - j0));
-      const RowGroups rg = row_groups(p, i0, j0, nk);
+      const RowGroups rg = row_groups(p, i0, nq, j0, nk);
       gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qt, st);  // S^T (nk x BM) = K[j0:j0+nk] Q^T
       if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
       // online softmax down the rows [0, rows[q]) of each lane vector q, lane-wise
       alignas(64) float alpha[BM];
-      for (int q = 0; q < QV; ++q) {
+      for (int q = 0; q < rg.nv; ++q) {
         const int n = rg.rows[q];
         const float* col = st + q * NB;
         const V m_old = vld(m + q * NB);
@@ -572,7 +580,7 @@ void fwd_impl(const AttnFwdParams& p) {
       // saw a key of this tile; the others' alpha is 1, or 0 on a still-zero column)
       for (int g = 0; g < rg.n; ++g) {
         const int r0 = rg.r0[g], lo = rg.lo[g];
-        gemm(Dv, (QV - lo) * NB, rg.r0[g + 1] - r0, Vv.at(b, hk, j0 + r0), 1, Vv.sl, st + r0 * BM + lo * NB, BM,
+        gemm(Dv, (rg.nv - lo) * NB, rg.r0[g + 1] - r0, Vv.at(b, hk, j0 + r0), 1, Vv.sl, st + r0 * BM + lo * NB, BM,
              ot + lo * NB, BM, g == 0 ? alpha + lo * NB : nullptr, true);
       }
     }
@@ -625,9 +633,6 @@ void exact_row_stats(const AttnCommon& p, const F32View& K, int64_t b, int64_t h
 template <class T>
 void bwd_impl(const AttnBwdParams& p) {
   const int nth = threads_for(p);
-  std::vector<float> kbuf, vbuf;
-  const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, kbuf);
-  const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vbuf);
   const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv, G = Hq / Hkv;
   const int64_t nqb = ceil_div(Lq, BM), nkb = ceil_div(Lk, BN), Lqp = nqb * BM;
   const float c = p.scale * kLog2e;
@@ -635,26 +640,44 @@ void bwd_impl(const AttnBwdParams& p) {
   const uint32_t thr = dropout_threshold(p.dropout_p);
   const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
   const int64_t shift = p.bottom_right ? Lk - Lq : 0;
+  // Phase 2 splits the keys of each (b, kv head) into nch chunks when those pairs are too few to feed several
+  // threads; each chunk accumulates its own dQ partial. nch depends on the sizes only (never on the thread count),
+  // so dq's summation order, and its bits, are fixed.
+  int64_t nch = 1;
+  while (B * Hkv * nch < kMinBwdItems && nch < nkb) nch *= 2;
+  nch = std::min(nch, nkb);
+
+  // Temporaries, all from one workspace: fp32 K, V (16-bit inputs), the Q^T / dO^T panels, lse2, delta, l2, fp32
+  // Q and dO (16-bit inputs), the dQ partials.
+  const size_t nk = widen_floats<T>(B, Hkv, Lk, D), nv = widen_floats<T>(B, Hkv, Lk, Dv);
+  const size_t n_qt = size_t(B * Hq * Lqp * D), n_dot = size_t(B * Hq * Lqp * Dv), n_row = size_t(B * Hq * Lqp);
+  const bool half = !std::is_same<T, float>::value;
+  const size_t n_q = half ? size_t(B * Hq * Lq * D) : 0, n_do = half ? size_t(B * Hq * Lq * Dv) : 0;
+  const size_t n_dq = size_t(nch * B * Hq * Lq * D);
+  auto r = Workspace::round_floats;
+  Workspace ws(nk + nv + r(n_qt) + r(n_dot) + 3 * r(n_row) + r(n_q) + r(n_do) + r(n_dq));
+  const F32View K = widen<T>(p.k, p.k_stride, B, Hkv, Lk, D, nth, nk ? ws.take(nk) : nullptr);
+  const F32View Vv = widen<T>(p.v, p.v_stride, B, Hkv, Lk, Dv, nth, nv ? ws.take(nv) : nullptr);
 
   // Phase 1, per (b, h, query block): Q^T and dO^T panels (D x BM, Dv x BM), fp32 rows of Q and dO (16-bit inputs),
   // lse in log2 units (+inf past Lq: P = 0 there) and delta = rowsum(dO * O) (0 past Lq). P = exp2((S - lse2) - l2)
   // with l2 = 0, except for rows whose logits are all hugely negative (see exact_row_stats).
-  std::vector<float> qt(size_t(B * Hq * Lqp * D)), dot(size_t(B * Hq * Lqp * Dv));
-  std::vector<float> lse2(size_t(B * Hq * Lqp)), delta(size_t(B * Hq * Lqp)), l2(size_t(B * Hq * Lqp), 0.0f);
-  std::vector<float> qbuf, dobuf;
-  const bool half = !std::is_same<T, float>::value;
-  if (half) {
-    qbuf.resize(size_t(B * Hq * Lq * D));
-    dobuf.resize(size_t(B * Hq * Lq * Dv));
-  }
+  float* qt = ws.take(n_qt);
+  float* dot = ws.take(n_dot);
+  float* lse2 = ws.take(n_row);
+  float* delta = ws.take(n_row);
+  float* l2 = ws.take_zeroed(n_row);
+  float* qbuf = half ? ws.take(n_q) : nullptr;
+  float* dobuf = half ? ws.take(n_do) : nullptr;
+  float* dqp = ws.take_zeroed(n_dq);
   run_items(nth, B * Hq * nqb, [&](int64_t g, int) {
     const int64_t bh = g / nqb, qb = g % nqb, b = bh / Hq, h = bh % Hq, i0 = qb * BM;
     const int nq = int(std::min<int64_t>(BM, Lq - i0));
     const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
     const T* ds = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i0 * p.dout_stride[2];
     const T* os = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
-    float* qtp = qt.data() + (bh * Lqp + i0) * D;  // panel qb of head bh: D x BM
-    float* dtp = dot.data() + (bh * Lqp + i0) * Dv;
+    float* qtp = qt + (bh * Lqp + i0) * D;  // panel qb of head bh: D x BM
+    float* dtp = dot + (bh * Lqp + i0) * Dv;
     pack_qt(qs, p.q_stride[2], nq, D, c, qtp);
     pack_qt(ds, p.dout_stride[2], nq, Dv, 1.0f, dtp);
     for (int i = 0; i < BM; ++i) {
@@ -676,19 +699,13 @@ void bwd_impl(const AttnBwdParams& p) {
       }
     }
   });
-  const F32View Q = half ? F32View{qbuf.data(), Hq * Lq * D, Lq * D, D}
+  const F32View Q = half ? F32View{qbuf, Hq * Lq * D, Lq * D, D}
                          : F32View{static_cast<const float*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2]};
-  const F32View dO = half ? F32View{dobuf.data(), Hq * Lq * Dv, Lq * Dv, Dv}
+  const F32View dO = half ? F32View{dobuf, Hq * Lq * Dv, Lq * Dv, Dv}
                           : F32View{static_cast<const float*>(p.dout), p.dout_stride[0], p.dout_stride[1],
                                     p.dout_stride[2]};
 
-  // Phase 2: (b, kv head, chunk of key blocks). Chunks only split the keys when (b, kv head) pairs are too few to
-  // feed several threads; each chunk accumulates its own dQ partial.
-  // nch depends on the sizes only (never on the thread count), so dq's summation order, and its bits, are fixed.
-  int64_t nch = 1;
-  while (B * Hkv * nch < kMinBwdItems && nch < nkb) nch *= 2;
-  nch = std::min(nch, nkb);
-  std::vector<float> dqp(size_t(nch * B * Hq * Lq * D), 0.0f);
+  // Phase 2: (b, kv head, chunk of key blocks), each chunk into its own dQ partial.
   run_items(nth, B * Hkv * nch, [&](int64_t g, int) {
     const int64_t ch = g % nch, bk = g / nch, b = bk / Hkv, hk = bk % Hkv;
     float* st = scratch(size_t(3 * BN * BM + BN * (D + Dv) + BM));
@@ -697,7 +714,7 @@ void bwd_impl(const AttnBwdParams& p) {
     float* dka = pdt + BN * BM;     // dK accumulator (nk x D)
     float* dva = dka + BN * D;      // dV accumulator (nk x Dv)
     uint32_t* keys = reinterpret_cast<uint32_t*>(dva + BN * Dv);
-    float* dq_part = dqp.data() + ch * B * Hq * Lq * D;
+    float* dq_part = dqp + ch * B * Hq * Lq * D;
     for (int64_t kb = nkb * ch / nch; kb < nkb * (ch + 1) / nch; ++kb) {
       const int64_t j0 = kb * BN;
       const int nk = int(std::min<int64_t>(BN, Lk - j0));
@@ -710,18 +727,18 @@ void bwd_impl(const AttnBwdParams& p) {
         for (int64_t qb = qb_lo; qb < nqb; ++qb) {
           const int64_t i0 = qb * BM;
           const int nq = int(std::min<int64_t>(BM, Lq - i0));
-          const float* qtp = qt.data() + (bh * Lqp + i0) * D;
-          const float* dtp = dot.data() + (bh * Lqp + i0) * Dv;
-          const float* lsep = lse2.data() + bh * Lqp + i0;
-          const float* dlp = delta.data() + bh * Lqp + i0;
-          // The causal diagonal: row groups as in the forward (group g: key rows [r0, r1) x lane vectors [lo, QV));
+          const float* qtp = qt + (bh * Lqp + i0) * D;
+          const float* dtp = dot + (bh * Lqp + i0) * Dv;
+          const float* lsep = lse2 + bh * Lqp + i0;
+          const float* dlp = delta + bh * Lqp + i0;
+          // The causal diagonal: row groups as in the forward (group g: key rows [r0, r1) x lane vectors [lo, nv));
           // what a group does not compute is masked (P = 0 there) and its dS is set to 0.
-          const RowGroups rg = row_groups(p, i0, j0, nk);
+          const RowGroups rg = row_groups(p, i0, nq, j0, nk);
           gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qtp, st);  // S^T = K Q^T
           if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
-          const float* l2p = l2.data() + bh * Lqp + i0;
+          const float* l2p = l2 + bh * Lqp + i0;
           for (int j = 0; j < nk; ++j)  // P^T = exp2((S^T - lse) - l2)
-            for (int q = 0; q < QV; ++q) {
+            for (int q = 0; q < rg.nv; ++q) {
               const V x = vsub(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB)), vld(l2p + q * NB));
               vst(st + j * BM + q * NB, vexp2(x));
             }
@@ -738,7 +755,7 @@ void bwd_impl(const AttnBwdParams& p) {
           gemm_groups_acc(rg, nq, Dv, pd, dO.at(b, h, i0), dO.sl, dva);
           for (int g = 0; g < rg.n; ++g)  // dS^T = P^T (dP^T - delta); 0 where the group computed nothing
             for (int j = rg.r0[g]; j < rg.r0[g + 1]; ++j)
-              for (int q = 0; q < QV; ++q) {
+              for (int q = 0; q < rg.nv; ++q) {
                 const int o = j * BM + q * NB;
                 vst(dpt + o, q < rg.lo[g] ? vzero() : vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
               }

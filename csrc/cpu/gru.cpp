@@ -26,7 +26,7 @@
 #include <cstring>
 
 #include "pyattn/cpu_kernels.h"
-#include "pyattn/cpu_pool.h"
+#include "pyattn/cpu_parallel.h"
 #include "pyattn/cpu_simd.h"
 #include "pyattn/params.h"
 
@@ -36,7 +36,7 @@ namespace {
 
 using namespace simd;
 
-// Parallel loops run on the shared pool (pyattn/cpu_pool.h): independent items claimed from one atomic counter.
+// Parallel loops: run_items (pyattn/cpu_parallel.h), independent items claimed from one atomic counter.
 constexpr double kMinParallelGemm = double(1 << 23);  // multiply-adds below which a GEMM runs on one thread
 constexpr double kMinParallelStep = double(1 << 19);  // multiply-adds per recurrent step, same
 

@@ -166,7 +166,7 @@ struct GRUFwdParams {
 
   bool reverse = false;
   DType dtype = DType::F32;
-  int num_threads = 0;  // threads to use (>= 1; the kernels run their own small pool); results never depend on it
+  int num_threads = 0;  // threads to use (>= 1; run_items in pyattn/cpu_parallel.h); results never depend on it
 };
 
 struct GRUBwdParams {
