@@ -773,15 +773,25 @@ void bwd_impl(const AttnBwdParams& p) {
     }
   });
 
-  // Phase 3: dq = scale * sum over chunks (in order).
+  // Phase 3: dq = scale * sum over chunks (in order), NB columns at a time (lane-wise: the same additions).
   run_items(nth, B * Hq, [&](int64_t bh, int) {
     const int64_t b = bh / Hq, h = bh % Hq;
     T* dq = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+    const V vscale = vset(p.scale);
+    alignas(64) float tmp[NB];
     for (int64_t i = 0; i < Lq; ++i)
-      for (int64_t d = 0; d < D; ++d) {
-        float s = 0.0f;
-        for (int64_t ch = 0; ch < nch; ++ch) s += dqp[size_t(((ch * B * Hq + bh) * Lq + i) * D + d)];
-        dq[i * p.dq_stride[2] + d] = from_f32<T>(s * p.scale);
+      for (int64_t d = 0; d < D; d += NB) {
+        const int n = int(std::min<int64_t>(NB, D - d));
+        V s = vzero();
+        for (int64_t ch = 0; ch < nch; ++ch) s = vadd(s, vldn(dqp + ((ch * B * Hq + bh) * Lq + i) * D + d, n));
+        s = vmul(s, vscale);
+        T* out = dq + i * p.dq_stride[2] + d;
+        if constexpr (std::is_same<T, float>::value) {
+          vstn(out, s, n);
+        } else {
+          vst(tmp, s);
+          for (int k = 0; k < n; ++k) out[k] = from_f32<T>(tmp[k]);
+        }
       }
   });
 }
