@@ -76,10 +76,11 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 def _env_backend() -> Optional[str]:
     """PYATTN_BACKEND as it is now (read on every call, so setting it at run time works). os.environ.get raises and
-    catches a KeyError inside when the variable is unset, which measured 4 us per call inside a training step (two
-    calls per op); the environ's own dict answers in ~50 ns. Falls back to os.environ.get on Pythons without it."""
+    catches a KeyError inside when the variable is unset: inside a training step the backend request took 4.0 us
+    (median) with it, 1.4 us with the environ's own dict (~50 ns alone). Falls back to os.environ.get on Pythons
+    whose os.environ lacks that dict."""
     data = getattr(os.environ, "_data", None)
-    if data is None:
+    if data is None or _ENV_KEY is None:
         return os.environ.get("PYATTN_BACKEND") or None
     v = data.get(_ENV_KEY)
     return os.environ.decodevalue(v) if v else None
