@@ -725,19 +725,18 @@ def test_bitwise_deterministic_threads_dq_chunked(case):
     assert torch.equal(one[1], two[1]), f"dq max diff {(one[1] - two[1]).abs().max().item():.3g}"
 
 
-
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_workspace_reuse_after_nan_and_larger_calls(dtype):
     """The kernels' temporaries come from a per-thread workspace that is reused across calls (csrc/cpu/workspace.cpp):
     a call after a larger one whose inputs were NaN (which leaves NaN panels, partial dQ, l2 rows, widened K/V in
     that workspace) must give the same bits as before, i.e. no temporary is read before this call writes it."""
-    def run(lq, lk, fill=None, causal=False):
+    def run(lq, lk, fill=None):
         q, k, v = make_qkv(2, 3, lq, lk, 40, dtype=dtype, seed=lq + lk)
         if fill is not None:
             for t in (q, k, v):
                 t.fill_(fill)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpp")
+        out = pyattn.scaled_dot_product_attention(q, k, v, backend="cpp")
         return (out.detach(), *torch.autograd.grad(out, (q, k, v), _dout(out.shape, lq)))
 
     before = run(70, 90)

@@ -4,6 +4,7 @@ A forked child that sets one thread, as torch's DataLoader workers do, must run 
 that do not exist in the child) and get the parent's bits. Run in a subprocess: forking pytest's own process (or an
 xdist worker) would be fragile.
 """
+import os
 import subprocess
 import sys
 import textwrap
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_forked_child_with_one_thread_runs_every_kernel_with_the_parents_bits():
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"exit {res.returncode} (3: different bits in the child)\n{res.stderr[-2000:]}"
