@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU checks that fit one short lease (this workplace lends a GPU for ~15 minutes of device time, start-up
+# included): one command, under a wall-clock budget, that
+#   1. builds pyattn with its CUDA extension for this GPU's arch only (sm_90a on Hopper, sm_80 otherwise),
+#   2. runs the `gpu` tests (pytest-xdist workers) and, at the same time, compute-sanitizer memcheck and racecheck
+#      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU),
+#   3. then, alone on the GPU, the benchmarks in priority order (attention --quick, which holds the PERF.md
+#      L >= 4k, D = 128 shapes; then layernorm, gru and decode --quick while the budget lasts),
+# and packs every log, JSON, CSV and plot into one tarball. Each step is cut off by its own share of the budget, so
+# the script ends (and the tarball is written) inside the budget even when a step hangs.
+# scripts/gpu_run.sh is the unhurried version of the same (both architectures, the whole suite, the full benchmark).
+#
+# Usage: bash scripts/gpu_lease.sh      Environment:
+#   PYTHON               the CUDA torch's python (default python3)
+#   PYATTN_LEASE_BUDGET  seconds for the whole script (default 540)
+#   PYATTN_LEASE_OUT     where the tarball and summary go (default $OUT when set, else /tmp/pyattn-lease)
+# Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-tests.log,
+# sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{txt,json,csv}, plots/) and <out>/summary.txt.
+# Exit status: 0 when every step that ran passed and the attention benchmark finished, 1 otherwise.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+BUDGET="${PYATTN_LEASE_BUDGET:-540}"
+DEST="${PYATTN_LEASE_OUT:-${OUT:-/tmp/pyattn-lease}}"
+T0=$SECONDS
+left() { echo $((BUDGET - (SECONDS - T0))); }
+mkdir -p "$DEST"
+
+GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null || true)"
+[ -n "$GPU_NAME" ] || { echo "gpu_lease: torch sees no CUDA device" | tee "$DEST/summary.txt"; exit 1; }
+SLUG="$(printf '%s' "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')"
+RES="$ROOT/benchmarks/results/$SLUG"
+mkdir -p "$RES"
+SUM="$DEST/summary.txt"
+: > "$SUM"
+MAJOR="$("$PY" -c 'import torch; print(torch.cuda.get_device_capability(0)[0])')"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$([ "$MAJOR" -ge 9 ] && echo 9.0a || echo 8.0)}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# The toolchain as scripts/gpu_run.sh sets it: CUDA_HOME from nvcc itself, cuBLAS headers of torch's nvidia wheels.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  probe="$(mktemp -d)"; : > "$probe/x.cu"
+  top="$(cd "$probe" && nvcc --dryrun -c x.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+  rm -rf "$probe"
+  [ -n "$top" ] && [ -d "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
+fi
+NV_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia/cu13/include"
+[ -d "$NV_INC" ] && export CPATH="$NV_INC${CPATH:+:$CPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET PYATTN_BACKEND
+
+FAILED=0
+record() {  # record NAME RC SECONDS
+  local verdict=ok
+  [ "$2" -ne 0 ] && { verdict=FAIL; FAILED=1; }
+  [ "$2" -eq 124 ] && verdict=TIMEOUT
+  printf '%-18s %-7s rc=%-3s %4ss\n' "$1" "$verdict" "$2" "$3" | tee -a "$SUM"
+}
+step() {  # step NAME MAX_SECONDS RESERVE_SECONDS LOG CMD...: run with timeout min(MAX, left - RESERVE)
+  local name="$1" max="$2" reserve="$3" log="$4"; shift 4
+  local lim=$(( $(left) - reserve )); [ "$lim" -gt "$max" ] && lim="$max"
+  if [ "$lim" -lt 10 ]; then echo "$name: skipped, budget spent" | tee -a "$SUM"; return; fi
+  local t0=$SECONDS
+  echo "=== $name (limit ${lim}s): $*" >> "$log"
+  timeout -k 5 "$lim" "$@" >> "$log" 2>&1
+  record "$name" $? $((SECONDS - t0))
+}
+
+{ echo "device: $GPU_NAME (sm_${MAJOR}x), archs $TORCH_CUDA_ARCH_LIST, budget ${BUDGET}s"; nvidia-smi -L
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+} 2>&1 | tee "$RES/env.txt" | tee -a "$SUM"
+
+step build 300 200 "$RES/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+step info 60 180 "$RES/info.txt" "$PY" -m pyattn info
+
+# Tests and sanitizer side by side (correctness only); the benchmarks keep the last ~45% of what is left.
+share=$(( ($(left) * 55) / 100 ))
+t0=$SECONDS
+timeout -k 5 "$share" "$PY" -m pytest -m gpu -n 6 -q -ra -p no:cacheprovider --timeout 240 tests \
+  > "$RES/gpu-tests.log" 2>&1 &
+p_tests=$!
+for tool in memcheck racecheck; do
+  PYATTN_SANITIZE_TOOLS=$tool PYATTN_SANITIZE_TIMEOUT=$((share - 10)) PYTHON="$PY" \
+    timeout -k 5 "$share" bash scripts/gpu_sanitize.sh > "$RES/sanitize-$tool.log" 2>&1 &
+  eval "p_$tool=$!"
+done
+wait "$p_tests"; record gpu-tests $? $((SECONDS - t0))
+wait "$p_memcheck"; record sanitize-memcheck $? $((SECONDS - t0))
+wait "$p_racecheck"; record sanitize-racecheck $? $((SECONDS - t0))
+
+bench() {  # bench OP MAX RESERVE
+  step "bench-$1" "$2" "$3" "$RES/gpu-$1.log" "$PY" -m pyattn bench --op "$1" --device cuda --quick \
+    --json "$RES/gpu-$1.json" --csv "$RES/gpu-$1.csv" --plot "$RES/plots"
+}
+bench attention 240 25
+bench layernorm 90 20
+bench gru 60 15
+bench decode 60 10
+
+echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"
+for tool in memcheck racecheck; do echo "--- $tool"; tail -n 15 "$RES/sanitize-$tool.log"; done
+for op in attention layernorm gru decode; do
+  [ -f "$RES/gpu-$op.log" ] && { echo "--- bench $op"; grep -E "MET|MISS|pyattn:cuda|Traceback|Error" "$RES/gpu-$op.log" | tail -n 40; }
+done
+tar -czf "$DEST/results.tgz" -C "$ROOT/benchmarks/results" "$SLUG"
+echo "--- summary ($(( SECONDS - T0 ))s of ${BUDGET}s)"; cat "$SUM"
+[ -f "$RES/gpu-attention.json" ] || FAILED=1
+exit "$FAILED"
