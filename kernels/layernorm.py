@@ -7,6 +7,9 @@ check (scripts/compile_triton.py).
 Math, per row of s = x (+ residual, rounded to x.dtype), all in fp32:
     LayerNorm: mean = sum(s) / N, var = sum((s - mean)^2) / N, rstd = 1 / sqrt(var + eps)
                xhat = (s - mean) * rstd, y = xhat * w + b
+               (computed as the corrected two-pass of the CUDA and CPU kernels: m1 = sum(s) / N,
+               c = mean(s - m1), var = mean((s - m1)^2) - c^2, xhat = (s - m1) * rstd - c * rstd, stored
+               mean = m1 + c; accurate for rows far from 0, e.g. +1000 offsets)
     RMSNorm:   rstd = 1 / sqrt(sum(s^2) / N + eps), xhat = s * rstd, y = xhat * w
     Backward (wdy = w * dy):
                dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))   [RMSNorm: no mean(wdy) term]
@@ -69,7 +72,8 @@ def _normalize_store(
     W,  # (N,) weight
     B,  # (N,) bias
     s,  # (BLOCK_N,) fp32 block of the row's input
-    mean,
+    m1,  # first estimate of the row mean (0 for RMSNorm)
+    ncr,  # -c * rstd, c = mean(s - m1) the estimate's correction (0 for RMSNorm)
     rstd,
     cols,  # (BLOCK_N,) column indices of the block
     mask,  # (BLOCK_N,) cols < N
@@ -78,11 +82,11 @@ def _normalize_store(
     HAS_BIAS: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
-    """y = (s - mean) * rstd * w + b, stored in Y's dtype. Y already points at the row start."""
+    """y = ((s - m1) * rstd - c * rstd) * w + b, stored in Y's dtype. Y already points at the row start."""
     if IS_RMS:
         y = s * rstd
     else:
-        y = (s - mean) * rstd
+        y = (s - m1) * rstd + ncr
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -129,14 +133,20 @@ def _layer_norm_fwd_kernel(
         if STORE_RESIDUAL:
             tl.store(RO + cols, s.to(RO.dtype.element_ty), mask=mask)
         if IS_RMS:
-            mean = 0.0
+            m1 = 0.0
+            c = 0.0
             var = tl.sum(s * s, axis=0) / N
         else:
-            mean = tl.sum(s, axis=0) / N
-            d = tl.where(mask, s - mean, 0.0)
-            var = tl.sum(d * d, axis=0) / N
+            # Corrected two-pass (the CUDA and CPU kernels' algorithm): m1's rounding (a sum of N values near
+            # +1000 loses ~N * ulp(1000) on the GPU's tree sum) comes back as c = mean(s - m1), which is exact
+            # to fp32 because s - m1 is.
+            m1 = tl.sum(s, axis=0) / N
+            d = tl.where(mask, s - m1, 0.0)
+            c = tl.sum(d, axis=0) / N
+            var = tl.sum(d * d, axis=0) / N - c * c
+            var = tl.where(var < 0.0, 0.0, var)  # rounding can leave it just under 0; NaN stays NaN
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-        _normalize_store(Y, W, B, s, mean, rstd, cols, mask, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
+        _normalize_store(Y, W, B, s, m1, -c * rstd, rstd, cols, mask, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
     else:
         # Pass 1: sum(s) (LayerNorm) or sum(s^2) (RMSNorm); residual_out is written here.
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -151,28 +161,34 @@ def _layer_norm_fwd_kernel(
             else:
                 acc += s
         if IS_RMS:
-            mean = 0.0
+            m1 = 0.0
+            c = 0.0
             var = tl.sum(acc, axis=0) / N
         else:
-            mean = tl.sum(acc, axis=0) / N
-            # Pass 2: centred second moment (two-pass variance: no cancellation for offset inputs).
+            m1 = tl.sum(acc, axis=0) / N
+            # Pass 2: the corrected two-pass moments about m1 (as in the single-chunk branch).
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
-                c = start + cols
-                m = c < N
-                d = tl.where(m, _load_s(X, R, c, m, HAS_RESIDUAL, SOFT_BF16) - mean, 0.0)
-                acc += d * d
-            var = tl.sum(acc, axis=0) / N
+                col = start + cols
+                m = col < N
+                d = tl.where(m, _load_s(X, R, col, m, HAS_RESIDUAL, SOFT_BF16) - m1, 0.0)
+                acc += d
+                acc2 += d * d
+            c = tl.sum(acc, axis=0) / N
+            var = tl.sum(acc2, axis=0) / N - c * c
+            var = tl.where(var < 0.0, 0.0, var)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
         # Last pass: normalize and store. s is recomputed from x (+ r) rather than re-read from RO.
+        ncr = -c * rstd
         for start in range(0, N, BLOCK_N):
-            c = start + cols
-            m = c < N
-            s = _load_s(X, R, c, m, HAS_RESIDUAL, SOFT_BF16)
-            _normalize_store(Y, W, B, s, mean, rstd, c, m, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
+            col = start + cols
+            m = col < N
+            s = _load_s(X, R, col, m, HAS_RESIDUAL, SOFT_BF16)
+            _normalize_store(Y, W, B, s, m1, ncr, rstd, col, m, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
 
     if not IS_RMS:
-        tl.store(Mean + row, mean)
+        tl.store(Mean + row, m1 + c)
     tl.store(Rstd + row, rstd)
 
 

@@ -101,8 +101,16 @@ struct Tiles {
 // row i0 + 16 MT w (each K / V fragment read from shared memory feeds MT mma's); in m-tile mt this thread holds rows
 // ri[mt] = i0 + 16 (MT w + mt) + g and ri[mt] + 8 of the S / O accumulators (g = lane / 4), columns 2t, 2t + 1 of
 // each n-tile.
-template <class E, int HD, int BN, int MT, int NW, bool CAUSAL>
+// FULL: D == Dv == HD, so no k-step or value column is skipped and the mma loops have no run-time exits (which
+// lets ptxas issue the next k-step's ldmatrix ahead of this step's mma's). On sm_8x the causal kernels keep the
+// exits: there the branch-free loops spill registers (scripts/compile_cuda.py).
+template <class E, int HD, int BN, int MT, int NW, bool CAUSAL, bool FULL>
 __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p, const Derived d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr bool kFull = FULL && !CAUSAL;
+#else
+  constexpr bool kFull = FULL;
+#endif
   constexpr int BM = 16 * MT * NW, NT = NW * 32, LD = HD + kPad;
   constexpr int KS = HD / 16;  // k-steps of S = Q K^T
   constexpr int NS = BN / 8;   // n-tiles of S (keys)
@@ -197,7 +205,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
       for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      if (kk * 16 >= D) break;  // zero columns
+      if (!kFull && kk * 16 >= D) break;  // zero columns
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -292,7 +300,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
       }
 #pragma unroll
       for (int d2 = 0; d2 < HD / 16; ++d2) {
-        if (d2 * 16 >= Dv) break;
+        if (!kFull && d2 * 16 >= Dv) break;
         uint32_t bb[4];
         load_b_kn<LD>(bb, Vb, k2 * 16, d2 * 16, lane);
 #pragma unroll
@@ -652,7 +660,7 @@ __global__ void __launch_bounds__(NW * 32)
 
 // dQ. Block: BM = 16 * NW query rows [i0, i0 + BM) of one (b, h), output columns [c0, c0 + DC); key blocks of BN
 // stream through a double buffer. Warp w owns rows i0 + 16 w .. + 15; this thread rows ri, ri + 8.
-template <class E, int HD, int DC, int BN, int NW, bool CAUSAL>
+template <class E, int HD, int DC, int BN, int NW, bool CAUSAL, bool FULL>
 __global__ void __launch_bounds__(NW * 32)
     attn_bwd_dq_kernel(const AttnBwdParams p, const Derived d,
                        const float* __restrict__ lse2,  // (B, Hq, Lq) from attn_bwd_pre_kernel
@@ -740,7 +748,7 @@ __global__ void __launch_bounds__(NW * 32)
     for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      if (kk * 16 >= D) break;
+      if (!FULL && kk * 16 >= D) break;
       uint32_t a[4];
       load_a<LD>(a, Qs, warp * 16, kk * 16, lane);
 #pragma unroll
@@ -768,7 +776,7 @@ __global__ void __launch_bounds__(NW * 32)
     for (int n = 0; n < NS; ++n) dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      if (kk * 16 >= Dv) break;
+      if (!FULL && kk * 16 >= Dv) break;
       uint32_t a[4];
       load_a<LD>(a, Ds, warp * 16, kk * 16, lane);
 #pragma unroll
@@ -800,7 +808,7 @@ __global__ void __launch_bounds__(NW * 32)
                              E::pack(s[2 * k2 + 1][0], s[2 * k2 + 1][1]), E::pack(s[2 * k2 + 1][2], s[2 * k2 + 1][3])};
 #pragma unroll
       for (int d2 = 0; d2 < DC / 16; ++d2) {
-        if (c0 + d2 * 16 >= D) break;
+        if (!FULL && c0 + d2 * 16 >= D) break;
         uint32_t bb[4];
         load_b_kn<LD>(bb, Kb, k2 * 16, c0 + d2 * 16, lane);
         E::mma(dq[2 * d2], a, bb[0], bb[1]);
@@ -865,7 +873,8 @@ cudaError_t prepare(K kernel, size_t smem) {
 template <class E, int HD, bool CAUSAL>
 cudaError_t run_attn_fwd(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
   using T = Tiles<HD>;
-  auto kernel = attn_fwd_kernel<E, HD, T::FWD_BN, T::FWD_MT, T::NW, CAUSAL>;
+  auto kernel = p.D == HD && p.Dv == HD ? attn_fwd_kernel<E, HD, T::FWD_BN, T::FWD_MT, T::NW, CAUSAL, true>
+                                        : attn_fwd_kernel<E, HD, T::FWD_BN, T::FWD_MT, T::NW, CAUSAL, false>;
   cudaError_t err = prepare(kernel, T::fwd_smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = ceil_div(p.Lq, T::FWD_BM) * p.B * p.Hq;
@@ -885,13 +894,15 @@ cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cu
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  auto dkdv = attn_bwd_dkdv_kernel<E, HD, T::DC, T::DKDV_BMQ, T::NW, CAUSAL>;
+  auto dkdv = attn_bwd_dkdv_kernel<E, HD, T::DC, T::DKDV_BMQ, T::NW, CAUSAL>;  // (no FULL: its loops would spill)
   if ((err = prepare(dkdv, T::dkdv_smem)) != cudaSuccess) return err;
   const int64_t dkdv_blocks = ceil_div(p.Lk, 16 * T::NW) * NCH * p.B * p.Hkv;
   dkdv<<<unsigned(dkdv_blocks), T::NW * 32, T::dkdv_smem, stream>>>(p, d, lse2, l2, delta);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  auto dq = attn_bwd_dq_kernel<E, HD, T::DC, T::DQ_BN, T::NW, CAUSAL>;
+  const bool full = p.D == HD && p.Dv == HD;  // FULL: see attn_fwd_kernel
+  auto dq = full ? attn_bwd_dq_kernel<E, HD, T::DC, T::DQ_BN, T::NW, CAUSAL, true>
+                 : attn_bwd_dq_kernel<E, HD, T::DC, T::DQ_BN, T::NW, CAUSAL, false>;
   if ((err = prepare(dq, T::dq_smem)) != cudaSuccess) return err;
   const int64_t dq_blocks = ceil_div(p.Lq, 16 * T::NW) * NCH * p.B * p.Hq;
   dq<<<unsigned(dq_blocks), T::NW * 32, T::dq_smem, stream>>>(p, d, lse2, l2, delta);
