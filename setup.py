@@ -84,14 +84,19 @@ def _extensions():
         "sources": cpu_sources + (cuda_sources if with_cuda else []),
     }
     _write_build_info(info)
+    # The C++ runtime is torch's, the shared libstdc++: "-lstdc++" here comes before the compiler driver's own, so
+    # a toolchain whose g++ links it statically (the GPU machines' /opt/gcc wrapper does) cannot give pyattn._C a
+    # private copy. With that copy every TORCH_CHECK message that formats a number (a shape, an eps) segfaulted
+    # inside the private std::locale, instead of raising.
+    link = ["-fopenmp", "-lstdc++"]
     if with_cuda:
         nvcc = NVCC_FLAGS + [f"-std={std}"]
         ext = CUDAExtension("pyattn._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx + ["-DPYATTN_WITH_CUDA"], "nvcc": nvcc},
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=link)
     else:
         ext = CppExtension("pyattn._C", cpu_sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
