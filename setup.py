@@ -48,6 +48,22 @@ def _cxx_std(torch):
         return "c++17"
 
 
+def _shared_libstdcxx():
+    """[path] of the shared libstdc++ this interpreter loaded with torch (Linux), else [].
+
+    Given to the linker ahead of the compiler driver's own -lstdc++, it makes pyattn._C use torch's C++ runtime even
+    with a g++ whose library directory holds only libstdc++.a (the GPU machines' /opt/gcc wrapper: -B into a gcc
+    tree without libstdc++.so). A private static copy there broke every TORCH_CHECK message that formats a number:
+    its std::locale is never set up, so "got shape [8]" came out as "got shape [" or the process segfaulted.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.isfile(p))[:1]
+
+
 def _write_build_info(info):
     path = os.path.join(ROOT, "pyattn", "_build_info.py")
     with open(path, "w") as f:
@@ -84,11 +100,7 @@ def _extensions():
         "sources": cpu_sources + (cuda_sources if with_cuda else []),
     }
     _write_build_info(info)
-    # The C++ runtime is torch's, the shared libstdc++: "-lstdc++" here comes before the compiler driver's own, so
-    # a toolchain whose g++ links it statically (the GPU machines' /opt/gcc wrapper does) cannot give pyattn._C a
-    # private copy. With that copy every TORCH_CHECK message that formats a number (a shape, an eps) segfaulted
-    # inside the private std::locale, instead of raising.
-    link = ["-fopenmp", "-lstdc++"]
+    link = ["-fopenmp"] + _shared_libstdcxx()
     if with_cuda:
         nvcc = NVCC_FLAGS + [f"-std={std}"]
         ext = CUDAExtension("pyattn._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
