@@ -14,13 +14,13 @@ from typing import Iterator, Optional
 from .backend import Backend, OpInputs
 
 # Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
-# CUDA devices: "cuda" comes AFTER "triton" on purpose. The CUDA C++ kernels (csrc/cuda) have been compiled offline
-# (scripts/compile_cuda.py, scripts/build_cuda_ext.sh) but have never run at all, while the Triton kernels have
-# run (in the Triton interpreter, against the float64 oracle; neither has run on a GPU yet); so an unforced call on
-# a GPU takes Triton, and `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces
-# the CUDA kernels. An op's "cuda" moves back before "triton" once a GPU session has passed its tests/test_gpu.py
-# suites and scripts/gpu_sanitize.sh (memcheck + racecheck) on backend "cuda" and its benchmark beats Triton's
-# (docs/design.md, "CUDA backend status").
+# CUDA devices: "cuda" comes AFTER "triton" on purpose. On the one GPU run so far (H200, 2026-11-26,
+# benchmarks/results/nvidia-h200/NOTES.md) both passed tests/test_gpu.py and compute-sanitizer, but the CUDA C++
+# kernels were slower than Triton's for attention (0.53x torch's flash backend forward vs Triton's 1.19x) and GRU,
+# and mixed for the norms (faster in fp32, slower in bf16); so an unforced call on a GPU takes Triton, and
+# `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An op's "cuda" moves before
+# "triton" once, on a GPU, it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh (memcheck +
+# racecheck) on backend "cuda" and its benchmark beats Triton's (docs/design.md, "CUDA backend status").
 PRIORITY: dict[tuple[str, str], list[str]] = {
     ("attention", "cuda"): ["triton", "cuda", "torch"],
     ("attention", "cpu"): ["cpp", "torch"],
