@@ -3,7 +3,8 @@
 # included): one command, under a wall-clock budget, that
 #   1. builds pyattn with its CUDA extension for this GPU's arch only (sm_90a on Hopper, sm_80 otherwise),
 #   2. runs the `gpu` tests (pytest-xdist workers) and, at the same time, compute-sanitizer memcheck and racecheck
-#      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU),
+#      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU) and the
+#      rest of the suite (the CPU tests, under this machine's torch / Triton / compiler),
 #   3. then, alone on the GPU, the benchmarks in priority order (attention --quick, which holds the PERF.md
 #      L >= 4k, D = 128 shapes; then layernorm, gru and decode --quick while the budget lasts),
 # and packs every log, JSON, CSV and plot into one tarball. Each step is cut off by its own share of the budget, so
@@ -14,8 +15,8 @@
 #   PYTHON               the CUDA torch's python (default python3)
 #   PYATTN_LEASE_BUDGET  seconds for the whole script (default 540)
 #   PYATTN_LEASE_OUT     where the tarball and summary go (default $OUT when set, else /tmp/pyattn-lease)
-# Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-tests.log,
-# sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{txt,json,csv}, plots/) and <out>/summary.txt.
+# Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-tests.log, cpu-tests.log,
+# sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and <out>/summary.txt.
 # Exit status: 0 when every step that ran passed and the attention benchmark finished, 1 otherwise.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,12 +80,17 @@ t0=$SECONDS
 timeout -k 5 "$share" "$PY" -m pytest -m gpu -n 6 -q -ra -p no:cacheprovider --timeout 240 tests \
   > "$RES/gpu-tests.log" 2>&1 &
 p_tests=$!
+# The CPU tests too: on the H200 they would have caught the static-libstdc++ build (tests/test_extension_runtime.py).
+timeout -k 5 "$share" "$PY" -m pytest -m "not gpu" -n 6 -q -ra -p no:cacheprovider --timeout 240 tests \
+  > "$RES/cpu-tests.log" 2>&1 &
+p_cpu=$!
 for tool in memcheck racecheck; do
   PYATTN_SANITIZE_TOOLS=$tool PYATTN_SANITIZE_TIMEOUT=$((share - 10)) PYTHON="$PY" \
     timeout -k 5 "$share" bash scripts/gpu_sanitize.sh > "$RES/sanitize-$tool.log" 2>&1 &
   eval "p_$tool=$!"
 done
 wait "$p_tests"; record gpu-tests $? $((SECONDS - t0))
+wait "$p_cpu"; record cpu-tests $? $((SECONDS - t0))
 wait "$p_memcheck"; record sanitize-memcheck $? $((SECONDS - t0))
 wait "$p_racecheck"; record sanitize-racecheck $? $((SECONDS - t0))
 
@@ -97,7 +103,7 @@ bench layernorm 90 20
 bench gru 60 15
 bench decode 60 10
 
-echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"
+echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"; echo "--- cpu tests"; tail -n 15 "$RES/cpu-tests.log"
 for tool in memcheck racecheck; do echo "--- $tool"; tail -n 15 "$RES/sanitize-$tool.log"; done
 for op in attention layernorm gru decode; do
   [ -f "$RES/gpu-$op.log" ] && { echo "--- bench $op"; grep -E "MET|MISS|pyattn:cuda|Traceback|Error" "$RES/gpu-$op.log" | tail -n 40; }
