@@ -38,15 +38,8 @@ SUM="$DEST/summary.txt"
 MAJOR="$("$PY" -c 'import torch; print(torch.cuda.get_device_capability(0)[0])')"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$([ "$MAJOR" -ge 9 ] && echo 9.0a || echo 8.0)}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-# The toolchain as scripts/gpu_run.sh sets it: CUDA_HOME from nvcc itself, cuBLAS headers of torch's nvidia wheels.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  probe="$(mktemp -d)"; : > "$probe/x.cu"
-  top="$(cd "$probe" && nvcc --dryrun -c x.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
-  rm -rf "$probe"
-  [ -n "$top" ] && [ -d "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
-fi
-NV_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia/cu13/include"
-[ -d "$NV_INC" ] && export CPATH="$NV_INC${CPATH:+:$CPATH}"
+# shellcheck source=scripts/cuda_env.sh
+. "$ROOT/scripts/cuda_env.sh"  # CUDA_HOME, CPATH for the CUDA build
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET PYATTN_BACKEND
 

@@ -22,17 +22,8 @@ fi
 PY="${PYTHON:-python}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}"
 export MAX_JOBS="${MAX_JOBS:-16}"
-# The CUDA build's toolchain, as scripts/build_cuda_ext.sh sets it: CUDA_HOME from nvcc itself (the nvcc on PATH may
-# be a wrapper, which defeats torch's guess), and the cuBLAS/cuSPARSE headers of torch's nvidia wheels on CPATH when
-# the toolkit lacks them.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  probe="$(mktemp -d)"; : > "$probe/x.cu"
-  top="$(cd "$probe" && nvcc --dryrun -c x.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
-  rm -rf "$probe"
-  [ -n "$top" ] && [ -d "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
-fi
-NV_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia/cu13/include"
-[ -d "$NV_INC" ] && export CPATH="$NV_INC${CPATH:+:$CPATH}"
+# shellcheck source=scripts/cuda_env.sh
+. "$ROOT/scripts/cuda_env.sh"  # CUDA_HOME, CPATH for the CUDA build
 
 # The device slug: the GPU's name as torch (else nvidia-smi) reports it, e.g. nvidia-h100-80gb-hbm3.
 GPU_NAME="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' \
