@@ -194,7 +194,17 @@ def test_compile_cuda_rejects_an_unknown_file(tmp_path):
     assert p.returncode != 0 and "no csrc/cuda/no_such_kernel_file.cu" in (p.stdout + p.stderr)
 
 
-@pytest.mark.parametrize("script", ["build_cuda_ext.sh", "gpu_sanitize.sh", "gpu_run.sh", "test.sh"])
+@pytest.mark.parametrize("script", ["build_cuda_ext.sh", "gpu_sanitize.sh", "gpu_run.sh", "gpu_lease.sh",
+                                    "cuda_env.sh", "test.sh"])
 def test_shell_scripts_parse(script):
     p = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", script)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu_lease.sh would build and run")
+def test_gpu_lease_without_a_gpu_says_so_and_fails(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, PYATTN_LEASE_OUT=str(tmp_path))
+    p = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_lease.sh")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 1
+    assert "torch sees no CUDA device" in (tmp_path / "summary.txt").read_text()
