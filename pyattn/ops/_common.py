@@ -24,6 +24,13 @@ def check_same_device(**tensors) -> None:
 # ---- ops: a torch custom op, and a direct path for plain eager calls ---------------------------------
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Bound once: this runs on every op call (twice for a forward + backward), where attribute lookups through torch._C
+# and a generator over the arguments cost more than the checks themselves.
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+_functorch_top = torch._C._functorch.peek_interpreter_stack
 
 
 def plain_eager(args) -> bool:
@@ -31,15 +38,13 @@ def plain_eager(args) -> bool:
     dispatch mode (FakeTensorMode, proxy tracing, FlopCounterMode, ...), no torch function mode, no functorch
     transform (vmap, grad), and only plain, non-meta tensors or Parameters among the arguments. Anything else
     takes the registered custom op, which those systems understand."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._is_tracing()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-    ):
+    if (_is_compiling() or _is_tracing() or _dispatch_stack_len() > 0 or _function_mode_on()
+            or _functorch_top() is not None):
         return False
-    return all(type(a) in _PLAIN and not a.is_meta for a in args if isinstance(a, torch.Tensor))
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta):
+            return False
+    return True
 
 
 class Op:

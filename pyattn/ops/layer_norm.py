@@ -64,6 +64,12 @@ class NormInputs(OpInputs):
 
 
 def _normalize_shape(normalized_shape) -> tuple[int, ...]:
+    kind = type(normalized_shape)
+    if kind is int:  # the common forms first: n, (n,), [n], torch.Size([n])
+        return (normalized_shape,)
+    if (kind is tuple or kind is list or kind is torch.Size) and len(normalized_shape) == 1 \
+            and type(normalized_shape[0]) is int:
+        return (normalized_shape[0],)
     if isinstance(normalized_shape, numbers.Integral):
         return (int(normalized_shape),)
     return tuple(int(s) for s in normalized_shape)
@@ -99,8 +105,11 @@ def _validate(x: Tensor, normalized_shape, weight, bias, eps, residual, rms: boo
         if residual.dtype != x.dtype:
             raise RuntimeError(f"Expected residual to have the input's dtype {dtype_name(x.dtype)}, got "
                                f"{dtype_name(residual.dtype)}")
-    check_same_device(input=x, weight=weight, bias=bias, residual=residual)
-    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+    dev = x.device
+    if any(t is not None and t.device != dev for t in (weight, bias, residual)):
+        check_same_device(input=x, weight=weight, bias=bias, residual=residual)  # raises, naming the tensors
+    if not (type(eps) is float and 0.0 < eps < math.inf) and (
+            not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return shape
 
