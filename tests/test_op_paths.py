@@ -193,3 +193,54 @@ def test_unused_outputs_get_no_grad_tensors():
     rx, rh = torch.autograd.grad(h_ref.sum(), (xs, h0))
     torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-5)
+
+
+def _sdpa_cases():
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v = r(2, 4, 5, 8), r(2, 4, 6, 8), r(2, 4, 6, 3)
+    kpm = torch.rand(2, 1, 1, 6, generator=g) > 0.3
+    return [
+        ("plain", (q, k, v), {}),
+        ("causal", (q, k, v), {"is_causal": True}),
+        ("bool mask", (q, k, v), {"attn_mask": kpm}),
+        ("float mask", (q, k, v), {"attn_mask": r(1, 4, 5, 6)}),
+        ("expanded mask", (q, k, v), {"attn_mask": kpm.expand(2, 4, 5, 6)}),
+        ("strided mask", (q, k, v), {"attn_mask": r(2, 4, 6, 5).transpose(2, 3)}),
+        ("gqa", (q, r(2, 2, 6, 8), r(2, 2, 6, 3)), {"enable_gqa": True}),
+        ("mqa broadcast", (q, r(2, 1, 6, 8), r(2, 1, 6, 3)), {}),
+        ("scale dropout", (q, k, v), {"scale": 0.3, "dropout_p": 0.2}),
+        ("transposed heads", (r(2, 5, 4, 8).transpose(1, 2), k, v), {}),
+        ("strided last dim", (r(2, 4, 8, 5).transpose(2, 3), k, v), {}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_sdpa_fast_preparation_equals_the_general_one(case):
+    """_prepare_sdpa_4d (the plain 4-D call) gives exactly what the general broadcasting path gives."""
+    name, (q, k, v), kw = _sdpa_cases()[case]
+    args = (q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), kw.get("is_causal", False), kw.get("scale"),
+            kw.get("enable_gqa", False))
+    fast = attn_ops._prepare_sdpa_4d(*args)
+    assert fast is not None, name
+    general = attn_ops._prepare_sdpa_general(*args)
+    assert fast[1] == general[1], name
+    a, b = fast[0], general[0]
+    for field in ("q", "k", "v", "mask"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), (name, field)
+        if x is not None:
+            assert x.shape == y.shape and x.stride() == y.stride() and torch.equal(x, y), (name, field)
+    for field in ("dropout_p", "causal", "bottom_right", "scale", "needs_grad"):
+        assert getattr(a, field) == getattr(b, field), (name, field)
+
+
+def test_sdpa_fast_preparation_leaves_other_calls_to_the_general_path():
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8)
+    assert attn_ops._prepare_sdpa_4d(q[0], k[0], k[0], None, 0.0, False, None, False) is None  # 3-D
+    assert attn_ops._prepare_sdpa_4d(q, k[:1], k[:1], None, 0.0, False, None, False) is None  # batch broadcast
+    assert attn_ops._prepare_sdpa_4d(q, k[:, :3], k[:, :3], None, 0.0, False, None, True) is None  # 3 !| 4 heads
+    assert attn_ops._prepare_sdpa_4d(q, k, k[:, :, :5], None, 0.0, False, None, False) is None  # Lk mismatch
+    assert attn_ops._prepare_sdpa_4d(q, k, k, torch.ones(5, 6, dtype=torch.bool), 0.0, False, None, False) is None
+    with pytest.raises(RuntimeError, match="same sequence length"):  # and the general path raises torch's error
+        pyattn.scaled_dot_product_attention(q, k, k[:, :, :5])

@@ -72,10 +72,10 @@ class Op:
     def __call__(self, *args):
         if not plain_eager(args):
             return self.op(*args)
-        if self.function is not None and torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        ):
-            return self.function.apply(*args)
+        if self.function is not None and torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return self.function.apply(*args)
         return self.impl(*args)
 
 
