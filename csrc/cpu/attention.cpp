@@ -174,7 +174,12 @@ void add_mask_t(const AttnCommon& p, const char* base, int64_t i0, int nq, int64
   for (int j = 0; j < nk; ++j) {
     const MT* mj = m + (j0 + j) * sj + i0 * si;
     float* row = st + j * BM;
-    for (int i = 0; i < nq; ++i) row[i] += mask_log2(to_f32(mj[i * si]));
+    if (si == 0) {  // the same value for every query (a key-padding mask): one conversion, a vector add
+      const float v = mask_log2(to_f32(mj[0]));
+      for (int i = 0; i < nq; ++i) row[i] += v;
+    } else {
+      for (int i = 0; i < nq; ++i) row[i] += mask_log2(to_f32(mj[i * si]));
+    }
   }
 }
 
@@ -190,8 +195,12 @@ void apply_masks(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq, 
       for (int j = 0; j < nk; ++j) {
         const uint8_t* mj = m + (j0 + j) * sj + i0 * si;
         float* row = st + j * BM;
-        for (int i = 0; i < nq; ++i)
-          if (!mj[i * si]) row[i] = -kInf;
+        if (si == 0) {  // the same flag for every query (a key-padding mask): the key is in or out for all
+          if (!mj[0]) std::fill(row, row + nq, -kInf);
+        } else {
+          for (int i = 0; i < nq; ++i)
+            if (!mj[i * si]) row[i] = -kInf;
+        }
       }
     } else if (p.mask_dtype == DType::F32) {
       add_mask_t<float>(p, base, i0, nq, j0, nk, st);
