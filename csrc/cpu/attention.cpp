@@ -171,6 +171,15 @@ template <class MT>
 void add_mask_t(const AttnCommon& p, const char* base, int64_t i0, int nq, int64_t j0, int nk, float* st) {
   const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
   const MT* m = reinterpret_cast<const MT*>(base);
+  if (si != 0 && sj == 1) {  // a mask row per query, contiguous along the keys: query by query, the row's keys
+    float v[BN];             // converted as a vector, then added into lane i of the key-major tile
+    for (int i = 0; i < nq; ++i) {
+      const MT* mi = m + (i0 + i) * si + j0;
+      for (int j = 0; j < nk; ++j) v[j] = mask_log2(to_f32(mi[j]));
+      for (int j = 0; j < nk; ++j) st[j * BM + i] += v[j];
+    }
+    return;
+  }
   for (int j = 0; j < nk; ++j) {
     const MT* mj = m + (j0 + j) * sj + i0 * si;
     float* row = st + j * BM;
@@ -183,8 +192,8 @@ void add_mask_t(const AttnCommon& p, const char* base, int64_t i0, int nq, int64
   }
 }
 
-// Applies the attention mask and the causal diagonal to a transposed log2-domain tile st (nk keys from j0 x BM
-// queries from i0; lanes >= nq are left alone).
+// Applies the attention mask and the causal diagonal to a transposed log2-domain tile st (nk <= BN keys from j0 x
+// BM queries from i0; lanes >= nq are left alone).
 void apply_masks(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq, int64_t j0, int nk, float* st) {
   if (p.mask_kind != MaskKind::None) {
     const int64_t esize = p.mask_kind == MaskKind::Bool ? 1 : (p.mask_dtype == DType::F32 ? 4 : 2);
@@ -192,14 +201,21 @@ void apply_masks(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq, 
     if (p.mask_kind == MaskKind::Bool) {
       const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
       const uint8_t* m = reinterpret_cast<const uint8_t*>(base);
-      for (int j = 0; j < nk; ++j) {
-        const uint8_t* mj = m + (j0 + j) * sj + i0 * si;
-        float* row = st + j * BM;
-        if (si == 0) {  // the same flag for every query (a key-padding mask): the key is in or out for all
-          if (!mj[0]) std::fill(row, row + nq, -kInf);
-        } else {
-          for (int i = 0; i < nq; ++i)
-            if (!mj[i * si]) row[i] = -kInf;
+      if (si != 0 && sj == 1) {  // as add_mask_t: mask row i0 + i along the keys into lane i, without branches
+        for (int i = 0; i < nq; ++i) {
+          const uint8_t* mi = m + (i0 + i) * si + j0;
+          for (int j = 0; j < nk; ++j) st[j * BM + i] = mi[j] ? st[j * BM + i] : -kInf;
+        }
+      } else {
+        for (int j = 0; j < nk; ++j) {
+          const uint8_t* mj = m + (j0 + j) * sj + i0 * si;
+          float* row = st + j * BM;
+          if (si == 0) {  // the same flag for every query (a key-padding mask): the key is in or out for all
+            if (!mj[0]) std::fill(row, row + nq, -kInf);
+          } else {
+            for (int i = 0; i < nq; ++i)
+              if (!mj[i * si]) row[i] = -kInf;
+          }
         }
       }
     } else if (p.mask_dtype == DType::F32) {
