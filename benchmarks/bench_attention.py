@@ -3,6 +3,10 @@
 Cases: (B, H, L, D) self-attention, causal and not, modes fwd / bwd / fwd+bwd.
 * GPU: bf16, B*L = 16k tokens, H = 2048 / D heads, D in 64, 128, L in 512 .. 16384 (``--quick``: L 1024, 4096).
 * CPU: fp32, B=1, H=8, D=64, L in 1024, 2048, 4096 (``--quick``: 1024), the PERF.md CPU shapes.
+* ``attention_masked`` (CPU): the same shapes at L in 1024, 2048 (``--quick``: 1024), non-causal, with a mask (shape
+  entry ``mask``): ``pad`` a bool key-padding mask (B, 1, 1, L) hiding the last eighth of the keys, ``full`` an additive
+  (B, 1, L, L) float mask (0 / -inf, 10% of the keys hidden at random per query, none of a row's first 8 keys: the
+  4-D form Hugging Face models pass).
 Providers: every torch SDPA backend forced one by one through ``torch.nn.attention.sdpa_kernel`` (flash, efficient,
 cudnn on GPU; flash and math on CPU; a backend torch refuses for a case is noted, not timed), and pyattn's
 ``scaled_dot_product_attention`` on each pyattn backend that accepts the input (never Triton on CPU, where it only
@@ -41,6 +45,7 @@ except ImportError:  # run as a plain module from the benchmarks/ folder
 MODES = ("fwd", "bwd", "fwd+bwd")
 REFERENCE_MAX_L = 2048  # the torch reference backend materialises (B, H, L, L)
 MEMORY_OP = "attention_memory"
+MASKED_OP = "attention_masked"
 MEMORY_WARMUP_L = 64    # the memory probe's warm-up call (libraries loaded, thread pools started) runs at this L
 
 
@@ -78,6 +83,13 @@ def cases(ctx: BenchContext) -> list[Case]:
                 else:
                     for seq in ((1024,) if ctx.quick else (1024, 2048, 4096)):
                         out.append(Case(op, mode, {"B": 1, "H": 8, "L": seq, "D": 64}, dt, ctx.device, x="L"))
+        if not gpu:
+            for mask in ("pad", "full"):
+                for mode in MODES:
+                    seqs = (32,) if ctx.tiny else (1024,) if ctx.quick else (1024, 2048)
+                    for seq in seqs:
+                        shape = {"B": 1, "H": 2 if ctx.tiny else 8, "L": seq, "D": 16 if ctx.tiny else 64, "mask": mask}
+                        out.append(Case(MASKED_OP, mode, shape, dt, ctx.device, x="L"))
     return out
 
 
@@ -85,7 +97,17 @@ def make_inputs(case: Case) -> dict:
     B, H, L, D = (case.shape[k] for k in ("B", "H", "L", "D"))
     g = torch.Generator(device="cpu").manual_seed(99 + L + D)
     mk = lambda: torch.randn(B, H, L, D, generator=g).to(device=case.device, dtype=case.dtype)  # noqa: E731
-    return {"q": mk(), "k": mk(), "v": mk(), "dout": mk()}
+    inputs = {"q": mk(), "k": mk(), "v": mk(), "dout": mk()}
+    kind = case.shape.get("mask")
+    if kind == "pad":
+        keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+        keep[..., L - L // 8:] = False
+        inputs["mask"] = keep.to(case.device)
+    elif kind == "full":
+        hide = torch.rand(B, 1, L, L, generator=g) < 0.1
+        hide[..., :8] = False
+        inputs["mask"] = torch.zeros(B, 1, L, L).masked_fill(hide, float("-inf")).to(case.device, case.dtype)
+    return inputs
 
 
 def work_for(case: Case) -> Work:
@@ -114,7 +136,7 @@ def _timed(case: Case, inputs: dict, attend):
     return fwd_bwd
 
 
-def _sdpa_attend(backend_name: str, causal: bool):
+def _sdpa_attend(backend_name: str, causal: bool, mask=None):
     """``attend(q, k, v)`` through torch SDPA forced to one backend (``SDPBackend`` member name)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -122,17 +144,18 @@ def _sdpa_attend(backend_name: str, causal: bool):
 
     def attend(q, k, v):
         with sdpa_kernel([sdp]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return attend
 
 
-def _pyattn_attend(backend: str, causal: bool):
-    return lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
+def _pyattn_attend(backend: str, causal: bool, mask=None):
+    return lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                               backend=backend)
 
 
 def _torch_sdpa(backend_name: str):
     def factory(case: Case, inputs: dict):
-        attend = _sdpa_attend(backend_name, case.op == "attention_causal")
+        attend = _sdpa_attend(backend_name, case.op == "attention_causal", inputs.get("mask"))
         fn = _timed(case, inputs, attend)
         try:
             fn()  # torch raises "No available kernel" when the forced backend cannot take the case
@@ -144,7 +167,7 @@ def _torch_sdpa(backend_name: str):
 
 def _pyattn(backend: str):
     def factory(case: Case, inputs: dict):
-        return _timed(case, inputs, _pyattn_attend(backend, case.op == "attention_causal"))
+        return _timed(case, inputs, _pyattn_attend(backend, case.op == "attention_causal", inputs.get("mask")))
     return factory
 
 
