@@ -274,10 +274,23 @@ def _canonical_mask(mask: Tensor, batch: tuple, b: int) -> Tensor:
         mask = mask.expand(tuple(batch) + tuple(mask.shape[len(batch) :])).reshape(
             (b,) + tuple(mask.shape[len(batch) :])
         )
-    for d in range(4):  # a dim broadcast by expand (stride 0) is a size-1 dim
+    return _drop_broadcast(mask)
+
+
+def _drop_broadcast(mask: Tensor) -> Tensor:
+    """A 4-D mask with each dim broadcast by expand (stride 0) narrowed to size 1, and a unit last stride."""
+    for d in range(4):
         if mask.shape[d] > 1 and mask.stride(d) == 0:
             mask = mask.narrow(d, 0, 1)
     return _unit_last(mask)
+
+
+def _default_scale(scale, d: int) -> float:
+    return float(scale) if scale is not None else (1.0 / math.sqrt(d) if d > 0 else 1.0)
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def _broadcast(sizes, what: str) -> int:
@@ -316,16 +329,9 @@ def _prepare_sdpa_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     mask = None
     if attn_mask is not None:
         _check_mask(attn_mask, query, (b, hq, lq, lk))
-        mask = attn_mask
-        for dim in range(4):  # a dim broadcast by expand (stride 0) is a size-1 dim
-            if mask.shape[dim] > 1 and mask.stride(dim) == 0:
-                mask = mask.narrow(dim, 0, 1)
-        mask = _unit_last(mask)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        mask = _drop_broadcast(attn_mask)
     inputs = AttentionInputs(_unit_last(query), _unit_last(key), _unit_last(value), mask, float(dropout_p),
-                             bool(is_causal), False, float(scale), needs_grad)
+                             bool(is_causal), False, _default_scale(scale, d), _needs_grad(query, key, value))
     return inputs, (b, hq, lq, dv)
 
 
@@ -387,9 +393,6 @@ def _prepare_sdpa_general(query, key, value, attn_mask, dropout_p, is_causal, sc
     if attn_mask is not None:
         _check_mask(attn_mask, query, batch + (h, lq, lk))
         mask = _canonical_mask(attn_mask, batch, b)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     inputs = AttentionInputs(
         _unit_last(q),
         _unit_last(k),
@@ -398,8 +401,8 @@ def _prepare_sdpa_general(query, key, value, attn_mask, dropout_p, is_causal, sc
         float(dropout_p),
         bool(is_causal),
         False,
-        float(scale),
-        needs_grad,
+        _default_scale(scale, d),
+        _needs_grad(query, key, value),
     )
     out_shape = (lq, dv) if rank == 2 else batch + (h, lq, dv)
     return inputs, out_shape
@@ -425,9 +428,6 @@ def _prepare_flash(q, k, v, dropout_p, softmax_scale, causal) -> AttentionInputs
             f"Number of heads in key/value must divide number of heads in query (q has {hq} heads, "
             f"k {hk}, v {hv}; k and v need the same number)"
         )
-    d = q.shape[-1]
-    scale = softmax_scale if softmax_scale is not None else (1.0 / math.sqrt(d) if d > 0 else 1.0)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return AttentionInputs(
         _unit_last(q.transpose(1, 2)),
         _unit_last(k.transpose(1, 2)),
@@ -436,8 +436,8 @@ def _prepare_flash(q, k, v, dropout_p, softmax_scale, causal) -> AttentionInputs
         float(dropout_p),
         bool(causal),
         True,
-        float(scale),
-        needs_grad,
+        _default_scale(softmax_scale, q.shape[-1]),
+        _needs_grad(q, k, v),
     )
 
 
