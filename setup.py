@@ -9,6 +9,7 @@ No network access happens here.
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -23,6 +24,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # of strings) to compile every .cu standalone with the same flags.
 # The C++ standard is added by _extensions() (_cxx_std: C++20 when the installed torch requires it, else C++17).
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+
+
+def _sm90a_flags(archs):
+    """-DPYATTN_SM90A when TORCH_CUDA_ARCH_LIST gives sm_90a machine code (the wgmma attention forward of
+    csrc/cuda/attention_sm90.cu) and no plain sm_90 code that a Hopper GPU could run instead (whose copy of that kernel
+    is empty): without it the host never launches the sm_90a kernel."""
+    entries = [e for e in re.split(r"[;\s]+", archs) if e]
+    has_90a = any(e.split("+")[0] == "9.0a" for e in entries)
+    has_90 = any(e.split("+")[0] == "9.0" for e in entries)
+    return ["-DPYATTN_SM90A"] if has_90a and not has_90 else []
 
 
 def _rel(paths):
@@ -102,7 +113,7 @@ def _extensions():
     _write_build_info(info)
     link = ["-fopenmp"] + _shared_libstdcxx()
     if with_cuda:
-        nvcc = NVCC_FLAGS + [f"-std={std}"]
+        nvcc = NVCC_FLAGS + [f"-std={std}"] + _sm90a_flags(archs)
         ext = CUDAExtension("pyattn._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx + ["-DPYATTN_WITH_CUDA"], "nvcc": nvcc},
                             extra_link_args=link)

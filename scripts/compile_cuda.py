@@ -6,9 +6,9 @@ the flags the real build (setup.py + torch.utils.cpp_extension) uses:
     --compiler-options -fPIC   setup.py's NVCC_FLAGS (read from setup.py)   -std=c++17   -gencode=arch=compute_XX,code=sm_XX
 plus `-Werror all-warnings -Xcompiler -Wall,-Werror -Xptxas -v`, and only -I csrc/include on the include path
 (kernels are torch-free). ptxas' report is parsed per kernel; the check fails (exit 1) on a compile error or
-warning, on any register spill ("bytes spill stores/loads" > 0), or on static shared memory above the per-block
-limit of the arch. Stack frames (local arrays, calls) are reported but do not fail the check. Shared memory a
-kernel allocates dynamically at launch is not visible here: its launcher must check it against the device.
+warning, on any register spill ("bytes spill stores/loads" > 0), on static shared memory above the per-block limit
+of the arch, or on ptxas' "Potential Performance Loss" notes (wgmma serialized). Stack frames (local arrays, calls)
+are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here: its launcher must check it against the device.
 
     python scripts/compile_cuda.py                      # every csrc/cuda/*.cu for sm_80 and sm_90a
     python scripts/compile_cuda.py --only layer_norm --arch 90 -v
@@ -85,7 +85,7 @@ def find_nvcc() -> str | None:
 def nvcc_command(nvcc: str, src: str, arch: int, out: str) -> list[str]:
     return ([nvcc, "-c", src, "-o", out, "-I", os.path.join(REPO, "csrc", "include")]
             + TORCH_COMMON_NVCC_FLAGS + ["--compiler-options", "-fPIC"] + setup_nvcc_flags() + [STD_FLAG]
-            + [gencode(arch)] + STRICT_FLAGS)
+            + [gencode(arch)] + (["-DPYATTN_SM90A"] if arch == 90 else []) + STRICT_FLAGS)
 
 
 # ---- ptxas -v report ---------------------------------------------------------------------------------------
@@ -215,6 +215,11 @@ def compile_one(job) -> dict:
     problems = []
     if warnings:  # -Werror should have turned them into errors; ptxas warnings can still slip through
         problems.append("warnings:\n" + "\n".join(warnings[:20]))
+    # ptxas' "Potential Performance Loss" notes (an info line, not a warning): wgmma serialized because registers of
+    # one in flight are touched before its wait (attention_sm90.cu), or the like. Always a kernel bug here.
+    losses = [ln for ln in log.splitlines() if "Potential Performance Loss" in ln]
+    if losses:
+        problems.append("ptxas performance-loss notes:\n" + "\n".join(losses[:20]))
     for k in res["kernels"]:
         k["problems"] = kernel_problems(k)
         if k["problems"]:

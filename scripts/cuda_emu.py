@@ -75,8 +75,18 @@ def transform(src: str) -> str:
         % (m.group(1), m.group(2), m.group(1)), res)
 
 
+def _first_arg(args: str) -> str:
+    """The first of comma-separated macro arguments (commas inside parentheses or <> do not split)."""
+    depth = 0
+    for i, ch in enumerate(args):
+        depth += {"(": 1, "<": 1, ")": -1, ">": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            return args[:i]
+    return args
+
+
 def _add_launch_bounds_checks(src: str) -> str:
-    """`__launch_bounds__(E) name(...) {` -> the same with `::pyattn_emu::check_launch_bounds(E, ...);` first in the
+    """`__launch_bounds__(E[, B]) name(...) {` -> the same with `::pyattn_emu::check_launch_bounds(E, ...);` first in the
     body (E may use the kernel's template parameters; inserted on the brace's line, so line numbers stay)."""
     out, pos = [], 0
     for m in re.finditer(r"__launch_bounds__\(", src):
@@ -84,7 +94,7 @@ def _add_launch_bounds_checks(src: str) -> str:
         while depth:
             depth += {"(": 1, ")": -1}.get(src[i], 0)
             i += 1
-        expr = src[m.end():i - 1]
+        expr = _first_arg(src[m.end():i - 1])  # max threads (a second argument, min blocks per SM, is not checked)
         brace, semi = src.find("{", i), src.find(";", i)
         if brace < 0 or (0 <= semi < brace):
             continue  # a declaration
@@ -124,6 +134,18 @@ def sources() -> list[str]:
     return out
 
 
+def _shared_libstdcxx() -> list[str]:
+    """[path] of the shared libstdc++ this interpreter loaded with torch, else []: linked by path, as setup.py does
+    for pyattn._C (its _shared_libstdcxx says why: a g++ that links a private static libstdc++ breaks every
+    TORCH_CHECK message that formats a number; on the GPU machines that crashed the emulator's refusal tests)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.isfile(p))[:1]
+
+
 def build(verbose: bool = False, asan: bool = False) -> str:
     """Build (incrementally) and load the emulator library; returns its path. torch.ops.pyattn_emu is then defined.
     `asan`: the AddressSanitizer variant (its own build directory), loadable only with libasan preloaded."""
@@ -137,7 +159,7 @@ def build(verbose: bool = False, asan: bool = False) -> str:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     load(name=name, sources=sources(), build_directory=build_dir, is_python_module=False, verbose=verbose,
          extra_include_paths=[os.path.join(ROOT, "csrc", p) for p in ("emu/include", "include", "cuda")],
-         extra_cflags=flags, extra_ldflags=["-fsanitize=address"] if asan else None)
+         extra_cflags=flags, extra_ldflags=(["-fsanitize=address"] if asan else []) + _shared_libstdcxx())
     assert hasattr(torch.ops, "pyattn_emu")
     return os.path.join(build_dir, name + ".so")
 

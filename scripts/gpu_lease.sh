@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks that fit one short lease (this workplace lends a GPU for ~15 minutes of device time, start-up
 # included): one command, under a wall-clock budget, that
-#   1. builds pyattn with its CUDA extension for this GPU's arch only (sm_90a on Hopper, sm_80 otherwise),
+#   1. builds pyattn with its CUDA extension for this GPU's arch only (sm_90a on Hopper, sm_80 otherwise), then
+#      times the CUDA attention forward's kernels against each other and torch (scripts/attn_fwd_variants.py),
 #   2. runs the `gpu` tests (pytest-xdist workers) and, at the same time, compute-sanitizer memcheck and racecheck
 #      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU) and the
 #      rest of the suite (the CPU tests, under this machine's torch / Triton / compiler),
@@ -15,8 +16,10 @@
 #   PYTHON               the CUDA torch's python (default python3)
 #   PYATTN_LEASE_BUDGET  seconds for the whole script (default 540)
 #   PYATTN_LEASE_OUT     where the tarball and summary go (default $OUT when set, else /tmp/pyattn-lease)
-# Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-tests.log, cpu-tests.log,
-# sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and <out>/summary.txt.
+#   PYATTN_LEASE_BENCH   which benchmarks, in order (default "attention layernorm gru decode")
+# Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
+# gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and
+# <out>/summary.txt.
 # Exit status: 0 when every step that ran passed and the attention benchmark finished, 1 otherwise.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,6 +69,9 @@ step() {  # step NAME MAX_SECONDS RESERVE_SECONDS LOG CMD...: run with timeout m
 
 step build 300 200 "$RES/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
 step info 60 180 "$RES/info.txt" "$PY" -m pyattn info
+# The CUDA attention forward's kernels against each other and torch in one process (the number PERF.md asks for)
+step attn-variants 120 160 "$RES/gpu-attn-variants.log" "$PY" scripts/attn_fwd_variants.py \
+  --json "$RES/gpu-attn-variants.json"
 
 # Tests and sanitizer side by side (correctness only); the benchmarks keep the last ~45% of what is left.
 share=$(( ($(left) * 55) / 100 ))
@@ -91,11 +97,16 @@ bench() {  # bench OP MAX RESERVE
   step "bench-$1" "$2" "$3" "$RES/gpu-$1.log" "$PY" -m pyattn bench --op "$1" --device cuda --quick \
     --json "$RES/gpu-$1.json" --csv "$RES/gpu-$1.csv" --plot "$RES/plots"
 }
-bench attention 240 25
-bench layernorm 90 20
-bench gru 60 15
-bench decode 60 10
+for op in ${PYATTN_LEASE_BENCH:-attention layernorm gru decode}; do
+  case "$op" in
+    attention) bench attention 240 25 ;;
+    layernorm) bench layernorm 90 20 ;;
+    gru) bench gru 60 15 ;;
+    decode) bench decode 60 10 ;;
+  esac
+done
 
+echo "--- attention forward variants"; cat "$RES/gpu-attn-variants.log"
 echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"; echo "--- cpu tests"; tail -n 15 "$RES/cpu-tests.log"
 for tool in memcheck racecheck; do echo "--- $tool"; tail -n 15 "$RES/sanitize-$tool.log"; done
 for op in attention layernorm gru decode; do

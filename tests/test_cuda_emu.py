@@ -58,6 +58,7 @@ def order(request, monkeypatch):
     ("ldmatrix_outside_smem", "outside the block's shared memory"),
     ("too_much_smem", "bytes of dynamic shared memory"),
     ("bad_block", "invalid launch configuration"),
+    ("wgmma_exit_in_flight", "wgmma of its warp not waited for"),
 ])
 def test_emulator_reports_each_defect(case, message):
     with pytest.raises(RuntimeError, match=message):
@@ -78,6 +79,21 @@ def test_emulator_schedules_expose_a_missing_barrier_and_an_early_read(monkeypat
     assert ops.emu_selftest("read_before_wait") == -1  # the 0xff-filled shared memory: the copy has not landed
     monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "early")
     assert ops.emu_selftest("read_before_wait") == 7
+    # wgmma: the product lands at the wait_group that covers it, not at issue
+    assert ops.emu_selftest("wgmma_ones") == 16
+    assert ops.emu_selftest("wgmma_read_before_wait") == -1
+
+
+def test_emulator_build_needs_the_shared_libstdcxx():
+    """The emulator library runs on torch's C++ runtime, as pyattn._C does (tests/test_extension_runtime.py): built
+    with a g++ that linked a private static libstdc++, its refusal messages segfaulted on the H200 machine."""
+    import shutil
+    import subprocess
+
+    if not sys.platform.startswith("linux") or shutil.which("readelf") is None:
+        pytest.skip("needs Linux and readelf (binutils) to read the library's dynamic section")
+    out = subprocess.run(["readelf", "-d", cuda_emu.build()], capture_output=True, text=True, check=True).stdout
+    assert any("libstdc++.so" in line for line in out.splitlines() if "(NEEDED)" in line)
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -154,9 +170,12 @@ def test_attention_thread_orders_give_the_same_bits(order, monkeypatch):
 
 
 @pytest.mark.parametrize("d,dv", [(64, 64), (24, 40), (128, 96)])
-def test_attention_layouts_bit_identical(d, dv):
+def test_attention_layouts_bit_identical(d, dv, monkeypatch):
     """Same values in every layout give the same bits: 16-byte rows (cp.async) and unaligned rows (NaN-padded
-    buffers, strided last dims copied by the binding) alike, and nothing past a row's end is read."""
+    buffers, strided last dims copied by the binding) alike, and nothing past a row's end is read. (The mma.sync
+    kernels: the Hopper forward takes 16-byte-aligned rows only; test_attention_sm90_forward covers it.)"""
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+
     def run(layout):
         q, k, v = make_qkv(2, 4, 40, 50, d, dv=dv, hkv=2, dtype=torch.bfloat16, layout=layout, seed=15)
         out, lse = _fwd(q, k, v, causal=True)
@@ -256,10 +275,11 @@ def test_attention_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal, bott
 
 
 @pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (256, 256), (59, 59), (128, 96)])
-def test_attention_ldmatrix_is_bank_conflict_free(d, dv):
+def test_attention_ldmatrix_is_bank_conflict_free(d, dv, monkeypatch):
     """Every ldmatrix phase of the forward and backward kernels (8 row addresses) hits 8 different 16-byte bank
     groups: one shared-memory wavefront each (the kPad = 8 row padding of attention_utils.cuh; with kPad = 0 the
-    forward takes 8 wavefronts per phase)."""
+    forward takes 8 wavefronts per phase). (The mma.sync forward: the Hopper one has no ldmatrix.)"""
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
     ops = torch.ops.pyattn_emu
     q, k, v = make_qkv(1, 2, 70, 90, d, dv=dv, dtype=torch.float16, seed=1)
     for run in ("fwd", "bwd"):
@@ -268,16 +288,19 @@ def test_attention_ldmatrix_is_bank_conflict_free(d, dv):
             out, lse = _fwd(q, k, v, causal=True)
         else:
             _bwd(torch.randn_like(out), q, k, v, out, lse, causal=True)
-        phases, wavefronts, launches, blocks, _ = ops.emu_counters()
+        phases, wavefronts, launches, blocks = ops.emu_counters()[:4]
         assert launches >= 1 and blocks >= 1 and phases > 0, run
         assert wavefronts == phases, f"{run}: {wavefronts} wavefronts for {phases} ldmatrix phases"
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_attention_smem_table_of_the_backend_matches_the_kernels(d):
+def test_attention_smem_table_of_the_backend_matches_the_kernels(d, monkeypatch):
     """pyattn/backends/cuda.py refuses head dims whose kernels need more shared memory than the device allows from
-    its _ATTN_SMEM table: that table must be what the launches really ask for (forward, largest backward kernel)."""
+    its _ATTN_SMEM table: that table must be what the launches really ask for (forward, largest backward kernel).
+    (The mma.sync kernels, which every device >= 8.0 runs; the Hopper forward runs only where 227 KB are allowed.)"""
     from pyattn.backends.cuda import _ATTN_SMEM
+
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
 
     ops = torch.ops.pyattn_emu
     q, k, v = make_qkv(1, 1, 20, 20, d, dtype=torch.bfloat16, seed=2)
@@ -289,12 +312,70 @@ def test_attention_smem_table_of_the_backend_matches_the_kernels(d):
     assert (fwd, ops.emu_counters()[4]) == _ATTN_SMEM[d]
 
 
+# (lq, lk, d, causal, bottom_right, hq, hkv): the Hopper forward's head dims, key blocks cut by the tail and the
+# diagonal, GQA, query blocks with no key, several 128-row query blocks and 128-key blocks.
+SM90_CASES = [
+    (300, 260, 64, False, False, 4, 2),
+    (300, 260, 128, True, False, 2, 1),
+    (130, 300, 128, True, True, 2, 2),
+    (300, 17, 64, True, True, 2, 1),
+    (1, 129, 128, False, False, 2, 2),
+]
+
+
+@pytest.mark.parametrize("variant", ["overlap", "serial"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SM90_CASES, ids=str)
+def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
+    """The Hopper forward (csrc/cuda/attention_sm90.cu, wgmma; the emulator reports compute capability 9.0) runs
+    where it should (it issues wgmma; a mask, dropout, another head dim or unaligned rows go to the mma.sync
+    kernel), matches the oracle, gives the same bits in every 16-byte-aligned layout and close to the mma.sync
+    kernel's values, and the backward takes its out and lse."""
+    lq, lk, d, causal, bottom_right, hq, hkv = case
+    if variant == "serial":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "serial")
+    ops = torch.ops.pyattn_emu
+    q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d)
+    ops.emu_reset_counters()
+    out, lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)
+    assert ops.emu_counters()[5] > 0
+    for layout in ("blhd", "packed"):
+        q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + d)
+        out2, lse2 = _fwd(q2, k2, v2, causal=causal, bottom_right=bottom_right)
+        assert torch.equal(out2, out) and torch.equal(lse2, lse), layout
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+    ops.emu_reset_counters()
+    out_mma, lse_mma = _fwd(q, k, v, causal=causal, bottom_right=bottom_right)
+    assert ops.emu_counters()[5] == 0
+    torch.testing.assert_close(out.float(), out_mma.float(), atol=2e-2, rtol=0)
+    assert torch.equal(lse.isinf(), lse_mma.isinf())
+    torch.testing.assert_close(lse[lse.isfinite()], lse_mma[lse.isfinite()], atol=1e-4, rtol=0)
+
+
+def test_attention_sm90_forward_leaves_the_rest_to_mma_sync():
+    """A mask, dropout, another head dim or D != Dv, and unaligned rows take the mma.sync forward (no wgmma)."""
+    ops = torch.ops.pyattn_emu
+    q, k, v = make_qkv(1, 2, 40, 50, 64, dtype=torch.bfloat16, seed=3)
+    mask = torch.ones(1, 1, 40, 50, dtype=torch.bool).tril()
+    calls = {
+        "mask": lambda: _fwd(q, k, v, mask),
+        "dropout": lambda: _fwd(q, k, v, p=0.25, seed=1),
+        "head dim 96": lambda: _fwd(*make_qkv(1, 2, 40, 50, 96, dtype=torch.bfloat16, seed=3)),
+        "D != Dv": lambda: _fwd(*make_qkv(1, 2, 40, 50, 64, dv=128, dtype=torch.bfloat16, seed=3)),
+        "unaligned": lambda: _fwd(*make_qkv(1, 2, 40, 50, 64, dtype=torch.bfloat16, layout="nan_padded", seed=3)),
+    }
+    for name, call in calls.items():
+        ops.emu_reset_counters()
+        call()
+        assert ops.emu_counters()[2] >= 1 and ops.emu_counters()[5] == 0, name
+
+
 def test_attention_refusals_name_the_problem():
     q, k, v = make_qkv(1, 2, 16, 16, 64)
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):
         _fwd(q, k, v)
     q, k, v = make_qkv(1, 2, 16, 16, 300, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head dims up to 256"):
+    with pytest.raises(RuntimeError, match=r"head dims up to 256 \(got D = 300, Dv = 300\)"):
         _fwd(q, k, v)
     q, k, v = make_qkv(0, 2, 16, 16, 64, dtype=torch.float16)
     out, lse = _fwd(q, k, v)

@@ -140,9 +140,12 @@ def test_attention_nan_in_one_query_row_stays_in_that_row(backend):
 
 @_needs_cuda_attention
 @pytest.mark.parametrize("d,dv", [(64, 64), (24, 40), (20, 20), (128, 96), (200, 256)])
-def test_attention_cuda_layouts_bit_identical(d, dv):
+def test_attention_cuda_layouts_bit_identical(d, dv, monkeypatch):
     """Same values in every layout -> the same bits: 16-byte rows (cp.async) and unaligned rows (NaN-padded
-    buffers, odd head dims: the 2-byte path) give identical results, and nothing past a row's end is read."""
+    buffers, odd head dims: the 2-byte path) give identical results, and nothing past a row's end is read. (The
+    mma.sync kernels; the Hopper forward takes aligned rows only: test_attention_cuda_sm90_forward.)"""
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+
     def run(layout):
         q, k, v = make_qkv(2, 4, 70, 70, d, dv=dv, hkv=2, dtype=torch.bfloat16, device=DEV, layout=layout,
                            requires_grad=True, seed=15)
@@ -158,6 +161,43 @@ def test_attention_cuda_layouts_bit_identical(d, dv):
     again = run("contiguous")
     for a, b in zip(again, base):
         assert torch.equal(a, b)  # deterministic, backward included (no atomics)
+
+
+def _is_sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) == (9, 0)
+
+
+@_needs_cuda_attention
+@pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward (csrc/cuda/attention_sm90.cu) runs on compute "
+                                           "capability 9.0 only")
+@pytest.mark.parametrize("variant", ["overlap", "serial"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
+    (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
+    (4096, 4096, 64, True, False, 4), (300, 17, 128, True, True, 4)])
+def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
+    """The Hopper forward (both variants) against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same
+    bits in every 16-byte-aligned layout, and the mma.sync kernel's values within rounding."""
+    if variant == "serial":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "serial")
+
+    def run(layout):
+        q, k, v = make_qkv(2, 4, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lq + d)
+        return q, k, v, _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[:2]
+
+    q, k, v, (out, lse) = run("contiguous")
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right)
+    low = attention_low(q, k, v, causal=causal, bottom_right=bottom_right)
+    assert_attention_close(out, ref, low, 2)
+    live = ref_lse.isfinite()
+    torch.testing.assert_close(lse[live].double(), ref_lse[live].double(), atol=1e-3, rtol=1e-4)
+    assert bool((lse[~live] == math.inf).all()) and bool((out[~live] == 0).all())
+    for layout in ("blhd", "packed"):
+        _, _, _, (out2, lse2) = run(layout)
+        assert torch.equal(out2, out) and torch.equal(lse2, lse), layout
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+    out_mma = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[0]
+    torch.testing.assert_close(out.float(), out_mma.float(), atol=2e-2, rtol=0)
 
 
 @_needs_cuda_attention

@@ -47,33 +47,6 @@ namespace pyattn {
 namespace cuda {
 namespace attn {
 
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-
-// 2^x (ex2.approx: 2 ulp; exp2(-inf) = 0, NaN stays NaN), whatever the compiler's math flags.
-__device__ __forceinline__ float fast_exp2(float x) {
-#ifdef PYATTN_CUDA_EMU
-  return ::pyattn_emu::ex2_approx_ftz(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#endif
-}
-
-// Per-call values computed on the host from the params.
-struct Derived {
-  float scale_log2 = 1.0f;  // scale * log2(e)
-  float inv_keep = 1.0f;    // 1 / (1 - dropout_p)
-  uint32_t drop_thr = 0;    // keep iff hash >= drop_thr
-  bool dropout = false;
-  int64_t shift = 0;  // causal: query i sees keys j <= i + shift
-  int64_t group = 1;  // Hq / Hkv
-  // 16-byte vector path allowed (aligned rows and a column count % 8 == 0) per tensor
-  bool vec_q = false, vec_k = false, vec_v = false, vec_o = false, vec_do = false;
-  bool vec_dq = false, vec_dk = false, vec_dv = false;
-};
-
 // Tile shapes per padded head dim (see the file comment).
 template <int HD>
 struct Tiles {
@@ -968,6 +941,7 @@ cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   if (attention_unsupported(p) != nullptr) return cudaErrorInvalidValue;
   attn::Derived d = attn::derive(p);
   d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
+  if (attn::fwd_sm90_takes(p, d)) return attn::fwd_sm90(p, d, stream);
   if (p.dtype == DType::F16)
     return p.causal ? attn::fwd_hd<attn::F16, true>(p, d, stream) : attn::fwd_hd<attn::F16, false>(p, d, stream);
   return p.causal ? attn::fwd_hd<attn::BF16, true>(p, d, stream) : attn::fwd_hd<attn::BF16, false>(p, d, stream);

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cstdint>
 
@@ -27,10 +28,45 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kHugeNegative = -1e30f;  // lse (log2 units) below this: the backward recomputes the row (see .cu)
 constexpr int kPad = 8;                   // shared-memory row padding (elements): conflict-free ldmatrix / cp.async
 
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// 2^x (ex2.approx: 2 ulp; exp2(-inf) = 0, NaN stays NaN), whatever the compiler's math flags.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef PYATTN_CUDA_EMU
+  return ::pyattn_emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// Per-call values computed on the host from the params.
+struct Derived {
+  float scale_log2 = 1.0f;  // scale * log2(e)
+  float inv_keep = 1.0f;    // 1 / (1 - dropout_p)
+  uint32_t drop_thr = 0;    // keep iff hash >= drop_thr
+  bool dropout = false;
+  int64_t shift = 0;  // causal: query i sees keys j <= i + shift
+  int64_t group = 1;  // Hq / Hkv
+  // 16-byte vector path allowed (aligned rows and a column count % 8 == 0) per tensor
+  bool vec_q = false, vec_k = false, vec_v = false, vec_o = false, vec_do = false;
+  bool vec_dq = false, vec_dk = false, vec_dv = false;
+};
+
+// The Hopper forward (attention_sm90.cu: wgmma, built for sm_90a). fwd_sm90_takes: whether it takes p (an sm_90a
+// build, a compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows
+// of q, k, v and out; PYATTN_CUDA_ATTN_SM90=0 in the environment turns it off). attention_fwd (attention.cu) calls
+// fwd_sm90 when it does, else its own mma.sync kernel.
+bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d);
+cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream);
+
 // ------------------------------------------------------------------------------------------------------------
 // Element types: tags with the conversions and the mma of each 16-bit type
 // ------------------------------------------------------------------------------------------------------------
 struct F16 {
+  static constexpr bool kIsBF16 = false;
   static __device__ __forceinline__ float to_float(uint16_t u) { return __half2float(__ushort_as_half(u)); }
   static __device__ __forceinline__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
   // Two floats -> one register (lo = a: the element with the smaller column index).
@@ -57,6 +93,7 @@ struct F16 {
 };
 
 struct BF16 {
+  static constexpr bool kIsBF16 = true;
   static __device__ __forceinline__ float to_float(uint16_t u) { return __uint_as_float(uint32_t(u) << 16); }
   static __device__ __forceinline__ uint16_t from_float(float x) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));

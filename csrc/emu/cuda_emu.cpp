@@ -37,12 +37,24 @@ struct Thread {
   std::vector<std::vector<Copy>> groups;  // committed, oldest first
 };
 
+// One issued wgmma of a warp: what it reads and where its 32 lanes' accumulators are (executed at the wait_group
+// that covers it: the latest moment hardware may finish it).
+struct PendingWgmma {
+  int n = 0, wq = 0;  // N, the warp's place in its warpgroup
+  bool acc = false, trans_b = false, bf16 = false, a_smem = false;
+  uint64_t a_desc = 0, b_desc = 0;
+  float* d[32] = {};
+  uint32_t a[32][4] = {};
+};
+
 struct Warp {
   int size = 32, arrived = 0, exited = 0;
   Op op = Op::Shfl;
   uint64_t param = 0;
   uint64_t in[32][12];
   uint32_t out[32][4];
+  std::vector<PendingWgmma> wgmma_open;                 // issued, not committed
+  std::vector<std::vector<PendingWgmma>> wgmma_groups;  // committed, oldest first
 };
 
 struct Block {
@@ -92,6 +104,8 @@ void fiber_main() {
   run_copies(t->pending);
   Warp& w = g_block->warps[t->linear / 32];
   ++w.exited;
+  if (!w.wgmma_open.empty() || !w.wgmma_groups.empty())
+    fail("a lane exited with wgmma of its warp not waited for (wgmma.wait_group)", __FILE__, __LINE__);
   if (w.arrived > 0)
     fail("a lane exited while other lanes of its warp wait at a warp collective (full-mask shuffle/ldmatrix/mma)",
          __FILE__, __LINE__);
@@ -322,6 +336,127 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
                       }
                     }
                   });
+}
+
+// One 16-bit element of a wgmma shared-memory operand: (row, col) of the canonical layout the descriptor describes,
+// at the pre-swizzle byte address `logical` (shared-window offset); the 128-byte swizzle XORs address bits [4, 7)
+// with bits [7, 10).
+static uint16_t wgmma_smem_elem(uint64_t logical) {
+  const uint64_t phys = logical ^ (((logical >> 7) & 7u) << 4);
+  const unsigned char* p = dynamic_smem() + phys;
+  if (!in_dynamic_smem(p, 2)) fail("wgmma: operand element outside the block's shared memory", __FILE__, __LINE__);
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+struct WgmmaDesc {
+  uint64_t start, lbo, sbo;  // bytes
+};
+static WgmmaDesc wgmma_decode(uint64_t desc) {
+  if ((desc >> 62) != 1u) fail("wgmma: the emulator takes 128-byte-swizzle descriptors only", __FILE__, __LINE__);
+  if (((desc >> 49) & 7u) != 0u) fail("wgmma: descriptor base offset != 0", __FILE__, __LINE__);
+  return WgmmaDesc{(desc & 0x3FFFu) << 4, ((desc >> 16) & 0x3FFFu) << 4, ((desc >> 32) & 0x3FFFu) << 4};
+}
+
+static void wgmma_execute(const PendingWgmma& w) {
+  const int N = w.n;
+  auto cv = [&w](uint16_t h) { return w.bf16 ? bf16_to_float(h) : half_to_float(h); };
+  float A[16][16];
+  if (w.a_smem) {  // K-major: (row r, k) at start + (r / 8) SBO + (r % 8) 128 + 2 k
+    const WgmmaDesc da = wgmma_decode(w.a_desc);
+    for (int r = 0; r < 16; ++r)
+      for (int k = 0; k < 16; ++k) {
+        const int row = 16 * w.wq + r;
+        A[r][k] = cv(wgmma_smem_elem(da.start + uint64_t(row / 8) * da.sbo + uint64_t(row % 8) * 128 + 2 * k));
+      }
+  } else {
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = cv(uint16_t(w.a[l][0] >> (16 * h)));
+        A[g + 8][2 * t + h] = cv(uint16_t(w.a[l][1] >> (16 * h)));
+        A[g][2 * t + 8 + h] = cv(uint16_t(w.a[l][2] >> (16 * h)));
+        A[g + 8][2 * t + 8 + h] = cv(uint16_t(w.a[l][3] >> (16 * h)));
+      }
+    }
+  }
+  // B (16 x N): K-major (n, k) at start + (n / 8) SBO + (n % 8) 128 + 2 k;
+  //             N-major (k, n) at start + (n / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (n % 64)
+  const WgmmaDesc db = wgmma_decode(w.b_desc);
+  std::vector<float> B(size_t(16) * N);
+  for (int k = 0; k < 16; ++k)
+    for (int c = 0; c < N; ++c) {
+      const uint64_t addr = w.trans_b ? db.start + uint64_t(c / 64) * db.lbo + uint64_t(k / 8) * db.sbo +
+                                            uint64_t(k % 8) * 128 + 2 * uint64_t(c % 64)
+                                      : db.start + uint64_t(c / 8) * db.sbo + uint64_t(c % 8) * 128 + 2 * uint64_t(k);
+      B[size_t(k) * N + c] = cv(wgmma_smem_elem(addr));
+    }
+  for (int l = 0; l < 32; ++l) {
+    float* dl = w.d[l];
+    const int g = l / 4, t = l % 4;
+    for (int j = 0; j < N / 8; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int r = g + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1);
+        double s = 0.0;
+        for (int k = 0; k < 16; ++k) s += double(A[r][k]) * double(B[size_t(k) * N + c]);
+        dl[4 * j + e] = static_cast<float>(w.acc ? s + double(dl[4 * j + e]) : s);
+      }
+  }
+}
+
+void wgmma_m64k16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool scale_d, bool trans_b,
+                  bool bf16) {
+  if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N must be a multiple of 8 in [8, 256]", __FILE__, __LINE__);
+  if (g_block->warps.size() % 4 != 0) fail("wgmma: the block is not whole warpgroups", __FILE__, __LINE__);
+  uint64_t in[12] = {reinterpret_cast<uintptr_t>(d), a ? a[0] : 0u, a ? a[1] : 0u, a ? a[2] : 0u, a ? a[3] : 0u,
+                     a_desc, b_desc};
+  const uint64_t param = uint64_t(n) | (uint64_t(scale_d) << 16) | (uint64_t(trans_b) << 17) |
+                         (uint64_t(bf16) << 18) | (uint64_t(a == nullptr) << 19);
+  uint32_t out[4];
+  warp_collective(Op::Wgmma, param, in, out, [](const uint64_t (*i)[12], uint32_t (*)[4], uint64_t prm) {
+    PendingWgmma w;
+    w.n = int(prm & 0xffffu);
+    w.acc = (prm >> 16) & 1u;
+    w.trans_b = (prm >> 17) & 1u;
+    w.bf16 = (prm >> 18) & 1u;
+    w.a_smem = (prm >> 19) & 1u;
+    w.wq = int((g_thread->linear / 32) % 4);  // the warp's place in its warpgroup: rows 16 wq..
+    w.a_desc = i[0][5];
+    w.b_desc = i[0][6];
+    for (int l = 0; l < 32; ++l) {
+      if (i[l][6] != w.b_desc || (w.a_smem && i[l][5] != w.a_desc))
+        fail("wgmma: lanes of one warp with different descriptors", __FILE__, __LINE__);
+      w.d[l] = reinterpret_cast<float*>(static_cast<uintptr_t>(i[l][0]));
+      for (int r = 0; r < 4; ++r) w.a[l][r] = static_cast<uint32_t>(i[l][1 + r]);
+    }
+    wgmma_decode(w.b_desc);  // a bad descriptor fails at issue
+    if (w.a_smem) wgmma_decode(w.a_desc);
+    g_counters[kWgmma] += 1;
+    g_block->warps[g_thread->linear / 32].wgmma_open.push_back(w);
+  });
+}
+
+void wgmma_commit() {
+  uint64_t in[12] = {};
+  uint32_t out[4];
+  warp_collective(Op::WgmmaCommit, 0, in, out, [](const uint64_t (*)[12], uint32_t (*)[4], uint64_t) {
+    Warp& w = g_block->warps[g_thread->linear / 32];
+    w.wgmma_groups.push_back(std::move(w.wgmma_open));
+    w.wgmma_open.clear();
+  });
+}
+
+void wgmma_wait(int n) {
+  uint64_t in[12] = {};
+  uint32_t out[4];
+  warp_collective(Op::WgmmaWait, uint64_t(n), in, out, [](const uint64_t (*)[12], uint32_t (*)[4], uint64_t keep) {
+    Warp& w = g_block->warps[g_thread->linear / 32];
+    while (w.wgmma_groups.size() > keep) {
+      for (const PendingWgmma& op : w.wgmma_groups.front()) wgmma_execute(op);
+      w.wgmma_groups.erase(w.wgmma_groups.begin());
+    }
+  });
 }
 
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {

@@ -106,7 +106,7 @@ unsigned char* dynamic_smem();
 bool in_dynamic_smem(const void* p, size_t bytes);
 
 // Warp collectives: each lane gives up to 12 words, gets up to 4 back.
-enum class Op : int { Shfl, Ldsm, LdsmTrans, MmaF16, MmaBF16 };
+enum class Op : int { Shfl, Ldsm, LdsmTrans, MmaF16, MmaBF16, Wgmma, WgmmaCommit, WgmmaWait };
 using Collective = void (*)(const uint64_t (*in)[12], uint32_t (*out)[4], uint64_t param);
 void warp_collective(Op op, uint64_t param, const uint64_t (&in)[12], uint32_t (&out)[4], Collective fn);
 
@@ -116,8 +116,8 @@ void check_launch_bounds(long long max_threads, const char* file, int line);
 
 // Counters since the last reset: [0] ldmatrix phases (8 row addresses each), [1] shared-memory wavefronts they take
 // (1 per phase when conflict-free: the 8 rows fall in 8 different 16-byte bank groups), [2] launches, [3] blocks,
-// [4] the largest dynamic shared memory of a launch (bytes).
-enum Counter { kLdsmPhases, kLdsmWavefronts, kLaunches, kBlocks, kMaxDynamicSmem, kNumCounters };
+// [4] the largest dynamic shared memory of a launch (bytes), [5] wgmma instructions (one per warp).
+enum Counter { kLdsmPhases, kLdsmWavefronts, kLaunches, kBlocks, kMaxDynamicSmem, kWgmma, kNumCounters };
 const long long* counters();
 void reset_counters();
 
@@ -198,6 +198,17 @@ inline float ex2_approx_ftz(float x) {
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 d, a, b, c (d = c in place)
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16} (n = N): the calling warp's 16 of the warpgroup's 64 rows
+// (warp index % 4). Recorded when the warp's 32 lanes have issued it, grouped by wgmma_commit (commit_group) and
+// computed at the wgmma_wait(n) (wait_group n) that covers it, reading shared memory and the accumulators then: the
+// latest moment hardware may, so reading results before their wait, or refilling an operand's shared memory before
+// it, gives wrong results here (wgmma.fence is a no-op). d: this lane's N / 2 accumulators (D = A B when !scale_d, else D += A B); a: this lane's 4 A registers,
+// or nullptr for A from shared memory (a_desc, K-major); b_desc: B from shared memory, K-major (!trans_b) or N-major.
+// Descriptors: 128-byte swizzle only (csrc/cuda/wgmma.cuh says how they are read; anything else fails the launch).
+void wgmma_m64k16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool scale_d, bool trans_b,
+                  bool bf16);
+void wgmma_commit();
+void wgmma_wait(int n);
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {r0..r3}, [p]
 void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans);
 

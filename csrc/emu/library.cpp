@@ -15,7 +15,7 @@ int64_t selftest(const std::string& name);  // selftest.cpp
 TORCH_LIBRARY(pyattn_emu, m) {
   pyattn::define_schemas(m);
   // The emulator's counters (cuda_emu.h: ldmatrix phases, their shared-memory wavefronts, launches, blocks, largest
-  // dynamic shared memory).
+  // dynamic shared memory, wgmma instructions).
   m.def("emu_counters() -> int[]", [] {
     const long long* c = pyattn_emu::counters();
     return std::vector<int64_t>(c, c + pyattn_emu::kNumCounters);

@@ -79,6 +79,26 @@ __global__ void read_before_wait(int* out, const int* src) {
   }
 }
 
+// One warpgroup, D (64 x 8) = A B with A (64 x 16) and B (16 x 8) K-major in 128-byte-swizzled shared memory, all
+// ones: every D element is 16 once the wgmma has been waited for. Returns D[0][0] read before the wait (defect:
+// the emulator has not run it yet, so the value the accumulator held: -1), after it (16), or, when `skip_wait`, lets
+// the threads exit with it in flight (an error).
+template <int kCase>
+__global__ void wgmma_ones(int* out) {
+  uint16_t* s = reinterpret_cast<uint16_t*>(dynamic_smem());  // A: 64 rows of 128 bytes, B: 8 rows at 8192
+  for (int i = threadIdx.x; i < (64 + 8) * 64; i += 128) s[i] = 0x3c00;  // fp16 1.0 (the swizzle keeps all ones)
+  __syncthreads();
+  const auto desc = [](uint32_t byte) {
+    return uint64_t(byte >> 4) | (uint64_t(16 >> 4) << 16) | (uint64_t(1024 >> 4) << 32) | (1ull << 62);
+  };
+  float d[4] = {-1.0f, -1.0f, -1.0f, -1.0f};
+  wgmma_m64k16(d, 8, nullptr, desc(0), desc(8192), false, false, false);
+  wgmma_commit();
+  if (kCase == 0) out[threadIdx.x] = static_cast<int>(d[0]);  // read before wgmma_wait: the defect
+  if (kCase != 2) wgmma_wait(0);
+  if (kCase == 1) out[threadIdx.x] = static_cast<int>(d[0] + d[1] + d[2] + d[3]) / 4;
+}
+
 int run(const std::string& name) {
   alignas(16) static int out[1024];
   alignas(16) static const int src[4] = {7, 7, 7, 7};
@@ -95,6 +115,9 @@ int run(const std::string& name) {
   else if (name == "bad_block") launch(bounded, 1, 2048)(out);
   else if (name == "missing_barrier") launch(missing_barrier, 1, 64)(out);
   else if (name == "read_before_wait") launch(read_before_wait, 1, 32, 64)(out, src);
+  else if (name == "wgmma_read_before_wait") launch(wgmma_ones<0>, 1, 128, 9216)(out);
+  else if (name == "wgmma_ones") launch(wgmma_ones<1>, 1, 128, 9216)(out);
+  else if (name == "wgmma_exit_in_flight") launch(wgmma_ones<2>, 1, 128, 9216)(out);
   else throw std::invalid_argument("emu_selftest: unknown case " + name);
   if (take_last_error() != cudaSuccess) throw std::runtime_error(last_error_message());
   return out[0];

@@ -110,6 +110,7 @@ struct AttnCommon {
   DType mask_dtype = DType::F32;  // additive masks: F32 or dtype
   DType dtype = DType::F32;       // q, k, v, out (and dout, dq, dk, dv)
   int num_threads = 1;
+  int arch = 0;  // CUDA: the device's compute capability, major * 10 + minor (the bindings fill it; 0: unknown)
 };
 
 struct AttnFwdParams : AttnCommon {

@@ -1,0 +1,329 @@
+// CUDA attention forward for Hopper (sm_90a): the FlashAttention-2 forward of attention.cu on warpgroup MMA
+// (wgmma.mma_async, csrc/cuda/wgmma.cuh) instead of mma.sync. Same contract and semantics as attn_fwd_kernel there
+// (causal with both alignments, GQA, any Lq / Lk, lse; a row that sees no key: out 0, lse +inf); it takes the common
+// case only (fwd_sm90_takes: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows) and
+// attention.cu's kernel takes the rest.
+//
+// Block: 2 warpgroups (256 threads), BM = 128 query rows of one (b, h) (warpgroup wg owns rows 64 wg..64 wg + 63,
+// its warp w rows 16 w.. of those), key blocks of BN = 128:
+//   Q [BM][HD], K and V [2 stages][BN][HD] in shared memory, 128-byte swizzled 64-column sub-tiles (wgmma.cuh),
+//   filled with cp.async by all 256 threads; the next key block is copied while this one is computed.
+//   per key block: S (64 x BN per warpgroup, fp32 registers) = Q K^T   (HD / 16 wgmma m64nBNk16, A and B K-major)
+//                  online softmax of S in registers (base 2), P = exp2(S - m) packed to 16 bits in place
+//                  O (64 x HD per warpgroup) = O * alpha + P V           (BN / 16 wgmma m64nHDk16, A = P from
+//                  registers, B = V N-major)
+// Registers per thread: S BN / 2 + O HD / 2 fp32, P BN / 4: one block (8 warps) per SM for HD 128.
+// Shared memory: 1 KB alignment slack + (BM + 4 BN) HD 2 bytes = 161 KB (HD 128), 81 KB (HD 64).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "attention_utils.cuh"
+#include "pyattn/params.h"
+#include "wgmma.cuh"
+
+#if defined(PYATTN_CUDA_EMU) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define PYATTN_SM90_KERNEL 1  // the device code of this pass can run the kernel (sm_90a, or the CPU emulator)
+#endif
+
+namespace pyattn {
+namespace cuda {
+namespace attn {
+namespace sm90 {
+
+template <int HD>
+struct Cfg {
+  static constexpr int NT = 256;  // 2 warpgroups
+  static constexpr int BM = 128;  // query rows per block (64 per warpgroup)
+  static constexpr int BN = 128;  // keys per iteration
+  static constexpr int SUB = HD / 64;
+  static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
+  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes);
+};
+
+// Global rows [0, nrows) of HD elements (row stride `stride` elements, 16-byte aligned) -> the swizzled tile of ROWS
+// rows at s (1024-byte aligned): sub-tile c / 8 holds the 16-byte chunk c of row r at r * 128 + 16 ((c % 8) ^ (r % 8)).
+// Rows >= nrows become zeros. Consecutive threads copy consecutive chunks of a row (coalesced; conflict-free stores).
+template <int ROWS, int HD, int NT>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* s, const uint16_t* g, int64_t stride, int nrows,
+                                                int tid) {
+  constexpr int CPR = HD / 8, N = ROWS * CPR;
+  static_assert(N % NT == 0, "whole passes");
+#pragma unroll
+  for (int k = 0; k < N / NT; ++k) {
+    const int c = tid + k * NT, r = c / CPR, ch = c % CPR;
+    unsigned char* dst = s + (ch / 8) * (ROWS * 128) + swizzle128(uint32_t(r * 128 + (ch % 8) * 16));
+    if (r < nrows)
+      cp_async16(dst, g + r * stride + ch * 8);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// The per-key-block steps of one warpgroup (64 query rows; this thread: rows r0, r0 + 8).
+template <class E, int HD, int BN, int BM>
+struct Steps {
+  // issue S = Q K^T (async): k-step kk reads columns 16 kk.. of Q and K: sub-tile kk / 4, 32 (kk % 4) bytes in
+  static __device__ __forceinline__ void issue_qk(float (&s)[BN / 2], uint32_t q_addr, uint32_t k_addr) {
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      const uint32_t col = (kk % 4) * 32;
+      wgmma_ss<E, BN>(s, make_desc(q_addr + (kk / 4) * (BM * 128) + col, 16, 1024),
+                      make_desc(k_addr + (kk / 4) * (BN * 128) + col, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+  }
+  // issue O += P V (async): k-step k reads keys 16 k.. of V: 16 rows of 128 bytes into each sub-tile
+  static __device__ __forceinline__ void issue_pv(float (&o)[HD / 2], uint32_t (&pa)[BN / 16][4], uint32_t v_addr) {
+#pragma unroll
+    for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+    fence_operands(o);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < BN / 16; ++k)
+      wgmma_rs_nmajor<E, HD>(o, pa[k], make_desc(v_addr + k * 16 * 128, BN * 128, 1024));
+    wgmma_commit();
+  }
+  // S (landed) -> base-2 logits, masked where the causal diagonal or the key tail cuts the block (check), then the
+  // online softmax: m_run, l_run updated, s = exp2(s - m); returns alpha = exp2(m_old - m_new) per row. A row that
+  // has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN).
+  template <bool CAUSAL>
+  static __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
+                                                 float (&alpha)[2], bool check, int64_t r0, int64_t j0, int t,
+                                                 const AttnFwdParams& p, const Derived& d) {
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[4 * n + e] * d.scale_log2;
+        if (check) {
+          const int64_t i = r0 + (e >> 1) * 8, j = j0 + n * 8 + 2 * t + (e & 1);
+          if (j >= p.Lk || (CAUSAL && j > i + d.shift)) x = -INFINITY;
+        }
+        s[4 * n + e] = x;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_run[r];
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+      mx = quad_max(mx);
+      const float mu = mx == -INFINITY ? 0.0f : mx;
+      alpha[r] = fast_exp2(m_run[r] - mu);
+      m_run[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        s[4 * n + 2 * r] = fast_exp2(s[4 * n + 2 * r] - mu);
+        s[4 * n + 2 * r + 1] = fast_exp2(s[4 * n + 2 * r + 1] - mu);
+        sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha[r] + sum;
+    }
+  }
+  static __device__ __forceinline__ void rescale(float (&o)[HD / 2], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      o[4 * n] *= alpha[0];
+      o[4 * n + 1] *= alpha[0];
+      o[4 * n + 2] *= alpha[1];
+      o[4 * n + 3] *= alpha[1];
+    }
+  }
+  // P: n-tiles 2k, 2k + 1 of S are the A registers of k-step k
+  static __device__ __forceinline__ void pack(uint32_t (&pa)[BN / 16][4], const float (&s)[BN / 2]) {
+#pragma unroll
+    for (int k = 0; k < BN / 16; ++k) {
+      pa[k][0] = E::pack(s[8 * k], s[8 * k + 1]);
+      pa[k][1] = E::pack(s[8 * k + 2], s[8 * k + 3]);
+      pa[k][2] = E::pack(s[8 * k + 4], s[8 * k + 5]);
+      pa[k][3] = E::pack(s[8 * k + 6], s[8 * k + 7]);
+    }
+  }
+};
+
+// OVERLAP (FA3's intra-warpgroup pipelining): iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and
+// runs the softmax of S_j while the second is in flight; K_{j+1} and V_j are copied meanwhile (K and V stages are one
+// key block apart). Otherwise each iteration does S_j, softmax, O += P_j V_j in turn.
+template <class E, int HD, bool CAUSAL, bool OVERLAP>
+__global__ void __launch_bounds__(256, 1) attn_fwd_sm90_kernel(const AttnFwdParams p, const Derived d) {
+#ifdef PYATTN_SM90_KERNEL
+  using C = Cfg<HD>;
+  constexpr int BM = C::BM, BN = C::BN, NT = C::NT;
+  using St = Steps<E, HD, BN, BM>;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BM][64] swizzled
+  unsigned char* Ks = Qs + C::kQBytes;                                       // [2][SUB][BN][64]
+  unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2][SUB][BN][64]
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t BH = p.B * p.Hq, nqb = (p.Lq + BM - 1) / BM, blk = blockIdx.x;
+  int64_t qb, bh;
+  if (CAUSAL) {  // blocks of the last query rows see the most keys: launch them first
+    qb = nqb - 1 - blk / BH;
+    bh = blk % BH;
+  } else {
+    qb = blk % nqb;
+    bh = blk / nqb;
+  }
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
+  const int64_t i0 = qb * BM;
+  const int nq = int(imin(BM, p.Lq - i0));
+  const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, i0 + nq + d.shift)) : p.Lk;  // keys some row of the block sees
+  const int nkb = int((jend + BN - 1) / BN);
+
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  auto load = [&](const uint16_t* base, int64_t stride, unsigned char* tiles, int kb) {  // key block kb, stage kb % 2
+    const int64_t j0 = int64_t(kb) * BN;
+    load_tile_sw128<BN, HD, NT>(tiles + (kb & 1) * C::kKVBytes, base + j0 * stride, stride, int(imin(BN, p.Lk - j0)),
+                                tid);
+  };
+  auto k_addr = [&](int kb) { return smem_addr(Ks + (kb & 1) * C::kKVBytes); };
+  auto v_addr = [&](int kb) { return smem_addr(Vs + (kb & 1) * C::kKVBytes); };
+  // mask elements of key block kb only where the causal diagonal or the key tail cuts it
+  auto needs_check = [&](int64_t j0) { return j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift); };
+  auto landed = [&]() {   // after cp_async_wait: this thread's copies are visible to the tensor cores, then to all
+    fence_proxy_async();
+    __syncthreads();
+  };
+
+  load_tile_sw128<BM, HD, NT>(Qs, qg, p.q_stride[2], nq, tid);
+  if (nkb > 0) load(kg, p.k_stride[2], Ks, 0);
+  if (!OVERLAP && nkb > 0) load(vg, p.v_stride[2], Vs, 0);
+  cp_async_commit();
+
+  const int64_t r0 = i0 + 64 * wg + 16 * warp + g;        // this thread's rows r0 and r0 + 8
+  const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;  // the warpgroup's 64 rows of Q sub-tile 0
+  float o[HD / 2];
+  float s[BN / 2];
+  uint32_t pa[BN / 16][4];
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 units), quad-uniform
+  float l_run[2] = {0.0f, 0.0f};            // running sum of this thread's columns (quad-summed at the end)
+  float alpha[2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
+
+  for (int kb = 0; kb < nkb; ++kb) {
+    const int64_t j0 = int64_t(kb) * BN;
+    if constexpr (OVERLAP) {
+      if (kb + 1 < nkb) load(kg, p.k_stride[2], Ks, kb + 1);  // stage of K_{kb-1} (its S done last iteration)
+      load(vg, p.v_stride[2], Vs, kb);                         // stage of V_{kb-2} (its P V done last iteration)
+      cp_async_commit();
+      cp_async_wait<1>();  // Q, K_kb and V_{kb-1} have landed
+      landed();
+      St::issue_qk(s, q_addr, k_addr(kb));
+      if (kb > 0) St::issue_pv(o, pa, v_addr(kb - 1));
+      if (kb > 0)
+        wgmma_wait<1>();  // S_kb has landed (the P V may still run)
+      else
+        wgmma_wait<0>();  // (only S_0 in flight)
+      fence_operands(s);
+      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+      wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
+      fence_operands(o);
+      St::rescale(o, alpha);
+      St::pack(pa, s);
+    } else {
+      if (kb + 1 < nkb) {
+        load(kg, p.k_stride[2], Ks, kb + 1);
+        load(vg, p.v_stride[2], Vs, kb + 1);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();  // Q, K_kb and V_kb have landed
+      landed();
+      St::issue_qk(s, q_addr, k_addr(kb));
+      wgmma_wait<0>();
+      fence_operands(s);
+      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+      St::rescale(o, alpha);
+      St::pack(pa, s);
+      St::issue_pv(o, pa, v_addr(kb));
+      wgmma_wait<0>();
+      fence_operands(o);
+    }
+    __syncthreads();  // both warpgroups are done with the stages the next iteration refills
+  }
+  if (OVERLAP && nkb > 0) {  // the last P V
+    cp_async_wait<0>();
+    landed();
+    St::issue_pv(o, pa, v_addr(nkb - 1));
+    wgmma_wait<0>();
+    fence_operands(o);
+  }
+  cp_async_wait<0>();  // (no key block: the Q copy is still in flight)
+
+  // Epilogue: out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf for such a row)
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_run[r]);
+    const bool dead = !(l > 0.0f) && !isnan(l);
+    const float inv = dead ? 0.0f : 1.0f / l;
+    const int64_t row = r0 + 8 * r;
+    if (row >= p.Lq) continue;
+    if (t == 0) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[r] + log2f(l)) * kLn2;
+    uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + row * p.out_stride[2];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n)
+      *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) = E::pack(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+  }
+#else
+  __trap();  // not an sm_90a pass: fwd_sm90_takes never launches this
+#endif
+}
+
+template <class E, int HD, bool CAUSAL, bool OVERLAP>
+cudaError_t launch(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
+  using C = Cfg<HD>;
+  auto kernel = attn_fwd_sm90_kernel<E, HD, CAUSAL, OVERLAP>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
+  kernel<<<unsigned(blocks), C::NT, C::smem, stream>>>(p, d);
+  return cudaGetLastError();
+}
+
+template <class E, bool OVERLAP>
+cudaError_t launch_e(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
+  if (p.D == 64)
+    return p.causal ? launch<E, 64, true, OVERLAP>(p, d, stream) : launch<E, 64, false, OVERLAP>(p, d, stream);
+  return p.causal ? launch<E, 128, true, OVERLAP>(p, d, stream) : launch<E, 128, false, OVERLAP>(p, d, stream);
+}
+
+// PYATTN_CUDA_ATTN_SM90=serial: the variant without the intra-warpgroup overlap (for measurements)
+bool serial_variant() {
+  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
+  return env != nullptr && std::strcmp(env, "serial") == 0;
+}
+
+}  // namespace sm90
+
+bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d) {
+#if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
+  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
+         p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_o;
+#else
+  (void)p;
+  (void)d;
+  return false;  // no sm_90a code in this build (TORCH_CUDA_ARCH_LIST without 9.0a)
+#endif
+}
+
+cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
+  if (sm90::serial_variant())
+    return p.dtype == DType::F16 ? sm90::launch_e<F16, false>(p, d, stream) : sm90::launch_e<BF16, false>(p, d, stream);
+  return p.dtype == DType::F16 ? sm90::launch_e<F16, true>(p, d, stream) : sm90::launch_e<BF16, true>(p, d, stream);
+}
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace pyattn

@@ -1,0 +1,145 @@
+// Hopper warpgroup MMA (wgmma, sm_90a) for the attention forward of attention_sm90.cu: the instruction wrappers, the
+// shared-memory matrix descriptors they read, and the fences around them. Torch-free. Each PTX wrapper has a
+// PYATTN_CUDA_EMU branch (csrc/emu/cuda_emu.h: the CPU emulator computes the same product from the same descriptors).
+//
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: the 4 warps of a warpgroup (128 threads) compute
+// D (64 x N, fp32) (+)= A (64 x 16) B (16 x N). Warp w (= warp index % 4) owns rows 16w..16w+15 of D and A, laid out
+// like mma.sync m16n8k16 per 8-column n-tile j (g = lane / 4, t = lane % 4):
+//   D  d[4j + 0..1] = D[16w + g][8j + 2t, +1]      d[4j + 2..3] = D[16w + g + 8][8j + 2t, +1]      (N / 2 floats)
+//   A  (registers) a[0] = A[g][2t, +1]  a[1] = A[g + 8][2t, +1]  a[2] = A[g][2t + 8, +1]  a[3] = A[g + 8][2t + 8, +1]
+// so two n-tiles 2k, 2k + 1 of an fp32 result, packed to 16 bits, are the A registers of k-step k (P = softmax(S)).
+//
+// Shared-memory operands: tiles of 128-byte rows (64 16-bit elements) with the 128-byte swizzle: in each
+// 1024-byte-aligned atom of 8 rows, the 16-byte chunk c of row r sits at chunk c ^ r (swizzle128: address bits
+// [4, 7) XOR bits [7, 10)). A tile wider than 64 columns is stored as 64-column sub-tiles one after the other.
+//   K-major (trans 0; A = Q, B = K; element (row, k) at row * 128 + 2k before the swizzle): descriptor SBO = 1024
+//     (8-row groups), LBO unused (16); k-step kk of a sub-tile starts 32 * kk bytes in (the hardware applies the
+//     swizzle to the address it computes, as swizzle128 does).
+//   N-major (trans-b 1; B = V stored (key k, column n), element (k, n) at k * 128 + 2n): LBO = the byte distance of
+//     the 64-column sub-tiles, SBO = 1024 (8 keys); k-step kk starts 16 * 128 * kk bytes in.
+// Ordering: wgmma_fence() before a wgmma whose accumulator or A registers ordinary instructions wrote; commit + wait
+// before its results are read (fence_operands keeps the compiler from moving register reads and writes across
+// these); shared memory written by ordinary stores or cp.async needs fence_proxy_async() in each writing thread, then
+// a barrier, before a wgmma reads it.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_utils.cuh"
+
+namespace pyattn {
+namespace cuda {
+namespace attn {
+namespace sm90 {
+
+__host__ __device__ __forceinline__ uint32_t swizzle128(uint32_t byte) { return byte ^ (((byte >> 7) & 7u) << 4); }
+
+// Shared-memory matrix descriptor: start address, leading / stride byte offsets, 128-byte swizzle (mode 1, bit 62).
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_byte_addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32) |
+         (1ull << 62);
+}
+
+#ifdef PYATTN_CUDA_EMU
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_commit() { ::pyattn_emu::wgmma_commit(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  ::pyattn_emu::wgmma_wait(N);
+}
+template <class T, int n>
+__device__ __forceinline__ void fence_operands(T (&)[n]) {}
+__device__ __forceinline__ void fence_proxy_async() {}
+
+// D (+)= A B with A and B from shared memory, both K-major; scale_d == 0: D = A B.
+template <class E, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+  ::pyattn_emu::wgmma_m64k16(d, N, nullptr, da, db, scale_d != 0, /*trans_b=*/false, E::kIsBF16);
+}
+// D += A B with A from registers and B from shared memory, N-major.
+template <class E, int N>
+__device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db) {
+  ::pyattn_emu::wgmma_m64k16(d, N, a, 0, db, /*scale_d=*/true, /*trans_b=*/true, E::kIsBF16);
+}
+#else
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int n>
+__device__ __forceinline__ void fence_operands(float (&r)[n]) {
+#pragma unroll
+  for (int i = 0; i < n; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int n>
+__device__ __forceinline__ void fence_operands(uint32_t (&r)[n]) {
+#pragma unroll
+  for (int i = 0; i < n; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Accumulator operand lists: "{%0, ..., %n-1}" and the matching "+f" constraints on d[0..n).
+#define PYATTN_WGMMA_DREGS32 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}"
+#define PYATTN_WGMMA_DOPS32 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define PYATTN_WGMMA_DREGS64 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
+#define PYATTN_WGMMA_DOPS64 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// wgmma_ss: D (+)= A B, A and B from shared memory, both K-major (imm-trans-a = imm-trans-b = 0); scale_d == 0: D = A B.
+// wgmma_rs_nmajor: D += A B, A from registers, B from shared memory N-major (imm-trans-b = 1).
+template <class E, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
+template <class E, int N>
+__device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db);
+
+#define PYATTN_WGMMA_SS(E, N, TY, DREGS, DOPS, A0, A1, A2)                                                  \
+  template <>                                                                                            \
+  __device__ __forceinline__ void wgmma_ss<E, N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " A2 ", 0;\n"                                            \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " A0 ", " A1       \
+                 ", p, 1, 1, 0, 0;\n}\n"                                                                  \
+                 : DOPS                                                                                   \
+                 : "l"(da), "l"(db), "r"(scale_d));                                                       \
+  }
+#define PYATTN_WGMMA_RS(E, N, TY, DREGS, DOPS, A0, A1, A2, A3, B, S)                                        \
+  template <>                                                                                            \
+  __device__ __forceinline__ void wgmma_rs_nmajor<E, N>(float(&d)[N / 2], const uint32_t(&a)[4], uint64_t db) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\n"                                             \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", {" A0 ", " A1 ", " A2 \
+                 ", " A3 "}, " B ", p, 1, 1, 1;\n}\n"                                                     \
+                 : DOPS                                                                                   \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                          \
+  }
+PYATTN_WGMMA_SS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
+PYATTN_WGMMA_SS(BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
+PYATTN_WGMMA_RS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66", "%67", "%68", "%69")
+PYATTN_WGMMA_RS(BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66", "%67", "%68", "%69")
+PYATTN_WGMMA_RS(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34", "%35", "%36", "%37")
+PYATTN_WGMMA_RS(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34", "%35", "%36", "%37")
+#undef PYATTN_WGMMA_SS
+#undef PYATTN_WGMMA_RS
+#endif
+
+}  // namespace sm90
+}  // namespace attn
+}  // namespace cuda
+}  // namespace pyattn

@@ -1,0 +1,92 @@
+"""The CUDA attention forward's kernels side by side on one GPU, in one process: pyattn's cuda backend with each
+kernel the environment variable PYATTN_CUDA_ATTN_SM90 selects (unset: the Hopper wgmma kernel with its
+intra-warpgroup overlap; "serial": the wgmma kernel without it; "0": the mma.sync kernel of attention.cu), the Triton
+backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU
+shapes). Each pyattn variant is first checked against torch's flash output (max abs error, printed; a variant off by
+more than 2e-2 is marked WRONG and the exit status is 1). TFLOP/s = 4 B H L^2 D / time (halved when causal), median
+of CUDA-event timings with the L2 flushed (benchmarks/harness.measure).
+
+    python scripts/attn_fwd_variants.py [--L 4096] [--D 64 128] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import attention_flops, measure  # noqa: E402
+
+import pyattn  # noqa: E402
+
+VARIANTS = {"cuda:wgmma": None, "cuda:wgmma-serial": "serial", "cuda:mma.sync": "0"}
+
+
+def sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def pyattn_fn(backend, env):
+    def run(q, k, v, causal):
+        if env is None:
+            os.environ.pop("PYATTN_CUDA_ATTN_SM90", None)
+        else:
+            os.environ["PYATTN_CUDA_ATTN_SM90"] = env
+        return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--L", type=int, nargs="+", default=[4096])
+    ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"), "pyattn:triton": pyattn_fn("triton", None)}
+    providers.update({f"pyattn:{name}": pyattn_fn("cuda", env) for name, env in VARIANTS.items()})
+    rows, bad = [], 0
+    print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")
+    print(f"{'L':>6} {'D':>4} {'causal':>6}  {'provider':<24} {'ms':>8} {'TFLOP/s':>8} {'x flash':>8} {'max err':>9}")
+    for L in args.L:
+        for D in args.D:
+            B, H = max(1, 16384 // L), 2048 // D
+            g = torch.Generator(device="cuda").manual_seed(L + D)
+            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+            for causal in (False, True):
+                ref = sdpa("flash")(q, k, v, causal).float()
+                flops = attention_flops(B, H, L, L, D, causal=causal, mode="fwd")
+                base = None
+                for name, fn in providers.items():
+                    try:
+                        err = (fn(q, k, v, causal).float() - ref).abs().max().item()
+                        t = measure(lambda: fn(q, k, v, causal), "cuda", memory=False).p50
+                    except Exception as e:  # noqa: BLE001 - a refused provider is reported, not fatal
+                        print(f"{L:>6} {D:>4} {causal!s:>6}  {name:<24} refused: {str(e).splitlines()[0][:80]}")
+                        continue
+                    base = t if name == "torch:flash" else base
+                    wrong = name.startswith("pyattn:") and not err <= 2e-2
+                    bad += wrong
+                    rows.append({"L": L, "D": D, "B": B, "H": H, "causal": causal, "provider": name, "ms": t * 1e3,
+                                 "tflops": flops / t / 1e12, "vs_flash": base / t if base else None, "max_err": err})
+                    print(f"{L:>6} {D:>4} {causal!s:>6}  {name:<24} {t * 1e3:8.3f} {flops / t / 1e12:8.1f} "
+                          f"{(base / t if base else float('nan')):8.2f} {err:9.2e}{'  WRONG' if wrong else ''}")
+    os.environ.pop("PYATTN_CUDA_ATTN_SM90", None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
