@@ -231,7 +231,13 @@ def memcheck() -> int:
     if asan is None:
         print("cuda_emu: memcheck needs the C++ compiler's libasan.so, which was not found", file=sys.stderr)
         return 2
-    env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=23")
+    import torch  # noqa: F401  (maps the libstdc++ that the child preloads with libasan)
+
+    # libstdc++ preloaded too: AddressSanitizer resolves the real __cxa_throw when it starts, and an interpreter that
+    # does not link libstdc++ itself (the GPU machines' python3.12) left it null, so torch's first C++ exception
+    # aborted the child ("CHECK failed: real___cxa_throw"). No GPU either: the emulator runs on the CPU.
+    env = dict(os.environ, LD_PRELOAD=":".join([asan] + _shared_libstdcxx()), CUDA_VISIBLE_DEVICES="",
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=23")
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memcheck-child"], env=env,
                        capture_output=True, text=True)
     report = "\n".join(l for l in r.stderr.splitlines() if "makecontext/swapcontext" not in l)

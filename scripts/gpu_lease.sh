@@ -16,11 +16,12 @@
 #   PYTHON               the CUDA torch's python (default python3)
 #   PYATTN_LEASE_BUDGET  seconds for the whole script (default 540)
 #   PYATTN_LEASE_OUT     where the tarball and summary go (default $OUT when set, else /tmp/pyattn-lease)
-#   PYATTN_LEASE_BENCH   which benchmarks, in order (default "attention layernorm gru decode")
+#   PYATTN_LEASE_BENCH   which benchmarks, in order (default "attention layernorm gru decode"; "none": no benchmark)
+#   PYATTN_LEASE_TEST_SHARE  % of the time left after the build that the tests get (default 55; the rest: benchmarks)
 # Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
 # gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and
 # <out>/summary.txt.
-# Exit status: 0 when every step that ran passed and the attention benchmark finished, 1 otherwise.
+# Exit status: 0 when every step that ran passed and the attention forward variants were timed, 1 otherwise.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -70,17 +71,18 @@ step() {  # step NAME MAX_SECONDS RESERVE_SECONDS LOG CMD...: run with timeout m
 step build 300 200 "$RES/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
 step info 60 180 "$RES/info.txt" "$PY" -m pyattn info
 # The CUDA attention forward's kernels against each other and torch in one process (the number PERF.md asks for)
+rm -f "$RES/gpu-attn-variants.json"
 step attn-variants 120 160 "$RES/gpu-attn-variants.log" "$PY" scripts/attn_fwd_variants.py \
   --json "$RES/gpu-attn-variants.json"
 
 # Tests and sanitizer side by side (correctness only); the benchmarks keep the last ~45% of what is left.
-share=$(( ($(left) * 55) / 100 ))
+share=$(( ($(left) * ${PYATTN_LEASE_TEST_SHARE:-55}) / 100 ))
 t0=$SECONDS
 timeout -k 5 "$share" "$PY" -m pytest -m gpu -n 6 -q -ra -p no:cacheprovider --timeout 240 tests \
   > "$RES/gpu-tests.log" 2>&1 &
 p_tests=$!
 # The CPU tests too: on the H200 they would have caught the static-libstdc++ build (tests/test_extension_runtime.py).
-timeout -k 5 "$share" "$PY" -m pytest -m "not gpu" -n 6 -q -ra -p no:cacheprovider --timeout 240 tests \
+OMP_NUM_THREADS=2 timeout -k 5 "$share" "$PY" -m pytest -m "not gpu" -n 8 -q -ra -p no:cacheprovider --timeout 240 tests \
   > "$RES/cpu-tests.log" 2>&1 &
 p_cpu=$!
 for tool in memcheck racecheck; do
@@ -114,5 +116,5 @@ for op in attention layernorm gru decode; do
 done
 tar -czf "$DEST/results.tgz" -C "$ROOT/benchmarks/results" "$SLUG"
 echo "--- summary ($(( SECONDS - T0 ))s of ${BUDGET}s)"; cat "$SUM"
-[ -f "$RES/gpu-attention.json" ] || FAILED=1
+[ -s "$RES/gpu-attn-variants.json" ] || FAILED=1
 exit "$FAILED"

@@ -323,17 +323,14 @@ SM90_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["overlap", "serial"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", SM90_CASES, ids=str)
-def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
+def test_attention_sm90_forward(dtype, case, monkeypatch):
     """The Hopper forward (csrc/cuda/attention_sm90.cu, wgmma; the emulator reports compute capability 9.0) runs
     where it should (it issues wgmma; a mask, dropout, another head dim or unaligned rows go to the mma.sync
     kernel), matches the oracle, gives the same bits in every 16-byte-aligned layout and close to the mma.sync
     kernel's values, and the backward takes its out and lse."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
-    if variant == "serial":
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "serial")
     ops = torch.ops.pyattn_emu
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d)
     ops.emu_reset_counters()

@@ -170,17 +170,13 @@ def _is_sm90():
 @_needs_cuda_attention
 @pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward (csrc/cuda/attention_sm90.cu) runs on compute "
                                            "capability 9.0 only")
-@pytest.mark.parametrize("variant", ["overlap", "serial"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
     (4096, 4096, 64, True, False, 4), (300, 17, 128, True, True, 4)])
-def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
-    """The Hopper forward (both variants) against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same
-    bits in every 16-byte-aligned layout, and the mma.sync kernel's values within rounding."""
-    if variant == "serial":
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "serial")
-
+def test_attention_cuda_sm90_forward(dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
+    """The Hopper forward against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same bits in every
+    16-byte-aligned layout, and the mma.sync kernel's values within rounding."""
     def run(layout):
         q, k, v = make_qkv(2, 4, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lq + d)
         return q, k, v, _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[:2]

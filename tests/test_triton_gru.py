@@ -183,7 +183,8 @@ def test_launches_per_step(monkeypatch):
     seq, batch, isz, hsz = 5, 3, 5, 33
     params = _params(isz, hsz, True)
     x, h0 = torch.randn(seq, batch, isz, device=DEVICE), torch.randn(batch, hsz, device=DEVICE)
-    _run(_layer_fn(False), "triton", x, h0, params, (torch.ones(seq, batch, hsz), torch.ones(batch, hsz)), F32)
+    douts = (torch.ones(seq, batch, hsz, device=DEVICE), torch.ones(batch, hsz, device=DEVICE))
+    _run(_layer_fn(False), "triton", x, h0, params, douts, F32)
     assert counts == {"fwd": seq, "bwd": seq}
 
 
@@ -193,7 +194,8 @@ NN_CFG = dict(num_layers=2, bidirectional=True, batch_first=True)
 def test_nn_gru_matches_torch_nn_gru():
     isz, hsz, seq, batch = 13, 33, 9, 3
     mod = pyattn.nn.GRU(isz, hsz, **NN_CFG).eval().to(DEVICE)
-    twin = torch.nn.GRU(isz, hsz, **NN_CFG).double().eval().to(DEVICE)
+    # the twin stays in train mode (no dropout here, so the same function): cuDNN's RNN backward refuses eval mode
+    twin = torch.nn.GRU(isz, hsz, **NN_CFG).double().to(DEVICE)
     twin.load_state_dict({k: v.double() for k, v in mod.state_dict().items()}, strict=True)
     x = torch.randn(batch, seq, isz, device=DEVICE, requires_grad=True)
     h0 = torch.randn(4, batch, hsz, device=DEVICE, requires_grad=True)

@@ -98,7 +98,7 @@ def _reference(x, residual, weight, bias, rms, dy, dres):
         out["dweight"] = grads[1] if w64 is not None else None
         out["dbias"] = grads[-1] if b64 is not None else None
     else:
-        out["dx"] = torch.zeros(s.shape, dtype=torch.float64)
+        out["dx"] = torch.zeros(s.shape, dtype=torch.float64, device=s.device)
         out["dweight"] = None if w64 is None else torch.zeros_like(w64).detach()
         out["dbias"] = None if b64 is None else torch.zeros_like(b64).detach()
     return out
@@ -404,7 +404,8 @@ def test_empty_batch_backward_gives_zero_parameter_grads():
     y, ro, mean, rstd = ln.layer_norm_fwd(x, x, w, w, EPS, False, True)
     assert y.shape == (0, 33) and ro.shape == (0, 33) and mean.shape == (0,) and rstd.shape == (0,)
     dx, dw, db = ln.layer_norm_bwd(x, x, w, mean, rstd, None, False, True, True)
-    assert dx.shape == (0, 33) and torch.equal(dw, torch.zeros(33)) and torch.equal(db, torch.zeros(33))
+    zeros = torch.zeros(33, device=DEVICE)
+    assert dx.shape == (0, 33) and torch.equal(dw, zeros) and torch.equal(db, zeros)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])

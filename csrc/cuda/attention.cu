@@ -96,15 +96,8 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
   uint16_t* Vs = Ks + 2 * BN * LD;                       // [2][BN][LD] v tiles (B, Hkv, Lk, Dv)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int64_t BH = p.B * p.Hq, nqb = (p.Lq + BM - 1) / BM, blk = blockIdx.x;
   int64_t qb, bh;
-  if (CAUSAL) {  // blocks of the last query rows see the most keys: launch them first
-    qb = nqb - 1 - blk / BH;
-    bh = blk % BH;
-  } else {
-    qb = blk % nqb;
-    bh = blk / nqb;
-  }
+  fwd_block<CAUSAL>(p.B * p.Hq, (p.Lq + BM - 1) / BM, blockIdx.x, qb, bh);
   const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
   const int64_t i0 = qb * BM;
   const int nq = int(imin(BM, p.Lq - i0));

@@ -4,16 +4,18 @@
 // case only (fwd_sm90_takes: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows) and
 // attention.cu's kernel takes the rest.
 //
-// Block: 2 warpgroups (256 threads), BM = 128 query rows of one (b, h) (warpgroup wg owns rows 64 wg..64 wg + 63,
-// its warp w rows 16 w.. of those), key blocks of BN = 128:
+// Block: NWG warpgroups (HD 128: 2, HD 64: 1; see fwd_sm90), BM = 64 NWG query rows of one (b, h) (warpgroup wg
+// owns rows 64 wg..64 wg + 63, its warp w rows 16 w.. of those), key blocks of BN = 128:
 //   Q [BM][HD], K and V [2 stages][BN][HD] in shared memory, 128-byte swizzled 64-column sub-tiles (wgmma.cuh),
-//   filled with cp.async by all 256 threads; the next key block is copied while this one is computed.
+//   filled with cp.async by all threads; the next key block is copied while this one is computed.
 //   per key block: S (64 x BN per warpgroup, fp32 registers) = Q K^T   (HD / 16 wgmma m64nBNk16, A and B K-major)
-//                  online softmax of S in registers (base 2), P = exp2(S - m) packed to 16 bits in place
+//                  online softmax of S in registers (base 2), P = exp2(S - m) packed to 16 bits
 //                  O (64 x HD per warpgroup) = O * alpha + P V           (BN / 16 wgmma m64nHDk16, A = P from
 //                  registers, B = V N-major)
-// Registers per thread: S BN / 2 + O HD / 2 fp32, P BN / 4: one block (8 warps) per SM for HD 128.
-// Shared memory: 1 KB alignment slack + (BM + 4 BN) HD 2 bytes = 161 KB (HD 128), 81 KB (HD 64).
+//   with the P V of one key block in flight during the softmax of the next (the kernel's comment).
+// Registers per thread: S BN / 2 + O HD / 2 fp32, P BN / 4 (ptxas: 224-255, no spills).
+// Shared memory: 1 KB alignment slack + (BM + 4 BN) HD 2 bytes = 161 KB (HD 128: one block per SM), 73 KB (HD 64:
+// two blocks per SM, which the scheduler interleaves).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -33,14 +35,15 @@ namespace cuda {
 namespace attn {
 namespace sm90 {
 
-template <int HD>
+// Tile shape: NWG warpgroups (64 query rows each) per block, BN keys per iteration.
+template <int HD_, int NWG_, int BN_>
 struct Cfg {
-  static constexpr int NT = 256;  // 2 warpgroups
-  static constexpr int BM = 128;  // query rows per block (64 per warpgroup)
-  static constexpr int BN = 128;  // keys per iteration
-  static constexpr int SUB = HD / 64;
+  static constexpr int HD = HD_, NWG = NWG_, BN = BN_;
+  static constexpr int NT = 128 * NWG;
+  static constexpr int BM = 64 * NWG;  // query rows per block
   static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
   static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes);
+  static constexpr int kMinBlocks = NWG == 1 ? 2 : 1;  // blocks per SM the registers are sized for
 };
 
 // Global rows [0, nrows) of HD elements (row stride `stride` elements, 16-byte aligned) -> the swizzled tile of ROWS
@@ -90,7 +93,7 @@ struct Steps {
     wgmma_commit();
   }
   // S (landed) -> base-2 logits, masked where the causal diagonal or the key tail cuts the block (check), then the
-  // online softmax: m_run, l_run updated, s = exp2(s - m); returns alpha = exp2(m_old - m_new) per row. A row that
+  // online softmax: m_run, l_run updated, s = exp2(s - m), alpha = exp2(m_old - m_new) per row. A row that
   // has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN).
   template <bool CAUSAL>
   static __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
@@ -147,14 +150,13 @@ struct Steps {
   }
 };
 
-// OVERLAP (FA3's intra-warpgroup pipelining): iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and
-// runs the softmax of S_j while the second is in flight; K_{j+1} and V_j are copied meanwhile (K and V stages are one
-// key block apart). Otherwise each iteration does S_j, softmax, O += P_j V_j in turn.
-template <class E, int HD, bool CAUSAL, bool OVERLAP>
-__global__ void __launch_bounds__(256, 1) attn_fwd_sm90_kernel(const AttnFwdParams p, const Derived d) {
+// FA3's intra-warpgroup pipelining: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and runs the
+// softmax of S_j while the second is in flight; K_{j+1} and V_j are copied meanwhile (the K and V stages are one key
+// block apart). (Measured on the H200 against S_j, softmax, O += P_j V_j in turn: 313 -> 330 TFLOP/s at HD 128.)
+template <class E, class C, bool CAUSAL>
+__global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(const AttnFwdParams p, const Derived d) {
 #ifdef PYATTN_SM90_KERNEL
-  using C = Cfg<HD>;
-  constexpr int BM = C::BM, BN = C::BN, NT = C::NT;
+  constexpr int HD = C::HD, BM = C::BM, BN = C::BN, NT = C::NT;
   using St = Steps<E, HD, BN, BM>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -163,15 +165,8 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_sm90_kernel(const AttnFwdPara
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2][SUB][BN][64]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t BH = p.B * p.Hq, nqb = (p.Lq + BM - 1) / BM, blk = blockIdx.x;
   int64_t qb, bh;
-  if (CAUSAL) {  // blocks of the last query rows see the most keys: launch them first
-    qb = nqb - 1 - blk / BH;
-    bh = blk % BH;
-  } else {
-    qb = blk % nqb;
-    bh = blk / nqb;
-  }
+  fwd_block<CAUSAL>(p.B * p.Hq, (p.Lq + BM - 1) / BM, blockIdx.x, qb, bh);
   const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
   const int64_t i0 = qb * BM;
   const int nq = int(imin(BM, p.Lq - i0));
@@ -197,7 +192,6 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_sm90_kernel(const AttnFwdPara
 
   load_tile_sw128<BM, HD, NT>(Qs, qg, p.q_stride[2], nq, tid);
   if (nkb > 0) load(kg, p.k_stride[2], Ks, 0);
-  if (!OVERLAP && nkb > 0) load(vg, p.v_stride[2], Vs, 0);
   cp_async_commit();
 
   const int64_t r0 = i0 + 64 * wg + 16 * warp + g;        // this thread's rows r0 and r0 + 8
@@ -213,45 +207,27 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_sm90_kernel(const AttnFwdPara
 
   for (int kb = 0; kb < nkb; ++kb) {
     const int64_t j0 = int64_t(kb) * BN;
-    if constexpr (OVERLAP) {
-      if (kb + 1 < nkb) load(kg, p.k_stride[2], Ks, kb + 1);  // stage of K_{kb-1} (its S done last iteration)
-      load(vg, p.v_stride[2], Vs, kb);                         // stage of V_{kb-2} (its P V done last iteration)
-      cp_async_commit();
-      cp_async_wait<1>();  // Q, K_kb and V_{kb-1} have landed
-      landed();
-      St::issue_qk(s, q_addr, k_addr(kb));
-      if (kb > 0) St::issue_pv(o, pa, v_addr(kb - 1));
-      if (kb > 0)
-        wgmma_wait<1>();  // S_kb has landed (the P V may still run)
-      else
-        wgmma_wait<0>();  // (only S_0 in flight)
-      fence_operands(s);
-      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
-      wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
-      fence_operands(o);
-      St::rescale(o, alpha);
-      St::pack(pa, s);
+    if (kb + 1 < nkb) load(kg, p.k_stride[2], Ks, kb + 1);  // stage of K_{kb-1} (its S done last iteration)
+    load(vg, p.v_stride[2], Vs, kb);                         // stage of V_{kb-2} (its P V done last iteration)
+    cp_async_commit();
+    cp_async_wait<1>();  // Q, K_kb and V_{kb-1} have landed
+    landed();
+    St::issue_qk(s, q_addr, k_addr(kb));
+    if (kb > 0) {
+      St::issue_pv(o, pa, v_addr(kb - 1));
+      wgmma_wait<1>();  // S_kb has landed (the P V may still run)
     } else {
-      if (kb + 1 < nkb) {
-        load(kg, p.k_stride[2], Ks, kb + 1);
-        load(vg, p.v_stride[2], Vs, kb + 1);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();  // Q, K_kb and V_kb have landed
-      landed();
-      St::issue_qk(s, q_addr, k_addr(kb));
-      wgmma_wait<0>();
-      fence_operands(s);
-      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
-      St::rescale(o, alpha);
-      St::pack(pa, s);
-      St::issue_pv(o, pa, v_addr(kb));
-      wgmma_wait<0>();
-      fence_operands(o);
+      wgmma_wait<0>();  // S_0, the only group in flight
     }
-    __syncthreads();  // both warpgroups are done with the stages the next iteration refills
+    fence_operands(s);
+    St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+    wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
+    fence_operands(o);
+    St::rescale(o, alpha);
+    St::pack(pa, s);
+    __syncthreads();  // every warpgroup is done with the stages the next iteration refills
   }
-  if (OVERLAP && nkb > 0) {  // the last P V
+  if (nkb > 0) {  // the last P V
     cp_async_wait<0>();
     landed();
     St::issue_pv(o, pa, v_addr(nkb - 1));
@@ -279,10 +255,9 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_sm90_kernel(const AttnFwdPara
 #endif
 }
 
-template <class E, int HD, bool CAUSAL, bool OVERLAP>
+template <class E, class C, bool CAUSAL>
 cudaError_t launch(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
-  using C = Cfg<HD>;
-  auto kernel = attn_fwd_sm90_kernel<E, HD, CAUSAL, OVERLAP>;
+  auto kernel = attn_fwd_sm90_kernel<E, C, CAUSAL>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
@@ -290,17 +265,15 @@ cudaError_t launch(const AttnFwdParams& p, const Derived& d, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <class E, bool OVERLAP>
-cudaError_t launch_e(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
-  if (p.D == 64)
-    return p.causal ? launch<E, 64, true, OVERLAP>(p, d, stream) : launch<E, 64, false, OVERLAP>(p, d, stream);
-  return p.causal ? launch<E, 128, true, OVERLAP>(p, d, stream) : launch<E, 128, false, OVERLAP>(p, d, stream);
+template <class E, class C64, class C128>
+cudaError_t launch_hd(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
+  if (p.D == 64) return p.causal ? launch<E, C64, true>(p, d, stream) : launch<E, C64, false>(p, d, stream);
+  return p.causal ? launch<E, C128, true>(p, d, stream) : launch<E, C128, false>(p, d, stream);
 }
 
-// PYATTN_CUDA_ATTN_SM90=serial: the variant without the intra-warpgroup overlap (for measurements)
-bool serial_variant() {
-  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
-  return env != nullptr && std::strcmp(env, "serial") == 0;
+template <class C64, class C128>
+cudaError_t launch_cfg(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
+  return p.dtype == DType::F16 ? launch_hd<F16, C64, C128>(p, d, stream) : launch_hd<BF16, C64, C128>(p, d, stream);
 }
 
 }  // namespace sm90
@@ -318,10 +291,12 @@ bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d) {
 #endif
 }
 
+// HD 128: 2 warpgroups, BN 128 (one block per SM: 161 KB of shared memory); HD 64: 1 warpgroup, BN 128 (several
+// blocks per SM, which the scheduler interleaves). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal /
+// causal; benchmarks/results/nvidia-h200/gpu-attn-variants.log): HD 128 with 2 warpgroups 330 / 293, 1 warpgroup
+// (BN 64) 320 / 253; HD 64 with 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
 cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
-  if (sm90::serial_variant())
-    return p.dtype == DType::F16 ? sm90::launch_e<F16, false>(p, d, stream) : sm90::launch_e<BF16, false>(p, d, stream);
-  return p.dtype == DType::F16 ? sm90::launch_e<F16, true>(p, d, stream) : sm90::launch_e<BF16, true>(p, d, stream);
+  return sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
 }
 
 }  // namespace attn

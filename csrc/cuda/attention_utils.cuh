@@ -42,6 +42,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// The forward kernels' grid: block blk -> (query block qb of nqb, bh = b * Hq + h). Causal: the blocks of the last
+// query rows, which see the most keys, are launched first.
+template <bool CAUSAL>
+__device__ __forceinline__ void fwd_block(int64_t BH, int64_t nqb, int64_t blk, int64_t& qb, int64_t& bh) {
+  if (CAUSAL) {
+    qb = nqb - 1 - blk / BH;
+    bh = blk % BH;
+  } else {
+    qb = blk % nqb;
+    bh = blk / nqb;
+  }
+}
+
 // Per-call values computed on the host from the params.
 struct Derived {
   float scale_log2 = 1.0f;  // scale * log2(e)
