@@ -1,6 +1,7 @@
 """The CUDA attention forward's kernels side by side on one GPU, in one process: pyattn's cuda backend with each
 kernel the environment variable PYATTN_CUDA_ATTN_SM90 selects (unset: the Hopper wgmma kernel,
-csrc/cuda/attention_sm90.cu; "0": the mma.sync kernel of attention.cu), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU
+csrc/cuda/attention_sm90.cu; "ws": its warp-specialized variant, HD 128; "0": the mma.sync kernel of attention.cu),
+the Triton backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU
 shapes). Each pyattn variant is first checked against torch's flash output (max abs error, printed; a variant off by
 more than 2e-2 is marked WRONG and the exit status is 1). TFLOP/s = 4 B H L^2 D / time (halved when causal), median
 of CUDA-event timings with the L2 flushed (benchmarks/harness.measure).
@@ -22,7 +23,7 @@ from benchmarks.harness import attention_flops, measure  # noqa: E402
 
 import pyattn  # noqa: E402
 
-VARIANTS = {"cuda:wgmma": None, "cuda:mma.sync": "0"}
+VARIANTS = {"cuda:wgmma": None, "cuda:wgmma-ws": "ws", "cuda:mma.sync": "0"}
 
 
 def sdpa(backend):

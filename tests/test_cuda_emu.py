@@ -59,6 +59,7 @@ def order(request, monkeypatch):
     ("too_much_smem", "bytes of dynamic shared memory"),
     ("bad_block", "invalid launch configuration"),
     ("wgmma_exit_in_flight", "wgmma of its warp not waited for"),
+    ("tma_deadlock", "waits on an mbarrier phase that never completes"),
 ])
 def test_emulator_reports_each_defect(case, message):
     with pytest.raises(RuntimeError, match=message):
@@ -82,6 +83,12 @@ def test_emulator_schedules_expose_a_missing_barrier_and_an_early_read(monkeypat
     # wgmma: the product lands at the wait_group that covers it, not at issue
     assert ops.emu_selftest("wgmma_ones") == 16
     assert ops.emu_selftest("wgmma_read_before_wait") == -1
+    # bulk tensor copies: land at the mbarrier wait (late) or at issue (early)
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "late")
+    assert ops.emu_selftest("tma_box") == 0x4700
+    assert ops.emu_selftest("tma_read_before_wait") == 0xffff
+    monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "early")
+    assert ops.emu_selftest("tma_read_before_wait") == 0x4700
 
 
 def test_emulator_build_needs_the_shared_libstdcxx():
@@ -324,14 +331,29 @@ SM90_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", SM90_CASES, ids=str)
-def test_attention_sm90_forward(dtype, case, monkeypatch):
+@pytest.mark.parametrize("case,variant", [(c, "default") for c in SM90_CASES] + [(c, "ws") for c in SM90_CASES
+                                                                                 if c[2] == 128], ids=str)
+def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     """The Hopper forward (csrc/cuda/attention_sm90.cu, wgmma; the emulator reports compute capability 9.0) runs
     where it should (it issues wgmma; a mask, dropout, another head dim or unaligned rows go to the mma.sync
     kernel), matches the oracle, gives the same bits in every 16-byte-aligned layout and close to the mma.sync
-    kernel's values, and the backward takes its out and lse."""
+    kernel's values, and the backward takes its out and lse. variant "ws": the warp-specialized kernel (TMA producer,
+    mbarriers; HD 128 only, the same arithmetic in the same order, so the default kernel's bits), under both copy
+    completion models (PYATTN_EMU_CP_ASYNC late / early)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
+    if variant == "ws":
+        out_default = _fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
+                           bottom_right=bottom_right)
+        smem_default = ops.emu_counters()[4]
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws")
+        for cp in ("early", "late"):
+            monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", cp)
+            ops.emu_reset_counters()
+            out_ws = _fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
+                          bottom_right=bottom_right)
+            assert ops.emu_counters()[4] != smem_default  # the warp-specialized kernel's shared memory
+            assert torch.equal(out_ws[0], out_default[0]) and torch.equal(out_ws[1], out_default[1]), cp
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d)
     ops.emu_reset_counters()
     out, lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)

@@ -170,13 +170,18 @@ def _is_sm90():
 @_needs_cuda_attention
 @pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward (csrc/cuda/attention_sm90.cu) runs on compute "
                                            "capability 9.0 only")
+@pytest.mark.parametrize("variant", ["default", "ws"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
     (4096, 4096, 64, True, False, 4), (300, 17, 128, True, True, 4)])
-def test_attention_cuda_sm90_forward(dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
+def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
     """The Hopper forward against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same bits in every
-    16-byte-aligned layout, and the mma.sync kernel's values within rounding."""
+    16-byte-aligned layout, and the mma.sync kernel's values within rounding. variant "ws": the warp-specialized
+    kernel (PYATTN_CUDA_ATTN_SM90=ws; TMA, mbarriers, setmaxnreg; HD 128), which has the default kernel's bits."""
+    if variant == "ws":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws")
+
     def run(layout):
         q, k, v = make_qkv(2, 4, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lq + d)
         return q, k, v, _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[:2]
@@ -191,6 +196,10 @@ def test_attention_cuda_sm90_forward(dtype, lq, lk, d, causal, bottom_right, hkv
     for layout in ("blhd", "packed"):
         _, _, _, (out2, lse2) = run(layout)
         assert torch.equal(out2, out) and torch.equal(lse2, lse), layout
+    if variant == "ws":
+        monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90")
+        out_default = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[0]
+        assert torch.equal(out, out_default)
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
     out_mma = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[0]
     torch.testing.assert_close(out.float(), out_mma.float(), atol=2e-2, rtol=0)

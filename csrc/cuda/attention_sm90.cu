@@ -24,6 +24,7 @@
 
 #include "attention_utils.cuh"
 #include "pyattn/params.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 #if defined(PYATTN_CUDA_EMU) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
@@ -92,6 +93,14 @@ struct Steps {
       wgmma_rs_nmajor<E, HD>(o, pa[k], make_desc(v_addr + k * 16 * 128, BN * 128, 1024));
     wgmma_commit();
   }
+  // After the wait for a P V: its accumulators and A registers are ordinary registers again. Touching pa here keeps
+  // the register allocator from reusing its registers for the softmax while the P V still reads them (which made
+  // ptxas wait for the P V before the softmax: no overlap).
+  static __device__ __forceinline__ void fence_pv(float (&o)[HD / 2], uint32_t (&pa)[BN / 16][4]) {
+    fence_operands(o);
+#pragma unroll
+    for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
+  }
   // S (landed) -> base-2 logits, masked where the causal diagonal or the key tail cuts the block (check), then the
   // online softmax: m_run, l_run updated, s = exp2(s - m), alpha = exp2(m_old - m_new) per row. A row that
   // has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN).
@@ -149,6 +158,27 @@ struct Steps {
     }
   }
 };
+
+// Epilogue of one thread (rows r0, r0 + 8): out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf
+// for such a row).
+template <class E, int HD>
+__device__ __forceinline__ void store_out(const AttnFwdParams& p, const float (&o)[HD / 2], const float (&m_run)[2],
+                                          const float (&l_run)[2], int64_t r0, int64_t b, int64_t h, int64_t bh,
+                                          int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_run[r]);
+    const bool dead = !(l > 0.0f) && !isnan(l);
+    const float inv = dead ? 0.0f : 1.0f / l;
+    const int64_t row = r0 + 8 * r;
+    if (row >= p.Lq) continue;
+    if (t == 0) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[r] + log2f(l)) * kLn2;
+    uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + row * p.out_stride[2];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n)
+      *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) = E::pack(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+  }
+}
 
 // FA3's intra-warpgroup pipelining: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and runs the
 // softmax of S_j while the second is in flight; K_{j+1} and V_j are copied meanwhile (the K and V stages are one key
@@ -221,8 +251,9 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
     }
     fence_operands(s);
     St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+    fence_operands(s);  // the softmax is done before the wait (else it may be scheduled after it)
     wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
-    fence_operands(o);
+    St::fence_pv(o, pa);
     St::rescale(o, alpha);
     St::pack(pa, s);
     __syncthreads();  // every warpgroup is done with the stages the next iteration refills
@@ -236,19 +267,137 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
   }
   cp_async_wait<0>();  // (no key block: the Q copy is still in flight)
 
-  // Epilogue: out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf for such a row)
+  store_out<E, HD>(p, o, m_run, l_run, r0, b, h, bh, t);
+#else
+  __trap();  // not an sm_90a pass: fwd_sm90_takes never launches this
+#endif
+}
+
+// ---- warp-specialized variant (FA3's structure; PYATTN_CUDA_ATTN_SM90=ws, HD 128 only) ----------------------------
+// Block: 3 warpgroups. Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA
+// (Q once; K and V of each key block into a 2-stage ring, each stage behind a "full" mbarrier that the copy
+// completes and an "empty" one that all 256 consumer threads arrive on when they are done with it). Warpgroups 1
+// and 2 (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on
+// mbarriers instead of block barriers, so the two are never in lockstep. Shared memory: Q [2][128][64], K and V
+// [2 stages][2][128][64] (the same swizzled sub-tiles, written by the copy engine), 9 mbarriers: 161 KB + 1 KB slack.
+struct WsCfg {
+  static constexpr int HD = 128, BM = 128, BN = 128, NT = 384, NCONS = 256;
+  static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
+  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 9 * 8;
+};
+
+template <class E, bool CAUSAL>
+__global__ void __launch_bounds__(384, 1)
+    attn_fwd_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                            const __grid_constant__ CUtensorMap tv, const AttnFwdParams p, const Derived d) {
+#ifdef PYATTN_SM90_KERNEL
+  using C = WsCfg;
+  constexpr int HD = C::HD, BM = C::BM, BN = C::BN;
+  using St = Steps<E, HD, BN, BM>;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [2][BM][64] swizzled
+  unsigned char* Ks = Qs + C::kQBytes;                                       // [2 stages][2][BN][64]
+  unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2 stages][2][BN][64]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(Vs + 2 * C::kKVBytes);
+  uint64_t* q_full = bars;       // Q landed
+  uint64_t* k_full = bars + 1;   // [2] K stage landed
+  uint64_t* v_full = bars + 3;   // [2] V stage landed
+  uint64_t* k_empty = bars + 5;  // [2] K stage read by every consumer
+  uint64_t* v_empty = bars + 7;  // [2] V stage read by every consumer
+
+  const int tid = threadIdx.x;
+  int64_t qb, bh;
+  fwd_block<CAUSAL>(p.B * p.Hq, (p.Lq + BM - 1) / BM, blockIdx.x, qb, bh);
+  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
+  const int64_t i0 = qb * BM;
+  const int nq = int(imin(BM, p.Lq - i0));
+  const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, i0 + nq + d.shift)) : p.Lk;  // keys some row of the block sees
+  const int nkb = int((jend + BN - 1) / BN);
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(k_full + st, 1);
+      mbar_init(v_full + st, 1);
+      mbar_init(k_empty + st, C::NCONS);
+      mbar_init(v_empty + st, C::NCONS);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // producer warpgroup
+    setmaxnreg_dec<24>();
+    if (tid == 0) {
+      mbar_arrive_expect_tx(q_full, C::kQBytes);
+      for (int sub = 0; sub < 2; ++sub)
+        tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(i0), int(h), int(b));
+      for (int kb = 0; kb < nkb; ++kb) {
+        const int st = kb & 1;
+        const uint32_t free_parity = ((kb >> 1) & 1) ^ 1;  // the stage's previous use (passes at once the first time)
+        const int j0 = kb * BN;
+        mbar_wait(k_empty + st, free_parity);
+        mbar_arrive_expect_tx(k_full + st, C::kKVBytes);
+        for (int sub = 0; sub < 2; ++sub)
+          tma_load_4d(Ks + st * C::kKVBytes + sub * (BN * 128), &tk, k_full + st, sub * 64, j0, int(hk), int(b));
+        mbar_wait(v_empty + st, free_parity);
+        mbar_arrive_expect_tx(v_full + st, C::kKVBytes);
+        for (int sub = 0; sub < 2; ++sub)
+          tma_load_4d(Vs + st * C::kKVBytes + sub * (BN * 128), &tv, v_full + st, sub * 64, j0, int(hk), int(b));
+      }
+    }
+  } else {  // consumer warpgroups 1, 2: query rows 64 (wg - 1)..
+    setmaxnreg_inc<240>();
+    const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int64_t r0 = i0 + 64 * wg + 16 * warp + g;        // this thread's rows r0 and r0 + 8
+    const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;  // the warpgroup's 64 rows of Q sub-tile 0
+    auto k_addr = [&](int kb) { return smem_addr(Ks + (kb & 1) * C::kKVBytes); };
+    auto v_addr = [&](int kb) { return smem_addr(Vs + (kb & 1) * C::kKVBytes); };
+    auto parity = [](int kb) { return uint32_t((kb >> 1) & 1); };
+    float o[HD / 2];
+    float s[BN / 2];
+    uint32_t pa[BN / 16][4];
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.0f, 0.0f};
+    float alpha[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_run[r]);
-    const bool dead = !(l > 0.0f) && !isnan(l);
-    const float inv = dead ? 0.0f : 1.0f / l;
-    const int64_t row = r0 + 8 * r;
-    if (row >= p.Lq) continue;
-    if (t == 0) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[r] + log2f(l)) * kLn2;
-    uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + row * p.out_stride[2];
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n)
-      *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) = E::pack(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+    for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
+    auto needs_check = [&](int64_t j0) { return j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift); };
+    mbar_wait(q_full, 0);
+    if (nkb > 0) {  // key block 0: S_0 alone (peeled, so that the loop below has no branch around its waits)
+      mbar_wait(k_full, 0);
+      St::issue_qk(s, q_addr, k_addr(0));
+      wgmma_wait<0>();
+      fence_operands(s);
+      mbar_arrive(k_empty);
+      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(0), r0, 0, t, p, d);
+      St::pack(pa, s);
+    }
+    for (int kb = 1; kb < nkb; ++kb) {
+      const int64_t j0 = int64_t(kb) * BN;
+      mbar_wait(k_full + (kb & 1), parity(kb));
+      St::issue_qk(s, q_addr, k_addr(kb));
+      mbar_wait(v_full + ((kb - 1) & 1), parity(kb - 1));
+      St::issue_pv(o, pa, v_addr(kb - 1));
+      wgmma_wait<1>();  // S_kb has landed (the P V may still run)
+      fence_operands(s);
+      mbar_arrive(k_empty + (kb & 1));  // K_kb read
+      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+      fence_operands(s);  // the softmax is done before the wait (else it may be scheduled after it)
+      wgmma_wait<0>();    // P_{kb-1} V_{kb-1}: o and pa are free
+      St::fence_pv(o, pa);
+      mbar_arrive(v_empty + ((kb - 1) & 1));  // V_{kb-1} read
+      St::rescale(o, alpha);
+      St::pack(pa, s);
+    }
+    if (nkb > 0) {  // the last P V
+      mbar_wait(v_full + ((nkb - 1) & 1), parity(nkb - 1));
+      St::issue_pv(o, pa, v_addr(nkb - 1));
+      wgmma_wait<0>();
+      fence_operands(o);
+    }
+    store_out<E, HD>(p, o, m_run, l_run, r0, b, h, bh, t);
   }
 #else
   __trap();  // not an sm_90a pass: fwd_sm90_takes never launches this
@@ -276,6 +425,73 @@ cudaError_t launch_cfg(const AttnFwdParams& p, const Derived& d, cudaStream_t st
   return p.dtype == DType::F16 ? launch_hd<F16, C64, C128>(p, d, stream) : launch_hd<BF16, C64, C128>(p, d, stream);
 }
 
+// ---- host side of the warp-specialized variant ----
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled of the driver, found through the runtime (no -lcuda); nullptr when there is none.
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if defined(PYATTN_CUDA_EMU) || CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+#else  // (toolkits before 12.5; the call was deprecated in 12.5 and dropped in 13)
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) return EncodeTiledFn(nullptr);
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// The TMA map of a (B, H, L, D) 16-bit tensor (element strides s = {b, h, l}, unit column stride) as the 4-D tensor
+// (D, L, H, B), boxes of 64 columns x `rows` rows, 128-byte swizzle, zeros outside. A dim of size 1 gets the stride
+// of a packed layout (its own never matters). false when the driver has no encoder or refuses the strides.
+bool make_map(CUtensorMap* map, const void* ptr, DType dtype, int64_t B, int64_t H, int64_t L, int64_t D,
+              const int64_t* s, uint32_t rows) {
+  const EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const int64_t sl = L > 1 ? s[2] : ((D + 7) / 8) * 8, sh = H > 1 ? s[1] : L * sl, sb = B > 1 ? s[0] : H * sh;
+  if (sl <= 0 || sh <= 0 || sb <= 0) return false;  // broadcast (stride 0) dims: the cp.async kernel takes them
+  const cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(L), cuuint64_t(H), cuuint64_t(B)};
+  const cuuint64_t strides[3] = {cuuint64_t(sl) * 2, cuuint64_t(sh) * 2, cuuint64_t(sb) * 2};  // bytes
+  const cuuint32_t box[4] = {64, rows, 1, 1}, elem_strides[4] = {1, 1, 1, 1};
+  return encode(map, dtype == DType::BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <class E, bool CAUSAL>
+cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
+                      const CUtensorMap& tv, cudaStream_t stream) {
+  auto kernel = attn_fwd_sm90_ws_kernel<E, CAUSAL>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WsCfg::smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (p.Lq + WsCfg::BM - 1) / WsCfg::BM * p.B * p.Hq;
+  kernel<<<unsigned(blocks), WsCfg::NT, WsCfg::smem, stream>>>(tq, tk, tv, p, d);
+  return cudaGetLastError();
+}
+
+// The warp-specialized forward (HD 128): false when the TMA maps cannot be made (then the caller launches the
+// cp.async kernel), else true with the launch's status in *err.
+bool fwd_ws(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
+  CUtensorMap tq, tk, tv;
+  if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, WsCfg::BM) ||
+      !make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, WsCfg::BN) ||
+      !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, WsCfg::BN))
+    return false;
+  if (p.dtype == DType::F16)
+    *err = p.causal ? launch_ws<F16, true>(p, d, tq, tk, tv, stream) : launch_ws<F16, false>(p, d, tq, tk, tv, stream);
+  else
+    *err = p.causal ? launch_ws<BF16, true>(p, d, tq, tk, tv, stream)
+                    : launch_ws<BF16, false>(p, d, tq, tk, tv, stream);
+  return true;
+}
+
 }  // namespace sm90
 
 bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d) {
@@ -295,7 +511,13 @@ bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d) {
 // blocks per SM, which the scheduler interleaves). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal /
 // causal; benchmarks/results/nvidia-h200/gpu-attn-variants.log): HD 128 with 2 warpgroups 330 / 293, 1 warpgroup
 // (BN 64) 320 / 253; HD 64 with 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
+// PYATTN_CUDA_ATTN_SM90=ws: the warp-specialized kernel for HD 128 (emulator-tested, not yet measured on a GPU).
 cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
+  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
+  if (env != nullptr && std::strcmp(env, "ws") == 0 && p.D == 128) {
+    cudaError_t err = cudaSuccess;
+    if (sm90::fwd_ws(p, d, stream, &err)) return err;
+  }
   return sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
 }
 

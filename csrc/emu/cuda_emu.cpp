@@ -19,7 +19,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kSmemOptinLimit = 227 * 1024;   // sm_90
 
-enum class State { Ready, AtBarrier, AtWarp, Done };
+enum class State { Ready, AtBarrier, AtWarp, AtMbarrier, Done };
 struct Copy {
   void* dst;
   const void* src;
@@ -35,6 +35,30 @@ struct Thread {
   int bar_line = 0;
   std::vector<Copy> pending;               // cp.async not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, oldest first
+  const uint64_t* waits_on = nullptr;     // the mbarrier an AtMbarrier thread waits on
+};
+
+// The emulated cuTensorMapEncodeTiled's map, kept in CUtensorMap's 128 opaque bytes.
+struct EmuTensorMap {
+  uint64_t magic;
+  const unsigned char* addr;
+  uint32_t rank, esize, swizzle128, pad;
+  uint32_t dims[5];
+  uint64_t strides[4];  // bytes, dims 1..rank-1
+  uint32_t box[5];
+};
+static_assert(sizeof(EmuTensorMap) <= sizeof(CUtensorMap), "fits the opaque map");
+constexpr uint64_t kTensorMapMagic = 0x70796174746e6d61ull;
+
+struct PendingTma {
+  unsigned char* dst;
+  EmuTensorMap map;
+  int c[4];
+};
+struct Mbarrier {
+  uint32_t count = 0, pending = 0, phase = 0;
+  int64_t tx = 0;                 // bytes announced by expect_tx minus bytes written
+  std::vector<PendingTma> copies;  // issued, not landed (late mode)
 };
 
 // One issued wgmma of a warp: what it reads and where its 32 lanes' accumulators are (executed at the wait_group
@@ -68,6 +92,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   bool failed = false;
   std::string error;
+  std::map<const uint64_t*, Mbarrier> mbars;  // by address in shared memory
 };
 
 namespace {
@@ -139,6 +164,7 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
     b.warps[w].size = std::min(32, n - int(w) * 32);
   }
   if (b.smem_size > 0) std::memset(b.smem, 0xff, b.smem_size);
+  b.mbars.clear();
   // Each step runs one ready thread until it blocks: the lowest-numbered ready one (forward), the highest (reverse)
   // or one drawn at random. Forward / reverse let a warp run as far ahead of the others as barriers allow.
   std::vector<int> ready_ids;
@@ -174,7 +200,14 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
         if (first_bar == nullptr) first_bar = &t;
       }
     }
-    if (done == n) return true;
+    if (done == n) {
+      for (const auto& kv : b.mbars)
+        if (!kv.second.copies.empty()) {
+          b.error = "a bulk tensor copy was never waited for (its mbarrier's phase) when the block ended";
+          return false;
+        }
+      return true;
+    }
     if (ready > 0) continue;
     if (at_barrier == n - done) {  // every live thread is at __syncthreads: release (exited threads count as there)
       for (Thread& t : b.threads) {
@@ -189,6 +222,11 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
       }
       continue;
     }
+    for (const Thread& t : b.threads)
+      if (t.state == State::AtMbarrier) {
+        b.error = "deadlock: " + where(t) + " waits on an mbarrier phase that never completes";
+        return false;
+      }
     for (const Thread& t : b.threads)
       if (t.state == State::AtWarp) {
         b.error = "deadlock: " + where(t) + " waits at a warp collective while other lanes of its warp wait at "
@@ -525,6 +563,153 @@ void cp_async_wait(int n) {
     run_copies(gs.front());
     gs.erase(gs.begin());
   }
+}
+
+// ---- mbarriers and bulk tensor copies ---------------------------------------------------------------------------
+namespace {
+Mbarrier& mbar_of(const uint64_t* bar, const char* what) {
+  if (!in_dynamic_smem(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
+    fail((std::string(what) + ": mbarrier not an 8-byte-aligned shared-memory address").c_str(), __FILE__, __LINE__);
+  auto it = g_block->mbars.find(bar);
+  if (it == g_block->mbars.end())
+    fail((std::string(what) + ": mbarrier used before mbarrier.init").c_str(), __FILE__, __LINE__);
+  return it->second;
+}
+
+void complete_if_done(const uint64_t* bar, Mbarrier& m) {
+  if (m.pending != 0 || m.tx != 0) return;
+  m.phase ^= 1u;
+  m.pending = m.count;
+  for (Thread& t : g_block->threads)
+    if (t.state == State::AtMbarrier && t.waits_on == bar) t.state = State::Ready;
+}
+
+// One box: element (i0, i1, i2, i3) of the box from global coordinates c + i (zero outside the tensor) to
+// dst + ((i3 box2 + i2) box1 + i1) rowbytes + i0 esize, through the 128-byte swizzle of the shared-window address.
+void tma_copy(const PendingTma& c) {
+  const EmuTensorMap& m = c.map;
+  const uint32_t b0 = m.box[0], b1 = m.rank > 1 ? m.box[1] : 1, b2 = m.rank > 2 ? m.box[2] : 1,
+                 b3 = m.rank > 3 ? m.box[3] : 1;
+  const uint64_t row_bytes = uint64_t(b0) * m.esize, base = uint64_t(c.dst - dynamic_smem());
+  for (uint32_t i3 = 0; i3 < b3; ++i3)
+    for (uint32_t i2 = 0; i2 < b2; ++i2)
+      for (uint32_t i1 = 0; i1 < b1; ++i1)
+        for (uint32_t i0 = 0; i0 < b0; ++i0) {
+          const int64_t g[4] = {int64_t(c.c[0]) + i0, int64_t(c.c[1]) + i1, int64_t(c.c[2]) + i2, int64_t(c.c[3]) + i3};
+          bool inside = true;
+          uint64_t off = 0;
+          for (uint32_t d = 0; d < m.rank; ++d) {
+            inside &= g[d] >= 0 && g[d] < int64_t(m.dims[d]);
+            off += d == 0 ? uint64_t(g[0]) * m.esize : uint64_t(g[d]) * m.strides[d - 1];
+          }
+          uint64_t dst = base + ((uint64_t(i3) * b2 + i2) * b1 + i1) * row_bytes + uint64_t(i0) * m.esize;
+          if (m.swizzle128) dst ^= ((dst >> 7) & 7u) << 4;
+          unsigned char* p = dynamic_smem() + dst;
+          if (!in_dynamic_smem(p, m.esize)) fail("cp.async.bulk.tensor: box outside shared memory", __FILE__, __LINE__);
+          if (inside)
+            std::memcpy(p, m.addr + off, m.esize);
+          else
+            std::memset(p, 0, m.esize);
+        }
+}
+
+uint64_t box_bytes(const EmuTensorMap& m) {
+  uint64_t n = m.esize;
+  for (uint32_t d = 0; d < m.rank; ++d) n *= m.box[d];
+  return n;
+}
+
+void land_copies(Mbarrier& m) {
+  for (const PendingTma& c : m.copies) {
+    tma_copy(c);
+    m.tx -= int64_t(box_bytes(c.map));
+  }
+  m.copies.clear();
+}
+}  // namespace
+
+void mbar_init(uint64_t* bar, uint32_t count) {
+  if (!in_dynamic_smem(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
+    fail("mbarrier.init: not an 8-byte-aligned shared-memory address", __FILE__, __LINE__);
+  if (count == 0) fail("mbarrier.init: count 0", __FILE__, __LINE__);
+  Mbarrier m;
+  m.count = m.pending = count;
+  g_block->mbars[bar] = m;
+}
+
+void mbar_arrive(uint64_t* bar, uint32_t tx_bytes) {
+  Mbarrier& m = mbar_of(bar, "mbarrier.arrive");
+  if (m.pending == 0) fail("mbarrier.arrive: more arrivals than the barrier's count in one phase", __FILE__, __LINE__);
+  m.tx += tx_bytes;
+  m.pending -= 1;
+  complete_if_done(bar, m);
+}
+
+void mbar_wait(uint64_t* bar, uint32_t parity) {
+  for (;;) {
+    Mbarrier& m = mbar_of(bar, "mbarrier.try_wait");
+    if (!g_cp_async_early && !m.copies.empty()) {  // late: the copies land when their barrier is waited on
+      land_copies(m);
+      complete_if_done(bar, m);
+    }
+    if ((m.phase & 1u) != (parity & 1u)) return;  // the phase of this parity has completed
+    g_thread->waits_on = bar;
+    yield(State::AtMbarrier);
+  }
+}
+
+void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2, int c3) {
+  PendingTma c;
+  std::memcpy(&c.map, map, sizeof(EmuTensorMap));
+  if (c.map.magic != kTensorMapMagic || c.map.rank != 4)
+    fail("cp.async.bulk.tensor.4d: not a 4-D tensor map of the emulated cuTensorMapEncodeTiled", __FILE__, __LINE__);
+  c.dst = static_cast<unsigned char*>(dst);
+  if (!in_dynamic_smem(dst, 1) || (c.dst - dynamic_smem()) % (c.map.swizzle128 ? 1024 : 128) != 0)
+    fail("cp.async.bulk.tensor: destination not in shared memory or misaligned (128 bytes; 1024 for the 128-byte "
+         "swizzle)", __FILE__, __LINE__);
+  c.c[0] = c0;
+  c.c[1] = c1;
+  c.c[2] = c2;
+  c.c[3] = c3;
+  Mbarrier& m = mbar_of(bar, "cp.async.bulk.tensor");
+  if (g_cp_async_early) {
+    tma_copy(c);
+    m.tx -= int64_t(box_bytes(c.map));
+    complete_if_done(bar, m);
+  } else {
+    m.copies.push_back(c);
+  }
+}
+
+CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t rank, void* addr, const cuuint64_t* dims,
+                      const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* elem_strides,
+                      CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle, CUtensorMapL2promotion,
+                      CUtensorMapFloatOOBfill) {
+  EmuTensorMap m{};
+  m.magic = kTensorMapMagic;
+  m.addr = static_cast<const unsigned char*>(addr);
+  m.rank = rank;
+  m.esize = dtype == CU_TENSOR_MAP_DATA_TYPE_FLOAT16 || dtype == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 ? 2 : 0;
+  m.swizzle128 = swizzle == CU_TENSOR_MAP_SWIZZLE_128B;
+  if (m.esize == 0 || rank < 1 || rank > 5 || reinterpret_cast<uintptr_t>(addr) % 16 != 0 ||
+      interleave != CU_TENSOR_MAP_INTERLEAVE_NONE || (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && !m.swizzle128))
+    return CUDA_ERROR_INVALID_VALUE;
+  for (uint32_t d = 0; d < rank; ++d) {
+    if (dims[d] == 0 || dims[d] > (1ull << 32) || box[d] == 0 || box[d] > 256 || elem_strides[d] != 1)
+      return CUDA_ERROR_INVALID_VALUE;
+    m.dims[d] = uint32_t(dims[d]);
+    m.box[d] = box[d];
+    if (d > 0) {
+      if (strides[d - 1] == 0 || strides[d - 1] % 16 != 0 || strides[d - 1] >= (1ull << 40))
+        return CUDA_ERROR_INVALID_VALUE;
+      m.strides[d - 1] = strides[d - 1];
+    }
+  }
+  if ((uint64_t(box[0]) * m.esize) % 16 != 0 || (m.swizzle128 && uint64_t(box[0]) * m.esize != 128))
+    return CUDA_ERROR_INVALID_VALUE;
+  std::memset(map, 0, sizeof(CUtensorMap));
+  std::memcpy(map, &m, sizeof(m));
+  return CUDA_SUCCESS;
 }
 
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {

@@ -7,7 +7,8 @@
 //
 // Execution model (what it checks is in docs/design.md, "CUDA emulator"):
 // - blocks run one after another; the threads of a block are fibers (ucontext) scheduled cooperatively: each runs
-//   until it reaches __syncthreads(), a warp collective (shuffle, ldmatrix, mma) or its end. The next thread to run
+//   until it reaches __syncthreads(), a warp collective (shuffle, ldmatrix, mma, wgmma), an mbarrier wait that cannot
+//   pass yet, or its end. The next thread to run
 //   is the lowest-numbered ready one, the highest, or a random one (PYATTN_EMU_ORDER=forward|reverse|random): the
 //   first two let one warp run as far ahead of the others as the barriers allow, so a missing barrier shows up as a
 //   wrong result in at least one order.
@@ -15,10 +16,12 @@
 //   lane to arrive computes the result for all. ldmatrix / mma follow the PTX ISA fragment layouts.
 // - cp.async copies land at the cp.async.wait_group that covers them (PYATTN_EMU_CP_ASYNC=late, the default: the
 //   latest moment hardware may complete them, so a read before the wait sees stale data) or at issue (early: a copy
-//   into a buffer that other warps still read shows up); dynamic shared memory is filled with 0xff bytes (NaN in
-//   fp32, fp16 and bf16) before each block.
-// - errors (deadlock, divergent __syncthreads, collective with exited lanes, ldmatrix/cp.async outside shared
-//   memory or misaligned, too much shared memory, bad launch configuration) abort the launch: cudaGetLastError()
+//   into a buffer that other warps still read shows up); bulk tensor copies (TMA) likewise land at the mbarrier wait
+//   that observes them, or at issue; wgmma runs at the wgmma.wait_group that covers it; dynamic shared memory is
+//   filled with 0xff bytes (NaN in fp32, fp16 and bf16) before each block.
+// - errors (deadlock, at a barrier or an mbarrier; divergent __syncthreads, collective with exited lanes,
+//   ldmatrix/cp.async/TMA outside shared memory or misaligned, wgmma or TMA left in flight, too much shared memory,
+//   bad launch configuration) abort the launch: cudaGetLastError()
 //   returns an error and pyattn_emu::last_error_message() says what happened, where.
 #pragma once
 
@@ -32,6 +35,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "include/cuda.h"
+
 // ---- CUDA C++ keywords -------------------------------------------------------------------------------------------
 #define __global__
 #define __device__
@@ -43,6 +48,7 @@
 #define __shared__ static
 #define __constant__ static
 #define __restrict__ __restrict
+#define __grid_constant__
 
 // ---- runtime types -------------------------------------------------------------------------------------------------
 struct dim3 {
@@ -78,6 +84,12 @@ enum cudaError {
 typedef enum cudaError cudaError_t;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2
+};
+enum cudaGetDriverEntryPointFlags { cudaEnableDefault = 0 };
 struct cudaDeviceProp {
   int major = 9, minor = 0;
   size_t sharedMemPerBlock = 48 * 1024;
@@ -209,6 +221,26 @@ void wgmma_m64k16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t 
                   bool bf16);
 void wgmma_commit();
 void wgmma_wait(int n);
+
+// Shared-memory mbarriers and bulk tensor copies (csrc/cuda/tma.cuh). A barrier's state lives beside the block (the
+// 8 bytes in shared memory are only its address). mbar_arrive: one arrival, announcing tx_bytes more bytes first
+// (arrive.expect_tx); a phase completes when its arrivals are in and its bytes written, which wakes its waiters.
+// mbar_wait blocks the thread until the phase of that parity has completed (a fresh barrier's parity-1 wait passes).
+// tma_load_4d copies one box of a tensor map made by the emulated cuTensorMapEncodeTiled (zeros outside the tensor,
+// 128-byte swizzle), landing at the wait that observes its barrier (PYATTN_EMU_CP_ASYNC=late, so a read before the
+// wait sees stale data) or at issue (early, so a copy into a stage still being read shows up).
+void mbar_init(uint64_t* bar, uint32_t count);
+void mbar_arrive(uint64_t* bar, uint32_t tx_bytes);
+void mbar_wait(uint64_t* bar, uint32_t parity);
+void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2, int c3);
+// The emulated cuTensorMapEncodeTiled (the driver's signature): CUDA_ERROR_INVALID_VALUE for what the driver refuses
+// (misaligned address or strides, box too large) and for what the emulator does not model (other than 16-bit
+// elements, element strides != 1, a swizzle other than none / 128 bytes, a 128-byte swizzle whose box rows are not
+// 128 bytes).
+CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t rank, void* addr, const cuuint64_t* dims,
+                      const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* elem_strides,
+                      CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle, CUtensorMapL2promotion l2,
+                      CUtensorMapFloatOOBfill oob);
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {r0..r3}, [p]
 void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans);
 
@@ -243,6 +275,15 @@ T shfl(unsigned mask, T v, int arg, int mode, const char* file, int line) {
 #define __shfl_down_sync(mask, v, d) ::pyattn_emu::shfl(mask, v, d, 2, __FILE__, __LINE__)
 
 inline cudaError_t cudaGetLastError() { return ::pyattn_emu::take_last_error(); }
+// Only cuTensorMapEncodeTiled is known (the emulator's encode_tiled, which the Hopper forward's host code calls
+// through the same function-pointer type as the driver's).
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                                    cudaDriverEntryPointQueryResult* status) {
+  const bool known = std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
+  *fn = known ? reinterpret_cast<void*>(&::pyattn_emu::encode_tiled) : nullptr;
+  if (status != nullptr) *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : ::pyattn_emu::last_error_message();
 }

@@ -99,6 +99,23 @@ __global__ void wgmma_ones(int* out) {
   if (kCase == 1) out[threadIdx.x] = static_cast<int>(d[0] + d[1] + d[2] + d[3]) / 4;
 }
 
+// One bulk tensor copy of an 8 x 64 fp16 box (all 7.0 = 0x4700) into 128-byte-swizzled shared memory: returns the first
+// element read before the mbarrier wait (defect: stale 0xffff in the late model), after it (0x4700), or waits on a
+// phase that never completes (a barrier of count 2 that gets one arrival: deadlock).
+template <int kCase>
+__global__ void tma_box(int* out, const CUtensorMap* map) {
+  auto* s = reinterpret_cast<uint16_t*>(dynamic_smem());
+  auto* bar = reinterpret_cast<uint64_t*>(dynamic_smem() + 1024);
+  if (threadIdx.x == 0) {
+    mbar_init(bar, kCase == 2 ? 2 : 1);
+    mbar_arrive(bar, 8 * 64 * 2);
+    tma_load_4d(s, map, bar, 0, 0, 0, 0);
+    if (kCase == 0) out[0] = s[0];  // mbar_wait missing before this read
+    mbar_wait(bar, 0);
+    if (kCase != 0) out[0] = s[0];
+  }
+}
+
 int run(const std::string& name) {
   alignas(16) static int out[1024];
   alignas(16) static const int src[4] = {7, 7, 7, 7};
@@ -118,6 +135,21 @@ int run(const std::string& name) {
   else if (name == "wgmma_read_before_wait") launch(wgmma_ones<0>, 1, 128, 9216)(out);
   else if (name == "wgmma_ones") launch(wgmma_ones<1>, 1, 128, 9216)(out);
   else if (name == "wgmma_exit_in_flight") launch(wgmma_ones<2>, 1, 128, 9216)(out);
+  else if (name.rfind("tma_", 0) == 0) {
+    alignas(16) static uint16_t src[8 * 64];
+    std::fill(src, src + 8 * 64, uint16_t(0x4700));
+    const cuuint64_t dims[4] = {64, 8, 1, 1}, strides[3] = {128, 1024, 1024};
+    const cuuint32_t box[4] = {64, 8, 1, 1}, one[4] = {1, 1, 1, 1};
+    CUtensorMap map;
+    if (encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, src, dims, strides, box, one,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+      throw std::runtime_error("emu_selftest: encode_tiled refused the map");
+    if (name == "tma_read_before_wait") launch(tma_box<0>, 1, 32, 1032)(out, &map);
+    else if (name == "tma_box") launch(tma_box<1>, 1, 32, 1032)(out, &map);
+    else if (name == "tma_deadlock") launch(tma_box<2>, 1, 32, 1032)(out, &map);
+    else throw std::invalid_argument("emu_selftest: unknown case " + name);
+  }
   else throw std::invalid_argument("emu_selftest: unknown case " + name);
   if (take_last_error() != cudaSuccess) throw std::runtime_error(last_error_message());
   return out[0];

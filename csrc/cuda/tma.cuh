@@ -1,0 +1,89 @@
+// Hopper's bulk tensor copies (TMA, sm_90) and the shared-memory mbarriers they complete on, plus setmaxnreg
+// (sm_90a): the producer / consumer plumbing of the warp-specialized attention forward (attention_sm90.cu).
+// Torch-free. Each PTX wrapper has a PYATTN_CUDA_EMU branch (csrc/emu/cuda_emu.h emulates the same semantics).
+//
+// mbarrier (a 64-bit word in shared memory): initialised with an arrival count; a phase completes when that many
+// arrivals have come AND every byte announced with expect_tx has been written by the copies that complete on it; then
+// the next phase starts (parity flips). mbar_wait(bar, parity) returns once the phase of that parity has completed:
+// a fresh barrier is in phase 0, so waiting for parity 1 passes at once (a producer's first wait on an "empty" barrier).
+// tma_load_4d: one box of a 4-D tensor map (coordinates innermost first) into shared memory, rows laid out as the map's
+// swizzle says (128-byte swizzle: the wgmma.cuh layout); elements outside the tensor are written as zeros; the bytes
+// count toward the barrier's expect_tx. Its destination must be 1024-byte aligned for the 128-byte swizzle.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "attention_utils.cuh"
+
+namespace pyattn {
+namespace cuda {
+namespace attn {
+namespace sm90 {
+
+#ifdef PYATTN_CUDA_EMU
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) { ::pyattn_emu::mbar_init(bar, count); }
+__device__ __forceinline__ void mbar_init_fence() {}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) { ::pyattn_emu::mbar_arrive(bar, 0); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  ::pyattn_emu::mbar_arrive(bar, bytes);
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { ::pyattn_emu::mbar_wait(bar, parity); }
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
+                                            int c3) {
+  ::pyattn_emu::tma_load_4d(dst, map, bar, c0, c1, c2, c3);
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {}
+#else
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// After the inits, before any other thread or the copy engine uses the barriers (then a block barrier).
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+// Registers per thread of the calling warpgroup from here on (all its threads must execute it; sm_90a).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif
+
+}  // namespace sm90
+}  // namespace attn
+}  // namespace cuda
+}  // namespace pyattn
