@@ -60,6 +60,7 @@ def order(request, monkeypatch):
     ("bad_block", "invalid launch configuration"),
     ("wgmma_exit_in_flight", "wgmma of its warp not waited for"),
     ("tma_deadlock", "waits on an mbarrier phase that never completes"),
+    ("named_barrier_deadlock", "waits at named barrier 1 for arrivals that never come"),
 ])
 def test_emulator_reports_each_defect(case, message):
     with pytest.raises(RuntimeError, match=message):
@@ -89,6 +90,10 @@ def test_emulator_schedules_expose_a_missing_barrier_and_an_early_read(monkeypat
     assert ops.emu_selftest("tma_read_before_wait") == 0xffff
     monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", "early")
     assert ops.emu_selftest("tma_read_before_wait") == 0x4700
+    # a named barrier orders warp 1's write before warp 0's read whichever runs first
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("PYATTN_EMU_ORDER", order)
+        assert ops.emu_selftest("named_barrier") == 42
 
 
 def test_emulator_build_needs_the_shared_libstdcxx():

@@ -278,7 +278,8 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 // (Q once; K and V of each key block into a 2-stage ring, each stage behind a "full" mbarrier that the copy
 // completes and an "empty" one that all 256 consumer threads arrive on when they are done with it). Warpgroups 1
 // and 2 (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on
-// mbarriers instead of block barriers, so the two are never in lockstep. Shared memory: Q [2][128][64], K and V
+// mbarriers instead of block barriers and taking turns at issuing their GEMMs (ping-pong, below). Shared memory: Q
+// [2][128][64], K and V
 // [2 stages][2][128][64] (the same swizzled sub-tiles, written by the copy engine), 9 mbarriers: 161 KB + 1 KB slack.
 struct WsCfg {
   static constexpr int HD = 128, BM = 128, BN = 128, NT = 384, NCONS = 256;
@@ -364,10 +365,24 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
     auto needs_check = [&](int64_t j0) { return j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift); };
+    // Ping-pong (FA3): the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax runs under
+    // the other's GEMMs. Named barrier 1 + wg means "warpgroup wg may issue" (256 threads: its own 128 syncing, the
+    // other's 128 arriving); every issue point syncs on its own barrier before and arrives on the other's after.
+    // Both warpgroups have the same nkb + 1 issue points; warpgroup 1 opens warpgroup 0's first turn and skips the
+    // arrive after its last one, so that no arrival is left over.
+    const int n_issue = nkb > 0 ? nkb + 1 : 0;
+    int issued = 0;
+    auto my_turn = [&]() { named_bar_sync(1 + wg, 256); };
+    auto pass_turn = [&]() {
+      if (wg == 0 || ++issued < n_issue) named_bar_arrive(1 + (wg ^ 1), 256);
+    };
+    if (wg == 1 && n_issue > 0) named_bar_arrive(1, 256);
     mbar_wait(q_full, 0);
     if (nkb > 0) {  // key block 0: S_0 alone (peeled, so that the loop below has no branch around its waits)
       mbar_wait(k_full, 0);
+      my_turn();
       St::issue_qk(s, q_addr, k_addr(0));
+      pass_turn();
       wgmma_wait<0>();
       fence_operands(s);
       mbar_arrive(k_empty);
@@ -377,9 +392,11 @@ __global__ void __launch_bounds__(384, 1)
     for (int kb = 1; kb < nkb; ++kb) {
       const int64_t j0 = int64_t(kb) * BN;
       mbar_wait(k_full + (kb & 1), parity(kb));
+      my_turn();
       St::issue_qk(s, q_addr, k_addr(kb));
       mbar_wait(v_full + ((kb - 1) & 1), parity(kb - 1));
       St::issue_pv(o, pa, v_addr(kb - 1));
+      pass_turn();
       wgmma_wait<1>();  // S_kb has landed (the P V may still run)
       fence_operands(s);
       mbar_arrive(k_empty + (kb & 1));  // K_kb read
@@ -393,7 +410,9 @@ __global__ void __launch_bounds__(384, 1)
     }
     if (nkb > 0) {  // the last P V
       mbar_wait(v_full + ((nkb - 1) & 1), parity(nkb - 1));
+      my_turn();
       St::issue_pv(o, pa, v_addr(nkb - 1));
+      pass_turn();
       wgmma_wait<0>();
       fence_operands(o);
     }

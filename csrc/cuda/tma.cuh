@@ -1,5 +1,6 @@
 // Hopper's bulk tensor copies (TMA, sm_90) and the shared-memory mbarriers they complete on, plus setmaxnreg
-// (sm_90a): the producer / consumer plumbing of the warp-specialized attention forward (attention_sm90.cu).
+// (sm_90a) and named barriers: the producer / consumer plumbing of the warp-specialized attention forward
+// (attention_sm90.cu).
 // Torch-free. Each PTX wrapper has a PYATTN_CUDA_EMU branch (csrc/emu/cuda_emu.h emulates the same semantics).
 //
 // mbarrier (a 64-bit word in shared memory): initialised with an arrival count; a phase completes when that many
@@ -38,6 +39,8 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {}
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {}
+__device__ __forceinline__ void named_bar_sync(int id, int n) { ::pyattn_emu::bar_sync(id, n); }
+__device__ __forceinline__ void named_bar_arrive(int id, int n) { ::pyattn_emu::bar_arrive(id, n); }
 #else
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -80,6 +83,14 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// Named barrier id (1..15; 0 is __syncthreads) of n threads (a multiple of 32): sync waits for the phase, arrive
+// counts itself in and goes on.
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 #endif
 

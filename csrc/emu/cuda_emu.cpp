@@ -19,7 +19,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kSmemOptinLimit = 227 * 1024;   // sm_90
 
-enum class State { Ready, AtBarrier, AtWarp, AtMbarrier, Done };
+enum class State { Ready, AtBarrier, AtWarp, AtMbarrier, AtNamedBarrier, Done };
 struct Copy {
   void* dst;
   const void* src;
@@ -36,6 +36,11 @@ struct Thread {
   std::vector<Copy> pending;               // cp.async not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, oldest first
   const uint64_t* waits_on = nullptr;     // the mbarrier an AtMbarrier thread waits on
+  int named_bar = 0;                       // the named barrier an AtNamedBarrier thread waits on
+};
+
+struct NamedBarrier {
+  int expected = 0, arrived = 0;
 };
 
 // The emulated cuTensorMapEncodeTiled's map, kept in CUtensorMap's 128 opaque bytes.
@@ -93,6 +98,7 @@ struct Block {
   bool failed = false;
   std::string error;
   std::map<const uint64_t*, Mbarrier> mbars;  // by address in shared memory
+  NamedBarrier named[16];
 };
 
 namespace {
@@ -165,6 +171,7 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
   }
   if (b.smem_size > 0) std::memset(b.smem, 0xff, b.smem_size);
   b.mbars.clear();
+  for (NamedBarrier& nb : b.named) nb = NamedBarrier();
   // Each step runs one ready thread until it blocks: the lowest-numbered ready one (forward), the highest (reverse)
   // or one drawn at random. Forward / reverse let a warp run as far ahead of the others as barriers allow.
   std::vector<int> ready_ids;
@@ -222,6 +229,12 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
       }
       continue;
     }
+    for (const Thread& t : b.threads)
+      if (t.state == State::AtNamedBarrier) {
+        b.error = "deadlock: " + where(t) + " waits at named barrier " + std::to_string(t.named_bar) +
+                  " for arrivals that never come";
+        return false;
+      }
     for (const Thread& t : b.threads)
       if (t.state == State::AtMbarrier) {
         b.error = "deadlock: " + where(t) + " waits on an mbarrier phase that never completes";
@@ -627,6 +640,34 @@ void land_copies(Mbarrier& m) {
   m.copies.clear();
 }
 }  // namespace
+
+namespace {
+// One thread's arrival at named barrier id (expecting n threads in all): true when it completed the phase.
+bool named_arrive(int id, int n, const char* what) {
+  if (id < 1 || id > 15 || n <= 0 || n % 32 != 0 || n > int(g_block->threads.size()))
+    fail((std::string(what) + ": barrier id must be 1..15 and the thread count a multiple of 32 within the block")
+             .c_str(),
+         __FILE__, __LINE__);
+  NamedBarrier& nb = g_block->named[id];
+  if (nb.arrived > 0 && nb.expected != n)
+    fail((std::string(what) + ": threads of one phase disagree on the barrier's thread count").c_str(), __FILE__,
+         __LINE__);
+  nb.expected = n;
+  if (++nb.arrived < n) return false;
+  nb.arrived = 0;
+  for (Thread& t : g_block->threads)
+    if (t.state == State::AtNamedBarrier && t.named_bar == id) t.state = State::Ready;
+  return true;
+}
+}  // namespace
+
+void bar_sync(int id, int n) {
+  if (named_arrive(id, n, "bar.sync")) return;
+  g_thread->named_bar = id;
+  yield(State::AtNamedBarrier);
+}
+
+void bar_arrive(int id, int n) { named_arrive(id, n, "bar.arrive"); }
 
 void mbar_init(uint64_t* bar, uint32_t count) {
   if (!in_dynamic_smem(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)

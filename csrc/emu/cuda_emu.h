@@ -229,6 +229,10 @@ void wgmma_wait(int n);
 // tma_load_4d copies one box of a tensor map made by the emulated cuTensorMapEncodeTiled (zeros outside the tensor,
 // 128-byte swizzle), landing at the wait that observes its barrier (PYATTN_EMU_CP_ASYNC=late, so a read before the
 // wait sees stale data) or at issue (early, so a copy into a stage still being read shows up).
+// Named barriers 1..15 (bar.sync / bar.arrive id, n; 0 is __syncthreads): a phase completes when n threads have
+// arrived or synced on it; bar_sync blocks until then, bar_arrive does not.
+void bar_sync(int id, int n);
+void bar_arrive(int id, int n);
 void mbar_init(uint64_t* bar, uint32_t count);
 void mbar_arrive(uint64_t* bar, uint32_t tx_bytes);
 void mbar_wait(uint64_t* bar, uint32_t parity);

@@ -116,6 +116,20 @@ __global__ void tma_box(int* out, const CUtensorMap* map) {
   }
 }
 
+// Named barrier 1 of 64 threads: warp 1 writes 42 then arrives, warp 0 syncs then reads it (42 in every schedule);
+// the defect leaves out the arrive (deadlock).
+template <bool kArrive>
+__global__ void named_barrier(int* out) {
+  __shared__ int value;
+  if (threadIdx.x >= 32) {
+    if (threadIdx.x == 32) value = 42;
+    if (kArrive) bar_arrive(1, 64);
+  } else {
+    bar_sync(1, 64);
+    if (threadIdx.x == 0) out[0] = value;
+  }
+}
+
 int run(const std::string& name) {
   alignas(16) static int out[1024];
   alignas(16) static const int src[4] = {7, 7, 7, 7};
@@ -135,6 +149,8 @@ int run(const std::string& name) {
   else if (name == "wgmma_read_before_wait") launch(wgmma_ones<0>, 1, 128, 9216)(out);
   else if (name == "wgmma_ones") launch(wgmma_ones<1>, 1, 128, 9216)(out);
   else if (name == "wgmma_exit_in_flight") launch(wgmma_ones<2>, 1, 128, 9216)(out);
+  else if (name == "named_barrier") launch(named_barrier<true>, 1, 64)(out);
+  else if (name == "named_barrier_deadlock") launch(named_barrier<false>, 1, 64)(out);
   else if (name.rfind("tma_", 0) == 0) {
     alignas(16) static uint16_t src[8 * 64];
     std::fill(src, src + 8 * 64, uint16_t(0x4700));
