@@ -1,6 +1,6 @@
 """The CUDA attention forward's kernels side by side on one GPU, in one process: pyattn's cuda backend with each
 kernel the environment variable PYATTN_CUDA_ATTN_SM90 selects (unset: the Hopper wgmma kernel,
-csrc/cuda/attention_sm90.cu; "ws": its warp-specialized variant, HD 128; "0": the mma.sync kernel of attention.cu),
+csrc/cuda/attention_sm90.cu; "ws": its warp-specialized variant; "0": the mma.sync kernel of attention.cu),
 the Triton backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU
 shapes). Each pyattn variant is first checked against torch's flash output (max abs error, printed; a variant off by
 more than 2e-2 is marked WRONG and the exit status is 1). TFLOP/s = 4 B H L^2 D / time (halved when causal), median

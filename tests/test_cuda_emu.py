@@ -336,15 +336,14 @@ SM90_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case,variant", [(c, "default") for c in SM90_CASES] + [(c, "ws") for c in SM90_CASES
-                                                                                 if c[2] == 128], ids=str)
+@pytest.mark.parametrize("case,variant", [(c, v) for c in SM90_CASES for v in ("default", "ws")], ids=str)
 def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     """The Hopper forward (csrc/cuda/attention_sm90.cu, wgmma; the emulator reports compute capability 9.0) runs
     where it should (it issues wgmma; a mask, dropout, another head dim or unaligned rows go to the mma.sync
     kernel), matches the oracle, gives the same bits in every 16-byte-aligned layout and close to the mma.sync
     kernel's values, and the backward takes its out and lse. variant "ws": the warp-specialized kernel (TMA producer,
-    mbarriers; HD 128 only, the same arithmetic in the same order, so the default kernel's bits), under both copy
-    completion models (PYATTN_EMU_CP_ASYNC late / early)."""
+    mbarriers, ping-pong; the same arithmetic per row in the same order, so the default kernel's bits), under both
+    copy completion models (PYATTN_EMU_CP_ASYNC late / early)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
     if variant == "ws":

@@ -178,7 +178,7 @@ def _is_sm90():
 def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
     """The Hopper forward against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same bits in every
     16-byte-aligned layout, and the mma.sync kernel's values within rounding. variant "ws": the warp-specialized
-    kernel (PYATTN_CUDA_ATTN_SM90=ws; TMA, mbarriers, setmaxnreg; HD 128), which has the default kernel's bits."""
+    kernel (PYATTN_CUDA_ATTN_SM90=ws; TMA, mbarriers, setmaxnreg, ping-pong), which has the default kernel's bits."""
     if variant == "ws":
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws")
 

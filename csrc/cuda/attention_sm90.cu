@@ -273,26 +273,27 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 #endif
 }
 
-// ---- warp-specialized variant (FA3's structure; PYATTN_CUDA_ATTN_SM90=ws, HD 128 only) ----------------------------
+// ---- warp-specialized variant (FA3's structure; PYATTN_CUDA_ATTN_SM90=ws) -------------------------------------------
 // Block: 3 warpgroups. Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA
 // (Q once; K and V of each key block into a 2-stage ring, each stage behind a "full" mbarrier that the copy
 // completes and an "empty" one that all 256 consumer threads arrive on when they are done with it). Warpgroups 1
 // and 2 (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on
 // mbarriers instead of block barriers and taking turns at issuing their GEMMs (ping-pong, below). Shared memory: Q
-// [2][128][64], K and V
-// [2 stages][2][128][64] (the same swizzled sub-tiles, written by the copy engine), 9 mbarriers: 161 KB + 1 KB slack.
+// [HD / 64][128][64], K and V [2 stages][HD / 64][128][64] (the same swizzled sub-tiles, written by the copy engine),
+// 9 mbarriers: 161 KB (HD 128), 81 KB (HD 64) + 1 KB slack.
+template <int HD_>
 struct WsCfg {
-  static constexpr int HD = 128, BM = 128, BN = 128, NT = 384, NCONS = 256;
+  static constexpr int HD = HD_, BM = 128, BN = 128, NT = 384, NCONS = 256, SUB = HD / 64;
   static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
   static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 9 * 8;
 };
 
-template <class E, bool CAUSAL>
+template <class E, int HD_, bool CAUSAL>
 __global__ void __launch_bounds__(384, 1)
     attn_fwd_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                             const __grid_constant__ CUtensorMap tv, const AttnFwdParams p, const Derived d) {
 #ifdef PYATTN_SM90_KERNEL
-  using C = WsCfg;
+  using C = WsCfg<HD_>;
   constexpr int HD = C::HD, BM = C::BM, BN = C::BN;
   using St = Steps<E, HD, BN, BM>;
 
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(384, 1)
     setmaxnreg_dec<24>();
     if (tid == 0) {
       mbar_arrive_expect_tx(q_full, C::kQBytes);
-      for (int sub = 0; sub < 2; ++sub)
+      for (int sub = 0; sub < C::SUB; ++sub)
         tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(i0), int(h), int(b));
       for (int kb = 0; kb < nkb; ++kb) {
         const int st = kb & 1;
@@ -340,11 +341,11 @@ __global__ void __launch_bounds__(384, 1)
         const int j0 = kb * BN;
         mbar_wait(k_empty + st, free_parity);
         mbar_arrive_expect_tx(k_full + st, C::kKVBytes);
-        for (int sub = 0; sub < 2; ++sub)
+        for (int sub = 0; sub < C::SUB; ++sub)
           tma_load_4d(Ks + st * C::kKVBytes + sub * (BN * 128), &tk, k_full + st, sub * 64, j0, int(hk), int(b));
         mbar_wait(v_empty + st, free_parity);
         mbar_arrive_expect_tx(v_full + st, C::kKVBytes);
-        for (int sub = 0; sub < 2; ++sub)
+        for (int sub = 0; sub < C::SUB; ++sub)
           tma_load_4d(Vs + st * C::kKVBytes + sub * (BN * 128), &tv, v_full + st, sub * 64, j0, int(hk), int(b));
       }
     }
@@ -484,30 +485,40 @@ bool make_map(CUtensorMap* map, const void* ptr, DType dtype, int64_t B, int64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <class E, bool CAUSAL>
+template <class E, int HD, bool CAUSAL>
 cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
                       const CUtensorMap& tv, cudaStream_t stream) {
-  auto kernel = attn_fwd_sm90_ws_kernel<E, CAUSAL>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WsCfg::smem));
+  using C = WsCfg<HD>;
+  auto kernel = attn_fwd_sm90_ws_kernel<E, HD, CAUSAL>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (p.Lq + WsCfg::BM - 1) / WsCfg::BM * p.B * p.Hq;
-  kernel<<<unsigned(blocks), WsCfg::NT, WsCfg::smem, stream>>>(tq, tk, tv, p, d);
+  const int64_t blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
+  kernel<<<unsigned(blocks), C::NT, C::smem, stream>>>(tq, tk, tv, p, d);
   return cudaGetLastError();
 }
 
-// The warp-specialized forward (HD 128): false when the TMA maps cannot be made (then the caller launches the
-// cp.async kernel), else true with the launch's status in *err.
+template <class E, bool CAUSAL>
+cudaError_t launch_ws_hd(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
+                         const CUtensorMap& tv, cudaStream_t stream) {
+  return p.D == 64 ? launch_ws<E, 64, CAUSAL>(p, d, tq, tk, tv, stream)
+                   : launch_ws<E, 128, CAUSAL>(p, d, tq, tk, tv, stream);
+}
+
+// The warp-specialized forward: false when the TMA maps cannot be made (then the caller launches the cp.async
+// kernel), else true with the launch's status in *err.
 bool fwd_ws(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
+  constexpr uint32_t kRows = 128;  // WsCfg's BM and BN
   CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, WsCfg::BM) ||
-      !make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, WsCfg::BN) ||
-      !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, WsCfg::BN))
+  if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, kRows) ||
+      !make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, kRows) ||
+      !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, kRows))
     return false;
   if (p.dtype == DType::F16)
-    *err = p.causal ? launch_ws<F16, true>(p, d, tq, tk, tv, stream) : launch_ws<F16, false>(p, d, tq, tk, tv, stream);
+    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, stream)
+                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, stream);
   else
-    *err = p.causal ? launch_ws<BF16, true>(p, d, tq, tk, tv, stream)
-                    : launch_ws<BF16, false>(p, d, tq, tk, tv, stream);
+    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, stream)
+                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, stream);
   return true;
 }
 
@@ -530,10 +541,10 @@ bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d) {
 // blocks per SM, which the scheduler interleaves). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal /
 // causal; benchmarks/results/nvidia-h200/gpu-attn-variants.log): HD 128 with 2 warpgroups 330 / 293, 1 warpgroup
 // (BN 64) 320 / 253; HD 64 with 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
-// PYATTN_CUDA_ATTN_SM90=ws: the warp-specialized kernel for HD 128 (emulator-tested, not yet measured on a GPU).
+// PYATTN_CUDA_ATTN_SM90=ws: the warp-specialized kernel (emulator-tested, not yet measured on a GPU).
 cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
-  if (env != nullptr && std::strcmp(env, "ws") == 0 && p.D == 128) {
+  if (env != nullptr && std::strcmp(env, "ws") == 0) {
     cudaError_t err = cudaSuccess;
     if (sm90::fwd_ws(p, d, stream, &err)) return err;
   }
