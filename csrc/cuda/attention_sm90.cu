@@ -93,14 +93,6 @@ struct Steps {
       wgmma_rs_nmajor<E, HD>(o, pa[k], make_desc(v_addr + k * 16 * 128, BN * 128, 1024));
     wgmma_commit();
   }
-  // After the wait for a P V: its accumulators and A registers are ordinary registers again. Touching pa here keeps
-  // the register allocator from reusing its registers for the softmax while the P V still reads them (which made
-  // ptxas wait for the P V before the softmax: no overlap).
-  static __device__ __forceinline__ void fence_pv(float (&o)[HD / 2], uint32_t (&pa)[BN / 16][4]) {
-    fence_operands(o);
-#pragma unroll
-    for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
-  }
   // S (landed) -> base-2 logits, masked where the causal diagonal or the key tail cuts the block (check), then the
   // online softmax: m_run, l_run updated, s = exp2(s - m), alpha = exp2(m_old - m_new) per row. A row that
   // has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN).
@@ -251,9 +243,8 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
     }
     fence_operands(s);
     St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
-    fence_operands(s);  // the softmax is done before the wait (else it may be scheduled after it)
     wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
-    St::fence_pv(o, pa);
+    fence_operands(o);
     St::rescale(o, alpha);
     St::pack(pa, s);
     __syncthreads();  // every warpgroup is done with the stages the next iteration refills
@@ -298,9 +289,9 @@ __global__ void __launch_bounds__(384, 1)
   using St = Steps<E, HD, BN, BM>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [2][BM][64] swizzled
-  unsigned char* Ks = Qs + C::kQBytes;                                       // [2 stages][2][BN][64]
-  unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2 stages][2][BN][64]
+  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BM][64] swizzled
+  unsigned char* Ks = Qs + C::kQBytes;                                       // [2 stages][SUB][BN][64]
+  unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2 stages][SUB][BN][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(Vs + 2 * C::kKVBytes);
   uint64_t* q_full = bars;       // Q landed
   uint64_t* k_full = bars + 1;   // [2] K stage landed
@@ -379,7 +370,7 @@ __global__ void __launch_bounds__(384, 1)
     };
     if (wg == 1 && n_issue > 0) named_bar_arrive(1, 256);
     mbar_wait(q_full, 0);
-    if (nkb > 0) {  // key block 0: S_0 alone (peeled, so that the loop below has no branch around its waits)
+    if (nkb > 0) {  // key block 0: S_0 alone (no P V yet)
       mbar_wait(k_full, 0);
       my_turn();
       St::issue_qk(s, q_addr, k_addr(0));
@@ -402,9 +393,8 @@ __global__ void __launch_bounds__(384, 1)
       fence_operands(s);
       mbar_arrive(k_empty + (kb & 1));  // K_kb read
       St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
-      fence_operands(s);  // the softmax is done before the wait (else it may be scheduled after it)
-      wgmma_wait<0>();    // P_{kb-1} V_{kb-1}: o and pa are free
-      St::fence_pv(o, pa);
+      wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
+      fence_operands(o);
       mbar_arrive(v_empty + ((kb - 1) & 1));  // V_{kb-1} read
       St::rescale(o, alpha);
       St::pack(pa, s);
