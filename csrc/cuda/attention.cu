@@ -96,14 +96,9 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
   uint16_t* Vs = Ks + 2 * BN * LD;                       // [2][BN][LD] v tiles (B, Hkv, Lk, Dv)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  int64_t qb, bh;
-  fwd_block<CAUSAL>(p.B * p.Hq, (p.Lq + BM - 1) / BM, blockIdx.x, qb, bh);
-  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
-  const int64_t i0 = qb * BM;
-  const int nq = int(imin(BM, p.Lq - i0));
-  // keys [0, jend) are seen by some row of the block
-  const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, i0 + nq + d.shift)) : p.Lk;
-  const int nkb = int((jend + BN - 1) / BN);
+  const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
+  const int64_t b = fb.b, h = fb.h, hk = fb.hk, bh = fb.bh, i0 = fb.i0;
+  const int nq = fb.nq, nkb = fb.nkb;
   const int D = int(p.D), Dv = int(p.Dv);
   const int wr0 = warp * 16 * MT;  // the warp's first row in the tile
 

@@ -187,13 +187,9 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2][SUB][BN][64]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  int64_t qb, bh;
-  fwd_block<CAUSAL>(p.B * p.Hq, (p.Lq + BM - 1) / BM, blockIdx.x, qb, bh);
-  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
-  const int64_t i0 = qb * BM;
-  const int nq = int(imin(BM, p.Lq - i0));
-  const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, i0 + nq + d.shift)) : p.Lk;  // keys some row of the block sees
-  const int nkb = int((jend + BN - 1) / BN);
+  const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
+  const int64_t b = fb.b, h = fb.h, hk = fb.hk, bh = fb.bh, i0 = fb.i0;
+  const int nq = fb.nq, nkb = fb.nkb;
 
   const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
@@ -300,13 +296,9 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* v_empty = bars + 7;  // [2] V stage read by every consumer
 
   const int tid = threadIdx.x;
-  int64_t qb, bh;
-  fwd_block<CAUSAL>(p.B * p.Hq, (p.Lq + BM - 1) / BM, blockIdx.x, qb, bh);
-  const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / d.group;
-  const int64_t i0 = qb * BM;
-  const int nq = int(imin(BM, p.Lq - i0));
-  const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, i0 + nq + d.shift)) : p.Lk;  // keys some row of the block sees
-  const int nkb = int((jend + BN - 1) / BN);
+  const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
+  const int64_t b = fb.b, h = fb.h, hk = fb.hk, bh = fb.bh, i0 = fb.i0;
+  const int nkb = fb.nkb;
 
   if (tid == 0) {
     mbar_init(q_full, 1);

@@ -42,19 +42,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
-// The forward kernels' grid: block blk -> (query block qb of nqb, bh = b * Hq + h). Causal: the blocks of the last
-// query rows, which see the most keys, are launched first.
-template <bool CAUSAL>
-__device__ __forceinline__ void fwd_block(int64_t BH, int64_t nqb, int64_t blk, int64_t& qb, int64_t& bh) {
-  if (CAUSAL) {
-    qb = nqb - 1 - blk / BH;
-    bh = blk % BH;
-  } else {
-    qb = blk % nqb;
-    bh = blk / nqb;
-  }
-}
-
 // Per-call values computed on the host from the params.
 struct Derived {
   float scale_log2 = 1.0f;  // scale * log2(e)
@@ -67,6 +54,29 @@ struct Derived {
   bool vec_q = false, vec_k = false, vec_v = false, vec_o = false, vec_do = false;
   bool vec_dq = false, vec_dk = false, vec_dv = false;
 };
+
+// What one block of a forward kernel handles: query rows [i0, i0 + nq) (BM a block) of (b, h) (bh = b * Hq + h), kv
+// head hk, and the nkb key blocks of BN that some of those rows see. The grid has one block per (query block, b, h);
+// causal launches the blocks of the last query rows, which see the most keys, first.
+struct FwdBlock {
+  int64_t b, h, hk, bh, i0;
+  int nq, nkb;
+};
+template <bool CAUSAL, int BM, int BN>
+__device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived& d, int64_t blk) {
+  const int64_t BH = p.B * p.Hq, nqb = (p.Lq + BM - 1) / BM;
+  const int64_t qb = CAUSAL ? nqb - 1 - blk / BH : blk % nqb;
+  FwdBlock f;
+  f.bh = CAUSAL ? blk % BH : blk / nqb;
+  f.b = f.bh / p.Hq;
+  f.h = f.bh % p.Hq;
+  f.hk = f.h / d.group;
+  f.i0 = qb * BM;
+  f.nq = int(imin(BM, p.Lq - f.i0));
+  const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, f.i0 + f.nq + d.shift)) : p.Lk;  // keys [0, jend) are seen
+  f.nkb = int((jend + BN - 1) / BN);
+  return f;
+}
 
 // The Hopper forward (attention_sm90.cu: wgmma, built for sm_90a). fwd_sm90_takes: whether it takes p (an sm_90a
 // build, a compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows
