@@ -135,15 +135,18 @@ def sources() -> list[str]:
 
 
 def _shared_libstdcxx() -> list[str]:
-    """[path] of the shared libstdc++ this interpreter loaded with torch, else []: linked by path, as setup.py does
-    for pyattn._C (its _shared_libstdcxx says why: a g++ that links a private static libstdc++ breaks every
-    TORCH_CHECK message that formats a number; on the GPU machines that crashed the emulator's refusal tests)."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
-    except OSError:
-        return []
-    return sorted(p for p in paths if os.path.isfile(p))[:1]
+    """setup.py's _shared_libstdcxx(): [path] of the shared libstdc++ this interpreter loaded with torch, else [],
+    linked by path as for pyattn._C (a g++ that links a private static libstdc++ breaks every TORCH_CHECK message that
+    formats a number; on the GPU machines that crashed the emulator's refusal tests). The function is read from
+    setup.py with ast and run here (importing setup.py would run setup()), as compile_cuda.py reads its NVCC_FLAGS."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_shared_libstdcxx")
+    ns = {"os": os}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    return ns["_shared_libstdcxx"]()
 
 
 def build(verbose: bool = False, asan: bool = False) -> str:
