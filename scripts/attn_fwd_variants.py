@@ -1,8 +1,8 @@
 """The CUDA attention forward's kernels side by side on one GPU, in one process: pyattn's cuda backend with each
 kernel the environment variable PYATTN_CUDA_ATTN_SM90 selects (unset: the Hopper wgmma kernel,
-csrc/cuda/attention_sm90.cu; "ws": its warp-specialized variant; "0": the mma.sync kernel of attention.cu),
-the Triton backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU
-shapes). Each pyattn variant is first checked against torch's flash output (max abs error, printed; a variant off by
+csrc/cuda/attention_sm90.cu; "ws": its warp-specialized variant; "0": the mma.sync kernel of attention.cu), the
+Triton backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D heads
+(bench_attention.py's GPU shapes). Each pyattn variant is first checked against torch's flash output (max abs error, printed; a variant off by
 more than 2e-2 is marked WRONG and the exit status is 1). TFLOP/s = 4 B H L^2 D / time (halved when causal), median
 of CUDA-event timings with the L2 flushed (benchmarks/harness.measure).
 
@@ -53,7 +53,8 @@ def main() -> int:
     ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"), "pyattn:triton": pyattn_fn("triton", None)}
+    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"),
+                 "pyattn:triton": pyattn_fn("triton", None)}
     providers.update({f"pyattn:{name}": pyattn_fn("cuda", env) for name, env in VARIANTS.items()})
     rows, bad = [], 0
     print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")

@@ -8,7 +8,8 @@ plus `-Werror all-warnings -Xcompiler -Wall,-Werror -Xptxas -v`, and only -I csr
 (kernels are torch-free). ptxas' report is parsed per kernel; the check fails (exit 1) on a compile error or
 warning, on any register spill ("bytes spill stores/loads" > 0), on static shared memory above the per-block limit
 of the arch, or on ptxas' "Potential Performance Loss" notes (wgmma serialized). Stack frames (local arrays, calls)
-are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here: its launcher must check it against the device.
+are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here:
+its launcher must check it against the device.
 
     python scripts/compile_cuda.py                      # every csrc/cuda/*.cu for sm_80 and sm_90a
     python scripts/compile_cuda.py --only layer_norm --arch 90 -v

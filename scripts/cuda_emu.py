@@ -86,8 +86,8 @@ def _first_arg(args: str) -> str:
 
 
 def _add_launch_bounds_checks(src: str) -> str:
-    """`__launch_bounds__(E[, B]) name(...) {` -> the same with `::pyattn_emu::check_launch_bounds(E, ...);` first in the
-    body (E may use the kernel's template parameters; inserted on the brace's line, so line numbers stay)."""
+    """`__launch_bounds__(E[, B]) name(...) {` -> the same with `::pyattn_emu::check_launch_bounds(E, ...);` first in
+    the body (E may use the kernel's template parameters; inserted on the brace's line, so line numbers stay)."""
     out, pos = [], 0
     for m in re.finditer(r"__launch_bounds__\(", src):
         i, depth = m.end(), 1
