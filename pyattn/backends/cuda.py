@@ -102,7 +102,9 @@ class CudaBackend(NativeBackend):
         "attention": OpCaps(devices=frozenset({"cuda"}), dtypes=frozenset({torch.bfloat16, torch.float16}),
                             notes=(f"FlashAttention-2 on tensor cores (csrc/cuda/attention.cu): head dims up to "
                                    f"{_ATTN_MAX_HEAD_DIM}, GQA/MQA, bool/additive masks, both causal alignments, "
-                                   "dropout (the cpp backend's keep hash), deterministic backward",)),
+                                   "dropout (the cpp backend's keep hash), deterministic backward; on Hopper "
+                                   "(sm_90a build) the unmasked fp16/bf16 forward at head dim 64/128 runs on wgmma "
+                                   "(csrc/cuda/attention_sm90.cu)",)),
         # ---- end attention ----
         # ---- GRU ---- cuBLAS GEMMs + one fused gate kernel per step (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
