@@ -929,7 +929,8 @@ cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   if (attention_unsupported(p) != nullptr) return cudaErrorInvalidValue;
   attn::Derived d = attn::derive(p);
   d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
-  if (attn::fwd_sm90_takes(p, d)) return attn::fwd_sm90(p, d, stream);
+  cudaError_t err = cudaSuccess;
+  if (attn::fwd_sm90(p, d, stream, &err)) return err;
   if (p.dtype == DType::F16)
     return p.causal ? attn::fwd_hd<attn::F16, true>(p, d, stream) : attn::fwd_hd<attn::F16, false>(p, d, stream);
   return p.causal ? attn::fwd_hd<attn::BF16, true>(p, d, stream) : attn::fwd_hd<attn::BF16, false>(p, d, stream);

@@ -1,7 +1,7 @@
 // CUDA attention forward for Hopper (sm_90a): the FlashAttention-2 forward of attention.cu on warpgroup MMA
 // (wgmma.mma_async, csrc/cuda/wgmma.cuh) instead of mma.sync. Same contract and semantics as attn_fwd_kernel there
 // (causal with both alignments, GQA, any Lq / Lk, lse; a row that sees no key: out 0, lse +inf); it takes the common
-// case only (fwd_sm90_takes: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows) and
+// case only (fwd_sm90: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows) and
 // attention.cu's kernel takes the rest.
 //
 // Block: NWG warpgroups (HD 128: 2, HD 64: 1; see fwd_sm90), BM = 64 NWG query rows of one (b, h) (warpgroup wg
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 
   store_out<E, HD>(p, o, m_run, l_run, r0, b, h, bh, t);
 #else
-  __trap();  // not an sm_90a pass: fwd_sm90_takes never launches this
+  __trap();  // not an sm_90a pass: fwd_sm90 never launches this
 #endif
 }
 
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(384, 1)
     store_out<E, HD>(p, o, m_run, l_run, r0, b, h, bh, t);
   }
 #else
-  __trap();  // not an sm_90a pass: fwd_sm90_takes never launches this
+  __trap();  // not an sm_90a pass: fwd_sm90 never launches this
 #endif
 }
 
@@ -506,31 +506,28 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaE
 
 }  // namespace sm90
 
-bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d) {
-#if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
-  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
-         p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_o;
-#else
-  (void)p;
-  (void)d;
-  return false;  // no sm_90a code in this build (TORCH_CUDA_ARCH_LIST without 9.0a)
-#endif
-}
-
 // HD 128: 2 warpgroups, BN 128 (one block per SM: 161 KB of shared memory); HD 64: 1 warpgroup, BN 128 (several
 // blocks per SM, which the scheduler interleaves). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal /
 // causal; benchmarks/results/nvidia-h200/gpu-attn-variants.log): HD 128 with 2 warpgroups 330 / 293, 1 warpgroup
 // (BN 64) 320 / 253; HD 64 with 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
-// PYATTN_CUDA_ATTN_SM90=ws: the warp-specialized kernel (emulator-tested, not yet measured on a GPU).
-cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
-  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");
-  if (env != nullptr && std::strcmp(env, "ws") == 0) {
-    cudaError_t err = cudaSuccess;
-    if (sm90::fwd_ws(p, d, stream, &err)) return err;
-  }
-  return sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
+// PYATTN_CUDA_ATTN_SM90=ws: the warp-specialized kernel (emulator-tested, not yet measured on a GPU); =0: off.
+bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
+#if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
+  const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");  // read once per call: tests and benchmarks switch it
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (!(p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
+        p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_o))
+    return false;
+  if (env != nullptr && std::strcmp(env, "ws") == 0 && sm90::fwd_ws(p, d, stream, err)) return true;
+  *err = sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
+  return true;
+#else
+  (void)p;
+  (void)d;
+  (void)stream;
+  (void)err;
+  return false;  // no sm_90a code in this build (TORCH_CUDA_ARCH_LIST without 9.0a)
+#endif
 }
 
 }  // namespace attn

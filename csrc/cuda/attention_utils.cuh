@@ -78,12 +78,11 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
   return f;
 }
 
-// The Hopper forward (attention_sm90.cu: wgmma, built for sm_90a). fwd_sm90_takes: whether it takes p (an sm_90a
-// build, a compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows
-// of q, k, v and out; PYATTN_CUDA_ATTN_SM90=0 in the environment turns it off). attention_fwd (attention.cu) calls
-// fwd_sm90 when it does, else its own mma.sync kernel.
-bool fwd_sm90_takes(const AttnFwdParams& p, const Derived& d);
-cudaError_t fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream);
+// The Hopper forward (attention_sm90.cu: wgmma, built for sm_90a): launches it and returns true (its status in *err)
+// when it takes p (an sm_90a build, a compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no
+// dropout, 16-byte-aligned rows of q, k, v and out; PYATTN_CUDA_ATTN_SM90=0 in the environment turns it off), else
+// returns false and attention_fwd (attention.cu) launches its own mma.sync kernel.
+bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err);
 
 // ------------------------------------------------------------------------------------------------------------
 // Element types: tags with the conversions and the mma of each 16-bit type
