@@ -140,10 +140,11 @@ def attention(case):
                       (33, 33, 256, True, 2), (20, 20, 40, False, 2)):
             case(f"{dtype} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         case(f"{dtype} bool mask + dropout", lambda: masked(dtype))
-        # the warp-specialized Hopper forward (TMA, mbarriers, named barriers; off Hopper the default kernels run)
-        os.environ["PYATTN_CUDA_ATTN_SM90"] = "ws"
+        # the cp.async Hopper forward (the default one there is the warp-specialized kernel; off Hopper the mma.sync
+        # kernel runs)
+        os.environ["PYATTN_CUDA_ATTN_SM90"] = "cp"
         for shape in ((65, 130, 128, False, 1), (130, 65, 128, True, 2), (300, 300, 128, True, 2), (300, 200, 64, True, 1)):
-            case(f"{dtype} ws (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
+            case(f"{dtype} cp (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         del os.environ["PYATTN_CUDA_ATTN_SM90"]
 
 

@@ -336,28 +336,49 @@ SM90_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case,variant", [(c, v) for c in SM90_CASES for v in ("default", "ws")], ids=str)
+@pytest.mark.parametrize("case,variant", [(c, v) for c in SM90_CASES for v in ("default", "cp")], ids=str)
 def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     """The Hopper forward (csrc/cuda/attention_sm90.cu, wgmma; the emulator reports compute capability 9.0) runs
     where it should (it issues wgmma; a mask, dropout, another head dim or unaligned rows go to the mma.sync
     kernel), matches the oracle, gives the same bits in every 16-byte-aligned layout and close to the mma.sync
-    kernel's values, and the backward takes its out and lse. variant "ws": the warp-specialized kernel (TMA producer,
-    mbarriers, ping-pong; the same arithmetic per row in the same order, so the default kernel's bits), under both
-    copy completion models (PYATTN_EMU_CP_ASYNC late / early)."""
+    kernel's values, and the backward takes its out and lse. The default is the warp-specialized kernel (TMA
+    producer, mbarriers, ping-pong); variant "cp": the cp.async kernel (the same arithmetic per row in the same order,
+    so the default kernel's bits), both under both copy completion models (PYATTN_EMU_CP_ASYNC late / early). The
+    default kernel is persistent: the same bits with a block per tile (PYATTN_CUDA_ATTN_SM90=ws1) and with a grid of
+    3 or 1 blocks that loop over every tile (PYATTN_EMU_SMS: the emulated SM count)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
-    if variant == "ws":
-        out_default = _fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
-                           bottom_right=bottom_right)
-        smem_default = ops.emu_counters()[4]
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws")
-        for cp in ("early", "late"):
-            monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", cp)
+    if variant == "cp":
+        outs, smem = [], []
+        for env in (None, "cp"):
+            if env is not None:
+                monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", env)
+            for cp in ("early", "late"):
+                monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", cp)
+                ops.emu_reset_counters()
+                outs.append(_fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
+                                 bottom_right=bottom_right))
+                smem.append(ops.emu_counters()[4])
+        assert smem[0] == smem[1] != smem[2] == smem[3]  # the two kernels' shared memory
+        for out_cp in outs[1:]:
+            assert torch.equal(out_cp[0], outs[0][0]) and torch.equal(out_cp[1], outs[0][1])
+    if variant == "default":  # persistent: blocks of a small grid take several tiles each (3 SMs), vs one each
+        outs = []
+        for env, sms in (("ws1", "132"), (None, "3"), (None, "1")):
+            monkeypatch.setenv("PYATTN_EMU_SMS", sms)
+            if env is None:
+                monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90", raising=False)
+            else:
+                monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", env)
             ops.emu_reset_counters()
-            out_ws = _fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
-                          bottom_right=bottom_right)
-            assert ops.emu_counters()[4] != smem_default  # the warp-specialized kernel's shared memory
-            assert torch.equal(out_ws[0], out_default[0]) and torch.equal(out_ws[1], out_default[1]), cp
+            outs.append(_fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
+                             bottom_right=bottom_right))
+            tiles = (lq + 127) // 128 * 2 * hq
+            assert ops.emu_counters()[3] == min(tiles, int(sms)), (env, sms)  # blocks launched
+        for other in outs[1:]:
+            assert torch.equal(other[0], outs[0][0]) and torch.equal(other[1], outs[0][1])
+        monkeypatch.delenv("PYATTN_EMU_SMS")
+        monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90", raising=False)
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d)
     ops.emu_reset_counters()
     out, lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)

@@ -170,17 +170,19 @@ def _is_sm90():
 @_needs_cuda_attention
 @pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward (csrc/cuda/attention_sm90.cu) runs on compute "
                                            "capability 9.0 only")
-@pytest.mark.parametrize("variant", ["default", "ws"])
+@pytest.mark.parametrize("variant", ["default", "ws1", "cp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
     (4096, 4096, 64, True, False, 4), (300, 17, 128, True, True, 4)])
 def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
     """The Hopper forward against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same bits in every
-    16-byte-aligned layout, and the mma.sync kernel's values within rounding. variant "ws": the warp-specialized
-    kernel (PYATTN_CUDA_ATTN_SM90=ws; TMA, mbarriers, setmaxnreg, ping-pong), which has the default kernel's bits."""
-    if variant == "ws":
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws")
+    16-byte-aligned layout, and the mma.sync kernel's values within rounding. The default is the warp-specialized
+    kernel (TMA, mbarriers, setmaxnreg, ping-pong), persistent (a grid of one block per SM: the 4096-row case has 256
+    tiles); variant "ws1": the same kernel with a block per tile; "cp": the cp.async kernel. Both have the default
+    kernel's bits."""
+    if variant != "default":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", variant)
 
     def run(layout):
         q, k, v = make_qkv(2, 4, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lq + d)
@@ -196,7 +198,7 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
     for layout in ("blhd", "packed"):
         _, _, _, (out2, lse2) = run(layout)
         assert torch.equal(out2, out) and torch.equal(lse2, lse), layout
-    if variant == "ws":
+    if variant != "default":
         monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90")
         out_default = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[0]
         assert torch.equal(out, out_default)

@@ -14,8 +14,8 @@
 //                  registers, B = V N-major)
 //   with the P V of one key block in flight during the softmax of the next (the kernel's comment).
 // Registers per thread: S BN / 2 + O HD / 2 fp32, P BN / 4 (ptxas: 224-255, no spills).
-// Shared memory: 1 KB alignment slack + (BM + 4 BN) HD 2 bytes = 161 KB (HD 128: one block per SM), 73 KB (HD 64:
-// two blocks per SM, which the scheduler interleaves).
+// Shared memory: 1 KB alignment slack + (BM + 4 BN) HD 2 bytes + 8 NT bytes (Steps::pin) = 163 KB (HD 128: one
+// block per SM), 74 KB (HD 64: two blocks per SM, which the scheduler interleaves).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -43,7 +43,7 @@ struct Cfg {
   static constexpr int NT = 128 * NWG;
   static constexpr int BM = 64 * NWG;  // query rows per block
   static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
-  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes);
+  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + NT * 8;  // + Steps::pin's scratch
   static constexpr int kMinBlocks = NWG == 1 ? 2 : 1;  // blocks per SM the registers are sized for
 };
 
@@ -93,42 +93,77 @@ struct Steps {
       wgmma_rs_nmajor<E, HD>(o, pa[k], make_desc(v_addr + k * 16 * 128, BN * 128, 1024));
     wgmma_commit();
   }
-  // S (landed) -> base-2 logits, masked where the causal diagonal or the key tail cuts the block (check), then the
-  // online softmax: m_run, l_run updated, s = exp2(s - m), alpha = exp2(m_old - m_new) per row. A row that
-  // has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN).
+  // S (landed) -> masked where the causal diagonal or the key tail cuts the block (check), then the online softmax
+  // in base 2 with the scale folded into one FFMA per element (FA3's): m_run (raw logits, the scale is > 0: fwd_sm90)
+  // and l_run updated, s = exp2(s c - m c) with c = scale log2(e), alpha = exp2((m_old - m_new) c) per row. A row
+  // that has seen only -inf keeps max -inf and subtracts 0 (exp2(-inf) = 0, no NaN). The row max is a tree of four
+  // partial maxima (a chain of BN / 4 fmaxf would sit in the softmax's critical path).
+  // softmax: two copies of the code, masked and not (as one, the compiler predicates the mask into every block);
+  // softmax_compact: one copy, for the cp.async kernel (ptxas spills the causal HD 128 kernel with two).
   template <bool CAUSAL>
   static __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
                                                  float (&alpha)[2], bool check, int64_t r0, int64_t j0, int t,
                                                  const AttnFwdParams& p, const Derived& d) {
+    if (check)
+      softmax_impl<CAUSAL, true>(s, m_run, l_run, alpha, true, r0, j0, t, p, d);
+    else
+      softmax_impl<CAUSAL, false>(s, m_run, l_run, alpha, false, r0, j0, t, p, d);
+  }
+  template <bool CAUSAL>
+  static __device__ __forceinline__ void softmax_compact(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
+                                                         float (&alpha)[2], bool check, int64_t r0, int64_t j0, int t,
+                                                         const AttnFwdParams& p, const Derived& d) {
+    softmax_impl<CAUSAL, true>(s, m_run, l_run, alpha, check, r0, j0, t, p, d);
+  }
+  template <bool CAUSAL, bool MAY_MASK>
+  static __device__ __forceinline__ void softmax_impl(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
+                                                      float (&alpha)[2], bool check, int64_t r0, int64_t j0, int t,
+                                                      const AttnFwdParams& p, const Derived& d) {
+    if (MAY_MASK && check) {
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n)
+      for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[4 * n + e] * d.scale_log2;
-        if (check) {
+        for (int e = 0; e < 4; ++e) {
           const int64_t i = r0 + (e >> 1) * 8, j = j0 + n * 8 + 2 * t + (e & 1);
-          if (j >= p.Lk || (CAUSAL && j > i + d.shift)) x = -INFINITY;
+          if (j >= p.Lk || (CAUSAL && j > i + d.shift)) s[4 * n + e] = -INFINITY;
         }
-        s[4 * n + e] = x;
-      }
+    }
+    const float c = d.scale_log2;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = m_run[r];
+      float part[4] = {m_run[r], s[2 * r], s[2 * r + 1], s[4 + 2 * r]};
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-      mx = quad_max(mx);
-      const float mu = mx == -INFINITY ? 0.0f : mx;
-      alpha[r] = fast_exp2(m_run[r] - mu);
+      for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = 2 * n + e;  // element k of this row; 0..2 seeded part[1..3] above
+          if (k >= 3) part[k % 4] = fmaxf(part[k % 4], s[4 * n + 2 * r + e]);
+        }
+      const float mx = quad_max(fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3])));
+      const float mc = mx == -INFINITY ? 0.0f : mx * c;
+      alpha[r] = fast_exp2(fmaf(m_run[r], c, -mc));
       m_run[r] = mx;
-      float sum = 0.0f;
+      float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-        s[4 * n + 2 * r] = fast_exp2(s[4 * n + 2 * r] - mu);
-        s[4 * n + 2 * r + 1] = fast_exp2(s[4 * n + 2 * r + 1] - mu);
-        sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha[r] + sum;
+      for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[4 * n + 2 * r + e] = fast_exp2(fmaf(s[4 * n + 2 * r + e], c, -mc));
+          sum[e] += s[4 * n + 2 * r + e];
+        }
+      l_run[r] = fmaf(l_run[r], alpha[r], sum[0] + sum[1]);
     }
+  }
+  // Keeps ptxas from issuing the next wgmma wait (the P V's) before the softmax: a shared-memory store of l_run (it
+  // depends on every exp2) stays before the wait, which ptxas orders after memory operations; without it ptxas
+  // hoists the wait above the exp2s and the softmax waits for the P V (seen in the SASS). slot: this thread's 8
+  // bytes of shared scratch, never read.
+  static __device__ __forceinline__ void pin(float2* slot, const float (&l_run)[2]) {
+#ifdef PYATTN_CUDA_EMU
+    *slot = make_float2(l_run[0], l_run[1]);
+#else
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(slot)), "f"(l_run[0]), "f"(l_run[1]) : "memory");
+#endif
   }
   static __device__ __forceinline__ void rescale(float (&o)[HD / 2], const float (&alpha)[2]) {
 #pragma unroll
@@ -151,12 +186,12 @@ struct Steps {
   }
 };
 
-// Epilogue of one thread (rows r0, r0 + 8): out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf
-// for such a row).
+// Epilogue of one thread (rows r0, r0 + 8): out = O / l (0 for a row that saw nothing), lse = (m c + log2 l) ln 2
+// with m the raw row max and c = scale log2(e) (+inf for such a row).
 template <class E, int HD>
 __device__ __forceinline__ void store_out(const AttnFwdParams& p, const float (&o)[HD / 2], const float (&m_run)[2],
-                                          const float (&l_run)[2], int64_t r0, int64_t b, int64_t h, int64_t bh,
-                                          int t) {
+                                          const float (&l_run)[2], float c, int64_t r0, int64_t b, int64_t h,
+                                          int64_t bh, int t) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(l_run[r]);
@@ -164,7 +199,7 @@ __device__ __forceinline__ void store_out(const AttnFwdParams& p, const float (&
     const float inv = dead ? 0.0f : 1.0f / l;
     const int64_t row = r0 + 8 * r;
     if (row >= p.Lq) continue;
-    if (t == 0) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[r] + log2f(l)) * kLn2;
+    if (t == 0) p.lse[bh * p.Lq + row] = dead ? INFINITY : fmaf(m_run[r], c, log2f(l)) * kLn2;
     uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + row * p.out_stride[2];
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n)
@@ -185,6 +220,7 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
   unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BM][64] swizzled
   unsigned char* Ks = Qs + C::kQBytes;                                       // [2][SUB][BN][64]
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2][SUB][BN][64]
+  float2* pin_slot = reinterpret_cast<float2*>(Vs + 2 * C::kKVBytes) + threadIdx.x;  // [NT] Steps::pin's scratch
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
@@ -238,7 +274,8 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
       wgmma_wait<0>();  // S_0, the only group in flight
     }
     fence_operands(s);
-    St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+    St::template softmax_compact<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+    St::pin(pin_slot, l_run);
     wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
     fence_operands(o);
     St::rescale(o, alpha);
@@ -254,25 +291,28 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
   }
   cp_async_wait<0>();  // (no key block: the Q copy is still in flight)
 
-  store_out<E, HD>(p, o, m_run, l_run, r0, b, h, bh, t);
+  store_out<E, HD>(p, o, m_run, l_run, d.scale_log2, r0, b, h, bh, t);
 #else
   __trap();  // not an sm_90a pass: fwd_sm90 never launches this
 #endif
 }
 
-// ---- warp-specialized variant (FA3's structure; PYATTN_CUDA_ATTN_SM90=ws) -------------------------------------------
-// Block: 3 warpgroups. Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA
-// (Q once; K and V of each key block into a 2-stage ring, each stage behind a "full" mbarrier that the copy
-// completes and an "empty" one that all 256 consumer threads arrive on when they are done with it). Warpgroups 1
-// and 2 (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on
-// mbarriers instead of block barriers and taking turns at issuing their GEMMs (ping-pong, below). Shared memory: Q
+// ---- warp-specialized kernel (FA3's structure; the default) --------------------------------------------------------
+// Block: 3 warpgroups, persistent: block x takes the tiles (128 query rows of one (b, h); fwd_block's order, causal
+// heaviest first) x, x + gridDim.x, ... (the grid is the SM count; PYATTN_CUDA_ATTN_SM90=ws1: one tile per block).
+// Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA (each tile's Q once
+// its buffer is free; K and V of each key block into a 2-stage ring that runs on across tiles, each stage behind a
+// "full" mbarrier that the copy completes and an "empty" one that all 256 consumer threads arrive on when they are
+// done with it), so the next tile's copies overlap this tile's last GEMMs and epilogue. Warpgroups 1 and 2
+// (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on mbarriers
+// instead of block barriers and taking turns at issuing their GEMMs (ping-pong, below). Shared memory: Q
 // [HD / 64][128][64], K and V [2 stages][HD / 64][128][64] (the same swizzled sub-tiles, written by the copy engine),
-// 9 mbarriers: 161 KB (HD 128), 81 KB (HD 64) + 1 KB slack.
+// 10 mbarriers, Steps::pin's scratch: 163 KB (HD 128), 83 KB (HD 64) with the 1 KB alignment slack.
 template <int HD_>
 struct WsCfg {
   static constexpr int HD = HD_, BM = 128, BN = 128, NT = 384, NCONS = 256, SUB = HD / 64;
   static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
-  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 9 * 8;
+  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 10 * 8 + NCONS * 8;
 };
 
 template <class E, int HD_, bool CAUSAL>
@@ -289,19 +329,19 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* Ks = Qs + C::kQBytes;                                       // [2 stages][SUB][BN][64]
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2 stages][SUB][BN][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(Vs + 2 * C::kKVBytes);
-  uint64_t* q_full = bars;       // Q landed
-  uint64_t* k_full = bars + 1;   // [2] K stage landed
-  uint64_t* v_full = bars + 3;   // [2] V stage landed
-  uint64_t* k_empty = bars + 5;  // [2] K stage read by every consumer
-  uint64_t* v_empty = bars + 7;  // [2] V stage read by every consumer
+  uint64_t* q_full = bars;        // Q landed
+  uint64_t* q_empty = bars + 1;   // Q read by every consumer (its last S = Q K^T done)
+  uint64_t* k_full = bars + 2;    // [2] K stage landed
+  uint64_t* v_full = bars + 4;    // [2] V stage landed
+  uint64_t* k_empty = bars + 6;   // [2] K stage read by every consumer
+  uint64_t* v_empty = bars + 8;   // [2] V stage read by every consumer
+  float2* pin_slot = reinterpret_cast<float2*>(bars + 10) + (threadIdx.x - 128);  // [NCONS] (consumers only)
 
   const int tid = threadIdx.x;
-  const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
-  const int64_t b = fb.b, h = fb.h, hk = fb.hk, bh = fb.bh, i0 = fb.i0;
-  const int nkb = fb.nkb;
-
+  const int64_t ntiles = (p.Lq + BM - 1) / BM * p.B * p.Hq;
   if (tid == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, C::NCONS);
     for (int st = 0; st < 2; ++st) {
       mbar_init(k_full + st, 1);
       mbar_init(v_full + st, 1);
@@ -312,94 +352,120 @@ __global__ void __launch_bounds__(384, 1)
   }
   __syncthreads();
 
+  // Key block `it` of the block's whole sequence (all its tiles) uses stage it % 2 for the (it / 2)-th time; each
+  // mbarrier completes one phase per use, so a wait for use u is on parity u % 2 (an empty stage's: the previous use,
+  // which passes at once the first time). Q is used once per tile: the block's n-th tile waits q_full on parity
+  // n % 2, and the producer waits q_empty for tile n - 1 before loading tile n's Q.
+  auto use = [](uint32_t it) { return (it >> 1) & 1u; };
   if (tid < 128) {  // producer warpgroup
     setmaxnreg_dec<24>();
     if (tid == 0) {
-      mbar_arrive_expect_tx(q_full, C::kQBytes);
-      for (int sub = 0; sub < C::SUB; ++sub)
-        tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(i0), int(h), int(b));
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int st = kb & 1;
-        const uint32_t free_parity = ((kb >> 1) & 1) ^ 1;  // the stage's previous use (passes at once the first time)
-        const int j0 = kb * BN;
-        mbar_wait(k_empty + st, free_parity);
-        mbar_arrive_expect_tx(k_full + st, C::kKVBytes);
+      uint32_t it = 0, n = 0;
+      for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++n) {
+        const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
+        if (n > 0) mbar_wait(q_empty, (n - 1) & 1);
+        mbar_arrive_expect_tx(q_full, C::kQBytes);
         for (int sub = 0; sub < C::SUB; ++sub)
-          tma_load_4d(Ks + st * C::kKVBytes + sub * (BN * 128), &tk, k_full + st, sub * 64, j0, int(hk), int(b));
-        mbar_wait(v_empty + st, free_parity);
-        mbar_arrive_expect_tx(v_full + st, C::kKVBytes);
-        for (int sub = 0; sub < C::SUB; ++sub)
-          tma_load_4d(Vs + st * C::kKVBytes + sub * (BN * 128), &tv, v_full + st, sub * 64, j0, int(hk), int(b));
+          tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(fb.i0), int(fb.h), int(fb.b));
+        for (int kb = 0; kb < fb.nkb; ++kb, ++it) {
+          const int st = it & 1, j0 = kb * BN;
+          mbar_wait(k_empty + st, use(it) ^ 1);
+          mbar_arrive_expect_tx(k_full + st, C::kKVBytes);
+          for (int sub = 0; sub < C::SUB; ++sub)
+            tma_load_4d(Ks + st * C::kKVBytes + sub * (BN * 128), &tk, k_full + st, sub * 64, j0, int(fb.hk),
+                        int(fb.b));
+          mbar_wait(v_empty + st, use(it) ^ 1);
+          mbar_arrive_expect_tx(v_full + st, C::kKVBytes);
+          for (int sub = 0; sub < C::SUB; ++sub)
+            tma_load_4d(Vs + st * C::kKVBytes + sub * (BN * 128), &tv, v_full + st, sub * 64, j0, int(fb.hk),
+                        int(fb.b));
+        }
       }
     }
-  } else {  // consumer warpgroups 1, 2: query rows 64 (wg - 1)..
+  } else {  // consumer warpgroups 1, 2: query rows 64 (wg - 1).. of each tile
     setmaxnreg_inc<240>();
     const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int64_t r0 = i0 + 64 * wg + 16 * warp + g;        // this thread's rows r0 and r0 + 8
     const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;  // the warpgroup's 64 rows of Q sub-tile 0
-    auto k_addr = [&](int kb) { return smem_addr(Ks + (kb & 1) * C::kKVBytes); };
-    auto v_addr = [&](int kb) { return smem_addr(Vs + (kb & 1) * C::kKVBytes); };
-    auto parity = [](int kb) { return uint32_t((kb >> 1) & 1); };
-    float o[HD / 2];
-    float s[BN / 2];
-    uint32_t pa[BN / 16][4];
-    float m_run[2] = {-INFINITY, -INFINITY};
-    float l_run[2] = {0.0f, 0.0f};
-    float alpha[2];
+    auto k_addr = [&](uint32_t it) { return smem_addr(Ks + (it & 1) * C::kKVBytes); };
+    auto v_addr = [&](uint32_t it) { return smem_addr(Vs + (it & 1) * C::kKVBytes); };
+    uint32_t it0 = 0, n = 0;  // key blocks and tiles of this block before this tile
+    for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++n) {
+      const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
+      const int64_t i0 = fb.i0;
+      const int nkb = fb.nkb;
+      const int64_t r0 = i0 + 64 * wg + 16 * warp + g;  // this thread's rows r0 and r0 + 8
+      float o[HD / 2];
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float m_run[2] = {-INFINITY, -INFINITY};
+      float l_run[2] = {0.0f, 0.0f};
+      float alpha[2];
 #pragma unroll
-    for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
-    auto needs_check = [&](int64_t j0) { return j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift); };
-    // Ping-pong (FA3): the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax runs under
-    // the other's GEMMs. Named barrier 1 + wg means "warpgroup wg may issue" (256 threads: its own 128 syncing, the
-    // other's 128 arriving); every issue point syncs on its own barrier before and arrives on the other's after.
-    // Both warpgroups have the same nkb + 1 issue points; warpgroup 1 opens warpgroup 0's first turn and skips the
-    // arrive after its last one, so that no arrival is left over.
-    const int n_issue = nkb > 0 ? nkb + 1 : 0;
-    int issued = 0;
-    auto my_turn = [&]() { named_bar_sync(1 + wg, 256); };
-    auto pass_turn = [&]() {
-      if (wg == 0 || ++issued < n_issue) named_bar_arrive(1 + (wg ^ 1), 256);
-    };
-    if (wg == 1 && n_issue > 0) named_bar_arrive(1, 256);
-    mbar_wait(q_full, 0);
-    if (nkb > 0) {  // key block 0: S_0 alone (no P V yet)
-      mbar_wait(k_full, 0);
-      my_turn();
-      St::issue_qk(s, q_addr, k_addr(0));
-      pass_turn();
-      wgmma_wait<0>();
-      fence_operands(s);
-      mbar_arrive(k_empty);
-      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(0), r0, 0, t, p, d);
-      St::pack(pa, s);
+      for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
+      auto needs_check = [&](int64_t j0) { return j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift); };
+      // S_kb landed: K_kb's stage is free, and after the tile's last S so is Q
+      auto s_landed = [&](int kb) {
+        fence_operands(s);
+        mbar_arrive(k_empty + ((it0 + kb) & 1));
+        if (kb == nkb - 1) mbar_arrive(q_empty);
+      };
+      // Ping-pong (FA3): the two consumer warpgroups take turns issuing their GEMMs, so that one's softmax runs
+      // under the other's GEMMs. Named barrier 1 + wg means "warpgroup wg may issue" (256 threads: its own 128
+      // syncing, the other's 128 arriving); every issue point syncs on its own barrier before and arrives on the
+      // other's after. Both warpgroups have the same nkb + 1 issue points in a tile; warpgroup 1 opens warpgroup 0's
+      // first turn and skips the arrive after its last one, so that no arrival is left over when the tile ends.
+      const int n_issue = nkb > 0 ? nkb + 1 : 0;
+      int issued = 0;
+      auto my_turn = [&]() { named_bar_sync(1 + wg, 256); };
+      auto pass_turn = [&]() {
+        if (wg == 0 || ++issued < n_issue) named_bar_arrive(1 + (wg ^ 1), 256);
+      };
+      if (wg == 1 && n_issue > 0) named_bar_arrive(1, 256);
+      mbar_wait(q_full, n & 1);
+      if (nkb == 0) mbar_arrive(q_empty);  // (a tile whose rows see no key: Q unread)
+      if (nkb > 0) {  // key block 0: S_0 alone (no P V yet)
+        mbar_wait(k_full + (it0 & 1), use(it0));
+        my_turn();
+        St::issue_qk(s, q_addr, k_addr(it0));
+        pass_turn();
+        wgmma_wait<0>();
+        s_landed(0);
+        St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(0), r0, 0, t, p, d);
+        St::pack(pa, s);
+      }
+      for (int kb = 1; kb < nkb; ++kb) {
+        const int64_t j0 = int64_t(kb) * BN;
+        const uint32_t it = it0 + kb;
+        mbar_wait(k_full + (it & 1), use(it));
+        my_turn();
+        St::issue_qk(s, q_addr, k_addr(it));
+        St::rescale(o, alpha);  // by P_{kb-1}'s row scale, while S_kb runs (FA3's order)
+        mbar_wait(v_full + ((it - 1) & 1), use(it - 1));
+        St::issue_pv(o, pa, v_addr(it - 1));
+        pass_turn();
+        wgmma_wait<1>();  // S_kb has landed (the P V may still run)
+        s_landed(kb);
+        St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
+        St::pin(pin_slot, l_run);
+        wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
+        fence_operands(o);
+        mbar_arrive(v_empty + ((it - 1) & 1));  // V_{kb-1} read
+        St::pack(pa, s);
+      }
+      if (nkb > 0) {  // the last P V
+        const uint32_t it = it0 + nkb - 1;
+        mbar_wait(v_full + (it & 1), use(it));
+        my_turn();
+        St::rescale(o, alpha);
+        St::issue_pv(o, pa, v_addr(it));
+        pass_turn();
+        wgmma_wait<0>();
+        fence_operands(o);
+        mbar_arrive(v_empty + (it & 1));
+      }
+      store_out<E, HD>(p, o, m_run, l_run, d.scale_log2, r0, fb.b, fb.h, fb.bh, t);
+      it0 += nkb;
     }
-    for (int kb = 1; kb < nkb; ++kb) {
-      const int64_t j0 = int64_t(kb) * BN;
-      mbar_wait(k_full + (kb & 1), parity(kb));
-      my_turn();
-      St::issue_qk(s, q_addr, k_addr(kb));
-      mbar_wait(v_full + ((kb - 1) & 1), parity(kb - 1));
-      St::issue_pv(o, pa, v_addr(kb - 1));
-      pass_turn();
-      wgmma_wait<1>();  // S_kb has landed (the P V may still run)
-      fence_operands(s);
-      mbar_arrive(k_empty + (kb & 1));  // K_kb read
-      St::template softmax<CAUSAL>(s, m_run, l_run, alpha, needs_check(j0), r0, j0, t, p, d);
-      wgmma_wait<0>();  // P_{kb-1} V_{kb-1}: o and pa are free
-      fence_operands(o);
-      mbar_arrive(v_empty + ((kb - 1) & 1));  // V_{kb-1} read
-      St::rescale(o, alpha);
-      St::pack(pa, s);
-    }
-    if (nkb > 0) {  // the last P V
-      mbar_wait(v_full + ((nkb - 1) & 1), parity(nkb - 1));
-      my_turn();
-      St::issue_pv(o, pa, v_addr(nkb - 1));
-      pass_turn();
-      wgmma_wait<0>();
-      fence_operands(o);
-    }
-    store_out<E, HD>(p, o, m_run, l_run, r0, b, h, bh, t);
   }
 #else
   __trap();  // not an sm_90a pass: fwd_sm90 never launches this
@@ -467,28 +533,30 @@ bool make_map(CUtensorMap* map, const void* ptr, DType dtype, int64_t B, int64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// persistent: a block per SM (one block fits an SM), else a block per tile
 template <class E, int HD, bool CAUSAL>
 cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
-                      const CUtensorMap& tv, cudaStream_t stream) {
+                      const CUtensorMap& tv, bool persistent, cudaStream_t stream) {
   using C = WsCfg<HD>;
   auto kernel = attn_fwd_sm90_ws_kernel<E, HD, CAUSAL>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
+  const int64_t tiles = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
+  const int64_t blocks = persistent && p.num_sms > 0 && p.num_sms < tiles ? p.num_sms : tiles;
   kernel<<<unsigned(blocks), C::NT, C::smem, stream>>>(tq, tk, tv, p, d);
   return cudaGetLastError();
 }
 
 template <class E, bool CAUSAL>
 cudaError_t launch_ws_hd(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
-                         const CUtensorMap& tv, cudaStream_t stream) {
-  return p.D == 64 ? launch_ws<E, 64, CAUSAL>(p, d, tq, tk, tv, stream)
-                   : launch_ws<E, 128, CAUSAL>(p, d, tq, tk, tv, stream);
+                         const CUtensorMap& tv, bool persistent, cudaStream_t stream) {
+  return p.D == 64 ? launch_ws<E, 64, CAUSAL>(p, d, tq, tk, tv, persistent, stream)
+                   : launch_ws<E, 128, CAUSAL>(p, d, tq, tk, tv, persistent, stream);
 }
 
 // The warp-specialized forward: false when the TMA maps cannot be made (then the caller launches the cp.async
 // kernel), else true with the launch's status in *err.
-bool fwd_ws(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
+bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, cudaStream_t stream, cudaError_t* err) {
   constexpr uint32_t kRows = 128;  // WsCfg's BM and BN
   CUtensorMap tq, tk, tv;
   if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, kRows) ||
@@ -496,29 +564,36 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaE
       !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, kRows))
     return false;
   if (p.dtype == DType::F16)
-    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, stream)
-                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, stream);
+    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, persistent, stream)
+                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, persistent, stream);
   else
-    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, stream)
-                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, stream);
+    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, persistent, stream)
+                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, persistent, stream);
   return true;
 }
 
 }  // namespace sm90
 
-// HD 128: 2 warpgroups, BN 128 (one block per SM: 161 KB of shared memory); HD 64: 1 warpgroup, BN 128 (several
-// blocks per SM, which the scheduler interleaves). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal /
-// causal; benchmarks/results/nvidia-h200/gpu-attn-variants.log): HD 128 with 2 warpgroups 330 / 293, 1 warpgroup
-// (BN 64) 320 / 253; HD 64 with 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
-// PYATTN_CUDA_ATTN_SM90=ws: the warp-specialized kernel (emulator-tested, not yet measured on a GPU); =0: off.
+// Default: the warp-specialized kernel, persistent (both head dims; the cp.async kernel when the TMA maps cannot be
+// made). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal / causal; benchmarks/results/nvidia-h200/
+// gpu-attn-variants.log): HD 128 warp-specialized (a block per tile) 482 / 385, cp.async 331 / 295; HD 64 295 / 264
+// and 256 / 204.
+// The cp.async kernel's tile shapes (gpu-attn-variants-run2.log): HD 128 2 warpgroups 330 / 293, 1 warpgroup
+// (BN 64) 320 / 253; HD 64 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
+// PYATTN_CUDA_ATTN_SM90=ws1: the warp-specialized kernel with a block per tile; =cp: the cp.async kernel; =0: off
+// (attention.cu's mma.sync kernel).
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");  // read once per call: tests and benchmarks switch it
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  // (the softmax takes the row max of the raw logits: a positive scale)
   if (!(p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
-        p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_o))
+        p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_o &&
+        d.scale_log2 > 0.0f))
     return false;
-  if (env != nullptr && std::strcmp(env, "ws") == 0 && sm90::fwd_ws(p, d, stream, err)) return true;
+  const bool cp = env != nullptr && std::strcmp(env, "cp") == 0;
+  const bool persistent = !(env != nullptr && std::strcmp(env, "ws1") == 0);
+  if (!cp && sm90::fwd_ws(p, d, persistent, stream, err)) return true;
   *err = sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
   return true;
 #else

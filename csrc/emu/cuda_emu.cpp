@@ -102,6 +102,8 @@ struct Block {
 };
 
 namespace {
+void complete_if_done(const uint64_t* bar, Mbarrier& m);  // (mbarriers and bulk copies, below)
+void land_copies(Mbarrier& m);
 thread_local Block* g_block = nullptr;
 thread_local Thread* g_thread = nullptr;
 thread_local cudaError_t g_last_error = cudaSuccess;
@@ -229,6 +231,17 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
       }
       continue;
     }
+    // Late copies (PYATTN_EMU_CP_ASYNC=late) land when their barrier is waited on; a thread that began waiting
+    // before the copy was issued is still waiting, and nothing else can run: the copies land now, the latest moment
+    // the hardware may complete them, and wake it.
+    bool landed = false;
+    for (auto& kv : b.mbars)
+      if (!kv.second.copies.empty()) {
+        land_copies(kv.second);
+        complete_if_done(kv.first, kv.second);
+        landed = true;
+      }
+    if (landed) continue;
     for (const Thread& t : b.threads)
       if (t.state == State::AtNamedBarrier) {
         b.error = "deadlock: " + where(t) + " waits at named barrier " + std::to_string(t.named_bar) +

@@ -111,6 +111,7 @@ struct AttnCommon {
   DType dtype = DType::F32;       // q, k, v, out (and dout, dq, dk, dv)
   int num_threads = 1;
   int arch = 0;  // CUDA: the device's compute capability, major * 10 + minor (the bindings fill it; 0: unknown)
+  int num_sms = 0;  // CUDA: the device's SM count (the bindings fill it; persistent kernels size their grid by it)
 };
 
 struct AttnFwdParams : AttnCommon {
