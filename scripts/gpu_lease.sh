@@ -18,6 +18,7 @@
 #   PYATTN_LEASE_OUT     where the tarball and summary go (default $OUT when set, else /tmp/pyattn-lease)
 #   PYATTN_LEASE_BENCH   which benchmarks, in order (default "attention layernorm gru decode"; "none": no benchmark)
 #   PYATTN_LEASE_TEST_SHARE  % of the time left after the build that the tests get (default 55; the rest: benchmarks)
+#   PYATTN_LEASE_CPU_TESTS   0: skip the CPU tests (default 1: run them beside the gpu tests)
 # Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
 # gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and
 # <out>/summary.txt.
@@ -82,16 +83,19 @@ timeout -k 5 "$share" "$PY" -m pytest -m gpu -n 6 -q -ra -p no:cacheprovider --t
   > "$RES/gpu-tests.log" 2>&1 &
 p_tests=$!
 # The CPU tests too: on the H200 they would have caught the static-libstdc++ build (tests/test_extension_runtime.py).
-OMP_NUM_THREADS=2 timeout -k 5 "$share" "$PY" -m pytest -m "not gpu" -n 8 -q -ra -p no:cacheprovider --timeout 240 tests \
-  > "$RES/cpu-tests.log" 2>&1 &
-p_cpu=$!
+p_cpu=
+if [ "${PYATTN_LEASE_CPU_TESTS:-1}" != 0 ]; then
+  OMP_NUM_THREADS=2 timeout -k 5 "$share" "$PY" -m pytest -m "not gpu" -n 8 -q -ra -p no:cacheprovider --timeout 240 \
+    tests > "$RES/cpu-tests.log" 2>&1 &
+  p_cpu=$!
+fi
 for tool in memcheck racecheck; do
   PYATTN_SANITIZE_TOOLS=$tool PYATTN_SANITIZE_TIMEOUT=$((share - 10)) PYTHON="$PY" \
     timeout -k 5 "$share" bash scripts/gpu_sanitize.sh > "$RES/sanitize-$tool.log" 2>&1 &
   eval "p_$tool=$!"
 done
 wait "$p_tests"; record gpu-tests $? $((SECONDS - t0))
-wait "$p_cpu"; record cpu-tests $? $((SECONDS - t0))
+[ -n "$p_cpu" ] && { wait "$p_cpu"; record cpu-tests $? $((SECONDS - t0)); }
 wait "$p_memcheck"; record sanitize-memcheck $? $((SECONDS - t0))
 wait "$p_racecheck"; record sanitize-racecheck $? $((SECONDS - t0))
 
@@ -109,7 +113,8 @@ for op in ${PYATTN_LEASE_BENCH:-attention layernorm gru decode}; do
 done
 
 echo "--- attention forward variants"; cat "$RES/gpu-attn-variants.log"
-echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"; echo "--- cpu tests"; tail -n 15 "$RES/cpu-tests.log"
+echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"
+[ -n "$p_cpu" ] && { echo "--- cpu tests"; tail -n 15 "$RES/cpu-tests.log"; }
 for tool in memcheck racecheck; do echo "--- $tool"; tail -n 15 "$RES/sanitize-$tool.log"; done
 for op in attention layernorm gru decode; do
   [ -f "$RES/gpu-$op.log" ] && { echo "--- bench $op"; grep -E "MET|MISS|pyattn:cuda|Traceback|Error" "$RES/gpu-$op.log" | tail -n 40; }
