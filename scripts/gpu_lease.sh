@@ -19,6 +19,7 @@
 #   PYATTN_LEASE_BENCH   which benchmarks, in order (default "attention layernorm gru decode"; "none": no benchmark)
 #   PYATTN_LEASE_TEST_SHARE  % of the time left after the build that the tests get (default 55; the rest: benchmarks)
 #   PYATTN_LEASE_CPU_TESTS   0: skip the CPU tests (default 1: run them beside the gpu tests)
+#   PYATTN_LEASE_PYTEST_K    a pytest -k expression for the gpu tests (default: all of them)
 # Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
 # gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and
 # <out>/summary.txt.
@@ -79,8 +80,8 @@ step attn-variants 120 160 "$RES/gpu-attn-variants.log" "$PY" scripts/attn_fwd_v
 # Tests and sanitizer side by side (correctness only); the benchmarks keep the last ~45% of what is left.
 share=$(( ($(left) * ${PYATTN_LEASE_TEST_SHARE:-55}) / 100 ))
 t0=$SECONDS
-timeout -k 5 "$share" "$PY" -m pytest -m gpu -n 6 -q -ra -p no:cacheprovider --timeout 240 tests \
-  > "$RES/gpu-tests.log" 2>&1 &
+timeout -k 5 "$share" "$PY" -m pytest -m gpu ${PYATTN_LEASE_PYTEST_K:+-k "$PYATTN_LEASE_PYTEST_K"} -n 6 -q -ra \
+  -p no:cacheprovider --timeout 240 tests > "$RES/gpu-tests.log" 2>&1 &
 p_tests=$!
 # The CPU tests too: on the H200 they would have caught the static-libstdc++ build (tests/test_extension_runtime.py).
 p_cpu=
