@@ -140,8 +140,9 @@ struct Steps {
           if (k >= 3) part[k % 4] = fmaxf(part[k % 4], s[4 * n + 2 * r + e]);
         }
       const float mx = quad_max(fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3])));
-      const float mc = mx == -INFINITY ? 0.0f : mx * c;
-      alpha[r] = fast_exp2(fmaf(m_run[r], c, -mc));
+      const float mu = mx == -INFINITY ? 0.0f : mx;
+      const float mc = mu * c;
+      alpha[r] = fast_exp2((m_run[r] - mu) * c);  // exactly 1 where the max stays (a block masked for this row)
       m_run[r] = mx;
       float sum[2] = {0.0f, 0.0f};
 #pragma unroll
