@@ -299,8 +299,8 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 }
 
 // ---- warp-specialized kernel (FA3's structure; the default) --------------------------------------------------------
-// Block: 3 warpgroups, persistent: block x takes the tiles (128 query rows of one (b, h); fwd_block's order, causal
-// heaviest first) x, x + gridDim.x, ... (the grid is the SM count; PYATTN_CUDA_ATTN_SM90=ws1: one tile per block).
+// Block: 3 warpgroups. Block x takes the tiles (128 query rows of one (b, h); fwd_block's order, causal heaviest
+// first) x, x + gridDim.x, ...: the grid is a block per tile (HD 128) or, persistent, the SM count (HD 64; fwd_sm90).
 // Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA (each tile's Q once
 // its buffer is free; K and V of each key block into a 2-stage ring that runs on across tiles, each stage behind a
 // "full" mbarrier that the copy completes and an "empty" one that all 256 consumer threads arrive on when they are
@@ -575,14 +575,18 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, cudaStrea
 
 }  // namespace sm90
 
-// Default: the warp-specialized kernel, persistent (both head dims; the cp.async kernel when the TMA maps cannot be
-// made). Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal / causal; benchmarks/results/nvidia-h200/
-// gpu-attn-variants.log): HD 128 warp-specialized (a block per tile) 482 / 385, cp.async 331 / 295; HD 64 295 / 264
-// and 256 / 204.
-// The cp.async kernel's tile shapes (gpu-attn-variants-run2.log): HD 128 2 warpgroups 330 / 293, 1 warpgroup
-// (BN 64) 320 / 253; HD 64 2 warpgroups 233 / 207, 1 warpgroup 258 / 201, 1 warpgroup BN 64 264 / 193.
-// PYATTN_CUDA_ATTN_SM90=ws1: the warp-specialized kernel with a block per tile; =cp: the cp.async kernel; =0: off
-// (attention.cu's mma.sync kernel).
+// Default: the warp-specialized kernel (the cp.async kernel when the TMA maps cannot be made), persistent at HD 64,
+// a block per tile at HD 128. Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal / causal;
+// benchmarks/results/nvidia-h200/gpu-attn-variants*.log, run D, and run E after the last softmax change):
+//   HD 128: a block per tile 538 / 449 (E: 525 / 445), persistent 531 / 436 (E: 526 / 426), cp.async 405 / 348
+//   HD 64:  a block per tile 399 / 312, persistent 408 / 326, cp.async 317 / 241
+// (static round-robin leaves the causal HD 128 tiles unbalanced at the end; HD 64's shorter tiles gain from the
+// overlap of one tile's epilogue with the next one's loads). Before this session's softmax changes (run C): HD 128
+// warp-specialized 482 / 385, cp.async 331 / 295. The cp.async kernel's tile shapes (gpu-attn-variants-run2.log):
+// HD 128 2 warpgroups 330 / 293, 1 warpgroup (BN 64) 320 / 253; HD 64 2 warpgroups 233 / 207, 1 warpgroup 258 / 201,
+// 1 warpgroup BN 64 264 / 193.
+// PYATTN_CUDA_ATTN_SM90=ws1 / wsp: the warp-specialized kernel with a block per tile / persistent at both head
+// dims; =cp: the cp.async kernel; =0: off (attention.cu's mma.sync kernel).
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");  // read once per call: tests and benchmarks switch it
@@ -593,7 +597,9 @@ bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cud
         d.scale_log2 > 0.0f))
     return false;
   const bool cp = env != nullptr && std::strcmp(env, "cp") == 0;
-  const bool persistent = !(env != nullptr && std::strcmp(env, "ws1") == 0);
+  const bool persistent = env != nullptr && std::strcmp(env, "wsp") == 0   ? true
+                          : env != nullptr && std::strcmp(env, "ws1") == 0 ? false
+                                                                           : p.D == 64;
   if (!cp && sm90::fwd_ws(p, d, persistent, stream, err)) return true;
   *err = sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
   return true;

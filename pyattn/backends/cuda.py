@@ -104,7 +104,7 @@ class CudaBackend(NativeBackend):
                                    f"{_ATTN_MAX_HEAD_DIM}, GQA/MQA, bool/additive masks, both causal alignments, "
                                    "dropout (the cpp backend's keep hash), deterministic backward; on Hopper "
                                    "(sm_90a build) the unmasked fp16/bf16 forward at head dim 64/128 runs on wgmma "
-                                   "(csrc/cuda/attention_sm90.cu)",)),
+                                   "with TMA loads and warp specialization (csrc/cuda/attention_sm90.cu)",)),
         # ---- end attention ----
         # ---- GRU ---- cuBLAS GEMMs + one fused gate kernel per step (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,

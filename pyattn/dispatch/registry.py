@@ -16,8 +16,8 @@ from .backend import Backend, OpInputs
 # Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
 # CUDA devices: "cuda" comes AFTER "triton" on purpose. On the GPU runs so far (H200s, 2026-11-26,
 # benchmarks/results/nvidia-h200/NOTES.md) both passed tests/test_gpu.py and compute-sanitizer, but the CUDA C++
-# kernels were slower than Triton's for attention (forward 0.97x torch's flash backend with the Hopper wgmma kernel
-# vs Triton's 1.18x; the backward 0.38x vs 0.79x) and GRU,
+# kernels were slower than Triton's for attention training (the backward 0.38x torch's flash backend vs Triton's
+# 0.79x; the Hopper forward is faster, 1.55x vs 1.17x, but selection is per op, not per direction) and GRU,
 # and mixed for the norms (faster in fp32, slower in bf16); so an unforced call on a GPU takes Triton, and
 # `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An op's "cuda" moves before
 # "triton" once, on a GPU, it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh (memcheck +
