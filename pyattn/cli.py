@@ -31,7 +31,9 @@ def _info(args) -> int:
         print(f"extension pyattn._C: not loaded ({why})")
     else:
         print(f"extension pyattn._C: built with torch {bi.get('torch')}, CUDA {bi.get('cuda') or 'no'}"
-              f", archs {bi.get('cuda_archs') or '-'}, cpu -march={bi.get('cpu_march')}")
+              f", archs {bi.get('cuda_archs') or '-'}"
+              f"{' (Hopper attention forward: sm_90a)' if bi.get('sm90a_attention') else ''}"
+              f", cpu -march={bi.get('cpu_march')}")
     print("\nbackends:")
     for name, ok, reason in pyattn.backends():
         b = get_backend(name)

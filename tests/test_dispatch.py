@@ -73,3 +73,42 @@ def test_explain_names_choice_and_refusals():
     assert "forced 'torch'" in pyattn.explain("layer_norm", torch.randn(2, 8), (8,), backend="torch")
     with pytest.raises(ValueError, match="unknown op"):
         pyattn.explain("conv", torch.randn(2))
+
+
+def test_preferred_backend_moves_to_the_front(monkeypatch):
+    """A backend later in an op's list that says it is the fastest for some inputs (Backend.preferred_for) is tried
+    first for those and only those, and explain() shows the order used."""
+    from pyattn.dispatch import registry
+
+    torch_be = get_backend("torch")
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(type(torch_be), "preferred_for", lambda self, inputs: inputs.dtype == torch.bfloat16)
+    assert PRIORITY[("layer_norm", "cpu")][0] != "torch"
+    assert select(_inputs(dtype=torch.bfloat16)).name == "torch"
+    assert select(_inputs()).name == PRIORITY[("layer_norm", "cpu")][0]  # fp32: the list's own order
+    assert "priority: torch > " in pyattn.explain("layer_norm", torch.randn(2, 16, dtype=torch.bfloat16), (16,))
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({}, True), ({"needs_grad": True}, False), ({"d": 64}, False), ({"dv": 64}, False), ({"lq": 127}, False),
+    ({"dtype": torch.float32}, False), ({"mask": True}, False), ({"dropout_p": 0.1}, False), ({"scale": -1.0}, False),
+    ({"capability": (8, 0)}, False), ({"capability": (10, 0)}, False), ({"sm90a": False}, False)])
+def test_cuda_backend_preferred_for_hopper_inference_at_head_dim_128(change, expected, monkeypatch):
+    """Where the CUDA attention forward was measured faster than Triton's (Hopper warp-specialized kernel, head dim
+    128, no autograd, at least one 128-row query tile, an sm_90a build): every condition matters."""
+    from pyattn.backends import cuda as cuda_be
+    from pyattn.ops.attention import AttentionInputs
+
+    c = {"needs_grad": False, "d": 128, "dv": 128, "lq": 128, "dtype": torch.bfloat16, "mask": False, "dropout_p": 0.0,
+         "scale": 0.1, "capability": (9, 0), "sm90a": True, **change}
+    q = torch.empty(1, 2, c["lq"], c["d"], dtype=c["dtype"], device="meta")
+    k = torch.empty(1, 2, 300, c["d"], dtype=c["dtype"], device="meta")
+    v = torch.empty(1, 2, 300, c["dv"], dtype=c["dtype"], device="meta")
+    mask = torch.empty(1, 1, c["lq"], 300, dtype=torch.bool, device="meta") if c["mask"] else None
+    inputs = AttentionInputs(q, k, v, mask, c["dropout_p"], True, False, c["scale"], c["needs_grad"])
+    monkeypatch.setattr(cuda_be.torch.cuda, "get_device_capability", lambda device=None: c["capability"])
+    monkeypatch.setattr(cuda_be, "build_info", lambda: {"sm90a_attention": c["sm90a"]})
+    assert cuda_be.hopper_forward_is_fastest(inputs) is expected
+    # what the preference depends on is in the signature selection is cached on
+    other = AttentionInputs(q[:, :, :1], k, v, None, 0.0, True, False, -c["scale"], c["needs_grad"])
+    assert other.signature() != AttentionInputs(q, k, v, None, 0.0, True, False, c["scale"], c["needs_grad"]).signature()

@@ -39,6 +39,21 @@ def _attention_reasons(inputs) -> list[str]:
     return reasons
 
 
+def hopper_forward_is_fastest(inputs) -> bool:
+    """Inference attention that csrc/cuda/attention_sm90.cu's warp-specialized forward takes at head dim 128, where it
+    was measured faster than Triton's kernel (H200, benchmarks/results/nvidia-h200/NOTES.md, third session, run D:
+    1.55x / 1.46x torch's flash backend non-causal / causal at L = 4096 vs Triton's 1.16x / 1.19x; at L = 1024
+    1.46x / 1.28x vs 1.11x / 1.15x). The registry then takes the cuda backend first (CudaBackend.preferred_for). Not
+    with a gradient (selection is per call: the CUDA backward is 0.38x flash, Triton's 0.79x), not at head dim 64
+    (Triton as fast or faster there), not for queries shorter than one 128-row tile (decode steps), and only where
+    the build has the sm_90a kernel and the device is compute capability 9.0 (fwd_sm90's conditions; rows not
+    16-byte aligned, which the signature cannot see, still run correctly on the mma.sync kernel)."""
+    return (not inputs.needs_grad and inputs.dtype in (torch.float16, torch.bfloat16) and inputs.head_dim == 128
+            and inputs.v_head_dim == 128 and inputs.mask is None and inputs.dropout_p == 0 and inputs.scale > 0
+            and inputs.q_len >= 128 and bool(build_info().get("sm90a_attention"))
+            and torch.cuda.get_device_capability(inputs.device) == (9, 0))
+
+
 def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> torch.Tensor:
     """The keep-mask (B, Hq, Lq, Lk) bool (True = kept) the CUDA attention kernels apply for (seed, offset, p): the
     cpp kernels' hash (pyattn/attn_dropout.h, shared by both), computed on the CPU and moved to `device`."""
@@ -125,6 +140,9 @@ class CudaBackend(NativeBackend):
         if not torch.cuda.is_available():
             return False, "no CUDA device is available"
         return True, ""
+
+    def preferred_for(self, inputs) -> bool:
+        return inputs.op == "attention" and inputs.device.type == "cuda" and hopper_forward_is_fastest(inputs)
 
     def extra_reasons(self, inputs) -> list[str]:
         reasons = missing_kernel_reason(inputs.op, "CUDA")

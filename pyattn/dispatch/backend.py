@@ -42,6 +42,12 @@ class Backend:
         """(available, reason when not). Must be cheap after the first call and never raise."""
         return True, ""
 
+    def preferred_for(self, inputs: OpInputs) -> bool:
+        """True where this backend, though not first in the op's priority list, was measured the fastest for these
+        inputs: selection then tries it first. Must be cheap, never raise, and depend on nothing but what
+        ``inputs.signature()`` holds (selection is cached on it) and the machine."""
+        return False
+
     def extra_reasons(self, inputs: OpInputs) -> list[str]:
         """Op-specific refusals beyond device/dtype (head dim, hidden size, masks, dropout, ...)."""
         return []

@@ -16,12 +16,13 @@ from .backend import Backend, OpInputs
 # Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
 # CUDA devices: "cuda" comes AFTER "triton" on purpose. On the GPU runs so far (H200s, 2026-11-26,
 # benchmarks/results/nvidia-h200/NOTES.md) both passed tests/test_gpu.py and compute-sanitizer, but the CUDA C++
-# kernels were slower than Triton's for attention training (the backward 0.38x torch's flash backend vs Triton's
-# 0.79x; the Hopper forward is faster, 1.55x vs 1.17x, but selection is per op, not per direction) and GRU,
-# and mixed for the norms (faster in fp32, slower in bf16); so an unforced call on a GPU takes Triton, and
-# `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An op's "cuda" moves before
-# "triton" once, on a GPU, it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh (memcheck +
-# racecheck) on backend "cuda" and its benchmark beats Triton's (docs/design.md, "CUDA backend status").
+# kernels were slower than Triton's for GRU, attention training (the backward 0.38x torch's flash backend vs
+# Triton's 0.79x) and most norm shapes (faster in fp32, slower in bf16); so an unforced call on a GPU takes Triton,
+# except where a backend's preferred_for says it was measured the fastest (_priority): the Hopper attention forward
+# at head dim 128 without autograd (1.55x torch flash vs Triton's 1.16x) takes cuda. `backend="cuda"` (or
+# use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An op's "cuda" moves before "triton" once, on a GPU,
+# it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh (memcheck + racecheck) on backend "cuda" and its
+# benchmark beats Triton's (docs/design.md, "CUDA backend status").
 PRIORITY: dict[tuple[str, str], list[str]] = {
     ("attention", "cuda"): ["triton", "cuda", "torch"],
     ("attention", "cpu"): ["cpp", "torch"],
@@ -103,7 +104,14 @@ def _requested(explicit: Optional[str]) -> tuple[Optional[str], str]:
 
 
 def _priority(inputs: OpInputs) -> list[str]:
-    return PRIORITY.get((inputs.op, inputs.device.type), DEFAULT_PRIORITY)
+    """The op's list for the device, with a later backend moved to the front where it says it is the fastest for
+    these inputs (Backend.preferred_for; e.g. the CUDA attention forward on Hopper without autograd)."""
+    order = PRIORITY.get((inputs.op, inputs.device.type), DEFAULT_PRIORITY)
+    for name in order[1:]:
+        b = _BACKENDS.get(name)
+        if b is not None and b.availability()[0] and b.preferred_for(inputs):
+            return [name] + [n for n in order if n != name]
+    return order
 
 
 def select(inputs: OpInputs, backend: Optional[str] = None) -> Backend:

@@ -160,6 +160,8 @@ class AttentionInputs(OpInputs):
             self.dropout_p > 0,
             self.group,
             self.needs_grad,
+            q.shape[2] >= 128,  # (a backend's preference may depend on these two: Backend.preferred_for)
+            self.scale > 0,
         )
 
     def describe(self) -> dict:
