@@ -57,7 +57,10 @@ record() {  # record NAME RC SECONDS
   printf '%-18s %-7s rc=%-3s %4ss\n' "$1" "$verdict" "$2" "$3" | tee -a "$SUM"
 }
 step() {  # step NAME MAX_SECONDS RESERVE_SECONDS LOG CMD...: run with timeout min(MAX, left - RESERVE)
+  # (the reserves are sized for the default budget of 540 s and shrink with a smaller one: a 200 s budget once
+  # reserved 200 s after the build, so the build was skipped and nothing ran)
   local name="$1" max="$2" reserve="$3" log="$4"; shift 4
+  [ "$BUDGET" -lt 540 ] && reserve=$(( reserve * BUDGET / 540 ))
   local lim=$(( $(left) - reserve )); [ "$lim" -gt "$max" ] && lim="$max"
   if [ "$lim" -lt 10 ]; then echo "$name: skipped, budget spent" | tee -a "$SUM"; return; fi
   local t0=$SECONDS
