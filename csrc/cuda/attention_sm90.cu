@@ -308,20 +308,21 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 // (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on mbarriers
 // instead of block barriers and taking turns at issuing their GEMMs (ping-pong, below). Shared memory: Q
 // [HD / 64][128][64], K and V [2 stages][HD / 64][128][64] (the same swizzled sub-tiles, written by the copy engine),
-// 10 mbarriers, Steps::pin's scratch: 163 KB (HD 128), 83 KB (HD 64) with the 1 KB alignment slack.
-template <int HD_>
+// 10 mbarriers, Steps::pin's scratch: 163 KB (HD 128), 83 KB (HD 64), 211 KB (HD 128 with BN 176) with the 1 KB
+// alignment slack.
+template <int HD_, int BN_ = 128>
 struct WsCfg {
-  static constexpr int HD = HD_, BM = 128, BN = 128, NT = 384, NCONS = 256, SUB = HD / 64;
+  static constexpr int HD = HD_, BM = 128, BN = BN_, NT = 384, NCONS = 256, SUB = HD / 64;
   static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
   static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 10 * 8 + NCONS * 8;
 };
 
-template <class E, int HD_, bool CAUSAL>
+template <class E, int HD_, int BN_, bool CAUSAL>
 __global__ void __launch_bounds__(384, 1)
     attn_fwd_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                             const __grid_constant__ CUtensorMap tv, const AttnFwdParams p, const Derived d) {
 #ifdef PYATTN_SM90_KERNEL
-  using C = WsCfg<HD_>;
+  using C = WsCfg<HD_, BN_>;
   constexpr int HD = C::HD, BM = C::BM, BN = C::BN;
   using St = Steps<E, HD, BN, BM>;
 
@@ -535,11 +536,11 @@ bool make_map(CUtensorMap* map, const void* ptr, DType dtype, int64_t B, int64_t
 }
 
 // persistent: a block per SM (one block fits an SM), else a block per tile
-template <class E, int HD, bool CAUSAL>
+template <class E, int HD, int BN, bool CAUSAL>
 cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
                       const CUtensorMap& tv, bool persistent, cudaStream_t stream) {
-  using C = WsCfg<HD>;
-  auto kernel = attn_fwd_sm90_ws_kernel<E, HD, CAUSAL>;
+  using C = WsCfg<HD, BN>;
+  auto kernel = attn_fwd_sm90_ws_kernel<E, HD, BN, CAUSAL>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
   if (err != cudaSuccess) return err;
   const int64_t tiles = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
@@ -548,28 +549,33 @@ cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMa
   return cudaGetLastError();
 }
 
+// bn176: key blocks of 176 at HD 128 (FA3's for non-causal; the caller asks for it only there)
 template <class E, bool CAUSAL>
 cudaError_t launch_ws_hd(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
-                         const CUtensorMap& tv, bool persistent, cudaStream_t stream) {
-  return p.D == 64 ? launch_ws<E, 64, CAUSAL>(p, d, tq, tk, tv, persistent, stream)
-                   : launch_ws<E, 128, CAUSAL>(p, d, tq, tk, tv, persistent, stream);
+                         const CUtensorMap& tv, bool persistent, bool bn176, cudaStream_t stream) {
+  if (p.D == 64) return launch_ws<E, 64, 128, CAUSAL>(p, d, tq, tk, tv, persistent, stream);
+  if constexpr (!CAUSAL)
+    if (bn176) return launch_ws<E, 128, 176, false>(p, d, tq, tk, tv, persistent, stream);
+  return launch_ws<E, 128, 128, CAUSAL>(p, d, tq, tk, tv, persistent, stream);
 }
 
 // The warp-specialized forward: false when the TMA maps cannot be made (then the caller launches the cp.async
 // kernel), else true with the launch's status in *err.
-bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, cudaStream_t stream, cudaError_t* err) {
-  constexpr uint32_t kRows = 128;  // WsCfg's BM and BN
+bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, bool bn176, cudaStream_t stream,
+            cudaError_t* err) {
+  bn176 = bn176 && p.D == 128 && !p.causal;
+  const uint32_t q_rows = 128, kv_rows = bn176 ? 176 : 128;  // WsCfg's BM and BN
   CUtensorMap tq, tk, tv;
-  if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, kRows) ||
-      !make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, kRows) ||
-      !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, kRows))
+  if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, q_rows) ||
+      !make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, kv_rows) ||
+      !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, kv_rows))
     return false;
   if (p.dtype == DType::F16)
-    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, persistent, stream)
-                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, persistent, stream);
+    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, persistent, bn176, stream)
+                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, persistent, bn176, stream);
   else
-    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, persistent, stream)
-                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, persistent, stream);
+    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, persistent, bn176, stream)
+                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, persistent, bn176, stream);
   return true;
 }
 
@@ -585,8 +591,9 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, cudaStrea
 // warp-specialized 482 / 385, cp.async 331 / 295. The cp.async kernel's tile shapes (gpu-attn-variants-run2.log):
 // HD 128 2 warpgroups 330 / 293, 1 warpgroup (BN 64) 320 / 253; HD 64 2 warpgroups 233 / 207, 1 warpgroup 258 / 201,
 // 1 warpgroup BN 64 264 / 193.
-// PYATTN_CUDA_ATTN_SM90=ws1 / wsp: the warp-specialized kernel with a block per tile / persistent at both head
-// dims; =cp: the cp.async kernel; =0: off (attention.cu's mma.sync kernel).
+// PYATTN_CUDA_ATTN_SM90=ws1 / wsp: the warp-specialized kernel with a block per tile / persistent at both head dims;
+// =ws176: key blocks of 176 for non-causal HD 128 (FA3's choice there; emulator- and compile-checked, not yet run on
+// a GPU: opt-in until measured faster); =cp: the cp.async kernel; =0: off (attention.cu's mma.sync kernel).
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");  // read once per call: tests and benchmarks switch it
@@ -600,7 +607,8 @@ bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cud
   const bool persistent = env != nullptr && std::strcmp(env, "wsp") == 0   ? true
                           : env != nullptr && std::strcmp(env, "ws1") == 0 ? false
                                                                            : p.D == 64;
-  if (!cp && sm90::fwd_ws(p, d, persistent, stream, err)) return true;
+  const bool bn176 = env != nullptr && std::strcmp(env, "ws176") == 0;
+  if (!cp && sm90::fwd_ws(p, d, persistent, bn176, stream, err)) return true;
   *err = sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
   return true;
 #else
