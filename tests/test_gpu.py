@@ -213,6 +213,30 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
 
 
 @_needs_cuda_attention
+@pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims inference attention on compute capability 9.0 "
+                                           "only (CudaBackend.preferred_for)")
+def test_unforced_inference_attention_at_head_dim_128_takes_the_hopper_forward():
+    """Unforced calls: inference at head dim 128 (>= 128 query rows) runs on cuda where the build has the sm_90a
+    forward, training and head dim 64 on the list's first backend (triton), and the result is the oracle's."""
+    from pyattn.backends.cuda import build_info
+
+    q, k, v = make_qkv(2, 4, 256, 256, 128, dtype=torch.bfloat16, device=DEV, seed=3)
+    text = pyattn.explain("attention", q, k, v, is_causal=True)
+    expected = "cuda" if build_info().get("sm90a_attention") else "triton"
+    assert f"selected: {expected}" in text, text
+    with torch.no_grad():
+        out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref, _ = attention_ref(q, k, v, causal=True)
+    assert_attention_close(out, ref, attention_low(q, k, v, causal=True), 2)
+    q.requires_grad_()
+    assert "selected: triton" in pyattn.explain("attention", q, k, v, is_causal=True)
+    q64, k64, v64 = make_qkv(2, 4, 256, 256, 64, dtype=torch.bfloat16, device=DEV, seed=3)
+    assert "selected: triton" in pyattn.explain("attention", q64, k64, v64, is_causal=True)
+    q_short = q.detach()[:, :, :1]
+    assert "selected: triton" in pyattn.explain("attention", q_short, k, v, is_causal=True)
+
+
+@_needs_cuda_attention
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, True), (True, False)])
 def test_attention_cuda_dropout_keep_mask_equals_cpu(causal, bottom_right):
     """The CUDA kernels drop exactly the elements the CPU kernels drop (the shared hash of pyattn/attn_dropout.h).
