@@ -322,6 +322,7 @@ def cpu_peak_rss(fn: Callable[[], Any]) -> dict:
         del out
         return {"peak_bytes": max(0, peak - base) * 1024, "seconds": seconds, "method": "VmHWM"}
     # ru_maxrss: kB on Linux, bytes on macOS; it cannot be reset, so it only moves when the call beats the old peak
+    # (which Linux carries across execve: a run_probe child starts at its parent's peak)
     scale = 1 if sys.platform == "darwin" else 1024
     before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     rss = _status_kb("VmRSS")

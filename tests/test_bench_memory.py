@@ -46,10 +46,13 @@ def _probe_ok(n: int):
 
 def _probe_without_clear_refs():
     """cpu_peak_rss where /proc/self/clear_refs is refused: the ru_maxrss fallback, on an allocation 512 MiB larger
-    than how far the process's earlier peak (reached while importing torch, pyattn and this module, which ru_maxrss
-    cannot forget; it varied from run to run) stands above its resident set now."""
+    than how far ru_maxrss, which cannot be reset, stands above the resident set now. (It is not this process's own
+    peak: Linux carries ru_maxrss across execve, so a probe started by a test worker that had grown to 1.1 GB began
+    there, and a fixed 512 MiB allocation did not raise it.)"""
+    import resource
+
     harness._reset_peak_rss = lambda: False
-    above = max(0, harness._status_kb("VmHWM") - harness._status_kb("VmRSS")) * 1024
+    above = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - harness._status_kb("VmRSS")) * 1024
     rows = (above + 512 * MiB) // (8192 * 4)
     res = harness.cpu_peak_rss(lambda: torch.ones(rows, 8192))
     return {**res, "allocated": rows * 8192 * 4}
