@@ -352,36 +352,36 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     (PYATTN_EMU_SMS: the emulated SM count)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
-    if variant == "cp":
-        outs, smem = [], []
-        for env in (None, "cp"):
-            if env is not None:
-                monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", env)
-            for cp in ("early", "late"):
-                monkeypatch.setenv("PYATTN_EMU_CP_ASYNC", cp)
-                ops.emu_reset_counters()
-                outs.append(_fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
-                                 bottom_right=bottom_right))
-                smem.append(ops.emu_counters()[4])
-        assert smem[0] == smem[1] != smem[2] == smem[3]  # the two kernels' shared memory
-        for out_cp in outs[1:]:
-            assert torch.equal(out_cp[0], outs[0][0]) and torch.equal(out_cp[1], outs[0][1])
-    if variant == "default":  # persistent: blocks of a small grid take several tiles each (3 SMs), vs one each
-        outs = []
-        for env, sms in (("ws1", "3"), ("wsp", "3"), ("wsp", "1"), (None, "3")):
-            monkeypatch.setenv("PYATTN_EMU_SMS", sms)
-            if env is None:
-                monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90", raising=False)
+
+    def run_with(**env):  # the forward under these environment variables (None: unset) -> (out, lse), counters
+        for key, value in env.items():
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
             else:
-                monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", env)
-            ops.emu_reset_counters()
-            outs.append(_fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
-                             bottom_right=bottom_right))
-            tiles = (lq + 127) // 128 * 2 * hq
+                monkeypatch.setenv(key, value)
+        ops.emu_reset_counters()
+        out = _fwd(*make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d), causal=causal,
+                   bottom_right=bottom_right)
+        return out, ops.emu_counters()
+
+    def assert_same_bits(runs):
+        for (out, lse), _ in runs[1:]:
+            assert torch.equal(out, runs[0][0][0]) and torch.equal(lse, runs[0][0][1])
+
+    if variant == "cp":
+        runs = [run_with(PYATTN_CUDA_ATTN_SM90=env, PYATTN_EMU_CP_ASYNC=cp) for env in (None, "cp")
+                for cp in ("early", "late")]
+        smem = [counters[4] for _, counters in runs]
+        assert smem[0] == smem[1] != smem[2] == smem[3]  # the two kernels' shared memory
+        assert_same_bits(runs)
+    if variant == "default":  # persistent: blocks of a small grid take several tiles each (3 SMs), vs one each
+        configs = (("ws1", "3"), ("wsp", "3"), ("wsp", "1"), (None, "3"))
+        runs = [run_with(PYATTN_CUDA_ATTN_SM90=env, PYATTN_EMU_SMS=sms) for env, sms in configs]
+        tiles = (lq + 127) // 128 * 2 * hq
+        for (env, sms), (_, counters) in zip(configs, runs):
             persistent = env == "wsp" or (env is None and d == 64)
-            assert ops.emu_counters()[3] == (min(tiles, int(sms)) if persistent else tiles), (env, sms)  # blocks
-        for other in outs[1:]:
-            assert torch.equal(other[0], outs[0][0]) and torch.equal(other[1], outs[0][1])
+            assert counters[3] == (min(tiles, int(sms)) if persistent else tiles), (env, sms)  # blocks
+        assert_same_bits(runs)
         monkeypatch.delenv("PYATTN_EMU_SMS")
         monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90", raising=False)
     if variant == "ws176":
