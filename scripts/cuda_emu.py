@@ -214,15 +214,26 @@ def _memcheck_workload() -> None:
                 for rms in (False, True):
                     y, s, mean, rstd = ops.layer_norm_fwd(x, x, w, None if rms else b, 1e-5, rms, True)
                     ops.layer_norm_bwd(x, s, w, mean, rstd, x, rms, not rms, True)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for t, bsz, i, h in ((3, 2, 5, 7), (2, 3, 16, 129), (1, 1, 3, 1024)):
-            x, h0 = torch.randn(t, bsz, i, dtype=dtype), torch.randn(bsz, h, dtype=dtype)
-            w = [torch.randn(3 * h, i), torch.randn(3 * h, h), torch.randn(3 * h), torch.randn(3 * h)]
-            w = [p.to(dtype) for p in w]
-            out, hl, ws = ops.gru_seq_fwd(x, h0, *w, True, True)
-            ops.gru_seq_bwd(out, hl, x, h0, w[0], w[1], out, ws, True, True, True, True)
-            h1, ws1 = ops.gru_step_fwd(x[0], h0, *w, True)
-            ops.gru_step_bwd(h1, x[0], h0, w[0], w[1], ws1, True, True, True)
+    # GRU: the persistent kernels as planned (H 1024: 61 blocks), on a forced grid of 3, with the batch staged in
+    # chunks (a 4 KiB shared-memory budget) and on the per-step path
+    gru_runs = ((None, None, ((3, 2, 5, 7), (2, 3, 16, 129), (1, 1, 3, 1024))), ("3", None, ((2, 3, 16, 129),)),
+                ("2", "4096", ((3, 9, 5, 7),)), ("0", None, ((3, 2, 5, 7), (2, 3, 16, 129))))
+    for blocks, optin, shapes in gru_runs:
+        for var, val in (("PYATTN_CUDA_GRU_BLOCKS", blocks), ("PYATTN_EMU_SMEM_OPTIN", optin)):
+            os.environ.pop(var, None)
+            if val is not None:
+                os.environ[var] = val
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for t, bsz, i, h in shapes:
+                x, h0 = torch.randn(t, bsz, i, dtype=dtype), torch.randn(bsz, h, dtype=dtype)
+                w = [torch.randn(3 * h, i), torch.randn(3 * h, h), torch.randn(3 * h), torch.randn(3 * h)]
+                w = [p.to(dtype) for p in w]
+                out, hl, ws = ops.gru_seq_fwd(x, h0, *w, True, True)
+                ops.gru_seq_bwd(out, hl, x, h0, w[0], w[1], out, ws, True, True, True, True)
+                h1, ws1 = ops.gru_step_fwd(x[0], h0, *w, True)
+                ops.gru_step_bwd(h1, x[0], h0, w[0], w[1], ws1, True, True, True)
+    os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
+    os.environ.pop("PYATTN_EMU_SMEM_OPTIN", None)
 
 
 def memcheck() -> int:

@@ -172,6 +172,11 @@ def gru(case):
         for bsz, isz, hsz in ((1, 3, 5), (3, 17, 33), (4, 64, 130)):
             case(f"cell {dtype} {(bsz, isz, hsz)}", lambda: cell(bsz, isz, hsz, dtype))
     case("2-layer bidirectional GRU", layer)
+    # the persistent kernels on grids of 1, 3 and 7 blocks (a grid barrier per step), and the per-step path
+    for blocks in ("1", "3", "7", "0"):
+        os.environ["PYATTN_CUDA_GRU_BLOCKS"] = blocks
+        case(f"2-layer bidirectional GRU, PYATTN_CUDA_GRU_BLOCKS={blocks}", layer)
+    del os.environ["PYATTN_CUDA_GRU_BLOCKS"]
 
 
 for op in ops:

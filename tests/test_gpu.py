@@ -750,6 +750,40 @@ def test_gru_cuda_opcheck(dtype, bias):
 
 
 @_needs_cuda_gru
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("seq,bsz,hsz", [(300, 1, 128), (50, 32, 256), (7, 40, 1024), (3, 5, 2047), (1, 3, 70)])
+@pytest.mark.parametrize("blocks", ["0", "1", "2", "7", "auto"])
+def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
+    """The persistent kernels (gru_rec_fwd / gru_rec_bwd: every step in one cooperative launch, a grid barrier per
+    step) at every grid size PYATTN_CUDA_GRU_BLOCKS asks for (0: the per-step path; more blocks than shared memory
+    needs: barriers between them; 40 rows at H 1024: the batch staged in chunks; H 2047: odd, padded rows) against
+    the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last."""
+    if blocks != "auto":
+        monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", blocks)
+    x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq=seq, bsz=bsz, isz=16, hsz=hsz)
+    args64 = [t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    g = torch.Generator().manual_seed(seq + hsz)
+    dout = torch.randn(seq, bsz, hsz, generator=g).to(DEV, dtype)
+    dh_last = torch.randn(bsz, hsz, generator=g).to(DEV, dtype)
+    ops, ref = torch.ops.pyattn, get_backend("torch")
+    for reverse in (False, True):
+        out, h_last, ws = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        ref_out, ref_h, ref_ws = ref.gru_layer_fwd(*args64, reverse, True)
+        assert_tol(out, ref_out, "gru", dtype)
+        assert_tol(h_last, ref_h, "gru", dtype)
+        assert_tol(ws, ref_ws, "gru", torch.float32 if dtype == torch.float32 else dtype)
+        inf_out, inf_h, _ = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, False)
+        assert torch.equal(inf_out, out) and torch.equal(inf_h, h_last)
+        for carried in (dh_last, None):
+            grads = ops.gru_seq_bwd(dout, carried, x, h0, w_ih, w_hh, out, ws, True, True, reverse, True)
+            ref_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
+            ref_grads = ref.gru_layer_bwd(dout.double(), ref_dh, *args64[:4], ref_out, ref_ws, True, True, reverse,
+                                          True)
+            for name, got, want in zip(("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), grads, ref_grads):
+                assert_tol(got, want, "gru", dtype, kind="bwd", msg=lambda msg: f"{name}: {msg}")
+
+
+@_needs_cuda_gru
 def test_gru_cuda_workspace_is_the_op_contract():
     """ws = [r | z | n | W_hn h + b_hn] in fp32, equal to the torch backend's (so backends can mix)."""
     x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(torch.bfloat16, seq=1, bsz=5, isz=9, hsz=33)

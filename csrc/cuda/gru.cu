@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "pyattn/cuda_kernels.h"
 #include "pyattn/params.h"
@@ -235,6 +236,243 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
   }
 }
 
+// ---- the persistent kernels (gru_rec_fwd, gru_rec_bwd) ----
+// Every step of one layer direction in one cooperative launch. Block c owns hidden units j0 = c U .. j0 + nu - 1
+// and keeps the part of W_hh they need in shared memory, fp32, for all T steps; per step it stages batch rows of the
+// vector the recurrence multiplies (through L2: other blocks wrote them), and a work item is (unit u, 4 batch rows):
+// a warp's lanes split the dot products' length in float4 steps (lane l: elements 4 l + 128 i), accumulate, reduce
+// across lanes (butterfly), and lane r (< 4) finishes row r. Rows and W_hh parts are zero-padded to a multiple of 4.
+//   forward:  Ws [3 nu][HP] = W_hh rows g H + j0 + u (row 3 u + g); Hs [rows][HP] = h (h0 or the previous out);
+//             gh = 3 dot products per item, then the gates as gru_gates_fwd_kernel (the same formulas), out[t]
+//             and ws[t]; a grid barrier publishes out[t].
+//   backward: Wt [nu][KP] = W_hh column j0 + u (3H long); per step, phase A: the gate gradients of the block's units
+//             (gru_gates_bwd_kernel's formulas) -> dgi[t], dgh[t], dh = d z; a grid barrier publishes dgh[t];
+//             phase B: Gs [rows][KP] = dgh[t], dh += dgh[t] . W_hh[:, j] per item (dh stays block-local: one
+//             barrier per step).
+// Sizes (gru_rec_plan): enough blocks for the W_hh parts to fit shared memory, about kRecFmaPerBlock multiply-adds
+// per block and step (a small layer gets one block: no grid barrier), at most what the device holds at once.
+constexpr int kRecThreads = 512;
+constexpr int kRecWarps = kRecThreads / 32;
+constexpr int kRecRows = 4;  // batch rows per work item
+
+struct RecShape {
+  int units, batch_rows;
+  int64_t kp;  // the dot products' length rounded up to 4 (HP forward, KP backward)
+};
+struct RecFwdArgs {
+  GRURecFwdParams p;
+  RecShape s;
+};
+struct RecBwdArgs {
+  GRURecBwdParams p;
+  RecShape s;
+};
+
+// Barrier n (1, 2, ...) of a cooperative launch over the counter `count` (0 at launch): each block arrives once;
+// thread 0 waits until all gridDim.x arrivals of barrier n are in. Writes of any block before it are visible to
+// loads through L2 (__ldcg) after it (cooperative_groups' grid sync: fence, arrive, acquire-poll, fence).
+__device__ __forceinline__ void grid_barrier(unsigned long long* count, unsigned long long n) {
+#ifdef PYATTN_CUDA_EMU
+  (void)count;
+  (void)n;
+  ::pyattn_emu::grid_sync(__FILE__, __LINE__);
+#else
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned long long target = n * gridDim.x;
+    __threadfence();
+    atomicAdd(count, 1ull);
+    unsigned long long seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(seen) : "l"(count) : "memory");
+    } while (seen < target);
+    __threadfence();
+  }
+  __syncthreads();
+#endif
+}
+
+// S [nb][kp] fp32 = rows 0 .. nb - 1 of src (row stride `stride`, K valid columns), zeros past K, read through L2.
+template <typename T>
+__device__ __forceinline__ void stage_rows(float* S, const T* src, int64_t stride, int64_t K, int64_t kp, int nb) {
+  for (int64_t e = threadIdx.x; e < nb * kp; e += blockDim.x) {
+    const int64_t r = e / kp, k = e - r * kp;
+    S[e] = k < K ? to_f32(__ldcg(src + r * stride + k)) : 0.0f;
+  }
+}
+
+// One work item of a warp: out[g] = W_g . S_r (length 4 nk4) for the G rows W_g (row stride nk4 float4s) and the
+// kRecRows rows S_r, in lane r (< kRecRows). Every lane of the warp must call it.
+template <int G>
+__device__ __forceinline__ void warp_dots(const float4* w4, const float4* s4, int64_t nk4, int lane, float (&out)[G]) {
+  float acc[G][kRecRows];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int r = 0; r < kRecRows; ++r) acc[g][r] = 0.0f;
+  for (int64_t k = lane; k < nk4; k += 32) {
+    float4 wv[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) wv[g] = w4[g * nk4 + k];
+#pragma unroll
+    for (int r = 0; r < kRecRows; ++r) {
+      const float4 sv = s4[r * nk4 + k];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        acc[g][r] = fmaf(wv[g].x, sv.x, acc[g][r]);
+        acc[g][r] = fmaf(wv[g].y, sv.y, acc[g][r]);
+        acc[g][r] = fmaf(wv[g].z, sv.z, acc[g][r]);
+        acc[g][r] = fmaf(wv[g].w, sv.w, acc[g][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    out[g] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kRecRows; ++r) {
+      float v = acc[g][r];
+#pragma unroll
+      for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+      if (lane == r) out[g] = v;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFwdArgs a) {
+  const GRURecFwdParams& p = a.p;
+  const int64_t nsteps = p.T, B = p.B, H = p.H, HP = a.s.kp, nk4 = HP / 4;
+  const int64_t j0 = int64_t(blockIdx.x) * a.s.units;
+  const int nu = int(H - j0 < a.s.units ? H - j0 : a.s.units);  // >= 1 (the plan's grid)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
+  const T* __restrict__ b_ih = static_cast<const T*>(p.b_ih);
+  const T* __restrict__ b_hh = static_cast<const T*>(p.b_hh);
+  T* out = static_cast<T*>(p.out);
+
+  extern __shared__ float4 rec_smem[];
+  float* Ws = reinterpret_cast<float*>(rec_smem);  // [3 nu][HP]
+  float* Hs = Ws + 3 * int64_t(a.s.units) * HP;     // [batch_rows][HP]
+  for (int64_t e = threadIdx.x; e < 3 * nu * HP; e += blockDim.x) {
+    const int64_t row = e / HP, k = e - row * HP, u = row / 3, g = row - 3 * u;
+    Ws[e] = k < H ? to_f32(w_hh[(g * H + j0 + u) * p.w_hh_row_stride + k]) : 0.0f;
+  }
+
+  for (int64_t step = 0; step < nsteps; ++step) {
+    const int64_t t = p.reverse ? nsteps - 1 - step : step;
+    // the state this step starts from: h0, or the output of the step processed before (other blocks wrote it)
+    const T* hsrc = step == 0 ? static_cast<const T*>(p.h0) : out + (p.reverse ? t + 1 : t - 1) * B * H;
+    const int64_t hstride = step == 0 ? p.h0_row_stride : H;
+    for (int64_t b0 = 0; b0 < B; b0 += a.s.batch_rows) {
+      const int nb = int(B - b0 < a.s.batch_rows ? B - b0 : a.s.batch_rows);
+      __syncthreads();  // (the previous chunk's work items are done with Hs; Ws is loaded)
+      stage_rows(Hs, hsrc + b0 * hstride, hstride, H, HP, nb);
+      __syncthreads();
+      const int nsub = (nb + kRecRows - 1) / kRecRows;
+      for (int item = warp; item < nu * nsub; item += kRecWarps) {
+        const int u = item / nsub, sb = (item - u * nsub) * kRecRows;  // unit j0 + u, chunk rows sb .. sb + 3
+        float gh[3];  // rows past nb: stale Hs rows, results unused
+        warp_dots<3>(reinterpret_cast<const float4*>(Ws + 3 * u * HP), reinterpret_cast<const float4*>(Hs + sb * HP),
+                     nk4, lane, gh);
+        if (lane < kRecRows && sb + lane < nb) {
+          const int64_t b = b0 + sb + lane, j = j0 + u, row = t * B + b;
+          const float* gi = p.gi + row * 3 * H + j;
+          float xr = gi[0], xz = gi[H], xn = gi[2 * H];
+          float hr = gh[0], hz = gh[1], hn = gh[2];
+          if (b_ih != nullptr) {
+            xr += to_f32(b_ih[j]);
+            xz += to_f32(b_ih[H + j]);
+            xn += to_f32(b_ih[2 * H + j]);
+          }
+          if (b_hh != nullptr) {
+            hr += to_f32(b_hh[j]);
+            hz += to_f32(b_hh[H + j]);
+            hn += to_f32(b_hh[2 * H + j]);
+          }
+          const float hp = Hs[(sb + lane) * HP + j];
+          const float r = gru_sigmoid(xr + hr), z = gru_sigmoid(xz + hz);
+          const float n = gru_tanh(xn + r * hn);
+          out[row * H + j] = from_f32<T>(n + z * (hp - n));
+          if (p.ws != nullptr) {
+            float* w = p.ws + row * 4 * H + j;
+            w[0] = r;
+            w[H] = z;
+            w[2 * H] = n;
+            w[3 * H] = hn;
+          }
+        }
+      }
+    }
+    // out[t] complete everywhere before any block reads it (one block: the next chunk's __syncthreads)
+    if (step + 1 < nsteps && gridDim.x > 1) grid_barrier(p.sync, static_cast<unsigned long long>(step + 1));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBwdArgs a) {
+  const GRURecBwdParams& p = a.p;
+  const int64_t nsteps = p.T, B = p.B, H = p.H, H3 = 3 * H, KP = a.s.kp, nk4 = KP / 4;
+  const int64_t j0 = int64_t(blockIdx.x) * a.s.units;
+  const int nu = int(H - j0 < a.s.units ? H - j0 : a.s.units);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
+  const T* __restrict__ dout = static_cast<const T*>(p.dout);
+
+  extern __shared__ float4 rec_smem[];
+  float* Wt = reinterpret_cast<float*>(rec_smem);  // [nu][KP]
+  float* Gs = Wt + int64_t(a.s.units) * KP;         // [batch_rows][KP]
+  for (int64_t e = threadIdx.x; e < nu * KP; e += blockDim.x) {
+    const int64_t u = e / KP, k = e - u * KP;
+    Wt[e] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + j0 + u]) : 0.0f;
+  }
+
+  for (int64_t step = 0; step < nsteps; ++step) {
+    const int64_t t = p.reverse ? step : nsteps - 1 - step;         // the forward's steps, last processed first
+    const bool first = p.reverse ? t == nsteps - 1 : t == 0;          // the forward's first step started from h0
+    const T* hsrc = first ? static_cast<const T*>(p.h0)
+                          : static_cast<const T*>(p.out) + (p.reverse ? t + 1 : t - 1) * p.out_t_stride;
+    const int64_t hstride = first ? p.h0_row_stride : p.out_b_stride;
+    __syncthreads();  // the previous step's phase B is done with dh
+    // phase A: d = dh + dout[t] -> dgi[t], dgh[t] and dh = d z for this block's units
+    for (int64_t e = threadIdx.x; e < B * nu; e += blockDim.x) {
+      const int64_t b = e / nu, j = j0 + (e - b * nu), row = t * B + b;
+      const float d = p.dh[b * H + j] + to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]);
+      const float hp = to_f32(hsrc[b * hstride + j]);
+      const float* w = p.ws + row * 4 * H + j;
+      const float r = w[0], z = w[H], n = w[2 * H], hn = w[3 * H];
+      const float dn = d * (1.0f - z) * (1.0f - n * n);
+      const float dr = dn * hn * r * (1.0f - r);
+      const float dz = d * (hp - n) * z * (1.0f - z);
+      float* gi = p.dgi + row * H3 + j;
+      float* gh = p.dgh + row * H3 + j;
+      gi[0] = dr;
+      gi[H] = dz;
+      gi[2 * H] = dn;
+      gh[0] = dr;
+      gh[H] = dz;
+      gh[2 * H] = dn * r;
+      p.dh[b * H + j] = d * z;
+    }
+    if (gridDim.x > 1) grid_barrier(p.sync, static_cast<unsigned long long>(step + 1));  // dgh[t] complete
+    // phase B: dh[b][j] += dgh[t][b] . W_hh[:, j]
+    for (int64_t b0 = 0; b0 < B; b0 += a.s.batch_rows) {
+      const int nb = int(B - b0 < a.s.batch_rows ? B - b0 : a.s.batch_rows);
+      __syncthreads();
+      stage_rows(Gs, p.dgh + (t * B + b0) * H3, H3, H3, KP, nb);
+      __syncthreads();
+      const int nsub = (nb + kRecRows - 1) / kRecRows;
+      for (int item = warp; item < nu * nsub; item += kRecWarps) {
+        const int u = item / nsub, sb = (item - u * nsub) * kRecRows;
+        float v[1];
+        warp_dots<1>(reinterpret_cast<const float4*>(Wt + u * KP), reinterpret_cast<const float4*>(Gs + sb * KP),
+                     nk4, lane, v);
+        if (lane < kRecRows && sb + lane < nb) p.dh[(b0 + sb + lane) * H + j0 + u] += v[0];
+      }
+    }
+  }
+}
+
 // ---- launchers ----
 
 bool aligned(const void* ptr, int64_t bytes) {
@@ -336,6 +574,83 @@ void launch_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
   }
 }
 
+
+// ---- the persistent kernels: plan and launch ----
+constexpr size_t kRecSmemCap = 220 * 1024;  // at most (H100: 227 KB per block, A100: 163 KB: p.smem_per_block)
+constexpr int64_t kRecFmaPerBlock = int64_t(1) << 17;  // per block and step: the work that sets the grid size
+
+template <class Kernel>
+cudaError_t rec_fit(Kernel kernel, int* per_sm, size_t smem) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kRecThreads, smem);
+}
+
+// unit_bytes: the W_hh part of one hidden unit; row_bytes: one staged batch row (both fp32, padded to 4).
+template <template <typename> class KernelOf>
+GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DType dtype, int64_t unit_bytes,
+                    int64_t row_bytes) {
+  GRURecPlan plan;
+  if (B < 1 || H < 1 || num_sms < 1) return plan;
+  const char* env = std::getenv("PYATTN_CUDA_GRU_BLOCKS");
+  const long forced = env != nullptr ? std::strtol(env, nullptr, 10) : -1;
+  if (forced == 0) return plan;
+  const int64_t cap = int64_t(smem_per_block < kRecSmemCap ? smem_per_block : kRecSmemCap);
+  // batch rows staged at once: all of them when they take at most a quarter of the budget
+  int64_t rows = (B + kRecRows - 1) / kRecRows * kRecRows;
+  const int64_t max_rows = cap / 4 / row_bytes / kRecRows * kRecRows;
+  if (rows > max_rows) rows = max_rows < kRecRows ? kRecRows : max_rows;
+  const int64_t max_units = (cap - rows * row_bytes) / unit_bytes;
+  if (max_units < 1) return plan;
+  const int64_t min_blocks = (H + max_units - 1) / max_units;
+  int64_t blocks = forced > 0 ? forced : (B * 3 * H * H + kRecFmaPerBlock - 1) / kRecFmaPerBlock;
+  if (blocks < min_blocks) blocks = min_blocks;
+  if (blocks > H) blocks = H;
+  int64_t units = (H + blocks - 1) / blocks;
+  size_t smem = size_t(units * unit_bytes + rows * row_bytes);
+  int per_sm = 0;
+  cudaError_t err = dtype == DType::F16    ? rec_fit(KernelOf<__half>::fn, &per_sm, smem)
+                    : dtype == DType::BF16 ? rec_fit(KernelOf<__nv_bfloat16>::fn, &per_sm, smem)
+                                           : rec_fit(KernelOf<float>::fn, &per_sm, smem);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // (cleared: the binding falls back to the per-step kernels)
+    return plan;
+  }
+  const int64_t resident = int64_t(per_sm) * num_sms;
+  if (blocks > resident) {  // fewer, fuller blocks, if their parts of W_hh still fit
+    if (resident < min_blocks) return plan;
+    units = (H + resident - 1) / resident;
+    smem = size_t(units * unit_bytes + rows * row_bytes);
+  }
+  plan.units = int(units);
+  plan.blocks = int((H + units - 1) / units);
+  plan.batch_rows = int(rows);
+  plan.smem = smem;
+  plan.needs_sync = plan.blocks > 1;
+  return plan;
+}
+
+template <typename T>
+struct RecFwdKernel {
+  static constexpr void (*fn)(const RecFwdArgs) = gru_rec_fwd_kernel<T>;
+};
+template <typename T>
+struct RecBwdKernel {
+  static constexpr void (*fn)(const RecBwdArgs) = gru_rec_bwd_kernel<T>;
+};
+
+int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+
+// A one-parameter kernel over all its blocks at once (a grid barrier needs them co-resident).
+template <class Args>
+cudaError_t rec_launch(void (*kernel)(const Args), const Args& a, const GRURecPlan& plan, cudaStream_t stream) {
+  void* args[] = {const_cast<Args*>(&a)};
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(kernel, dim3(unsigned(plan.blocks)), dim3(kRecThreads), args, plan.smem, stream);
+  const cudaError_t last = cudaGetLastError();  // (also clears what the launch recorded)
+  return err != cudaSuccess ? err : last;
+}
+
 }  // namespace
 
 cudaError_t gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream) {
@@ -368,6 +683,45 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
       break;
   }
   return cudaGetLastError();
+}
+
+
+GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
+  if (p.T < 1) return GRURecPlan();
+  const int64_t hp = round4(p.H);
+  return rec_plan<RecFwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, 3 * hp * 4, hp * 4);
+}
+
+cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
+  if (plan.blocks < 1) return cudaErrorInvalidValue;
+  const RecFwdArgs a{p, RecShape{plan.units, plan.batch_rows, round4(p.H)}};
+  switch (p.dtype) {
+    case DType::F16:
+      return rec_launch(RecFwdKernel<__half>::fn, a, plan, stream);
+    case DType::BF16:
+      return rec_launch(RecFwdKernel<__nv_bfloat16>::fn, a, plan, stream);
+    default:
+      return rec_launch(RecFwdKernel<float>::fn, a, plan, stream);
+  }
+}
+
+GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
+  if (p.T < 1) return GRURecPlan();
+  const int64_t kp = round4(3 * p.H);
+  return rec_plan<RecBwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, kp * 4, kp * 4);
+}
+
+cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
+  if (plan.blocks < 1) return cudaErrorInvalidValue;
+  const RecBwdArgs a{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}};
+  switch (p.dtype) {
+    case DType::F16:
+      return rec_launch(RecBwdKernel<__half>::fn, a, plan, stream);
+    case DType::BF16:
+      return rec_launch(RecBwdKernel<__nv_bfloat16>::fn, a, plan, stream);
+    default:
+      return rec_launch(RecBwdKernel<float>::fn, a, plan, stream);
+  }
 }
 
 }  // namespace cuda

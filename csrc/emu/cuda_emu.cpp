@@ -19,7 +19,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr size_t kSmemOptinLimit = 227 * 1024;   // sm_90
 
-enum class State { Ready, AtBarrier, AtWarp, AtMbarrier, AtNamedBarrier, Done };
+enum class State { Ready, AtBarrier, AtWarp, AtMbarrier, AtNamedBarrier, AtGrid, Done };
 struct Copy {
   void* dst;
   const void* src;
@@ -31,7 +31,7 @@ struct Thread {
   uint3 idx;
   int linear = 0;
   State state = State::Ready;
-  const char* bar_file = "";
+  const char* bar_file = "";  // where an AtBarrier / AtGrid thread waits
   int bar_line = 0;
   std::vector<Copy> pending;               // cp.async not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, oldest first
@@ -99,6 +99,8 @@ struct Block {
   std::string error;
   std::map<const uint64_t*, Mbarrier> mbars;  // by address in shared memory
   NamedBarrier named[16];
+  bool cooperative = false;  // in a cooperative launch (grid_sync allowed)
+  std::vector<int> ready_ids;  // scratch of the random order
 };
 
 namespace {
@@ -112,11 +114,12 @@ std::map<const void*, int> g_max_dyn_smem;
 long long g_counters[kNumCounters] = {};
 std::vector<std::unique_ptr<char[]>> g_stacks;
 
-std::string where(const Thread& t) {
+std::string where(const Block& b, const Thread& t) {
   return "thread (" + std::to_string(t.idx.x) + ", " + std::to_string(t.idx.y) + ", " + std::to_string(t.idx.z) +
-         ") of block (" + std::to_string(g_block->idx.x) + ", " + std::to_string(g_block->idx.y) + ", " +
-         std::to_string(g_block->idx.z) + ")";
+         ") of block (" + std::to_string(b.idx.x) + ", " + std::to_string(b.idx.y) + ", " + std::to_string(b.idx.z) +
+         ")";
 }
+std::string where(const Thread& t) { return where(*g_block, t); }
 
 void yield(State s) {
   Thread* t = g_thread;
@@ -154,7 +157,9 @@ int order_mode() {
   return 2;
 }
 
-bool run_block(Block& b, int mode, std::mt19937& rng) {
+// Resets block b for a run of its threads: fibers on the stacks g_stacks[first_stack ..], fresh warps and barriers,
+// dynamic shared memory filled with 0xff bytes.
+void start_block(Block& b, size_t first_stack) {
   const int n = static_cast<int>(b.threads.size());
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
@@ -162,7 +167,7 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
     t.linear = i;
     t.idx = uint3{unsigned(i % b.dim.x), unsigned((i / b.dim.x) % b.dim.y), unsigned(i / (b.dim.x * b.dim.y))};
     getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = g_stacks[i].get();
+    t.ctx.uc_stack.ss_sp = g_stacks[first_stack + i].get();
     t.ctx.uc_stack.ss_size = kStackBytes;
     t.ctx.uc_link = &b.sched;
     makecontext(&t.ctx, fiber_main, 0);
@@ -174,12 +179,25 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
   if (b.smem_size > 0) std::memset(b.smem, 0xff, b.smem_size);
   b.mbars.clear();
   for (NamedBarrier& nb : b.named) nb = NamedBarrier();
-  // Each step runs one ready thread until it blocks: the lowest-numbered ready one (forward), the highest (reverse)
-  // or one drawn at random. Forward / reverse let a warp run as far ahead of the others as barriers allow.
-  std::vector<int> ready_ids;
-  ready_ids.reserve(n);
+  b.ready_ids.reserve(n);
+}
+
+// What step_block left the block at: Ran (it ran `picks` threads; more may be ready), Blocked (no thread can run
+// until grid_sync releases: some wait there, the others have exited or wait elsewhere), Done (every thread exited),
+// Failed (b.error says why).
+enum class Step { Ran, Blocked, Done, Failed };
+
+// Runs block b (g_block) until it is done, fails or waits at grid_sync, or, when picks >= 0, until it has run that
+// many threads. Each pick runs one ready thread until it blocks: the lowest-numbered ready one (forward), the highest
+// (reverse) or one drawn at random. Forward / reverse let a warp run as far ahead of the others as barriers allow.
+// When no thread is ready: __syncthreads releases, late bulk copies land, or it is a deadlock (unless threads wait at
+// grid_sync: the cooperative launch decides).
+Step step_block(Block& b, int mode, std::mt19937& rng, int picks) {
+  const int n = static_cast<int>(b.threads.size());
+  std::vector<int>& ready_ids = b.ready_ids;
+  int ran = 0;
   for (;;) {
-    for (;;) {
+    while (picks < 0 || ran < picks) {
       int pick = -1;
       if (mode == 2) {
         ready_ids.clear();
@@ -197,13 +215,16 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
       g_thread = &t;
       swapcontext(&b.sched, &t.ctx);
       g_thread = nullptr;
-      if (b.failed) return false;
+      if (b.failed) return Step::Failed;
+      ++ran;
     }
-    int done = 0, ready = 0, at_barrier = 0;
+    if (ran == picks) return Step::Ran;
+    int done = 0, ready = 0, at_barrier = 0, at_grid = 0;
     const Thread* first_bar = nullptr;
     for (const Thread& t : b.threads) {
       done += t.state == State::Done;
       ready += t.state == State::Ready;
+      at_grid += t.state == State::AtGrid;
       if (t.state == State::AtBarrier) {
         ++at_barrier;
         if (first_bar == nullptr) first_bar = &t;
@@ -213,9 +234,9 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
       for (const auto& kv : b.mbars)
         if (!kv.second.copies.empty()) {
           b.error = "a bulk tensor copy was never waited for (its mbarrier's phase) when the block ended";
-          return false;
+          return Step::Failed;
         }
-      return true;
+      return Step::Done;
     }
     if (ready > 0) continue;
     if (at_barrier == n - done) {  // every live thread is at __syncthreads: release (exited threads count as there)
@@ -225,7 +246,7 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
           b.error = "divergent __syncthreads: " + where(*first_bar) + " at " + first_bar->bar_file + ":" +
                     std::to_string(first_bar->bar_line) + ", " + where(t) + " at " + t.bar_file + ":" +
                     std::to_string(t.bar_line);
-          return false;
+          return Step::Failed;
         }
         t.state = State::Ready;
       }
@@ -242,25 +263,49 @@ bool run_block(Block& b, int mode, std::mt19937& rng) {
         landed = true;
       }
     if (landed) continue;
+    if (at_grid > 0) return Step::Blocked;
     for (const Thread& t : b.threads)
       if (t.state == State::AtNamedBarrier) {
         b.error = "deadlock: " + where(t) + " waits at named barrier " + std::to_string(t.named_bar) +
                   " for arrivals that never come";
-        return false;
+        return Step::Failed;
       }
     for (const Thread& t : b.threads)
       if (t.state == State::AtMbarrier) {
         b.error = "deadlock: " + where(t) + " waits on an mbarrier phase that never completes";
-        return false;
+        return Step::Failed;
       }
     for (const Thread& t : b.threads)
       if (t.state == State::AtWarp) {
         b.error = "deadlock: " + where(t) + " waits at a warp collective while other lanes of its warp wait at "
                   "__syncthreads or have exited";
-        return false;
+        return Step::Failed;
       }
     b.error = "deadlock";
-    return false;
+    return Step::Failed;
+  }
+}
+
+bool run_block(Block& b, int mode, std::mt19937& rng) {
+  start_block(b, 0);
+  return step_block(b, mode, rng, -1) == Step::Done;
+}
+
+// What a thread that keeps a grid_sync from releasing does, for the deadlock message.
+std::string blocked_at(const Thread& t) {
+  switch (t.state) {
+    case State::Done:
+      return "has exited";
+    case State::AtBarrier:
+      return std::string("waits at __syncthreads (") + t.bar_file + ":" + std::to_string(t.bar_line) + ")";
+    case State::AtNamedBarrier:
+      return "waits at named barrier " + std::to_string(t.named_bar);
+    case State::AtMbarrier:
+      return "waits on an mbarrier phase";
+    case State::AtWarp:
+      return "waits at a warp collective";
+    default:
+      return "is blocked";
   }
 }
 }  // namespace
@@ -298,6 +343,14 @@ void syncthreads(const char* file, int line) {
   g_thread->bar_file = file;
   g_thread->bar_line = line;
   yield(State::AtBarrier);
+}
+
+void grid_sync(const char* file, int line) {
+  if (g_block == nullptr || !g_block->cooperative)
+    fail("grid_sync outside a cooperative launch (cudaLaunchCooperativeKernel)", file, line);
+  g_thread->bar_file = file;
+  g_thread->bar_line = line;
+  yield(State::AtGrid);
 }
 
 void check_launch_bounds(long long max_threads, const char* file, int line) {
@@ -766,12 +819,15 @@ CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t ra
   return CUDA_SUCCESS;
 }
 
-cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
-  auto refuse = [](cudaError_t e, const std::string& m) {
-    if (g_last_error == cudaSuccess) g_last_error = e;
-    g_last_message = m;
-    return e;
-  };
+namespace {
+cudaError_t refuse(cudaError_t e, const std::string& m) {
+  if (g_last_error == cudaSuccess) g_last_error = e;
+  g_last_message = m;
+  return e;
+}
+
+// The checks of every launch: configuration and dynamic shared memory.
+cudaError_t check_launch(const void* kernel, dim3 grid, dim3 block, size_t smem) {
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
@@ -786,28 +842,49 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, con
     return refuse(cudaErrorInvalidValue, "launch with " + std::to_string(smem) +
                                              " bytes of dynamic shared memory; the kernel's limit is " +
                                              std::to_string(limit) + " (cudaFuncAttributeMaxDynamicSharedMemorySize)");
+  return cudaSuccess;
+}
+
+using SmemBuffer = std::unique_ptr<void, void (*)(void*)>;
+
+// Exactly `smem` bytes, 128-byte aligned: under AddressSanitizer (scripts/cuda_emu.py --memcheck) the first byte past
+// the end is a redzone. Null when out of memory.
+SmemBuffer alloc_smem(size_t smem) {
+  void* raw = nullptr;
+  if (posix_memalign(&raw, 128, smem > 0 ? smem : 1) != 0) raw = nullptr;
+  return SmemBuffer(raw, std::free);
+}
+
+// What every launch reads from the environment and counts; returns the thread order (order_mode()).
+int begin_launch(dim3 grid, size_t smem, std::mt19937& rng) {
+  const char* cp = std::getenv("PYATTN_EMU_CP_ASYNC");
+  g_cp_async_early = cp != nullptr && std::strcmp(cp, "early") == 0;
+  const char* seed = std::getenv("PYATTN_EMU_SEED");
+  rng.seed(seed != nullptr ? static_cast<unsigned>(std::atoi(seed)) : 1234u);
+  g_counters[kLaunches] += 1;
+  g_counters[kBlocks] += static_cast<long long>(grid.x) * grid.y * grid.z;
+  g_counters[kMaxDynamicSmem] = std::max(g_counters[kMaxDynamicSmem], static_cast<long long>(smem));
+  return order_mode();
+}
+}  // namespace
+
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  const cudaError_t checked = check_launch(kernel, grid, block, smem);
+  if (checked != cudaSuccess) return checked;
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   while (g_stacks.size() < nthreads) g_stacks.emplace_back(new char[kStackBytes]);
-  // exactly `smem` bytes, 128-byte aligned: under AddressSanitizer (scripts/cuda_emu.py --memcheck) the first byte
-  // past the end is a redzone
-  void* smem_raw = nullptr;
-  if (posix_memalign(&smem_raw, 128, smem > 0 ? smem : 1) != 0) return refuse(cudaErrorLaunchFailure, "out of memory");
-  std::unique_ptr<void, void (*)(void*)> smem_buf(smem_raw, std::free);
+  SmemBuffer smem_buf = alloc_smem(smem);
+  if (smem_buf == nullptr) return refuse(cudaErrorLaunchFailure, "out of memory");
   Block b;
   b.threads.resize(nthreads);
   b.warps.resize((nthreads + 31) / 32);
   b.dim = block;
   b.grid = grid;
-  b.smem = static_cast<unsigned char*>(smem_raw);
+  b.smem = static_cast<unsigned char*>(smem_buf.get());
   b.smem_size = smem;
   b.body = &body;
-  const int mode = order_mode();
-  const char* cp = std::getenv("PYATTN_EMU_CP_ASYNC");
-  g_cp_async_early = cp != nullptr && std::strcmp(cp, "early") == 0;
-  const char* seed = std::getenv("PYATTN_EMU_SEED");
-  std::mt19937 rng(seed != nullptr ? static_cast<unsigned>(std::atoi(seed)) : 1234u);
-  g_counters[kLaunches] += 1;
-  g_counters[kBlocks] += static_cast<long long>(grid.x) * grid.y * grid.z;
-  g_counters[kMaxDynamicSmem] = std::max(g_counters[kMaxDynamicSmem], static_cast<long long>(smem));
+  std::mt19937 rng;
+  const int mode = begin_launch(grid, smem, rng);
   Block* const outer = g_block;
   g_block = &b;
   bool ok = true;
@@ -819,6 +896,110 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, con
       }
   g_block = outer;
   if (!ok) return refuse(cudaErrorLaunchFailure, "kernel failed in the emulator: " + b.error);
+  return cudaSuccess;
+}
+
+// All blocks at once: each has its threads' fibers (stacks g_stacks[k n ..] for block k), warps, barriers and shared
+// memory. Forward / reverse run the blocks in increasing / decreasing order, each until it is done or waits at
+// grid_sync (step_block); random runs one thread of a random unfinished block at a time. When no block can run,
+// grid_sync releases if every thread of the grid waits there at one line; anything else is a deadlock.
+cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t smem,
+                            const std::function<void()>& body) {
+  const cudaError_t checked = check_launch(kernel, grid, block, smem);
+  if (checked != cudaSuccess) return checked;
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  int per_sm = 0;
+  max_active_blocks(&per_sm, int(nthreads), smem);
+  const uint64_t resident = uint64_t(std::max(sm_count(), 0)) * uint64_t(per_sm);
+  if (nblocks > resident)
+    return refuse(cudaErrorCooperativeLaunchTooLarge,
+                  "cooperative launch of " + std::to_string(nblocks) + " blocks: at most " + std::to_string(resident) +
+                      " can be co-resident (" + std::to_string(sm_count()) + " SMs x " + std::to_string(per_sm) +
+                      " blocks of " + std::to_string(nthreads) + " threads and " + std::to_string(smem) +
+                      " bytes of dynamic shared memory an SM, cudaOccupancyMaxActiveBlocksPerMultiprocessor)");
+  while (g_stacks.size() < nblocks * nthreads) g_stacks.emplace_back(new char[kStackBytes]);
+  std::vector<SmemBuffer> smem_bufs;
+  std::vector<Block> blocks(nblocks);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    smem_bufs.push_back(alloc_smem(smem));
+    if (smem_bufs.back() == nullptr) return refuse(cudaErrorLaunchFailure, "out of memory");
+    Block& b = blocks[k];
+    b.threads.resize(nthreads);
+    b.warps.resize((nthreads + 31) / 32);
+    b.idx = uint3{unsigned(k % grid.x), unsigned((k / grid.x) % grid.y), unsigned(k / (uint64_t(grid.x) * grid.y))};
+    b.dim = block;
+    b.grid = grid;
+    b.smem = static_cast<unsigned char*>(smem_bufs.back().get());
+    b.smem_size = smem;
+    b.body = &body;
+    b.cooperative = true;
+    start_block(b, k * nthreads);
+  }
+  std::mt19937 rng;
+  const int mode = begin_launch(grid, smem, rng);
+  Block* const outer = g_block;
+  std::string error;
+  std::vector<Step> state(nblocks, Step::Ran);
+  std::vector<size_t> runnable;  // random order: the blocks that may still run before the next release
+  for (;;) {
+    if (mode != 2) {
+      for (uint64_t i = 0; i < nblocks && error.empty(); ++i) {
+        const uint64_t k = mode == 1 ? nblocks - 1 - i : i;
+        if (state[k] != Step::Ran) continue;
+        g_block = &blocks[k];
+        state[k] = step_block(blocks[k], mode, rng, -1);
+        if (state[k] == Step::Failed) error = blocks[k].error;
+      }
+    } else {
+      runnable.clear();
+      for (size_t k = 0; k < nblocks; ++k)
+        if (state[k] == Step::Ran) runnable.push_back(k);
+      while (!runnable.empty() && error.empty()) {
+        const size_t r = std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(rng);
+        const size_t k = runnable[r];
+        g_block = &blocks[k];
+        state[k] = step_block(blocks[k], mode, rng, 1);
+        if (state[k] == Step::Failed) error = blocks[k].error;
+        if (state[k] != Step::Ran) runnable.erase(runnable.begin() + std::ptrdiff_t(r));
+      }
+    }
+    if (!error.empty()) break;
+    if (std::all_of(state.begin(), state.end(), [](Step s) { return s == Step::Done; })) break;
+    // Every block is done or waits at grid_sync: it releases only when every thread of the grid waits there.
+    const Block* wait_block = nullptr;
+    const Thread* waiter = nullptr;
+    for (const Block& b : blocks) {
+      for (const Thread& t : b.threads)
+        if (t.state == State::AtGrid) {
+          wait_block = &b;
+          waiter = &t;
+          break;
+        }
+      if (waiter != nullptr) break;
+    }
+    const std::string wait_at = std::string(waiter->bar_file) + ":" + std::to_string(waiter->bar_line);
+    for (const Block& b : blocks) {
+      for (const Thread& t : b.threads) {
+        if (t.state != State::AtGrid) {
+          error = "deadlock: " + where(*wait_block, *waiter) + " waits at grid_sync (" + wait_at + ") while " +
+                  where(b, t) + " " + blocked_at(t) + " (every thread of the grid must reach each grid_sync)";
+        } else if (t.bar_line != waiter->bar_line || std::strcmp(t.bar_file, waiter->bar_file) != 0) {
+          error = "divergent grid_sync: " + where(*wait_block, *waiter) + " at " + wait_at + ", " + where(b, t) +
+                  " at " + t.bar_file + ":" + std::to_string(t.bar_line);
+        }
+        if (!error.empty()) break;
+      }
+      if (!error.empty()) break;
+    }
+    if (!error.empty()) break;
+    for (size_t k = 0; k < nblocks; ++k) {
+      for (Thread& t : blocks[k].threads) t.state = State::Ready;
+      state[k] = Step::Ran;
+    }
+  }
+  g_block = outer;
+  if (!error.empty()) return refuse(cudaErrorLaunchFailure, "kernel failed in the emulator: " + error);
   return cudaSuccess;
 }
 

@@ -12,6 +12,13 @@
 //   is the lowest-numbered ready one, the highest, or a random one (PYATTN_EMU_ORDER=forward|reverse|random): the
 //   first two let one warp run as far ahead of the others as the barriers allow, so a missing barrier shows up as a
 //   wrong result in at least one order.
+// - a cooperative launch (cudaLaunchCooperativeKernel) keeps every block of the grid alive at once, each with its own
+//   threads, warps, barriers and shared memory, so that grid_sync (the grid-wide barrier) works: forward / reverse
+//   run the blocks in increasing / decreasing order, each until all its threads have exited or wait at grid_sync
+//   (its threads in the order above), random runs one random ready thread of a random block at a time; grid_sync
+//   releases when every thread of the grid waits at it, at one source line. Each thread has its own 256 KiB stack
+//   (address space, touched lazily), so keep cooperative grids in tests small (PYATTN_EMU_SMS). `__shared__`
+//   variables are statics, one for all blocks: a cooperative kernel must keep its shared memory dynamic.
 // - warp collectives need all 32 lanes (full mask, blockDim a multiple of 32) and the same instruction; the last
 //   lane to arrive computes the result for all. ldmatrix / mma follow the PTX ISA fragment layouts.
 // - cp.async copies land at the cp.async.wait_group that covers them (PYATTN_EMU_CP_ASYNC=late, the default: the
@@ -19,7 +26,8 @@
 //   into a buffer that other warps still read shows up); bulk tensor copies (TMA) likewise land at the mbarrier wait
 //   that observes them, or at issue; wgmma runs at the wgmma.wait_group that covers it; dynamic shared memory is
 //   filled with 0xff bytes (NaN in fp32, fp16 and bf16) before each block.
-// - errors (deadlock, at a barrier or an mbarrier; divergent __syncthreads, collective with exited lanes,
+// - errors (deadlock, at a barrier, an mbarrier or grid_sync; divergent __syncthreads or grid_sync, grid_sync outside a
+//   cooperative launch, a cooperative grid larger than can be co-resident, collective with exited lanes,
 //   ldmatrix/cp.async/TMA outside shared memory or misaligned, wgmma or TMA left in flight, too much shared memory,
 //   bad launch configuration) abort the launch: cudaGetLastError()
 //   returns an error and pyattn_emu::last_error_message() says what happened, where.
@@ -27,8 +35,10 @@
 
 #include <math.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <tuple>
@@ -80,10 +90,16 @@ enum cudaError {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
+  cudaErrorCooperativeLaunchTooLarge = 720,
 };
 typedef enum cudaError cudaError_t;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrCooperativeLaunch = 95,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaDriverEntryPointQueryResult {
   cudaDriverEntryPointSuccess = 0,
   cudaDriverEntryPointSymbolNotFound = 1,
@@ -101,6 +117,25 @@ constexpr int warpSize = 32;
 
 namespace pyattn_emu {
 
+// The emulated device's SM count: 132, or PYATTN_EMU_SMS (tests shrink it so that a persistent kernel's blocks take
+// several tiles each). at::cuda::getDeviceProperties, cudaDeviceGetAttribute and the cooperative launch's
+// co-residency check read it here.
+inline int sm_count() {
+  const char* sms = std::getenv("PYATTN_EMU_SMS");
+  return sms != nullptr ? std::atoi(sms) : 132;
+}
+
+// The occupancy model of cudaOccupancyMaxActiveBlocksPerMultiprocessor (and of the cooperative launch's check): blocks
+// an SM holds by threads (2048 / block_size), at most 32, and by dynamic shared memory (228 KiB an SM, each block's
+// dynamic_smem + 1 KiB reserved); no registers or static shared memory.
+inline cudaError_t max_active_blocks(int* num_blocks, int block_size, size_t dynamic_smem) {
+  if (num_blocks == nullptr || block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  size_t n = std::min<size_t>(2048 / size_t(block_size), 32);
+  if (dynamic_smem > 0) n = std::min<size_t>(n, (228 * 1024) / (dynamic_smem + 1024));
+  *num_blocks = int(n);
+  return cudaSuccess;
+}
+
 // ---- scheduler state (cuda_emu.cpp) ----------------------------------------------------------------------------------
 uint3 thread_idx();
 uint3 block_idx();
@@ -111,6 +146,15 @@ cudaError_t take_last_error();     // cudaGetLastError: returns and clears
 const char* last_error_message();  // what went wrong in the last failed launch ("" if none)
 void set_max_dynamic_smem(const void* kernel, int bytes);
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// cudaLaunchCooperativeKernel: every block alive at once (as a cooperative launch guarantees on hardware), so that
+// grid_sync works; cudaErrorCooperativeLaunchTooLarge for more blocks than sm_count() x max_active_blocks.
+cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t smem,
+                            const std::function<void()>& body);
+// The grid-wide barrier of a cooperative launch, called by every thread of every block (the kernel's stand-in for
+// its atomic-counter barrier): blocks the thread until every thread of the grid waits at grid_sync, at one source
+// line. An error outside a cooperative launch, at different lines, or when it can never release (a thread of the
+// grid has exited or waits elsewhere: deadlock). No memory model: every write is visible to every later read.
+void grid_sync(const char* file, int line);
 
 [[noreturn]] void fail(const char* what, const char* file, int line);  // aborts the running launch
 void syncthreads(const char* file, int line);
@@ -155,6 +199,13 @@ struct Launcher {
 template <class... P>
 Launcher<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   return Launcher<P...>{kernel, grid, block, smem};
+}
+// cudaLaunchCooperativeKernel's args[i] points at the i-th parameter: copied at launch, as the runtime copies them.
+template <class... P, size_t... I>
+cudaError_t launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, void** args, size_t smem,
+                               std::index_sequence<I...>) {
+  std::tuple<std::decay_t<P>...> params(*static_cast<const std::decay_t<P>*>(args[I])...);
+  return run_cooperative(reinterpret_cast<const void*>(kernel), grid, block, smem, [&] { std::apply(kernel, params); });
 }
 
 // ---- 16-bit floats ---------------------------------------------------------------------------------------------------
@@ -279,6 +330,34 @@ T shfl(unsigned mask, T v, int arg, int mode, const char* file, int line) {
 #define __shfl_down_sync(mask, v, d) ::pyattn_emu::shfl(mask, v, d, 2, __FILE__, __LINE__)
 
 inline cudaError_t cudaGetLastError() { return ::pyattn_emu::take_last_error(); }
+// The typed form only (the runtime's template): the emulator needs the kernel's parameter types to copy args.
+template <class... P>
+cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(P...), dim3 grid, dim3 block, void** args, size_t smem = 0,
+                                        cudaStream_t = nullptr) {
+  return ::pyattn_emu::launch_cooperative(kernel, grid, block, args, smem, std::index_sequence_for<P...>{});
+}
+// The C API's untyped kernel pointer: the emulator cannot call it (pass the kernel itself, as the template above).
+cudaError_t cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 block, void** args, size_t smem = 0,
+                                        cudaStream_t stream = nullptr) = delete;
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, F*, int block_size, size_t dynamic_smem) {
+  return ::pyattn_emu::max_active_blocks(num_blocks, block_size, dynamic_smem);
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (value == nullptr || device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = ::pyattn_emu::sm_count();
+      return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch:
+      *value = 1;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = 227 * 1024;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
 // Only cuTensorMapEncodeTiled is known (the emulator's encode_tiled, which the Hopper forward's host code calls
 // through the same function-pointer type as the driver's).
 inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
@@ -310,6 +389,17 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
+// Loads / stores through L2 (cache global): plain accesses (the emulator has no caches); __threadfence: nothing to
+// order (one OS thread runs every fiber).
+template <class T>
+T __ldcg(const T* p) {
+  return *p;
+}
+template <class T>
+void __stcg(T* p, std::type_identity_t<T> v) {
+  *p = v;
+}
+inline void __threadfence() {}
 inline size_t __cvta_generic_to_shared(const void* p) {
   if (!::pyattn_emu::in_dynamic_smem(p, 1)) ::pyattn_emu::fail("__cvta_generic_to_shared: not a shared-memory address", __FILE__, __LINE__);
   return static_cast<size_t>(static_cast<const unsigned char*>(p) - ::pyattn_emu::dynamic_smem());

@@ -130,11 +130,96 @@ __global__ void named_barrier(int* out) {
   }
 }
 
+// Cooperative launches: each round, every thread of every block writes its element of its block's slot of `data`,
+// then (after a grid_sync) adds up one element of every other block's slot, and (after another, so that no block
+// overwrites a slot still being read) goes on to the next round. Each block's dynamic shared memory holds its own
+// block index throughout (a block seeing another's adds 1000000). kBarriers: 1 the two grid_syncs (the sum is right
+// in every schedule), 0 none (a block reads slots before or after their round), 2 block 1 leaves the last round
+// before its last grid_sync (deadlock), 3 block 1 waits at a grid_sync of another line (divergent).
+struct GridExchange {
+  int* data;  // [gridDim.x][blockDim.x]
+  int* out;   // [gridDim.x][blockDim.x]: each thread's sum
+  int rounds;
+};
+
+template <int kBarriers>
+__global__ void grid_exchange(const GridExchange p) {
+  const int b = blockIdx.x, i = threadIdx.x, n = blockDim.x;
+  int* own = reinterpret_cast<int*>(dynamic_smem());
+  own[i] = b;
+  int sum = 0;
+  for (int t = 0; t < p.rounds; ++t) {
+    __stcg(p.data + b * n + i, (t + 1) * (b * n + i + 1));
+    __syncthreads();
+    if (kBarriers == 3 && b == 1) {
+      grid_sync(__FILE__, __LINE__);
+    } else if (kBarriers != 0) {
+      grid_sync(__FILE__, __LINE__);
+    }
+    for (int o = 0; o < int(gridDim.x); ++o)
+      if (o != b) sum += __ldcg(p.data + o * n + (i + t) % n);
+    sum += own[(i + 1) % n] == b ? 0 : 1000000;
+    if (kBarriers == 2 && b == 1 && t == p.rounds - 1) break;
+    __threadfence();
+    if (kBarriers != 0) grid_sync(__FILE__, __LINE__);
+  }
+  p.out[b * n + i] = sum;
+}
+
+// The sum of every thread's sum (3 blocks of 64 threads, 4 rounds), or the launch's error code and message.
+template <int kBarriers>
+int grid_exchange_sum(bool cooperative, int blocks = 3) {
+  static int data[3 * 64], sums[3 * 64];
+  std::fill(data, data + 3 * 64, 0);
+  std::fill(sums, sums + 3 * 64, 0);
+  GridExchange p{data, sums, 4};
+  cudaError_t err;
+  if (cooperative) {
+    void* args[] = {&p};
+    err = cudaLaunchCooperativeKernel(grid_exchange<kBarriers>, dim3(blocks), dim3(64), args, 64 * sizeof(int),
+                                      nullptr);
+    if (cudaGetLastError() != err)  // returned and recorded, as CUDA does
+      throw std::runtime_error("emu_selftest: the cooperative launch's error not recorded for cudaGetLastError");
+  } else {
+    launch(grid_exchange<kBarriers>, blocks, 64, 64 * sizeof(int))(p);
+    err = cudaGetLastError();
+  }
+  if (err != cudaSuccess) throw std::runtime_error("error " + std::to_string(int(err)) + ": " + last_error_message());
+  int total = 0;
+  for (int v : sums) total += v;
+  return total;
+}
+
 int run(const std::string& name) {
   alignas(16) static int out[1024];
   alignas(16) static const int src[4] = {7, 7, 7, 7};
   std::fill(out, out + 1024, 0);
   take_last_error();
+  if (name.rfind("grid_", 0) == 0 || name.rfind("coop_", 0) == 0) {
+    if (name == "grid_exchange") return grid_exchange_sum<1>(true);
+    if (name == "grid_exchange_no_barrier") return grid_exchange_sum<0>(true);
+    if (name == "grid_sync_deadlock") return grid_exchange_sum<2>(true);
+    if (name == "grid_sync_divergent") return grid_exchange_sum<3>(true);
+    if (name == "grid_sync_not_cooperative") return grid_exchange_sum<1>(false);
+    int per_sm = 0, sms = 0, coop = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grid_exchange<1>, 64, 64 * sizeof(int)) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess ||
+        cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, 0) != cudaSuccess || coop != 1)
+      throw std::runtime_error("emu_selftest: occupancy / device attribute query failed");
+    if (name == "coop_too_large") return grid_exchange_sum<1>(true, sms * per_sm + 1);  // refused before it runs
+    if (name == "coop_sm_count") return sms;
+    if (name == "coop_occupancy") {  // blocks per SM for (threads, dynamic smem): 3 numbers, 2 decimal digits each
+      int a = 0, b = 0, c = 0;
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a, grid_exchange<1>, 256, 0);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, grid_exchange<1>, 512, 220 * 1024);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, grid_exchange<1>, 32, 1024);
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, grid_exchange<1>, 2048, 0) != cudaErrorInvalidValue)
+        throw std::runtime_error("emu_selftest: occupancy of a 2048-thread block not refused");
+      return a * 10000 + b * 100 + c;
+    }
+    throw std::invalid_argument("emu_selftest: unknown case " + name);
+  }
   if (name == "divergent_barrier") launch(divergent_barrier, 1, 32)(out);
   else if (name == "shuffle_after_exit") launch(shuffle_after_exit, 1, 32)(out);
   else if (name == "partial_mask") launch(partial_mask, 1, 32)(out);

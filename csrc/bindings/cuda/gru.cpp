@@ -3,13 +3,18 @@
 // CPU bindings (../gru_checks.h), but float32, float16 and bfloat16 are taken (every tensor in the input's dtype, on
 // its device). The GEMMs run through cuBLAS (at::mm / addmm, fp32 outputs: fp16/bf16 operands with fp32
 // accumulation, never rounded to the input dtype), the gate math in the fused kernels of csrc/cuda/gru.cu:
-//   forward:  gi = X W_ih^T for all steps (one GEMM), then per step gh = h W_hh^T (one GEMM) + one fused launch
-//             (r, z, n, h', ws; both biases added there);
-//   backward: per step (reverse processing order) one fused launch (dgi, dgh, dh z) + one addmm
-//             (dh_prev = dh z + dgh W_hh, in place); dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev and the
-//             bias grads are one GEMM / column sum each over all T * B rows at the end.
+//   forward:  gi = X W_ih^T for all steps (one GEMM), then every step in one cooperative launch (gru_rec_fwd: the
+//             blocks keep W_hh's rows in shared memory, gh = h W_hh^T and the gates fused, a grid barrier per step)
+//             when those rows fit, else per step gh = h W_hh^T (one GEMM) + one fused launch (r, z, n, h', ws;
+//             both biases added there);
+//   backward: every step in one cooperative launch when W_hh's columns fit (gru_rec_bwd: gate gradients, then
+//             dh_prev = dh z + dgh W_hh, a grid barrier per step), else per step (reverse processing order) one
+//             fused launch (dgi, dgh, dh z) + one addmm (dh_prev = dh z + dgh W_hh, in place); then dx = dGi W_ih,
+//             dW_ih = dGi^T X, dW_hh = dGh^T Hprev and the bias grads are one GEMM / column sum each over all
+//             T * B rows.
 // fp32 GEMMs follow torch's TF32 setting (torch.backends.cuda.matmul.allow_tf32, off by default).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -87,11 +92,39 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   const int64_t T = s.T, B = s.B, H = s.H;
   // Input projection of every step: one GEMM, (T * B, I) x (I, 3H) -> fp32, biases added by the gate kernel.
   Tensor gi = s.I == 0 ? at::zeros({T * B, 3 * H}, f32) : mm_f32(x.reshape({T * B, s.I}), w_ih.t());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // every step in one cooperative launch when W_hh's rows fit the blocks' shared memory (gru_rec_fwd_plan)
+  GRURecFwdParams rp;
+  rp.gi = gi.data_ptr<float>();
+  rp.h0 = h0.data_ptr();
+  rp.w_hh = w_hh.data_ptr();
+  rp.b_ih = pb_ih;
+  rp.b_hh = pb_hh;
+  rp.out = out.data_ptr();
+  rp.ws = needs_grad ? ws.data_ptr<float>() : nullptr;
+  rp.T = T;
+  rp.B = B;
+  rp.H = H;
+  rp.h0_row_stride = h0.stride(0);
+  rp.w_hh_row_stride = w_hh.stride(0);
+  rp.reverse = reverse;
+  rp.dtype = kernel_dtype(tg.dtype);
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
+  rp.num_sms = prop->multiProcessorCount;
+  rp.smem_per_block = prop->sharedMemPerBlockOptin;
+  const cuda::GRURecPlan plan = cuda::gru_rec_fwd_plan(rp);
+  if (plan.blocks > 0) {
+    Tensor count = plan.needs_sync ? at::zeros({1}, x.options().dtype(at::kLong)) : Tensor();
+    rp.sync = plan.needs_sync ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr;
+    C10_CUDA_CHECK(cuda::gru_rec_fwd(rp, plan, stream));
+    return {out, out.select(0, reverse ? 0 : T - 1).clone(), ws};
+  }
+
+  // else one GEMM and one fused launch per step
   Tensor gh = at::empty({B, 3 * H}, f32);  // h W_hh^T of the current step
   maybe_nan_fill({&gh});
   const Tensor w_hh_t = w_hh.t();  // (H, 3H) view
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
   GRUGatesFwdParams p;
   p.gh = gh.data_ptr<float>();
   p.b_ih = pb_ih;
@@ -117,6 +150,47 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   }
   Tensor h_last = out.select(0, reverse ? 0 : T - 1).clone();
   return {out, h_last, ws};
+}
+
+// The backward's per-step path: one fused gate launch and one GEMM (dh_prev = dh z + dgh W_hh, in place) per step.
+void run_bwd_steps(const Tensor& dout, const Tensor& h0, const Tensor& o, const Tensor& ws, const Tensor& whh,
+                   Tensor& dgi, Tensor& dgh, Tensor& dh, bool carried, bool reverse, DType dtype,
+                   cudaStream_t stream) {
+  const int64_t T = dout.size(0), B = dout.size(1), H = dout.size(2);
+  GRUGatesBwdParams p;
+  p.ws_row_stride = 4 * H;
+  p.dgi_row_stride = 3 * H;
+  p.dgh_row_stride = 3 * H;
+  p.dh_direct = dh.data_ptr<float>();
+  p.dh_direct_row_stride = H;
+  p.B = B;
+  p.H = H;
+  p.dtype = dtype;
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? k : T - 1 - k;  // processing order, backwards
+    const bool first = reverse ? t == T - 1 : t == 0;  // the first step of the forward pass starts from h0
+    const Tensor hp = first ? h0 : o.select(0, reverse ? t + 1 : t - 1);
+    if (k == 0 && !carried) {  // nothing carried yet: d = dout[t] directly (no zero-filled buffer)
+      p.dh = row_ptr(dout, t);
+      p.dh_row_stride = dout.stride(1);
+      p.dh_dtype = p.dtype;
+      p.dout = nullptr;
+      p.dout_row_stride = 0;
+    } else {
+      p.dh = dh.data_ptr<float>();
+      p.dh_row_stride = H;
+      p.dh_dtype = DType::F32;
+      p.dout = row_ptr(dout, t);
+      p.dout_row_stride = dout.stride(1);
+    }
+    p.h = hp.data_ptr();
+    p.h_row_stride = hp.stride(0);
+    p.ws = ws.data_ptr<float>() + t * B * 4 * H;
+    p.dgi = dgi.data_ptr<float>() + t * B * 3 * H;
+    p.dgh = dgh.data_ptr<float>() + t * B * 3 * H;
+    C10_CUDA_CHECK(cuda::gru_gates_bwd(p, stream));
+    dh.addmm_(dgh.select(0, t), whh);  // dh_prev = dh z + dgh W_hh
+  }
 }
 
 Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last, Tensor x, Tensor h0, Tensor w_ih,
@@ -152,42 +226,41 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
   maybe_nan_fill({&dgi, &dgh, &dh});
   const bool carried = dhl.defined();
   if (carried) dh.copy_(dhl);
-  const Tensor whh = w_hh.to(at::kFloat);  // (3H, H)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  GRUGatesBwdParams p;
-  p.ws_row_stride = 4 * H;
-  p.dgi_row_stride = 3 * H;
-  p.dgh_row_stride = 3 * H;
-  p.dh_direct = dh.data_ptr<float>();
-  p.dh_direct_row_stride = H;
-  p.B = B;
-  p.H = H;
-  p.dtype = kernel_dtype(tg.dtype);
-  for (int64_t k = 0; k < T; ++k) {
-    const int64_t t = reverse ? k : T - 1 - k;  // processing order, backwards
-    const bool first = reverse ? t == T - 1 : t == 0;  // the first step of the forward pass starts from h0
-    const Tensor hp = first ? h0 : o.select(0, reverse ? t + 1 : t - 1);
-    if (k == 0 && !carried) {  // nothing carried yet: d = dout[t] directly (no zero-filled buffer)
-      p.dh = row_ptr(dout, t);
-      p.dh_row_stride = dout.stride(1);
-      p.dh_dtype = p.dtype;
-      p.dout = nullptr;
-      p.dout_row_stride = 0;
-    } else {
-      p.dh = dh.data_ptr<float>();
-      p.dh_row_stride = H;
-      p.dh_dtype = DType::F32;
-      p.dout = row_ptr(dout, t);
-      p.dout_row_stride = dout.stride(1);
-    }
-    p.h = hp.data_ptr();
-    p.h_row_stride = hp.stride(0);
-    p.ws = ws.data_ptr<float>() + t * B * 4 * H;
-    p.dgi = dgi.data_ptr<float>() + t * B * 3 * H;
-    p.dgh = dgh.data_ptr<float>() + t * B * 3 * H;
-    C10_CUDA_CHECK(cuda::gru_gates_bwd(p, stream));
-    dh.addmm_(dgh.select(0, t), whh);  // dh_prev = dh z + dgh W_hh
+  // every step in one cooperative launch when W_hh's columns fit the blocks' shared memory (gru_rec_bwd_plan)
+  GRURecBwdParams rp;
+  rp.dout = dout.data_ptr();
+  rp.h0 = h0.data_ptr();
+  rp.out = o.defined() ? o.data_ptr() : nullptr;
+  rp.ws = ws.data_ptr<float>();
+  rp.w_hh = w_hh.data_ptr();
+  rp.dgi = dgi.data_ptr<float>();
+  rp.dgh = dgh.data_ptr<float>();
+  rp.dh = dh.data_ptr<float>();
+  rp.T = T;
+  rp.B = B;
+  rp.H = H;
+  rp.dout_t_stride = dout.stride(0);
+  rp.dout_b_stride = dout.stride(1);
+  rp.h0_row_stride = h0.stride(0);
+  rp.out_t_stride = o.defined() ? o.stride(0) : 0;
+  rp.out_b_stride = o.defined() ? o.stride(1) : 0;
+  rp.w_hh_row_stride = w_hh.stride(0);
+  rp.reverse = reverse;
+  rp.dtype = kernel_dtype(tg.dtype);
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
+  rp.num_sms = prop->multiProcessorCount;
+  rp.smem_per_block = prop->sharedMemPerBlockOptin;
+  const cuda::GRURecPlan plan = cuda::gru_rec_bwd_plan(rp);
+  if (plan.blocks > 0) {
+    if (!carried) dh.zero_();
+    Tensor count = plan.needs_sync ? at::zeros({1}, x.options().dtype(at::kLong)) : Tensor();
+    rp.sync = plan.needs_sync ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr;
+    C10_CUDA_CHECK(cuda::gru_rec_bwd(rp, plan, stream));
+  } else {
+    run_bwd_steps(dout, h0, o, ws, w_hh.to(at::kFloat), dgi, dgh, dh, carried, reverse, kernel_dtype(tg.dtype),
+                  stream);
   }
 
   const Tensor dgi2 = dgi.view({T * B, 3 * H});

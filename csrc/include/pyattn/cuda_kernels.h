@@ -33,6 +33,24 @@ int64_t layer_norm_bwd_workspace_floats(const NormBwdParams& p);
 // B == 0 or H == 0 launches nothing.
 cudaError_t gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream);
 cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream);
+// The persistent forward (GRURecFwdParams: every step of one layer direction in one cooperative launch). The plan
+// is its grid: blocks == 0 when it does not apply (W_hh's rows do not fit the shared memory of the blocks the device
+// can hold at once, or PYATTN_CUDA_GRU_BLOCKS=0); then the binding runs a GEMM + gru_gates_fwd per step.
+// PYATTN_CUDA_GRU_BLOCKS=N asks for N blocks (at least as many as the shared memory needs; for measurements).
+// needs_sync: p.sync must point at a zeroed 8-byte counter (a grid of more than one block).
+struct GRURecPlan {
+  int blocks = 0;      // grid size; block c takes hidden units [c units, (c + 1) units)
+  int units = 0;       // hidden units per block
+  int batch_rows = 0;  // batch rows of h staged in shared memory at once (a multiple of 4)
+  size_t smem = 0;     // dynamic shared memory per block, bytes
+  bool needs_sync = false;
+};
+GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p);
+cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
+// The persistent backward (GRURecBwdParams), planned the same way (PYATTN_CUDA_GRU_BLOCKS too): writes p.dgi, p.dgh
+// and p.dh (dL/dh0); blocks == 0: the binding runs gru_gates_bwd + a GEMM per step.
+GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p);
+cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
 // ---- end GRU ----
 
 // ---- attention (csrc/cuda/attention.cu) ----

@@ -233,6 +233,48 @@ struct GRUGatesBwdParams {
   DType dtype = DType::F32;     // dout, h
   DType dh_dtype = DType::F32;  // F32 or dtype
 };
+// The whole recurrence of one layer direction in one cooperative launch (csrc/cuda/gru.cu, gru_rec_fwd): the
+// blocks split the hidden units, each keeps its rows of W_hh in shared memory for all T steps and computes
+// gh = h W_hh^T for them, the gates and h'; a grid-wide barrier per step publishes h' to the other blocks. dtype F32,
+// F16 or BF16 (storage); W_hh is held and all math done in fp32.
+struct GRURecFwdParams {
+  const float* gi = nullptr;    // (T, B, 3H) fp32 contiguous: x_t W_ih^T (bias NOT added)
+  const void* h0 = nullptr;     // (B, H) dtype, row stride h0_row_stride
+  const void* w_hh = nullptr;   // (3H, H) dtype, row stride w_hh_row_stride
+  const void* b_ih = nullptr;   // (3H,) dtype contiguous; nullptr: no bias
+  const void* b_hh = nullptr;   // (3H,) dtype contiguous; nullptr: no bias
+  void* out = nullptr;          // (T, B, H) dtype contiguous; out[t] = the state after consuming x[t]
+  float* ws = nullptr;          // (T, B, 4H) fp32 contiguous: [r | z | n | hn]; nullptr: not stored
+  unsigned long long* sync = nullptr;  // the grid barrier's counter, 0 at launch (gru_rec_fwd_plan: needs_sync)
+  int64_t T = 0, B = 0, H = 0;  // >= 1 each
+  int64_t h0_row_stride = 0, w_hh_row_stride = 0;
+  bool reverse = false;
+  DType dtype = DType::F32;
+  int num_sms = 0;            // the device's multiprocessor count
+  size_t smem_per_block = 0;  // the device's opt-in shared memory per block, bytes
+};
+// The persistent backward (gru_rec_bwd): every step's gate gradients and dh = dh z + dgh W_hh in one cooperative
+// launch; block c owns the same hidden units as in the forward and keeps W_hh's columns j0 .. j0 + nu - 1 in shared
+// memory; a grid barrier per step publishes dgh[t] (every block needs all 3H of it). The GEMMs over all steps (dx,
+// dW_ih, dW_hh, bias sums) stay in the binding.
+struct GRURecBwdParams {
+  const void* dout = nullptr;   // (T, B, H) dtype: element (t, b, j) at t * dout_t_stride + b * dout_b_stride + j
+  const void* h0 = nullptr;     // (B, H) dtype, row stride h0_row_stride
+  const void* out = nullptr;    // (T, B, H) dtype, strides out_t_stride, out_b_stride (only read when T >= 2)
+  const float* ws = nullptr;    // (T, B, 4H) fp32 contiguous: the forward's [r | z | n | hn]
+  const void* w_hh = nullptr;   // (3H, H) dtype, row stride w_hh_row_stride
+  float* dgi = nullptr;         // (T, B, 3H) fp32 contiguous (written): [dr' | dz' | dn']
+  float* dgh = nullptr;         // (T, B, 3H) fp32 contiguous (written): [dr' | dz' | dn' r]
+  float* dh = nullptr;          // (B, H) fp32 contiguous: dL/dh_T at launch (zeros for none), dL/dh0 at the end
+  unsigned long long* sync = nullptr;  // as GRURecFwdParams::sync
+  int64_t T = 0, B = 0, H = 0;  // >= 1 each
+  int64_t dout_t_stride = 0, dout_b_stride = 0, h0_row_stride = 0, out_t_stride = 0, out_b_stride = 0;
+  int64_t w_hh_row_stride = 0;
+  bool reverse = false;
+  DType dtype = DType::F32;
+  int num_sms = 0;
+  size_t smem_per_block = 0;
+};
 // ---- end GRU ----
 
 }  // namespace pyattn

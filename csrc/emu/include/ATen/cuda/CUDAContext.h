@@ -7,12 +7,15 @@
 
 namespace at {
 namespace cuda {
-// PYATTN_EMU_SMS: the emulated device's SM count (default 132), which tests shrink so that a persistent kernel's
-// blocks take several tiles each.
+// PYATTN_EMU_SMS: the emulated device's SM count (default 132, ::pyattn_emu::sm_count()), which tests shrink so that
+// a persistent kernel's blocks take several tiles each. PYATTN_EMU_SMEM_OPTIN: the opt-in shared memory per block
+// that the properties report (bytes, default 227 KiB; the launch limit stays 227 KiB), which tests shrink so that
+// the GRU's persistent kernels stage the batch in several chunks.
 inline cudaDeviceProp* getDeviceProperties(int64_t) {
   static cudaDeviceProp prop;
-  const char* sms = std::getenv("PYATTN_EMU_SMS");
-  prop.multiProcessorCount = sms != nullptr ? std::atoi(sms) : 132;
+  prop.multiProcessorCount = ::pyattn_emu::sm_count();
+  const char* optin = std::getenv("PYATTN_EMU_SMEM_OPTIN");
+  prop.sharedMemPerBlockOptin = optin != nullptr ? size_t(std::atol(optin)) : size_t(227 * 1024);
   return &prop;
 }
 using c10::cuda::getCurrentCUDAStream;
