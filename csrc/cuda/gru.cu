@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 // and keeps the part of W_hh they need in shared memory, fp32, for all T steps; per step it stages batch rows of the
 // vector the recurrence multiplies (through L2: other blocks wrote them), and a work item is (unit u, 4 batch rows):
 // a warp's lanes split the dot products' length in float4 steps (lane l: elements 4 l + 128 i), accumulate, reduce
-// across lanes (butterfly), and lane r (< 4) finishes row r. Rows and W_hh parts are zero-padded to a multiple of 4.
+// across lanes (warp_sums), and lane r (< 4) finishes row r. Rows and W_hh parts are zero-padded to a multiple of 4.
 //   forward:  Ws [3 nu][HP] = W_hh rows g H + j0 + u (row 3 u + g); Hs [rows][HP] = h (h0 or the previous out);
 //             gh = 3 dot products per item, then the gates as gru_gates_fwd_kernel (the same formulas), out[t]
 //             and ws[t]; a grid barrier publishes out[t].
@@ -301,41 +301,87 @@ __device__ __forceinline__ void stage_rows(float* S, const T* src, int64_t strid
   }
 }
 
+constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
+
+// One halving step of warp_sums: C values left (v[0 .. C)), exchanged with lane ^ m; then the next step.
+template <int C, int V>
+__device__ __forceinline__ void halve(float (&v)[V], int lane) {
+  if constexpr (C > 1) {
+    constexpr int m = 16 * C / V;
+    const bool upper = (lane & m) != 0;
+#pragma unroll
+    for (int i = 0; i < C / 2; ++i) {
+      const float lo = v[i], hi = v[i + C / 2];
+      v[i] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, m);
+    }
+    halve<C / 2, V>(v, lane);
+  }
+}
+
+// The warp sums of V = 2^p values at once: p halving steps (lanes l and l ^ m swap half of what they hold and keep
+// the sum of the other half: V / 2 + V / 4 + ... shuffles), then a butterfly over the lanes left. Lane l ends with
+// the warp sum of value l >> (5 - p). (A butterfly per value would take 5 V shuffles, and the shuffle unit, one warp
+// instruction per clock an SM, is what such small dot products wait on.)
+template <int V>
+__device__ __forceinline__ float warp_sums(float (&v)[V], int lane) {
+  static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "a power of 2 values");
+  halve<V, V>(v, lane);
+  float s = v[0];
+#pragma unroll
+  for (int st = log2_of(V); st < 5; ++st) s += __shfl_xor_sync(0xffffffffu, s, 16 >> st);
+  return s;
+}
+
 // One work item of a warp: out[g] = W_g . S_r (length 4 nk4) for the G rows W_g (row stride nk4 float4s) and the
-// kRecRows rows S_r, in lane r (< kRecRows). Every lane of the warp must call it.
-template <int G>
+// ROWS rows S_r, in lane r (< ROWS). Every lane of the warp must call it.
+template <int G, int ROWS>
 __device__ __forceinline__ void warp_dots(const float4* w4, const float4* s4, int64_t nk4, int lane, float (&out)[G]) {
-  float acc[G][kRecRows];
+  constexpr int V = pow2_at_least(G * ROWS);  // value g ROWS + r (zeros past G ROWS)
+  float acc[V];
 #pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int r = 0; r < kRecRows; ++r) acc[g][r] = 0.0f;
+  for (int i = 0; i < V; ++i) acc[i] = 0.0f;
   for (int64_t k = lane; k < nk4; k += 32) {
     float4 wv[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) wv[g] = w4[g * nk4 + k];
 #pragma unroll
-    for (int r = 0; r < kRecRows; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
       const float4 sv = s4[r * nk4 + k];
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        acc[g][r] = fmaf(wv[g].x, sv.x, acc[g][r]);
-        acc[g][r] = fmaf(wv[g].y, sv.y, acc[g][r]);
-        acc[g][r] = fmaf(wv[g].z, sv.z, acc[g][r]);
-        acc[g][r] = fmaf(wv[g].w, sv.w, acc[g][r]);
+        float& a = acc[g * ROWS + r];
+        a = fmaf(wv[g].x, sv.x, a);
+        a = fmaf(wv[g].y, sv.y, a);
+        a = fmaf(wv[g].z, sv.z, a);
+        a = fmaf(wv[g].w, sv.w, a);
       }
     }
   }
+  const float sum = warp_sums<V>(acc, lane);
+  const int r = lane % ROWS;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    out[g] = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kRecRows; ++r) {
-      float v = acc[g][r];
-#pragma unroll
-      for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-      if (lane == r) out[g] = v;
-    }
+  for (int g = 0; g < G; ++g) out[g] = __shfl_sync(0xffffffffu, sum, (g * ROWS + r) << (5 - log2_of(V)));
+}
+
+// warp_dots for the item's rows (1 to kRecRows; a template each, so that no row is computed for nothing and the
+// accumulators stay in registers)
+template <int G>
+__device__ __forceinline__ void item_dots(const float4* w4, const float4* s4, int64_t nk4, int nrows, int lane,
+                                          float (&out)[G]) {
+  switch (nrows) {
+    case 1:
+      warp_dots<G, 1>(w4, s4, nk4, lane, out);
+      break;
+    case 2:
+      warp_dots<G, 2>(w4, s4, nk4, lane, out);
+      break;
+    case 3:
+      warp_dots<G, 3>(w4, s4, nk4, lane, out);
+      break;
+    default:
+      warp_dots<G, 4>(w4, s4, nk4, lane, out);
+      break;
   }
 }
 
@@ -372,10 +418,12 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
       const int nsub = (nb + kRecRows - 1) / kRecRows;
       for (int item = warp; item < nu * nsub; item += kRecWarps) {
         const int u = item / nsub, sb = (item - u * nsub) * kRecRows;  // unit j0 + u, chunk rows sb .. sb + 3
-        float gh[3];  // rows past nb: stale Hs rows, results unused
-        warp_dots<3>(reinterpret_cast<const float4*>(Ws + 3 * u * HP), reinterpret_cast<const float4*>(Hs + sb * HP),
-                     nk4, lane, gh);
-        if (lane < kRecRows && sb + lane < nb) {
+        const int nrows = nb - sb < kRecRows ? nb - sb : kRecRows;
+        const float4* w4 = reinterpret_cast<const float4*>(Ws + 3 * u * HP);
+        const float4* h4 = reinterpret_cast<const float4*>(Hs + sb * HP);
+        float gh[3];
+        item_dots<3>(w4, h4, nk4, nrows, lane, gh);
+        if (lane < nrows) {
           const int64_t b = b0 + sb + lane, j = j0 + u, row = t * B + b;
           const float* gi = p.gi + row * 3 * H + j;
           float xr = gi[0], xz = gi[H], xn = gi[2 * H];
@@ -464,10 +512,12 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
       const int nsub = (nb + kRecRows - 1) / kRecRows;
       for (int item = warp; item < nu * nsub; item += kRecWarps) {
         const int u = item / nsub, sb = (item - u * nsub) * kRecRows;
+        const int nrows = nb - sb < kRecRows ? nb - sb : kRecRows;
+        const float4* w4 = reinterpret_cast<const float4*>(Wt + u * KP);
+        const float4* g4 = reinterpret_cast<const float4*>(Gs + sb * KP);
         float v[1];
-        warp_dots<1>(reinterpret_cast<const float4*>(Wt + u * KP), reinterpret_cast<const float4*>(Gs + sb * KP),
-                     nk4, lane, v);
-        if (lane < kRecRows && sb + lane < nb) p.dh[(b0 + sb + lane) * H + j0 + u] += v[0];
+        item_dots<1>(w4, g4, nk4, nrows, lane, v);
+        if (lane < nrows) p.dh[(b0 + sb + lane) * H + j0 + u] += v[0];
       }
     }
   }
