@@ -739,7 +739,9 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   if (p.T < 1) return GRURecPlan();
   const int64_t hp = round4(p.H);
-  return rec_plan<RecFwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, 3 * hp * 4, hp * 4);
+  GRURecPlan plan = rec_plan<RecFwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, 3 * hp * 4, hp * 4);
+  plan.needs_sync = plan.needs_sync && p.T > 1;  // (the barriers are between steps: a cell has none)
+  return plan;
 }
 
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {

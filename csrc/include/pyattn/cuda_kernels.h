@@ -37,7 +37,8 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream);
 // is its grid: blocks == 0 when it does not apply (W_hh's rows do not fit the shared memory of the blocks the device
 // can hold at once, or PYATTN_CUDA_GRU_BLOCKS=0); then the binding runs a GEMM + gru_gates_fwd per step.
 // PYATTN_CUDA_GRU_BLOCKS=N asks for N blocks (at least as many as the shared memory needs; for measurements).
-// needs_sync: p.sync must point at a zeroed 8-byte counter (a grid of more than one block).
+// needs_sync: p.sync must point at a zeroed 8-byte counter (a grid of more than one block, and for the forward more
+// than one step).
 struct GRURecPlan {
   int blocks = 0;      // grid size; block c takes hidden units [c units, (c + 1) units)
   int units = 0;       // hidden units per block
