@@ -672,6 +672,33 @@ def test_gru_persistent_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, b
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=lambda msg: f"{name} vs per-step: {msg}")
 
 
+def test_gru_persistent_launch_refused_falls_back_to_steps(monkeypatch):
+    """A cooperative launch the device refuses at run time (fewer blocks fit at once than the occupancy query said,
+    cudaErrorCooperativeLaunchTooLarge: PYATTN_EMU_COOP_LIMIT) runs the per-step path instead: its exact bits, no
+    error, and nothing left for the next launch's cudaGetLastError."""
+    g = torch.Generator().manual_seed(5)
+    x, h0 = torch.randn(3, 4, 6, generator=g), torch.randn(4, 20, generator=g)
+    w = _gru_params(6, 20, torch.float32, seed=5)
+    dout, dh = torch.randn(3, 4, 20, generator=g), torch.randn(4, 20, generator=g)
+    ops = torch.ops.pyattn_emu
+
+    def both():
+        out, h_last, ws = ops.gru_seq_fwd(x, h0, *w, False, True)
+        return (out, h_last, ws, *ops.gru_seq_bwd(dout, dh, x, h0, w[0], w[1], out, ws, True, True, False, True))
+
+    monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "0")
+    steps = both()
+    monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "3")
+    monkeypatch.setenv("PYATTN_EMU_COOP_LIMIT", "2")
+    for a, b in zip(both(), steps):
+        assert torch.equal(a, b)
+    monkeypatch.delenv("PYATTN_EMU_COOP_LIMIT")
+    persistent = both()  # (3 blocks now fit: the persistent kernels, within rounding of the per-step path)
+    for a, b in zip(persistent, steps):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+    assert not all(torch.equal(a, b) for a, b in zip(persistent, steps))
+
+
 def test_gru_cell_step_and_nan_fill(order, monkeypatch):
     """gru_step_fwd / gru_step_bwd against the torch backend; NaN-filled outputs and scratch give the same bits."""
     from pyattn.dispatch import get_backend

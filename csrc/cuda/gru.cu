@@ -470,9 +470,9 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
   extern __shared__ float4 rec_smem[];
   float* Wt = reinterpret_cast<float*>(rec_smem);  // [nu][KP]
   float* Gs = Wt + int64_t(a.s.units) * KP;         // [batch_rows][KP]
-  for (int64_t e = threadIdx.x; e < nu * KP; e += blockDim.x) {
-    const int64_t u = e / KP, k = e - u * KP;
-    Wt[e] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + j0 + u]) : 0.0f;
+  for (int64_t e = threadIdx.x; e < nu * KP; e += blockDim.x) {  // (consecutive threads: a row's consecutive units)
+    const int64_t k = e / nu, u = e - k * nu;
+    Wt[u * KP + k] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + j0 + u]) : 0.0f;
   }
 
   for (int64_t step = 0; step < nsteps; ++step) {

@@ -911,13 +911,18 @@ cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t sm
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   int per_sm = 0;
   max_active_blocks(&per_sm, int(nthreads), smem);
-  const uint64_t resident = uint64_t(std::max(sm_count(), 0)) * uint64_t(per_sm);
+  uint64_t resident = uint64_t(std::max(sm_count(), 0)) * uint64_t(per_sm);
+  // PYATTN_EMU_COOP_LIMIT: fewer co-resident blocks than the occupancy model says (as when other work or an MPS
+  // share holds SMs), so that tests reach a caller's handling of cudaErrorCooperativeLaunchTooLarge
+  const char* limit = std::getenv("PYATTN_EMU_COOP_LIMIT");
+  if (limit != nullptr) resident = std::min<uint64_t>(resident, uint64_t(std::max(std::atoi(limit), 0)));
   if (nblocks > resident)
     return refuse(cudaErrorCooperativeLaunchTooLarge,
                   "cooperative launch of " + std::to_string(nblocks) + " blocks: at most " + std::to_string(resident) +
                       " can be co-resident (" + std::to_string(sm_count()) + " SMs x " + std::to_string(per_sm) +
                       " blocks of " + std::to_string(nthreads) + " threads and " + std::to_string(smem) +
-                      " bytes of dynamic shared memory an SM, cudaOccupancyMaxActiveBlocksPerMultiprocessor)");
+                      " bytes of dynamic shared memory an SM, cudaOccupancyMaxActiveBlocksPerMultiprocessor" +
+                      (limit != nullptr ? ", PYATTN_EMU_COOP_LIMIT)" : ")"));
   while (g_stacks.size() < nblocks * nthreads) g_stacks.emplace_back(new char[kStackBytes]);
   std::vector<SmemBuffer> smem_bufs;
   std::vector<Block> blocks(nblocks);

@@ -147,7 +147,8 @@ const char* last_error_message();  // what went wrong in the last failed launch 
 void set_max_dynamic_smem(const void* kernel, int bytes);
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 // cudaLaunchCooperativeKernel: every block alive at once (as a cooperative launch guarantees on hardware), so that
-// grid_sync works; cudaErrorCooperativeLaunchTooLarge for more blocks than sm_count() x max_active_blocks.
+// grid_sync works; cudaErrorCooperativeLaunchTooLarge for more blocks than sm_count() x max_active_blocks (or than
+// PYATTN_EMU_COOP_LIMIT, which tests set to reach a caller's fallback).
 cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t smem,
                             const std::function<void()>& body);
 // The grid-wide barrier of a cooperative launch, called by every thread of every block (the kernel's stand-in for

@@ -117,8 +117,12 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   if (plan.blocks > 0) {
     Tensor count = plan.needs_sync ? at::zeros({1}, x.options().dtype(at::kLong)) : Tensor();
     rp.sync = plan.needs_sync ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr;
-    C10_CUDA_CHECK(cuda::gru_rec_fwd(rp, plan, stream));
-    return {out, out.select(0, reverse ? 0 : T - 1).clone(), ws};
+    const cudaError_t err = cuda::gru_rec_fwd(rp, plan, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge) {
+      C10_CUDA_CHECK(err);
+      return {out, out.select(0, reverse ? 0 : T - 1).clone(), ws};
+    }
+    // (fewer blocks fit at once than the occupancy query said, e.g. an MPS client's share: the per-step path)
   }
 
   // else one GEMM and one fused launch per step
@@ -253,15 +257,18 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
   rp.num_sms = prop->multiProcessorCount;
   rp.smem_per_block = prop->sharedMemPerBlockOptin;
   const cuda::GRURecPlan plan = cuda::gru_rec_bwd_plan(rp);
+  bool done = false;
   if (plan.blocks > 0) {
     if (!carried) dh.zero_();
     Tensor count = plan.needs_sync ? at::zeros({1}, x.options().dtype(at::kLong)) : Tensor();
     rp.sync = plan.needs_sync ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr;
-    C10_CUDA_CHECK(cuda::gru_rec_bwd(rp, plan, stream));
-  } else {
+    const cudaError_t err = cuda::gru_rec_bwd(rp, plan, stream);
+    done = err != cudaErrorCooperativeLaunchTooLarge;  // (else nothing ran: the per-step path, as the forward)
+    if (done) C10_CUDA_CHECK(err);
+  }
+  if (!done)
     run_bwd_steps(dout, h0, o, ws, w_hh.to(at::kFloat), dgi, dgh, dh, carried, reverse, kernel_dtype(tg.dtype),
                   stream);
-  }
 
   const Tensor dgi2 = dgi.view({T * B, 3 * H});
   const Tensor dgh2 = dgh.view({T * B, 3 * H});
