@@ -1,9 +1,9 @@
 """Triton FlashAttention-2: scaled dot-product attention forward and backward (pyattn's "triton" backend).
 
-Layout of this file: jit helpers, four kernels (forward; backward preprocess, dK/dV, dQ), a dropout keep-mask
-debug kernel, the launchers ``attn_fwd`` / ``attn_bwd`` (same arguments and results as the torch backend's
-``attention_fwd`` / ``attention_bwd``), autotune tables, and ``compile_configs()`` for
-scripts/compile_triton.py.
+Layout of this file: jit helpers, the kernels (forward; split-KV forward and its combining kernel, for decoding;
+backward preprocess, dK/dV, dQ), a dropout keep-mask debug kernel, the launchers ``attn_fwd`` / ``attn_bwd`` (same
+arguments and results as the torch backend's ``attention_fwd`` / ``attention_bwd``), autotune tables, and
+``compile_configs()`` for scripts/compile_triton.py.
 
 Math (per (batch, q head) and query row i; kv head = q head // group, never materialised per q head):
     s_ij = scale * q_i . k_j  (+ additive mask; -inf where a bool mask is False, causal hides j, or j >= Lk)
@@ -18,6 +18,10 @@ Math (per (batch, q head) and query row i; kv head = q head // group, never mate
         (torch). Blocks that no row sees are skipped. Forward and dQ test causality and j < Lk only on the
         diagonal / tail blocks; dK/dV tests causality on each block it visits (a second, unchecked loop in its
         per-head loop made every useful configuration spill registers).
+    Split-KV forward (attn_fwd's choice for a few query rows against >= SPLIT_KV_MIN_KEYS keys, no mask or
+        dropout): one program per (split of the keys, kv head, batch) holds the kv head's whole query group as its
+        rows (each K/V block read once for the group), writes its rows' out normalised by its own sum and
+        m + log2(l); a second kernel weighs the splits by 2^(m + log2 l - max): the same out and lse.
     Dropout: uniforms from Philox (tl.rand4x) keyed by seed; keys j..j+3 (j % 4 == 0) of row i share the
         int64 counter offset + ((b * Hq + h) * Lq + i) * Lk + j, one uniform each; kept iff u >= p. Forward and
         backward regenerate the same mask in any tile shape (``dropout_keep_mask`` materialises it).
@@ -249,6 +253,115 @@ def _attn_fwd_kernel(
     o_ptrs = Out + tl.cast(m0, tl.int64) * stride_om + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows < Lq)[:, None] & (offs_dv < DV)[None, :])
     tl.store(Lse + row0 + rows, lse, mask=rows < Lq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward for a few query rows against many keys: split-KV (flash-decoding), GQA groups packed
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_decode_split_kernel(
+    Q,  # (B, Hq, Lq, D), strides (stride_qb, stride_qh, stride_qm, 1)
+    K,  # (B, Hkv, Lk, D), strides (stride_kb, stride_kh, stride_kn, 1)
+    V,  # (B, Hkv, Lk, DV), strides (stride_vb, stride_vh, stride_vn, 1)
+    Opart,  # (B, Hq, Lq, n_splits, DV) fp32, contiguous: each split's out, normalised by its own sum
+    Lpart,  # (B, Hq, Lq, n_splits) fp32, contiguous: each split's m + log2(l) (base 2; -inf: saw no key)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H,  # q heads
+    GROUP,  # q heads per kv head
+    Lq, Lk,
+    causal_shift,  # query i sees keys j <= i + causal_shift (when CAUSAL)
+    qk_scale,  # softmax scale * log2(e)
+    chunk,  # keys per split (a multiple of BLOCK_N)
+    n_splits,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grid: (n_splits, Hkv, B); one program = the GROUP * Lq query rows of one kv head's group (row r: q head
+    # kvh * GROUP + r // Lq, query r % Lq; BLOCK_M >= GROUP * Lq), keys [split * chunk, (split + 1) * chunk):
+    # each key block is read once for the whole group, and the splits give the grid its parallelism.
+    split = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_ok = offs_m < GROUP * Lq
+    hh = kvh * GROUP + offs_m // Lq  # (BLOCK_M,) q head of each row
+    qi = offs_m % Lq  # (BLOCK_M,) query index of each row
+    q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
+                mask=rows_ok[:, None] & (offs_d < D)[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    K += b * stride_kb + kvh * stride_kh
+    V += b * stride_vb + kvh * stride_vh
+
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, Lk)
+    if CAUSAL:  # keys past what the last query row sees are seen by none
+        hi = tl.minimum(hi, tl.maximum(Lq + causal_shift, 0))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        t = _dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        keys = n0 + offs_n
+        keep = (keys < hi)[None, :]
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= qi[:, None] + causal_shift)
+        t = tl.where(keep, t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: p = 0, no NaN
+        p = tl.math.exp2(t - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, n0, stride_vn, Lk, offs_n, offs_dv, DV, UPCAST)  # (BLOCK_N, BLOCK_DV)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    dead = l_i == 0.0
+    acc = acc / tl.where(dead, 1.0, l_i)[:, None]
+    lse2 = tl.where(dead, float("-inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
+    prow = ((b * H + hh) * Lq + qi) * n_splits + split  # (BLOCK_M,) row of Lpart
+    tl.store(Opart + prow[:, None] * DV + offs_dv[None, :], acc, mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(Lpart + prow, lse2, mask=rows_ok)
+
+
+@triton.jit
+def _attn_decode_combine_kernel(
+    Opart, Lpart,  # as _attn_decode_split_kernel wrote them
+    Out,  # (B, Hq, Lq, DV), strides (stride_ob, stride_oh, stride_om, 1)
+    Lse,  # (B, Hq, Lq) fp32, contiguous
+    stride_ob, stride_oh, stride_om,
+    H, Lq, n_splits,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Grid: (Lq, Hq, B); one program = one query row: out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse2_s - max),
+    # lse = ln 2 (max + log2 sum_s w_s); a row no split saw anything of: out 0, lse +inf.
+    i = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row = (b * H + h) * Lq + i
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < n_splits
+    lse2 = tl.load(Lpart + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse2, 0)
+    dead = mx == float("-inf")
+    w = tl.math.exp2(lse2 - tl.where(dead, 0.0, mx))  # (BLOCK_S,), 0 for splits that saw nothing
+    total = tl.sum(w, 0)
+    o = tl.load(Opart + (row * n_splits + offs_s)[:, None] * DV + offs_dv[None, :],
+                mask=s_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
+    out = tl.sum(o * w[:, None], 0) / tl.where(dead, 1.0, total)
+    lse = tl.where(dead, float("inf"), (mx + tl.math.log2(tl.where(dead, 1.0, total))) * _LN2)
+    tl.store(Out + b * stride_ob + h * stride_oh + i * stride_om + offs_dv, out.to(Out.dtype.element_ty),
+             mask=offs_dv < DV)
+    tl.store(Lse + row, lse)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -688,6 +801,55 @@ def _common_consts(q, v, causal, mask_consts, dropout_p):
             "CAUSAL": bool(causal), **mask_consts, "HAS_DROPOUT": dropout_p > 0, "UPCAST": _interpreting()}
 
 
+# Split-KV forward (flash-decoding), which attn_fwd takes for decoding-like calls: a kv head's group of query rows
+# fits one tile (GROUP * Lq <= SPLIT_KV_MAX_ROWS), no mask, no dropout, at least SPLIT_KV_MIN_KEYS keys. The
+# regular forward runs one program per (batch, q head) and query block: for one query row that is B * Hq programs,
+# each streaming its kv head's whole K and V (GROUP times over per kv head, and too few programs for the GPU at
+# small B). Here one program takes a kv head's whole group against one split of the keys (K and V read once), the
+# splits fill the GPU (about 2 programs per SM), and a second kernel combines the splits' results through their
+# log-sum-exps. Tests patch the two thresholds to reach it with small shapes.
+SPLIT_KV_MAX_ROWS = 64
+SPLIT_KV_MIN_KEYS = 1024
+SPLIT_KV_MIN_CHUNK = 256  # keys per split at least
+_SPLIT_KV_MAX_SPLITS = 64
+
+
+def _split_kv_shape(b: int, hkv: int, lk: int, device: torch.device, block_n: int):
+    """(n_splits, chunk): about two programs per SM over the B * Hkv groups, each split a multiple of block_n keys
+    and at least SPLIT_KV_MIN_CHUNK (the interpreter counts 4 SMs)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = -(-2 * sms // (b * hkv))
+    n = max(1, min(want, _SPLIT_KV_MAX_SPLITS, lk // max(SPLIT_KV_MIN_CHUNK, 1)))
+    per = -(-lk // n)
+    chunk = -(-per // block_n) * block_n
+    return -(-lk // chunk), chunk
+
+
+def _attn_fwd_split_kv(q, k, v, out, lse, causal: bool, shift: int, scale: float):
+    """attn_fwd's split-KV path: fills out and lse (q, k, v with unit last stride; no mask, no dropout)."""
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    if _interpreting():
+        block_n, opts = 16, {}
+    else:
+        block_n = 64 if max(block_d, block_dv) <= 128 and q.dtype != torch.float32 else 32
+        opts = {"num_warps": 4, "num_stages": 3 if _arch(q.device) >= 90 else 2}
+    n_splits, chunk = _split_kv_shape(b, hkv, lk, q.device, block_n)
+    opart = torch.empty((b, hq, lq, n_splits, dv), dtype=torch.float32, device=q.device)
+    lpart = torch.empty((b, hq, lq, n_splits), dtype=torch.float32, device=q.device)
+    with _device_guard(q):
+        _attn_decode_split_kernel[(n_splits, hkv, b)](
+            q, k, v, opart, lpart, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], hq, group, lq, lk, shift,
+            float(scale) * LOG2E, chunk, n_splits, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            BLOCK_M=max(16, triton.next_power_of_2(group * lq)), BLOCK_N=block_n, CAUSAL=bool(causal),
+            UPCAST=_interpreting(), **opts)
+        _attn_decode_combine_kernel[(lq, hq, b)](
+            opart, lpart, out, lse, *out.stride()[:3], hq, lq, n_splits, DV=dv, BLOCK_DV=block_dv,
+            BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+
+
 def attn_fwd(q, k, v, mask, dropout_p: float, causal: bool, bottom_right: bool, scale: float, seed: int,
              offset: int):
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with Hkv | Hq, fp16/bf16/fp32, any strides (last
@@ -705,8 +867,11 @@ def attn_fwd(q, k, v, mask, dropout_p: float, causal: bool, bottom_right: bool, 
     if lk == 0:  # no key: out 0, lse +inf, no launch
         return out.zero_(), lse.fill_(math.inf)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    mask_t, ms, mask_consts = _mask_args(mask, q)
     shift = (lk - lq) if (causal and bottom_right) else 0
+    if mask is None and dropout_p == 0 and (hq // hkv) * lq <= SPLIT_KV_MAX_ROWS and lk >= SPLIT_KV_MIN_KEYS:
+        _attn_fwd_split_kv(q, k, v, out, lse, causal, shift, scale)
+        return out, lse
+    mask_t, ms, mask_consts = _mask_args(mask, q)
     consts = _common_consts(q, v, causal, mask_consts, dropout_p)
     args = (q, k, v, mask_t, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *out.stride()[:3],
             hq, hq // hkv, lq, lk, shift, float(scale) * LOG2E, float(dropout_p), int(seed), int(offset))
@@ -790,6 +955,36 @@ def _flag_sets(heavy: bool, full: bool):
     return out
 
 
+def _split_kv_compile_configs(full: bool):
+    """The split-KV kernels as _attn_fwd_split_kv launches them: bf16 (fp32 too with full=True) at head dims 64, 128
+    and 256, BLOCK_M 16 and 64 (a group of one to 64 query rows), causal, both stage counts; the combining kernel
+    for up to 64 splits."""
+    configs = []
+    for t in ("bf16", "fp32") if full else ("bf16",):
+        for d in (64, 128, 256):
+            block_n = 64 if d <= 128 and t != "fp32" else 32
+            for block_m in (16, 64):
+                sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Opart": "*fp32", "Lpart": "*fp32"}
+                for name in _attn_decode_split_kernel.arg_names:
+                    if name.startswith("stride_") or name in ("H", "GROUP", "Lq", "Lk", "causal_shift", "chunk",
+                                                              "n_splits"):
+                        sig[name] = "i32"
+                sig["qk_scale"] = "fp32"
+                sig = {name: sig[name] for name in _attn_decode_split_kernel.arg_names if name in sig}
+                consts = {"D": d, "DV": d, "BLOCK_D": d, "BLOCK_DV": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                          "CAUSAL": True, "UPCAST": False}
+                sig.update({k: "constexpr" for k in consts})
+                for stages in (2, 3):
+                    configs.append((_attn_decode_split_kernel, sig, consts, 4, {"num_stages": stages}))
+    for block_dv in (64, 128, 256):
+        sig = {"Opart": "*fp32", "Lpart": "*fp32", "Out": "*bf16", "Lse": "*fp32", "stride_ob": "i32",
+               "stride_oh": "i32", "stride_om": "i32", "H": "i32", "Lq": "i32", "n_splits": "i32"}
+        consts = {"DV": block_dv, "BLOCK_DV": block_dv, "BLOCK_S": 64}
+        sig.update({k: "constexpr" for k in consts})
+        configs.append((_attn_decode_combine_kernel, sig, consts, 4))
+    return configs
+
+
 def compile_configs(full: bool = False):
     """Configurations for scripts/compile_triton.py: (kernel_fn, signature, constexprs, num_warps, options).
 
@@ -797,7 +992,7 @@ def compile_configs(full: bool = False):
     largest head dim of its bucket, with the heaviest flags of its class (see _flag_sets); bf16 for the 16-bit
     tables (fp16 has the same register needs), fp32 for _F32. The script compiles each for sm_80 and sm_90a.
     full=True: every flag combination of the class, plus fp16 and a non-power-of-2 head dim (heaviest flags).
-    Plus the backward preprocess kernel.
+    Plus the backward preprocess kernel and the split-KV kernels (_split_kv_compile_configs).
     """
     entries = set()  # (kind, d_bucket, heavy, dtype, config)
     for table in _CONFIGS.values():
@@ -822,6 +1017,7 @@ def compile_configs(full: bool = False):
                   "HAS_DROPOUT": dropout, "UPCAST": False}
         sig.update({k: "constexpr" for k in consts})
         configs.append((_KERNELS[kind], sig, consts, warps, {"num_stages": stages}))
+    configs += _split_kv_compile_configs(full)
     for block_dv in (16, 32, 64, 128, 256) if full else (64, 256):
         sig = {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32", "stride_ob": "i32", "stride_oh": "i32",
                "stride_om": "i32", "stride_dob": "i32", "stride_doh": "i32", "stride_dom": "i32", "H": "i32",

@@ -30,7 +30,10 @@ def _gpu_backends(op):
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (128, 128, 64, False, False, 4), (113, 203, 128, True, True, 2), (1000, 1000, 128, True, False, 1),
     (1, 239, 96, False, False, 4), (4096, 4096, 128, True, False, 4), (257, 129, 256, True, True, 2),
-    (65, 65, 59, False, False, 4)])
+    (65, 65, 59, False, False, 4),
+    # decoding (Triton: the split-KV forward): one query row against 4096 keys in a group of 4; 3 rows of 2 heads,
+    # bottom-right causal; one row top-left causal (only key 0 visible: every later split sees nothing)
+    (1, 4096, 128, False, False, 1), (3, 1500, 64, True, True, 2), (1, 2000, 128, True, False, 4)])
 def test_attention(backend, dtype, lq, lk, d, causal, bottom_right, hkv):
     g = torch.Generator(device=DEV).manual_seed(lq + lk + d)
     q = torch.randn(2, 4, lq, d, device=DEV, generator=g).to(dtype).requires_grad_()

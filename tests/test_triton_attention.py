@@ -283,6 +283,70 @@ def test_dropout_forward_backward_consistent_with_keep_mask(case):
         assert_close_fp32(a, r, "bwd", msg=lambda m, name=name: f"d{name}: " + m)
 
 
+# ---- split-KV forward (decoding) -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split_kv(monkeypatch):
+    """Lets small shapes take attn_fwd's split-KV path (kernels.attention.SPLIT_KV_*) and records the number of
+    splits of each call that takes it."""
+    monkeypatch.setattr(K, "SPLIT_KV_MIN_KEYS", 1)
+    monkeypatch.setattr(K, "SPLIT_KV_MIN_CHUNK", 16)
+    splits, real = [], K._attn_fwd_split_kv
+
+    def spy(q, k, v, *args):
+        splits.append(K._split_kv_shape(q.shape[0], k.shape[1], k.shape[2], q.device, 16)[0])
+        return real(q, k, v, *args)
+
+    monkeypatch.setattr(K, "_attn_fwd_split_kv", spy)
+    return splits
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv): GQA groups of 4, 4 and 2 query heads packed with 1-3 query rows, odd lengths and head
+# dims, D != Dv, one split with a single key block
+DECODE_CASES = [(1, 8, 2, 1, 100, 64, 64), (2, 4, 1, 2, 77, 40, 24), (1, 6, 3, 3, 129, 16, 16), (1, 2, 1, 1, 5, 32, 32)]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=["gqa4-1row", "mqa-2rows", "gqa2-3rows", "5keys"])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, True), (True, False)],
+                         ids=["full", "causal-bottom-right", "causal-top-left"])
+def test_split_kv_forward(split_kv, case, causal, bottom_right):
+    """A few query rows against many keys (decoding) take the split-KV forward (a kv head's query group in one
+    program, the keys in splits, a combining kernel): out, lse and the grads (the regular backward on its out and
+    lse) against the float64 oracle. Top-left causal leaves the later splits of a one-row query nothing to see."""
+    b, hq, hkv, lq, lk, d, dv = case
+    layout = "blhd" if bottom_right else "contiguous"
+    q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dv=dv, device=DEV, layout=layout, requires_grad=True, seed=lk + d)
+    check_fp32(q, k, v, causal=causal, bottom_right=bottom_right)
+    assert split_kv and (lk < 32 or max(split_kv) > 1), split_kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_split_kv_forward_half(split_kv, dtype):
+    q, k, v = make_qkv(2, 8, 1, 97, 64, hkv=2, dtype=dtype, device=DEV, requires_grad=True, seed=3)
+    out = triton_attention(q, k, v)
+    ref, _ = attention_ref(q, k, v)
+    low = attention_low(q, k, v)
+    assert out.dtype == dtype and max(split_kv) > 1
+    assert_attention_close(out, ref, low, 2)
+
+
+def test_split_kv_not_taken_with_mask_dropout_or_big_groups(split_kv, monkeypatch):
+    """The split path takes neither masks nor dropout, nor query groups larger than SPLIT_KV_MAX_ROWS rows; nor
+    fewer keys than SPLIT_KV_MIN_KEYS (the regular forward is faster there)."""
+    q, k, v = make_qkv(1, 4, 2, 40, 16, hkv=2, device=DEV, seed=5)
+    triton_attention(q, k, v, mask=torch.ones(1, 1, 2, 40, dtype=torch.bool, device=DEV))
+    triton_attention(q, k, v, dropout_p=0.3)
+    monkeypatch.setattr(K, "SPLIT_KV_MAX_ROWS", 3)
+    triton_attention(q, k, v)
+    assert split_kv == []
+    monkeypatch.setattr(K, "SPLIT_KV_MAX_ROWS", 4)
+    triton_attention(q, k, v)
+    monkeypatch.setattr(K, "SPLIT_KV_MIN_KEYS", 41)
+    triton_attention(q, k, v)
+    assert len(split_kv) == 1
+
+
 # ---- fp16 / bf16: TESTING.md's 2x / 3x rule against `low` -------------------------------------------------------
 
 HALF_CASES = [dict(lq=65, lk=97, d=64), dict(lq=113, lk=113, d=40, causal=True),
