@@ -72,6 +72,22 @@ void* row_ptr(const Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * t.stride(0) * static_cast<int64_t>(t.element_size());
 }
 
+// The device facts the persistent kernels' plan reads (GRURecFwdParams / GRURecBwdParams).
+template <class P>
+void fill_device(P& p, const Tensor& x) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
+  p.num_sms = prop->multiProcessorCount;
+  p.smem_per_block = prop->sharedMemPerBlockOptin;
+}
+
+// The grid barrier's zeroed counter when the plan needs one (kept alive by `keep` until the launch is enqueued; the
+// caching allocator keeps it for the stream), else nullptr.
+unsigned long long* sync_counter(const cuda::GRURecPlan& plan, const Tensor& like, Tensor& keep) {
+  if (!plan.needs_sync) return nullptr;
+  keep = at::zeros({1}, like.options().dtype(at::kLong));
+  return reinterpret_cast<unsigned long long*>(keep.data_ptr<int64_t>());
+}
+
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                            const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                                            bool reverse, bool needs_grad) {
@@ -110,13 +126,11 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   rp.w_hh_row_stride = w_hh.stride(0);
   rp.reverse = reverse;
   rp.dtype = kernel_dtype(tg.dtype);
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
-  rp.num_sms = prop->multiProcessorCount;
-  rp.smem_per_block = prop->sharedMemPerBlockOptin;
+  fill_device(rp, x);
   const cuda::GRURecPlan plan = cuda::gru_rec_fwd_plan(rp);
   if (plan.blocks > 0) {
-    Tensor count = plan.needs_sync ? at::zeros({1}, x.options().dtype(at::kLong)) : Tensor();
-    rp.sync = plan.needs_sync ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr;
+    Tensor count;
+    rp.sync = sync_counter(plan, x, count);
     const cudaError_t err = cuda::gru_rec_fwd(rp, plan, stream);
     if (err != cudaErrorCooperativeLaunchTooLarge) {
       C10_CUDA_CHECK(err);
@@ -253,15 +267,13 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
   rp.w_hh_row_stride = w_hh.stride(0);
   rp.reverse = reverse;
   rp.dtype = kernel_dtype(tg.dtype);
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
-  rp.num_sms = prop->multiProcessorCount;
-  rp.smem_per_block = prop->sharedMemPerBlockOptin;
+  fill_device(rp, x);
   const cuda::GRURecPlan plan = cuda::gru_rec_bwd_plan(rp);
   bool done = false;
   if (plan.blocks > 0) {
     if (!carried) dh.zero_();
-    Tensor count = plan.needs_sync ? at::zeros({1}, x.options().dtype(at::kLong)) : Tensor();
-    rp.sync = plan.needs_sync ? reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()) : nullptr;
+    Tensor count;
+    rp.sync = sync_counter(plan, x, count);
     const cudaError_t err = cuda::gru_rec_bwd(rp, plan, stream);
     done = err != cudaErrorCooperativeLaunchTooLarge;  // (else nothing ran: the per-step path, as the forward)
     if (done) C10_CUDA_CHECK(err);
