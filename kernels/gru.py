@@ -1,8 +1,9 @@
 """Triton GRU: fused cell / recurrent step forward, fused gate-gradient backward, and one-direction layers.
 
-Layout of this file: two kernels (`_gru_step_fwd_kernel`, `_gru_gates_bwd_kernel`), four launchers with the
-torch backend's signatures and returns (`gru_cell_fwd`, `gru_cell_bwd`, `gru_layer_fwd`, `gru_layer_bwd`) and
-`compile_configs()` for the offline compile check (scripts/compile_triton.py).
+Layout of this file: three kernels (`_gru_step_fwd_kernel`, `_gru_seq_fwd_kernel`: the same step for every step
+of a layer in one launch, `_gru_gates_bwd_kernel`), four launchers with the torch backend's signatures and returns
+(`gru_cell_fwd`, `gru_cell_bwd`, `gru_layer_fwd`, `gru_layer_bwd`) and `compile_configs()` for the offline
+compile check (scripts/compile_triton.py).
 
 Math (torch's gate order r | z | n), all in fp32:
     gi = x W_ih^T + b_ih                              (launcher: one torch matmul; all T steps at once for a layer)
@@ -16,8 +17,11 @@ Backward of one step from dh (= carried dh + dout[t] for a layer, summed in the 
 then (launcher, torch matmuls, deterministic) dh_prev = dgh W_hh + direct, dx = dgi W_ih, dW_ih = dgi^T x,
 dW_hh = dgh^T h_prev, db = column sums (for a layer: one matmul / sum over all T * B rows at the end).
 
-Launches per step: forward 1 (the fused recurrent kernel, reading gi[t], writing out[t] and ws[t] in place);
-backward 1 kernel + 1 addmm (dh_prev, written into a ping-pong fp32 buffer: no per-step allocation).
+Launches: a layer's forward is one launch for all steps while W_hh takes at most SEQ_MAX_W_BYTES (a program per
+16 batch rows walks every step and hidden block, streaming W_hh from L2 each step; the H200 run measured the launch
+per step at 27 us, host-bound, for B = 1, H = 128), else one fused kernel per step (reading gi[t], writing out[t]
+and ws[t] in place); backward 1 kernel + 1 addmm per step (dh_prev, written into a ping-pong fp32 buffer: no
+per-step allocation).
 
 fp16/bf16: loaded and upcast to fp32 (on a GPU the h W_hh^T dot runs on the half operands with fp32
 accumulation: the products are exact, same result up to summation order). The state is rounded to the input
@@ -57,35 +61,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _gru_step_fwd_kernel(
-    GI,  # (B, 3H) fp32 input projection incl. b_ih, row stride stride_gi
-    HP,  # (B, H) previous state (input dtype), row stride stride_h
-    W,  # (3H, H) W_hh (input dtype), row stride stride_w
-    BHH,  # (3H,) b_hh (dummy unless HAS_BHH)
-    OUT,  # (B, H) new state (input dtype), row stride stride_out
-    WS,  # (B, 4H) fp32 workspace [r|z|n|hn], row stride stride_ws (dummy unless STORE_WS)
-    stride_gi,
-    stride_h,
-    stride_w,
-    stride_out,
-    stride_ws,
-    B,
-    H,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HAS_BHH: tl.constexpr,
-    STORE_WS: tl.constexpr,
-    DOT_NATIVE: tl.constexpr,  # half operands straight into tl.dot (GPU); else upcast to fp32, ieee dot
-    SOFT_BF16: tl.constexpr,
-):
-    # 1-D grid over (batch blocks) x (hidden blocks): no grid y/z limits.
-    pid = tl.program_id(0)
-    n_h = tl.cdiv(H, BLOCK_H)
-    pid_b = pid // n_h
-    pid_h = pid % n_h
-    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # (BLOCK_B,)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,) hidden units of this program
+def _step_block(GI, HP, W, BHH, OUT, WS, stride_gi, stride_h, stride_w, stride_out, stride_ws, rows, cols, B, H,
+                BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BHH: tl.constexpr,
+                STORE_WS: tl.constexpr, DOT_NATIVE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """One step for batch rows `rows` (BLOCK_B,) x hidden units `cols` (BLOCK_H,): gh = h W_hh^T (+ b_hh) by three
+    tl.dot accumulations over H in BLOCK_K chunks, the gates, h' -> OUT, [r|z|n|hn] -> WS (arguments as in
+    _gru_step_fwd_kernel)."""
     rmask = rows < B
     cmask = cols < H
     cols64 = cols.to(tl.int64)
@@ -142,6 +123,91 @@ def _gru_step_fwd_kernel(
         tl.store(ws_ptrs + H, z, mask=m2)
         tl.store(ws_ptrs + 2 * H, n, mask=m2)
         tl.store(ws_ptrs + 3 * H, acc_n, mask=m2)
+
+
+@triton.jit
+def _gru_step_fwd_kernel(
+    GI,  # (B, 3H) fp32 input projection incl. b_ih, row stride stride_gi
+    HP,  # (B, H) previous state (input dtype), row stride stride_h
+    W,  # (3H, H) W_hh (input dtype), row stride stride_w
+    BHH,  # (3H,) b_hh (dummy unless HAS_BHH)
+    OUT,  # (B, H) new state (input dtype), row stride stride_out
+    WS,  # (B, 4H) fp32 workspace [r|z|n|hn], row stride stride_ws (dummy unless STORE_WS)
+    stride_gi,
+    stride_h,
+    stride_w,
+    stride_out,
+    stride_ws,
+    B,
+    H,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BHH: tl.constexpr,
+    STORE_WS: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,  # half operands straight into tl.dot (GPU); else upcast to fp32, ieee dot
+    SOFT_BF16: tl.constexpr,
+):
+    # 1-D grid over (batch blocks) x (hidden blocks): no grid y/z limits.
+    pid = tl.program_id(0)
+    n_h = tl.cdiv(H, BLOCK_H)
+    pid_b = pid // n_h
+    pid_h = pid % n_h
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # (BLOCK_B,)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,) hidden units of this program
+    _step_block(GI, HP, W, BHH, OUT, WS, stride_gi, stride_h, stride_w, stride_out, stride_ws, rows, cols, B, H,
+                BLOCK_B, BLOCK_H, BLOCK_K, HAS_BHH, STORE_WS, DOT_NATIVE, SOFT_BF16)
+
+
+@triton.jit
+def _gru_seq_fwd_kernel(
+    GI,  # (T, B, 3H) fp32 input projections incl. b_ih, strides (stride_gi_t, stride_gi, 1)
+    H0,  # (B, H) initial state (input dtype), row stride stride_h0
+    W, BHH,  # as _gru_step_fwd_kernel
+    OUT,  # (T, B, H) states (input dtype), strides (stride_out_t, stride_out, 1)
+    WS,  # (T, B, 4H) fp32 workspace, strides (stride_ws_t, stride_ws, 1) (dummy unless STORE_WS)
+    stride_gi_t, stride_gi, stride_h0, stride_w, stride_out_t, stride_out, stride_ws_t, stride_ws,
+    T, B, H,
+    REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BHH: tl.constexpr,
+    STORE_WS: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    # Grid: (cdiv(B, BLOCK_B),); one program = BLOCK_B batch rows through every step and every hidden block (a
+    # step needs the whole previous state of its rows, which only this program writes): no launch per step. The
+    # state goes through OUT: step t reads out[t - 1] (h0 first), which this program's threads wrote before the
+    # barrier that ends step t - 1.
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    t0 = T - 1 if REVERSE else 0  # the first step, from h0 (peeled: a pointer chosen at run time spilled)
+    _seq_step(GI, H0, W, BHH, OUT, WS, stride_gi_t, stride_gi, stride_h0, stride_w, stride_out_t, stride_out,
+              stride_ws_t, stride_ws, t0, rows, B, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_BHH, STORE_WS, DOT_NATIVE,
+              SOFT_BF16)
+    for step in range(1, T):
+        t = T - 1 - step if REVERSE else step
+        hp = OUT + tl.cast(t + 1 if REVERSE else t - 1, tl.int64) * stride_out_t
+        _seq_step(GI, hp, W, BHH, OUT, WS, stride_gi_t, stride_gi, stride_out, stride_w, stride_out_t, stride_out,
+                  stride_ws_t, stride_ws, t, rows, B, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_BHH, STORE_WS, DOT_NATIVE,
+                  SOFT_BF16)
+
+
+@triton.jit
+def _seq_step(GI, HP, W, BHH, OUT, WS, stride_gi_t, stride_gi, stride_h, stride_w, stride_out_t, stride_out,
+              stride_ws_t, stride_ws, t, rows, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_K: tl.constexpr, HAS_BHH: tl.constexpr, STORE_WS: tl.constexpr, DOT_NATIVE: tl.constexpr,
+              SOFT_BF16: tl.constexpr):
+    """Step t of _gru_seq_fwd_kernel from the state HP (row stride stride_h): every hidden block in turn, then a
+    barrier, so that out[t] is whole before the next step reads it."""
+    t64 = tl.cast(t, tl.int64)
+    for c0 in range(0, H, BLOCK_H):
+        cols = c0 + tl.arange(0, BLOCK_H)
+        _step_block(GI + t64 * stride_gi_t, HP, W, BHH, OUT + t64 * stride_out_t, WS + t64 * stride_ws_t,
+                    stride_gi, stride_h, stride_w, stride_out, stride_ws, rows, cols, B, H,
+                    BLOCK_B, BLOCK_H, BLOCK_K, HAS_BHH, STORE_WS, DOT_NATIVE, SOFT_BF16)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -211,6 +277,10 @@ def _gru_gates_bwd_kernel(
 _FWD_SMALL_B = (16, 32, 64, 4)  # B <= 16: narrow hidden blocks -> more programs for a small batch
 _FWD_LARGE_B = (32, 64, 32, 8)  # 8 warps: the fp32 (FMA, no TF32) dots spill at 4 on sm_80
 _FWD_INTERP = (32, 64, 64, 4)  # the interpreter runs programs one by one: few large programs
+# Sequence kernel (every step in one launch): 16 batch rows a program (more programs for a batch), hidden blocks
+# of 32 in turn
+_SEQ_CFG = (16, 32, 64, 4)
+_SEQ_CFG_F32 = (16, 32, 16, 4)  # (fp32: FMA dots; BLOCK_K 32 and 64 spill on sm_80 / sm_90a)
 # Gate backward (elementwise): (BLOCK_B, BLOCK_H, num_warps)
 _BWD_CFG = (16, 128, 4)
 _BWD_INTERP = (32, 64, 4)
@@ -274,6 +344,34 @@ def _launch_step_fwd(gi, hp, w_hh, b_hh, out, ws, needs_grad):
         STORE_WS=bool(needs_grad),
         DOT_NATIVE=bool(hp.is_cuda and hp.dtype != torch.float32),
         SOFT_BF16=not hp.is_cuda,
+        num_warps=nw,
+    )
+
+
+# The layer forward runs every step in one launch (_gru_seq_fwd_kernel, a program per 16 batch rows) when W_hh is at
+# most this size: each program streams all of W_hh from L2 at every step, which beats a launch per step (tens of
+# us of host time each) while W_hh is small; larger layers take a launch per step, spread over hidden blocks.
+SEQ_MAX_W_BYTES = 1 << 20
+
+
+def _launch_seq_fwd(gi, h0, w_hh, b_hh, out, ws, reverse, needs_grad):
+    """Every step of a layer: gi (T, B, 3H) fp32, h0 (B, H) -> out (T, B, H), ws (T, B, 4H) in place."""
+    T, B, H = out.shape
+    bb, bh, bk, nw = (_SEQ_CFG_F32 if h0.dtype == torch.float32 else _SEQ_CFG) if h0.is_cuda else _FWD_INTERP
+    _gru_seq_fwd_kernel[(triton.cdiv(B, bb),)](
+        gi, h0, w_hh,
+        b_hh if b_hh is not None else w_hh,
+        out,
+        ws if needs_grad else out,
+        gi.stride(0), gi.stride(1), h0.stride(0), w_hh.stride(0), out.stride(0), out.stride(1),
+        ws.stride(0) if needs_grad else 0, ws.stride(1) if needs_grad else 0,
+        T, B, H,
+        REVERSE=bool(reverse),
+        BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+        HAS_BHH=b_hh is not None,
+        STORE_WS=bool(needs_grad),
+        DOT_NATIVE=bool(h0.is_cuda and h0.dtype != torch.float32),
+        SOFT_BF16=not h0.is_cuda,
         num_warps=nw,
     )
 
@@ -364,10 +462,14 @@ def gru_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
         return out, h0.clone(), ws
     with torch.no_grad(), _device_guard(x):
         gi = _linear_f32(x.reshape(t_len * B, isz), w_ih, b_ih).view(t_len, B, 3 * H)
-        h = h0
-        for t in range(t_len - 1, -1, -1) if reverse else range(t_len):
-            _launch_step_fwd(gi[t], h, w_hh, b_hh, out[t], ws[t] if needs_grad else ws, needs_grad)
-            h = out[t]
+        if 3 * H * H * w_hh.element_size() <= SEQ_MAX_W_BYTES:
+            _launch_seq_fwd(gi, h0, w_hh, b_hh, out, ws, reverse, needs_grad)
+            h = out[0] if reverse else out[t_len - 1]
+        else:
+            h = h0
+            for t in range(t_len - 1, -1, -1) if reverse else range(t_len):
+                _launch_step_fwd(gi[t], h, w_hh, b_hh, out[t], ws[t] if needs_grad else ws, needs_grad)
+                h = out[t]
         h_last = h.clone()  # never aliases out or h0
     return out, h_last, ws
 
@@ -417,8 +519,9 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 def compile_configs(full: bool = False):
     """(kernel_fn, signature, constexprs, num_warps) for every shipped GPU configuration: the forward step
-    kernel with both GPU tile configs x fp32/fp16/bf16 x (bias, workspace) flags (full: every flag combination;
-    default: all on and all off), and the gate backward kernel x state dtypes x HAS_DOUT."""
+    kernel with both GPU tile configs and the sequence kernel with its one, x fp32/fp16/bf16 x (bias, workspace)
+    flags (full: every flag combination; default: all on and all off; the sequence kernel reversed with the
+    workspace), and the gate backward kernel x state dtypes x HAS_DOUT."""
     idx = "i32"
     configs = []
     flag_sets = [(b, s) for b in (False, True) for s in (False, True)] if full else [(True, True), (False, False)]
@@ -435,6 +538,17 @@ def compile_configs(full: bool = False):
                           "DOT_NATIVE": dt != torch.float32, "SOFT_BF16": False}
                 sig.update({k: "constexpr" for k in consts})
                 configs.append((_gru_step_fwd_kernel, sig, consts, nw))
+        bb, bh, bk, nw = _SEQ_CFG_F32 if dt == torch.float32 else _SEQ_CFG
+        for has_b, store in flag_sets:
+            sig = {
+                "GI": "*fp32", "H0": f"*{t}", "W": f"*{t}", "BHH": f"*{t}", "OUT": f"*{t}", "WS": "*fp32",
+                "stride_gi_t": idx, "stride_gi": idx, "stride_h0": idx, "stride_w": idx, "stride_out_t": idx,
+                "stride_out": idx, "stride_ws_t": idx, "stride_ws": idx, "T": "i32", "B": "i32", "H": "i32",
+            }
+            consts = {"REVERSE": store, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk, "HAS_BHH": has_b,
+                      "STORE_WS": store, "DOT_NATIVE": dt != torch.float32, "SOFT_BF16": False}
+            sig.update({k: "constexpr" for k in consts})
+            configs.append((_gru_seq_fwd_kernel, sig, consts, nw))
         bb, bh, nw = _BWD_CFG
         # layer: fp32 carried dh + dout in the input dtype; cell: dh in the input dtype, no dout
         for dhc_t, has_dout in (("fp32", True), (t, False)):

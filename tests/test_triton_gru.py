@@ -164,28 +164,47 @@ def test_nan_filled_buffers_and_nan_padded_inputs_do_not_leak(nan_alloc, reverse
         assert not g.isnan().any()
 
 
-def test_launches_per_step(monkeypatch):
-    """Forward: one fused kernel launch per step; backward: one gate-gradient launch per step."""
+@pytest.mark.parametrize("seq_kernel", [True, False], ids=["one-launch", "per-step"])
+def test_launches(monkeypatch, seq_kernel):
+    """Forward: every step in one launch while W_hh fits SEQ_MAX_W_BYTES, else one fused kernel launch per step;
+    backward: one gate-gradient launch per step."""
     k = load_kernels("gru")[0]
-    counts = {"fwd": 0, "bwd": 0}
-    f, b = k._launch_step_fwd, k._launch_gates_bwd
-
-    def cf(*a):
-        counts["fwd"] += 1
-        return f(*a)
-
-    def cb(*a):
-        counts["bwd"] += 1
-        return b(*a)
-
-    monkeypatch.setattr(k, "_launch_step_fwd", cf)
-    monkeypatch.setattr(k, "_launch_gates_bwd", cb)
+    if not seq_kernel:
+        monkeypatch.setattr(k, "SEQ_MAX_W_BYTES", 0)
+    counts = {"seq": 0, "fwd": 0, "bwd": 0}
+    for name, key in (("_launch_seq_fwd", "seq"), ("_launch_step_fwd", "fwd"), ("_launch_gates_bwd", "bwd")):
+        def counted(*a, real=getattr(k, name), key=key):
+            counts[key] += 1
+            return real(*a)
+        monkeypatch.setattr(k, name, counted)
     seq, batch, isz, hsz = 5, 3, 5, 33
     params = _params(isz, hsz, True)
     x, h0 = torch.randn(seq, batch, isz, device=DEVICE), torch.randn(batch, hsz, device=DEVICE)
     douts = (torch.ones(seq, batch, hsz, device=DEVICE), torch.ones(batch, hsz, device=DEVICE))
     _run(_layer_fn(False), "triton", x, h0, params, douts, F32)
-    assert counts == {"fwd": seq, "bwd": seq}
+    assert counts == ({"seq": 1, "fwd": 0, "bwd": seq} if seq_kernel else {"seq": 0, "fwd": seq, "bwd": seq})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_one_launch_forward_equals_per_step(monkeypatch, dtype, reverse):
+    """The sequence kernel (a program per batch block through every step) gives the per-step kernel's bits: the same
+    tile shapes and order (batch rows over two programs; hidden sizes over several hidden blocks, odd)."""
+    k = load_kernels("gru")[0]
+    g = torch.Generator().manual_seed(11)
+    seq, batch, isz, hsz = 4, 40, 6, 70
+    x = torch.randn(seq, batch, isz, generator=g).to(DEVICE, dtype)
+    h0 = torch.randn(batch, hsz, generator=g).to(DEVICE, dtype)
+    params = [p.to(dtype) for p in _params(isz, hsz, True)]
+    one = k.gru_layer_fwd(x, h0, *params, reverse, True)
+    monkeypatch.setattr(k, "SEQ_MAX_W_BYTES", 0)
+    steps = k.gru_layer_fwd(x, h0, *params, reverse, True)
+    if DEVICE == "cpu":  # the interpreter: one tile configuration for both kernels
+        for a, b in zip(one, steps):
+            assert torch.equal(a, b)
+    else:  # the GPU configurations differ (tile sizes: summation order)
+        for a, b in zip(one, steps):
+            torch.testing.assert_close(a, b, atol=2e-3 if dtype == torch.float32 else 3e-2, rtol=1e-2)
 
 
 NN_CFG = dict(num_layers=2, bidirectional=True, batch_first=True)
