@@ -17,11 +17,12 @@ Backward of one step from dh (= carried dh + dout[t] for a layer, summed in the 
 then (launcher, torch matmuls, deterministic) dh_prev = dgh W_hh + direct, dx = dgi W_ih, dW_ih = dgi^T x,
 dW_hh = dgh^T h_prev, db = column sums (for a layer: one matmul / sum over all T * B rows at the end).
 
-Launches: a layer's forward is one launch for all steps while W_hh takes at most SEQ_MAX_W_BYTES (a program per
-16 batch rows walks every step and hidden block, streaming W_hh from L2 each step; the H200 run measured the launch
-per step at 27 us, host-bound, for B = 1, H = 128), else one fused kernel per step (reading gi[t], writing out[t]
-and ws[t] in place); backward 1 kernel + 1 addmm per step (dh_prev, written into a ping-pong fp32 buffer: no
-per-step allocation).
+Launches: while W_hh takes at most SEQ_MAX_W_BYTES a layer's forward and backward are one launch each for all
+steps (a program per 16 batch rows walks every step and hidden block, streaming W_hh from L2 each step; the H200
+run measured the launch per step at 27 us, host-bound, for B = 1, H = 128); else per step the forward is one fused
+kernel (reading gi[t], writing out[t] and ws[t] in place) and the backward 1 kernel + 1 addmm (dh_prev, written
+into a ping-pong fp32 buffer: no per-step allocation). The backward's one-launch kernel computes dh_prev = dgh W_hh
+with fp32 tl.dot chunks (another summation order than the addmm).
 
 fp16/bf16: loaded and upcast to fp32 (on a GPU the h W_hh^T dot runs on the half operands with fp32
 accumulation: the products are exact, same result up to summation order). The state is rounded to the input
@@ -211,33 +212,10 @@ def _seq_step(GI, HP, W, BHH, OUT, WS, stride_gi_t, stride_gi, stride_h, stride_
 
 
 @triton.jit
-def _gru_gates_bwd_kernel(
-    DHC,  # (B, H) carried dL/dh' (fp32 for a layer, input dtype for a cell), row stride stride_dhc
-    DOUT,  # (B, H) dL/dout[t] (input dtype), added to DHC (dummy unless HAS_DOUT)
-    HP,  # (B, H) previous state (input dtype)
-    WS,  # (B, 4H) fp32 [r|z|n|hn]
-    DGI,  # (B, 3H) fp32 out
-    DGH,  # (B, 3H) fp32 out
-    DHD,  # (B, H) fp32 out: dh * z (direct term of dh_prev)
-    stride_dhc,
-    stride_dout,
-    stride_h,
-    stride_ws,
-    stride_dgi,
-    stride_dgh,
-    stride_dhd,
-    B,
-    H,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    HAS_DOUT: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_h = tl.cdiv(H, BLOCK_H)
-    pid_b = pid // n_h
-    pid_h = pid % n_h
-    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    cols = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+def _gates_bwd_block(DHC, DOUT, HP, WS, DGI, DGH, DHD, stride_dhc, stride_dout, stride_h, stride_ws, stride_dgi,
+                     stride_dgh, stride_dhd, rows, cols, B, H, HAS_DOUT: tl.constexpr):
+    """The gate gradients of batch rows `rows` x hidden units `cols` (int64; arguments as in _gru_gates_bwd_kernel).
+    DHD may be DHC (each element is read before it is written, by the same thread)."""
     m = (rows < B)[:, None] & (cols < H)[None, :]
     r2 = rows[:, None]
     c2 = cols[None, :]
@@ -269,6 +247,87 @@ def _gru_gates_bwd_kernel(
     tl.store(DHD + r2 * stride_dhd + c2, dh * z, mask=m)
 
 
+@triton.jit
+def _gru_gates_bwd_kernel(
+    DHC,  # (B, H) carried dL/dh' (fp32 for a layer, input dtype for a cell), row stride stride_dhc
+    DOUT,  # (B, H) dL/dout[t] (input dtype), added to DHC (dummy unless HAS_DOUT)
+    HP,  # (B, H) previous state (input dtype)
+    WS,  # (B, 4H) fp32 [r|z|n|hn]
+    DGI,  # (B, 3H) fp32 out
+    DGH,  # (B, 3H) fp32 out
+    DHD,  # (B, H) fp32 out: dh * z (direct term of dh_prev)
+    stride_dhc,
+    stride_dout,
+    stride_h,
+    stride_ws,
+    stride_dgi,
+    stride_dgh,
+    stride_dhd,
+    B,
+    H,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_DOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_h = tl.cdiv(H, BLOCK_H)
+    pid_b = pid // n_h
+    pid_h = pid % n_h
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    _gates_bwd_block(DHC, DOUT, HP, WS, DGI, DGH, DHD, stride_dhc, stride_dout, stride_h, stride_ws, stride_dgi,
+                     stride_dgh, stride_dhd, rows, cols, B, H, HAS_DOUT)
+
+
+@triton.jit
+def _gru_seq_bwd_kernel(
+    DH,  # (B, H) fp32 contiguous: dL/dh_T at launch (zeros for none), dL/dh0 at the end; d z between the phases
+    DOUT,  # (T, B, H) dL/dout (input dtype), strides (stride_dout_t, stride_dout, 1)
+    HP,  # (T, B, H) the state each step started from (input dtype), strides (stride_hp_t, stride_hp, 1)
+    WS,  # (T, B, 4H) fp32 [r|z|n|hn], strides (stride_ws_t, stride_ws, 1)
+    W,  # (3H, H) W_hh (input dtype), row stride stride_w
+    DGI, DGH,  # (T, B, 3H) fp32 out, strides (stride_g_t, stride_g, 1)
+    stride_dout_t, stride_dout, stride_hp_t, stride_hp, stride_ws_t, stride_ws, stride_w, stride_g_t, stride_g,
+    T, B, H,
+    REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Grid: (cdiv(B, BLOCK_B),); one program = BLOCK_B batch rows through every step (last processed first): phase
+    # A, the gate gradients of every hidden block (dh + dout[t] -> dgi[t], dgh[t], dh = d z); a barrier; phase B,
+    # dh += dgh[t] W_hh (fp32 dots over 3H in BLOCK_K chunks) per hidden block; a barrier. Only this program
+    # touches its rows of DH, DGI and DGH.
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rmask = rows < B
+    ks = tl.arange(0, BLOCK_K)
+    for step in range(0, T):
+        t64 = tl.cast(step if REVERSE else T - 1 - step, tl.int64)
+        dgh_t = DGH + t64 * stride_g_t
+        for c0 in range(0, H, BLOCK_H):
+            cols = (c0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+            _gates_bwd_block(DH, DOUT + t64 * stride_dout_t, HP + t64 * stride_hp_t, WS + t64 * stride_ws_t,
+                             DGI + t64 * stride_g_t, dgh_t, DH, H, stride_dout, stride_hp, stride_ws, stride_g,
+                             stride_g, H, rows, cols, B, H, True)
+        tl.debug_barrier()  # dgh[t] of every hidden block, and d z, before phase B reads them
+        for c0 in range(0, H, BLOCK_H):
+            cols = (c0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+            cmask = cols < H
+            acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+            for k0 in range(0, 3 * H, BLOCK_K):
+                k = k0 + ks
+                kmask = k < 3 * H
+                g = tl.load(dgh_t + rows[:, None] * stride_g + k[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                w = tl.load(W + k[:, None].to(tl.int64) * stride_w + cols[None, :],
+                            mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(g, w, acc, input_precision="ieee")
+            d_ptrs = DH + rows[:, None] * H + cols[None, :]
+            m = rmask[:, None] & cmask[None, :]
+            tl.store(d_ptrs, tl.load(d_ptrs, mask=m, other=0.0) + acc, mask=m)
+        tl.debug_barrier()  # dh_prev whole before the next step's phase A
+
+
 # --------------------------------------------------------------------------------------------------
 # Launch configurations (shared by the launchers and compile_configs)
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +339,7 @@ _FWD_INTERP = (32, 64, 64, 4)  # the interpreter runs programs one by one: few l
 # Sequence kernel (every step in one launch): 16 batch rows a program (more programs for a batch), hidden blocks
 # of 32 in turn
 _SEQ_CFG = (16, 32, 64, 4)
+_SEQ_BWD_CFG = (16, 32, 32, 4)  # (fp32 dots: dgh is fp32)
 _SEQ_CFG_F32 = (16, 32, 16, 4)  # (fp32: FMA dots; BLOCK_K 32 and 64 spill on sm_80 / sm_90a)
 # Gate backward (elementwise): (BLOCK_B, BLOCK_H, num_warps)
 _BWD_CFG = (16, 128, 4)
@@ -372,6 +432,21 @@ def _launch_seq_fwd(gi, h0, w_hh, b_hh, out, ws, reverse, needs_grad):
         STORE_WS=bool(needs_grad),
         DOT_NATIVE=bool(h0.is_cuda and h0.dtype != torch.float32),
         SOFT_BF16=not h0.is_cuda,
+        num_warps=nw,
+    )
+
+
+def _launch_seq_bwd(dh, dout, h_prev, ws, w_hh, dgi, dgh, reverse):
+    """Every step of a layer's backward: dh (B, H) fp32 contiguous in place (dL/dh_T in, dL/dh0 out), dgi / dgh
+    (T, B, 3H) fp32 filled."""
+    T, B, H = dout.shape
+    bb, bh, bk, nw = _SEQ_BWD_CFG if dh.is_cuda else _FWD_INTERP
+    _gru_seq_bwd_kernel[(triton.cdiv(B, bb),)](
+        dh, dout, h_prev, ws, w_hh, dgi, dgh,
+        dout.stride(0), dout.stride(1), h_prev.stride(0), h_prev.stride(1), ws.stride(0), ws.stride(1),
+        w_hh.stride(0), dgi.stride(0), dgi.stride(1),
+        T, B, H,
+        REVERSE=bool(reverse), BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
         num_warps=nw,
     )
 
@@ -475,9 +550,10 @@ def gru_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
 
 
 def gru_layer_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights):
-    """BPTT -> dx (T, B, I), dh0 (B, H), dw_ih, dw_hh, db_ih, db_hh. Per step (reverse processing order):
-    one fused gate-gradient launch (adds dout[t] to the carried dh) + one addmm for dh_prev; dx and the
-    weight grads are one matmul / sum each over all T * B rows at the end."""
+    """BPTT -> dx (T, B, I), dh0 (B, H), dw_ih, dw_hh, db_ih, db_hh. Every step in one launch while W_hh fits
+    SEQ_MAX_W_BYTES (_gru_seq_bwd_kernel), else per step (reverse processing order) one fused gate-gradient launch
+    (adds dout[t] to the carried dh) + one addmm for dh_prev; dx and the weight grads are one matmul / sum each
+    over all T * B rows at the end."""
     _check(x, w_ih, w_hh)
     dout, dh_last, x, h0, w_ih, w_hh, out, ws = (_unit(t) for t in (dout, dh_last, x, h0, w_ih, w_hh, out, ws))
     t_len, B, isz = x.shape
@@ -496,12 +572,15 @@ def gru_layer_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh,
             h_prev = torch.cat([h0[None], out[:-1]], 0)
         dgi_all = _alloc((t_len, B, 3 * H), torch.float32, dev)
         dgh_all = _alloc((t_len, B, 3 * H), torch.float32, dev)
-        dhd = _alloc((B, H), torch.float32, dev)
-        dh = dh_last.to(torch.float32, copy=True)  # the carried dL/dh, fp32
-        whh = w_hh.to(torch.float32)
-        for t in range(t_len) if reverse else range(t_len - 1, -1, -1):
-            _launch_gates_bwd(dh, dout[t], h_prev[t], ws[t], dgi_all[t], dgh_all[t], dhd)
-            torch.addmm(dhd, dgh_all[t], whh, out=dh)  # dh_prev = dgh W_hh + dh z
+        dh = dh_last.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # the carried dL/dh
+        if 3 * H * H * w_hh.element_size() <= SEQ_MAX_W_BYTES:
+            _launch_seq_bwd(dh, dout, h_prev, ws, w_hh, dgi_all, dgh_all, reverse)
+        else:
+            dhd = _alloc((B, H), torch.float32, dev)
+            whh = w_hh.to(torch.float32)
+            for t in range(t_len) if reverse else range(t_len - 1, -1, -1):
+                _launch_gates_bwd(dh, dout[t], h_prev[t], ws[t], dgi_all[t], dgh_all[t], dhd)
+                torch.addmm(dhd, dgh_all[t], whh, out=dh)  # dh_prev = dgh W_hh + dh z
         n = t_len * B
         dgi2 = dgi_all.view(n, 3 * H)
         dx = torch.matmul(dgi2, w_ih.to(torch.float32)).view(t_len, B, isz)
@@ -521,7 +600,7 @@ def compile_configs(full: bool = False):
     """(kernel_fn, signature, constexprs, num_warps) for every shipped GPU configuration: the forward step
     kernel with both GPU tile configs and the sequence kernel with its one, x fp32/fp16/bf16 x (bias, workspace)
     flags (full: every flag combination; default: all on and all off; the sequence kernel reversed with the
-    workspace), and the gate backward kernel x state dtypes x HAS_DOUT."""
+    workspace), the sequence backward kernel, and the gate backward kernel x state dtypes x HAS_DOUT."""
     idx = "i32"
     configs = []
     flag_sets = [(b, s) for b in (False, True) for s in (False, True)] if full else [(True, True), (False, False)]
@@ -549,6 +628,15 @@ def compile_configs(full: bool = False):
                       "STORE_WS": store, "DOT_NATIVE": dt != torch.float32, "SOFT_BF16": False}
             sig.update({k: "constexpr" for k in consts})
             configs.append((_gru_seq_fwd_kernel, sig, consts, nw))
+        bb, bh, bk, nw = _SEQ_BWD_CFG
+        for reverse in (False, True) if full else (True,):
+            sig = {"DH": "*fp32", "DOUT": f"*{t}", "HP": f"*{t}", "WS": "*fp32", "W": f"*{t}", "DGI": "*fp32",
+                   "DGH": "*fp32", "stride_dout_t": idx, "stride_dout": idx, "stride_hp_t": idx, "stride_hp": idx,
+                   "stride_ws_t": idx, "stride_ws": idx, "stride_w": idx, "stride_g_t": idx, "stride_g": idx,
+                   "T": "i32", "B": "i32", "H": "i32"}
+            consts = {"REVERSE": reverse, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+            sig.update({k: "constexpr" for k in consts})
+            configs.append((_gru_seq_bwd_kernel, sig, consts, nw))
         bb, bh, nw = _BWD_CFG
         # layer: fp32 carried dh + dout in the input dtype; cell: dh in the input dtype, no dout
         for dhc_t, has_dout in (("fp32", True), (t, False)):

@@ -166,13 +166,14 @@ def test_nan_filled_buffers_and_nan_padded_inputs_do_not_leak(nan_alloc, reverse
 
 @pytest.mark.parametrize("seq_kernel", [True, False], ids=["one-launch", "per-step"])
 def test_launches(monkeypatch, seq_kernel):
-    """Forward: every step in one launch while W_hh fits SEQ_MAX_W_BYTES, else one fused kernel launch per step;
-    backward: one gate-gradient launch per step."""
+    """Every step in one launch each way while W_hh fits SEQ_MAX_W_BYTES, else per step one fused kernel launch
+    forward and one gate-gradient launch (and a GEMM) backward."""
     k = load_kernels("gru")[0]
     if not seq_kernel:
         monkeypatch.setattr(k, "SEQ_MAX_W_BYTES", 0)
-    counts = {"seq": 0, "fwd": 0, "bwd": 0}
-    for name, key in (("_launch_seq_fwd", "seq"), ("_launch_step_fwd", "fwd"), ("_launch_gates_bwd", "bwd")):
+    counts = {"seq": 0, "seq_bwd": 0, "fwd": 0, "bwd": 0}
+    for name, key in (("_launch_seq_fwd", "seq"), ("_launch_seq_bwd", "seq_bwd"), ("_launch_step_fwd", "fwd"),
+                      ("_launch_gates_bwd", "bwd")):
         def counted(*a, real=getattr(k, name), key=key):
             counts[key] += 1
             return real(*a)
@@ -182,14 +183,16 @@ def test_launches(monkeypatch, seq_kernel):
     x, h0 = torch.randn(seq, batch, isz, device=DEVICE), torch.randn(batch, hsz, device=DEVICE)
     douts = (torch.ones(seq, batch, hsz, device=DEVICE), torch.ones(batch, hsz, device=DEVICE))
     _run(_layer_fn(False), "triton", x, h0, params, douts, F32)
-    assert counts == ({"seq": 1, "fwd": 0, "bwd": seq} if seq_kernel else {"seq": 0, "fwd": seq, "bwd": seq})
+    assert counts == ({"seq": 1, "seq_bwd": 1, "fwd": 0, "bwd": 0} if seq_kernel
+                      else {"seq": 0, "seq_bwd": 0, "fwd": seq, "bwd": seq})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_one_launch_forward_equals_per_step(monkeypatch, dtype, reverse):
-    """The sequence kernel (a program per batch block through every step) gives the per-step kernel's bits: the same
-    tile shapes and order (batch rows over two programs; hidden sizes over several hidden blocks, odd)."""
+def test_one_launch_equals_per_step(monkeypatch, dtype, reverse):
+    """The sequence kernels (a program per batch block through every step) against the per-step path: the forward's
+    bits in the interpreter (the same tile shapes and order; batch rows over two programs, an odd hidden size over
+    several hidden blocks), the backward within rounding (its dh_prev GEMM sums in another order)."""
     k = load_kernels("gru")[0]
     g = torch.Generator().manual_seed(11)
     seq, batch, isz, hsz = 4, 40, 6, 70
@@ -205,6 +208,16 @@ def test_one_launch_forward_equals_per_step(monkeypatch, dtype, reverse):
     else:  # the GPU configurations differ (tile sizes: summation order)
         for a, b in zip(one, steps):
             torch.testing.assert_close(a, b, atol=2e-3 if dtype == torch.float32 else 3e-2, rtol=1e-2)
+    # backward: one launch against the per-step gate kernel + cuBLAS / CPU addmm (another summation order)
+    dout = torch.randn(seq, batch, hsz, generator=g).to(DEVICE, dtype)
+    dh_last = torch.randn(batch, hsz, generator=g).to(DEVICE, dtype)
+    args = (dout, dh_last, x, h0, params[0], params[1], one[0], one[2], True, True, reverse, True)
+    grads_steps = k.gru_layer_bwd(*args)
+    monkeypatch.setattr(k, "SEQ_MAX_W_BYTES", 1 << 20)
+    grads_one = k.gru_layer_bwd(*args)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for name, a, b in zip(("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), grads_one, grads_steps):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 NN_CFG = dict(num_layers=2, bidirectional=True, batch_first=True)
