@@ -814,10 +814,16 @@ SPLIT_KV_MIN_CHUNK = 256  # keys per split at least
 _SPLIT_KV_MAX_SPLITS = 64
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_kv_shape(b: int, hkv: int, lk: int, device: torch.device, block_n: int):
     """(n_splits, chunk): about two programs per SM over the B * Hkv groups, each split a multiple of block_n keys
     and at least SPLIT_KV_MIN_CHUNK (the interpreter counts 4 SMs)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
     want = -(-2 * sms // (b * hkv))
     n = max(1, min(want, _SPLIT_KV_MAX_SPLITS, lk // max(SPLIT_KV_MIN_CHUNK, 1)))
     per = -(-lk // n)
