@@ -802,7 +802,9 @@ def _common_consts(q, v, causal, mask_consts, dropout_p):
 
 
 # Split-KV forward (flash-decoding), which attn_fwd takes for decoding-like calls: a kv head's group of query rows
-# fits one tile (GROUP * Lq <= SPLIT_KV_MAX_ROWS), no mask, no dropout, at least SPLIT_KV_MIN_KEYS keys. The
+# fits one tile (GROUP * Lq <= SPLIT_KV_MAX_ROWS), no mask, no dropout, at least SPLIT_KV_MIN_KEYS keys, fp16 / bf16
+# (fp32's FMA dots spill these tiles on a GPU: fp32 keeps the regular forward there; the interpreter, where the
+# tests run the kernel's logic in fp32, takes it for every dtype). The
 # regular forward runs one program per (batch, q head) and query block: for one query row that is B * Hq programs,
 # each streaming its kv head's whole K and V (GROUP times over per kv head, and too few programs for the GPU at
 # small B). Here one program takes a kv head's whole group against one split of the keys (K and V read once), the
@@ -812,6 +814,12 @@ SPLIT_KV_MAX_ROWS = 64
 SPLIT_KV_MIN_KEYS = 1024
 SPLIT_KV_MIN_CHUNK = 256  # keys per split at least
 _SPLIT_KV_MAX_SPLITS = 64
+
+
+def _takes_split_kv(q, hkv: int, lk: int, mask, dropout_p: float) -> bool:
+    """attn_fwd's choice of the split-KV forward (the conditions above)."""
+    return (mask is None and dropout_p == 0 and (q.shape[1] // hkv) * q.shape[2] <= SPLIT_KV_MAX_ROWS
+            and lk >= SPLIT_KV_MIN_KEYS and (q.dtype != torch.float32 or _interpreting()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -840,7 +848,7 @@ def _attn_fwd_split_kv(q, k, v, out, lse, causal: bool, shift: int, scale: float
     if _interpreting():
         block_n, opts = 16, {}
     else:
-        block_n = 64 if max(block_d, block_dv) <= 128 and q.dtype != torch.float32 else 32
+        block_n = 64 if max(block_d, block_dv) <= 128 else 32
         opts = {"num_warps": 4, "num_stages": 3 if _arch(q.device) >= 90 else 2}
     n_splits, chunk = _split_kv_shape(b, hkv, lk, q.device, block_n)
     opart = torch.empty((b, hq, lq, n_splits, dv), dtype=torch.float32, device=q.device)
@@ -874,7 +882,7 @@ def attn_fwd(q, k, v, mask, dropout_p: float, causal: bool, bottom_right: bool, 
         return out.zero_(), lse.fill_(math.inf)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     shift = (lk - lq) if (causal and bottom_right) else 0
-    if mask is None and dropout_p == 0 and (hq // hkv) * lq <= SPLIT_KV_MAX_ROWS and lk >= SPLIT_KV_MIN_KEYS:
+    if _takes_split_kv(q, hkv, lk, mask, dropout_p):
         _attn_fwd_split_kv(q, k, v, out, lse, causal, shift, scale)
         return out, lse
     mask_t, ms, mask_consts = _mask_args(mask, q)
@@ -962,13 +970,13 @@ def _flag_sets(heavy: bool, full: bool):
 
 
 def _split_kv_compile_configs(full: bool):
-    """The split-KV kernels as _attn_fwd_split_kv launches them: bf16 (fp32 too with full=True) at head dims 64, 128
+    """The split-KV kernels as _attn_fwd_split_kv launches them: bf16 (fp16 too with full=True) at head dims 64, 128
     and 256, BLOCK_M 16 and 64 (a group of one to 64 query rows), causal, both stage counts; the combining kernel
     for up to 64 splits."""
     configs = []
-    for t in ("bf16", "fp32") if full else ("bf16",):
+    for t in ("bf16", "fp16") if full else ("bf16",):
         for d in (64, 128, 256):
-            block_n = 64 if d <= 128 and t != "fp32" else 32
+            block_n = 64 if d <= 128 else 32
             for block_m in (16, 64):
                 sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Opart": "*fp32", "Lpart": "*fp32"}
                 for name in _attn_decode_split_kernel.arg_names:

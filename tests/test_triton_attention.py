@@ -345,6 +345,11 @@ def test_split_kv_not_taken_with_mask_dropout_or_big_groups(split_kv, monkeypatc
     monkeypatch.setattr(K, "SPLIT_KV_MIN_KEYS", 41)
     triton_attention(q, k, v)
     assert len(split_kv) == 1
+    # fp32 on a GPU keeps the regular forward (the split kernel's fp32 tiles spill); the interpreter takes it
+    monkeypatch.setattr(K, "SPLIT_KV_MIN_KEYS", 1)
+    assert K._takes_split_kv(q, 2, 40, None, 0.0)
+    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    assert not K._takes_split_kv(q, 2, 40, None, 0.0) and K._takes_split_kv(q.half(), 2, 40, None, 0.0)
 
 
 # ---- fp16 / bf16: TESTING.md's 2x / 3x rule against `low` -------------------------------------------------------
