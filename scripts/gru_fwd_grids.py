@@ -3,7 +3,7 @@ with each grid the environment variable PYATTN_CUDA_GRU_BLOCKS selects for the p
 gru_rec_fwd: every step in one cooperative launch; unset: gru_rec_fwd_plan's choice; "0": the per-step path, a
 cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
 bf16, PERF.md's GRU shapes and a few more. Each pyattn row is first checked against cuDNN's output (max abs error,
-printed; off by more than 2e-3 (fp32) / 3e-2 (bf16) is marked WRONG and the exit status is 1). Time per sequence
+printed; off by more than 2e-3 (fp32) / 6e-2 (bf16) is marked WRONG and the exit status is 1). Time per sequence
 and per step, median of CUDA-event timings (benchmarks/harness.measure), and the speedup over cuDNN.
 
     python scripts/gru_fwd_grids.py [--json out.json] [--blocks 0 1 8 32 ...]
@@ -68,7 +68,7 @@ def main() -> int:
                     finally:
                         os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
                     base = t if base is None else base
-                    tol = 2e-3 if dtype == torch.float32 else 3e-2
+                    tol = 2e-3 if dtype == torch.float32 else 6e-2  # (16-bit: the state is rounded every step)
                     wrong = name != "torch:nn.GRU" and not err <= tol
                     bad += wrong
                     print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<22} {t * 1e3:8.3f} "
