@@ -30,15 +30,20 @@ TARGET_SHAPES = ({"B": 1, "T": 200, "I": 64, "H": 128}, {"B": 32, "T": 100, "I":
 
 
 def targets() -> list[Target]:
-    """PERF.md CPU targets, checked on the best pyattn provider of each matching case."""
+    """PERF.md targets, checked on the best pyattn provider of each matching case: the CPU ones, and on a GPU the
+    sequence target (B <= 64, H <= 1024: >= 1.0x cuDNN forward, >= 0.9x forward + backward) at both shapes."""
     b1 = lambda p: (p["B"], p["T"], p["I"], p["H"]) == (1, 200, 64, 128)
     b32 = lambda p: (p["B"], p["T"], p["I"], p["H"]) == (32, 100, 256, 256)
+    seq_gpu = lambda p: p["B"] <= 64 and p["H"] <= 1024
     f32 = ("float32",)
     return [
         Target("gru", "fwd", "cpu", b1, min_speedup=3.0, dtypes=f32, text="CPU GRU inference vs torch.nn.GRU"),
         Target("gru", "fwd", "cpu", b32, min_speedup=1.2, dtypes=f32, text="CPU GRU inference vs torch.nn.GRU"),
         Target("gru", "fwd+bwd", "cpu", b32, min_speedup=1.0, dtypes=f32,
                text="CPU GRU training step vs torch.nn.GRU"),
+        Target("gru", "fwd", "cuda", seq_gpu, min_speedup=1.0, text="GPU GRU sequence vs torch.nn.GRU (cuDNN)"),
+        Target("gru", "fwd+bwd", "cuda", seq_gpu, min_speedup=0.9,
+               text="GPU GRU training step vs torch.nn.GRU (cuDNN)"),
     ]
 
 
