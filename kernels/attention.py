@@ -18,10 +18,10 @@ Math (per (batch, q head) and query row i; kv head = q head // group, never mate
         (torch). Blocks that no row sees are skipped. Forward and dQ test causality and j < Lk only on the
         diagonal / tail blocks; dK/dV tests causality on each block it visits (a second, unchecked loop in its
         per-head loop made every useful configuration spill registers).
-    Split-KV forward (attn_fwd's choice for a few query rows against >= SPLIT_KV_MIN_KEYS keys, no mask or
-        dropout): one program per (split of the keys, kv head, batch) holds the kv head's whole query group as its
-        rows (each K/V block read once for the group), writes its rows' out normalised by its own sum and
-        m + log2(l); a second kernel weighs the splits by 2^(m + log2 l - max): the same out and lse.
+    Split-KV forward (attn_fwd's choice for a few query rows against >= SPLIT_KV_MIN_KEYS keys, no dropout): one
+        program per (split of the keys, kv head, batch) holds the kv head's whole query group as its rows (each
+        K/V block read once for the group; masks gathered per row), writes its rows' out normalised by its own
+        sum, m and l; a second kernel weighs the splits by l 2^(m - max): the same out and lse.
     Dropout: uniforms from Philox (tl.rand4x) keyed by seed; keys j..j+3 (j % 4 == 0) of row i share the
         int64 counter offset + ((b * Hq + h) * Lq + i) * Lk + j, one uniform each; kept iff u >= p. Forward and
         backward regenerate the same mask in any tile shape (``dropout_keep_mask`` materialises it).
@@ -265,11 +265,15 @@ def _attn_decode_split_kernel(
     Q,  # (B, Hq, Lq, D), strides (stride_qb, stride_qh, stride_qm, 1)
     K,  # (B, Hkv, Lk, D), strides (stride_kb, stride_kh, stride_kn, 1)
     V,  # (B, Hkv, Lk, DV), strides (stride_vb, stride_vh, stride_vn, 1)
+    Mask,  # (B|1, Hq|1, Lq|1, Lk|1) bool or additive, strides (stride_mb, stride_mh, stride_mm, stride_mk), 0 on
+    #        broadcast dims (dummy when MASK_KIND == 0)
     Opart,  # (B, Hq, Lq, n_splits, DV) fp32, contiguous: each split's out, normalised by its own sum
-    Lpart,  # (B, Hq, Lq, n_splits) fp32, contiguous: each split's m + log2(l) (base 2; -inf: saw no key)
+    Mpart, Lpart,  # (B, Hq, Lq, n_splits) fp32, contiguous: each split's row max m (base 2; -inf: saw no key) and
+    #               sum l (kept apart: m + log2(l) would lose log2(l) next to a finfo.min mask's |m| ~ 3e38)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mk,
     H,  # q heads
     GROUP,  # q heads per kv head
     Lq, Lk,
@@ -278,7 +282,8 @@ def _attn_decode_split_kernel(
     chunk,  # keys per split (a multiple of BLOCK_N)
     n_splits,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Grid: (n_splits, Hkv, B); one program = the GROUP * Lq query rows of one kv head's group (row r: q head
     # kvh * GROUP + r // Lq, query r % Lq; BLOCK_M >= GROUP * Lq), keys [split * chunk, (split + 1) * chunk):
@@ -299,6 +304,7 @@ def _attn_decode_split_kernel(
         q = q.to(tl.float32)
     K += b * stride_kb + kvh * stride_kh
     V += b * stride_vb + kvh * stride_vh
+    m_rows = Mask + b * stride_mb + hh[:, None] * stride_mh + qi[:, None] * stride_mm  # (BLOCK_M, 1)
 
     lo = split * chunk
     hi = tl.minimum(lo + chunk, Lk)
@@ -314,6 +320,13 @@ def _attn_decode_split_kernel(
         keep = (keys < hi)[None, :]
         if CAUSAL:
             keep = keep & (keys[None, :] <= qi[:, None] + causal_shift)
+        if MASK_KIND != 0:  # as _mask_scores: bool True = keep; additive clamped finite, in base 2
+            mv = tl.load(m_rows + keys[None, :].to(tl.int64) * stride_mk, mask=rows_ok[:, None] & keep, other=0)
+            if MASK_KIND == 1:
+                keep = keep & (mv != 0)
+            else:
+                add = mv.to(tl.float32)
+                t = t + tl.where(add == float("-inf"), add, tl.maximum(add, -2.0e38)) * _LOG2E
         t = tl.where(keep, t, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: p = 0, no NaN
@@ -326,22 +339,22 @@ def _attn_decode_split_kernel(
 
     dead = l_i == 0.0
     acc = acc / tl.where(dead, 1.0, l_i)[:, None]
-    lse2 = tl.where(dead, float("-inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
-    prow = ((b * H + hh) * Lq + qi) * n_splits + split  # (BLOCK_M,) row of Lpart
+    prow = ((b * H + hh) * Lq + qi) * n_splits + split  # (BLOCK_M,) row of Mpart / Lpart
     tl.store(Opart + prow[:, None] * DV + offs_dv[None, :], acc, mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
-    tl.store(Lpart + prow, lse2, mask=rows_ok)
+    tl.store(Mpart + prow, tl.where(dead, float("-inf"), m_i), mask=rows_ok)
+    tl.store(Lpart + prow, l_i, mask=rows_ok)
 
 
 @triton.jit
 def _attn_decode_combine_kernel(
-    Opart, Lpart,  # as _attn_decode_split_kernel wrote them
+    Opart, Mpart, Lpart,  # as _attn_decode_split_kernel wrote them
     Out,  # (B, Hq, Lq, DV), strides (stride_ob, stride_oh, stride_om, 1)
     Lse,  # (B, Hq, Lq) fp32, contiguous
     stride_ob, stride_oh, stride_om,
     H, Lq, n_splits,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # Grid: (Lq, Hq, B); one program = one query row: out = sum_s w_s out_s / sum_s w_s, w_s = 2^(lse2_s - max),
+    # Grid: (Lq, Hq, B); one program = one query row: out = sum_s w_s out_s / sum_s w_s, w_s = l_s 2^(m_s - max),
     # lse = ln 2 (max + log2 sum_s w_s); a row no split saw anything of: out 0, lse +inf.
     i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -350,10 +363,11 @@ def _attn_decode_combine_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < n_splits
-    lse2 = tl.load(Lpart + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
-    mx = tl.max(lse2, 0)
+    m = tl.load(Mpart + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(Lpart + row * n_splits + offs_s, mask=s_ok, other=0.0)
+    mx = tl.max(m, 0)
     dead = mx == float("-inf")
-    w = tl.math.exp2(lse2 - tl.where(dead, 0.0, mx))  # (BLOCK_S,), 0 for splits that saw nothing
+    w = l_s * tl.math.exp2(m - tl.where(dead, 0.0, mx))  # (BLOCK_S,), 0 for splits that saw nothing
     total = tl.sum(w, 0)
     o = tl.load(Opart + (row * n_splits + offs_s)[:, None] * DV + offs_dv[None, :],
                 mask=s_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)  # (BLOCK_S, BLOCK_DV)
@@ -802,7 +816,7 @@ def _common_consts(q, v, causal, mask_consts, dropout_p):
 
 
 # Split-KV forward (flash-decoding), which attn_fwd takes for decoding-like calls: a kv head's group of query rows
-# fits one tile (GROUP * Lq <= SPLIT_KV_MAX_ROWS), no mask, no dropout, at least SPLIT_KV_MIN_KEYS keys, fp16 / bf16
+# fits one tile (GROUP * Lq <= SPLIT_KV_MAX_ROWS), no dropout, at least SPLIT_KV_MIN_KEYS keys, fp16 / bf16
 # (fp32's FMA dots spill these tiles on a GPU: fp32 keeps the regular forward there; the interpreter, where the
 # tests run the kernel's logic in fp32, takes it for every dtype). The
 # regular forward runs one program per (batch, q head) and query block: for one query row that is B * Hq programs,
@@ -810,21 +824,27 @@ def _common_consts(q, v, causal, mask_consts, dropout_p):
 # small B). Here one program takes a kv head's whole group against one split of the keys (K and V read once), the
 # splits fill the GPU (about 2 programs per SM), and a second kernel combines the splits' results through their
 # log-sum-exps. Tests patch the two thresholds to reach it with small shapes.
-SPLIT_KV_MAX_ROWS = 64
+SPLIT_KV_MAX_ROWS = 32
 SPLIT_KV_MIN_KEYS = 1024
 SPLIT_KV_MIN_CHUNK = 256  # keys per split at least
 _SPLIT_KV_MAX_SPLITS = 64
 
 
-def _takes_split_kv(q, hkv: int, lk: int, mask, dropout_p: float) -> bool:
+def _takes_split_kv(q, hkv: int, lk: int, dropout_p: float) -> bool:
     """attn_fwd's choice of the split-KV forward (the conditions above)."""
-    return (mask is None and dropout_p == 0 and (q.shape[1] // hkv) * q.shape[2] <= SPLIT_KV_MAX_ROWS
+    return (dropout_p == 0 and (q.shape[1] // hkv) * q.shape[2] <= SPLIT_KV_MAX_ROWS
             and lk >= SPLIT_KV_MIN_KEYS and (q.dtype != torch.float32 or _interpreting()))
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_kv_block_n(block_m: int, block_d: int) -> int:
+    """Keys per block of the split-KV kernel on a GPU: 64 for 16 rows up to head dim 128, else 32 (compile check:
+    larger tiles spill, a mask's gathered pointer tile included)."""
+    return 64 if block_m <= 16 and block_d <= 128 else 32
 
 
 def _split_kv_shape(b: int, hkv: int, lk: int, device: torch.device, block_n: int):
@@ -839,28 +859,32 @@ def _split_kv_shape(b: int, hkv: int, lk: int, device: torch.device, block_n: in
     return -(-lk // chunk), chunk
 
 
-def _attn_fwd_split_kv(q, k, v, out, lse, causal: bool, shift: int, scale: float):
-    """attn_fwd's split-KV path: fills out and lse (q, k, v with unit last stride; no mask, no dropout)."""
+def _attn_fwd_split_kv(q, k, v, mask, out, lse, causal: bool, shift: int, scale: float):
+    """attn_fwd's split-KV path: fills out and lse (q, k, v with unit last stride; mask as attn_fwd's; no
+    dropout)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    block_m = max(16, triton.next_power_of_2(group * lq))
     if _interpreting():
         block_n, opts = 16, {}
     else:
-        block_n = 64 if max(block_d, block_dv) <= 128 else 32
+        block_n = _split_kv_block_n(block_m, max(block_d, block_dv))
         opts = {"num_warps": 4, "num_stages": 3 if _arch(q.device) >= 90 else 2}
     n_splits, chunk = _split_kv_shape(b, hkv, lk, q.device, block_n)
     opart = torch.empty((b, hq, lq, n_splits, dv), dtype=torch.float32, device=q.device)
-    lpart = torch.empty((b, hq, lq, n_splits), dtype=torch.float32, device=q.device)
+    mpart, lpart = torch.empty((2, b, hq, lq, n_splits), dtype=torch.float32, device=q.device)
+    mask_t, ms, mask_consts = _mask_args(mask, q)
+    mk = 1 if mask_consts["MASK_K"] else 0
     with _device_guard(q):
         _attn_decode_split_kernel[(n_splits, hkv, b)](
-            q, k, v, opart, lpart, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], hq, group, lq, lk, shift,
-            float(scale) * LOG2E, chunk, n_splits, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=max(16, triton.next_power_of_2(group * lq)), BLOCK_N=block_n, CAUSAL=bool(causal),
-            UPCAST=_interpreting(), **opts)
+            q, k, v, mask_t, opart, mpart, lpart, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, mk, hq, group,
+            lq, lk, shift, float(scale) * LOG2E, chunk, n_splits, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+            MASK_KIND=mask_consts["MASK_KIND"], UPCAST=_interpreting(), **opts)
         _attn_decode_combine_kernel[(lq, hq, b)](
-            opart, lpart, out, lse, *out.stride()[:3], hq, lq, n_splits, DV=dv, BLOCK_DV=block_dv,
+            opart, mpart, lpart, out, lse, *out.stride()[:3], hq, lq, n_splits, DV=dv, BLOCK_DV=block_dv,
             BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
 
 
@@ -882,8 +906,8 @@ def attn_fwd(q, k, v, mask, dropout_p: float, causal: bool, bottom_right: bool, 
         return out.zero_(), lse.fill_(math.inf)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     shift = (lk - lq) if (causal and bottom_right) else 0
-    if _takes_split_kv(q, hkv, lk, mask, dropout_p):
-        _attn_fwd_split_kv(q, k, v, out, lse, causal, shift, scale)
+    if _takes_split_kv(q, hkv, lk, dropout_p):
+        _attn_fwd_split_kv(q, k, v, mask, out, lse, causal, shift, scale)
         return out, lse
     mask_t, ms, mask_consts = _mask_args(mask, q)
     consts = _common_consts(q, v, causal, mask_consts, dropout_p)
@@ -971,27 +995,30 @@ def _flag_sets(heavy: bool, full: bool):
 
 def _split_kv_compile_configs(full: bool):
     """The split-KV kernels as _attn_fwd_split_kv launches them: bf16 (fp16 too with full=True) at head dims 64, 128
-    and 256, BLOCK_M 16 and 64 (a group of one to 64 query rows), causal, both stage counts; the combining kernel
-    for up to 64 splits."""
+    and 256, BLOCK_M 16 and 32 (a group of one to 32 query rows), causal, an fp32 additive mask (full=True: every
+    mask kind), both stage counts; the combining kernel for up to 64 splits."""
     configs = []
     for t in ("bf16", "fp16") if full else ("bf16",):
         for d in (64, 128, 256):
-            block_n = 64 if d <= 128 else 32
-            for block_m in (16, 64):
-                sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Opart": "*fp32", "Lpart": "*fp32"}
-                for name in _attn_decode_split_kernel.arg_names:
-                    if name.startswith("stride_") or name in ("H", "GROUP", "Lq", "Lk", "causal_shift", "chunk",
-                                                              "n_splits"):
-                        sig[name] = "i32"
-                sig["qk_scale"] = "fp32"
-                sig = {name: sig[name] for name in _attn_decode_split_kernel.arg_names if name in sig}
-                consts = {"D": d, "DV": d, "BLOCK_D": d, "BLOCK_DV": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                          "CAUSAL": True, "UPCAST": False}
-                sig.update({k: "constexpr" for k in consts})
-                for stages in (2, 3):
-                    configs.append((_attn_decode_split_kernel, sig, consts, 4, {"num_stages": stages}))
+            for block_m in (16, 32):
+                block_n = _split_kv_block_n(block_m, d)
+                for mask_kind in (_MASK_NONE, _MASK_BOOL, _MASK_ADD) if full else (_MASK_ADD,):
+                    mask_t = {_MASK_NONE: t, _MASK_BOOL: "i1", _MASK_ADD: "fp32"}[mask_kind]
+                    sig = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Mask": f"*{mask_t}", "Opart": "*fp32",
+                           "Mpart": "*fp32", "Lpart": "*fp32"}
+                    for name in _attn_decode_split_kernel.arg_names:
+                        if name.startswith("stride_") or name in ("H", "GROUP", "Lq", "Lk", "causal_shift", "chunk",
+                                                                  "n_splits"):
+                            sig[name] = "i32"
+                    sig["qk_scale"] = "fp32"
+                    sig = {name: sig[name] for name in _attn_decode_split_kernel.arg_names if name in sig}
+                    consts = {"D": d, "DV": d, "BLOCK_D": d, "BLOCK_DV": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                              "CAUSAL": True, "MASK_KIND": mask_kind, "UPCAST": False}
+                    sig.update({k: "constexpr" for k in consts})
+                    for stages in (2, 3):
+                        configs.append((_attn_decode_split_kernel, sig, consts, 4, {"num_stages": stages}))
     for block_dv in (64, 128, 256):
-        sig = {"Opart": "*fp32", "Lpart": "*fp32", "Out": "*bf16", "Lse": "*fp32", "stride_ob": "i32",
+        sig = {"Opart": "*fp32", "Mpart": "*fp32", "Lpart": "*fp32", "Out": "*bf16", "Lse": "*fp32", "stride_ob": "i32",
                "stride_oh": "i32", "stride_om": "i32", "H": "i32", "Lq": "i32", "n_splits": "i32"}
         consts = {"DV": block_dv, "BLOCK_DV": block_dv, "BLOCK_S": 64}
         sig.update({k: "constexpr" for k in consts})

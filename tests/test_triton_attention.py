@@ -331,11 +331,42 @@ def test_split_kv_forward_half(split_kv, dtype):
     assert_attention_close(out, ref, low, 2)
 
 
-def test_split_kv_not_taken_with_mask_dropout_or_big_groups(split_kv, monkeypatch):
-    """The split path takes neither masks nor dropout, nor query groups larger than SPLIT_KV_MAX_ROWS rows; nor
-    fewer keys than SPLIT_KV_MIN_KEYS (the regular forward is faster there)."""
+@pytest.mark.parametrize("kind", ["key-padding", "additive-per-head", "bool-per-row-dead"])
+def test_split_kv_forward_masks(split_kv, kind):
+    """Masks in the split-KV forward (a gather per (q head, query) row): a bool key-padding mask (B, 1, 1, Lk), an
+    additive mask per head and query with -inf entries (and, forward only, a finfo.min row: each split keeps its
+    max and sum apart, since m + log2(l) loses log2(l) at |m| ~ 3e38), and a bool mask hiding every key from some
+    rows (out 0, lse +inf, zero grads) and all but the first split's keys from others."""
+    b, hq, hkv, lq, lk, d = 2, 6, 2, 2, 90, 32
+    q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, device=DEV, requires_grad=True, seed=lk)
+    g = torch.Generator().manual_seed(9)
+    if kind == "key-padding":
+        mask = key_padding_mask([lk, 37], lk, device=DEV)
+    elif kind == "additive-per-head":
+        mask = torch.randn(1, hq, lq, lk, generator=g).to(DEV)
+        mask[0, 1, 0, 10:] = float("-inf")
+        # a row of finfo.min everywhere: forward only (the Triton backward cannot recover such rows' P from lse in
+        # fp32, the split forward or not; the cpp and cuda backends recompute them)
+        huge = mask.clone()
+        huge[0, 2, 1, :] = torch.finfo(torch.float32).min
+        out, lse = _attention_fwd(q, k, v, huge, 0.0, False, False, d ** -0.5, None, False, "triton")[:2]
+        assert_close_fp32(out, attention_ref(q, k, v, huge)[0], "fwd")
+        with pytest.MonkeyPatch.context() as mp:  # lse as the regular forward's (which clamps the mask to -2e38)
+            mp.setattr(K, "SPLIT_KV_MIN_KEYS", 10**9)
+            assert_close_fp32(lse, _attention_fwd(q, k, v, huge, 0.0, False, False, d ** -0.5, None, False,
+                                                  "triton")[1], "fwd")
+    else:
+        mask = torch.rand(b, hq, lq, lk, generator=g).to(DEV) > 0.3
+        mask[0, 3, 1, :] = False
+        mask[1, 0, 0, 20:] = False
+    check_fp32(q, k, v, mask=mask)
+    assert split_kv and max(split_kv) > 1
+
+
+def test_split_kv_not_taken_with_dropout_or_big_groups(split_kv, monkeypatch):
+    """The split path takes no dropout, nor query groups larger than SPLIT_KV_MAX_ROWS rows; nor fewer keys than
+    SPLIT_KV_MIN_KEYS (the regular forward is faster there)."""
     q, k, v = make_qkv(1, 4, 2, 40, 16, hkv=2, device=DEV, seed=5)
-    triton_attention(q, k, v, mask=torch.ones(1, 1, 2, 40, dtype=torch.bool, device=DEV))
     triton_attention(q, k, v, dropout_p=0.3)
     monkeypatch.setattr(K, "SPLIT_KV_MAX_ROWS", 3)
     triton_attention(q, k, v)
@@ -347,9 +378,9 @@ def test_split_kv_not_taken_with_mask_dropout_or_big_groups(split_kv, monkeypatc
     assert len(split_kv) == 1
     # fp32 on a GPU keeps the regular forward (the split kernel's fp32 tiles spill); the interpreter takes it
     monkeypatch.setattr(K, "SPLIT_KV_MIN_KEYS", 1)
-    assert K._takes_split_kv(q, 2, 40, None, 0.0)
+    assert K._takes_split_kv(q, 2, 40, 0.0)
     monkeypatch.setattr(K, "_interpreting", lambda: False)
-    assert not K._takes_split_kv(q, 2, 40, None, 0.0) and K._takes_split_kv(q.half(), 2, 40, None, 0.0)
+    assert not K._takes_split_kv(q, 2, 40, 0.0) and K._takes_split_kv(q.half(), 2, 40, 0.0)
 
 
 # ---- fp16 / bf16: TESTING.md's 2x / 3x rule against `low` -------------------------------------------------------
