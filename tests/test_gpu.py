@@ -755,7 +755,7 @@ def test_gru_cuda_opcheck(dtype, bias):
 @_needs_cuda_gru
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("seq,bsz,hsz", [(300, 1, 128), (50, 32, 256), (7, 40, 1024), (3, 5, 2047), (1, 3, 70)])
-@pytest.mark.parametrize("blocks", ["0", "1", "2", "7", "auto"])
+@pytest.mark.parametrize("blocks", ["0", "2", "7", "auto"])
 def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
     """The persistent kernels (gru_rec_fwd / gru_rec_bwd: every step in one cooperative launch, a grid barrier per
     step) at every grid size PYATTN_CUDA_GRU_BLOCKS asks for (0: the per-step path; more blocks than shared memory
