@@ -110,6 +110,36 @@ __device__ __forceinline__ float gru_tanh(float x) {
   return copysignf(1.0f - __fdiv_rn(2.0f, gru_exp(ax + ax) + 1.0f), x);
 }
 
+// ---- the gate math of one (batch row, hidden unit), shared by the per-step and the persistent kernels ----
+struct Gates {
+  float r, z, n, h;  // h: the new state
+};
+// x*: the input projection, h*: h W_hh^T, both with their biases; hp: the state before the step
+__device__ __forceinline__ Gates gru_gates(float xr, float xz, float xn, float hr, float hz, float hn, float hp) {
+  Gates g;
+  g.r = gru_sigmoid(xr + hr);
+  g.z = gru_sigmoid(xz + hz);
+  g.n = gru_tanh(xn + g.r * hn);
+  g.h = g.n + g.z * (hp - g.n);
+  return g;
+}
+
+struct GateGrads {
+  float dr, dz, dn, dnr, direct;  // dgi = [dr | dz | dn], dgh = [dr | dz | dnr], direct = d z
+};
+// d: dL/dh' (carried + dout); hp: the state before the step; r, z, n, hn: the forward's workspace
+__device__ __forceinline__ GateGrads gru_gate_grads(float d, float hp, float r, float z, float n, float hn) {
+  GateGrads g;
+  const float dn_post = d * (1.0f - z);
+  const float dz_post = d * (hp - n);
+  g.dn = dn_post * (1.0f - n * n);
+  g.dr = g.dn * hn * r * (1.0f - r);
+  g.dz = dz_post * z * (1.0f - z);
+  g.dnr = g.dn * r;
+  g.direct = d * z;
+  return g;
+}
+
 // ---- kernels ----
 
 template <typename T, int VEC>
@@ -165,10 +195,11 @@ __global__ void __launch_bounds__(kThreads) gru_gates_fwd_kernel(const GRUGatesF
     float r[VEC], z[VEC], n[VEC], hnew[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      r[k] = gru_sigmoid(xr[k] + hr[k]);
-      z[k] = gru_sigmoid(xz[k] + hz[k]);
-      n[k] = gru_tanh(xn[k] + r[k] * hn[k]);
-      hnew[k] = n[k] + z[k] * (hp[k] - n[k]);
+      const Gates g = gru_gates(xr[k], xz[k], xn[k], hr[k], hz[k], hn[k], hp[k]);
+      r[k] = g.r;
+      z[k] = g.z;
+      n[k] = g.n;
+      hnew[k] = g.h;
     }
     store_f32<VEC>(out + b * p.out_row_stride + j, hnew);
     if (ws_base != nullptr) {
@@ -216,13 +247,12 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
     float dr[VEC], dz[VEC], dn[VEC], dnr[VEC], direct[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float dn_post = d[k] * (1.0f - z[k]);
-      const float dz_post = d[k] * (hp[k] - n[k]);
-      dn[k] = dn_post * (1.0f - n[k] * n[k]);
-      dr[k] = dn[k] * hn[k] * r[k] * (1.0f - r[k]);
-      dz[k] = dz_post * z[k] * (1.0f - z[k]);
-      dnr[k] = dn[k] * r[k];
-      direct[k] = d[k] * z[k];
+      const GateGrads g = gru_gate_grads(d[k], hp[k], r[k], z[k], n[k], hn[k]);
+      dr[k] = g.dr;
+      dz[k] = g.dz;
+      dn[k] = g.dn;
+      dnr[k] = g.dnr;
+      direct[k] = g.direct;
     }
     float* gi = dgi_base + b * p.dgi_row_stride + j;
     float* gh = dgh_base + b * p.dgh_row_stride + j;
@@ -243,10 +273,10 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 // a warp's lanes split the dot products' length in float4 steps (lane l: elements 4 l + 128 i), accumulate, reduce
 // across lanes (warp_sums), and lane r (< 4) finishes row r. Rows and W_hh parts are zero-padded to a multiple of 4.
 //   forward:  Ws [3 nu][HP] = W_hh rows g H + j0 + u (row 3 u + g); Hs [rows][HP] = h (h0 or the previous out);
-//             gh = 3 dot products per item, then the gates as gru_gates_fwd_kernel (the same formulas), out[t]
+//             gh = 3 dot products per item, then the gates (gru_gates, as gru_gates_fwd_kernel), out[t]
 //             and ws[t]; a grid barrier publishes out[t].
 //   backward: Wt [nu][KP] = W_hh column j0 + u (3H long); per step, phase A: the gate gradients of the block's units
-//             (gru_gates_bwd_kernel's formulas) -> dgi[t], dgh[t], dh = d z; a grid barrier publishes dgh[t];
+//             (gru_gate_grads, as gru_gates_bwd_kernel) -> dgi[t], dgh[t], dh = d z; a grid barrier publishes dgh[t];
 //             phase B: Gs [rows][KP] = dgh[t], dh += dgh[t] . W_hh[:, j] per item (dh stays block-local: one
 //             barrier per step).
 // Sizes (gru_rec_plan): enough blocks for the W_hh parts to fit shared memory, about kRecFmaPerBlock multiply-adds
@@ -438,15 +468,13 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
             hz += to_f32(b_hh[H + j]);
             hn += to_f32(b_hh[2 * H + j]);
           }
-          const float hp = Hs[(sb + lane) * HP + j];
-          const float r = gru_sigmoid(xr + hr), z = gru_sigmoid(xz + hz);
-          const float n = gru_tanh(xn + r * hn);
-          out[row * H + j] = from_f32<T>(n + z * (hp - n));
+          const Gates g = gru_gates(xr, xz, xn, hr, hz, hn, Hs[(sb + lane) * HP + j]);
+          out[row * H + j] = from_f32<T>(g.h);
           if (p.ws != nullptr) {
             float* w = p.ws + row * 4 * H + j;
-            w[0] = r;
-            w[H] = z;
-            w[2 * H] = n;
+            w[0] = g.r;
+            w[H] = g.z;
+            w[2 * H] = g.n;
             w[3 * H] = hn;
           }
         }
@@ -487,20 +515,17 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
       const int64_t b = e / nu, j = j0 + (e - b * nu), row = t * B + b;
       const float d = p.dh[b * H + j] + to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]);
       const float hp = to_f32(hsrc[b * hstride + j]);
-      const float* w = p.ws + row * 4 * H + j;
-      const float r = w[0], z = w[H], n = w[2 * H], hn = w[3 * H];
-      const float dn = d * (1.0f - z) * (1.0f - n * n);
-      const float dr = dn * hn * r * (1.0f - r);
-      const float dz = d * (hp - n) * z * (1.0f - z);
+      const float* w = p.ws + row * 4 * H + j;  // [r | z | n | hn]
+      const GateGrads g = gru_gate_grads(d, hp, w[0], w[H], w[2 * H], w[3 * H]);
       float* gi = p.dgi + row * H3 + j;
       float* gh = p.dgh + row * H3 + j;
-      gi[0] = dr;
-      gi[H] = dz;
-      gi[2 * H] = dn;
-      gh[0] = dr;
-      gh[H] = dz;
-      gh[2 * H] = dn * r;
-      p.dh[b * H + j] = d * z;
+      gi[0] = g.dr;
+      gi[H] = g.dz;
+      gi[2 * H] = g.dn;
+      gh[0] = g.dr;
+      gh[H] = g.dz;
+      gh[2 * H] = g.dnr;
+      p.dh[b * H + j] = g.direct;
     }
     if (gridDim.x > 1) grid_barrier(p.sync, static_cast<unsigned long long>(step + 1));  // dgh[t] complete
     // phase B: dh[b][j] += dgh[t][b] . W_hh[:, j]
@@ -629,6 +654,22 @@ void launch_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 constexpr size_t kRecSmemCap = 220 * 1024;  // at most (H100: 227 KB per block, A100: 163 KB: p.smem_per_block)
 constexpr int64_t kRecFmaPerBlock = int64_t(1) << 17;  // per block and step: the work that sets the grid size
 
+template <typename T>
+struct RecFwdKernel {
+  static constexpr void (*fn)(const RecFwdArgs) = gru_rec_fwd_kernel<T>;
+};
+template <typename T>
+struct RecBwdKernel {
+  static constexpr void (*fn)(const RecBwdArgs) = gru_rec_bwd_kernel<T>;
+};
+
+// KernelOf's instance for the storage dtype
+template <template <typename> class KernelOf>
+auto rec_kernel(DType dtype) {
+  return dtype == DType::F16 ? KernelOf<__half>::fn
+                             : dtype == DType::BF16 ? KernelOf<__nv_bfloat16>::fn : KernelOf<float>::fn;
+}
+
 template <class Kernel>
 cudaError_t rec_fit(Kernel kernel, int* per_sm, size_t smem) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -659,9 +700,7 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
   int64_t units = (H + blocks - 1) / blocks;
   size_t smem = size_t(units * unit_bytes + rows * row_bytes);
   int per_sm = 0;
-  cudaError_t err = dtype == DType::F16    ? rec_fit(KernelOf<__half>::fn, &per_sm, smem)
-                    : dtype == DType::BF16 ? rec_fit(KernelOf<__nv_bfloat16>::fn, &per_sm, smem)
-                                           : rec_fit(KernelOf<float>::fn, &per_sm, smem);
+  const cudaError_t err = rec_fit(rec_kernel<KernelOf>(dtype), &per_sm, smem);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // (cleared: the binding falls back to the per-step kernels)
     return plan;
@@ -680,23 +719,14 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
   return plan;
 }
 
-template <typename T>
-struct RecFwdKernel {
-  static constexpr void (*fn)(const RecFwdArgs) = gru_rec_fwd_kernel<T>;
-};
-template <typename T>
-struct RecBwdKernel {
-  static constexpr void (*fn)(const RecBwdArgs) = gru_rec_bwd_kernel<T>;
-};
-
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// A one-parameter kernel over all its blocks at once (a grid barrier needs them co-resident).
-template <class Args>
-cudaError_t rec_launch(void (*kernel)(const Args), const Args& a, const GRURecPlan& plan, cudaStream_t stream) {
+// KernelOf's instance for the dtype over all the plan's blocks at once (a grid barrier needs them co-resident).
+template <template <typename> class KernelOf, class Args>
+cudaError_t rec_launch(DType dtype, const Args& a, const GRURecPlan& plan, cudaStream_t stream) {
   void* args[] = {const_cast<Args*>(&a)};
-  const cudaError_t err =
-      cudaLaunchCooperativeKernel(kernel, dim3(unsigned(plan.blocks)), dim3(kRecThreads), args, plan.smem, stream);
+  const cudaError_t err = cudaLaunchCooperativeKernel(rec_kernel<KernelOf>(dtype), dim3(unsigned(plan.blocks)),
+                                                      dim3(kRecThreads), args, plan.smem, stream);
   const cudaError_t last = cudaGetLastError();  // (also clears what the launch recorded)
   return err != cudaSuccess ? err : last;
 }
@@ -746,15 +776,8 @@ GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
 
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
-  const RecFwdArgs a{p, RecShape{plan.units, plan.batch_rows, round4(p.H)}};
-  switch (p.dtype) {
-    case DType::F16:
-      return rec_launch(RecFwdKernel<__half>::fn, a, plan, stream);
-    case DType::BF16:
-      return rec_launch(RecFwdKernel<__nv_bfloat16>::fn, a, plan, stream);
-    default:
-      return rec_launch(RecFwdKernel<float>::fn, a, plan, stream);
-  }
+  return rec_launch<RecFwdKernel>(p.dtype, RecFwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(p.H)}}, plan,
+                                  stream);
 }
 
 GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
@@ -765,15 +788,8 @@ GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
 
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
-  const RecBwdArgs a{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}};
-  switch (p.dtype) {
-    case DType::F16:
-      return rec_launch(RecBwdKernel<__half>::fn, a, plan, stream);
-    case DType::BF16:
-      return rec_launch(RecBwdKernel<__nv_bfloat16>::fn, a, plan, stream);
-    default:
-      return rec_launch(RecBwdKernel<float>::fn, a, plan, stream);
-  }
+  return rec_launch<RecBwdKernel>(p.dtype, RecBwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}},
+                                  plan, stream);
 }
 
 }  // namespace cuda
