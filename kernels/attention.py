@@ -96,6 +96,32 @@ def _dot_acc(a, b, acc):
 
 
 @triton.jit
+def _apply_mask_values(t, mv, MASK_KIND: tl.constexpr):
+    """Loaded mask values mv (broadcastable to t) applied to base-2 logits t: bool (MASK_KIND 1, True = keep) -inf
+    where False; additive (2) + mv log2(e), finite values clamped so that * log2(e) cannot overflow to -inf
+    (finfo.min masks stay finite, as in torch); -inf stays -inf."""
+    if MASK_KIND == 1:
+        t = tl.where(mv != 0, t, float("-inf"))
+    else:
+        add = mv.to(tl.float32)
+        add = tl.where(add == float("-inf"), add, tl.maximum(add, -2.0e38))
+        t = t + add * _LOG2E
+    return t
+
+
+@triton.jit
+def _softmax_step(t, m_i, l_i):
+    """One key block of the online softmax in base 2: -> p = exp2(t - m_new), alpha = exp2(m_i - m_new) (the rescale
+    of what the rows held), l_i updated, m_new. A row with no visible key yet keeps m = -inf and gets p = 0 (no
+    NaN)."""
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(t - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _mask_scores(t, Mask, stride_mm, m0, n0, lm, ln, Lq, Lk, causal_shift, CHECK: tl.constexpr,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
     """Apply the masks to a tile of base-2 logits `t` for query rows m0 + lm and keys n0 + ln, where lm / ln
@@ -115,13 +141,7 @@ def _mask_scores(t, Mask, stride_mm, m0, n0, lm, ln, Lq, Lk, causal_shift, CHECK
             mv = tl.load(Mask + tl.cast(m0, tl.int64) * stride_mm + lm * stride_mm, mask=qi < Lq, other=0)
         else:
             mv = tl.load(Mask)
-        if MASK_KIND == 1:  # bool, True = keep
-            t = tl.where(mv != 0, t, float("-inf"))
-        else:  # additive. Finite values are clamped so that * log2(e) cannot overflow to -inf (finfo.min
-            # masks stay finite, as in torch); -inf stays -inf.
-            add = mv.to(tl.float32)
-            add = tl.where(add == float("-inf"), add, tl.maximum(add, -2.0e38))
-            t = t + add * _LOG2E
+        t = _apply_mask_values(t, mv, MASK_KIND)
     if CHECK:
         ok = kj < Lk
         if CAUSAL:
@@ -172,16 +192,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_vn, stride_mm, m0
         t = _dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
                          CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: p = 0, no NaN
-        p = tl.math.exp2(t - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _softmax_step(t, m_i, l_i)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, rng_base, m0, n0, Lk, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
         v = _load_rows(V, n0, stride_vn, Lk, offs_n, offs_dv, DV, UPCAST)  # (BLOCK_N, BLOCK_DV)
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -320,22 +335,13 @@ def _attn_decode_split_kernel(
         keep = (keys < hi)[None, :]
         if CAUSAL:
             keep = keep & (keys[None, :] <= qi[:, None] + causal_shift)
-        if MASK_KIND != 0:  # as _mask_scores: bool True = keep; additive clamped finite, in base 2
+        if MASK_KIND != 0:  # a gather: the rows are (q head, query) pairs
             mv = tl.load(m_rows + keys[None, :].to(tl.int64) * stride_mk, mask=rows_ok[:, None] & keep, other=0)
-            if MASK_KIND == 1:
-                keep = keep & (mv != 0)
-            else:
-                add = mv.to(tl.float32)
-                t = t + tl.where(add == float("-inf"), add, tl.maximum(add, -2.0e38)) * _LOG2E
+            t = _apply_mask_values(t, mv, MASK_KIND)
         t = tl.where(keep, t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: p = 0, no NaN
-        p = tl.math.exp2(t - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _softmax_step(t, m_i, l_i)
         v = _load_rows(V, n0, stride_vn, Lk, offs_n, offs_dv, DV, UPCAST)  # (BLOCK_N, BLOCK_DV)
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
 
     dead = l_i == 0.0
     acc = acc / tl.where(dead, 1.0, l_i)[:, None]
