@@ -1,7 +1,7 @@
 """Triton GRU: fused cell / recurrent step forward, fused gate-gradient backward, and one-direction layers.
 
-Layout of this file: three kernels (`_gru_step_fwd_kernel`, `_gru_seq_fwd_kernel`: the same step for every step
-of a layer in one launch, `_gru_gates_bwd_kernel`), four launchers with the torch backend's signatures and returns
+Layout of this file: four kernels (`_gru_step_fwd_kernel`, `_gru_gates_bwd_kernel`, and `_gru_seq_fwd_kernel` /
+`_gru_seq_bwd_kernel`: the same steps for every step of a layer in one launch), four launchers with the torch backend's signatures and returns
 (`gru_cell_fwd`, `gru_cell_bwd`, `gru_layer_fwd`, `gru_layer_bwd`) and `compile_configs()` for the offline
 compile check (scripts/compile_triton.py).
 
@@ -408,10 +408,15 @@ def _launch_step_fwd(gi, hp, w_hh, b_hh, out, ws, needs_grad):
     )
 
 
-# The layer forward runs every step in one launch (_gru_seq_fwd_kernel, a program per 16 batch rows) when W_hh is at
-# most this size: each program streams all of W_hh from L2 at every step, which beats a launch per step (tens of
+# A layer's forward and backward run every step in one launch (_gru_seq_*_kernel, a program per 16 batch rows) when
+# W_hh is at most this size: each program streams all of W_hh from L2 at every step, which beats a launch per step (tens of
 # us of host time each) while W_hh is small; larger layers take a launch per step, spread over hidden blocks.
 SEQ_MAX_W_BYTES = 1 << 20
+
+
+def _one_launch(w_hh) -> bool:
+    """A layer's forward and backward run every step in one launch (W_hh within SEQ_MAX_W_BYTES)."""
+    return w_hh.numel() * w_hh.element_size() <= SEQ_MAX_W_BYTES
 
 
 def _launch_seq_fwd(gi, h0, w_hh, b_hh, out, ws, reverse, needs_grad):
@@ -537,7 +542,7 @@ def gru_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad):
         return out, h0.clone(), ws
     with torch.no_grad(), _device_guard(x):
         gi = _linear_f32(x.reshape(t_len * B, isz), w_ih, b_ih).view(t_len, B, 3 * H)
-        if 3 * H * H * w_hh.element_size() <= SEQ_MAX_W_BYTES:
+        if _one_launch(w_hh):
             _launch_seq_fwd(gi, h0, w_hh, b_hh, out, ws, reverse, needs_grad)
             h = out[0] if reverse else out[t_len - 1]
         else:
@@ -573,7 +578,7 @@ def gru_layer_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh,
         dgi_all = _alloc((t_len, B, 3 * H), torch.float32, dev)
         dgh_all = _alloc((t_len, B, 3 * H), torch.float32, dev)
         dh = dh_last.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # the carried dL/dh
-        if 3 * H * H * w_hh.element_size() <= SEQ_MAX_W_BYTES:
+        if _one_launch(w_hh):
             _launch_seq_bwd(dh, dout, h_prev, ws, w_hh, dgi_all, dgh_all, reverse)
         else:
             dhd = _alloc((B, H), torch.float32, dev)
