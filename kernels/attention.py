@@ -11,7 +11,14 @@ Math (per (batch, q head) and query row i; kv head = q head // group, never mate
     Forward (online softmax, fp32): m_i = running max, l_i = running sum of exp2(t - m_i), acc = sum p v.
         out_i = acc / l_i (times 1 / (1 - p_drop) with dropout), lse_i = ln(2) * (m_i + log2(l_i)):
         natural-log, fp32, +inf with out_i = 0 for a row that sees no key (l_i = 0).
-    Backward: delta_i = rowsum(dout_i * out_i); P = exp2(t - lse * log2(e)) recomputed (0 on +inf rows);
+    Backward: delta_i = rowsum(dout_i * out_i); P = exp2(t - lse2) recomputed (0 on +inf rows), lse2 =
+        lse * log2(e). Exact rows: where |lse2| > EXACT_ROW_LSE2 (2^14), lse cannot hold log2(l) next to m in
+        fp32 (an additive mask of -1e9 or finfo.min on every key: P is uniform there, and exp2(t - lse2) would
+        give 1, not 1 / l). The preprocess kernel recomputes such a row's m and l2 = log2(l) from the keys; then
+        P = 2^-l2 exp2(t - m), and it puts the factor 2^-l2 into the row's dout and delta (a copy of dout): the
+        other kernels run unchanged with lse2 = m. Only with an additive mask or fp32 inputs (EXACT_ROWS: 16-bit
+        inputs without an additive mask would need logits beyond +-11000, where their own rounding is as large);
+        the cpp and cuda backends recompute the same rows (csrc/include/pyattn/attn_exact_rows.h).
         dP = dout v^T (dropped entries 0, kept ones / (1 - p_drop)); dS = P * (dP - delta);
         dV = P_dropped^T dout, dK = scale * dS^T q, dQ = scale * dS k.
     Causal: query i sees key j iff j <= i + shift, shift = Lk - Lq for bottom-right (flash-attn), else 0
@@ -52,9 +59,16 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
 
 
-def _pre_block_m(block_dv: int) -> int:
-    """Backward preprocess: rows per program, 4096 elements of out and of dout per tile (spill-free)."""
-    return max(16, min(64, 4096 // block_dv))
+# Backward rows whose |lse| in log2 units exceeds this get exact statistics (see the module docstring): fp32's
+# spacing there is 2^-9, past it log2(l) starts to go missing from lse. Ordinary logits stay far below it.
+EXACT_ROW_LSE2 = 16384.0
+_EXACT_ROW_LSE2 = tl.constexpr(EXACT_ROW_LSE2)
+
+
+def _pre_blocks(block_d: int, block_dv: int) -> tuple:
+    """Backward preprocess: rows per program (up to 32, 2048 elements per tile of out, dout and q) and keys per tile
+    of the rare exact-row pass (16: few registers, so that the common path keeps its occupancy), spill-free."""
+    return max(16, min(32, 2048 // max(block_d, block_dv))), 16
 
 
 # The one configuration used under the interpreter (multi-config autotuning needs a GPU). BLOCK_M != BLOCK_N
@@ -390,29 +404,85 @@ def _attn_decode_combine_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(
-    Out,  # (B, Hq, Lq, DV), strides (stride_ob, stride_oh, stride_om, 1)
-    DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
-    Delta,  # (B, Hq, Lq) fp32, contiguous: rowsum(dout * out)
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    H, Lq,
-    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    # Grid: (cdiv(Lq, BLOCK_M), Hq, B).
-    m0 = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    o = _load_rows(Out + b * stride_ob + h * stride_oh, m0, stride_om, Lq, offs_m, offs_dv, DV, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_dom, Lq, offs_m, offs_dv, DV, True)
-    rows = m0 + offs_m
-    tl.store(Delta + (b * H + h) * Lq + rows, tl.sum(o * do, 1), mask=rows < Lq)
+def _exact_row_stats(lse2, q, K, Mask, stride_kn, stride_mm, m0, Lq, Lk, causal_shift, qk_scale, offs_m, offs_n,
+                     offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """-> (lse2, l2) of query rows [m0, m0 + BLOCK_M): lse2 and 0 as given, except on rows with finite
+    |lse2| > EXACT_ROW_LSE2 (an additive mask of -1e9 or finfo.min on every key): their max m and
+    l2 = log2(sum 2^(t - m)), recomputed from the keys (the forward's online softmax without V)."""
+    exact = (tl.abs(lse2) > _EXACT_ROW_LSE2) & (lse2 != float("inf"))
+    l2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if tl.max(exact.to(tl.int32), 0) > 0:  # rare: a whole pass over the keys
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        hi = _key_range(m0, Lk, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)[1]
+        for n0 in range(0, hi, BLOCK_N):
+            k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+            t = _dot(q, tl.trans(k)) * qk_scale
+            t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
+                             True, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
+            l_i, m_i = _softmax_step(t, m_i, l_i)[2:]
+        lse2 = tl.where(exact, m_i, lse2)
+        l2 = tl.where(exact, tl.math.log2(tl.where(exact, l_i, 1.0)), 0.0)
+    return lse2, l2
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, stride_qm, stride_dom, stride_mm, n0, lo, hi,
+def _attn_bwd_preprocess_kernel(
+    Q,  # (B, Hq, Lq, D), strides (stride_qb, stride_qh, stride_qm, 1); read only when EXACT_ROWS
+    K,  # (B, Hkv, Lk, D), strides (stride_kb, stride_kh, stride_kn, 1); read only when EXACT_ROWS
+    Mask,  # as in the dQ kernel (dummy when MASK_KIND == 0)
+    Out,  # (B, Hq, Lq, DV), strides (stride_ob, stride_oh, stride_om, 1)
+    DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
+    Lse,  # (B, Hq, Lq) fp32, contiguous: the forward's (natural log)
+    Lse2,  # (B, Hq, Lq) fp32, contiguous, out: lse * log2(e), or the row's max m on exact rows
+    Delta,  # (B, Hq, Lq) fp32, contiguous, out: rowsum(dout * out), times 2^-l2 on exact rows
+    DOS,  # (B, Hq, Lq, DV) contiguous, out when EXACT_ROWS: dout, times 2^-l2 on exact rows
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    H, GROUP, Lq, Lk, causal_shift, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+    EXACT_ROWS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grid: (cdiv(Lq, BLOCK_M), Hq, B). On an exact row P = 2^-l2 2^(t - m): the factor 2^-l2 goes into the row's
+    # dout and delta (DOS, Delta), which the dK/dV and dQ kernels read with lse2 = m: dV = P^T dout and
+    # dS = P (dout v^T - delta) come out the same, and their loops need no second row statistic.
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    row0 = (b * H + h) * Lq
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = m0 + offs_m
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, m0, stride_om, Lq, offs_m, offs_dv, DV, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_dom, Lq, offs_m, offs_dv, DV, True)
+    delta = tl.sum(o * do, 1)
+    lse2 = tl.load(Lse + row0 + rows, mask=rows < Lq, other=float("inf")) * _LOG2E
+    if EXACT_ROWS:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qm, Lq, offs_m, offs_d, D, UPCAST)
+        lse2, l2 = _exact_row_stats(lse2, q, K + b * stride_kb + kvh * stride_kh, Mask + b * stride_mb + h * stride_mh,
+                                    stride_kn, stride_mm, m0, Lq, Lk, causal_shift, qk_scale, offs_m, offs_n, offs_d,
+                                    D, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, MASK_Q, MASK_K, UPCAST)
+        c = tl.math.exp2(-l2)  # 1 on ordinary rows
+        delta = delta * c
+        dos_ptrs = DOS + (row0 + m0) * DV + offs_m[:, None] * DV + offs_dv[None, :]
+        tl.store(dos_ptrs, (do * c[:, None]).to(DOS.dtype.element_ty),
+                 mask=(rows < Lq)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(Delta + row0 + rows, delta, mask=rows < Lq)
+    tl.store(Lse2 + row0 + rows, lse2, mask=rows < Lq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, Lse2, Delta, Mask, stride_qm, stride_dom, stride_mm, n0, lo, hi,
                 Lq, Lk, causal_shift, qk_scale, dropout_p, seed, rng_base, offs_m, offs_n, offs_d, offs_dv,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CHECK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr,
@@ -422,7 +492,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, stride_qm, stride_dom, st
         rows = m0 + offs_m
         q = _load_rows(Q, m0, stride_qm, Lq, offs_m, offs_d, D, UPCAST)  # (BLOCK_M, BLOCK_D)
         do = _load_rows(DO, m0, stride_dom, Lq, offs_m, offs_dv, DV, UPCAST)  # (BLOCK_M, BLOCK_DV)
-        lse2 = tl.load(Lse + rows, mask=rows < Lq, other=float("inf")) * _LOG2E  # rows >= Lq: P = 0
+        lse2 = tl.load(Lse2 + rows, mask=rows < Lq, other=float("inf"))  # rows >= Lq: P = 0
         delta = tl.load(Delta + rows, mask=rows < Lq, other=0.0)
         t = _dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
         t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[None, :], offs_n[:, None], Lq, Lk, causal_shift,
@@ -442,17 +512,17 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, Mask, stride_qm, stride_dom, st
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, Q, DO, Lse, Delta, Mask, b, h, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
-               stride_dom, stride_mb, stride_mh, stride_mm, n0, lo, hi, H, Lq, Lk, causal_shift, qk_scale,
-               dropout_p, seed, rng_offset, offs_m, offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr,
-               MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _dkdv_head(dk, dv, k, v, Q, DO, Lse2, Delta, Mask, b, h, stride_qb, stride_qh, stride_qm, stride_dob,
+               stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, n0, lo, hi, H, Lq, Lk, causal_shift,
+               qk_scale, dropout_p, seed, rng_offset, offs_m, offs_n, offs_d, offs_dv, D: tl.constexpr,
+               DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     """Add q head h's contribution over query rows [lo, hi) to this key block's dk, dv."""
     row0 = (b * H + h) * Lq
     return _dkdv_inner(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                       Lse + row0, Delta + row0, Mask + b * stride_mb + h * stride_mh, stride_qm, stride_dom,
-                       stride_mm, n0, lo, hi, Lq, Lk, causal_shift, qk_scale, dropout_p, seed,
+                       Lse2 + row0, Delta + row0, Mask + b * stride_mb + h * stride_mh, stride_qm,
+                       stride_dom, stride_mm, n0, lo, hi, Lq, Lk, causal_shift, qk_scale, dropout_p, seed,
                        rng_offset + row0 * Lk, offs_m, offs_n, offs_d, offs_dv, D, DV, BLOCK_M, BLOCK_N, CHECK,
                        CAUSAL, MASK_KIND, MASK_Q, MASK_K, HAS_DROPOUT, UPCAST)
 
@@ -465,7 +535,7 @@ def _attn_bwd_dkdv_kernel(
     Mask,  # (B|1, Hq|1, Lq|1, Lk|1) bool or additive, strides (stride_mb, stride_mh, stride_mm, 1), 0 on
     #        broadcast dims (dummy when MASK_KIND == 0)
     DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
-    Lse,  # (B, Hq, Lq) fp32, contiguous (natural log; +inf on rows that see no key)
+    Lse2,  # (B, Hq, Lq) fp32, contiguous: from the preprocess kernel (log2 units; +inf on rows that see no key)
     Delta,  # (B, Hq, Lq) fp32, contiguous
     DK,  # (B, Hkv, Lk, D), strides (stride_dkb, stride_dkh, stride_dkn, 1)
     DV,  # (B, Hkv, Lk, DV), strides (stride_dvb, stride_dvh, stride_dvn, 1)
@@ -500,13 +570,13 @@ def _attn_bwd_dkdv_kernel(
     # block). One inner loop per head, checking causality on every block when CAUSAL: a second (unchecked) loop
     # in the same outer loop costs so many registers that every useful configuration spills. Without CAUSAL no
     # check is needed here: keys >= Lk only produce dk/dv rows that are never stored, and query rows >= Lq
-    # read lse = +inf (P = 0).
+    # read lse2 = +inf (P = 0).
     if CAUSAL:
         lo = tl.maximum(n0 - causal_shift, 0) // BLOCK_M * BLOCK_M
     else:
         lo = n0 * 0
     for g in range(0, GROUP):
-        dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, Lse, Delta, Mask, b, kvh * GROUP + g, stride_qb, stride_qh,
+        dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, Lse2, Delta, Mask, b, kvh * GROUP + g, stride_qb, stride_qh,
                             stride_qm, stride_dob, stride_doh, stride_dom, stride_mb, stride_mh, stride_mm, n0, lo,
                             Lq, H, Lq, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset, offs_m, offs_n,
                             offs_d, offs_dv, D, DV_, BLOCK_M, BLOCK_N, CAUSAL, CAUSAL, MASK_KIND, MASK_Q, MASK_K,
@@ -551,7 +621,7 @@ def _attn_bwd_dq_kernel(
     Mask,  # (B|1, Hq|1, Lq|1, Lk|1) bool or additive, strides (stride_mb, stride_mh, stride_mm, 1), 0 on
     #        broadcast dims (dummy when MASK_KIND == 0)
     DO,  # (B, Hq, Lq, DV), strides (stride_dob, stride_doh, stride_dom, 1)
-    Lse,  # (B, Hq, Lq) fp32, contiguous
+    Lse2,  # (B, Hq, Lq) fp32, contiguous: from the preprocess kernel (log2 units)
     Delta,  # (B, Hq, Lq) fp32, contiguous
     DQ,  # (B, Hq, Lq, D), strides (stride_dqb, stride_dqh, stride_dqm, 1)
     stride_qb, stride_qh, stride_qm,
@@ -585,7 +655,7 @@ def _attn_bwd_dq_kernel(
     rows = m0 + offs_m
     q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, stride_qm, Lq, offs_m, offs_d, D, UPCAST)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, stride_dom, Lq, offs_m, offs_dv, DV, UPCAST)
-    lse2 = tl.load(Lse + row0 + rows, mask=rows < Lq, other=float("inf")) * _LOG2E
+    lse2 = tl.load(Lse2 + row0 + rows, mask=rows < Lq, other=float("inf"))
     delta = tl.load(Delta + row0 + rows, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -941,20 +1011,28 @@ def attn_bwd(dout, q, k, v, out, lse, mask, dropout_p: float, causal: bool, bott
     mask_t, ms, mask_consts = _mask_args(mask, q)
     shift = (lk - lq) if (causal and bottom_right) else 0
     consts = _common_consts(q, v, causal, mask_consts, dropout_p)
-    delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    # Exact statistics for rows whose lse is too large to hold log2(l) (module docstring): where an additive mask
+    # can put them there, or fp32 inputs ask for fp32 accuracy. Their factor 2^-l2 goes into a copy of dout.
+    exact = mask_consts["MASK_KIND"] == _MASK_ADD or q.dtype == torch.float32
+    lse2, delta = torch.empty((2, b, hq, lq), dtype=torch.float32, device=q.device).unbind(0)
+    dos = torch.empty((b, hq, lq, dvd), dtype=dout.dtype, device=q.device) if exact else dout
     common = (hq, hq // hkv, lq, lk, shift, float(scale) * LOG2E, float(scale), float(dropout_p), int(seed),
               int(offset))
     with _device_guard(q):
-        pre_m = _pre_block_m(consts["BLOCK_DV"])
+        pre_m, pre_n = _pre_blocks(consts["BLOCK_D"], consts["BLOCK_DV"])
+        pre_consts = {name: consts[name] for name in ("D", "BLOCK_D", "BLOCK_DV", "CAUSAL", "MASK_KIND", "MASK_Q",
+                                                      "MASK_K", "UPCAST")}
         _attn_bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), hq, b)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], hq, lq,
-            DV=dvd, BLOCK_M=pre_m, BLOCK_DV=consts["BLOCK_DV"])
-        args = (q, k, v, mask_t, dout, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
-                *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *common)
+            q, k, mask_t, out, dout, lse, lse2, delta, dos, *q.stride()[:3], *k.stride()[:3], *ms,
+            *out.stride()[:3], *dout.stride()[:3], hq, hq // hkv, lq, lk, shift, float(scale) * LOG2E,
+            DV=dvd, BLOCK_M=pre_m, BLOCK_N=pre_n, EXACT_ROWS=exact, **pre_consts)
+        dout = dos
+        args = (q, k, v, mask_t, dout, lse2, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *ms, *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *common)
         _launch("dkdv", lambda c: (triton.cdiv(lk, c["BLOCK_N"]), hkv, b), q, lq, lk, args,
                 {**consts, "DV_": dvd})
-        args = (q, k, v, mask_t, dout, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
-                *dout.stride()[:3], *dq.stride()[:3], *common)
+        args = (q, k, v, mask_t, dout, lse2, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *ms, *dout.stride()[:3], *dq.stride()[:3], *common)
         _launch("dq", lambda c: (triton.cdiv(lq, c["BLOCK_M"]), hq, b), q, lq, lk, args,
                 {**consts, "DV": dvd})
     return dq, dk, dv
@@ -964,23 +1042,18 @@ def attn_bwd(dout, q, k, v, out, lse, mask, dropout_p: float, causal: bool, bott
 # Offline compile check (scripts/compile_triton.py)
 # --------------------------------------------------------------------------------------------------
 
-def _signature(kind: str, t: str, mask_t: str) -> dict:
-    """Argument types of kernel `kind` for element type t ("fp16", ...) and mask pointer type."""
-    ptr = {"Q": t, "K": t, "V": t, "Mask": mask_t}
-    if kind == "fwd":
-        ptr.update(Out=t, Lse="fp32")
-    elif kind == "dkdv":
-        ptr.update(DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t)
-    else:
-        ptr.update(DO=t, Lse="fp32", Delta="fp32", DQ=t)
-    sig = {name: f"*{ty}" for name, ty in ptr.items()}
-    for name in _KERNELS[kind].arg_names:
+def _signature(kernel, t: str, mask_t: str) -> dict:
+    """Argument types of a forward / backward kernel (not the split-KV ones) for element type t ("fp16", ...) and
+    mask pointer type."""
+    names = kernel.arg_names
+    tensors = names[:next(i for i, name in enumerate(names) if name.startswith("stride_"))]  # pointers come first
+    ptr = {"Q": t, "K": t, "V": t, "Mask": mask_t, "Out": t, "DO": t, "DOS": t, "DQ": t, "DK": t, "DV": t}
+    sig = {name: f"*{ptr.get(name, 'fp32')}" for name in tensors}  # Lse, Lse2, Delta: fp32
+    for name in kernel.arg_names:
         if name.startswith("stride_") or name in ("H", "GROUP", "Lq", "Lk", "causal_shift"):
             sig[name] = "i32"
-    sig.update(qk_scale="fp32", dropout_p="fp32", seed="i64", rng_offset="i64")
-    if kind != "fwd":
-        sig["sm_scale"] = "fp32"
-    return {name: sig[name] for name in _KERNELS[kind].arg_names if name in sig}
+    sig.update(qk_scale="fp32", sm_scale="fp32", dropout_p="fp32", seed="i64", rng_offset="i64")
+    return {name: sig[name] for name in names if name in sig}
 
 
 def _flag_sets(heavy: bool, full: bool):
@@ -1057,7 +1130,7 @@ def compile_configs(full: bool = False):
     for (kind, bucket, heavy, t, (bm, bn, warps, stages)), d, flags in jobs:
         causal, mask_kind, mq, mk, dropout = flags
         mask_t = {_MASK_NONE: t, _MASK_BOOL: "i1", _MASK_ADD: "fp32"}[mask_kind]
-        sig = _signature(kind, t, mask_t)
+        sig = _signature(_KERNELS[kind], t, mask_t)
         block_d = max(16, triton.next_power_of_2(d))
         consts = {"D": d, ("DV_" if kind == "dkdv" else "DV"): d, "BLOCK_D": block_d, "BLOCK_DV": block_d,
                   "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "MASK_KIND": mask_kind, "MASK_Q": mq, "MASK_K": mk,
@@ -1065,11 +1138,22 @@ def compile_configs(full: bool = False):
         sig.update({k: "constexpr" for k in consts})
         configs.append((_KERNELS[kind], sig, consts, warps, {"num_stages": stages}))
     configs += _split_kv_compile_configs(full)
-    for block_dv in (16, 32, 64, 128, 256) if full else (64, 256):
-        sig = {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32", "stride_ob": "i32", "stride_oh": "i32",
-               "stride_om": "i32", "stride_dob": "i32", "stride_doh": "i32", "stride_dom": "i32", "H": "i32",
-               "Lq": "i32"}
-        consts = {"DV": block_dv, "BLOCK_M": _pre_block_m(block_dv), "BLOCK_DV": block_dv}
-        sig.update({k: "constexpr" for k in consts})
-        configs.append((_attn_bwd_preprocess_kernel, sig, consts, 4))
+    configs += _preprocess_compile_configs(full)
+    return configs
+
+
+def _preprocess_compile_configs(full: bool):
+    """The backward preprocess kernel per head dim (q's and v's the same): without exact rows (bf16, no mask), and
+    with them (bf16 / fp32, causal, a full additive mask tile)."""
+    configs = []
+    for d in (16, 32, 64, 128, 256) if full else (64, 256):
+        block_m, block_n = _pre_blocks(d, d)
+        for t, exact in (("bf16", False), ("bf16", True), ("fp32", True)):
+            mask_t = "fp32" if exact else t
+            sig = _signature(_attn_bwd_preprocess_kernel, t, mask_t)
+            consts = {"D": d, "DV": d, "BLOCK_D": d, "BLOCK_DV": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                      "CAUSAL": exact, "MASK_KIND": _MASK_ADD if exact else _MASK_NONE, "MASK_Q": exact,
+                      "MASK_K": exact, "EXACT_ROWS": exact, "UPCAST": False}
+            sig.update({k: "constexpr" for k in consts})
+            configs.append((_attn_bwd_preprocess_kernel, sig, consts, 4))
     return configs

@@ -203,6 +203,60 @@ def key_padding_mask(lengths, lk: int, device="cpu") -> Tensor:
     return (torch.arange(lk, device=device)[None, :] < lengths[:, None])[:, None, None, :]
 
 
+def check_exact_rows(backend: str, case: str, causal: bool = False, device="cpu") -> None:
+    """Attention rows whose lse cannot hold log2(l) in fp32 (csrc/include/pyattn/attn_exact_rows.h), forward and
+    backward of ``backend`` (the op, fp32) against the float64 oracle (assert_close_fp32). ``case``:
+    "finfo.min" / "-1e9" / "-1e5": two rows with that additive mask on every key they see (their queries 0, so the
+    logits are exactly equal in any precision: softmax uniform), beside a row with it on all keys but one (an
+    ordinary row); causal: bottom-right (Lq 70 < Lk 130). "+tied" / "-tied": no mask, fp32 logits of +-1e8 .. 4e8
+    (log2 units; powers of two, exact in any summation order) tied over all keys (equal keys): P = 1 / Lk, where
+    lse2 = m + log2(Lk) rounds to a multiple of 8. exp2(t - lse2) alone is off on all of those rows (1 instead of
+    1 / l on the masked ones)."""
+    from .ops.attention import _attention_bwd, _attention_fwd
+
+    if case.endswith("tied"):
+        sign = 1.0 if case[0] == "+" else -1.0
+        _, _, v = make_qkv(1, 2, 20, 24, 16, device=device, seed=4)
+        k = torch.ones(1, 2, 24, 16, device=device)  # small k: dq = scale sum_j dS_ij k_j cancels to 0 (rounding)
+        c = torch.arange(20, device=device) % 4 + 1.0  # q . k = c 2^28: t = c 2^28 / 4 * log2(e) ~ 1e8 c
+        q = (sign * 2.0**24 * c)[:, None].expand(1, 2, 20, 16).contiguous()
+        mask = None
+    else:
+        big = {"finfo.min": torch.finfo(torch.float32).min, "-1e9": -1e9, "-1e5": -1e5}[case]
+        q, k, v = make_qkv(2, 2, 70, 130, 16, seed=21)
+        mask = torch.randn(2, 2, 70, 130, generator=torch.Generator().manual_seed(21))
+        put_huge_mask_rows(q, mask, big)
+        mask[0, 1, 40, :64] = big  # all keys of row 40 but one: P = 1 on that key (an ordinary row)
+        mask[0, 1, 40, 10] = 0.0
+        mask[0, 1, 40, 64:] = -math.inf
+        q, k, v, mask = (t.to(device) for t in (q, k, v, mask))
+    scale = q.shape[-1] ** -0.5
+    out, lse, state = _attention_fwd(q, k, v, mask, 0.0, causal, True, scale, None, True, backend)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    grads = _attention_bwd(dout, q, k, v, out, lse, mask, 0.0, causal, True, scale, state, backend)
+    ref, _, ref_grads = attention_ref(q, k, v, mask, causal=causal, bottom_right=True, scale=scale, dout=dout)
+    for name, t, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert_close_fp32(t, r, "fwd" if name == "out" else "bwd", msg=lambda m, name=name: f"{name}: " + m)
+
+
+def put_huge_mask_rows(q: Tensor, mask: Tensor, big: float) -> None:
+    """In place: give two query rows an additive ``big`` (-1e9, finfo(float32).min, ...) on every key they see, row
+    1 of (batch 0, head 0) on all keys, row Lq - 4 of (last batch, last head) on the first 40% (-inf on the rest),
+    and zero those rows of q (leaf or not), so that their logits are exactly equal in any precision: softmax is
+    uniform there, and the float64 oracle rounds them as fp32 does. ``mask`` is additive, (B|1, Hq|1, Lq, Lk);
+    where it broadcasts, every batch / head gets those rows. Such rows' lse cannot hold log2(l) in fp32: the
+    backward must recompute their statistics (csrc/include/pyattn/attn_exact_rows.h)."""
+    lq, lk = q.shape[2], mask.shape[3]
+    cut = max(1, lk * 2 // 5)
+    mask[0, 0, 1] = big
+    mask[-1, -1, lq - 4, :cut] = big
+    mask[-1, -1, lq - 4, cut:] = -math.inf
+    every = slice(None)
+    with torch.no_grad():
+        q[0 if mask.shape[0] > 1 else every, 0 if mask.shape[1] > 1 else every, 1] = 0
+        q[-1 if mask.shape[0] > 1 else every, -1 if mask.shape[1] > 1 else every, lq - 4] = 0
+
+
 # ---- reference runners -------------------------------------------------------------------------------------
 
 

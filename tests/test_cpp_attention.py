@@ -23,7 +23,7 @@ from pyattn.backends.torch import causal_keep
 from pyattn.dispatch import BackendNotSupported, get_backend
 from pyattn.ops.attention import _attention_bwd, _attention_fwd, make_inputs
 from pyattn.testing import (assert_attention_close, assert_close_fp32, attention_low, attention_ref,
-                            key_padding_mask, make_qkv)
+                            check_exact_rows, key_padding_mask, make_qkv)
 
 
 def _cpp_reason():
@@ -301,9 +301,8 @@ def _torch_sdpa_f64(q, k, v, mask, dout):
 
 def test_very_negative_mask_rows_give_uniform_softmax():
     # A row whose every logit is finfo(float32).min (+ small): torch's softmax is uniform over those keys (the
-    # logits are equal after rounding), not 0. The float64 oracle of pyattn.testing (the torch backend) returns
-    # sum(v) instead of mean(v) there (it computes P = exp(s - lse) and lse absorbs log(Lk)), so this compares with
-    # torch's F.scaled_dot_product_attention in float64.
+    # logits are equal after rounding), not 0. Compared with torch's own F.scaled_dot_product_attention in float64
+    # (math backend), and with mean(v).
     q, k, v, mask = _very_negative_case(whole_rows=True)
     out = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpp")
     ref, _ = _torch_sdpa_f64(q, k, v, mask, torch.zeros(out.shape))
@@ -326,6 +325,15 @@ def test_very_negative_mask_partial_rows_fwd_bwd():
     assert_close_fp32(out, ref)
     for g_, r in zip((dq, dk, dv), ref_grads):
         assert_close_fp32(g_, r, "bwd")
+
+
+@pytest.mark.parametrize("case,causal", [("finfo.min", True), ("-1e9", False), ("-1e9", True), ("-1e5", False),
+                                         ("+tied", False), ("-tied", True)])
+def test_exact_rows_backward(case, causal):
+    """Rows whose lse2 = m + log2(l) rounds to m in fp32 (pyattn/attn_exact_rows.h): one huge additive mask value
+    on every key (uniform softmax; before the limit moved from -1e30 to 2^14, -1e9 rows got P = 1: dq off by ~20) and
+    fp32 logits of +-1e8 tied over the keys."""
+    check_exact_rows("cpp", case, causal)
 
 
 def test_very_negative_mask_rows_backward():

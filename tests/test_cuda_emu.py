@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pyattn.backends import cpp
 from pyattn.backends.torch import causal_keep
 from pyattn.testing import (assert_attention_close, assert_tol, attention_dropout_ref, attention_low, attention_ref,
-                            make_qkv, nan_padded_rows, norm_ref)
+                            make_qkv, nan_padded_rows, norm_ref, put_huge_mask_rows)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import cuda_emu  # noqa: E402
@@ -262,14 +262,16 @@ def test_attention_fully_masked_rows():
     assert bool((lse[:, :, :83] == math.inf).all()) and bool(lse[:, :, 83:].isfinite().all())
 
 
-def test_attention_finfo_min_rows():
-    """A row whose every key carries an additive finfo.min: softmax is uniform there (torch's result); the backward
-    recomputes that row's statistics exactly instead of exp2(x - lse) = 1."""
+@pytest.mark.parametrize("big", [torch.finfo(torch.float32).min, -1e9], ids=["finfo.min", "-1e9"])
+def test_attention_huge_mask_rows(big):
+    """Rows whose every key carries one huge additive value: softmax is uniform there (torch's result); their lse
+    cannot hold log2(l) in fp32, so the backward recomputes their statistics (pyattn/attn_exact_rows.h; -1e9 rows
+    were below the old limit of -1e30 and got exp2(x - lse) = 1)."""
     q, k, v = make_qkv(2, 2, 70, 90, 64, dtype=torch.float16, seed=21)
     mask = torch.randn(2, 1, 70, 90, generator=torch.Generator().manual_seed(21))
-    mask[0, 0, 7] = torch.finfo(torch.float32).min
-    mask[1, 0, 69, :50] = torch.finfo(torch.float32).min
-    mask[1, 0, 69, 50:] = -math.inf
+    put_huge_mask_rows(q, mask, big)
+    if big < -1e38:
+        mask[0, 0, 7] = big  # a query that is not 0: at finfo.min its logits round to one value even in float64
     _check_attention(q, k, v, mask=mask)
 
 

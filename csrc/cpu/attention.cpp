@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "pyattn/attn_dropout.h"
+#include "pyattn/attn_exact_rows.h"
 #include "pyattn/cpu_kernels.h"
 #include "pyattn/cpu_parallel.h"
 #include "pyattn/cpu_simd.h"
@@ -626,11 +627,10 @@ void fwd_impl(const AttnFwdParams& p) {
 // ------------------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------------------
-// A row whose logits are all hugely negative (e.g. an additive mask of finfo.min on every key: softmax is uniform
-// there) has an lse so large in magnitude that fp32 cannot hold log2(sum) next to it, so exp2(S - lse) would not
-// give P back. For such rows (lse2 < kHugeNegative, never reached by ordinary logits) the backward recomputes the
+// A row whose logits are all hugely negative (e.g. an additive mask of -1e9 or finfo.min on every key: softmax is
+// uniform there) has an lse so large in magnitude that fp32 cannot hold log2(sum) next to it, so exp2(S - lse) would
+// not give P back. For such rows (needs_exact_row_stats, pyattn/attn_exact_rows.h) the backward recomputes the
 // row's max m and l2 = log2(sum 2^(S - m)) and uses P = exp2((S - m) - l2).
-constexpr float kHugeNegative = -1e30f;
 
 // One query row, scalar: qt_col[d * BM] is the row's pre-scaled query; writes m into *m_out and l2 into *l2_out.
 void exact_row_stats(const AttnCommon& p, const F32View& K, int64_t b, int64_t h, int64_t i, const float* qt_col,
@@ -642,7 +642,7 @@ void exact_row_stats(const AttnCommon& p, const F32View& K, int64_t b, int64_t h
   for (int64_t j = 0; j < jend; ++j) {
     const float* kj = K.at(b, hk, j);
     float acc = 0.0f;
-    for (int64_t d = 0; d < p.D; ++d) acc += qt_col[d * BM] * kj[d];
+    for (int64_t d = 0; d < p.D; ++d) acc = std::fma(qt_col[d * BM], kj[d], acc);  // as micro_kernel: S bit-equal
     std::fill(tile, tile + BM, 0.0f);
     tile[0] = acc;
     apply_masks(p, b, h, i, 1, j, 1, tile);  // the same masks, on a 1 x 1 tile
@@ -686,7 +686,7 @@ void bwd_impl(const AttnBwdParams& p) {
 
   // Phase 1, per (b, h, query block): Q^T and dO^T panels (D x BM, Dv x BM), fp32 rows of Q and dO (16-bit inputs),
   // lse in log2 units (+inf past Lq: P = 0 there) and delta = rowsum(dO * O) (0 past Lq). P = exp2((S - lse2) - l2)
-  // with l2 = 0, except for rows whose logits are all hugely negative (see exact_row_stats).
+  // with l2 = 0, except for rows whose lse is too large to hold l2 (see exact_row_stats).
   float* qt = ws.take(n_qt);
   float* dot = ws.take(n_dot);
   float* lse2 = ws.take(n_row);
@@ -714,7 +714,7 @@ void bwd_impl(const AttnBwdParams& p) {
     }
     for (int i = 0; i < nq; ++i) {
       const size_t r = size_t(bh * Lqp + i0 + i);
-      if (lse2[r] < kHugeNegative) exact_row_stats(p, K, b, h, i0 + i, qtp + i, &lse2[r], &l2[r]);
+      if (needs_exact_row_stats(lse2[r])) exact_row_stats(p, K, b, h, i0 + i, qtp + i, &lse2[r], &l2[r]);
     }
     if (half) {
       for (int i = 0; i < nq; ++i) {

@@ -29,9 +29,10 @@
 //            Deterministic (no atomics).
 //            For HD = 256 the dK/dV and dQ accumulators would not fit in registers: those kernels split the output
 //            columns in chunks of DC = 128 (grid dimension), each chunk recomputing S and dP.
-// Rows whose logits are all hugely negative (an additive mask of finfo.min on every visible key) have an lse too
-// large for exp2(x - lse) to give P back in fp32; the backward recomputes their max m and l2 = log2 sum 2^(x - m)
-// exactly (attn_bwd_pre_kernel) and uses P = exp2((x - m) - l2), as the CPU kernel does.
+// Rows whose logits are all hugely negative (an additive mask of -1e9 or finfo.min on every visible key) have an
+// lse too large for exp2(x - lse) to give P back in fp32; the backward recomputes their max m and
+// l2 = log2 sum 2^(x - m) exactly (attn_bwd_pre_kernel; which rows: pyattn/attn_exact_rows.h) and uses
+// P = exp2((x - m) - l2), as the CPU kernel does.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -40,6 +41,7 @@
 
 #include "attention_utils.cuh"
 #include "pyattn/attn_dropout.h"
+#include "pyattn/attn_exact_rows.h"
 #include "pyattn/cuda_kernels.h"
 #include "pyattn/params.h"
 
@@ -335,7 +337,7 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// The exact row statistics of one query row whose lse is hugely negative (one warp, lanes over keys; rare):
+// The exact row statistics of one query row whose lse is too large to hold l2 (one warp, lanes over keys; rare):
 // m = max_j x_ij, l2 = log2 sum_j 2^(x_ij - m) (in double), over the keys the row sees.
 template <class E>
 __device__ void exact_row_stats(const AttnBwdParams& p, const Derived& d, int64_t b, int64_t h, int64_t i, int lane,
@@ -364,7 +366,7 @@ __device__ void exact_row_stats(const AttnBwdParams& p, const Derived& d, int64_
 }
 
 // One warp per query row r = (b * Hq + h) * Lq + i (8 rows per block):
-//   delta[r] = sum_dv dout * out, lse2[r] = lse * log2(e), l2[r] = 0 (exact statistics for hugely negative rows).
+//   delta[r] = sum_dv dout * out, lse2[r] = lse * log2(e), l2[r] = 0 (exact statistics for rows past kExactRowLse2).
 template <class E>
 __global__ void __launch_bounds__(256) attn_bwd_pre_kernel(const AttnBwdParams p, const Derived d,
                                                            float* __restrict__ lse2,  // (B, Hq, Lq)
@@ -389,7 +391,7 @@ __global__ void __launch_bounds__(256) attn_bwd_pre_kernel(const AttnBwdParams p
   }
   acc = warp_sum(acc);
   float ls = p.lse[row] * kLog2e, lv = 0.0f;
-  if (ls < kHugeNegative) exact_row_stats<E>(p, d, b, h, i, lane, &ls, &lv);  // warp-uniform branch
+  if (needs_exact_row_stats(ls)) exact_row_stats<E>(p, d, b, h, i, lane, &ls, &lv);  // warp-uniform branch
   if (lane == 0) {
     lse2[row] = ls;
     l2[row] = lv;

@@ -25,7 +25,6 @@ namespace attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kHugeNegative = -1e30f;  // lse (log2 units) below this: the backward recomputes the row (see .cu)
 constexpr int kPad = 8;                   // shared-memory row padding (elements): conflict-free ldmatrix / cp.async
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }

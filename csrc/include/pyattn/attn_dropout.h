@@ -11,11 +11,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PYATTN_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PYATTN_HOST_DEVICE inline
-#endif
+#include "pyattn/host_device.h"
 
 namespace pyattn {
 namespace attn_dropout {
