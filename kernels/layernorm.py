@@ -202,7 +202,10 @@ def _bwd_row_terms(DY, S, W, cols, mask, mean, rstd, IS_RMS: tl.constexpr, HAS_W
     else:
         xhat = tl.where(mask, (s - mean) * rstd, 0.0)
     if HAS_WEIGHT:
-        wdy = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        # Rounded: an FMA with a zero addend, which the compiler cannot fuse further. A plain product gets fused
+        # into dx's wdy - (xhat c1 + c2) (one FMA with the exact product), while c2 sums rounded ones: rstd times
+        # their difference where dx is 0 (N = 1: dx = rstd (wdy - wdy)).
+        wdy = tl.fma(dy, tl.load(W + cols, mask=mask, other=0.0).to(tl.float32), 0.0)
     else:
         wdy = dy
     return dy, xhat, wdy

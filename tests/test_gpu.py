@@ -62,7 +62,7 @@ import math  # noqa: E402
 from pyattn.backends.torch import causal_keep  # noqa: E402
 from pyattn.ops.attention import _attention_fwd  # noqa: E402
 from pyattn.testing import attention_dropout_ref, attention_low, key_padding_mask, make_qkv  # noqa: E402
-from pyattn.testing import nan_padded_rows, norm_ref  # noqa: E402
+from pyattn.testing import check_exact_rows, nan_padded_rows, norm_ref, put_huge_mask_rows  # noqa: E402
 
 
 def _cuda_attention_missing():
@@ -293,16 +293,24 @@ def test_attention_cuda_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal,
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-3, rtol=1e-4)  # lse does not see dropout
 
 
-@_needs_cuda_attention
-def test_attention_cuda_finfo_min_rows():
-    """A row whose every key carries an additive finfo.min: softmax is uniform there (torch's result); the
-    backward recomputes that row's statistics exactly instead of exp2(x - lse) = 1."""
-    q, k, v = make_qkv(2, 2, 70, 90, 64, dtype=torch.float16, device=DEV, requires_grad=True, seed=21)
+@pytest.mark.parametrize("backend", _gpu_backends("attention"))
+@pytest.mark.parametrize("big", [torch.finfo(torch.float32).min, -1e9], ids=["finfo.min", "-1e9"])
+def test_attention_huge_mask_rows(backend, big):
+    """Rows whose every key carries one huge additive value: softmax is uniform there (torch's result); their lse
+    cannot hold log2(l) in fp32, so the backward recomputes their statistics instead of exp2(x - lse) = 1
+    (pyattn/attn_exact_rows.h; kernels/attention.py EXACT_ROW_LSE2)."""
+    q, k, v = make_qkv(2, 2, 70, 90, 64, dtype=torch.float16, seed=21)
     mask = torch.randn(2, 1, 70, 90, generator=torch.Generator().manual_seed(21))
-    mask[0, 0, 7] = torch.finfo(torch.float32).min
-    mask[1, 0, 69, :50] = torch.finfo(torch.float32).min
-    mask[1, 0, 69, 50:] = -math.inf
-    _check_half("cuda", q, k, v, mask=mask.to(DEV))
+    put_huge_mask_rows(q, mask, big)
+    q, k, v = (t.to(DEV).requires_grad_() for t in (q, k, v))
+    _check_half(backend, q, k, v, mask=mask.to(DEV))
+
+
+@pytest.mark.parametrize("case,causal", [("finfo.min", True), ("-1e9", False), ("+tied", False), ("-tied", True)])
+def test_attention_triton_exact_rows_fp32(case, causal):
+    """The same in fp32 through the Triton kernels (IEEE dots on the GPU), and fp32 logits of +-1e8 tied over the
+    keys: pyattn.testing.check_exact_rows."""
+    check_exact_rows("triton", case, causal, device=DEV)
 
 
 @_needs_cuda_attention
@@ -407,6 +415,19 @@ def test_norm_shapes_residual_and_grads(backend, rms, dtype, param_dtype):
         for name, got, want in zip(("dweight", "dbias"), grads[2:], dp64):
             assert got.dtype == pdt
             assert_tol(got, want, "layer_norm", pdt, "bwd", msg=_prefixed(f"{what} {name}"))
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))
+def test_norm_single_element_rows(backend):
+    """normalized_shape (1,): y = bias and dx = 0 exactly at rstd = 1000 (the backward's g = dy w rounded once and
+    used by both passes; a compiler-fused dy w - t once left rstd times g's rounding)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(33, 1, generator=g).to(DEV).requires_grad_()
+    w, b = (torch.randn(1, generator=g).to(DEV).requires_grad_() for _ in range(2))
+    y = pyattn.layer_norm(x, (1,), w, b, 1e-6, backend=backend)
+    assert torch.equal(y, b.detach().expand(33, 1))
+    dx, dw = torch.autograd.grad(y, (x, w), torch.randn(33, 1, generator=g).to(DEV))
+    assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
 
 
 @pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))

@@ -91,6 +91,21 @@ def test_offset_and_constant_rows(backend):
 
 
 @pytest.mark.parametrize("backend", LN)
+def test_single_element_rows_give_bias_and_zero_input_grad(backend):
+    """normalized_shape (1,): y = bias and dx = 0 exactly (torch's result), even at rstd = 1 / sqrt(eps) = 1000,
+    where dx = rstd (g - mean(g)) shows any disagreement between the two passes' g = dy w (the CPU kernel's
+    pass 2 once had GCC fuse dy * w - mean(g) into an FMA: 2e-5 instead of 0)."""
+    g = torch.Generator().manual_seed(4)
+    x, r = torch.randn(33, 1, generator=g).requires_grad_(), torch.randn(33, 1, generator=g)
+    w, b = torch.randn(1, generator=g).requires_grad_(), torch.randn(1, generator=g).requires_grad_()
+    for res in (None, r + 100.0):
+        y = pyattn.layer_norm(x, (1,), w, b, 1e-6, residual=res, backend=backend)
+        assert torch.equal(y, b.detach().expand(33, 1))
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn(33, 1, generator=g))
+        assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.parametrize("backend", LN)
 def test_nan_row_isolated_and_padding(backend):
     n = 127
     wide = torch.full((5, 160), float("nan"))

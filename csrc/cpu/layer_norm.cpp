@@ -484,6 +484,11 @@ inline Chunking bwd_chunking(int64_t M, int64_t N) {
   return c;
 }
 
+// g = dy * w rounded to fp32, as an explicit FMA with a zero addend: GCC contracts a * b - c into one FMA in C++
+// (-ffp-contract=fast), which in pass 2 would subtract mean(g) of the rounded products from the exact product,
+// leaving their rounding difference times rstd where the gradient is 0 (N = 1: dx = rstd (g - g)).
+inline vf rounded_product(vf a, vf b) { return vfma(a, b, vzero()); }
+
 // One row of the backward. PARTIAL: accumulate dy * xhat into dwp and (LN) dy into dbp.
 template <class T, bool RMS, bool PARTIAL>
 inline void norm_bwd_row(const NormBwdParams& p, int64_t i, const float* w, float* dwp, float* dbp) {
@@ -501,7 +506,7 @@ inline void norm_bwd_row(const NormBwdParams& p, int64_t i, const float* w, floa
   row_reduce<2>(N, [&](int64_t j, int64_t n, vf* acc) {
     const vf dy = vload(dyr + j, n);
     const vf xhat = vmaskz(RMS ? vmul(vload(sr + j, n), vr) : vmul(vsub(vload(sr + j, n), vmean), vr), n);
-    const vf g = vmul(dy, vload(w + j, n));
+    const vf g = rounded_product(dy, vload(w + j, n));
     if (!RMS) acc[0] = vadd(acc[0], g);
     acc[1] = vfma(g, xhat, acc[1]);
     if (PARTIAL) {
@@ -516,7 +521,7 @@ inline void norm_bwd_row(const NormBwdParams& p, int64_t i, const float* w, floa
   row_map(N, [&](int64_t j, int64_t n) {
     const vf s = vload(sr + j, n);
     const vf xhat = RMS ? vmul(s, vr) : vmul(vsub(s, vmean), vr);
-    const vf g = vmul(vload(dyr + j, n), vload(w + j, n));
+    const vf g = rounded_product(vload(dyr + j, n), vload(w + j, n));
     vf dx = vmul(vsub(g, vfma(xhat, vb, va)), vr);
     if (dres != nullptr) dx = vadd(dx, vload(dres + j, n));
     vstore_out(dxr + j, dx, n);

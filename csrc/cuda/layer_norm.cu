@@ -223,6 +223,11 @@ __device__ __forceinline__ void group_sum(float (&v)[NV], float* smem, int group
   }
 }
 
+// Backward's g = dy * w, rounded: an explicit round-to-nearest multiply, which nvcc never fuses. Otherwise it makes
+// dy * w - (xhat * b + a) one FMA, subtracting mean(g) of the rounded products from the exact one: rstd times their
+// rounding difference where dx is 0 (N = 1: dx = rstd (g - g)).
+__device__ __forceinline__ float rounded_g(float dy, float w) { return __fmul_rn(dy, w); }
+
 // 1 / sqrt(v + eps) to fp32 precision without the division/sqrt slow-path subroutines (their calls made ptxas
 // spill around them): the MUFU.RSQ estimate, then one Newton step in double (error ~ 2^-44 relative, far below
 // half an fp32 ulp, so the result matches the CPU kernel's 1.0 / std::sqrt(double(v) + eps) except in rare ties).
@@ -502,7 +507,7 @@ __global__ void __launch_bounds__(TPR * RPB)
         for (int e = 0; e < V; ++e) {
           if (j + e < N) {  // masked: xhat of a padding element may be inf when rstd is
             const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-            const float g = dy[e] * w[e];
+            const float g = rounded_g(dy[e], w[e]);
             if (!RMS) sums[0] += g;
             sums[1] += g * xh;
             if (partial) {
@@ -527,7 +532,7 @@ __global__ void __launch_bounds__(TPR * RPB)
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-          dx[e] = (dy[e] * w[e] - fmaf(xh, b, a)) * rstd;
+          dx[e] = (rounded_g(dy[e], w[e]) - fmaf(xh, b, a)) * rstd;
         }
         if (dres_base != nullptr) {
           float dr[V];
@@ -587,7 +592,7 @@ __global__ void __launch_bounds__(TPR) ln_bwd_looped_kernel(const NormBwdParams 
       for (int e = 0; e < V; ++e) {
         if (j + e < N) {
           const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-          const float g = dy[e] * w[e];
+          const float g = rounded_g(dy[e], w[e]);
           if (!RMS) sums[0] += g;
           sums[1] += g * xh;
         }
@@ -604,7 +609,7 @@ __global__ void __launch_bounds__(TPR) ln_bwd_looped_kernel(const NormBwdParams 
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-        dx[e] = (dy[e] * w[e] - fmaf(xh, b, a)) * rstd;
+        dx[e] = (rounded_g(dy[e], w[e]) - fmaf(xh, b, a)) * rstd;
       }
       if (p.dresidual_out != nullptr) {
         float dr[V];

@@ -386,6 +386,7 @@ inline float __int_as_float(int i) { return ::pyattn_emu::u2f(static_cast<uint32
 inline int __float_as_int(float f) { return static_cast<int>(::pyattn_emu::f2u(f)); }
 inline int __float2int_rn(float f) { return static_cast<int>(nearbyintf(f)); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }  // no FMA contraction: x86-64 builds have no FMA
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
