@@ -1,16 +1,20 @@
-"""GRU benchmarks (``pyattn bench --op gru``): single-layer unidirectional GRU over a whole sequence.
+"""GRU benchmarks (``pyattn bench --op gru``): single-layer unidirectional GRU over a whole sequence, and one GRU
+cell step.
 
-Cases (shape B x T x I x H):
+Cases (shape B x T x I x H, or B x I x H for the cell):
 * ``gru``: the PERF.md target shapes, B=1 T=200 I=64 H=128 and B=32 T=100 I=H=256 (``--quick`` runs only these);
 * ``gru_batch_sweep``: B in 1, 8, 32, 64 at T=100, I=H=256 (x = B);
-* ``gru_hidden_sweep``: H = I in 64, 128, 256, 512 at B=32, T=100 (x = H).
+* ``gru_hidden_sweep``: H = I in 64, 128, 256, 512 at B=32, T=100 (x = H);
+* ``gru_cell``: one step of ``GRUCell``, B in 1, 32, 256 at I=H=256 and B=64 at I=H=1024 (``--quick``: B=1 and 32
+  at I=H=256); PERF.md's GPU cell target (>= 1.5x torch.nn.GRUCell) applies to its forward.
 Modes: ``fwd`` = inference (eval, no autograd graph); ``fwd+bwd`` = a training step: forward with grad, then the
-gradients of (out * dout).sum() w.r.t. the input and every parameter.
+gradients of (out * dout).sum() w.r.t. the input (and the cell's hidden state) and every parameter.
 Providers: ``torch.nn.GRU`` (the baseline), a ``torch.nn.GRUCell`` loop over the steps, and ``pyattn.nn.GRU`` on
 every pyattn backend that accepts the input (``pyattn.use_backend(name)``; on CPU: cpp and torch; Triton is never
-benchmarked on CPU, where it only runs in its interpreter). All share the same weights.
-FLOPs per PERF.md: 2*B*T*3H*(I+H) forward, x3 for fwd+bwd. After the table, notes give the time per sequence and
-per step of each provider on the target shapes.
+benchmarked on CPU, where it only runs in its interpreter); for the cell, ``torch.nn.GRUCell`` (the baseline) and
+``pyattn.nn.GRUCell`` per backend. All share the same weights.
+FLOPs per PERF.md: 2*B*T*3H*(I+H) forward (T = 1 for the cell), x3 for fwd+bwd. After the table, notes give the
+time per sequence and per step of each provider on the target shapes.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 
 import pyattn
 from pyattn.dispatch import get_backend
-from pyattn.ops.gru import GRULayerInputs
+from pyattn.ops.gru import GRUCellInputs, GRULayerInputs
 
 try:
     from .harness import BenchContext, Case, Provider, Skip, Target, Work, gru_flops
@@ -27,11 +31,14 @@ except ImportError:  # run as a plain module from the benchmarks/ folder
 
 MODES = ("fwd", "fwd+bwd")
 TARGET_SHAPES = ({"B": 1, "T": 200, "I": 64, "H": 128}, {"B": 32, "T": 100, "I": 256, "H": 256})
+CELL_SHAPES = ({"B": 1, "I": 256, "H": 256}, {"B": 32, "I": 256, "H": 256}, {"B": 256, "I": 256, "H": 256},
+               {"B": 64, "I": 1024, "H": 1024})
 
 
 def targets() -> list[Target]:
     """PERF.md targets, checked on the best pyattn provider of each matching case: the CPU ones, and on a GPU the
-    sequence target (B <= 64, H <= 1024: >= 1.0x cuDNN forward, >= 0.9x forward + backward) at both shapes."""
+    sequence target (B <= 64, H <= 1024: >= 1.0x cuDNN forward, >= 0.9x forward + backward) at both shapes and the
+    cell step target (>= 1.5x torch.nn.GRUCell, forward) at every cell shape."""
     b1 = lambda p: (p["B"], p["T"], p["I"], p["H"]) == (1, 200, 64, 128)
     b32 = lambda p: (p["B"], p["T"], p["I"], p["H"]) == (32, 100, 256, 256)
     seq_gpu = lambda p: p["B"] <= 64 and p["H"] <= 1024
@@ -44,6 +51,8 @@ def targets() -> list[Target]:
         Target("gru", "fwd", "cuda", seq_gpu, min_speedup=1.0, text="GPU GRU sequence vs torch.nn.GRU (cuDNN)"),
         Target("gru", "fwd+bwd", "cuda", seq_gpu, min_speedup=0.9,
                text="GPU GRU training step vs torch.nn.GRU (cuDNN)"),
+        Target("gru_cell", "fwd", "cuda", lambda p: True, min_speedup=1.5,
+               text="GPU GRU cell step vs torch.nn.GRUCell"),
     ]
 
 
@@ -53,9 +62,12 @@ def cases(ctx: BenchContext) -> list[Case]:
         for mode in MODES:
             if ctx.tiny:
                 out.append(Case("gru", mode, {"B": 2, "T": 5, "I": 8, "H": 16}, dt, ctx.device))
+                out.append(Case("gru_cell", mode, {"B": 2, "I": 8, "H": 16}, dt, ctx.device))
                 continue
             for shape in TARGET_SHAPES:
                 out.append(Case("gru", mode, dict(shape), dt, ctx.device))
+            for shape in CELL_SHAPES[:2] if ctx.quick else CELL_SHAPES:
+                out.append(Case("gru_cell", mode, dict(shape), dt, ctx.device))
             if ctx.quick:
                 continue
             for b in (1, 8, 32, 64):
@@ -69,8 +81,10 @@ def cases(ctx: BenchContext) -> list[Case]:
 
 def make_inputs(case: Case) -> dict:
     """x (T, B, I), h0 (1, B, H), dout (T, B, H) and torch.nn.GRU-initialised weights, all top level (so the
-    harness's float64 reference converts them too)."""
-    B, T, I, H = (case.shape[k] for k in "BTIH")
+    harness's float64 reference converts them too); for the cell T = 1, with GRUCell's parameter names added (the
+    same tensors)."""
+    B, I, H = (case.shape[k] for k in "BIH")
+    T = case.shape.get("T", 1)
     g = torch.Generator(device="cpu").manual_seed(4321 + B + T + I + H)
     k = H ** -0.5
 
@@ -80,13 +94,17 @@ def make_inputs(case: Case) -> dict:
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device=case.device, dtype=case.dtype)
 
-    return {"x": randn(T, B, I), "h0": randn(1, B, H), "dout": randn(T, B, H),
-            "weight_ih_l0": u(3 * H, I), "weight_hh_l0": u(3 * H, H), "bias_ih_l0": u(3 * H), "bias_hh_l0": u(3 * H)}
+    inputs = {"x": randn(T, B, I), "h0": randn(1, B, H), "dout": randn(T, B, H),
+              "weight_ih_l0": u(3 * H, I), "weight_hh_l0": u(3 * H, H), "bias_ih_l0": u(3 * H), "bias_hh_l0": u(3 * H)}
+    if case.op == "gru_cell":
+        inputs = {"x": inputs["x"][0], "hx": inputs["h0"][0], "dout": inputs["dout"][0],
+                  **{name[:-3]: t for name, t in inputs.items() if name.endswith("_l0")}}
+    return inputs
 
 
 def work_for(case: Case) -> Work:
-    B, T, I, H = (case.shape[k] for k in "BTIH")
-    return Work(gru_flops(B, T, I, H, mode=case.mode), "flop")
+    B, I, H = (case.shape[k] for k in "BIH")
+    return Work(gru_flops(B, case.shape.get("T", 1), I, H, mode=case.mode), "flop")
 
 
 def _load(module: torch.nn.Module, inputs: dict, case: Case) -> torch.nn.Module:
@@ -142,6 +160,38 @@ def _torch_cell_loop(case: Case, inputs: dict):
     return _seq_fn(cell, inputs, case, run)
 
 
+def _cell_fn(cell_cls, backend=None):
+    """Factory of the timed callable for one GRU cell step: ``cell(x, hx)`` -> h' (B, H); fwd+bwd also takes the
+    gradients w.r.t. x, hx and every parameter."""
+    def factory(case: Case, inputs: dict):
+        cell = _load(cell_cls(case.shape["I"], case.shape["H"]), inputs, case)
+        x, hx, dout = inputs["x"], inputs["hx"], inputs["dout"]
+
+        def run(x, hx):
+            if backend is None:
+                return cell(x, hx)
+            with pyattn.use_backend(backend):
+                return cell(x, hx)
+        if case.mode == "fwd":
+            cell.eval()
+
+            def fwd():
+                with torch.no_grad():
+                    return run(x, hx)
+            return fwd
+        if case.mode != "fwd+bwd":
+            raise Skip(f"mode {case.mode} not benchmarked")
+        cell.train()
+        xg, hg = x.detach().clone().requires_grad_(), hx.detach().clone().requires_grad_()
+        params = list(cell.parameters())
+
+        def step():
+            with torch.enable_grad():
+                return torch.autograd.grad(run(xg, hg), [xg, hg, *params], dout)
+        return step
+    return factory
+
+
 def _pyattn_gru(backend: str):
     def factory(case: Case, inputs: dict):
         m = _load(pyattn.nn.GRU(case.shape["I"], case.shape["H"]), inputs, case)
@@ -156,8 +206,10 @@ def _pyattn_gru(backend: str):
 def _refusals(name: str, case: Case) -> list[str]:
     B, I, H = case.shape["B"], case.shape["I"], case.shape["H"]
     probe = lambda *s: torch.empty(*s, device=case.device, dtype=case.dtype)
-    inputs = GRULayerInputs(probe(1, B, I), probe(B, H), probe(3 * H, I), probe(3 * H, H), probe(3 * H),
-                            probe(3 * H), needs_grad=case.mode != "fwd")
+    x = probe(B, I) if case.op == "gru_cell" else probe(1, B, I)
+    kind = GRUCellInputs if case.op == "gru_cell" else GRULayerInputs
+    inputs = kind(x, probe(B, H), probe(3 * H, I), probe(3 * H, H), probe(3 * H), probe(3 * H),
+                  needs_grad=case.mode != "fwd")
     return get_backend(name).not_supported_reasons(inputs)
 
 
@@ -165,6 +217,11 @@ def providers_for(ctx: BenchContext):
     names = [name for name, _, _ in pyattn.backends()]
 
     def providers(case: Case) -> list[Provider]:
+        if case.op == "gru_cell":
+            out = [Provider("torch:nn.GRUCell", _cell_fn(torch.nn.GRUCell), "torch:nn.GRUCell", baseline=True)]
+            for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case), f"gru_cell {case.mode}", names):
+                out.append(Provider(f"pyattn:{name}", _cell_fn(pyattn.nn.GRUCell, name), f"pyattn:{name}"))
+            return out
         out = [Provider("torch:nn.GRU", _torch_gru, "torch:nn.GRU", baseline=True),
                Provider("torch:GRUCell loop", _torch_cell_loop, "torch:nn.GRUCell-loop")]
         for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case), f"gru {case.mode}", names):
@@ -179,7 +236,7 @@ def run(ctx: BenchContext) -> list[dict]:
     for r in rows:
         p = r["params"]
         r["per_seq_ms"] = r["p50_ms"] / p["B"]
-        r["per_step_us"] = r["p50_ms"] * 1e3 / p["T"]
+        r["per_step_us"] = r["p50_ms"] * 1e3 / p.get("T", 1)
     for r in rows:
         if r["op"] == "gru":
             ctx.note(f"gru {r['mode']} {r['shape']} {r['dtype']} {r['provider']}: {r['per_seq_ms']:.3f} ms/sequence, "

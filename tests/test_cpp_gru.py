@@ -190,6 +190,22 @@ def test_cell_matches_float64_oracle(batch, isz, hsz, bias):
         _check(g, r, "bwd", name)
 
 
+@pytest.mark.parametrize("batch", [1, 8, 9, 16, 17])
+@pytest.mark.parametrize("isz,hsz", [(37, 45), (400, 20)], ids=lambda v: str(v))
+def test_cell_is_bitwise_one_layer_step(batch, isz, hsz):
+    """A cell step (unpacked weights up to B = 16: csrc/cpu/gru.cpp, direct_gemm) gives the bits of a layer's first
+    step (T = 2: packed sgemm and micro-kernel), and a one-step layer (the cell's path) the same: vector tails
+    (37, 45), K blocks (400 > 384), a strided input."""
+    params = _params(isz, hsz, True, seed=batch)
+    wide = torch.randn(batch, isz + 3)
+    x, h = wide[:, :isz], torch.randn(batch, hsz)
+    out = pyattn.gru_cell(x, h, *params, backend="cpp")
+    seq, h_last = gru_layer(torch.stack([x, torch.randn(batch, isz)]), h, *params, backend="cpp")
+    assert torch.equal(out, seq[0])
+    one, _ = gru_layer(x[None], h, *params, backend="cpp")
+    assert torch.equal(out, one[0])
+
+
 def test_cell_module_and_unbatched():
     cell = pyattn.nn.GRUCell(10, 19)
     twin = torch.nn.GRUCell(10, 19).double()

@@ -10,6 +10,8 @@
 //      workspace [r | z | n | hn]). Batch rows never interact, so the work items are blocks of MRMAX batch rows,
 //      each running the whole sequence: threads never wait for each other between steps. Small problems (e.g.
 //      B = 1, H = 128) run on the calling thread alone.
+//   A single step at B <= 16 (a cell) skips both packs (cell_fwd: direct_gemm transposes blocks of W into an L1
+//   tile on the fly and sums in the same order, so its bits match this path's).
 // Backward
 //   Per step (processing order reversed): dh_prev = dGh_t W_hh (W_hh packed once in [panel][k][NB] form) with the
 //   epilogue dh_prev += dh z, += dout of the step before, then that step's gate-gradient math; again one work item
@@ -275,6 +277,71 @@ void col_sums(const float* src, int64_t R, int64_t C, int64_t ld, float* dst, in
       });
 }
 
+// C[m][n] = sum_k A[m][k] W[n][k] for m < M <= 8, n < N, straight from the row-major weights (row n at w + n * wrs;
+// A row m at a + m * ars): no packed copy of W. Each NB x NB block of W is transposed into an L1 tile on the fly,
+// then the M rows multiply it as the micro-kernel does: each output lane sums k in ascending order with FMAs from 0,
+// in K blocks of kc (C = block 0, then C += each next block, as sgemm). So a cell step gives the same bits as the
+// packed path of a whole layer. For one GRU step at a small batch, where packing W costs more than the product.
+void direct_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs, int64_t N, int64_t K, int64_t kc,
+                 float* c, int64_t ldc) {
+  alignas(64) float tile[NB * NB];  // tile[kk * NB + j] = W[n0 + j][k + kk]
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int nn = int(std::min<int64_t>(NB, N - n0));
+    V sum[8];
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = std::min(K, k0 + kc);
+      V acc[8];
+      for (int i = 0; i < M; ++i) acc[i] = vzero();
+      for (int64_t k = k0; k < k1; k += NB) {
+        const int nk = int(std::min<int64_t>(NB, k1 - k));
+        if (nn == NB && nk == NB) {
+          transpose_nb(w + n0 * wrs + k, wrs, tile, NB);
+        } else {
+          for (int kk = 0; kk < nk; ++kk)
+            for (int jj = 0; jj < NB; ++jj) tile[kk * NB + jj] = jj < nn ? w[(n0 + jj) * wrs + k + kk] : 0.0f;
+        }
+        for (int kk = 0; kk < nk; ++kk) {
+          const V wv = vld(tile + kk * NB);
+          for (int i = 0; i < M; ++i) acc[i] = vfma(vset(a[i * ars + k + kk]), wv, acc[i]);
+        }
+      }
+      for (int i = 0; i < M; ++i) sum[i] = k0 == 0 ? acc[i] : vadd(sum[i], acc[i]);
+    }
+    for (int i = 0; i < M; ++i) vstn(c + i * ldc + n0, K > 0 ? sum[i] : vzero(), nn);
+  }
+}
+
+// One GRU step from the unpacked weights (cell_fwd below) while the batch is at most this. Packing W_ih and W_hh
+// for sgemm on every call made the cell 2.5x slower than torch.nn.GRUCell at B = 1.
+constexpr int64_t kCellDirectMaxB = 16;
+
+// Biases of nj hidden units [j0, j0 + nj), one vector per gate and side (0 without that bias).
+struct GateBias {
+  V ir, iz, in, hr, hz, hn;
+};
+
+GateBias gate_bias(const float* b_ih, const float* b_hh, int64_t H, int64_t j0, int nj) {
+  auto ld = [&](const float* b, int gate) { return b ? vldn(b + gate * H + j0, nj) : vzero(); };
+  return {ld(b_ih, 0), ld(b_ih, 1), ld(b_ih, 2), ld(b_hh, 0), ld(b_hh, 1), ld(b_hh, 2)};
+}
+
+// The gate math of nj hidden units of one batch row: gi / gh without biases (gate g at gi + g * gis, gh + g * ghs),
+// hp the state before the step; writes h' and, with w != nullptr, the workspace row [r | z | n | hn] (stride H).
+inline void gate_fwd(const float* gi, int64_t gis, const float* gh, int64_t ghs, const GateBias& b, const float* hp,
+                     float* hout, float* w, int64_t H, int nj) {
+  const V r = vsigmoid(vadd(vadd(vldn(gi, nj), b.ir), vadd(vldn(gh, nj), b.hr)));
+  const V z = vsigmoid(vadd(vadd(vldn(gi + gis, nj), b.iz), vadd(vldn(gh + ghs, nj), b.hz)));
+  const V hn = vadd(vldn(gh + 2 * ghs, nj), b.hn);
+  const V n = vtanh(vfma(r, hn, vadd(vldn(gi + 2 * gis, nj), b.in)));
+  vstn(hout, vfma(z, vsub(vldn(hp, nj), n), n), nj);  // n + z (h - n)
+  if (w) {
+    vstn(w, r, nj);
+    vstn(w + H, z, nj);
+    vstn(w + 2 * H, n, nj);
+    vstn(w + 3 * H, hn, nj);
+  }
+}
+
 // Threads for the recurrence. Its items are blocks of MRMAX batch rows, each running the whole sequence (batch rows
 // never interact), so the threads never wait for each other between steps. Batches of one row block, and small
 // steps (e.g. B = 1, H = 128), run on the calling thread.
@@ -290,16 +357,50 @@ struct FwdLayout {
   int64_t wp, gi, gemm, sliver, total;
 };
 
+bool cell_direct(const GRUFwdParams& p) { return p.T == 1 && p.B <= kCellDirectMaxB; }
+
 FwdLayout fwd_layout(const GRUFwdParams& p) {
   const int64_t P = ceil_div(p.H, NB);
   const int nt = std::max(p.num_threads, 1);
   FwdLayout l;
+  if (cell_direct(p)) {  // cell_fwd: gi and gh, (B, 3H) each
+    l.wp = l.gi = l.gemm = l.sliver = 0;
+    l.total = 2 * round16(p.B * 3 * p.H);
+    return l;
+  }
   l.wp = 0;
   l.gi = l.wp + round16(P * p.H * 3 * NB);
   l.gemm = l.gi + round16(p.T * p.B * 3 * p.H);
   l.sliver = l.gemm + sgemm_scratch_floats(3 * p.H, p.I, nt);
   l.total = l.sliver + nt * round16(MRMAX * p.H);
   return l;
+}
+
+// One step at a small batch (cell_direct): gi = x W_ih^T (K blocked as sgemm) and gh = h W_hh^T (one K block, as
+// the recurrence) by direct_gemm from the unpacked weights, then the gate math: the bits of gru_fwd's packed path.
+void cell_fwd(const GRUFwdParams& p) {
+  const int64_t B = p.B, I = p.I, H = p.H, G = 3 * H;
+  float* gi = p.workspace;
+  float* gh = p.workspace + round16(B * G);
+  const float* h0 = static_cast<const float*>(p.h0);
+  const float* x = static_cast<const float*>(p.x);
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {  // direct_gemm takes 8 rows at a time
+    const int m = int(std::min<int64_t>(8, B - b0));
+    direct_gemm(x + b0 * p.x_b_stride, p.x_b_stride, m, static_cast<const float*>(p.w_ih), p.w_ih_row_stride, G, I,
+                gemm_kc(I), gi + b0 * G, G);
+    direct_gemm(h0 + b0 * p.h0_row_stride, p.h0_row_stride, m, static_cast<const float*>(p.w_hh), p.w_hh_row_stride,
+                G, H, H, gh + b0 * G, G);
+  }
+  const float* b_ih = static_cast<const float*>(p.b_ih);
+  const float* b_hh = static_cast<const float*>(p.b_hh);
+  float* out = static_cast<float*>(p.out);
+  for (int64_t j0 = 0; j0 < H; j0 += NB) {
+    const int nj = int(std::min<int64_t>(NB, H - j0));
+    const GateBias bias = gate_bias(b_ih, b_hh, H, j0, nj);
+    for (int64_t b = 0; b < B; ++b)
+      gate_fwd(gi + b * G + j0, H, gh + b * G + j0, H, bias, h0 + b * p.h0_row_stride + j0, out + b * H + j0,
+               p.ws ? p.ws + b * 4 * H + j0 : nullptr, H, nj);
+  }
 }
 
 }  // namespace
@@ -309,6 +410,7 @@ int64_t gru_fwd_workspace_floats(const GRUFwdParams& p) { return fwd_layout(p).t
 void gru_fwd(const GRUFwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB);
   if (T <= 0 || B <= 0 || H <= 0) return;
+  if (cell_direct(p)) return cell_fwd(p);
   const FwdLayout L = fwd_layout(p);
   float* wp = p.workspace + L.wp;  // [P][H][3][NB]: W_hh gate-interleaved
   float* gi = p.workspace + L.gi;  // (T * B, 3H): X W_ih^T (no bias)
@@ -369,29 +471,11 @@ void gru_fwd(const GRUFwdParams& p) {
         for (int q = 0; q < np; ++q) {
           const int64_t j0 = (pn + q) * NB;
           const int nj = int(std::min<int64_t>(NB, H - j0));
-          const V bir = b_ih ? vldn(b_ih + j0, nj) : vzero();
-          const V biz = b_ih ? vldn(b_ih + H + j0, nj) : vzero();
-          const V bin = b_ih ? vldn(b_ih + 2 * H + j0, nj) : vzero();
-          const V bhr = b_hh ? vldn(b_hh + j0, nj) : vzero();
-          const V bhz = b_hh ? vldn(b_hh + H + j0, nj) : vzero();
-          const V bhn = b_hh ? vldn(b_hh + 2 * H + j0, nj) : vzero();
+          const GateBias bias = gate_bias(b_ih, b_hh, H, j0, nj);
           for (int i = 0; i < mr; ++i) {
             const int64_t row = m0 + i;
-            const float* gr = git + row * G + j0;
-            const float* tr = tile + i * TLD + q * 3 * NB;
-            const V r = vsigmoid(vadd(vadd(vldn(gr, nj), bir), vadd(vld(tr), bhr)));
-            const V z = vsigmoid(vadd(vadd(vldn(gr + H, nj), biz), vadd(vld(tr + NB), bhz)));
-            const V hn = vadd(vld(tr + 2 * NB), bhn);
-            const V n = vtanh(vfma(r, hn, vadd(vldn(gr + 2 * H, nj), bin)));
-            const V h = vldn(hp + row * hrs + j0, nj);
-            vstn(outt + row * H + j0, vfma(z, vsub(h, n), n), nj);  // n + z (h - n)
-            if (wst) {
-              float* w = wst + row * 4 * H + j0;
-              vstn(w, r, nj);
-              vstn(w + H, z, nj);
-              vstn(w + 2 * H, n, nj);
-              vstn(w + 3 * H, hn, nj);
-            }
+            gate_fwd(git + row * G + j0, H, tile + i * TLD + q * 3 * NB, NB, bias, hp + row * hrs + j0,
+                     outt + row * H + j0, wst ? wst + row * 4 * H + j0 : nullptr, H, nj);
           }
         }
         pn += np;
