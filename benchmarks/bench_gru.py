@@ -81,8 +81,8 @@ def cases(ctx: BenchContext) -> list[Case]:
 
 def make_inputs(case: Case) -> dict:
     """x (T, B, I), h0 (1, B, H), dout (T, B, H) and torch.nn.GRU-initialised weights, all top level (so the
-    harness's float64 reference converts them too); for the cell T = 1, with GRUCell's parameter names added (the
-    same tensors)."""
+    harness's float64 reference converts them too); for the cell: x (B, I), hx (B, H), dout (B, H) and the weights
+    under GRUCell's parameter names."""
     B, I, H = (case.shape[k] for k in "BIH")
     T = case.shape.get("T", 1)
     g = torch.Generator(device="cpu").manual_seed(4321 + B + T + I + H)
