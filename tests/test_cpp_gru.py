@@ -171,8 +171,8 @@ def test_layer_frozen_weights_and_input_only_grads():
     _check(grads[1], r_grads[1], "bwd", "dh0")
 
 
-@pytest.mark.parametrize("batch", [1, 3, 33])
-@pytest.mark.parametrize("isz,hsz", [(7, 7), (33, 130), (130, 33)], ids=lambda v: str(v))
+@pytest.mark.parametrize("batch", [1, 3, 12, 33])  # <= 16: the unpacked one-step path (12: two row blocks); 33: packed
+@pytest.mark.parametrize("isz,hsz", [(7, 7), (33, 130), (130, 33), (400, 20)], ids=lambda v: str(v))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_cell_matches_float64_oracle(batch, isz, hsz, bias):
     params = _params(isz, hsz, bias, seed=batch + isz)

@@ -16,7 +16,8 @@
 //   Per step (processing order reversed): dh_prev = dGh_t W_hh (W_hh packed once in [panel][k][NB] form) with the
 //   epilogue dh_prev += dh z, += dout of the step before, then that step's gate-gradient math; again one work item
 //   per block of batch rows. After the loop: dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev as big GEMMs,
-//   db = column sums.
+//   db = column sums. A single step at B <= 16 forms dGh W_hh and dx from the unpacked weights (natural_gemm, W's
+//   rows are already the k-major panels; same summation order).
 // GEMM: Goto-style, K blocked (KC depends only on K), B packed in NB-wide panels, A packed in MR-row slivers, an
 // MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators). Every output element is summed in a fixed
 // order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
@@ -311,6 +312,28 @@ void direct_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs
   }
 }
 
+// C[m][n] = sum_k A[m][k] W[k][n] for m < M <= 8, n < N, with W row-major (row k at w + k * wrs), unpacked: each
+// output lane sums k in ascending order with FMAs from 0, in K blocks of kc (C = block 0, then C += each next block)
+// as sgemm and the micro-kernel do, so the bits match the packed path. The backward of one GRU step at a small batch.
+void natural_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs, int64_t N, int64_t K, int64_t kc,
+                  float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int nn = int(std::min<int64_t>(NB, N - n0));
+    V sum[8];
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = std::min(K, k0 + kc);
+      V acc[8];
+      for (int i = 0; i < M; ++i) acc[i] = vzero();
+      for (int64_t k = k0; k < k1; ++k) {
+        const V wv = vldn(w + k * wrs + n0, nn);
+        for (int i = 0; i < M; ++i) acc[i] = vfma(vset(a[i * ars + k]), wv, acc[i]);
+      }
+      for (int i = 0; i < M; ++i) sum[i] = k0 == 0 ? acc[i] : vadd(sum[i], acc[i]);
+    }
+    for (int i = 0; i < M; ++i) vstn(c + i * ldc + n0, K > 0 ? sum[i] : vzero(), nn);
+  }
+}
+
 // One GRU step from the unpacked weights (cell_fwd below) while the batch is at most this. Packing W_ih and W_hh
 // for sgemm on every call made the cell 2.5x slower than torch.nn.GRUCell at B = 1.
 constexpr int64_t kCellDirectMaxB = 16;
@@ -519,6 +542,9 @@ void gru_bwd(const GRUBwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
   if (T <= 0 || B <= 0 || H <= 0) return;
   const BwdLayout L = bwd_layout(p);
+  // One step at a small batch (a cell): dGh W_hh and dx = dGi W_ih straight from the unpacked weights (natural_gemm,
+  // the packed path's bits) instead of packing W_hh and W_ih for one use.
+  const bool direct = T == 1 && B <= kCellDirectMaxB;
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   float* wq = p.workspace + L.wq;    // [P][3H][NB]: W_hh (3H, H) as NB-wide column panels
   float* dgi = p.workspace + L.dgi;  // (T * B, 3H), rows t * B + b
@@ -563,7 +589,7 @@ void gru_bwd(const GRUBwdParams& p) {
   };
 
   // W_hh as NB-wide column panels: wq[pn][k][l] = W_hh[k][pn * NB + l] (0 past H)
-  for (int64_t pn = 0; pn < P; ++pn) {
+  for (int64_t pn = 0; pn < P && !direct; ++pn) {
     const int nn = int(std::min<int64_t>(NB, H - pn * NB));
     for (int64_t k = 0; k < G; ++k) vst(wq + (pn * G + k) * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, nn));
   }
@@ -587,21 +613,26 @@ void gru_bwd(const GRUBwdParams& p) {
         }
     }
     float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * G);
-    alignas(64) float tile[MRMAX * TLD];
+    alignas(64) float tile[MRMAX * TLD] = {};
     const float* bq[NVMAX];
     const int nvm = nv_max(mr);
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = tt(s);
       const float* A = dgh_of(s);
       const float* a = A + m0 * G;
-      if (mr > 1) {
+      if (mr > 1 && !direct) {
         pack_a(row_major(A, G), m0, mr, 0, G, sliver);
         a = sliver;
       }
       for (int64_t pn = 0; pn < P;) {
         const int nv = int(std::min<int64_t>(nvm, P - pn));
-        for (int q = 0; q < nv; ++q) bq[q] = wq + (pn + q) * G * NB;
-        kMicroKernels[mr][nv](a, G, bq, NB, tile);  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
+        if (direct) {  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB), rows of dGh at stride G
+          const int64_t cols = std::min<int64_t>(nv * NB, H - pn * NB);
+          natural_gemm(a, G, mr, w_hh + pn * NB, p.w_hh_row_stride, cols, G, G, tile, TLD);
+        } else {
+          for (int q = 0; q < nv; ++q) bq[q] = wq + (pn + q) * G * NB;
+          kMicroKernels[mr][nv](a, G, bq, NB, tile);  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
+        }
         for (int q = 0; q < nv; ++q) {
           const int64_t j0 = (pn + q) * NB;
           const int nj = int(std::min<int64_t>(NB, H - j0));
@@ -625,7 +656,13 @@ void gru_bwd(const GRUBwdParams& p) {
   });
 
   float* gemm_ws = p.workspace + L.gemm;
-  sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt);
+  if (direct) {
+    for (int64_t b0 = 0; b0 < B; b0 += 8)  // natural_gemm takes 8 rows at a time
+      natural_gemm(dgi + b0 * G, G, int(std::min<int64_t>(8, B - b0)), w_ih, p.w_ih_row_stride, I, G, gemm_kc(G),
+                   static_cast<float*>(p.dx) + b0 * I, I);
+  } else {
+    sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt);
+  }
   if (!need_w) return;
   float* hp_all = p.workspace + L.hprev;  // (T * B, H): the state each (t, b) row started from
   for (int64_t t = 0; t < T; ++t) {
