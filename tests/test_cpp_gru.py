@@ -193,7 +193,7 @@ def test_cell_matches_float64_oracle(batch, isz, hsz, bias):
 @pytest.mark.parametrize("batch", [1, 8, 9, 16, 17])
 @pytest.mark.parametrize("isz,hsz", [(37, 45), (400, 20)], ids=lambda v: str(v))
 def test_cell_is_bitwise_one_layer_step(batch, isz, hsz):
-    """A cell step (unpacked weights up to B = 16: csrc/cpu/gru.cpp, direct_gemm) gives the bits of a layer's first
+    """A cell step (unpacked weights up to B = 16: csrc/cpu/gru.cpp, unpacked_gemm) gives the bits of a layer's first
     step (T = 2: packed sgemm and micro-kernel), and a one-step layer (the cell's path) the same: vector tails
     (37, 45), K blocks (400 > 384), a strided input."""
     params = _params(isz, hsz, True, seed=batch)

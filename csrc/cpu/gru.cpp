@@ -10,14 +10,14 @@
 //      workspace [r | z | n | hn]). Batch rows never interact, so the work items are blocks of MRMAX batch rows,
 //      each running the whole sequence: threads never wait for each other between steps. Small problems (e.g.
 //      B = 1, H = 128) run on the calling thread alone.
-//   A single step at B <= 16 (a cell) skips both packs (cell_fwd: direct_gemm transposes blocks of W into an L1
-//   tile on the fly and sums in the same order, so its bits match this path's).
+//   A single step at B <= 16 (a cell) skips both packs (cell_fwd: unpacked_gemm, NK layout, transposes blocks of W
+//   into an L1 tile on the fly and sums in the same order, so its bits match this path's).
 // Backward
 //   Per step (processing order reversed): dh_prev = dGh_t W_hh (W_hh packed once in [panel][k][NB] form) with the
 //   epilogue dh_prev += dh z, += dout of the step before, then that step's gate-gradient math; again one work item
 //   per block of batch rows. After the loop: dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev as big GEMMs,
-//   db = column sums. A single step at B <= 16 forms dGh W_hh and dx from the unpacked weights (natural_gemm, W's
-//   rows are already the k-major panels; same summation order).
+//   db = column sums. A single step at B <= 16 forms dGh W_hh and dx from the unpacked weights (unpacked_gemm, KN
+//   layout: W's rows are already the k-major panels; same summation order).
 // GEMM: Goto-style, K blocked (KC depends only on K), B packed in NB-wide panels, A packed in MR-row slivers, an
 // MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators). Every output element is summed in a fixed
 // order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
@@ -278,14 +278,16 @@ void col_sums(const float* src, int64_t R, int64_t C, int64_t ld, float* dst, in
       });
 }
 
-// C[m][n] = sum_k A[m][k] W[n][k] for m < M <= 8, n < N, straight from the row-major weights (row n at w + n * wrs;
-// A row m at a + m * ars): no packed copy of W. Each NB x NB block of W is transposed into an L1 tile on the fly,
-// then the M rows multiply it as the micro-kernel does: each output lane sums k in ascending order with FMAs from 0,
-// in K blocks of kc (C = block 0, then C += each next block, as sgemm). So a cell step gives the same bits as the
-// packed path of a whole layer. For one GRU step at a small batch, where packing W costs more than the product.
-void direct_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs, int64_t N, int64_t K, int64_t kc,
-                 float* c, int64_t ldc) {
-  alignas(64) float tile[NB * NB];  // tile[kk * NB + j] = W[n0 + j][k + kk]
+// C[m][n] = sum_k A[m][k] W(k, n) for m < M <= 8, n < N (A row m at a + m * ars), straight from unpacked row-major
+// weights, no packed copy: W(k, n) = w[k * wrs + n] (KN: W's rows are the k-major panels the micro-kernel reads) or
+// w[n * wrs + k] (NK: each NB x NB block is transposed into an L1 tile on the fly). Each output lane sums k in
+// ascending order with FMAs from 0, in K blocks of kc (C = block 0, then C += each next block), as sgemm and the
+// micro-kernel do: the bits of the packed path. For one GRU step at a small batch, where packing W for a single
+// use costs more than the product.
+template <bool NK>
+void unpacked_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs, int64_t N, int64_t K, int64_t kc,
+                   float* c, int64_t ldc) {
+  alignas(64) float tile[NB * NB];  // NK: tile[kk * NB + j] = W[n0 + j][k + kk]
   for (int64_t n0 = 0; n0 < N; n0 += NB) {
     const int nn = int(std::min<int64_t>(NB, N - n0));
     V sum[8];
@@ -295,38 +297,18 @@ void direct_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs
       for (int i = 0; i < M; ++i) acc[i] = vzero();
       for (int64_t k = k0; k < k1; k += NB) {
         const int nk = int(std::min<int64_t>(NB, k1 - k));
-        if (nn == NB && nk == NB) {
-          transpose_nb(w + n0 * wrs + k, wrs, tile, NB);
-        } else {
-          for (int kk = 0; kk < nk; ++kk)
-            for (int jj = 0; jj < NB; ++jj) tile[kk * NB + jj] = jj < nn ? w[(n0 + jj) * wrs + k + kk] : 0.0f;
+        if (NK) {
+          if (nn == NB && nk == NB) {
+            transpose_nb(w + n0 * wrs + k, wrs, tile, NB);
+          } else {
+            for (int kk = 0; kk < nk; ++kk)
+              for (int jj = 0; jj < NB; ++jj) tile[kk * NB + jj] = jj < nn ? w[(n0 + jj) * wrs + k + kk] : 0.0f;
+          }
         }
         for (int kk = 0; kk < nk; ++kk) {
-          const V wv = vld(tile + kk * NB);
+          const V wv = NK ? vld(tile + kk * NB) : vldn(w + (k + kk) * wrs + n0, nn);
           for (int i = 0; i < M; ++i) acc[i] = vfma(vset(a[i * ars + k + kk]), wv, acc[i]);
         }
-      }
-      for (int i = 0; i < M; ++i) sum[i] = k0 == 0 ? acc[i] : vadd(sum[i], acc[i]);
-    }
-    for (int i = 0; i < M; ++i) vstn(c + i * ldc + n0, K > 0 ? sum[i] : vzero(), nn);
-  }
-}
-
-// C[m][n] = sum_k A[m][k] W[k][n] for m < M <= 8, n < N, with W row-major (row k at w + k * wrs), unpacked: each
-// output lane sums k in ascending order with FMAs from 0, in K blocks of kc (C = block 0, then C += each next block)
-// as sgemm and the micro-kernel do, so the bits match the packed path. The backward of one GRU step at a small batch.
-void natural_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs, int64_t N, int64_t K, int64_t kc,
-                  float* c, int64_t ldc) {
-  for (int64_t n0 = 0; n0 < N; n0 += NB) {
-    const int nn = int(std::min<int64_t>(NB, N - n0));
-    V sum[8];
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-      const int64_t k1 = std::min(K, k0 + kc);
-      V acc[8];
-      for (int i = 0; i < M; ++i) acc[i] = vzero();
-      for (int64_t k = k0; k < k1; ++k) {
-        const V wv = vldn(w + k * wrs + n0, nn);
-        for (int i = 0; i < M; ++i) acc[i] = vfma(vset(a[i * ars + k]), wv, acc[i]);
       }
       for (int i = 0; i < M; ++i) sum[i] = k0 == 0 ? acc[i] : vadd(sum[i], acc[i]);
     }
@@ -400,19 +382,21 @@ FwdLayout fwd_layout(const GRUFwdParams& p) {
 }
 
 // One step at a small batch (cell_direct): gi = x W_ih^T (K blocked as sgemm) and gh = h W_hh^T (one K block, as
-// the recurrence) by direct_gemm from the unpacked weights, then the gate math: the bits of gru_fwd's packed path.
+// the recurrence) by unpacked_gemm (NK layout), then the gate math: the bits of gru_fwd's packed path.
 void cell_fwd(const GRUFwdParams& p) {
   const int64_t B = p.B, I = p.I, H = p.H, G = 3 * H;
   float* gi = p.workspace;
   float* gh = p.workspace + round16(B * G);
   const float* h0 = static_cast<const float*>(p.h0);
   const float* x = static_cast<const float*>(p.x);
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {  // direct_gemm takes 8 rows at a time
+  const float* w_ih = static_cast<const float*>(p.w_ih);
+  const float* w_hh = static_cast<const float*>(p.w_hh);
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {  // unpacked_gemm takes 8 rows at a time
     const int m = int(std::min<int64_t>(8, B - b0));
-    direct_gemm(x + b0 * p.x_b_stride, p.x_b_stride, m, static_cast<const float*>(p.w_ih), p.w_ih_row_stride, G, I,
-                gemm_kc(I), gi + b0 * G, G);
-    direct_gemm(h0 + b0 * p.h0_row_stride, p.h0_row_stride, m, static_cast<const float*>(p.w_hh), p.w_hh_row_stride,
-                G, H, H, gh + b0 * G, G);
+    unpacked_gemm<true>(x + b0 * p.x_b_stride, p.x_b_stride, m, w_ih, p.w_ih_row_stride, G, I, gemm_kc(I),
+                        gi + b0 * G, G);
+    unpacked_gemm<true>(h0 + b0 * p.h0_row_stride, p.h0_row_stride, m, w_hh, p.w_hh_row_stride, G, H, H,
+                        gh + b0 * G, G);
   }
   const float* b_ih = static_cast<const float*>(p.b_ih);
   const float* b_hh = static_cast<const float*>(p.b_hh);
@@ -542,8 +526,8 @@ void gru_bwd(const GRUBwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
   if (T <= 0 || B <= 0 || H <= 0) return;
   const BwdLayout L = bwd_layout(p);
-  // One step at a small batch (a cell): dGh W_hh and dx = dGi W_ih straight from the unpacked weights (natural_gemm,
-  // the packed path's bits) instead of packing W_hh and W_ih for one use.
+  // One step at a small batch (a cell): dGh W_hh and dx = dGi W_ih straight from the unpacked weights
+  // (unpacked_gemm, KN layout: the packed path's bits) instead of packing W_hh and W_ih for one use.
   const bool direct = T == 1 && B <= kCellDirectMaxB;
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   float* wq = p.workspace + L.wq;    // [P][3H][NB]: W_hh (3H, H) as NB-wide column panels
@@ -628,7 +612,7 @@ void gru_bwd(const GRUBwdParams& p) {
         const int nv = int(std::min<int64_t>(nvm, P - pn));
         if (direct) {  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB), rows of dGh at stride G
           const int64_t cols = std::min<int64_t>(nv * NB, H - pn * NB);
-          natural_gemm(a, G, mr, w_hh + pn * NB, p.w_hh_row_stride, cols, G, G, tile, TLD);
+          unpacked_gemm<false>(a, G, mr, w_hh + pn * NB, p.w_hh_row_stride, cols, G, G, tile, TLD);
         } else {
           for (int q = 0; q < nv; ++q) bq[q] = wq + (pn + q) * G * NB;
           kMicroKernels[mr][nv](a, G, bq, NB, tile);  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
@@ -657,9 +641,9 @@ void gru_bwd(const GRUBwdParams& p) {
 
   float* gemm_ws = p.workspace + L.gemm;
   if (direct) {
-    for (int64_t b0 = 0; b0 < B; b0 += 8)  // natural_gemm takes 8 rows at a time
-      natural_gemm(dgi + b0 * G, G, int(std::min<int64_t>(8, B - b0)), w_ih, p.w_ih_row_stride, I, G, gemm_kc(G),
-                   static_cast<float*>(p.dx) + b0 * I, I);
+    for (int64_t b0 = 0; b0 < B; b0 += 8)  // unpacked_gemm takes 8 rows at a time
+      unpacked_gemm<false>(dgi + b0 * G, G, int(std::min<int64_t>(8, B - b0)), w_ih, p.w_ih_row_stride, I, G,
+                           gemm_kc(G), static_cast<float*>(p.dx) + b0 * I, I);
   } else {
     sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt);
   }
