@@ -362,7 +362,9 @@ struct FwdLayout {
   int64_t wp, gi, gemm, sliver, total;
 };
 
-bool cell_direct(const GRUFwdParams& p) { return p.T == 1 && p.B <= kCellDirectMaxB; }
+// A single step at a small batch (a cell): forward and backward use the unpacked weights (unpacked_gemm).
+template <class Params>
+bool cell_direct(const Params& p) { return p.T == 1 && p.B <= kCellDirectMaxB; }
 
 FwdLayout fwd_layout(const GRUFwdParams& p) {
   const int64_t P = ceil_div(p.H, NB);
@@ -506,7 +508,7 @@ BwdLayout bwd_layout(const GRUBwdParams& p) {
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   BwdLayout l;
   l.wq = 0;
-  l.dgi = l.wq + round16(P * G * NB);
+  l.dgi = l.wq + (cell_direct(p) ? 0 : round16(P * G * NB));  // packed W_hh: not for a direct step
   l.dgh = l.dgi + round16(TB * G);
   l.dh = l.dgh + round16((need_w ? TB : 2 * p.B) * G);
   l.hprev = l.dh + round16(p.B * p.H);
@@ -528,7 +530,7 @@ void gru_bwd(const GRUBwdParams& p) {
   const BwdLayout L = bwd_layout(p);
   // One step at a small batch (a cell): dGh W_hh and dx = dGi W_ih straight from the unpacked weights
   // (unpacked_gemm, KN layout: the packed path's bits) instead of packing W_hh and W_ih for one use.
-  const bool direct = T == 1 && B <= kCellDirectMaxB;
+  const bool direct = cell_direct(p);
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   float* wq = p.workspace + L.wq;    // [P][3H][NB]: W_hh (3H, H) as NB-wide column panels
   float* dgi = p.workspace + L.dgi;  // (T * B, 3H), rows t * B + b
