@@ -1,9 +1,9 @@
 """Triton GRU: fused cell / recurrent step forward, fused gate-gradient backward, and one-direction layers.
 
 Layout of this file: four kernels (`_gru_step_fwd_kernel`, `_gru_gates_bwd_kernel`, and `_gru_seq_fwd_kernel` /
-`_gru_seq_bwd_kernel`: the same steps for every step of a layer in one launch), four launchers with the torch backend's signatures and returns
-(`gru_cell_fwd`, `gru_cell_bwd`, `gru_layer_fwd`, `gru_layer_bwd`) and `compile_configs()` for the offline
-compile check (scripts/compile_triton.py).
+`_gru_seq_bwd_kernel`: the same steps for every step of a layer in one launch), four launchers with the torch
+backend's signatures and returns (`gru_cell_fwd`, `gru_cell_bwd`, `gru_layer_fwd`, `gru_layer_bwd`) and
+`compile_configs()` for the offline compile check (scripts/compile_triton.py).
 
 Math (torch's gate order r | z | n), all in fp32:
     gi = x W_ih^T + b_ih                              (launcher: one torch matmul; all T steps at once for a layer)
@@ -387,6 +387,13 @@ def _linear_f32(x2d, w, b):
     return y if b is None else y + b.to(torch.float32)
 
 
+def _step_consts(h, b_hh, needs_grad) -> dict:
+    """The forward kernels' flags for state h (B, H): b_hh present, workspace stored, native 16-bit dots on a GPU,
+    bf16 rounding in software under the interpreter."""
+    return {"HAS_BHH": b_hh is not None, "STORE_WS": bool(needs_grad),
+            "DOT_NATIVE": bool(h.is_cuda and h.dtype != torch.float32), "SOFT_BF16": not h.is_cuda}
+
+
 def _launch_step_fwd(gi, hp, w_hh, b_hh, out, ws, needs_grad):
     """One fused recurrent step: gi (B, 3H) fp32, hp (B, H) -> out (B, H), ws (B, 4H) in place."""
     B, H = hp.shape
@@ -400,17 +407,14 @@ def _launch_step_fwd(gi, hp, w_hh, b_hh, out, ws, needs_grad):
         gi.stride(0), hp.stride(0), w_hh.stride(0), out.stride(0), ws.stride(0) if needs_grad else 0,
         B, H,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
-        HAS_BHH=b_hh is not None,
-        STORE_WS=bool(needs_grad),
-        DOT_NATIVE=bool(hp.is_cuda and hp.dtype != torch.float32),
-        SOFT_BF16=not hp.is_cuda,
+        **_step_consts(hp, b_hh, needs_grad),
         num_warps=nw,
     )
 
 
 # A layer's forward and backward run every step in one launch (_gru_seq_*_kernel, a program per 16 batch rows) when
-# W_hh is at most this size: each program streams all of W_hh from L2 at every step, which beats a launch per step (tens of
-# us of host time each) while W_hh is small; larger layers take a launch per step, spread over hidden blocks.
+# W_hh is at most this size: each program streams all of W_hh from L2 at every step, which beats a launch per step
+# (tens of us of host time each) while W_hh is small; larger layers take a launch per step, spread over hidden blocks.
 SEQ_MAX_W_BYTES = 1 << 20
 
 
@@ -433,10 +437,7 @@ def _launch_seq_fwd(gi, h0, w_hh, b_hh, out, ws, reverse, needs_grad):
         T, B, H,
         REVERSE=bool(reverse),
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
-        HAS_BHH=b_hh is not None,
-        STORE_WS=bool(needs_grad),
-        DOT_NATIVE=bool(h0.is_cuda and h0.dtype != torch.float32),
-        SOFT_BF16=not h0.is_cuda,
+        **_step_consts(h0, b_hh, needs_grad),
         num_warps=nw,
     )
 
