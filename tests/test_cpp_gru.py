@@ -171,7 +171,7 @@ def test_layer_frozen_weights_and_input_only_grads():
     _check(grads[1], r_grads[1], "bwd", "dh0")
 
 
-@pytest.mark.parametrize("batch", [1, 3, 12, 33])  # <= 16: the unpacked one-step path (12: two row blocks); 33: packed
+@pytest.mark.parametrize("batch", [1, 3, 12, 33])  # one and several 8-row slivers, a tail sliver
 @pytest.mark.parametrize("isz,hsz", [(7, 7), (33, 130), (130, 33), (400, 20)], ids=lambda v: str(v))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_cell_matches_float64_oracle(batch, isz, hsz, bias):
@@ -190,12 +190,13 @@ def test_cell_matches_float64_oracle(batch, isz, hsz, bias):
         _check(g, r, "bwd", name)
 
 
-@pytest.mark.parametrize("batch", [1, 8, 9, 16, 17])
-@pytest.mark.parametrize("isz,hsz", [(37, 45), (400, 20)], ids=lambda v: str(v))
+@pytest.mark.parametrize("batch", [1, 8, 9, 17, 70])
+@pytest.mark.parametrize("isz,hsz", [(37, 45), (400, 20), (16, 64)], ids=lambda v: str(v))
 def test_cell_is_bitwise_one_layer_step(batch, isz, hsz):
-    """A cell step (unpacked weights up to B = 16: csrc/cpu/gru.cpp, unpacked_gemm) gives the bits of a layer's first
-    step (T = 2: packed sgemm and micro-kernel), and a one-step layer (the cell's path) the same: vector tails
-    (37, 45), K blocks (400 > 384), a strided input."""
+    """A cell step (csrc/cpu/gru.cpp cell_fwd: W packed a panel of hidden units at a time, slivers of batch rows)
+    gives the bits of a layer's first step (T = 2: W_ih through sgemm, W_hh packed whole), and a one-step layer (the
+    cell's path) the same: vector tails (37, 45), K blocks (400 > 384), whole panels only (16, 64), several slivers
+    and, on 2 threads, items split by slivers (H = 20: fewer panels than threads x 2), a strided input."""
     params = _params(isz, hsz, True, seed=batch)
     wide = torch.randn(batch, isz + 3)
     x, h = wide[:, :isz], torch.randn(batch, hsz)
@@ -204,6 +205,44 @@ def test_cell_is_bitwise_one_layer_step(batch, isz, hsz):
     assert torch.equal(out, seq[0])
     one, _ = gru_layer(x[None], h, *params, backend="cpp")
     assert torch.equal(out, one[0])
+
+
+@pytest.mark.parametrize("batch", [1, 9, 70])
+@pytest.mark.parametrize("isz,hsz", [(37, 45), (21, 64), (400, 20)], ids=lambda v: str(v))
+def test_cell_backward_is_bitwise_the_sequence_path(batch, isz, hsz):
+    """The one-step backward reads W_hh and W_ih in place (only a partial last panel copied) where the sequence path
+    packs them: a two-step layer whose second step gets zero gradient has the cell's dx, dh0 and weight and bias
+    gradients bit for bit (its extra rows add exact zeros). Weights and inputs are NaN-padded views: the in-place
+    reads must follow their row strides."""
+    vals = (torch.randn(batch, isz), torch.randn(batch, hsz), *_params(isz, hsz, True, seed=batch))
+    padded = [nan_padded(t, requires_grad=True) for t in vals]
+    dh = torch.randn(batch, hsz)
+    cell_grads = torch.autograd.grad(pyattn.gru_cell(*padded, backend="cpp"), padded, dh)
+    x2 = torch.stack([vals[0], torch.randn(batch, isz)])
+    _, _, seq_grads = _layer("cpp", x2, vals[1], vals[2:], False, torch.stack([dh, torch.zeros_like(dh)]),
+                             torch.zeros_like(dh))
+    assert torch.equal(cell_grads[0], seq_grads[0][0]), "dx"
+    for name, a, b in zip(("dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), cell_grads[1:], seq_grads[1:]):
+        assert torch.equal(a, b), name
+
+
+def test_cell_thread_count_independent():
+    """One step on 1 and on 2+ threads (items: panels of hidden units, split by slivers; the backward's row blocks
+    and GEMMs) gives the same bits."""
+    params = _params(45, 20, True, seed=3)
+    leaves = _leaves((torch.randn(70, 45), torch.randn(70, 20), *params))
+    dh = torch.randn(70, 20)
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, old)):
+            torch.set_num_threads(n)
+            out = pyattn.gru_cell(*leaves, backend="cpp")
+            runs.append((out, *torch.autograd.grad(out, leaves, dh)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_cell_module_and_unbatched():

@@ -10,14 +10,15 @@
 //      workspace [r | z | n | hn]). Batch rows never interact, so the work items are blocks of MRMAX batch rows,
 //      each running the whole sequence: threads never wait for each other between steps. Small problems (e.g.
 //      B = 1, H = 128) run on the calling thread alone.
-//   A single step at B <= 16 (a cell) skips both packs (cell_fwd: unpacked_gemm, NK layout, transposes blocks of W
-//   into an L1 tile on the fly and sums in the same order, so its bits match this path's).
+//   A single step (a cell, T = 1) packs nothing whole (cell_fwd): its work items are panels of NB hidden units,
+//   each packing its rows of W_ih and W_hh into a thread buffer and running every batch sliver through the same
+//   micro-kernel, so a cell keeps the bits of a layer's step.
 // Backward
 //   Per step (processing order reversed): dh_prev = dGh_t W_hh (W_hh packed once in [panel][k][NB] form) with the
 //   epilogue dh_prev += dh z, += dout of the step before, then that step's gate-gradient math; again one work item
 //   per block of batch rows. After the loop: dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev as big GEMMs,
-//   db = column sums. A single step at B <= 16 forms dGh W_hh and dx from the unpacked weights (unpacked_gemm, KN
-//   layout: W's rows are already the k-major panels; same summation order).
+//   db = column sums. A single step (T = 1) uses W_hh and W_ih once: the micro-kernel reads their rows in place
+//   (they are already the k-major panels it wants) and only a partial last panel is copied; same summation order.
 // GEMM: Goto-style, K blocked (KC depends only on K), B packed in NB-wide panels, A packed in MR-row slivers, an
 // MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators). Every output element is summed in a fixed
 // order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
@@ -40,8 +41,10 @@ namespace {
 using namespace simd;
 
 // Parallel loops: run_items (pyattn/cpu_parallel.h), independent items claimed from one atomic counter.
-constexpr double kMinParallelGemm = double(1 << 23);  // multiply-adds below which a GEMM runs on one thread
+constexpr double kMinParallelGemm = double(1 << 21);  // multiply-adds below which a GEMM runs on one thread
 constexpr double kMinParallelStep = double(1 << 19);  // multiply-adds per recurrent step, same
+constexpr double kMinParallelCell = double(1 << 17);  // same for one step (a cell): at small B it is bound by
+                                                      // reading W, which two cores do faster than one
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }  // keeps workspace regions 64-byte aligned
@@ -201,9 +204,11 @@ int64_t sgemm_scratch_floats(int64_t N, int64_t K, int nt) {
 
 // B is packed by the caller (a few percent of the GEMM at most: it is K x N against M x N x K multiply-adds), then
 // the items are groups of MRMAX-row slivers, each over all K blocks in order (C = block 0, then C += block 1, ...),
-// so every C element is summed in the same order whatever the threads.
+// so every C element is summed in the same order whatever the threads. b_in_place (for a B used by few rows): a
+// row-major B's full NB-wide panels are read where they are (its rows are k-major already), only a partial last
+// panel is packed; the same products in the same order.
 void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C, int64_t ldc, float* scratch,
-           int nt) {
+           int nt, bool b_in_place = false) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(float) * N);
@@ -211,11 +216,12 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
   }
   const int64_t kc_full = gemm_kc(K), np = ceil_div(N, NB), npad = np * NB;
   const int64_t nsliver = ceil_div(M, MRMAX);
+  const int64_t p0 = b_in_place && B.cs == 1 && B.rin == 1 ? N / NB : 0;  // panels [0, p0) read in place
   float* bpack = scratch;  // K block starting at k0 (kc rows), panel pn: bpack + k0 * npad + pn * kc * NB
   float* apack0 = scratch + round16(K * npad);
   for (int64_t k0 = 0; k0 < K; k0 += kc_full) {
     const int64_t kc = std::min(kc_full, K - k0);
-    for (int64_t pn = 0; pn < np; ++pn)
+    for (int64_t pn = p0; pn < np; ++pn)
       pack_b(B, k0, kc, pn * NB, int(std::min<int64_t>(NB, N - pn * NB)), bpack + k0 * npad + pn * kc * NB);
   }
   const int nth = double(M) * double(N) * double(K) < kMinParallelGemm ? 1 : std::max(nt, 1);
@@ -233,10 +239,11 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
         const int mr = int(std::min<int64_t>(MRMAX, M - m0));
         pack_a(A, m0, mr, k0, kc, apack);
         const int nvm = nv_max(mr);
-        for (int64_t pn = 0; pn < np; pn += nvm) {
-          const int nv = int(std::min<int64_t>(nvm, np - pn));
-          for (int q = 0; q < nv; ++q) bq[q] = bk + (pn + q) * kc * NB;
-          kMicroKernels[mr][nv](apack, kc, bq, NB, tile);
+        for (int64_t pn = 0; pn < np;) {
+          const bool in_place = pn < p0;  // a group of panels is all in place or all packed
+          const int nv = int(std::min<int64_t>(nvm, (in_place ? p0 : np) - pn));
+          for (int q = 0; q < nv; ++q) bq[q] = in_place ? B.p + B.row(k0) + (pn + q) * NB : bk + (pn + q) * kc * NB;
+          kMicroKernels[mr][nv](apack, kc, bq, in_place ? B.rs_out : NB, tile);
           for (int i = 0; i < mr; ++i) {
             float* crow = C + (m0 + i) * ldc;
             for (int q = 0; q < nv; ++q) {
@@ -247,6 +254,7 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
               vstn(crow + c0, v, nn);
             }
           }
+          pn += nv;
         }
       }
     }
@@ -277,48 +285,6 @@ void col_sums(const float* src, int64_t R, int64_t C, int64_t ld, float* dst, in
           if (nn[q] > 0) vstn(dst + c0 + q * NB, acc[q], nn[q]);
       });
 }
-
-// C[m][n] = sum_k A[m][k] W(k, n) for m < M <= 8, n < N (A row m at a + m * ars), straight from unpacked row-major
-// weights, no packed copy: W(k, n) = w[k * wrs + n] (KN: W's rows are the k-major panels the micro-kernel reads) or
-// w[n * wrs + k] (NK: each NB x NB block is transposed into an L1 tile on the fly). Each output lane sums k in
-// ascending order with FMAs from 0, in K blocks of kc (C = block 0, then C += each next block), as sgemm and the
-// micro-kernel do: the bits of the packed path. For one GRU step at a small batch, where packing W for a single
-// use costs more than the product.
-template <bool NK>
-void unpacked_gemm(const float* a, int64_t ars, int M, const float* w, int64_t wrs, int64_t N, int64_t K, int64_t kc,
-                   float* c, int64_t ldc) {
-  alignas(64) float tile[NB * NB];  // NK: tile[kk * NB + j] = W[n0 + j][k + kk]
-  for (int64_t n0 = 0; n0 < N; n0 += NB) {
-    const int nn = int(std::min<int64_t>(NB, N - n0));
-    V sum[8];
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-      const int64_t k1 = std::min(K, k0 + kc);
-      V acc[8];
-      for (int i = 0; i < M; ++i) acc[i] = vzero();
-      for (int64_t k = k0; k < k1; k += NB) {
-        const int nk = int(std::min<int64_t>(NB, k1 - k));
-        if (NK) {
-          if (nn == NB && nk == NB) {
-            transpose_nb(w + n0 * wrs + k, wrs, tile, NB);
-          } else {
-            for (int kk = 0; kk < nk; ++kk)
-              for (int jj = 0; jj < NB; ++jj) tile[kk * NB + jj] = jj < nn ? w[(n0 + jj) * wrs + k + kk] : 0.0f;
-          }
-        }
-        for (int kk = 0; kk < nk; ++kk) {
-          const V wv = NK ? vld(tile + kk * NB) : vldn(w + (k + kk) * wrs + n0, nn);
-          for (int i = 0; i < M; ++i) acc[i] = vfma(vset(a[i * ars + k + kk]), wv, acc[i]);
-        }
-      }
-      for (int i = 0; i < M; ++i) sum[i] = k0 == 0 ? acc[i] : vadd(sum[i], acc[i]);
-    }
-    for (int i = 0; i < M; ++i) vstn(c + i * ldc + n0, K > 0 ? sum[i] : vzero(), nn);
-  }
-}
-
-// One GRU step from the unpacked weights (cell_fwd below) while the batch is at most this. Packing W_ih and W_hh
-// for sgemm on every call made the cell 2.5x slower than torch.nn.GRUCell at B = 1.
-constexpr int64_t kCellDirectMaxB = 16;
 
 // Biases of nj hidden units [j0, j0 + nj), one vector per gate and side (0 without that bias).
 struct GateBias {
@@ -359,20 +325,25 @@ int step_threads(int64_t B, int64_t H, int nt) {
 // Forward
 // ------------------------------------------------------------------------------------------------------------
 struct FwdLayout {
-  int64_t wp, gi, gemm, sliver, total;
+  int64_t wp, gi, gemm, sliver, xs, hs, total;
 };
 
-// A single step at a small batch (a cell): forward and backward use the unpacked weights (unpacked_gemm).
+// A single step (a cell): forward and backward use each weight once, so neither packs a whole weight matrix.
 template <class Params>
-bool cell_direct(const Params& p) { return p.T == 1 && p.B <= kCellDirectMaxB; }
+bool one_step(const Params& p) { return p.T == 1; }
+
+// Floats of one thread's W panels in cell_fwd: NB hidden units of all three gates of W_ih (I rows) and W_hh (H).
+int64_t cell_panel_floats(int64_t I, int64_t H) { return round16(3 * NB * (I + H)); }
 
 FwdLayout fwd_layout(const GRUFwdParams& p) {
   const int64_t P = ceil_div(p.H, NB);
   const int nt = std::max(p.num_threads, 1);
-  FwdLayout l;
-  if (cell_direct(p)) {  // cell_fwd: gi and gh, (B, 3H) each
-    l.wp = l.gi = l.gemm = l.sliver = 0;
-    l.total = 2 * round16(p.B * 3 * p.H);
+  FwdLayout l{};
+  if (one_step(p)) {  // cell_fwd: x and h as batch slivers, W panels per thread
+    l.xs = 0;
+    l.hs = l.xs + round16(p.B * p.I);
+    l.wp = l.hs + round16(p.B * p.H);
+    l.total = l.wp + nt * cell_panel_floats(p.I, p.H);
     return l;
   }
   l.wp = 0;
@@ -383,33 +354,78 @@ FwdLayout fwd_layout(const GRUFwdParams& p) {
   return l;
 }
 
-// One step at a small batch (cell_direct): gi = x W_ih^T (K blocked as sgemm) and gh = h W_hh^T (one K block, as
-// the recurrence) by unpacked_gemm (NK layout), then the gate math: the bits of gru_fwd's packed path.
-void cell_fwd(const GRUFwdParams& p) {
-  const int64_t B = p.B, I = p.I, H = p.H, G = 3 * H;
-  float* gi = p.workspace;
-  float* gh = p.workspace + round16(B * G);
-  const float* h0 = static_cast<const float*>(p.h0);
+// The rows of W (3H, K; row stride wrs) for hidden units [j0, j0 + NB) of all three gates, as the recurrence's
+// packed panel: dst[k * 3NB + gate * NB + l] = W[gate * H + j0 + l][k], 0 past H.
+void pack_gate_panel(const float* w, int64_t wrs, int64_t H, int64_t K, int64_t j0, float* __restrict dst) {
+  const int nn = int(std::min<int64_t>(NB, H - j0));
+  for (int gate = 0; gate < 3; ++gate) {
+    const float* src = w + (gate * H + j0) * wrs;
+    float* d = dst + gate * NB;
+    int64_t k = 0;
+    if (nn == NB)
+      for (; k + NB <= K; k += NB) transpose_nb(src + k, wrs, d + k * 3 * NB, 3 * NB);
+    for (; k < K; ++k)
+      for (int l = 0; l < NB; ++l) d[k * 3 * NB + l] = l < nn ? src[l * wrs + k] : 0.0f;
+  }
+}
+
+// One step (a cell). x and h are packed as batch slivers once; the work items are panels of NB hidden units (each
+// split into chunks of slivers when there are fewer panels than 2 per thread). An item packs its panel of W_ih and
+// W_hh (pack_gate_panel) into its thread's buffer and runs every sliver through the micro-kernel, gi in gemm_kc(I)
+// K blocks summed as sgemm sums them and gh in one block as the recurrence, then the gate math on the two tiles:
+// W is read once, gi and gh never go to memory, and h' has the bits of gru_fwd's packed path.
+void cell_fwd(const GRUFwdParams& p, const FwdLayout& L) {
+  const int64_t B = p.B, I = p.I, H = p.H, P = ceil_div(H, NB), ns = ceil_div(B, MRMAX), kc = gemm_kc(I);
+  const int nt = std::max(p.num_threads, 1);
+  const int nth = double(B) * double(3 * H) * double(I + H) < kMinParallelCell ? 1 : nt;
   const float* x = static_cast<const float*>(p.x);
+  const float* h0 = static_cast<const float*>(p.h0);
   const float* w_ih = static_cast<const float*>(p.w_ih);
   const float* w_hh = static_cast<const float*>(p.w_hh);
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {  // unpacked_gemm takes 8 rows at a time
-    const int m = int(std::min<int64_t>(8, B - b0));
-    unpacked_gemm<true>(x + b0 * p.x_b_stride, p.x_b_stride, m, w_ih, p.w_ih_row_stride, G, I, gemm_kc(I),
-                        gi + b0 * G, G);
-    unpacked_gemm<true>(h0 + b0 * p.h0_row_stride, p.h0_row_stride, m, w_hh, p.w_hh_row_stride, G, H, H,
-                        gh + b0 * G, G);
-  }
   const float* b_ih = static_cast<const float*>(p.b_ih);
   const float* b_hh = static_cast<const float*>(p.b_hh);
   float* out = static_cast<float*>(p.out);
-  for (int64_t j0 = 0; j0 < H; j0 += NB) {
+  float* xs = p.workspace + L.xs;  // sliver of rows [m0, m0 + mr): xs + m0 * I, [k][mr]
+  float* hs = p.workspace + L.hs;  // the same for h: hs + m0 * H
+  run_items(nth, ns, [&](int64_t sl, int) {
+    const int64_t m0 = sl * MRMAX;
+    const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+    pack_a(row_major(x, p.x_b_stride), m0, mr, 0, I, xs + m0 * I);
+    pack_a(row_major(h0, p.h0_row_stride), m0, mr, 0, H, hs + m0 * H);
+  });
+  const int64_t nchunk = nth == 1 ? 1 : std::min<int64_t>(ns, ceil_div(2 * nth, P));
+  const int64_t per = ceil_div(ns, nchunk);  // slivers per chunk
+  run_items(nth, P * nchunk, [&](int64_t item, int tid) {
+    const int64_t j0 = item / nchunk * NB, s0 = item % nchunk * per, s1 = std::min(ns, s0 + per);
     const int nj = int(std::min<int64_t>(NB, H - j0));
+    float* wi = p.workspace + L.wp + tid * cell_panel_floats(I, H);  // [k][r | z | n][NB], I rows of W_ih
+    float* wh = wi + 3 * NB * I;                                       // and H rows of W_hh
+    pack_gate_panel(w_ih, p.w_ih_row_stride, H, I, j0, wi);
+    pack_gate_panel(w_hh, p.w_hh_row_stride, H, H, j0, wh);
     const GateBias bias = gate_bias(b_ih, b_hh, H, j0, nj);
-    for (int64_t b = 0; b < B; ++b)
-      gate_fwd(gi + b * G + j0, H, gh + b * G + j0, H, bias, h0 + b * p.h0_row_stride + j0, out + b * H + j0,
-               p.ws ? p.ws + b * 4 * H + j0 : nullptr, H, nj);
-  }
+    alignas(64) float gi[MRMAX * TLD], gh[MRMAX * TLD];  // row i, gate g at i * TLD + g * NB
+    const float* bq[3];
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      const int64_t m0 = sl * MRMAX;
+      const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+      if (I == 0) std::memset(gi, 0, sizeof(gi));
+      for (int64_t k0 = 0; k0 < I; k0 += kc) {  // gi: block 0, then += each next block (gh as scratch)
+        for (int g = 0; g < 3; ++g) bq[g] = wi + k0 * 3 * NB + g * NB;
+        kMicroKernels[mr][3](xs + m0 * I + k0 * mr, std::min(kc, I - k0), bq, 3 * NB, k0 == 0 ? gi : gh);
+        for (int i = 0; i < mr && k0 > 0; ++i) {
+          float* acc = gi + i * TLD;
+          for (int c = 0; c < 3 * NB; c += NB) vst(acc + c, vadd(vld(acc + c), vld(gh + i * TLD + c)));
+        }
+      }
+      for (int g = 0; g < 3; ++g) bq[g] = wh + g * NB;
+      kMicroKernels[mr][3](hs + m0 * H, H, bq, 3 * NB, gh);
+      for (int i = 0; i < mr; ++i) {
+        const int64_t row = m0 + i;
+        gate_fwd(gi + i * TLD, NB, gh + i * TLD, NB, bias, h0 + row * p.h0_row_stride + j0, out + row * H + j0,
+                 p.ws ? p.ws + row * 4 * H + j0 : nullptr, H, nj);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -419,8 +435,8 @@ int64_t gru_fwd_workspace_floats(const GRUFwdParams& p) { return fwd_layout(p).t
 void gru_fwd(const GRUFwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB);
   if (T <= 0 || B <= 0 || H <= 0) return;
-  if (cell_direct(p)) return cell_fwd(p);
   const FwdLayout L = fwd_layout(p);
+  if (one_step(p)) return cell_fwd(p, L);
   float* wp = p.workspace + L.wp;  // [P][H][3][NB]: W_hh gate-interleaved
   float* gi = p.workspace + L.gi;  // (T * B, 3H): X W_ih^T (no bias)
   const float* x = static_cast<const float*>(p.x);
@@ -438,19 +454,7 @@ void gru_fwd(const GRUFwdParams& p) {
   sgemm(T * B, G, I, X, col_major(w_ih, p.w_ih_row_stride), gi, G, p.workspace + L.gemm, nt);
 
   // 2. W_hh, gate-interleaved: wp[pn][k][gate][l] = W_hh[gate * H + pn * NB + l][k] (0 past H)
-  for (int64_t pn = 0; pn < P; ++pn) {
-    float* dst = wp + pn * H * 3 * NB;
-    for (int gate = 0; gate < 3; ++gate)
-      for (int l = 0; l < NB; ++l) {
-        const int64_t j = pn * NB + l;
-        if (j < H) {
-          const float* src = w_hh + (gate * H + j) * p.w_hh_row_stride;
-          for (int64_t k = 0; k < H; ++k) dst[k * 3 * NB + gate * NB + l] = src[k];
-        } else {
-          for (int64_t k = 0; k < H; ++k) dst[k * 3 * NB + gate * NB + l] = 0.0f;
-        }
-      }
-  }
+  for (int64_t pn = 0; pn < P; ++pn) pack_gate_panel(w_hh, p.w_hh_row_stride, H, H, pn * NB, wp + pn * H * 3 * NB);
 
   // 3. the recurrence, one item per block of batch rows [m0, m0 + mr)
   run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
@@ -502,13 +506,16 @@ struct BwdLayout {
   int64_t wq, dgi, dgh, dh, hprev, gemm, sliver, total;
 };
 
+// Panels of W_hh the backward reads in place (one step: its full panels; W_hh's rows are k-major already).
+int64_t in_place_panels(const GRUBwdParams& p) { return one_step(p) ? p.H / NB : 0; }
+
 BwdLayout bwd_layout(const GRUBwdParams& p) {
   const int64_t P = ceil_div(p.H, NB), G = 3 * p.H, TB = p.T * p.B;
   const int nt = std::max(p.num_threads, 1);
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   BwdLayout l;
   l.wq = 0;
-  l.dgi = l.wq + (cell_direct(p) ? 0 : round16(P * G * NB));  // packed W_hh: not for a direct step
+  l.dgi = l.wq + round16((P - in_place_panels(p)) * G * NB);
   l.dgh = l.dgi + round16(TB * G);
   l.dh = l.dgh + round16((need_w ? TB : 2 * p.B) * G);
   l.hprev = l.dh + round16(p.B * p.H);
@@ -528,11 +535,9 @@ void gru_bwd(const GRUBwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
   if (T <= 0 || B <= 0 || H <= 0) return;
   const BwdLayout L = bwd_layout(p);
-  // One step at a small batch (a cell): dGh W_hh and dx = dGi W_ih straight from the unpacked weights
-  // (unpacked_gemm, KN layout: the packed path's bits) instead of packing W_hh and W_ih for one use.
-  const bool direct = cell_direct(p);
+  const int64_t P0 = in_place_panels(p);  // W_hh panels [0, P0) are read in place, [P0, P) from wq
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
-  float* wq = p.workspace + L.wq;    // [P][3H][NB]: W_hh (3H, H) as NB-wide column panels
+  float* wq = p.workspace + L.wq;    // [P - P0][3H][NB]: W_hh (3H, H) as NB-wide column panels
   float* dgi = p.workspace + L.dgi;  // (T * B, 3H), rows t * B + b
   float* dgh = p.workspace + L.dgh;  // (T * B, 3H) when need_w, else two (B, 3H) buffers used alternately
   float* dhb = p.workspace + L.dh;   // (B, H): dL/dh after the step being processed
@@ -574,10 +579,11 @@ void gru_bwd(const GRUBwdParams& p) {
     vstn(gh_row + 2 * H, vmul(dnp, r), nj);
   };
 
-  // W_hh as NB-wide column panels: wq[pn][k][l] = W_hh[k][pn * NB + l] (0 past H)
-  for (int64_t pn = 0; pn < P && !direct; ++pn) {
+  // W_hh as NB-wide column panels: wq[pn - P0][k][l] = W_hh[k][pn * NB + l] (0 past H)
+  for (int64_t pn = P0; pn < P; ++pn) {
     const int nn = int(std::min<int64_t>(NB, H - pn * NB));
-    for (int64_t k = 0; k < G; ++k) vst(wq + (pn * G + k) * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, nn));
+    float* dst = wq + (pn - P0) * G * NB;
+    for (int64_t k = 0; k < G; ++k) vst(dst + k * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, nn));
   }
 
   // BPTT, one item per block of batch rows [m0, m0 + mr): the last step processed starts from dh = dh_last + dout;
@@ -606,19 +612,15 @@ void gru_bwd(const GRUBwdParams& p) {
       const int64_t t = tt(s);
       const float* A = dgh_of(s);
       const float* a = A + m0 * G;
-      if (mr > 1 && !direct) {
+      if (mr > 1) {
         pack_a(row_major(A, G), m0, mr, 0, G, sliver);
         a = sliver;
       }
-      for (int64_t pn = 0; pn < P;) {
-        const int nv = int(std::min<int64_t>(nvm, P - pn));
-        if (direct) {  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB), rows of dGh at stride G
-          const int64_t cols = std::min<int64_t>(nv * NB, H - pn * NB);
-          unpacked_gemm<false>(a, G, mr, w_hh + pn * NB, p.w_hh_row_stride, cols, G, G, tile, TLD);
-        } else {
-          for (int q = 0; q < nv; ++q) bq[q] = wq + (pn + q) * G * NB;
-          kMicroKernels[mr][nv](a, G, bq, NB, tile);  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
-        }
+      for (int64_t pn = 0; pn < P;) {  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
+        const bool in_place = pn < P0;  // a group of panels is all in place or all from wq
+        const int nv = int(std::min<int64_t>(nvm, (in_place ? P0 : P) - pn));
+        for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : wq + (pn + q - P0) * G * NB;
+        kMicroKernels[mr][nv](a, G, bq, in_place ? p.w_hh_row_stride : NB, tile);
         for (int q = 0; q < nv; ++q) {
           const int64_t j0 = (pn + q) * NB;
           const int nj = int(std::min<int64_t>(NB, H - j0));
@@ -642,13 +644,8 @@ void gru_bwd(const GRUBwdParams& p) {
   });
 
   float* gemm_ws = p.workspace + L.gemm;
-  if (direct) {
-    for (int64_t b0 = 0; b0 < B; b0 += 8)  // unpacked_gemm takes 8 rows at a time
-      unpacked_gemm<false>(dgi + b0 * G, G, int(std::min<int64_t>(8, B - b0)), w_ih, p.w_ih_row_stride, I, G,
-                           gemm_kc(G), static_cast<float*>(p.dx) + b0 * I, I);
-  } else {
-    sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt);
-  }
+  sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt,
+        one_step(p));
   if (!need_w) return;
   float* hp_all = p.workspace + L.hprev;  // (T * B, H): the state each (t, b) row started from
   for (int64_t t = 0; t < T; ++t) {
