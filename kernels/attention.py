@@ -712,20 +712,22 @@ def dropout_keep_mask(seed: int, offset: int, shape, p: float, device="cpu") -> 
 # Autotuning: per-arch configuration lists, bucketed keys
 # --------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M is the query tile and BLOCK_N the key tile in every kernel
-# (dK/dV: a program owns BLOCK_N keys and iterates over BLOCK_M query rows). Lists are keyed by arch family and
-# (kernel, element bits "16" | "32", head-dim bucket = max(BLOCK_D, BLOCK_DV, 64), heavy), heavy = dropout or a
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]): BLOCK_M is the query tile and BLOCK_N the key tile in every
+# kernel (dK/dV: a program owns BLOCK_N keys and iterates over BLOCK_M query rows). Lists are keyed by arch family
+# and (kernel, element bits "16" | "32", head-dim bucket = max(BLOCK_D, BLOCK_DV, 64), heavy), heavy = dropout or a
 # mask that varies along both queries and keys (a (BLOCK_M, BLOCK_N) mask tile and the Philox state take ~100
 # registers a thread; key-padding and per-row masks are vector loads and count as light). fp32 inputs (IEEE
-# dots, a correctness path) use one small list for both. Every entry of both arch tables compiles spill-free for
-# sm_80 *and* sm_90a with the heaviest flags of its class (scripts/compile_triton.py, compile_configs()); the
-# choice among them is the autotuner's, per bucketed key. These are compile-checked starting points: retune on
-# hardware.
+# dots, a correctness path) use one small list for both. Every entry compiles without spills or stack frame for the
+# arch whose table lists it (both for _F32) with *every* flag combination of its class (scripts/compile_triton.py
+# --full, ptxas 12.9 as bundled with Triton 3.9; CI compiles the heaviest combination). ptxas picks its own
+# register budget when the PTX has no .maxnreg, and for some entries it stops far below the register file and
+# spills (dK/dV fp32 D=64 at 64 registers); a fifth field, maxnreg = 255, lifts that for the entries that need it
+# (heavy and fp32 ones only: the plain-class entries timed on the H200 are unchanged). The choice among the entries
+# is the autotuner's, per bucketed key. These are compile-checked starting points: retune on hardware.
 _F32 = {
-    ("fwd", 64): [(32, 32, 4, 2)], ("fwd", 128): [(32, 16, 4, 2), (16, 32, 4, 2)], ("fwd", 256): [(16, 16, 4, 1)],
-    ("dq", 64): [(16, 16, 4, 2), (32, 32, 8, 2)], ("dq", 128): [(16, 16, 4, 2), (32, 16, 4, 2)],
-    ("dq", 256): [(16, 16, 4, 1)],
-    ("dkdv", 64): [(16, 32, 4, 2)], ("dkdv", 128): [(16, 16, 4, 2)], ("dkdv", 256): [(16, 32, 8, 1), (16, 16, 8, 1)],
+    ("fwd", 64): [(16, 16, 4, 1)], ("fwd", 128): [(16, 32, 8, 2)], ("fwd", 256): [(16, 32, 8, 1)],
+    ("dq", 64): [(16, 16, 8, 2)], ("dq", 128): [(16, 32, 8, 2)], ("dq", 256): [(16, 16, 4, 1)],
+    ("dkdv", 64): [(16, 16, 8, 1, 255)], ("dkdv", 128): [(16, 16, 8, 1, 255)], ("dkdv", 256): [(16, 16, 8, 1, 255)],
 }
 _CONFIGS = {
     90: {  # H100 / H200: 8-warp 128-row tiles (wgmma) first
@@ -734,7 +736,7 @@ _CONFIGS = {
         ("fwd", 256, False): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
         ("fwd", 64, True): [(128, 32, 8, 2), (64, 64, 4, 2)],
         ("fwd", 128, True): [(64, 32, 8, 2), (128, 16, 8, 2), (64, 32, 4, 2)],
-        ("fwd", 256, True): [(32, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)],
+        ("fwd", 256, True): [(64, 16, 8, 2), (32, 16, 4, 2)],
         ("dq", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
         ("dq", 128, False): [(128, 32, 8, 2), (64, 64, 4, 2)],
         ("dq", 256, False): [(32, 32, 4, 2), (64, 16, 4, 2)],
@@ -744,28 +746,28 @@ _CONFIGS = {
         ("dkdv", 64, False): [(32, 128, 8, 3), (32, 64, 8, 3)],
         ("dkdv", 128, False): [(16, 128, 8, 2), (32, 64, 8, 2)],
         ("dkdv", 256, False): [(32, 32, 8, 2)],
-        ("dkdv", 64, True): [(32, 32, 4, 2)],
+        ("dkdv", 64, True): [(32, 32, 4, 2, 255)],
         ("dkdv", 128, True): [(32, 32, 8, 2)],
-        ("dkdv", 256, True): [(16, 32, 8, 2)],
+        ("dkdv", 256, True): [(16, 32, 8, 1), (32, 16, 8, 2)],
     },
     80: {  # A100 and the other sm_8x: configurations with register headroom on sm_80 first
-        ("fwd", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
-        ("fwd", 128, False): [(128, 32, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        ("fwd", 128, False): [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
         ("fwd", 256, False): [(64, 32, 8, 2), (32, 32, 4, 2)],
-        ("fwd", 64, True): [(64, 32, 4, 2), (64, 64, 4, 2)],
+        ("fwd", 64, True): [(64, 32, 4, 2)],
         ("fwd", 128, True): [(64, 32, 4, 2), (64, 32, 8, 2)],
         ("fwd", 256, True): [(32, 32, 8, 2), (64, 16, 8, 2)],
-        ("dq", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
-        ("dq", 128, False): [(64, 64, 4, 2), (128, 32, 8, 2)],
+        ("dq", 64, False): [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+        ("dq", 128, False): [(128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
         ("dq", 256, False): [(32, 32, 4, 2)],
-        ("dq", 64, True): [(32, 32, 4, 2), (64, 32, 4, 2)],
+        ("dq", 64, True): [(32, 32, 4, 2)],
         ("dq", 128, True): [(32, 32, 4, 2), (64, 32, 8, 2)],
         ("dq", 256, True): [(32, 16, 4, 2), (32, 32, 4, 2)],
-        ("dkdv", 64, False): [(32, 64, 8, 3), (32, 128, 8, 3)],
-        ("dkdv", 128, False): [(32, 64, 8, 2), (16, 128, 8, 2)],
+        ("dkdv", 64, False): [(32, 64, 8, 3)],
+        ("dkdv", 128, False): [(32, 64, 8, 2), (32, 32, 8, 2)],
         ("dkdv", 256, False): [(32, 32, 8, 2)],
-        ("dkdv", 64, True): [(32, 32, 4, 2)],
-        ("dkdv", 128, True): [(32, 32, 8, 2)],
+        ("dkdv", 64, True): [(32, 32, 4, 2, 255)],
+        ("dkdv", 128, True): [(16, 32, 8, 2), (32, 16, 8, 2)],
         ("dkdv", 256, True): [(16, 32, 8, 2)],
     },
 }
@@ -801,7 +803,8 @@ def _autotuned(kind: str, arch: int, bits: str, d_bucket: int, heavy: bool, lq_b
     keep = [c for c in configs if c[0] <= max(lq_bucket, 16) and c[1] <= max(lk_bucket, 16)]
     keep = keep or [min(configs, key=lambda c: c[0] * c[1])]
     return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in keep],
+        configs=[triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3],
+                               maxnreg=c[4] if len(c) > 4 else None) for c in keep],
         key=["MASK_KIND", "MASK_Q", "MASK_K", "HAS_DROPOUT", "D", "BLOCK_DV"],
     )(_KERNELS[kind])
 
@@ -1108,26 +1111,30 @@ def _split_kv_compile_configs(full: bool):
 def compile_configs(full: bool = False):
     """Configurations for scripts/compile_triton.py: (kernel_fn, signature, constexprs, num_warps, options).
 
-    Every (BLOCK_M, BLOCK_N, num_warps, num_stages) that _CONFIGS (both arch tables) or _F32 can pick, at the
-    largest head dim of its bucket, with the heaviest flags of its class (see _flag_sets); bf16 for the 16-bit
-    tables (fp16 has the same register needs), fp32 for _F32. The script compiles each for sm_80 and sm_90a.
-    full=True: every flag combination of the class, plus fp16 and a non-power-of-2 head dim (heaviest flags).
-    Plus the backward preprocess kernel and the split-KV kernels (_split_kv_compile_configs).
+    Every (BLOCK_M, BLOCK_N, num_warps, num_stages) that _CONFIGS or _F32 can pick, at the largest head dim of
+    its bucket, with the heaviest flags of its class (see _flag_sets); bf16 for the 16-bit tables (fp16 has the
+    same register needs), fp32 for _F32. The script compiles an entry of an arch table for the archs whose table
+    lists it (sm_80 for _CONFIGS[80], sm_90a for _CONFIGS[90]: _arch() launches nothing else there) and _F32's
+    for both. full=True: every flag combination of the class, plus fp16 and a non-power-of-2 head dim (heaviest
+    flags). Plus the backward preprocess kernel and the split-KV kernels (_split_kv_compile_configs).
     """
-    entries = set()  # (kind, d_bucket, heavy, dtype, config)
-    for table in _CONFIGS.values():
+    entries = {}  # (kind, d_bucket, heavy, dtype, config) -> archs that launch it
+    for arch, table in _CONFIGS.items():
         for (kind, bucket, heavy), cfgs in table.items():
-            entries.update((kind, bucket, heavy, "bf16", c) for c in cfgs)
+            for c in cfgs:
+                entries.setdefault((kind, bucket, heavy, "bf16", c), set()).add(arch)
     for (kind, bucket), cfgs in _F32.items():
         for heavy in ((False, True) if full else (True,)):
-            entries.update((kind, bucket, heavy, "fp32", c) for c in cfgs)
+            entries.update({(kind, bucket, heavy, "fp32", c): set(_CONFIGS) for c in cfgs})
     jobs = [(e, e[1], flags) for e in sorted(entries) for flags in _flag_sets(e[2], full)]
     if full:  # fp16 and a non-power-of-2 head dim (masked columns), heaviest flags
         jobs += [((kind, bucket, heavy, t2, c), d2, _flag_sets(heavy, False)[0])
                  for kind, bucket, heavy, t, c in sorted(entries) if t == "bf16"
                  for t2, d2 in (("fp16", bucket), ("bf16", {64: 40, 128: 96, 256: 192}[bucket]))]
     configs = []
-    for (kind, bucket, heavy, t, (bm, bn, warps, stages)), d, flags in jobs:
+    for entry, d, flags in jobs:
+        kind, bucket, heavy, t, (bm, bn, warps, stages, *maxnreg) = entry
+        archs = tuple(sorted(entries[entry[:3] + ("bf16" if t == "fp16" else t,) + entry[4:]]))
         causal, mask_kind, mq, mk, dropout = flags
         mask_t = {_MASK_NONE: t, _MASK_BOOL: "i1", _MASK_ADD: "fp32"}[mask_kind]
         sig = _signature(_KERNELS[kind], t, mask_t)
@@ -1136,7 +1143,8 @@ def compile_configs(full: bool = False):
                   "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "MASK_KIND": mask_kind, "MASK_Q": mq, "MASK_K": mk,
                   "HAS_DROPOUT": dropout, "UPCAST": False}
         sig.update({k: "constexpr" for k in consts})
-        configs.append((_KERNELS[kind], sig, consts, warps, {"num_stages": stages}))
+        options = {"num_stages": stages, "archs": archs, **({"maxnreg": maxnreg[0]} if maxnreg else {})}
+        configs.append((_KERNELS[kind], sig, consts, warps, options))
     configs += _split_kv_compile_configs(full)
     configs += _preprocess_compile_configs(full)
     return configs

@@ -3,7 +3,9 @@
 Every module kernels/<name>.py that defines `compile_configs()` contributes configurations: a list of
     (kernel_fn, signature, constexprs, num_warps)            or
     (kernel_fn, signature, constexprs, num_warps, options)   options: extra triton.compile options,
-                                                              e.g. {"num_stages": 3}
+                                                              e.g. {"num_stages": 3}, and optionally
+                                                              "archs": the compute capabilities the
+                                                              configuration is launched on (default all)
 where signature maps every argument name to a Triton type string ("*fp32", "*bf16", "i32", "fp32",
 "constexpr") and constexprs gives the constexpr values. Each configuration is compiled with
 triton.compile for sm_80 and sm_90a (Triton -> PTX), then the PTX goes through the same ptxas Triton
@@ -77,8 +79,9 @@ def _module_configs(mod, full):
 
 
 def collect(only, full, match=None):
-    """[(module_name, index, label)] for every configuration (optionally only those whose
-    "kernel config" text matches the regex `match`); import failures become errors."""
+    """[(module_name, index, label, archs)] for every configuration (optionally only those whose
+    "kernel config" text matches the regex `match`; archs: the configuration's "archs" option or None = all);
+    import failures become errors."""
     items, errors = [], []
     for name in kernel_modules(only):
         try:
@@ -92,8 +95,12 @@ def collect(only, full, match=None):
             kernel, desc = describe(cfg)
             if match and not re.search(match, f"{kernel} {desc}"):
                 continue
-            items.append((name, i, (kernel, desc)))
+            items.append((name, i, (kernel, desc), _options(cfg).get("archs")))
     return items, errors
+
+
+def _options(cfg):
+    return dict(cfg[4]) if len(cfg) > 4 and cfg[4] else {}
 
 
 def describe(cfg):
@@ -111,8 +118,7 @@ def describe(cfg):
         else:
             parts.append(f"{k}={v}")
     parts.append(f"warps={num_warps}")
-    if len(cfg) > 4 and cfg[4]:
-        parts += [f"{k}={v}" for k, v in cfg[4].items()]
+    parts += [f"{k}={v}" for k, v in _options(cfg).items() if k != "archs"]
     return getattr(fn, "__name__", str(fn)), " ".join(parts)
 
 
@@ -186,7 +192,8 @@ def compile_one(job):
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     cfg = _module_configs(_load_module(name), full)[index]
     fn, sig, consts, num_warps = cfg[:4]
-    options = dict(cfg[4]) if len(cfg) > 4 and cfg[4] else {}
+    options = _options(cfg)
+    options.pop("archs", None)
     options["num_warps"] = num_warps
     kernel, desc = describe(cfg)
     res = {
@@ -246,12 +253,13 @@ def main(argv=None):
     items, errors = collect(args.only, args.full, args.match)
     jobs = [
         (name, i, arch, aligned, args.full)
-        for name, i, _ in items
+        for name, i, _, only_archs in items
         for arch in archs
+        if only_archs is None or arch in only_archs
         for aligned in ((True, False) if args.unaligned else (True,))
     ]
     print(
-        f"triton {triton.__version__}; {len(items)} configurations x {len(archs)} archs"
+        f"triton {triton.__version__}; {len(items)} configurations x up to {len(archs)} archs"
         f"{' x 2 alignments' if args.unaligned else ''} = {len(jobs)} compiles, {args.jobs} jobs",
         flush=True,
     )

@@ -552,12 +552,15 @@ def test_torch_compile_fullgraph_aot_eager():
 
 def test_every_selectable_config_is_compile_checked():
     """Whatever the GPU launcher can pick (per arch, dtype width, head-dim bucket, heavy or not, after pruning by
-    the bucketed lengths) is among the configurations scripts/compile_triton.py compiles (compile_configs())."""
+    the bucketed lengths) is among the configurations scripts/compile_triton.py compiles (compile_configs()) for
+    that arch."""
     names = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}
     checked = set()
     for fn, _, c, warps, *options in K.compile_configs():
         if fn.__name__ in names.values():  # the autotuned kernels
-            checked.add((fn.__name__, c["BLOCK_M"], c["BLOCK_N"], warps, options[0]["num_stages"]))
+            for arch in options[0]["archs"]:
+                checked.add((arch, fn.__name__, c["BLOCK_M"], c["BLOCK_N"], warps, options[0]["num_stages"],
+                             options[0].get("maxnreg")))
     for arch in (80, 90):
         for kind in names:
             for bits in ("16", "32"):
@@ -568,8 +571,8 @@ def test_every_selectable_config_is_compile_checked():
                                                  K._len_bucket(lk), True)
                             assert tuner.configs, (kind, arch, bits, d_bucket, heavy, lq, lk)
                             for cfg in tuner.configs:
-                                key = (names[kind], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
-                                       cfg.num_stages)
+                                key = (arch, names[kind], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"],
+                                       cfg.num_warps, cfg.num_stages, cfg.maxnreg)
                                 assert key in checked, key
     assert K._d_bucket(16, 16) == 64 and K._d_bucket(128, 64) == 128 and K._d_bucket(16, 256) == 256
 
