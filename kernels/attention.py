@@ -721,7 +721,7 @@ def dropout_keep_mask(seed: int, offset: int, shape, p: float, device="cpu") -> 
 # arch whose table lists it (both for _F32) with *every* flag combination of its class (scripts/compile_triton.py
 # --full, ptxas 12.9 as bundled with Triton 3.9; CI compiles the heaviest combination). ptxas picks its own
 # register budget when the PTX has no .maxnreg, and for some entries it stops far below the register file and
-# spills (dK/dV fp32 D=64 at 64 registers); a fifth field, maxnreg = 255, lifts that for the entries that need it
+# spills (dq fp32 D=64 at 64 registers); a fifth field, maxnreg = 255, lifts that for the entries that need it
 # (heavy and fp32 ones only: the plain-class entries timed on the H200 are unchanged). The choice among the entries
 # is the autotuner's, per bucketed key. These are compile-checked starting points: retune on hardware.
 _F32 = {
