@@ -581,7 +581,7 @@ def test_gpu_launch_path_through_the_autotuner(monkeypatch):
     """The launchers' GPU branch (bucketed key -> pruned config list -> triton.autotune -> grid from META), run
     under the interpreter with one configuration per list (a single-config autotuner does not benchmark) and
     fp32 inputs (UPCAST is off on that branch)."""
-    one = {key: [(16, 32, 4, 1)] for key in K._F32}
+    one = {key: [(16, 32, 4, 1, 255)] for key in K._F32}  # maxnreg: the fifth field reaches triton.Config
     monkeypatch.setattr(K, "_F32", one)
     monkeypatch.setattr(K, "_interpreting", lambda: False)
     monkeypatch.setattr(K, "_arch", lambda device: 90)
@@ -590,6 +590,7 @@ def test_gpu_launch_path_through_the_autotuner(monkeypatch):
         q, k, v = make_qkv(1, 4, 23, 37, 16, hkv=2, device=DEV, requires_grad=True, seed=19)
         check_fp32(q, k, v, causal=True)
         assert K._autotuned.cache_info().currsize == 3  # fwd, dkdv, dq went through autotuners
+        assert K._autotuned("fwd", 90, "32", 64, False, 16, 16, True).configs[0].maxnreg == 255
     finally:
         K._autotuned.cache_clear()
 
