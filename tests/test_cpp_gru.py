@@ -172,7 +172,7 @@ def test_layer_frozen_weights_and_input_only_grads():
 
 
 @pytest.mark.parametrize("batch", [1, 3, 12, 33])  # one and several 8-row slivers, a tail sliver
-@pytest.mark.parametrize("isz,hsz", [(7, 7), (33, 130), (130, 33), (400, 20)], ids=lambda v: str(v))
+@pytest.mark.parametrize("isz,hsz", [(7, 7), (33, 130), (130, 33), (400, 20), (0, 20)], ids=lambda v: str(v))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_cell_matches_float64_oracle(batch, isz, hsz, bias):
     params = _params(isz, hsz, bias, seed=batch + isz)
@@ -277,6 +277,14 @@ def test_empty_batch_and_direct_empty_calls():
                         True)
     assert g[0].shape == (0, 2, 5) and torch.equal(g[1], dl)
     assert all(torch.count_nonzero(t) == 0 for t in g[2:]) and g[2].shape == w_ih.shape and g[4].shape == (21,)
+    # input_size 0 (the op layer also sends it to torch): the one-step kernel's gi is zero, h' and dhx as torch's
+    w0, _, _, _ = _params(0, 7, True)
+    x0, hx = torch.randn(9, 0), torch.randn(9, 7)
+    h1, ws = ops.gru_step_fwd(x0, hx, w0, w_hh, b_ih, b_hh, True)
+    _check(h1, torch.gru_cell(x0.double(), hx.double(), w0.double(), w_hh.double(), b_ih.double(), b_hh.double()),
+           "fwd", "h' (input_size 0)")
+    g = ops.gru_step_bwd(torch.ones(9, 7), x0, hx, w0, w_hh, ws, True, True, True)
+    assert g[0].shape == (9, 0) and g[2].shape == (21, 0) and torch.isfinite(g[1]).all()
 
 
 def test_strided_and_nan_padded_views_bitwise():
