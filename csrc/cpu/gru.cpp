@@ -369,6 +369,17 @@ void pack_gate_panel(const float* w, int64_t wrs, int64_t H, int64_t K, int64_t 
   }
 }
 
+// The forward's tensors, typed.
+struct FwdTensors {
+  const float *x, *h0, *w_ih, *w_hh, *b_ih, *b_hh;
+  float* out;
+  explicit FwdTensors(const GRUFwdParams& p)
+      : x(static_cast<const float*>(p.x)), h0(static_cast<const float*>(p.h0)),
+        w_ih(static_cast<const float*>(p.w_ih)), w_hh(static_cast<const float*>(p.w_hh)),
+        b_ih(static_cast<const float*>(p.b_ih)), b_hh(static_cast<const float*>(p.b_hh)),
+        out(static_cast<float*>(p.out)) {}
+};
+
 // One step (a cell). x and h are packed as batch slivers once; the work items are panels of NB hidden units (each
 // split into chunks of slivers when there are fewer panels than 2 per thread). An item packs its panel of W_ih and
 // W_hh (pack_gate_panel) into its thread's buffer and runs every sliver through the micro-kernel, gi in gemm_kc(I)
@@ -378,20 +389,14 @@ void cell_fwd(const GRUFwdParams& p, const FwdLayout& L) {
   const int64_t B = p.B, I = p.I, H = p.H, P = ceil_div(H, NB), ns = ceil_div(B, MRMAX), kc = gemm_kc(I);
   const int nt = std::max(p.num_threads, 1);
   const int nth = double(B) * double(3 * H) * double(I + H) < kMinParallelCell ? 1 : nt;
-  const float* x = static_cast<const float*>(p.x);
-  const float* h0 = static_cast<const float*>(p.h0);
-  const float* w_ih = static_cast<const float*>(p.w_ih);
-  const float* w_hh = static_cast<const float*>(p.w_hh);
-  const float* b_ih = static_cast<const float*>(p.b_ih);
-  const float* b_hh = static_cast<const float*>(p.b_hh);
-  float* out = static_cast<float*>(p.out);
+  const FwdTensors io(p);
   float* xs = p.workspace + L.xs;  // sliver of rows [m0, m0 + mr): xs + m0 * I, [k][mr]
   float* hs = p.workspace + L.hs;  // the same for h: hs + m0 * H
   run_items(nth, ns, [&](int64_t sl, int) {
     const int64_t m0 = sl * MRMAX;
     const int mr = int(std::min<int64_t>(MRMAX, B - m0));
-    pack_a(row_major(x, p.x_b_stride), m0, mr, 0, I, xs + m0 * I);
-    pack_a(row_major(h0, p.h0_row_stride), m0, mr, 0, H, hs + m0 * H);
+    pack_a(row_major(io.x, p.x_b_stride), m0, mr, 0, I, xs + m0 * I);
+    pack_a(row_major(io.h0, p.h0_row_stride), m0, mr, 0, H, hs + m0 * H);
   });
   const int64_t nchunk = nth == 1 ? 1 : std::min<int64_t>(ns, ceil_div(2 * nth, P));
   const int64_t per = ceil_div(ns, nchunk);  // slivers per chunk
@@ -400,9 +405,9 @@ void cell_fwd(const GRUFwdParams& p, const FwdLayout& L) {
     const int nj = int(std::min<int64_t>(NB, H - j0));
     float* wi = p.workspace + L.wp + tid * cell_panel_floats(I, H);  // [k][r | z | n][NB], I rows of W_ih
     float* wh = wi + 3 * NB * I;                                       // and H rows of W_hh
-    pack_gate_panel(w_ih, p.w_ih_row_stride, H, I, j0, wi);
-    pack_gate_panel(w_hh, p.w_hh_row_stride, H, H, j0, wh);
-    const GateBias bias = gate_bias(b_ih, b_hh, H, j0, nj);
+    pack_gate_panel(io.w_ih, p.w_ih_row_stride, H, I, j0, wi);
+    pack_gate_panel(io.w_hh, p.w_hh_row_stride, H, H, j0, wh);
+    const GateBias bias = gate_bias(io.b_ih, io.b_hh, H, j0, nj);
     alignas(64) float gi[MRMAX * TLD], gh[MRMAX * TLD];  // row i, gate g at i * TLD + g * NB
     const float* bq[3];
     for (int64_t sl = s0; sl < s1; ++sl) {
@@ -421,7 +426,7 @@ void cell_fwd(const GRUFwdParams& p, const FwdLayout& L) {
       kMicroKernels[mr][3](hs + m0 * H, H, bq, 3 * NB, gh);
       for (int i = 0; i < mr; ++i) {
         const int64_t row = m0 + i;
-        gate_fwd(gi + i * TLD, NB, gh + i * TLD, NB, bias, h0 + row * p.h0_row_stride + j0, out + row * H + j0,
+        gate_fwd(gi + i * TLD, NB, gh + i * TLD, NB, bias, io.h0 + row * p.h0_row_stride + j0, io.out + row * H + j0,
                  p.ws ? p.ws + row * 4 * H + j0 : nullptr, H, nj);
       }
     }
@@ -439,22 +444,16 @@ void gru_fwd(const GRUFwdParams& p) {
   if (one_step(p)) return cell_fwd(p, L);
   float* wp = p.workspace + L.wp;  // [P][H][3][NB]: W_hh gate-interleaved
   float* gi = p.workspace + L.gi;  // (T * B, 3H): X W_ih^T (no bias)
-  const float* x = static_cast<const float*>(p.x);
-  const float* h0 = static_cast<const float*>(p.h0);
-  const float* w_ih = static_cast<const float*>(p.w_ih);
-  const float* w_hh = static_cast<const float*>(p.w_hh);
-  const float* b_ih = static_cast<const float*>(p.b_ih);
-  const float* b_hh = static_cast<const float*>(p.b_hh);
-  float* out = static_cast<float*>(p.out);
+  const FwdTensors io(p);
   float* ws = p.ws;
   const int nt = std::max(p.num_threads, 1);
 
   // 1. the input projection of every step at once
-  const Mat X{x, p.x_t_stride, p.x_b_stride, B, 1};
-  sgemm(T * B, G, I, X, col_major(w_ih, p.w_ih_row_stride), gi, G, p.workspace + L.gemm, nt);
+  const Mat X{io.x, p.x_t_stride, p.x_b_stride, B, 1};
+  sgemm(T * B, G, I, X, col_major(io.w_ih, p.w_ih_row_stride), gi, G, p.workspace + L.gemm, nt);
 
   // 2. W_hh, gate-interleaved: wp[pn][k][gate][l] = W_hh[gate * H + pn * NB + l][k] (0 past H)
-  for (int64_t pn = 0; pn < P; ++pn) pack_gate_panel(w_hh, p.w_hh_row_stride, H, H, pn * NB, wp + pn * H * 3 * NB);
+  for (int64_t pn = 0; pn < P; ++pn) pack_gate_panel(io.w_hh, p.w_hh_row_stride, H, H, pn * NB, wp + pn * H * 3 * NB);
 
   // 3. the recurrence, one item per block of batch rows [m0, m0 + mr)
   run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
@@ -466,7 +465,7 @@ void gru_fwd(const GRUFwdParams& p) {
     const bool two = nv_max(mr) >= 6;  // two hidden panels (6 vectors) per micro-kernel call
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = p.reverse ? T - 1 - s : s;
-      const float* hp = s == 0 ? h0 : out + (p.reverse ? t + 1 : t - 1) * B * H;  // the state before the step
+      const float* hp = s == 0 ? io.h0 : io.out + (p.reverse ? t + 1 : t - 1) * B * H;  // the state before the step
       const int64_t hrs = s == 0 ? p.h0_row_stride : H;
       const float* a = hp + m0 * hrs;
       if (mr > 1) {
@@ -474,7 +473,7 @@ void gru_fwd(const GRUFwdParams& p) {
         a = sliver;
       }
       const float* git = gi + t * B * G;
-      float* outt = out + t * B * H;
+      float* outt = io.out + t * B * H;
       float* wst = ws ? ws + t * B * 4 * H : nullptr;
       for (int64_t pn = 0; pn < P;) {
         const int np = (two && pn + 1 < P) ? 2 : 1;
@@ -484,7 +483,7 @@ void gru_fwd(const GRUFwdParams& p) {
         for (int q = 0; q < np; ++q) {
           const int64_t j0 = (pn + q) * NB;
           const int nj = int(std::min<int64_t>(NB, H - j0));
-          const GateBias bias = gate_bias(b_ih, b_hh, H, j0, nj);
+          const GateBias bias = gate_bias(io.b_ih, io.b_hh, H, j0, nj);
           for (int i = 0; i < mr; ++i) {
             const int64_t row = m0 + i;
             gate_fwd(git + row * G + j0, H, tile + i * TLD + q * 3 * NB, NB, bias, hp + row * hrs + j0,
