@@ -115,27 +115,32 @@ def _load(module: torch.nn.Module, inputs: dict, case: Case) -> torch.nn.Module:
     return module
 
 
+def _timed(module: torch.nn.Module, case: Case, fwd, grads):
+    """The timed callable of ``case.mode``: "fwd" runs ``fwd()`` without autograd (module in eval mode),
+    "fwd+bwd" runs ``grads()`` with it (train mode)."""
+    if case.mode == "fwd":
+        module.eval()
+
+        def run_fwd():
+            with torch.no_grad():
+                return fwd()
+        return run_fwd
+    if case.mode != "fwd+bwd":
+        raise Skip(f"mode {case.mode} not benchmarked")
+    module.train()
+
+    def step():
+        with torch.enable_grad():
+            return grads()
+    return step
+
+
 def _seq_fn(module: torch.nn.Module, inputs: dict, case: Case, run):
     """The timed callable for a sequence module: ``run(x, h0)`` -> (out (T, B, H), h_n)."""
     x, h0, dout = inputs["x"], inputs["h0"], inputs["dout"]
     params = list(module.parameters())
-    if case.mode == "fwd":
-        module.eval()
-
-        def fwd():
-            with torch.no_grad():
-                return run(x, h0)
-        return fwd
-    if case.mode != "fwd+bwd":
-        raise Skip(f"mode {case.mode} not benchmarked")
-    module.train()
     xg = x.detach().clone().requires_grad_()
-
-    def step():
-        with torch.enable_grad():
-            out, _ = run(xg, h0)
-            return torch.autograd.grad(out, [xg, *params], dout)
-    return step
+    return _timed(module, case, lambda: run(x, h0), lambda: torch.autograd.grad(run(xg, h0)[0], [xg, *params], dout))
 
 
 def _torch_gru(case: Case, inputs: dict):
@@ -172,23 +177,9 @@ def _cell_fn(cell_cls, backend=None):
                 return cell(x, hx)
             with pyattn.use_backend(backend):
                 return cell(x, hx)
-        if case.mode == "fwd":
-            cell.eval()
-
-            def fwd():
-                with torch.no_grad():
-                    return run(x, hx)
-            return fwd
-        if case.mode != "fwd+bwd":
-            raise Skip(f"mode {case.mode} not benchmarked")
-        cell.train()
         xg, hg = x.detach().clone().requires_grad_(), hx.detach().clone().requires_grad_()
         params = list(cell.parameters())
-
-        def step():
-            with torch.enable_grad():
-                return torch.autograd.grad(run(xg, hg), [xg, hg, *params], dout)
-        return step
+        return _timed(cell, case, lambda: run(x, hx), lambda: torch.autograd.grad(run(xg, hg), [xg, hg, *params], dout))
     return factory
 
 
