@@ -168,17 +168,53 @@ inline float mask_log2(float m) {
   return (std::isinf(v) && !std::isinf(m)) ? std::copysign(std::numeric_limits<float>::max(), v) : v;
 }
 
+// Merges a mask stored one row per query, contiguous along the keys, into the key-major tile st (nq <= BM queries
+// along the lanes, nk <= BN keys along the rows): NB queries at a time, conv(i, row) writes query i's nk mask values
+// as floats into a query-major buffer, whose NB x NB blocks are transposed in registers and merged lane-wise,
+// st_lanes = merge(st_lanes, mask_lanes). (Adding the rows straight into the transposed tile is a scalar
+// read-modify-write per element: about a quarter of the forward's time with a full (L, L) mask, measured.)
+template <class Conv, class Merge>
+void merge_mask_rows(int nq, int nk, float* st, Conv conv, Merge merge) {
+  alignas(64) float rows[NB * BN] = {};  // NB queries x BN keys; keys past nk stay 0, rows past nq are never stored
+  alignas(64) float blk[NB * NB];        // one transposed block: NB keys x NB queries
+  for (int q0 = 0; q0 < nq; q0 += NB) {
+    const int nl = std::min(NB, nq - q0);
+    for (int i = 0; i < nl; ++i) conv(q0 + i, rows + i * BN);
+    for (int j0 = 0; j0 < nk; j0 += NB) {
+      transpose_nb(rows + j0, BN, blk, NB);
+      for (int j = 0; j < std::min(NB, nk - j0); ++j) {
+        float* s = st + (j0 + j) * BM + q0;
+        vstn(s, merge(vldn(s, nl), vld(blk + j * NB)), nl);
+      }
+    }
+  }
+}
+
+// mask_log2 lane-wise (the same bits): ±inf stays ±inf, a finite value whose product overflows becomes ±FLT_MAX.
+inline V vmask_log2(V m) {
+  constexpr float kMax = std::numeric_limits<float>::max();
+  const V v = vmul(m, vset(kLog2e));
+  V r = vselect_lt(v, -kMax, vset(-kMax), v);                  // -inf -> -FLT_MAX
+  r = vselect_lt(vsub(vzero(), v), -kMax, vset(kMax), r);      // +inf -> FLT_MAX
+  r = vselect_lt(m, -kMax, v, r);                              // unless m itself is -inf
+  return vselect_lt(vsub(vzero(), m), -kMax, v, r);            // or +inf
+}
+
 template <class MT>
 void add_mask_t(const AttnCommon& p, const char* base, int64_t i0, int nq, int64_t j0, int nk, float* st) {
   const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
   const MT* m = reinterpret_cast<const MT*>(base);
-  if (si != 0 && sj == 1) {  // a mask row per query, contiguous along the keys: query by query, the row's keys
-    float v[BN];             // converted as a vector, then added into lane i of the key-major tile
-    for (int i = 0; i < nq; ++i) {
+  if (si != 0 && sj == 1 && nq > 1) {  // a mask row per query, contiguous along the keys
+    const auto conv = [&](int i, float* row) {  // row has room for BN floats
       const MT* mi = m + (i0 + i) * si + j0;
-      for (int j = 0; j < nk; ++j) v[j] = mask_log2(to_f32(mi[j]));
-      for (int j = 0; j < nk; ++j) st[j * BM + i] += v[j];
-    }
+      if constexpr (std::is_same_v<MT, float>) {
+        for (int j = 0; j < nk; j += NB) vst(row + j, vmask_log2(vldn(mi + j, nk - j)));
+      } else {
+        for (int j = 0; j < nk; ++j) row[j] = to_f32(mi[j]);
+        for (int j = 0; j < nk; j += NB) vst(row + j, vmask_log2(vld(row + j)));
+      }
+    };
+    merge_mask_rows(nq, nk, st, conv, [](V s, V mv) { return vadd(s, mv); });
     return;
   }
   for (int j = 0; j < nk; ++j) {
@@ -202,11 +238,12 @@ void apply_masks(const AttnCommon& p, int64_t b, int64_t h, int64_t i0, int nq, 
     if (p.mask_kind == MaskKind::Bool) {
       const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
       const uint8_t* m = reinterpret_cast<const uint8_t*>(base);
-      if (si != 0 && sj == 1) {  // as add_mask_t: mask row i0 + i along the keys into lane i, without branches
-        for (int i = 0; i < nq; ++i) {
+      if (si != 0 && sj == 1 && nq > 1) {  // as add_mask_t: rows of 0 (kept) / -1 (hidden), merged by a select
+        const auto conv = [&](int i, float* row) {
           const uint8_t* mi = m + (i0 + i) * si + j0;
-          for (int j = 0; j < nk; ++j) st[j * BM + i] = mi[j] ? st[j * BM + i] : -kInf;
-        }
+          for (int j = 0; j < nk; ++j) row[j] = mi[j] ? 0.0f : -1.0f;
+        };
+        merge_mask_rows(nq, nk, st, conv, [](V s, V mv) { return vselect_lt(mv, -0.5f, vset(-kInf), s); });
       } else {
         for (int j = 0; j < nk; ++j) {
           const uint8_t* mj = m + (j0 + j) * sj + i0 * si;
@@ -544,9 +581,14 @@ void fwd_impl(const AttnFwdParams& p) {
   const uint32_t thr = dropout_threshold(p.dropout_p);
   const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 
+  // Items (b, h, query block), the blocks innermost (a head's K and V stay in cache from block to block), except
+  // when a mask has a row per query shared by the heads: then the heads are innermost, so that a block's mask rows
+  // (BM x Lk) are read from memory once, not once per head (a (B, 1, L, L) fp32 mask at L = 2048 is 16 MB).
+  const bool heads_inner = p.mask_kind != MaskKind::None && p.mask_stride[1] == 0 && p.mask_stride[2] != 0;
   run_items(nth, p.B * p.Hq * nqb, [&](int64_t g, int) {
-    const int64_t qb = p.causal ? nqb - 1 - g % nqb : g % nqb;  // causal: the blocks with most keys first
-    const int64_t bh = g / nqb, b = bh / p.Hq, h = bh % p.Hq, hk = h / G;
+    const int64_t r = heads_inner ? g / p.Hq % nqb : g % nqb;
+    const int64_t qb = p.causal ? nqb - 1 - r : r;  // causal: the blocks with most keys first
+    const int64_t b = g / (p.Hq * nqb), h = heads_inner ? g % p.Hq : g / nqb % p.Hq, hk = h / G;
     const int64_t i0 = qb * BM;
     const int nq = int(std::min<int64_t>(BM, p.Lq - i0));
     float* qt = scratch(size_t((D + Dv + BN + 2 * QV * NB) * BM + BM));
