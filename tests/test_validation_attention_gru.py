@@ -218,6 +218,38 @@ def test_gru_cell_errors_match_torch():
     assert pyattn.gru_cell(torch.randn(3, 4), None, *w).shape == (3, 6)  # usable after errors
 
 
+def test_gru_shortcut_accepts_only_valid_arguments():
+    # _validate's fast path (_plainly_valid) must refuse everything the itemised checks raise for, and take the
+    # common valid calls (else it would be dead code).
+    from pyattn.ops.gru import _plainly_valid, _validate
+    x, h = torch.randn(3, 4), torch.randn(3, 6)
+    w = [torch.randn(18, 4), torch.randn(18, 6), torch.randn(18), torch.randn(18)]
+    for ok in ((x, h, *w), (x, h, *w[:2], None, None), (torch.randn(5, 3, 4), h, *w)):
+        assert _plainly_valid(*ok)
+        _validate(*ok, "gru_cell")
+    bad = {
+        "input int": (x.int(), h, *w),
+        "input size": (torch.randn(3, 5), h, *w),
+        "batch": (x, torch.randn(2, 6), *w),
+        "hidden size": (x, torch.randn(3, 5), *w),
+        "hx dtype": (x, h.double(), *w),
+        "weight_ih rows": (x, h, torch.randn(17, 4), *w[1:]),
+        "weight_hh rows": (x, h, w[0], torch.randn(17, 6), *w[2:]),
+        "weight_ih 3-D": (x, h, torch.randn(1, 18, 4), *w[1:]),
+        "weight_hh dtype": (x, h, w[0], w[1].double(), *w[2:]),
+        "bias_ih shape": (x, h, *w[:2], torch.randn(17), w[3]),
+        "bias_hh 2-D": (x, h, *w[:3], torch.randn(1, 18)),
+        "bias_ih dtype": (x, h, *w[:2], w[2].double(), w[3]),
+        "bias_hh not a tensor": (x, h, *w[:3], [0.0] * 18),
+        "weight_hh not a tensor": (x, h, w[0], w[1].tolist(), *w[2:]),
+        "device": (x, h.to("meta"), *w),
+    }
+    for name, args in bad.items():
+        assert not _plainly_valid(*args), name
+        with pytest.raises((RuntimeError, TypeError)):
+            _validate(*args, "gru_cell")
+
+
 def test_gru_layer_errors():
     gru = torch.nn.GRU(4, 6)
     w = (gru.weight_ih_l0, gru.weight_hh_l0)
