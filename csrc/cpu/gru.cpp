@@ -19,8 +19,11 @@
 //   per block of batch rows. After the loop: dx = dGi W_ih, dW_ih = dGi^T X, dW_hh = dGh^T Hprev as big GEMMs,
 //   db = column sums. A single step (T = 1) uses W_hh and W_ih once: the micro-kernel reads their rows in place
 //   (they are already the k-major panels it wants) and only a partial last panel is copied; same summation order.
+//   Its dGh W_hh runs in two phases (every row's gate math, then groups of panels, each used by all batch slivers)
+//   so that W_hh is read from memory once rather than once per sliver.
 // GEMM: Goto-style, K blocked (KC depends only on K), B packed in NB-wide panels, A packed in MR-row slivers, an
-// MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators). Every output element is summed in a fixed
+// MR x (NV * NB) register-tiled FMA micro-kernel (MR * NV accumulators); work items are groups of slivers x chunks
+// of 256 columns (a chunk's K block stays in L2 for the group's slivers). Every output element is summed in a fixed
 // order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
 // independent of the number of threads.
 // SIMD: the shared vector layer pyattn/cpu_simd.h (AVX-512 NB = 16, AVX2 + FMA NB = 8, or portable NB = 4).
@@ -196,6 +199,7 @@ void pack_b(const Mat& B, int64_t k0, int64_t kc, int64_t n0, int nn, float* __r
 // GEMM: C (M, N), row stride ldc, = A (M, K) B (K, N)
 // ------------------------------------------------------------------------------------------------------------
 inline int64_t gemm_kc(int64_t K) { return K <= 384 ? K : 256; }
+constexpr int64_t kGemmChunkPanels = 256 / NB;  // sgemm's column chunk: 256 columns
 
 // Scratch of sgemm: the whole of B packed (K x N rounded up to panels) and one A sliver (MRMAX x KC) per thread.
 int64_t sgemm_scratch_floats(int64_t N, int64_t K, int nt) {
@@ -225,12 +229,19 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
       pack_b(B, k0, kc, pn * NB, int(std::min<int64_t>(NB, N - pn * NB)), bpack + k0 * npad + pn * kc * NB);
   }
   const int nth = double(M) * double(N) * double(K) < kMinParallelGemm ? 1 : std::max(nt, 1);
-  const int64_t sg = nth == 1 ? nsliver : std::max<int64_t>(1, std::min<int64_t>(32, nsliver / (4 * nth)));
-  run_items(nth, ceil_div(nsliver, sg), [&](int64_t g, int tid) {
+  // Items: groups of sg slivers x chunks of kGemmChunkPanels panels. A chunk's K block (kc x 256 floats, 256 KB)
+  // stays in L2 while the group's slivers use it, so a large B (a cell's weights in the backward: W_ih is 12 MB at
+  // I = H = 1024) is read from memory once per group, not once per sliver.
+  const int64_t nchunk = ceil_div(np, kGemmChunkPanels);
+  const int64_t sg = nth == 1 ? nsliver
+                              : std::max<int64_t>(1, std::min<int64_t>(32, nsliver * nchunk / (4 * nth)));
+  const int64_t ngroup = ceil_div(nsliver, sg);
+  run_items(nth, ngroup * nchunk, [&](int64_t g, int tid) {
     float* apack = apack0 + tid * round16(MRMAX * kc_full);
     alignas(64) float tile[MRMAX * TLD];
     const float* bq[NVMAX];
-    const int64_t s0 = g * sg, s1 = std::min(nsliver, s0 + sg);
+    const int64_t s0 = g % ngroup * sg, s1 = std::min(nsliver, s0 + sg);
+    const int64_t c0 = g / ngroup * kGemmChunkPanels, c1 = std::min(np, c0 + kGemmChunkPanels);
     for (int64_t k0 = 0; k0 < K; k0 += kc_full) {
       const int64_t kc = std::min(kc_full, K - k0);
       const float* bk = bpack + k0 * npad;
@@ -239,9 +250,9 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
         const int mr = int(std::min<int64_t>(MRMAX, M - m0));
         pack_a(A, m0, mr, k0, kc, apack);
         const int nvm = nv_max(mr);
-        for (int64_t pn = 0; pn < np;) {
+        for (int64_t pn = c0; pn < c1;) {
           const bool in_place = pn < p0;  // a group of panels is all in place or all packed
-          const int nv = int(std::min<int64_t>(nvm, (in_place ? p0 : np) - pn));
+          const int nv = int(std::min<int64_t>(nvm, (in_place ? std::min(p0, c1) : c1) - pn));
           for (int q = 0; q < nv; ++q) bq[q] = in_place ? B.p + B.row(k0) + (pn + q) * NB : bk + (pn + q) * kc * NB;
           kMicroKernels[mr][nv](apack, kc, bq, in_place ? B.rs_out : NB, tile);
           for (int i = 0; i < mr; ++i) {
@@ -521,8 +532,8 @@ BwdLayout bwd_layout(const GRUBwdParams& p) {
   l.gemm = l.hprev + (need_w ? round16(TB * p.H) : 0);
   int64_t g = sgemm_scratch_floats(p.I, G, nt);
   if (need_w) g = std::max({g, sgemm_scratch_floats(p.I, TB, nt), sgemm_scratch_floats(p.H, TB, nt)});
-  l.sliver = l.gemm + g;
-  l.total = l.sliver + nt * round16(MRMAX * G);
+  l.sliver = l.gemm + g;  // a packed sliver per thread; one step: every sliver
+  l.total = l.sliver + (one_step(p) ? round16(ceil_div(p.B, MRMAX) * MRMAX * G) : nt * round16(MRMAX * G));
   return l;
 }
 
@@ -585,62 +596,99 @@ void gru_bwd(const GRUBwdParams& p) {
     for (int64_t k = 0; k < G; ++k) vst(dst + k * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, nn));
   }
 
-  // BPTT, one item per block of batch rows [m0, m0 + mr): the last step processed starts from dh = dh_last + dout;
-  // then for s = T-1 .. 0: dh_prev = dGh_s W_hh + dh z, and (s > 0) dh_prev += dout of step s - 1 and the gate math
-  // of step s - 1, or (s == 0) dh0 = dh_prev.
-  run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
-    const int64_t m0 = blk * MRMAX;
-    const int mr = int(std::min<int64_t>(MRMAX, B - m0));
-    {
-      const int64_t s = T - 1, t = tt(s);
-      for (int64_t row = m0; row < m0 + mr; ++row)
-        for (int64_t pn = 0; pn < P; ++pn) {
-          const int64_t j0 = pn * NB;
-          const int nj = int(std::min<int64_t>(NB, H - j0));
-          const V d0 = dh_last ? vldn(dh_last + row * p.dh_last_row_stride + j0, nj) : vzero();
-          const V dh = vadd(d0, vldn(dout + t * p.dout_t_stride + row * p.dout_b_stride + j0, nj));
-          vstn(dhb + row * H + j0, dh, nj);
-          gate_bwd(s, row, j0, nj, dh);
-        }
-    }
-    float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * G);
-    alignas(64) float tile[MRMAX * TLD] = {};
+  // The step processed first (s = T - 1) starts from dh = dh_last + dout: its gate math for rows [m0, m0 + mr).
+  auto first_step = [&](int64_t m0, int mr) {
+    const int64_t s = T - 1, t = tt(s);
+    for (int64_t row = m0; row < m0 + mr; ++row)
+      for (int64_t pn = 0; pn < P; ++pn) {
+        const int64_t j0 = pn * NB;
+        const int nj = int(std::min<int64_t>(NB, H - j0));
+        const V d0 = dh_last ? vldn(dh_last + row * p.dh_last_row_stride + j0, nj) : vzero();
+        const V dh = vadd(d0, vldn(dout + t * p.dout_t_stride + row * p.dout_b_stride + j0, nj));
+        vstn(dhb + row * H + j0, dh, nj);
+        gate_bwd(s, row, j0, nj, dh);
+      }
+  };
+  // dh_prev = dGh_s W_hh + dh z for rows [m0, m0 + mr) and panels [pn, pn + nv), from the packed sliver a (a row
+  // when mr == 1); then (s > 0) dh_prev += dout of step s - 1 and the gate math of step s - 1, or (s == 0)
+  // dh0 = dh_prev.
+  auto step_tile = [&](int64_t s, int64_t m0, int mr, const float* a, int64_t pn, int nv, float* tile) {
+    const int64_t t = tt(s);
     const float* bq[NVMAX];
-    const int nvm = nv_max(mr);
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = tt(s);
-      const float* A = dgh_of(s);
-      const float* a = A + m0 * G;
-      if (mr > 1) {
-        pack_a(row_major(A, G), m0, mr, 0, G, sliver);
-        a = sliver;
-      }
-      for (int64_t pn = 0; pn < P;) {  // dGh_s W_hh for hidden units [pn * NB, (pn + nv) * NB)
-        const bool in_place = pn < P0;  // a group of panels is all in place or all from wq
-        const int nv = int(std::min<int64_t>(nvm, (in_place ? P0 : P) - pn));
-        for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : wq + (pn + q - P0) * G * NB;
-        kMicroKernels[mr][nv](a, G, bq, in_place ? p.w_hh_row_stride : NB, tile);
-        for (int q = 0; q < nv; ++q) {
-          const int64_t j0 = (pn + q) * NB;
-          const int nj = int(std::min<int64_t>(NB, H - j0));
-          for (int i = 0; i < mr; ++i) {
-            const int64_t row = m0 + i;
-            const V z = vldn(ws + (t * B + row) * 4 * H + H + j0, nj);
-            const V dhc = vldn(dhb + row * H + j0, nj);
-            V dh = vfma(dhc, z, vld(tile + i * TLD + q * NB));  // dGh W_hh + dh z
-            if (s > 0) {
-              dh = vadd(dh, vldn(dout + tt(s - 1) * p.dout_t_stride + row * p.dout_b_stride + j0, nj));
-              vstn(dhb + row * H + j0, dh, nj);
-              gate_bwd(s - 1, row, j0, nj, dh);
-            } else {
-              vstn(dh0 + row * H + j0, dh, nj);
-            }
-          }
+    const bool in_place = pn < P0;  // a group of panels is all in place or all from wq
+    for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : wq + (pn + q - P0) * G * NB;
+    kMicroKernels[mr][nv](a, G, bq, in_place ? p.w_hh_row_stride : NB, tile);
+    for (int q = 0; q < nv; ++q) {
+      const int64_t j0 = (pn + q) * NB;
+      const int nj = int(std::min<int64_t>(NB, H - j0));
+      for (int i = 0; i < mr; ++i) {
+        const int64_t row = m0 + i;
+        const V z = vldn(ws + (t * B + row) * 4 * H + H + j0, nj);
+        const V dhc = vldn(dhb + row * H + j0, nj);
+        V dh = vfma(dhc, z, vld(tile + i * TLD + q * NB));  // dGh W_hh + dh z
+        if (s > 0) {
+          dh = vadd(dh, vldn(dout + tt(s - 1) * p.dout_t_stride + row * p.dout_b_stride + j0, nj));
+          vstn(dhb + row * H + j0, dh, nj);
+          gate_bwd(s - 1, row, j0, nj, dh);
+        } else {
+          vstn(dh0 + row * H + j0, dh, nj);
         }
-        pn += nv;
       }
     }
-  });
+  };
+  // Panel groups [pn, pn + nv) of one micro-kernel call: nv_max(mr) panels, never across the in-place / wq border.
+  auto group_end = [&](int64_t pn, int mr, int64_t end) {
+    return std::min<int64_t>({pn + nv_max(mr), pn < P0 ? P0 : P, end});
+  };
+
+  if (one_step(p)) {
+    // One step (a cell): every row's gate math, its sliver packed, then dGh W_hh by groups of panels, each group
+    // used by all slivers in turn, so W_hh (12 MB at H = 1024) is read from memory once, not once per sliver. The
+    // same micro-kernel calls as the sequence path below, so the same bits.
+    const int64_t ns = ceil_div(B, MRMAX), npg = ceil_div(P, nv_max(MRMAX));
+    const int nth = double(B) * double(G) * double(H) < kMinParallelCell ? 1 : nt;
+    float* slivers = p.workspace + L.sliver;  // sliver sl: slivers + sl * MRMAX * G, [k][mr]
+    run_items(nth, ns, [&](int64_t sl, int) {
+      const int64_t m0 = sl * MRMAX;
+      const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+      first_step(m0, mr);
+      pack_a(row_major(dgh_of(0), G), m0, mr, 0, G, slivers + m0 * G);
+    });
+    run_items(nth, npg, [&](int64_t c, int) {  // chunk c: panels [c * nv_max(MRMAX), ...), in groups
+      const int64_t c0 = c * nv_max(MRMAX), c1 = std::min(P, c0 + nv_max(MRMAX));
+      alignas(64) float tile[MRMAX * TLD] = {};
+      for (int64_t sl = 0; sl < ns; ++sl) {
+        const int64_t m0 = sl * MRMAX;
+        const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+        for (int64_t pn = c0; pn < c1;) {
+          const int64_t pe = group_end(pn, mr, c1);
+          step_tile(0, m0, mr, slivers + m0 * G, pn, int(pe - pn), tile);
+          pn = pe;
+        }
+      }
+    });
+  } else {
+    // BPTT, one item per block of batch rows [m0, m0 + mr), all steps (the rows are independent through time).
+    run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
+      const int64_t m0 = blk * MRMAX;
+      const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+      first_step(m0, mr);
+      float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * G);
+      alignas(64) float tile[MRMAX * TLD] = {};
+      for (int64_t s = T - 1; s >= 0; --s) {
+        const float* a = dgh_of(s) + m0 * G;
+        if (mr > 1) {
+          pack_a(row_major(dgh_of(s), G), m0, mr, 0, G, sliver);
+          a = sliver;
+        }
+        for (int64_t pn = 0; pn < P;) {
+          const int64_t pe = group_end(pn, mr, P);
+          step_tile(s, m0, mr, a, pn, int(pe - pn), tile);
+          pn = pe;
+        }
+      }
+    });
+  }
 
   float* gemm_ws = p.workspace + L.gemm;
   sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt,
