@@ -888,10 +888,11 @@ def test_forward_memory_is_linear_at_16k():
 
 @pytest.mark.parametrize("lq", [1, 3, 4, 5], ids=lambda n: f"lq{n}")  # 5: the block path, for contrast
 @pytest.mark.parametrize("kind", ["none", "bool", "additive", "causal-br", "dropout"])
-def test_few_query_rows_path(lq, kind):
-    """Lq <= 4 runs a separate forward (csrc/cpu/attention.cpp, fwd_row: one work item per row, SIMD along D):
+@pytest.mark.parametrize("dv", [24, 200])  # 200: out += p V's 8-, 4- and 1-vector loops (AVX-512; AVX2 8 and 1)
+def test_few_query_rows_path(lq, kind, dv):
+    """Lq <= 4 runs a separate forward (csrc/cpu/attention.cpp, fwd_rows: SIMD along D):
     outputs and lse vs the float64 oracle, and the backward (block path) consistent with it."""
-    q, k, v = make_qkv(2, 4, lq, 150, 40, dv=24, hkv=2, requires_grad=True, seed=30 + lq)
+    q, k, v = make_qkv(2, 4, lq, 150, 40, dv=dv, hkv=2, requires_grad=True, seed=30 + lq)
     g = torch.Generator().manual_seed(lq)
     mask, causal, br, p = None, False, False, 0.0
     if kind == "bool":

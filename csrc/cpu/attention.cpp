@@ -451,6 +451,19 @@ const float* rows_f32(const T* src, int64_t sl, int nk, int64_t width, float* bu
   }
 }
 
+// a[0 : NV * NB) = a * alpha + sum_j p[j] v_j[0 : NV * NB) (v_j at v + j * vsl), keys in order: NV independent
+// FMA chains (four left the FMA units half idle at Dv = 128: each chain waits on its previous FMA's latency).
+template <int NV>
+void pv_rows(float* a, const float* v, int64_t vsl, const float* p, int nk, float alpha) {
+  V o[NV];
+  for (int q = 0; q < NV; ++q) o[q] = vmul(vld(a + q * NB), vset(alpha));
+  for (int j = 0; j < nk; ++j) {
+    const V pj = vset(p[j]);
+    for (int q = 0; q < NV; ++q) o[q] = vfma(pj, vld(v + j * vsl + q * NB), o[q]);
+  }
+  for (int q = 0; q < NV; ++q) vst(a + q * NB, o[q]);
+}
+
 template <class T>
 void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
   const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv, R = r1 - r0;
@@ -518,25 +531,11 @@ void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t
       ms[r] = mx;
       if (dropout)
         for (int j = 0; j < nk; ++j) sc[j] = mix32(keys[r] ^ dropout_col(j0 + j)) >= thr ? sc[j] * inv_keep : 0.0f;
-      // out += p V: four vectors of Dv at a time (four independent FMA chains down the keys), then the rest
+      // out += p V: eight, then four vectors of Dv at a time (independent FMA chains down the keys), then the rest
       float* a = acc + r * Dvp;
       int64_t d = 0;
-      for (; d + 4 * NB <= Dv; d += 4 * NB) {
-        V o0 = vmul(vld(a + d), vset(alpha)), o1 = vmul(vld(a + d + NB), vset(alpha));
-        V o2 = vmul(vld(a + d + 2 * NB), vset(alpha)), o3 = vmul(vld(a + d + 3 * NB), vset(alpha));
-        for (int j = 0; j < nk; ++j) {
-          const V pj = vset(sc[j]);
-          const float* vj = vb + j * vsl + d;
-          o0 = vfma(pj, vld(vj), o0);
-          o1 = vfma(pj, vld(vj + NB), o1);
-          o2 = vfma(pj, vld(vj + 2 * NB), o2);
-          o3 = vfma(pj, vld(vj + 3 * NB), o3);
-        }
-        vst(a + d, o0);
-        vst(a + d + NB, o1);
-        vst(a + d + 2 * NB, o2);
-        vst(a + d + 3 * NB, o3);
-      }
+      for (; d + 8 * NB <= Dv; d += 8 * NB) pv_rows<8>(a + d, vb + d, vsl, sc, nk, alpha);
+      for (; d + 4 * NB <= Dv; d += 4 * NB) pv_rows<4>(a + d, vb + d, vsl, sc, nk, alpha);
       for (; d < Dv; d += NB) {
         const int n = int(std::min<int64_t>(NB, Dv - d));
         V o = vmul(vld(a + d), vset(alpha));
