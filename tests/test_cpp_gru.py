@@ -226,12 +226,13 @@ def test_cell_backward_is_bitwise_the_sequence_path(batch, isz, hsz):
         assert torch.equal(a, b), name
 
 
-def test_cell_thread_count_independent():
-    """One step on 1 and on 2+ threads (items: panels of hidden units, split by slivers; the backward's row blocks
-    and GEMMs) gives the same bits."""
-    params = _params(45, 20, True, seed=3)
-    leaves = _leaves((torch.randn(70, 45), torch.randn(70, 20), *params))
-    dh = torch.randn(70, 20)
+@pytest.mark.parametrize("hsz", [20, 100])  # 100: the backward's dGh W_hh in panel groups on two threads
+def test_cell_thread_count_independent(hsz):
+    """One step on 1 and on 2+ threads (items: panels of hidden units, split by slivers; the backward's row blocks,
+    panel groups and GEMM chunks) gives the same bits."""
+    params = _params(45, hsz, True, seed=3)
+    leaves = _leaves((torch.randn(70, 45), torch.randn(70, hsz), *params))
+    dh = torch.randn(70, hsz)
     old = torch.get_num_threads()
     runs = []
     try:
