@@ -104,6 +104,11 @@ const MicroKernel kMicroKernels[MRMAX + 1][NVMAX + 1] = {
 #undef PYATTN_GRU_MK_ROW
 
 inline int nv_max(int mr) { return std::min(NVMAX, ACC_MAX / mr); }
+// End of the panel group of one micro-kernel call that starts at panel pn: at most nvm panels, never across the
+// border p0 between panels read in place and packed ones (np panels in all), nor past `end`.
+inline int64_t group_end(int64_t pn, int nvm, int64_t p0, int64_t np, int64_t end) {
+  return std::min<int64_t>({pn + nvm, pn < p0 ? p0 : np, end});
+}
 
 // A matrix view for packing: element (r, c) at p[row(r) + c * cs], row(r) = (r / rin) * rs_out + (r % rin) * rs_in.
 // The two-level row lets a (T, B, I) tensor with any t/b strides act as a (T * B, I) matrix.
@@ -252,7 +257,7 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
         const int nvm = nv_max(mr);
         for (int64_t pn = c0; pn < c1;) {
           const bool in_place = pn < p0;  // a group of panels is all in place or all packed
-          const int nv = int(std::min<int64_t>(nvm, (in_place ? std::min(p0, c1) : c1) - pn));
+          const int nv = int(group_end(pn, nvm, p0, np, c1) - pn);
           for (int q = 0; q < nv; ++q) bq[q] = in_place ? B.p + B.row(k0) + (pn + q) * NB : bk + (pn + q) * kc * NB;
           kMicroKernels[mr][nv](apack, kc, bq, in_place ? B.rs_out : NB, tile);
           for (int i = 0; i < mr; ++i) {
@@ -636,11 +641,6 @@ void gru_bwd(const GRUBwdParams& p) {
       }
     }
   };
-  // Panel groups [pn, pn + nv) of one micro-kernel call: nv_max(mr) panels, never across the in-place / wq border.
-  auto group_end = [&](int64_t pn, int mr, int64_t end) {
-    return std::min<int64_t>({pn + nv_max(mr), pn < P0 ? P0 : P, end});
-  };
-
   if (one_step(p)) {
     // One step (a cell): every row's gate math, its sliver packed, then dGh W_hh by groups of panels, each group
     // used by all slivers in turn, so W_hh (12 MB at H = 1024) is read from memory once, not once per sliver. The
@@ -661,7 +661,7 @@ void gru_bwd(const GRUBwdParams& p) {
         const int64_t m0 = sl * MRMAX;
         const int mr = int(std::min<int64_t>(MRMAX, B - m0));
         for (int64_t pn = c0; pn < c1;) {
-          const int64_t pe = group_end(pn, mr, c1);
+          const int64_t pe = group_end(pn, nv_max(mr), P0, P, c1);
           step_tile(0, m0, mr, slivers + m0 * G, pn, int(pe - pn), tile);
           pn = pe;
         }
@@ -682,7 +682,7 @@ void gru_bwd(const GRUBwdParams& p) {
           a = sliver;
         }
         for (int64_t pn = 0; pn < P;) {
-          const int64_t pe = group_end(pn, mr, P);
+          const int64_t pe = group_end(pn, nv_max(mr), P0, P, P);
           step_tile(s, m0, mr, a, pn, int(pe - pn), tile);
           pn = pe;
         }
