@@ -240,6 +240,49 @@ def test_additive_mask_in_half_dtype_and_causal_with_mask(dtype, mask_dtype):
         assert_attention_close(gr, r, lo, 3, name=f"d{name}")
 
 
+@pytest.mark.parametrize("case", ["fp32-129", "fp32-padded-gqa", "bf16-causal-br", "fp16-f32mask-batch"])
+def test_backward_mask_tiles_bit_identical(monkeypatch, case):
+    # The backward converts an additive mask stored one row per query and shared by heads or batches into tiles
+    # once per call (MaskTiles, csrc/cpu/attention.cpp); PYATTN_CPU_MASK_TILE_BYTES=0 makes it read the mask in
+    # place, as the forward does. Both must give the same bits: the tiles hold the values apply_masks merges. Cases:
+    # a last query block of one row (Lq = 129), +-inf / finfo.min / 1e38 / -1e30 entries (the log2 clamp), a mask
+    # with padded rows (row stride 140, NaN past Lk), GQA, half masks, causal with a mask, a mask shared by batches.
+    g = torch.Generator().manual_seed(31)
+    dtype, mask_dtype, causal = F32, F32, False
+    if case == "fp32-129":
+        q, k, v = make_qkv(1, 3, 129, 130, 16, requires_grad=True, seed=31)
+        mask = torch.randn(1, 1, 129, 130, generator=g)
+    elif case == "fp32-padded-gqa":
+        q, k, v = make_qkv(2, 4, 70, 130, 24, hkv=2, requires_grad=True, seed=32)
+        mask = torch.full((2, 1, 70, 140), math.nan)[..., :130]
+        mask.copy_(torch.randn(2, 1, 70, 130, generator=g))
+    elif case == "bf16-causal-br":
+        dtype, mask_dtype, causal = BF16, BF16, True
+        q, k, v = make_qkv(2, 4, 70, 130, 24, hkv=2, dtype=dtype, requires_grad=True, seed=33)
+        mask = torch.randn(2, 1, 70, 130, generator=g)
+    else:
+        dtype = F16
+        q, k, v = make_qkv(3, 2, 65, 200, 16, dtype=dtype, requires_grad=True, seed=34)
+        mask = torch.randn(1, 2, 65, 200, generator=g)
+    flat = mask.select(0, 0).select(0, 0)
+    flat[3, 5], flat[4, 7], flat[5, 9], flat[6, 11], flat[7, :] = -math.inf, FMIN, 1e38, -1e30, -1e30
+    flat[8, ::3] = -math.inf
+    mask = mask.to(mask_dtype)
+    scale = q.shape[-1] ** -0.5
+    dout = _dout((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), 31, dtype)
+
+    def grads():
+        out, _, _ = _attention_fwd(q, k, v, mask, 0.0, causal, causal, scale, None, True, "cpp")
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    tiled = grads()
+    monkeypatch.setenv("PYATTN_CPU_MASK_TILE_BYTES", "0")
+    in_place = grads()
+    for name, a, b in zip("qkv", tiled, in_place):
+        assert torch.equal(a, b), f"d{name} differs between the mask tiles and the mask read in place"
+        assert not a.isnan().any(), f"d{name} has NaN"
+
+
 def test_fully_masked_rows_give_zero_output_and_grads():
     q, k, v = make_qkv(2, 2, 70, 130, 16, requires_grad=True, seed=9)
     keep = torch.rand(2, 2, 70, 130, generator=torch.Generator().manual_seed(9)) > 0.3
