@@ -582,6 +582,29 @@ def test_half_precision_rule(dtype, case):
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
 
 
+def test_bf16_pair_forward_edges():
+    # bf16 forwards run on vdpbf16ps where the CPU has AVX512_BF16 (pairs of keys and of head-dim entries; see
+    # csrc/cpu/attention.cpp, PYATTN_ATTN_BF16_DOT), else through fp32 like fp16. (1) A causal tile cut at an odd
+    # key (bottom-right, Lk = Lq + 1: query block 0 sees keys [0, 65)) takes its odd last key row in fp32: an inf
+    # in the first key it must not see (v[65]) may not reach it (0 * inf in a pair would be NaN). (2) K rows that
+    # are not on 4-byte boundaries (an odd storage offset) and an odd head dim take the fp32 path: both against the
+    # oracle.
+    q, k, v = make_qkv(1, 2, 100, 101, 64, layout="blhd", dtype=BF16, seed=41)
+    v2 = v.clone()
+    v2[:, :, 65] = math.inf
+    a = cpp_attention(q, k, v, causal=True, bottom_right=True)
+    b = cpp_attention(q, k, v2, causal=True, bottom_right=True)
+    assert torch.equal(a[:, :, :64], b[:, :, :64])  # block 0 never reads key 65
+    assert not b[:, :, 64].isfinite().all()         # query 64 sees it
+    for d, offset in ((64, 1), (63, 0)):
+        q, k, v = make_qkv(2, 3, 70, 131, d, hkv=1, dtype=BF16, seed=42 + d)
+        buf = torch.empty(k.numel() + offset, dtype=BF16)
+        ko = buf[offset:].view(k.shape).copy_(k)
+        out = pyattn.scaled_dot_product_attention(q, ko, v, is_causal=True, enable_gqa=True, backend="cpp")
+        ref = attention_ref(q, k, v, causal=True)[0]
+        assert_attention_close(out, ref, attention_low(q, k, v, causal=True), 2)
+
+
 # ---- layouts, no hidden copies, NaN padding ----------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@
 //     horizontal reductions;
 //   * O^T (Dv x BM) += V^T P^T reads V's rows as stored (broadcasts) and P^T as computed; O is transposed back once
 //     at the end of the block.
-// So K and V are never packed or copied (fp32 inputs; 16-bit inputs are widened to fp32 once per call).
+// So K and V are never packed or copied (fp32 inputs; 16-bit inputs are widened to fp32 once per call, except bf16
+// forwards on AVX512_BF16 CPUs, which run on bf16 pairs: see BF16PairOps).
 // Forward work items: (batch, query head, query block), heaviest causal blocks first.
 // Backward (FA2): work items (batch, kv head, chunk of key blocks); for each key block, loop over the GQA group's
 // query heads and the query blocks that see it: S^T and P^T = exp2(S^T - lse) again, dP^T = V dO^T, dV += P^T dO,
@@ -52,11 +53,32 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ------------------------------------------------------------------------------------------------------------
 // GEMM micro-kernel and driver
 // ------------------------------------------------------------------------------------------------------------
+// The element types of a GEMM: fp32 (A's scalars broadcast, one FMA per k), or, where the CPU has AVX512_BF16,
+// bf16 pairs (a "word" of A or a lane of B holds two bf16 values adjacent along k; one vdpbf16ps adds both products
+// per lane, twice the fp32 FMA's work per instruction). B's rows are NB words either way: loaded as floats.
+struct F32Ops {
+  using E = float;
+  static V bcast(const float* p) { return vset(*p); }
+  static V fma(V a, V b, V c) { return vfma(a, b, c); }
+};
+#if defined(__AVX512BF16__) && PYATTN_CPU_ISA == 512
+#define PYATTN_ATTN_BF16_DOT 1
+struct BF16PairOps {
+  using E = uint32_t;
+  static V bcast(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(*p))); }
+  static V fma(V a, V b, V c) { return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b); }
+};
+#else
+#define PYATTN_ATTN_BF16_DOT 0
+#endif
+
 // c_i = (acc ? c_i * cscale : 0) + sum_k a(i, k) b_k for i < MR; b_k and c_i are NV vectors; the last vector holds
 // `nlast` valid lanes unless FULL. cscale (NV vectors) may be nullptr (= 1).
-template <int MR, int NV, bool FULL>
-void micro_kernel(const float* __restrict a, int64_t ars, int64_t aks, int64_t K, const float* __restrict b,
-                  int64_t ldb, int nlast, float* __restrict c, int64_t ldc, const float* cscale, bool acc) {
+template <class Ops, int MR, int NV, bool FULL>
+void micro_kernel(const typename Ops::E* __restrict a, int64_t ars, int64_t aks, int64_t K,
+                  const typename Ops::E* __restrict bw, int64_t ldb, int nlast, float* __restrict c, int64_t ldc,
+                  const float* cscale, bool acc) {
+  const float* b = reinterpret_cast<const float*>(bw);
   auto load = [&](const float* p, int q) { return (FULL || q < NV - 1) ? vld(p) : vldn(p, nlast); };
   V t[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -68,14 +90,14 @@ void micro_kernel(const float* __restrict a, int64_t ars, int64_t aks, int64_t K
         if (cscale != nullptr) t[i][q] = vmul(t[i][q], vld(cscale + q * NB));
       }
     }
-  const float* ap[MR];
+  const typename Ops::E* ap[MR];
   for (int i = 0; i < MR; ++i) ap[i] = a + i * ars;
   for (int64_t k = 0; k < K; ++k) {
     V w[NV];
     for (int q = 0; q < NV; ++q) w[q] = load(b + k * ldb + q * NB, q);
     for (int i = 0; i < MR; ++i) {
-      const V s = vset(ap[i][k * aks]);
-      for (int q = 0; q < NV; ++q) t[i][q] = vfma(s, w[q], t[i][q]);
+      const V s = Ops::bcast(ap[i] + k * aks);
+      for (int q = 0; q < NV; ++q) t[i][q] = Ops::fma(s, w[q], t[i][q]);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -87,36 +109,36 @@ void micro_kernel(const float* __restrict a, int64_t ars, int64_t aks, int64_t K
     }
 }
 
-using MicroKernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int, float*, int64_t,
-                             const float*, bool);
-
-template <int MR>
-struct KernelRow {
-  MicroKernel k[QV + 1][2] = {{nullptr, nullptr},
-                              {&micro_kernel<MR, 1, false>, &micro_kernel<MR, 1, true>},
-                              {&micro_kernel<MR, 2, false>, &micro_kernel<MR, 2, true>},
-                              {&micro_kernel<MR, 3, false>, &micro_kernel<MR, 3, true>},
-                              {&micro_kernel<MR, 4, false>, &micro_kernel<MR, 4, true>}};
-};
-
+template <class Ops>
 struct KernelTable {
-  MicroKernel k[MRMAX + 1][QV + 1][2] = {};
+  using E = typename Ops::E;
+  using Fn = void (*)(const E*, int64_t, int64_t, int64_t, const E*, int64_t, int, float*, int64_t, const float*,
+                      bool);
+  Fn k[MRMAX + 1][QV + 1][2] = {};
+  template <int MR, int NV>
+  void fill_row() {
+    k[MR][NV][0] = &micro_kernel<Ops, MR, NV, false>;
+    k[MR][NV][1] = &micro_kernel<Ops, MR, NV, true>;
+    if constexpr (NV > 1) fill_row<MR, NV - 1>();
+  }
   template <int MR>
   void fill() {
-    const KernelRow<MR> row;
-    std::memcpy(k[MR], row.k, sizeof(row.k));
+    fill_row<MR, QV>();
     if constexpr (MR > 1) fill<MR - 1>();
   }
   KernelTable() { fill<MRMAX>(); }
 };
-const KernelTable kTable;
+template <class Ops>
+const KernelTable<Ops> kTable;
 
 inline int rows_for(int nv) { return std::min(MRMAX, ACC_MAX / nv); }
 
 // C (M x N) (=|+=|= C * cscale +) A (M x K) B (K x N): A(i, k) = a[i * ars + k * aks], B(k, n) = b[k * ldb + n],
 // C(i, n) = c[i * ldc + n]; cscale[n] scales C's old value (nullptr: 1). N is split into panels of QV vectors.
-void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
-          float* c, int64_t ldc, const float* cscale, bool acc) {
+// With BF16PairOps, K counts pairs and a, b, ars, aks, ldb count words.
+template <class Ops = F32Ops>
+void gemm(int64_t M, int64_t N, int64_t K, const typename Ops::E* a, int64_t ars, int64_t aks,
+          const typename Ops::E* b, int64_t ldb, float* c, int64_t ldc, const float* cscale, bool acc) {
   for (int64_t n0 = 0; n0 < N; n0 += QV * NB) {
     const int nn = int(std::min<int64_t>(QV * NB, N - n0));
     const int nv = (nn + NB - 1) / NB;
@@ -127,8 +149,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t 
     const int64_t nch = ceil_div(M, int64_t(rows_for(nv)));
     for (int64_t ch = 0, m0 = 0; ch < nch; ++ch) {
       const int m = int(M / nch + (ch < M % nch ? 1 : 0));
-      kTable.k[m][nv][full](a + m0 * ars, ars, aks, K, b + n0, ldb, nlast, c + m0 * ldc + n0, ldc,
-                            cscale == nullptr ? nullptr : cscale + n0, acc);
+      kTable<Ops>.k[m][nv][full](a + m0 * ars, ars, aks, K, b + n0, ldb, nlast, c + m0 * ldc + n0, ldc,
+                                 cscale == nullptr ? nullptr : cscale + n0, acc);
       m0 += m;
     }
   }
@@ -360,11 +382,13 @@ RowGroups row_groups(const AttnCommon& p, int64_t i0, int nq, int64_t j0, int nk
 
 // C (nk x BM, row stride BM) = A B, group by group: each group's rows [r0, r1) x lane vectors [lo, nv) only. A: the
 // tile's nk rows of K (or V), row stride `as`, unit column stride; B: a K x BM panel (Q^T or dO^T), row stride BM.
-inline void gemm_groups(const RowGroups& rg, int64_t K, const float* a, int64_t as, const float* b, float* c) {
+template <class Ops = F32Ops>
+void gemm_groups(const RowGroups& rg, int64_t K, const typename Ops::E* a, int64_t as, const typename Ops::E* b,
+                 float* c) {
   for (int g = 0; g < rg.n; ++g) {
     const int r0 = rg.r0[g], lo = rg.lo[g];
-    gemm(rg.r0[g + 1] - r0, (rg.nv - lo) * NB, K, a + r0 * as, as, 1, b + lo * NB, BM, c + r0 * BM + lo * NB, BM,
-         nullptr, false);
+    gemm<Ops>(rg.r0[g + 1] - r0, (rg.nv - lo) * NB, K, a + r0 * as, as, 1, b + lo * NB, BM, c + r0 * BM + lo * NB,
+              BM, nullptr, false);
   }
 }
 
@@ -588,6 +612,47 @@ void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t
   }
 }
 
+#if PYATTN_ATTN_BF16_DOT
+// The bf16 forward on vdpbf16ps (BF16PairOps): S^T = K Q^T with K's rows read in place as words of two bf16 along D
+// and Q^T packed as pairs (D / 2 x BM words), then scaled by scale * log2(e) in fp32; O^T += V^T P^T with V packed
+// once per call as pairs along the keys and P^T rounded to bf16 pairs (as GPU kernels feed P to the tensor cores).
+// Products are exact and summed in fp32. Taken for bf16 inputs with an even head dim and K rows on 4-byte
+// boundaries; the backward widens to fp32 as before (its P comes from its own S, against this forward's lse).
+inline uint32_t bf16_pair(const bf16_t* x) {
+  uint32_t w;
+  std::memcpy(&w, x, sizeof(w));
+  return w;
+}
+bool bf16_pairs_ok(const AttnFwdParams& p) {
+  return p.D % 2 == 0 && reinterpret_cast<uintptr_t>(p.k) % 4 == 0 && p.k_stride[0] % 2 == 0 &&
+         p.k_stride[1] % 2 == 0 && p.k_stride[2] % 2 == 0;
+}
+// qp[pr * BM + i] = (q[i][2 pr], q[i][2 pr + 1]) for i < nq, 0 past nq (row i at qs + i * sq).
+void pack_q_pairs(const bf16_t* qs, int64_t sq, int nq, int64_t D, uint32_t* qp) {
+  for (int64_t pr = 0; pr < D / 2; ++pr)
+    for (int i = 0; i < BM; ++i) qp[pr * BM + i] = i < nq ? bf16_pair(qs + i * sq + 2 * pr) : 0u;
+}
+// vp[pr * Dv + d] = (v[2 pr][d], v[2 pr + 1][d]) of one (batch, kv head), 0 past Lk (row j at vs + j * sv).
+void pack_v_pairs(const bf16_t* vs, int64_t sv, int64_t Lk, int64_t Dv, uint32_t* vp) {
+  for (int64_t pr = 0; pr < (Lk + 1) / 2; ++pr)
+    for (int64_t d = 0; d < Dv; ++d) {
+      const uint32_t lo = vs[2 * pr * sv + d].bits, hi = 2 * pr + 1 < Lk ? vs[(2 * pr + 1) * sv + d].bits : 0u;
+      vp[pr * Dv + d] = lo | (hi << 16);
+    }
+}
+// P^T rows (2 pr, 2 pr + 1) -> pair row pr of pp, lane vectors [0, nv): bf16 round-to-nearest-even; row nk (past
+// the tile) reads as 0.
+void pack_p_pairs(const float* st, int nk, int nv, uint32_t* pp) {
+  const auto bf = [](const float* x) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vld(x))); };
+  for (int r = 0; r < nk; r += 2)
+    for (int q = 0; q < nv; ++q) {
+      const __m512i hi = r + 1 < nk ? bf(st + (r + 1) * BM + q * NB) : _mm512_setzero_si512();
+      const __m512i lo = bf(st + r * BM + q * NB);
+      _mm512_storeu_si512(pp + (r / 2) * BM + q * NB, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+#endif
+
 template <class T>
 void fwd_impl(const AttnFwdParams& p) {
   const int nth = threads_for(p);
@@ -603,10 +668,29 @@ void fwd_impl(const AttnFwdParams& p) {
     });
     return;
   }
-  const size_t nk = widen_floats<T>(p.B, p.Hkv, p.Lk, p.D), nv = widen_floats<T>(p.B, p.Hkv, p.Lk, p.Dv);
+  bool pairs = false;  // the bf16 pair path (PYATTN_ATTN_BF16_DOT): K read in place, V packed as pairs
+#if PYATTN_ATTN_BF16_DOT
+  if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p);
+#endif
+  const int64_t npr = (p.Lk + 1) / 2;  // key pairs of a (batch, kv head)
+  const size_t nk = pairs ? 0 : widen_floats<T>(p.B, p.Hkv, p.Lk, p.D);
+  const size_t nv = pairs ? Workspace::round_floats(size_t(p.B * p.Hkv * npr * p.Dv))
+                          : widen_floats<T>(p.B, p.Hkv, p.Lk, p.Dv);
   Workspace ws(nk + nv);
-  const F32View K = widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, nk ? ws.take(nk) : nullptr);
-  const F32View Vv = widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, nv ? ws.take(nv) : nullptr);
+  const F32View K = pairs ? F32View{}
+                          : widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, nk ? ws.take(nk) : nullptr);
+  const F32View Vv = pairs ? F32View{}
+                           : widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, nv ? ws.take(nv) : nullptr);
+  uint32_t* vpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nv)) : nullptr;
+#if PYATTN_ATTN_BF16_DOT
+  if constexpr (std::is_same<T, bf16_t>::value) {
+    if (pairs)
+      run_items(nth, p.B * p.Hkv, [&](int64_t g, int) {
+        const bf16_t* vs = static_cast<const bf16_t*>(p.v) + g / p.Hkv * p.v_stride[0] + g % p.Hkv * p.v_stride[1];
+        pack_v_pairs(vs, p.v_stride[2], p.Lk, p.Dv, vpairs + g * npr * p.Dv);
+      });
+  }
+#endif
   const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Lq, BM);
   const float c = p.scale * kLog2e;
@@ -624,16 +708,22 @@ void fwd_impl(const AttnFwdParams& p) {
     const int64_t b = g / (p.Hq * nqb), h = heads_inner ? g % p.Hq : g / nqb % p.Hq, hk = h / G;
     const int64_t i0 = qb * BM;
     const int nq = int(std::min<int64_t>(BM, p.Lq - i0));
-    float* qt = scratch(size_t((D + Dv + BN + 2 * QV * NB) * BM + BM));
+    float* qt = scratch(size_t((D + Dv + BN + 2 * QV * NB + BN / 2) * BM + BM));
     float* ot = qt + D * BM;          // O^T (Dv x BM)
     float* st = ot + Dv * BM;         // S^T / P^T (BN x BM)
     float* m = st + BN * BM;          // running max (log2 units), per lane
     float* l = m + BM;                // running sum, per lane
     uint32_t* keys = reinterpret_cast<uint32_t*>(l + BM);
+    uint32_t* pp = keys + BM;         // pair path: P^T as bf16 pairs (BN / 2 x BM words)
 
-    // Q^T, pre-scaled: qt[d][i] = q[i][d] * scale * log2(e), zero past nq.
+    // Q^T, pre-scaled: qt[d][i] = q[i][d] * scale * log2(e), zero past nq (pair path: unscaled pairs).
     const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-    pack_qt(qs, p.q_stride[2], nq, D, c, qt);
+#if PYATTN_ATTN_BF16_DOT
+    if constexpr (std::is_same<T, bf16_t>::value) {
+      if (pairs) pack_q_pairs(qs, p.q_stride[2], nq, D, reinterpret_cast<uint32_t*>(qt));
+    }
+#endif
+    if (!pairs) pack_qt(qs, p.q_stride[2], nq, D, c, qt);
     std::fill(ot, ot + Dv * BM, 0.0f);
     for (int q = 0; q < QV; ++q) {
       vst(m + q * NB, vset(-kInf));
@@ -645,7 +735,16 @@ void fwd_impl(const AttnFwdParams& p) {
     for (int64_t j0 = 0; j0 < jend; j0 += BN) {
       const int nk = int(std::min<int64_t>(BN, jend - j0));
       const RowGroups rg = row_groups(p, i0, nq, j0, nk);
-      gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qt, st);  // S^T (nk x BM) = K[j0:j0+nk] Q^T
+#if PYATTN_ATTN_BF16_DOT
+      if (pairs) {  // S^T = K Q^T on bf16 pairs, then * scale * log2(e)
+        const uint32_t* kw = reinterpret_cast<const uint32_t*>(static_cast<const bf16_t*>(p.k) + b * p.k_stride[0] +
+                                                               hk * p.k_stride[1] + j0 * p.k_stride[2]);
+        gemm_groups<BF16PairOps>(rg, D / 2, kw, p.k_stride[2] / 2, reinterpret_cast<const uint32_t*>(qt), st);
+        for (int j = 0; j < nk; ++j)
+          for (int q = 0; q < rg.nv; ++q) vst(st + j * BM + q * NB, vmul(vld(st + j * BM + q * NB), vset(c)));
+      }
+#endif
+      if (!pairs) gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qt, st);  // S^T (nk x BM) = K[j0:j0+nk] Q^T
       if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk)) apply_masks(p, b, h, i0, nq, j0, nk, st);
       // online softmax down the rows [0, rows[q]) of each lane vector q, lane-wise
       alignas(64) float alpha[BM];
@@ -679,7 +778,26 @@ void fwd_impl(const AttnFwdParams& p) {
       if (dropout) apply_dropout(keys, j0, nk, thr, inv_keep, st);
       // O^T = O^T * alpha + V[j0:j0+nk]^T P^T, group by group (the first group holds every lane vector that
       // saw a key of this tile; the others' alpha is 1, or 0 on a still-zero column)
-      for (int g = 0; g < rg.n; ++g) {
+#if PYATTN_ATTN_BF16_DOT
+      if (pairs) {  // pairs of P^T rows on vdpbf16ps; a group's odd last row (a tile cut at an odd key) in fp32
+        pack_p_pairs(st, nk, rg.nv, pp);
+        const uint32_t* vw = vpairs + ((b * p.Hkv + hk) * npr + j0 / 2) * Dv;
+        for (int g = 0; g < rg.n; ++g) {
+          const int r0 = rg.r0[g], r1 = rg.r0[g + 1], lo = rg.lo[g], n2 = (r1 - r0) / 2;
+          gemm<BF16PairOps>(Dv, (rg.nv - lo) * NB, n2, vw + r0 / 2 * Dv, 1, Dv, pp + r0 / 2 * BM + lo * NB, BM,
+                            ot + lo * NB, BM, g == 0 ? alpha + lo * NB : nullptr, true);
+          if (r0 + 2 * n2 < r1) {
+            const bf16_t* vj = static_cast<const bf16_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
+                               (j0 + r1 - 1) * p.v_stride[2];
+            const float* pj = st + (r1 - 1) * BM;
+            for (int64_t d = 0; d < Dv; ++d)
+              for (int q = lo; q < rg.nv; ++q)
+                vst(ot + d * BM + q * NB, vfma(vset(to_f32(vj[d])), vld(pj + q * NB), vld(ot + d * BM + q * NB)));
+          }
+        }
+      }
+#endif
+      for (int g = 0; g < rg.n && !pairs; ++g) {
         const int r0 = rg.r0[g], lo = rg.lo[g];
         gemm(Dv, (rg.nv - lo) * NB, rg.r0[g + 1] - r0, Vv.at(b, hk, j0 + r0), 1, Vv.sl, st + r0 * BM + lo * NB, BM,
              ot + lo * NB, BM, g == 0 ? alpha + lo * NB : nullptr, true);
