@@ -10,7 +10,7 @@
 //   * O^T (Dv x BM) += V^T P^T reads V's rows as stored (broadcasts) and P^T as computed; O is transposed back once
 //     at the end of the block.
 // So K and V are never packed or copied (fp32 inputs; 16-bit inputs are widened to fp32 once per call, except bf16
-// forwards on AVX512_BF16 CPUs, which run on bf16 pairs: see BF16PairOps).
+// on AVX512_BF16 CPUs, which runs on bf16 pairs: see BF16PairOps).
 // Forward work items: (batch, query head, query block), heaviest causal blocks first.
 // Backward (FA2): work items (batch, kv head, chunk of key blocks); for each key block, loop over the GQA group's
 // query heads and the query blocks that see it: S^T and P^T = exp2(S^T - lse) again, dP^T = V dO^T, dV += P^T dO,
@@ -58,6 +58,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // per lane, twice the fp32 FMA's work per instruction). B's rows are NB words either way: loaded as floats.
 struct F32Ops {
   using E = float;
+  static constexpr int kPer = 1;  // values per E
   static V bcast(const float* p) { return vset(*p); }
   static V fma(V a, V b, V c) { return vfma(a, b, c); }
 };
@@ -65,6 +66,7 @@ struct F32Ops {
 #define PYATTN_ATTN_BF16_DOT 1
 struct BF16PairOps {
   using E = uint32_t;
+  static constexpr int kPer = 2;
   static V bcast(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(*p))); }
   static V fma(V a, V b, V c) { return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b); }
 };
@@ -72,8 +74,9 @@ struct BF16PairOps {
 #define PYATTN_ATTN_BF16_DOT 0
 #endif
 
-// c_i = (acc ? c_i * cscale : 0) + sum_k a(i, k) b_k for i < MR; b_k and c_i are NV vectors; the last vector holds
-// `nlast` valid lanes unless FULL. cscale (NV vectors) may be nullptr (= 1).
+// c_i = (acc ? c_i * cscale : 0) + sum_k a(i, k) b_k for i < MR, or without acc c_i = cscale * sum_k a(i, k) b_k;
+// b_k and c_i are NV vectors; the last vector holds `nlast` valid lanes unless FULL. cscale (NV vectors) may be
+// nullptr (= 1).
 template <class Ops, int MR, int NV, bool FULL>
 void micro_kernel(const typename Ops::E* __restrict a, int64_t ars, int64_t aks, int64_t K,
                   const typename Ops::E* __restrict bw, int64_t ldb, int nlast, float* __restrict c, int64_t ldc,
@@ -102,6 +105,7 @@ void micro_kernel(const typename Ops::E* __restrict a, int64_t ars, int64_t aks,
   }
   for (int i = 0; i < MR; ++i)
     for (int q = 0; q < NV; ++q) {
+      if (!acc && cscale != nullptr) t[i][q] = vmul(t[i][q], vld(cscale + q * NB));
       if (FULL || q < NV - 1)
         vst(c + i * ldc + q * NB, t[i][q]);
       else
@@ -134,7 +138,8 @@ const KernelTable<Ops> kTable;
 inline int rows_for(int nv) { return std::min(MRMAX, ACC_MAX / nv); }
 
 // C (M x N) (=|+=|= C * cscale +) A (M x K) B (K x N): A(i, k) = a[i * ars + k * aks], B(k, n) = b[k * ldb + n],
-// C(i, n) = c[i * ldc + n]; cscale[n] scales C's old value (nullptr: 1). N is split into panels of QV vectors.
+// C(i, n) = c[i * ldc + n]; cscale[n] scales C's old value with acc, the product without (nullptr: 1). N is split
+// into panels of QV vectors.
 // With BF16PairOps, K counts pairs and a, b, ars, aks, ldb count words.
 template <class Ops = F32Ops>
 void gemm(int64_t M, int64_t N, int64_t K, const typename Ops::E* a, int64_t ars, int64_t aks,
@@ -384,22 +389,27 @@ RowGroups row_groups(const AttnCommon& p, int64_t i0, int nq, int64_t j0, int nk
 // tile's nk rows of K (or V), row stride `as`, unit column stride; B: a K x BM panel (Q^T or dO^T), row stride BM.
 template <class Ops = F32Ops>
 void gemm_groups(const RowGroups& rg, int64_t K, const typename Ops::E* a, int64_t as, const typename Ops::E* b,
-                 float* c) {
+                 float* c, const float* scale = nullptr) {  // scale: BM lanes multiplying the product, or nullptr
   for (int g = 0; g < rg.n; ++g) {
     const int r0 = rg.r0[g], lo = rg.lo[g];
     gemm<Ops>(rg.r0[g + 1] - r0, (rg.nv - lo) * NB, K, a + r0 * as, as, 1, b + lo * NB, BM, c + r0 * BM + lo * NB,
-              BM, nullptr, false);
+              BM, scale == nullptr ? nullptr : scale + lo * NB, false);
   }
 }
 
 // acc (nk x N, row stride N) += T X, group by group: T is a tile (nk x BM, row stride BM) of which group g holds
 // rows [r0, r1) x query columns [lo * NB, nq); X: the block's query rows (row i at x + i * xs, N columns).
-inline void gemm_groups_acc(const RowGroups& rg, int nq, int64_t N, const float* t, const float* x, int64_t xs,
-                            float* acc) {
+// With BF16PairOps: T as bf16 words along the queries (row stride BM / 2 words), X as pairs of query rows (pair
+// row t at x + t * xs words); the queries are taken in pairs, so T's lanes past nq must read 0.
+template <class Ops = F32Ops>
+void gemm_groups_acc(const RowGroups& rg, int nq, int64_t N, const typename Ops::E* t, const typename Ops::E* x,
+                     int64_t xs, float* acc) {
+  constexpr int P = Ops::kPer;
   for (int g = 0; g < rg.n; ++g) {
     const int r0 = rg.r0[g], c0 = rg.lo[g] * NB;
     if (nq > c0)
-      gemm(rg.r0[g + 1] - r0, N, nq - c0, t + r0 * BM + c0, BM, 1, x + c0 * xs, xs, acc + r0 * N, N, nullptr, true);
+      gemm<Ops>(rg.r0[g + 1] - r0, N, (nq - c0 + P - 1) / P, t + (r0 * BM + c0) / P, BM / P, 1, x + c0 / P * xs, xs,
+                acc + r0 * N, N, nullptr, true);
   }
 }
 
@@ -613,31 +623,61 @@ void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t
 }
 
 #if PYATTN_ATTN_BF16_DOT
-// The bf16 forward on vdpbf16ps (BF16PairOps): S^T = K Q^T with K's rows read in place as words of two bf16 along D
-// and Q^T packed as pairs (D / 2 x BM words), then scaled by scale * log2(e) in fp32; O^T += V^T P^T with V packed
-// once per call as pairs along the keys and P^T rounded to bf16 pairs (as GPU kernels feed P to the tensor cores).
-// Products are exact and summed in fp32. Taken for bf16 inputs with an even head dim and K rows on 4-byte
-// boundaries; the backward widens to fp32 as before (its P comes from its own S, against this forward's lse).
+// bf16 attention on vdpbf16ps (BF16PairOps), packing helpers. Forward: S^T = K Q^T with K's rows read in place as
+// words of two bf16 along D and Q^T packed as pairs (D / 2 x BM words), scaled by scale * log2(e) in fp32 as the
+// GEMM stores it; O^T += V^T P^T with V packed once per call as pairs along the keys and P^T rounded to bf16 pairs
+// (as GPU kernels feed P to the tensor cores). Products are exact and summed in fp32. Taken for bf16 inputs with an
+// even head dim and K rows on 4-byte boundaries (the backward: V's too); bwd_impl says how its products pair up.
 inline uint32_t bf16_pair(const bf16_t* x) {
   uint32_t w;
   std::memcpy(&w, x, sizeof(w));
   return w;
 }
-bool bf16_pairs_ok(const AttnFwdParams& p) {
-  return p.D % 2 == 0 && reinterpret_cast<uintptr_t>(p.k) % 4 == 0 && p.k_stride[0] % 2 == 0 &&
-         p.k_stride[1] % 2 == 0 && p.k_stride[2] % 2 == 0;
+// Can K (and, with_v, V) be read in place as words along the head dim: an even head dim, 4-byte aligned rows?
+bool bf16_pairs_ok(const AttnCommon& p, bool with_v) {
+  const auto words = [](const void* x, const int64_t* st, int64_t d) {
+    return d % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0 && st[0] % 2 == 0 && st[1] % 2 == 0 && st[2] % 2 == 0;
+  };
+  return words(p.k, p.k_stride, p.D) && (!with_v || words(p.v, p.v_stride, p.Dv));
+}
+// K's (V's) rows of (b, kv head hk) from key j0 on, as words (row stride: k_stride[2] / 2 words).
+inline const uint32_t* k_words(const AttnCommon& p, int64_t b, int64_t hk, int64_t j0) {
+  return reinterpret_cast<const uint32_t*>(static_cast<const bf16_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
+                                           j0 * p.k_stride[2]);
+}
+inline const uint32_t* v_words(const AttnCommon& p, int64_t b, int64_t hk, int64_t j0) {
+  return reinterpret_cast<const uint32_t*>(static_cast<const bf16_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
+                                           j0 * p.v_stride[2]);
 }
 // qp[pr * BM + i] = (q[i][2 pr], q[i][2 pr + 1]) for i < nq, 0 past nq (row i at qs + i * sq).
 void pack_q_pairs(const bf16_t* qs, int64_t sq, int nq, int64_t D, uint32_t* qp) {
   for (int64_t pr = 0; pr < D / 2; ++pr)
     for (int i = 0; i < BM; ++i) qp[pr * BM + i] = i < nq ? bf16_pair(qs + i * sq + 2 * pr) : 0u;
 }
-// vp[pr * Dv + d] = (v[2 pr][d], v[2 pr + 1][d]) of one (batch, kv head), 0 past Lk (row j at vs + j * sv).
-void pack_v_pairs(const bf16_t* vs, int64_t sv, int64_t Lk, int64_t Dv, uint32_t* vp) {
+// vp[pr * Dv + d] = (v[2 pr][d], v[2 pr + 1][d]) of one (batch, kv head) of V (or K), 0 past Lk (row j at
+// vs + j * sv).
+void pack_key_pairs(const bf16_t* vs, int64_t sv, int64_t Lk, int64_t Dv, uint32_t* vp) {
   for (int64_t pr = 0; pr < (Lk + 1) / 2; ++pr)
     for (int64_t d = 0; d < Dv; ++d) {
       const uint32_t lo = vs[2 * pr * sv + d].bits, hi = 2 * pr + 1 < Lk ? vs[(2 * pr + 1) * sv + d].bits : 0u;
       vp[pr * Dv + d] = lo | (hi << 16);
+    }
+}
+// Rows [0, nk) of a tile (row stride BM), lane vectors [0, nv), as bf16 words along the lanes (row stride BM / 2
+// words), lanes >= nq as 0: T for gemm_groups_acc<BF16PairOps>.
+void pack_rows_bf16(const float* t, int nk, int nv, int nq, uint32_t* tw) {
+  for (int r = 0; r < nk; ++r)
+    for (int q = 0; q < nv; ++q)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tw + r * (BM / 2) + q * (NB / 2)),
+                          (__m256i)_mm512_cvtneps_pbh(vldn(t + r * BM + q * NB, nq - q * NB)));
+}
+// xp[t * N + n] = (x[2 t][n], x[2 t + 1][n]) for the BM / 2 pairs of a query block, 0 past nq (row i at xs + i * sx).
+void pack_query_pairs(const bf16_t* xs, int64_t sx, int nq, int64_t N, uint32_t* xp) {
+  for (int t = 0; t < BM / 2; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      const uint32_t lo = 2 * t < nq ? xs[2 * t * sx + n].bits : 0u;
+      const uint32_t hi = 2 * t + 1 < nq ? xs[(2 * t + 1) * sx + n].bits : 0u;
+      xp[t * N + n] = lo | (hi << 16);
     }
 }
 // P^T rows (2 pr, 2 pr + 1) -> pair row pr of pp, lane vectors [0, nv): bf16 round-to-nearest-even; row nk (past
@@ -670,7 +710,7 @@ void fwd_impl(const AttnFwdParams& p) {
   }
   bool pairs = false;  // the bf16 pair path (PYATTN_ATTN_BF16_DOT): K read in place, V packed as pairs
 #if PYATTN_ATTN_BF16_DOT
-  if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p);
+  if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p, false);
 #endif
   const int64_t npr = (p.Lk + 1) / 2;  // key pairs of a (batch, kv head)
   const size_t nk = pairs ? 0 : widen_floats<T>(p.B, p.Hkv, p.Lk, p.D);
@@ -681,13 +721,13 @@ void fwd_impl(const AttnFwdParams& p) {
                           : widen<T>(p.k, p.k_stride, p.B, p.Hkv, p.Lk, p.D, nth, nk ? ws.take(nk) : nullptr);
   const F32View Vv = pairs ? F32View{}
                            : widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, nv ? ws.take(nv) : nullptr);
-  uint32_t* vpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nv)) : nullptr;
+  [[maybe_unused]] uint32_t* vpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nv)) : nullptr;
 #if PYATTN_ATTN_BF16_DOT
   if constexpr (std::is_same<T, bf16_t>::value) {
     if (pairs)
       run_items(nth, p.B * p.Hkv, [&](int64_t g, int) {
         const bf16_t* vs = static_cast<const bf16_t*>(p.v) + g / p.Hkv * p.v_stride[0] + g % p.Hkv * p.v_stride[1];
-        pack_v_pairs(vs, p.v_stride[2], p.Lk, p.Dv, vpairs + g * npr * p.Dv);
+        pack_key_pairs(vs, p.v_stride[2], p.Lk, p.Dv, vpairs + g * npr * p.Dv);
       });
   }
 #endif
@@ -714,7 +754,9 @@ void fwd_impl(const AttnFwdParams& p) {
     float* m = st + BN * BM;          // running max (log2 units), per lane
     float* l = m + BM;                // running sum, per lane
     uint32_t* keys = reinterpret_cast<uint32_t*>(l + BM);
-    uint32_t* pp = keys + BM;         // pair path: P^T as bf16 pairs (BN / 2 x BM words)
+    [[maybe_unused]] uint32_t* pp = keys + BM;  // pair path: P^T as bf16 pairs (BN / 2 x BM words)
+    alignas(64) float cs[BM];         // pair path: scale * log2(e) in every lane, applied to S^T by the GEMM
+    std::fill(cs, cs + BM, c);
 
     // Q^T, pre-scaled: qt[d][i] = q[i][d] * scale * log2(e), zero past nq (pair path: unscaled pairs).
     const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
@@ -736,12 +778,9 @@ void fwd_impl(const AttnFwdParams& p) {
       const int nk = int(std::min<int64_t>(BN, jend - j0));
       const RowGroups rg = row_groups(p, i0, nq, j0, nk);
 #if PYATTN_ATTN_BF16_DOT
-      if (pairs) {  // S^T = K Q^T on bf16 pairs, then * scale * log2(e)
-        const uint32_t* kw = reinterpret_cast<const uint32_t*>(static_cast<const bf16_t*>(p.k) + b * p.k_stride[0] +
-                                                               hk * p.k_stride[1] + j0 * p.k_stride[2]);
-        gemm_groups<BF16PairOps>(rg, D / 2, kw, p.k_stride[2] / 2, reinterpret_cast<const uint32_t*>(qt), st);
-        for (int j = 0; j < nk; ++j)
-          for (int q = 0; q < rg.nv; ++q) vst(st + j * BM + q * NB, vmul(vld(st + j * BM + q * NB), vset(c)));
+      if (pairs) {  // S^T = (K Q^T on bf16 pairs) * scale * log2(e)
+        gemm_groups<BF16PairOps>(rg, D / 2, k_words(p, b, hk, j0), p.k_stride[2] / 2,
+                                 reinterpret_cast<const uint32_t*>(qt), st, cs);
       }
 #endif
       if (!pairs) gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qt, st);  // S^T (nk x BM) = K[j0:j0+nk] Q^T
@@ -826,18 +865,17 @@ void fwd_impl(const AttnFwdParams& p) {
 // row's max m and l2 = log2(sum 2^(S - m)) and uses P = exp2((S - m) - l2).
 
 // One query row, scalar: qt_col[d * BM] is the row's pre-scaled query; writes m into *m_out and l2 into *l2_out.
-void exact_row_stats(const AttnCommon& p, const F32View& K, int64_t b, int64_t h, int64_t i, const float* qt_col,
-                     float* m_out, float* l2_out) {
-  const int64_t hk = h / (p.Hq / p.Hkv), jend = key_end(p, i, 1);
+// score(j) gives the row's S for key j with the bits of the backward's S GEMM.
+template <class Score>
+void exact_row_stats(const AttnCommon& p, int64_t b, int64_t h, int64_t i, Score score, float* m_out,
+                     float* l2_out) {
+  const int64_t jend = key_end(p, i, 1);
   std::vector<float> s(size_t(std::max<int64_t>(jend, 1)));
   alignas(64) float tile[BM];
   float m = -kInf;
   for (int64_t j = 0; j < jend; ++j) {
-    const float* kj = K.at(b, hk, j);
-    float acc = 0.0f;
-    for (int64_t d = 0; d < p.D; ++d) acc = std::fma(qt_col[d * BM], kj[d], acc);  // as micro_kernel: S bit-equal
     std::fill(tile, tile + BM, 0.0f);
-    tile[0] = acc;
+    tile[0] = score(j);
     apply_masks(p, b, h, i, 1, j, 1, tile);  // the same masks, on a 1 x 1 tile
     s[size_t(j)] = tile[0];
     m = std::max(m, tile[0]);
@@ -933,19 +971,44 @@ void bwd_impl(const AttnBwdParams& p) {
   while (B * Hkv * nch < kMinBwdItems && nch < nkb) nch *= 2;
   nch = std::min(nch, nkb);
 
+  // bf16 on AVX512_BF16 (pairs): all five products on bf16 pairs. S^T = K Q^T and dP^T = V dO^T as in the forward
+  // (K and V read in place, the Q^T / dO^T panels packed as pairs, unscaled); dV += P^T dO and dK += dS^T Q with
+  // P^T / dS^T rounded to bf16 along the queries against dO / Q packed as pairs of query rows; dQ += dS K with dS^T
+  // rounded to pairs of keys against K packed as pairs of key rows. Nothing is widened then.
+  bool pairs = false;
+#if PYATTN_ATTN_BF16_DOT
+  if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p, true);
+#endif
+  alignas(64) float cs[BM];  // pairs: scale * log2(e) in every lane, applied to S^T by the GEMM
+  std::fill(cs, cs + BM, c);
+  const int64_t npr = (Lk + 1) / 2;  // key pairs of a (batch, kv head)
+
   // Temporaries, all from one workspace: fp32 K, V (16-bit inputs), the Q^T / dO^T panels, lse2, delta, l2, fp32
-  // Q and dO (16-bit inputs), the dQ partials, the mask tiles (see MaskTiles).
-  const size_t nk = widen_floats<T>(B, Hkv, Lk, D), nv = widen_floats<T>(B, Hkv, Lk, Dv);
-  const size_t n_qt = size_t(B * Hq * Lqp * D), n_dot = size_t(B * Hq * Lqp * Dv), n_row = size_t(B * Hq * Lqp);
+  // Q and dO (16-bit inputs), the dQ partials, the mask tiles (see MaskTiles). Pairs instead of the fp32 copies:
+  // K as pairs of key rows, Q and dO as pairs of query rows (the same number of floats or fewer).
   const bool half = !std::is_same<T, float>::value;
-  const size_t n_q = half ? size_t(B * Hq * Lq * D) : 0, n_do = half ? size_t(B * Hq * Lq * Dv) : 0;
+  const size_t nk = pairs ? size_t(B * Hkv * npr * D) : widen_floats<T>(B, Hkv, Lk, D);
+  const size_t nv = pairs ? 0 : widen_floats<T>(B, Hkv, Lk, Dv);
+  const size_t n_qt = size_t(B * Hq * Lqp * D), n_dot = size_t(B * Hq * Lqp * Dv), n_row = size_t(B * Hq * Lqp);
+  const size_t n_q = pairs ? size_t(B * Hq * Lqp / 2 * D) : half ? size_t(B * Hq * Lq * D) : 0;
+  const size_t n_do = pairs ? size_t(B * Hq * Lqp / 2 * Dv) : half ? size_t(B * Hq * Lq * Dv) : 0;
   const size_t n_dq = size_t(nch * B * Hq * Lq * D);
   size_t n_tiles = 0;
   MaskTiles tiles = mask_tile_layout(p, &n_tiles);
   auto r = Workspace::round_floats;
-  Workspace ws(nk + nv + r(n_qt) + r(n_dot) + 3 * r(n_row) + r(n_q) + r(n_do) + r(n_dq) + r(n_tiles));
-  const F32View K = widen<T>(p.k, p.k_stride, B, Hkv, Lk, D, nth, nk ? ws.take(nk) : nullptr);
-  const F32View Vv = widen<T>(p.v, p.v_stride, B, Hkv, Lk, Dv, nth, nv ? ws.take(nv) : nullptr);
+  Workspace ws(r(nk) + nv + r(n_qt) + r(n_dot) + 3 * r(n_row) + r(n_q) + r(n_do) + r(n_dq) + r(n_tiles));
+  const F32View K = pairs ? F32View{} : widen<T>(p.k, p.k_stride, B, Hkv, Lk, D, nth, nk ? ws.take(nk) : nullptr);
+  const F32View Vv = pairs ? F32View{} : widen<T>(p.v, p.v_stride, B, Hkv, Lk, Dv, nth, nv ? ws.take(nv) : nullptr);
+  [[maybe_unused]] uint32_t* kpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nk)) : nullptr;
+#if PYATTN_ATTN_BF16_DOT
+  if constexpr (std::is_same<T, bf16_t>::value) {
+    if (pairs)
+      run_items(nth, B * Hkv, [&](int64_t g, int) {
+        const bf16_t* ks = static_cast<const bf16_t*>(p.k) + g / Hkv * p.k_stride[0] + g % Hkv * p.k_stride[1];
+        pack_key_pairs(ks, p.k_stride[2], Lk, D, kpairs + g * npr * D);
+      });
+  }
+#endif
 
   // Phase 1, per (b, h, query block): Q^T and dO^T panels (D x BM, Dv x BM), fp32 rows of Q and dO (16-bit inputs),
   // lse in log2 units (+inf past Lq: P = 0 there) and delta = rowsum(dO * O) (0 past Lq). P = exp2((S - lse2) - l2)
@@ -970,8 +1033,18 @@ void bwd_impl(const AttnBwdParams& p) {
     const T* os = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
     float* qtp = qt + (bh * Lqp + i0) * D;  // panel qb of head bh: D x BM
     float* dtp = dot + (bh * Lqp + i0) * Dv;
-    pack_qt(qs, p.q_stride[2], nq, D, c, qtp);
-    pack_qt(ds, p.dout_stride[2], nq, Dv, 1.0f, dtp);
+#if PYATTN_ATTN_BF16_DOT
+    if constexpr (std::is_same<T, bf16_t>::value) {
+      if (pairs) {
+        pack_q_pairs(qs, p.q_stride[2], nq, D, reinterpret_cast<uint32_t*>(qtp));
+        pack_q_pairs(ds, p.dout_stride[2], nq, Dv, reinterpret_cast<uint32_t*>(dtp));
+      }
+    }
+#endif
+    if (!pairs) {
+      pack_qt(qs, p.q_stride[2], nq, D, c, qtp);
+      pack_qt(ds, p.dout_stride[2], nq, Dv, 1.0f, dtp);
+    }
     for (int i = 0; i < BM; ++i) {
       float dl = 0.0f;
       if (i < nq)
@@ -981,9 +1054,36 @@ void bwd_impl(const AttnBwdParams& p) {
     }
     for (int i = 0; i < nq; ++i) {
       const size_t r = size_t(bh * Lqp + i0 + i);
-      if (needs_exact_row_stats(lse2[r])) exact_row_stats(p, K, b, h, i0 + i, qtp + i, &lse2[r], &l2[r]);
+      if (!needs_exact_row_stats(lse2[r])) continue;
+      const int64_t hk = h / G;
+      const float* qcol = qtp + i;
+#if PYATTN_ATTN_BF16_DOT
+      if (pairs) {  // one lane of the S GEMM: the same bits
+        exact_row_stats(p, b, h, i0 + i, [&](int64_t j) {
+          float sj;
+          gemm<BF16PairOps>(1, 1, D / 2, k_words(p, b, hk, j), 0, 1, reinterpret_cast<const uint32_t*>(qcol), BM,
+                            &sj, 1, cs, false);
+          return sj;
+        }, &lse2[r], &l2[r]);
+        continue;
+      }
+#endif
+      exact_row_stats(p, b, h, i0 + i, [&](int64_t j) {
+        const float* kj = K.at(b, hk, j);
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc = std::fma(qcol[d * BM], kj[d], acc);  // as micro_kernel: bit-equal
+        return acc;
+      }, &lse2[r], &l2[r]);
     }
-    if (half) {
+#if PYATTN_ATTN_BF16_DOT
+    if constexpr (std::is_same<T, bf16_t>::value) {
+      if (pairs) {
+        pack_query_pairs(qs, p.q_stride[2], nq, D, reinterpret_cast<uint32_t*>(qbuf) + (bh * Lqp + i0) / 2 * D);
+        pack_query_pairs(ds, p.dout_stride[2], nq, Dv, reinterpret_cast<uint32_t*>(dobuf) + (bh * Lqp + i0) / 2 * Dv);
+      }
+    }
+#endif
+    if (half && !pairs) {
       for (int i = 0; i < nq; ++i) {
         for (int64_t d = 0; d < D; ++d) qbuf[size_t((bh * Lq + i0 + i) * D + d)] = to_f32(qs[i * p.q_stride[2] + d]);
         for (int64_t d = 0; d < Dv; ++d)
@@ -1000,12 +1100,14 @@ void bwd_impl(const AttnBwdParams& p) {
   // Phase 2: (b, kv head, chunk of key blocks), each chunk into its own dQ partial.
   run_items(nth, B * Hkv * nch, [&](int64_t g, int) {
     const int64_t ch = g % nch, bk = g / nch, b = bk / Hkv, hk = bk % Hkv;
-    float* st = scratch(size_t(3 * BN * BM + BN * (D + Dv) + BM));
+    float* st = scratch(size_t(4 * BN * BM + BN * (D + Dv) + BM));
     float* dpt = st + BN * BM;      // dP^T, then dS^T
     float* pdt = dpt + BN * BM;     // P^T after dropout
     float* dka = pdt + BN * BM;     // dK accumulator (nk x D)
     float* dva = dka + BN * D;      // dV accumulator (nk x Dv)
     uint32_t* keys = reinterpret_cast<uint32_t*>(dva + BN * Dv);
+    [[maybe_unused]] uint32_t* tw = keys + BM;  // pairs: P^T or dS^T as bf16 words along the queries (BN x BM / 2)
+    [[maybe_unused]] uint32_t* dsp = tw + BN * BM / 2;  // pairs: dS^T as pairs of key rows (BN / 2 x BM)
     float* dq_part = dqp + ch * B * Hq * Lq * D;
     for (int64_t kb = nkb * ch / nch; kb < nkb * (ch + 1) / nch; ++kb) {
       const int64_t j0 = kb * BN;
@@ -1026,7 +1128,13 @@ void bwd_impl(const AttnBwdParams& p) {
           // The causal diagonal: row groups as in the forward (group g: key rows [r0, r1) x lane vectors [lo, nv));
           // what a group does not compute is masked (P = 0 there) and its dS is set to 0.
           const RowGroups rg = row_groups(p, i0, nq, j0, nk);
-          gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qtp, st);  // S^T = K Q^T
+#if PYATTN_ATTN_BF16_DOT
+          if (pairs)
+            gemm_groups<BF16PairOps>(rg, D / 2, k_words(p, b, hk, j0), p.k_stride[2] / 2,
+                                     reinterpret_cast<const uint32_t*>(qtp), st, cs);
+          else
+#endif
+            gemm_groups(rg, D, K.at(b, hk, j0), K.sl, qtp, st);  // S^T = K Q^T
           if (tiles.t != nullptr)
             apply_masks_tiled(p, tiles.at(b, h, qb, kb), i0, rg.nv, j0, nk, st);
           else if (p.mask_kind != MaskKind::None || causal_cut(p, i0, j0, nk))
@@ -1037,7 +1145,13 @@ void bwd_impl(const AttnBwdParams& p) {
               const V x = vsub(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB)), vld(l2p + q * NB));
               vst(st + j * BM + q * NB, vexp2(x));
             }
-          gemm_groups(rg, Dv, Vv.at(b, hk, j0), Vv.sl, dtp, dpt);  // dP^T = V dO^T
+#if PYATTN_ATTN_BF16_DOT
+          if (pairs)
+            gemm_groups<BF16PairOps>(rg, Dv / 2, v_words(p, b, hk, j0), p.v_stride[2] / 2,
+                                     reinterpret_cast<const uint32_t*>(dtp), dpt);
+          else
+#endif
+            gemm_groups(rg, Dv, Vv.at(b, hk, j0), Vv.sl, dtp, dpt);  // dP^T = V dO^T
           const float* pd = st;
           if (dropout) {
             dropout_keys(p, b, h, i0, nq, keys);
@@ -1047,7 +1161,14 @@ void bwd_impl(const AttnBwdParams& p) {
             pd = pdt;
           }
           // dV += P^T dO  (rows: keys; lanes: dv; k: queries from the group's first lane vector on)
-          gemm_groups_acc(rg, nq, Dv, pd, dO.at(b, h, i0), dO.sl, dva);
+#if PYATTN_ATTN_BF16_DOT
+          if (pairs) {
+            pack_rows_bf16(pd, nk, rg.nv, nq, tw);
+            const uint32_t* dop = reinterpret_cast<const uint32_t*>(dobuf) + (bh * Lqp + i0) / 2 * Dv;
+            gemm_groups_acc<BF16PairOps>(rg, nq, Dv, tw, dop, Dv, dva);
+          } else
+#endif
+            gemm_groups_acc(rg, nq, Dv, pd, dO.at(b, h, i0), dO.sl, dva);
           for (int g = 0; g < rg.n; ++g)  // dS^T = P^T (dP^T - delta); 0 where the group computed nothing
             for (int j = rg.r0[g]; j < rg.r0[g + 1]; ++j)
               for (int q = 0; q < rg.nv; ++q) {
@@ -1055,8 +1176,20 @@ void bwd_impl(const AttnBwdParams& p) {
                 vst(dpt + o, q < rg.lo[g] ? vzero() : vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
               }
           // dK += dS^T Q ; dQ += dS K
-          gemm_groups_acc(rg, nq, D, dpt, Q.at(b, h, i0), Q.sl, dka);
-          gemm(nq, D, nk, dpt, 1, BM, K.at(b, hk, j0), K.sl, dq_part + (bh * Lq + i0) * D, D, nullptr, true);
+#if PYATTN_ATTN_BF16_DOT
+          if (pairs) {
+            pack_rows_bf16(dpt, nk, rg.nv, nq, tw);
+            const uint32_t* qp = reinterpret_cast<const uint32_t*>(qbuf) + (bh * Lqp + i0) / 2 * D;
+            gemm_groups_acc<BF16PairOps>(rg, nq, D, tw, qp, D, dka);
+            pack_p_pairs(dpt, nk, rg.nv, dsp);
+            gemm<BF16PairOps>(nq, D, (nk + 1) / 2, dsp, 1, BM, kpairs + ((b * Hkv + hk) * npr + j0 / 2) * D, D,
+                              dq_part + (bh * Lq + i0) * D, D, nullptr, true);
+          } else
+#endif
+          {
+            gemm_groups_acc(rg, nq, D, dpt, Q.at(b, h, i0), Q.sl, dka);
+            gemm(nq, D, nk, dpt, 1, BM, K.at(b, hk, j0), K.sl, dq_part + (bh * Lq + i0) * D, D, nullptr, true);
+          }
         }
       }
       T* dk = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + j0 * p.dk_stride[2];
