@@ -68,12 +68,11 @@ def targets() -> list[Target]:
 def cases(ctx: BenchContext) -> list[Case]:
     out = []
     gpu = ctx.device == "cuda"
+    # CPU: fp32, and bf16 (on vdpbf16ps where the CPU has AVX512_BF16, else widened to fp32); masks in fp32 only
     for dt in ctx.want([torch.bfloat16] if gpu else [torch.float32, torch.bfloat16]):
-        # CPU bf16: forwards only (they run on vdpbf16ps where the CPU has AVX512_BF16; the backward widens to fp32)
-        modes = MODES if gpu or dt == torch.float32 else ("fwd",)
         for causal in (False, True):
             op = "attention_causal" if causal else "attention"
-            for mode in modes:
+            for mode in MODES:
                 if ctx.tiny:
                     out.append(Case(op, mode, {"B": 1, "H": 2, "L": 32, "D": 16}, dt, ctx.device, x="L"))
                     continue
