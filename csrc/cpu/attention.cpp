@@ -422,17 +422,35 @@ struct F32View {
   const float* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
 };
 
+// n 16-bit values -> fp32 (exact: the bits of to_f32), NB at a time with AVX-512.
+template <class T>
+void row_to_f32(const T* s, float* d, int64_t n) {
+  int64_t x = 0;
+#if PYATTN_CPU_ISA == 512
+  for (; x + NB <= n; x += NB) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + x));
+    if constexpr (std::is_same<T, bf16_t>::value)
+      vst(d + x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    else
+      vst(d + x, _mm512_cvtph_ps(h));
+  }
+#endif
+  for (; x < n; ++x) d[x] = to_f32(s[x]);
+}
+
 template <class T>
 F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t L, int64_t D, int nth, float* dst) {
-  if (std::is_same<T, float>::value) return F32View{static_cast<const float*>(src), st[0], st[1], st[2]};
-  run_items(nth, B * H, [&](int64_t g, int) {
-    const int64_t b = g / H, h = g % H;
-    const T* s = static_cast<const T*>(src) + b * st[0] + h * st[1];
-    float* d = dst + g * L * D;
-    for (int64_t l = 0; l < L; ++l)
-      for (int64_t x = 0; x < D; ++x) d[l * D + x] = to_f32(s[l * st[2] + x]);
-  });
-  return F32View{dst, H * L * D, L * D, D};
+  if constexpr (std::is_same<T, float>::value) {
+    return F32View{static_cast<const float*>(src), st[0], st[1], st[2]};
+  } else {
+    run_items(nth, B * H, [&](int64_t g, int) {
+      const int64_t b = g / H, h = g % H;
+      const T* s = static_cast<const T*>(src) + b * st[0] + h * st[1];
+      float* d = dst + g * L * D;
+      for (int64_t l = 0; l < L; ++l) row_to_f32(s + l * st[2], d + l * D, D);
+    });
+    return F32View{dst, H * L * D, L * D, D};
+  }
 }
 
 // Floats widen<T> needs from a Workspace for a (B, H, L, D) input: none for fp32 (read in place).
@@ -512,8 +530,7 @@ const float* rows_f32(const T* src, int64_t sl, int nk, int64_t width, float* bu
     stride = sl;
     return src;
   } else {
-    for (int j = 0; j < nk; ++j)
-      for (int64_t x = 0; x < width; ++x) buf[j * width + x] = to_f32(src[j * sl + x]);
+    for (int j = 0; j < nk; ++j) row_to_f32(src + j * sl, buf + j * width, width);
     stride = width;
     return buf;
   }
@@ -1083,12 +1100,12 @@ void bwd_impl(const AttnBwdParams& p) {
       }
     }
 #endif
-    if (half && !pairs) {
-      for (int i = 0; i < nq; ++i) {
-        for (int64_t d = 0; d < D; ++d) qbuf[size_t((bh * Lq + i0 + i) * D + d)] = to_f32(qs[i * p.q_stride[2] + d]);
-        for (int64_t d = 0; d < Dv; ++d)
-          dobuf[size_t((bh * Lq + i0 + i) * Dv + d)] = to_f32(ds[i * p.dout_stride[2] + d]);
-      }
+    if constexpr (!std::is_same<T, float>::value) {
+      if (!pairs)
+        for (int i = 0; i < nq; ++i) {
+          row_to_f32(qs + i * p.q_stride[2], qbuf + (bh * Lq + i0 + i) * D, D);
+          row_to_f32(ds + i * p.dout_stride[2], dobuf + (bh * Lq + i0 + i) * Dv, Dv);
+        }
     }
   });
   const F32View Q = half ? F32View{qbuf, Hq * Lq * D, Lq * D, D}
