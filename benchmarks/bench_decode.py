@@ -32,7 +32,7 @@ def decode_cases(ctx: BenchContext) -> list[Case]:
         heads = (8,) if ctx.quick else (8, 32)
         shapes = [{"B": 8 if gpu else 1, "H": 32, "Hkv": hkv, "Lq": 1, "L": seq, "D": 128}
                   for hkv in heads for seq in seqs]
-    dts = ctx.want([torch.bfloat16] if gpu else [torch.float32, torch.bfloat16])
+    dts = ctx.want([torch.bfloat16] if gpu else [torch.float32, torch.bfloat16, torch.float16])
     return [Case(DECODE_OP, "fwd", shape, dt, ctx.device, x="L") for dt in dts for shape in shapes]
 
 

@@ -697,8 +697,8 @@ void pack_query_pairs(const bf16_t* xs, int64_t sx, int nq, int64_t N, uint32_t*
       xp[t * N + n] = lo | (hi << 16);
     }
 }
-// P^T rows (2 pr, 2 pr + 1) -> pair row pr of pp, lane vectors [0, nv): bf16 round-to-nearest-even; row nk (past
-// the tile) reads as 0.
+// P^T (or dS^T) rows (2 pr, 2 pr + 1) -> pair row pr of pp, lane vectors [0, nv): bf16 round-to-nearest-even; row nk
+// (past the tile) reads as 0.
 void pack_p_pairs(const float* st, int nk, int nv, uint32_t* pp) {
   const auto bf = [](const float* x) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vld(x))); };
   for (int r = 0; r < nk; r += 2)
