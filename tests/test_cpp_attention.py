@@ -1072,11 +1072,16 @@ def test_few_query_rows_path(lq, kind, dv):
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-def test_few_query_rows_half(dtype):
-    q, k, v = make_qkv(1, 4, 1, 300, 64, hkv=1, dtype=dtype, seed=40)
-    out = pyattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpp")
-    ref = attention_ref(q, k, v)[0]
-    low = attention_low(q, k, v)
+@pytest.mark.parametrize("lq,d,causal,mask", [(1, 64, False, False), (3, 200, True, False), (2, 59, False, True)],
+                         ids=["d64", "d200-causal", "d59-mask"])
+def test_few_query_rows_half(dtype, lq, d, causal, mask):
+    # bf16 rows on AVX512_BF16 take q . k on vdpbf16ps against K in place (D / 2 words: 100 at D = 200, a masked
+    # tail of the 16-word vectors); an odd D (59) the widened path.
+    q, k, v = make_qkv(1, 4, lq, 300, d, hkv=1, dtype=dtype, seed=40)
+    m = torch.randn(1, 1, lq, 300, generator=torch.Generator().manual_seed(40)) if mask else None
+    out = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=True, backend="cpp")
+    ref = attention_ref(q, k, v, m, causal=causal)[0]
+    low = attention_low(q, k, v, m, causal=causal)
     assert_attention_close(out, ref, low, 2, name="out")
 
 

@@ -514,131 +514,6 @@ float* scratch(size_t floats) {
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
-// Few query rows (decoding with a KV cache: Lq <= 4), where a query block would waste all lanes but one. A work item
-// takes a slice of the G x Lq rows that share one kv head (G = Hq / Hkv query heads: GQA / MQA) and walks the keys
-// in blocks of BN: the block's K and V rows are fetched once (16-bit inputs converted to fp32 here, block by block,
-// so K and V are never widened as a whole) and stay in cache while each row of the slice computes, vectorized
-// along D, its scores s_j = q . k_j, its online softmax and out += p_j v_j. GQA decoding so reads K and V once per
-// kv head instead of once per query head. Each row's arithmetic is the same whatever the slicing: results do not
-// depend on the thread count. Same masks, dropout hash and outputs as the block path.
-constexpr int64_t kRowPathMaxLq = 4;
-
-// A block of nk rows of K or V (row j at src + j * sl), as fp32 rows of `width` floats: fp32 inputs in place.
-template <class T>
-const float* rows_f32(const T* src, int64_t sl, int nk, int64_t width, float* buf, int64_t& stride) {
-  if constexpr (std::is_same<T, float>::value) {
-    stride = sl;
-    return src;
-  } else {
-    for (int j = 0; j < nk; ++j) row_to_f32(src + j * sl, buf + j * width, width);
-    stride = width;
-    return buf;
-  }
-}
-
-// a[0 : NV * NB) = a * alpha + sum_j p[j] v_j[0 : NV * NB) (v_j at v + j * vsl), keys in order: NV independent
-// FMA chains (four left the FMA units half idle at Dv = 128: each chain waits on its previous FMA's latency).
-template <int NV>
-void pv_rows(float* a, const float* v, int64_t vsl, const float* p, int nk, float alpha) {
-  V o[NV];
-  for (int q = 0; q < NV; ++q) o[q] = vmul(vld(a + q * NB), vset(alpha));
-  for (int j = 0; j < nk; ++j) {
-    const V pj = vset(p[j]);
-    for (int q = 0; q < NV; ++q) o[q] = vfma(pj, vld(v + j * vsl + q * NB), o[q]);
-  }
-  for (int q = 0; q < NV; ++q) vst(a + q * NB, o[q]);
-}
-
-template <class T>
-void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
-  const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv, R = r1 - r0;
-  const int64_t Dp = ceil_div(D, NB) * NB, Dvp = ceil_div(Dv, NB) * NB;
-  float* qr = scratch(size_t(R * (Dp + Dvp + 3) + BN * (BM + 1 + D + Dv)));
-  float* acc = qr + R * Dp;                 // R x Dvp output accumulators
-  float* ms = acc + R * Dvp;                // R running maxima (log2 units)
-  float* ls = ms + R;                       // R running sums
-  uint32_t* keys = reinterpret_cast<uint32_t*>(ls + R);  // R dropout row keys
-  float* st = ls + 2 * R;                   // scores of one row: lane 0 of a BN x BM tile (apply_masks' layout)
-  float* sc = st + BN * BM;                 // the same scores, contiguous, then probabilities
-  float* kbuf = sc + BN;                    // a block of K (nk x D) and V (nk x Dv) rows, 16-bit inputs only
-  float* vbuf = kbuf + BN * D;
-  const float c = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.0f;
-  const uint32_t thr = dropout_threshold(p.dropout_p);
-  const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
-  auto head = [&](int64_t r) { return hk * G + (r0 + r) / p.Lq; };
-  auto row = [&](int64_t r) { return (r0 + r) % p.Lq; };
-  int64_t jend = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = head(r), i = row(r);
-    const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
-    for (int64_t d = 0; d < Dp; ++d) qr[r * Dp + d] = d < D ? to_f32(qs[d]) * c : 0.0f;
-    std::fill(acc + r * Dvp, acc + (r + 1) * Dvp, 0.0f);
-    ms[r] = -kInf;
-    ls[r] = 0.0f;
-    keys[r] = dropout ? dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, i) : 0u;
-    jend = std::max(jend, key_end(p, i, 1));
-  }
-  const T* kh = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-  const T* vh = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  for (int64_t j0 = 0; j0 < jend; j0 += BN) {
-    const int nb = int(std::min<int64_t>(BN, jend - j0));
-    int64_t ksl = 0, vsl = 0;
-    const float* kb = rows_f32(kh + j0 * p.k_stride[2], p.k_stride[2], nb, D, kbuf, ksl);
-    const float* vb = rows_f32(vh + j0 * p.v_stride[2], p.v_stride[2], nb, Dv, vbuf, vsl);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t h = head(r), i = row(r);
-      const int nk = int(std::min<int64_t>(nb, key_end(p, i, 1) - j0));
-      if (nk <= 0) continue;
-      const float* q = qr + r * Dp;
-      for (int j = 0; j < nk; ++j) {
-        const float* kj = kb + j * ksl;
-        V t = vzero();
-        for (int64_t d = 0; d < D; d += NB) t = vfma(vld(q + d), vldn(kj + d, int(std::min<int64_t>(NB, D - d))), t);
-        st[j * BM] = vhsum(t);
-      }
-      if (p.mask_kind != MaskKind::None || causal_cut(p, i, j0, nk)) apply_masks(p, b, h, i, 1, j0, nk, st);
-      float mx = ms[r];
-      for (int j = 0; j < nk; ++j) {
-        sc[j] = st[j * BM];
-        mx = std::max(mx, sc[j]);  // NaN scores are skipped here and propagate through exp2 below
-      }
-      const float m_use = mx == -kInf ? 0.0f : mx;
-      float sum = 0.0f;
-      for (int j = 0; j < nk; j += NB) {
-        const int n = std::min(NB, nk - j);
-        const V e = vexp2(vsub(vldn(sc + j, n), vset(m_use)));
-        vstn(sc + j, e, n);
-      }
-      for (int j = 0; j < nk; ++j) sum += sc[j];
-      const float alpha = std::exp2(ms[r] - m_use);
-      ls[r] = ls[r] * alpha + sum;
-      ms[r] = mx;
-      if (dropout)
-        for (int j = 0; j < nk; ++j) sc[j] = mix32(keys[r] ^ dropout_col(j0 + j)) >= thr ? sc[j] * inv_keep : 0.0f;
-      // out += p V: eight, then four vectors of Dv at a time (independent FMA chains down the keys), then the rest
-      float* a = acc + r * Dvp;
-      int64_t d = 0;
-      for (; d + 8 * NB <= Dv; d += 8 * NB) pv_rows<8>(a + d, vb + d, vsl, sc, nk, alpha);
-      for (; d + 4 * NB <= Dv; d += 4 * NB) pv_rows<4>(a + d, vb + d, vsl, sc, nk, alpha);
-      for (; d < Dv; d += NB) {
-        const int n = int(std::min<int64_t>(NB, Dv - d));
-        V o = vmul(vld(a + d), vset(alpha));
-        for (int j = 0; j < nk; ++j) o = vfma(vset(sc[j]), vldn(vb + j * vsl + d, n), o);
-        vst(a + d, o);
-      }
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = head(r), i = row(r);
-    const bool dead = !(ls[r] > 0.0f) && !std::isnan(ls[r]);
-    const float inv = dead ? 0.0f : 1.0f / ls[r];
-    T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
-    for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(acc[r * Dvp + d] * inv);
-    p.lse[(b * p.Hq + h) * p.Lq + i] = dead ? kInf : (ms[r] + std::log2(ls[r])) * kLn2;
-  }
-}
-
 #if PYATTN_ATTN_BF16_DOT
 // bf16 attention on vdpbf16ps (BF16PairOps), packing helpers. Forward: S^T = K Q^T with K's rows read in place as
 // words of two bf16 along D and Q^T packed as pairs (D / 2 x BM words), scaled by scale * log2(e) in fp32 as the
@@ -709,6 +584,156 @@ void pack_p_pairs(const float* st, int nk, int nv, uint32_t* pp) {
     }
 }
 #endif
+
+// Few query rows (decoding with a KV cache: Lq <= 4), where a query block would waste all lanes but one. A work item
+// takes a slice of the G x Lq rows that share one kv head (G = Hq / Hkv query heads: GQA / MQA) and walks the keys
+// in blocks of BN: the block's K and V rows are fetched once (16-bit inputs converted to fp32 here, block by block,
+// so K and V are never widened as a whole) and stay in cache while each row of the slice computes, vectorized
+// along D, its scores s_j = q . k_j, its online softmax and out += p_j v_j. GQA decoding so reads K and V once per
+// kv head instead of once per query head. Each row's arithmetic is the same whatever the slicing: results do not
+// depend on the thread count. Same masks, dropout hash and outputs as the block path.
+constexpr int64_t kRowPathMaxLq = 4;
+
+// A block of nk rows of K or V (row j at src + j * sl), as fp32 rows of `width` floats: fp32 inputs in place.
+template <class T>
+const float* rows_f32(const T* src, int64_t sl, int nk, int64_t width, float* buf, int64_t& stride) {
+  if constexpr (std::is_same<T, float>::value) {
+    stride = sl;
+    return src;
+  } else {
+    for (int j = 0; j < nk; ++j) row_to_f32(src + j * sl, buf + j * width, width);
+    stride = width;
+    return buf;
+  }
+}
+
+// a[0 : NV * NB) = a * alpha + sum_j p[j] v_j[0 : NV * NB) (v_j at v + j * vsl), keys in order: NV independent
+// FMA chains (four left the FMA units half idle at Dv = 128: each chain waits on its previous FMA's latency).
+template <int NV>
+void pv_rows(float* a, const float* v, int64_t vsl, const float* p, int nk, float alpha) {
+  V o[NV];
+  for (int q = 0; q < NV; ++q) o[q] = vmul(vld(a + q * NB), vset(alpha));
+  for (int j = 0; j < nk; ++j) {
+    const V pj = vset(p[j]);
+    for (int q = 0; q < NV; ++q) o[q] = vfma(pj, vld(v + j * vsl + q * NB), o[q]);
+  }
+  for (int q = 0; q < NV; ++q) vst(a + q * NB, o[q]);
+}
+
+template <class T>
+void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1) {
+  const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv, R = r1 - r0;
+  const int64_t Dp = ceil_div(D, NB) * NB, Dvp = ceil_div(Dv, NB) * NB;
+  float* qr = scratch(size_t(R * (Dp + Dvp + 3) + BN * (BM + 1 + D + Dv)));
+  float* acc = qr + R * Dp;                 // R x Dvp output accumulators
+  float* ms = acc + R * Dvp;                // R running maxima (log2 units)
+  float* ls = ms + R;                       // R running sums
+  uint32_t* keys = reinterpret_cast<uint32_t*>(ls + R);  // R dropout row keys
+  float* st = ls + 2 * R;                   // scores of one row: lane 0 of a BN x BM tile (apply_masks' layout)
+  float* sc = st + BN * BM;                 // the same scores, contiguous, then probabilities
+  float* kbuf = sc + BN;                    // a block of K (nk x D) and V (nk x Dv) rows, 16-bit inputs only
+  float* vbuf = kbuf + BN * D;
+  const float c = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.0f;
+  const uint32_t thr = dropout_threshold(p.dropout_p);
+  const float inv_keep = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  auto head = [&](int64_t r) { return hk * G + (r0 + r) / p.Lq; };
+  auto row = [&](int64_t r) { return (r0 + r) % p.Lq; };
+  // bf16 on AVX512_BF16 (pairs): q . k_j on vdpbf16ps against K's rows in place (no conversion of K), the query
+  // kept as bf16 pairs (unscaled: the sum is multiplied by scale * log2(e)).
+  bool pairs = false;
+#if PYATTN_ATTN_BF16_DOT
+  if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p, false);
+#endif
+  int64_t jend = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = head(r), i = row(r);
+    const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+    if (pairs)  // D / 2 words, then zeros
+      for (int64_t d = 0; d < Dp; ++d) {
+        uint32_t w = 0;
+        if (2 * d < D) std::memcpy(&w, qs + 2 * d, sizeof(w));
+        std::memcpy(qr + r * Dp + d, &w, sizeof(w));
+      }
+    else
+      for (int64_t d = 0; d < Dp; ++d) qr[r * Dp + d] = d < D ? to_f32(qs[d]) * c : 0.0f;
+    std::fill(acc + r * Dvp, acc + (r + 1) * Dvp, 0.0f);
+    ms[r] = -kInf;
+    ls[r] = 0.0f;
+    keys[r] = dropout ? dropout_row_key(p.seed, p.offset, p.Hq, p.Lq, b, h, i) : 0u;
+    jend = std::max(jend, key_end(p, i, 1));
+  }
+  const T* kh = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* vh = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  for (int64_t j0 = 0; j0 < jend; j0 += BN) {
+    const int nb = int(std::min<int64_t>(BN, jend - j0));
+    int64_t ksl = 0, vsl = 0;
+    const float* kb = pairs ? nullptr : rows_f32(kh + j0 * p.k_stride[2], p.k_stride[2], nb, D, kbuf, ksl);
+    const float* vb = rows_f32(vh + j0 * p.v_stride[2], p.v_stride[2], nb, Dv, vbuf, vsl);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = head(r), i = row(r);
+      const int nk = int(std::min<int64_t>(nb, key_end(p, i, 1) - j0));
+      if (nk <= 0) continue;
+      const float* q = qr + r * Dp;
+#if PYATTN_ATTN_BF16_DOT
+      if (pairs) {
+        const int64_t D2 = D / 2;
+        for (int j = 0; j < nk; ++j) {
+          const float* kj = reinterpret_cast<const float*>(k_words(p, b, hk, j0 + j));  // D / 2 words as floats
+          V t = vzero();
+          for (int64_t d = 0; d < D2; d += NB)
+            t = BF16PairOps::fma(vld(q + d), vldn(kj + d, int(std::min<int64_t>(NB, D2 - d))), t);
+          st[j * BM] = vhsum(t) * c;
+        }
+      }
+#endif
+      for (int j = 0; j < nk && !pairs; ++j) {
+        const float* kj = kb + j * ksl;
+        V t = vzero();
+        for (int64_t d = 0; d < D; d += NB) t = vfma(vld(q + d), vldn(kj + d, int(std::min<int64_t>(NB, D - d))), t);
+        st[j * BM] = vhsum(t);
+      }
+      if (p.mask_kind != MaskKind::None || causal_cut(p, i, j0, nk)) apply_masks(p, b, h, i, 1, j0, nk, st);
+      float mx = ms[r];
+      for (int j = 0; j < nk; ++j) {
+        sc[j] = st[j * BM];
+        mx = std::max(mx, sc[j]);  // NaN scores are skipped here and propagate through exp2 below
+      }
+      const float m_use = mx == -kInf ? 0.0f : mx;
+      float sum = 0.0f;
+      for (int j = 0; j < nk; j += NB) {
+        const int n = std::min(NB, nk - j);
+        const V e = vexp2(vsub(vldn(sc + j, n), vset(m_use)));
+        vstn(sc + j, e, n);
+      }
+      for (int j = 0; j < nk; ++j) sum += sc[j];
+      const float alpha = std::exp2(ms[r] - m_use);
+      ls[r] = ls[r] * alpha + sum;
+      ms[r] = mx;
+      if (dropout)
+        for (int j = 0; j < nk; ++j) sc[j] = mix32(keys[r] ^ dropout_col(j0 + j)) >= thr ? sc[j] * inv_keep : 0.0f;
+      // out += p V: eight, then four vectors of Dv at a time (independent FMA chains down the keys), then the rest
+      float* a = acc + r * Dvp;
+      int64_t d = 0;
+      for (; d + 8 * NB <= Dv; d += 8 * NB) pv_rows<8>(a + d, vb + d, vsl, sc, nk, alpha);
+      for (; d + 4 * NB <= Dv; d += 4 * NB) pv_rows<4>(a + d, vb + d, vsl, sc, nk, alpha);
+      for (; d < Dv; d += NB) {
+        const int n = int(std::min<int64_t>(NB, Dv - d));
+        V o = vmul(vld(a + d), vset(alpha));
+        for (int j = 0; j < nk; ++j) o = vfma(vset(sc[j]), vldn(vb + j * vsl + d, n), o);
+        vst(a + d, o);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = head(r), i = row(r);
+    const bool dead = !(ls[r] > 0.0f) && !std::isnan(ls[r]);
+    const float inv = dead ? 0.0f : 1.0f / ls[r];
+    T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+    for (int64_t d = 0; d < Dv; ++d) orow[d] = from_f32<T>(acc[r * Dvp + d] * inv);
+    p.lse[(b * p.Hq + h) * p.Lq + i] = dead ? kInf : (ms[r] + std::log2(ls[r])) * kLn2;
+  }
+}
 
 template <class T>
 void fwd_impl(const AttnFwdParams& p) {
