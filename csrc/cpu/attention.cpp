@@ -1027,7 +1027,7 @@ void bwd_impl(const AttnBwdParams& p) {
 
   // Temporaries, all from one workspace: fp32 K, V (16-bit inputs), the Q^T / dO^T panels, lse2, delta, l2, fp32
   // Q and dO (16-bit inputs), the dQ partials, the mask tiles (see MaskTiles). Pairs instead of the fp32 copies:
-  // K as pairs of key rows, Q and dO as pairs of query rows (the same number of floats or fewer).
+  // K as pairs of key rows, Q and dO as pairs of query rows (padded to whole query blocks).
   const bool half = !std::is_same<T, float>::value;
   const size_t nk = pairs ? size_t(B * Hkv * npr * D) : widen_floats<T>(B, Hkv, Lk, D);
   const size_t nv = pairs ? 0 : widen_floats<T>(B, Hkv, Lk, Dv);
