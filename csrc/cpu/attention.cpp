@@ -546,14 +546,23 @@ void pack_q_pairs(const bf16_t* qs, int64_t sq, int nq, int64_t D, uint32_t* qp)
   for (int64_t pr = 0; pr < D / 2; ++pr)
     for (int i = 0; i < BM; ++i) qp[pr * BM + i] = i < nq ? bf16_pair(qs + i * sq + 2 * pr) : 0u;
 }
-// vp[pr * Dv + d] = (v[2 pr][d], v[2 pr + 1][d]) of one (batch, kv head) of V (or K), 0 past Lk (row j at
-// vs + j * sv).
-void pack_key_pairs(const bf16_t* vs, int64_t sv, int64_t Lk, int64_t Dv, uint32_t* vp) {
-  for (int64_t pr = 0; pr < (Lk + 1) / 2; ++pr)
-    for (int64_t d = 0; d < Dv; ++d) {
-      const uint32_t lo = vs[2 * pr * sv + d].bits, hi = 2 * pr + 1 < Lk ? vs[(2 * pr + 1) * sv + d].bits : 0u;
-      vp[pr * Dv + d] = lo | (hi << 16);
+// xp[t * N + n] = (x[2 t][n], x[2 t + 1][n]) for t < npairs, rows past `rows` as 0 (row i at xs + i * sx): pairs
+// of key rows (K, V) or of a query block's rows (Q, dO).
+void pack_row_pairs(const bf16_t* xs, int64_t sx, int64_t rows, int64_t npairs, int64_t N, uint32_t* xp) {
+  for (int64_t t = 0; t < npairs; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      const uint32_t lo = 2 * t < rows ? xs[2 * t * sx + n].bits : 0u;
+      const uint32_t hi = 2 * t + 1 < rows ? xs[(2 * t + 1) * sx + n].bits : 0u;
+      xp[t * N + n] = lo | (hi << 16);
     }
+}
+// K or V (B, H, L, N) as pairs of key rows, once per call: (L + 1) / 2 pair rows of N words per (batch, head).
+void pack_key_pairs(const void* x, const int64_t* st, int64_t B, int64_t H, int64_t L, int64_t N, int nth,
+                    uint32_t* xp) {
+  const int64_t npr = (L + 1) / 2;
+  run_items(nth, B * H, [&](int64_t g, int) {
+    pack_row_pairs(static_cast<const bf16_t*>(x) + g / H * st[0] + g % H * st[1], st[2], L, npr, N, xp + g * npr * N);
+  });
 }
 // Rows [0, nk) of a tile (row stride BM), lane vectors [0, nv), as bf16 words along the lanes (row stride BM / 2
 // words), lanes >= nq as 0: T for gemm_groups_acc<BF16PairOps>.
@@ -562,15 +571,6 @@ void pack_rows_bf16(const float* t, int nk, int nv, int nq, uint32_t* tw) {
     for (int q = 0; q < nv; ++q)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(tw + r * (BM / 2) + q * (NB / 2)),
                           (__m256i)_mm512_cvtneps_pbh(vldn(t + r * BM + q * NB, nq - q * NB)));
-}
-// xp[t * N + n] = (x[2 t][n], x[2 t + 1][n]) for the BM / 2 pairs of a query block, 0 past nq (row i at xs + i * sx).
-void pack_query_pairs(const bf16_t* xs, int64_t sx, int nq, int64_t N, uint32_t* xp) {
-  for (int t = 0; t < BM / 2; ++t)
-    for (int64_t n = 0; n < N; ++n) {
-      const uint32_t lo = 2 * t < nq ? xs[2 * t * sx + n].bits : 0u;
-      const uint32_t hi = 2 * t + 1 < nq ? xs[(2 * t + 1) * sx + n].bits : 0u;
-      xp[t * N + n] = lo | (hi << 16);
-    }
 }
 // P^T (or dS^T) rows (2 pr, 2 pr + 1) -> pair row pr of pp, lane vectors [0, nv): bf16 round-to-nearest-even; row nk
 // (past the tile) reads as 0.
@@ -765,13 +765,7 @@ void fwd_impl(const AttnFwdParams& p) {
                            : widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, nv ? ws.take(nv) : nullptr);
   [[maybe_unused]] uint32_t* vpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nv)) : nullptr;
 #if PYATTN_ATTN_BF16_DOT
-  if constexpr (std::is_same<T, bf16_t>::value) {
-    if (pairs)
-      run_items(nth, p.B * p.Hkv, [&](int64_t g, int) {
-        const bf16_t* vs = static_cast<const bf16_t*>(p.v) + g / p.Hkv * p.v_stride[0] + g % p.Hkv * p.v_stride[1];
-        pack_key_pairs(vs, p.v_stride[2], p.Lk, p.Dv, vpairs + g * npr * p.Dv);
-      });
-  }
+  if (pairs) pack_key_pairs(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vpairs);
 #endif
   const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv;
   const int64_t nqb = ceil_div(p.Lq, BM);
@@ -987,12 +981,17 @@ void fill_mask_tiles(const AttnCommon& p, const MaskTiles& mt, int nth) {
 
 // apply_masks with the mask from its tile: lane vectors [0, nv) of rows [0, nk).
 void apply_masks_tiled(const AttnCommon& p, const float* tile, int64_t i0, int nv, int64_t j0, int nk, float* st) {
-  for (int j = 0; j < nk; ++j)
-    for (int q = 0; q < nv; ++q) {
-      const int o = j * BM + q * NB;
-      vst(st + o, p.mask_kind == MaskKind::Bool ? merge_keep(vld(st + o), vld(tile + o))
-                                                : merge_add(vld(st + o), vld(tile + o)));
-    }
+  const auto merge = [&](auto op) {
+    for (int j = 0; j < nk; ++j)
+      for (int q = 0; q < nv; ++q) {
+        const int o = j * BM + q * NB;
+        vst(st + o, op(vld(st + o), vld(tile + o)));
+      }
+  };
+  if (p.mask_kind == MaskKind::Bool)
+    merge(merge_keep);
+  else
+    merge(merge_add);
   if (p.causal) apply_causal(p, i0, j0, nk, st);
 }
 
@@ -1043,13 +1042,7 @@ void bwd_impl(const AttnBwdParams& p) {
   const F32View Vv = pairs ? F32View{} : widen<T>(p.v, p.v_stride, B, Hkv, Lk, Dv, nth, nv ? ws.take(nv) : nullptr);
   [[maybe_unused]] uint32_t* kpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nk)) : nullptr;
 #if PYATTN_ATTN_BF16_DOT
-  if constexpr (std::is_same<T, bf16_t>::value) {
-    if (pairs)
-      run_items(nth, B * Hkv, [&](int64_t g, int) {
-        const bf16_t* ks = static_cast<const bf16_t*>(p.k) + g / Hkv * p.k_stride[0] + g % Hkv * p.k_stride[1];
-        pack_key_pairs(ks, p.k_stride[2], Lk, D, kpairs + g * npr * D);
-      });
-  }
+  if (pairs) pack_key_pairs(p.k, p.k_stride, B, Hkv, Lk, D, nth, kpairs);
 #endif
 
   // Phase 1, per (b, h, query block): Q^T and dO^T panels (D x BM, Dv x BM), fp32 rows of Q and dO (16-bit inputs),
@@ -1120,8 +1113,9 @@ void bwd_impl(const AttnBwdParams& p) {
 #if PYATTN_ATTN_BF16_DOT
     if constexpr (std::is_same<T, bf16_t>::value) {
       if (pairs) {
-        pack_query_pairs(qs, p.q_stride[2], nq, D, reinterpret_cast<uint32_t*>(qbuf) + (bh * Lqp + i0) / 2 * D);
-        pack_query_pairs(ds, p.dout_stride[2], nq, Dv, reinterpret_cast<uint32_t*>(dobuf) + (bh * Lqp + i0) / 2 * Dv);
+        pack_row_pairs(qs, p.q_stride[2], nq, BM / 2, D, reinterpret_cast<uint32_t*>(qbuf) + (bh * Lqp + i0) / 2 * D);
+        pack_row_pairs(ds, p.dout_stride[2], nq, BM / 2, Dv,
+                       reinterpret_cast<uint32_t*>(dobuf) + (bh * Lqp + i0) / 2 * Dv);
       }
     }
 #endif
