@@ -584,7 +584,7 @@ def test_half_precision_rule(dtype, case):
 
 def test_bf16_pair_forward_edges():
     # bf16 forwards run on vdpbf16ps where the CPU has AVX512_BF16 (pairs of keys and of head-dim entries; see
-    # csrc/cpu/attention.cpp, PYATTN_ATTN_BF16_DOT), else through fp32 like fp16. (1) A causal tile cut at an odd
+    # csrc/cpu/attention.cpp, PYATTN_CPU_BF16_DOT), else through fp32 like fp16. (1) A causal tile cut at an odd
     # key (bottom-right, Lk = Lq + 1: query block 0 sees keys [0, 65)) takes its odd last key row in fp32: an inf
     # in the first key it must not see (v[65]) may not reach it (0 * inf in a pair would be NaN). (2) K rows that
     # are not on 4-byte boundaries (an odd storage offset) and an odd head dim take the fp32 path: both against the

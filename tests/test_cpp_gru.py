@@ -4,6 +4,9 @@ oracle: the torch backend evaluated in float64 on the same (fp32) values, compar
 rows). Covers cells and layers (reverse too), forward and every gradient with and without biases, odd sizes that
 cross the 16-lane panels and 8-row register tiles, strided and NaN-padded views, pyattn.nn.GRU against
 torch.nn.GRU, determinism (also across thread counts), opcheck of the C++ ops and the bindings' error messages.
+fp16 / bf16 (the kernels widen 16-bit operands to fp32 and round the state to the dtype after every step): against the
+same float64 oracle with TOL["gru"][dtype], each step's state is the dtype's cell on the stored previous state, and
+the NaN-fill, strided-view, determinism and thread tests run in all three dtypes.
 """
 import pytest
 import torch
@@ -14,6 +17,17 @@ from pyattn.ops.gru import GRULayerInputs, gru_layer
 from pyattn.testing import assert_tol, nan_padded
 
 F32, F64 = torch.float32, torch.float64
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF = [torch.float16, torch.bfloat16]
+_DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _dt_id(dt):
+    return _DT_IDS[dt]
+
+
+def _cast(tensors, dtype):
+    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def _cpp_reason():
@@ -71,10 +85,10 @@ def _layer(backend, x, h0, params, reverse, dout, dh_last, dtype=None, grad_mask
     return out, h_last, torch.autograd.grad(loss, wrt)
 
 
-def _check(out, ref, kind, what):
-    assert out.dtype == F32, what
+def _check(out, ref, kind, what, dtype=F32):
+    assert out.dtype == dtype, what
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert_tol(out, ref, "gru", F32, kind, msg=lambda m: f"{what}: {m}")
+    assert_tol(out, ref, "gru", dtype, kind, msg=lambda m: f"{what}: {m}")
 
 
 # (seq, batch, input, hidden): seq 1, 2, 17, 200; batch 1, 3, 33 (8-row tiles + tails); sizes 7, 33, 130 (16-lane
@@ -134,15 +148,16 @@ def test_layer_workspace_contract_and_cross_backend_backward(reverse):
     _check(grads[1], r_grads[1], "bwd", "dh0 (no weight grads)")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
 @pytest.mark.parametrize("seq,batch,isz,hsz", [(3, 9, 7, 33), (2, 1, 130, 17), (17, 33, 13, 130)],
                          ids=lambda v: str(v))
-def test_nan_filled_outputs_and_scratch(monkeypatch, seq, batch, isz, hsz):
+def test_nan_filled_outputs_and_scratch(monkeypatch, seq, batch, isz, hsz, dtype):
     """With PYATTN_DEBUG_NAN_FILL=1 the bindings fill outputs, the saved workspace and the kernels' scratch with NaN:
     every output element is written and no scratch is read before it is written (results stay finite and equal to
     the normal run bit for bit)."""
-    params = _params(isz, hsz, True, seed=11)
-    x, h0 = torch.randn(seq, batch, isz), torch.randn(batch, hsz)
-    dout, dh = torch.randn(seq, batch, hsz), torch.randn(batch, hsz)
+    params = _cast(_params(isz, hsz, True, seed=11), dtype)
+    x, h0 = torch.randn(seq, batch, isz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    dout, dh = torch.randn(seq, batch, hsz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
     mask = (True, True, False, False, False, False)
     runs = {}
     for fill in ("0", "1"):
@@ -226,13 +241,14 @@ def test_cell_backward_is_bitwise_the_sequence_path(batch, isz, hsz):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
 @pytest.mark.parametrize("hsz", [20, 100])  # 100: the backward's dGh W_hh in panel groups on two threads
-def test_cell_thread_count_independent(hsz):
+def test_cell_thread_count_independent(hsz, dtype):
     """One step on 1 and on 2+ threads (items: panels of hidden units, split by slivers; the backward's row blocks,
     panel groups and GEMM chunks) gives the same bits."""
     params = _params(45, hsz, True, seed=3)
-    leaves = _leaves((torch.randn(70, 45), torch.randn(70, hsz), *params))
-    dh = torch.randn(70, hsz)
+    leaves = _leaves((torch.randn(70, 45), torch.randn(70, hsz), *params), dtype)
+    dh = torch.randn(70, hsz, dtype=dtype)
     old = torch.get_num_threads()
     runs = []
     try:
@@ -288,13 +304,14 @@ def test_empty_batch_and_direct_empty_calls():
     assert g[0].shape == (9, 0) and g[2].shape == (21, 0) and torch.isfinite(g[1]).all()
 
 
-def test_strided_and_nan_padded_views_bitwise():
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+def test_strided_and_nan_padded_views_bitwise(dtype):
     """batch_first transposed x, NaN-padded x / h0 / weights (reading past a row gives NaN), a last-dim-strided x:
     the same bits as contiguous inputs, forward and backward."""
     seq, batch, isz, hsz = 17, 11, 21, 35
-    params = _params(isz, hsz, True, seed=9)
-    x, h0 = torch.randn(seq, batch, isz), torch.randn(batch, hsz)
-    dout, dh = torch.randn(seq, batch, hsz), torch.randn(batch, hsz)
+    params = _cast(_params(isz, hsz, True, seed=9), dtype)
+    x, h0 = torch.randn(seq, batch, isz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    dout, dh = torch.randn(seq, batch, hsz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
     base = _layer("cpp", x, h0, params, True, dout, dh)
 
     def run(xv, hv, pv):
@@ -323,12 +340,13 @@ def test_strided_and_nan_padded_views_bitwise():
             assert torch.equal(g, b), f"{name}: grad {i} differs"
 
 
-def test_deterministic_and_thread_count_independent():
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+def test_deterministic_and_thread_count_independent(dtype):
     """Two runs are bitwise equal, and so are runs on 1 and on 2+ threads (fixed reduction order; the shapes are
     above the kernels' threading thresholds)."""
-    params = _params(64, 130, True, seed=1)
-    x, h0 = torch.randn(23, 33, 64), torch.randn(33, 130)
-    dout, dh = torch.randn(23, 33, 130), torch.randn(33, 130)
+    params = _cast(_params(64, 130, True, seed=1), dtype)
+    x, h0 = torch.randn(23, 33, 64, dtype=dtype), torch.randn(33, 130, dtype=dtype)
+    dout, dh = torch.randn(23, 33, 130, dtype=dtype), torch.randn(33, 130, dtype=dtype)
     first = _layer("cpp", x, h0, params, False, dout, dh)
     second = _layer("cpp", x, h0, params, False, dout, dh)
     old = torch.get_num_threads()
@@ -357,6 +375,98 @@ def test_long_sequence_stays_bounded():
     _check(out, r_out, "fwd", "out")
     for g, r in zip(grads, r_grads):
         _check(g, r, "bwd", "grad")
+
+
+# ---- fp16 / bf16 ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
+@pytest.mark.parametrize("seq,batch,isz,hsz", [(1, 1, 7, 7), (17, 33, 7, 130), (200, 3, 33, 33), (2, 33, 130, 130)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_half_matches_float64_oracle(dtype, seq, batch, isz, hsz, reverse, bias):
+    """16-bit layers pick the cpp backend and stay within TOL["gru"][dtype] of the float64 oracle on the same
+    (rounded) values, every output and gradient in the input's dtype."""
+    params = _cast(_params(isz, hsz, bias, seed=seq + batch + hsz), dtype)
+    x, h0 = torch.randn(seq, batch, isz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    dout, dh = torch.randn(seq, batch, hsz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    inputs = GRULayerInputs(x, h0, *params, needs_grad=True, reverse=reverse)
+    assert select(inputs).name == "cpp", "16-bit CPU layers must pick the cpp backend by default"
+    out, h_last, grads = _layer("cpp", x, h0, params, reverse, dout, dh)
+    r_out, r_h, r_grads = _layer("torch", x, h0, params, reverse, dout, dh, dtype=F64)
+    _check(out, r_out, "fwd", "out", dtype)
+    _check(h_last, r_h, "fwd", "h_last", dtype)
+    names = [n for n, t in zip(("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), (x, h0, *params)) if t is not None]
+    assert len(grads) == len(names) == len(r_grads)
+    for name, g, r in zip(names, grads, r_grads):
+        _check(g, r, "bwd", name, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
+@pytest.mark.parametrize("batch", [1, 9, 33])
+@pytest.mark.parametrize("isz,hsz", [(37, 45), (400, 20)], ids=lambda v: str(v))
+def test_layer_half_state_is_the_cell_on_the_stored_state(dtype, batch, isz, hsz):
+    """The state is rounded to the dtype after every step: out[t] is, bit for bit, the 16-bit cell applied to x[t]
+    and the stored out[t - 1] (a state kept in fp32 between steps and rounded at the end would differ). The cell and
+    a one-step layer agree too, forward and backward."""
+    seq = 9
+    params = _cast(_params(isz, hsz, True, seed=batch), dtype)
+    x, h0 = torch.randn(seq, batch, isz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    for reverse in (False, True):
+        out, h_last = gru_layer(x, h0, *params, reverse=reverse, backend="cpp")
+        h = h0
+        for t in (reversed(range(seq)) if reverse else range(seq)):
+            h = pyattn.gru_cell(x[t], h, *params, backend="cpp")
+            assert torch.equal(out[t], h), f"step {t} (reverse={reverse})"
+        assert torch.equal(h_last, h)
+    leaves = _leaves((x[0], h0, *params))
+    one_leaves = _leaves((x[:1], h0, *params))
+    cell = pyattn.gru_cell(*leaves, backend="cpp")
+    one, _ = gru_layer(*one_leaves, backend="cpp")
+    assert torch.equal(cell, one[0])
+    dh = torch.randn(batch, hsz, dtype=dtype)
+    for a, b in zip(torch.autograd.grad(cell, leaves, dh), torch.autograd.grad(one[0], one_leaves, dh)):
+        assert torch.equal(a, b.reshape(a.shape))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
+@pytest.mark.parametrize("batch", [1, 12, 33])
+@pytest.mark.parametrize("isz,hsz", [(7, 7), (33, 130), (0, 20)], ids=lambda v: str(v))
+def test_cell_half_matches_float64_oracle(dtype, batch, isz, hsz):
+    params = _cast(_params(isz, hsz, True, seed=batch + isz), dtype)
+    x, h = torch.randn(batch, isz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    leaves = _leaves((x, h, *params))
+    out = pyattn.gru_cell(*leaves, backend="cpp")
+    ref_leaves = _leaves((x, h, *params), F64)
+    ref = pyattn.gru_cell(*ref_leaves, backend="torch")
+    _check(out, ref, "fwd", "h'", dtype)
+    dh = torch.randn(batch, hsz, dtype=dtype)
+    for name, g, r in zip(("dx", "dhx", "dw_ih", "dw_hh", "db_ih", "db_hh"), torch.autograd.grad(out, leaves, dh),
+                          torch.autograd.grad(ref, ref_leaves, dh.double())):
+        _check(g, r, "bwd", name, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
+def test_nn_gru_half_matches_torch_nn_gru(dtype):
+    """pyattn.nn.GRU in fp16 / bf16 (two bidirectional layers, batch_first) against torch.nn.GRU in float64 from the
+    same rounded weights and inputs, within TOL["gru"][dtype]."""
+    cfg = {"num_layers": 2, "bidirectional": True, "batch_first": True}
+    mod = pyattn.nn.GRU(13, 33, **cfg).to(dtype)
+    twin = torch.nn.GRU(13, 33, **cfg).double()
+    twin.load_state_dict({k: v.double() for k, v in mod.state_dict().items()}, strict=True)
+    x = torch.randn(5, 17, 13, dtype=dtype, requires_grad=True)
+    with pyattn.use_backend("cpp"):
+        out, hn = mod(x)
+    xr = x.detach().double().requires_grad_()
+    r_out, r_hn = twin(xr)
+    _check(out, r_out, "fwd", "output", dtype)
+    _check(hn, r_hn, "fwd", "h_n", dtype)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), [x, *mod.parameters()])
+    r_grads = torch.autograd.grad((r_out * dout.double()).sum(), [xr, *twin.parameters()])
+    for i, (g, r) in enumerate(zip(grads, r_grads)):
+        _check(g, r, "bwd", f"grad {i}", dtype)
 
 
 NN_CONFIGS = [
@@ -465,10 +575,11 @@ def _seq_args(seq=4, batch=3, isz=5, hsz=7, bias=True):
     return [torch.randn(seq, batch, isz), torch.randn(batch, hsz), w_ih, w_hh, b_ih, b_hh]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_opcheck_cpp_ops(bias):
+def test_opcheck_cpp_ops(bias, dtype):
     ops = torch.ops.pyattn
-    args = _seq_args(bias=bias)
+    args = _cast(_seq_args(bias=bias), dtype)
     for reverse in (False, True):
         for needs_grad in (False, True):
             torch.library.opcheck(ops.gru_seq_fwd.default, (*args, reverse, needs_grad))

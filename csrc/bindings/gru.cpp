@@ -1,7 +1,7 @@
 // CPU implementations of pyattn::gru_seq_fwd / gru_seq_bwd (one direction of one GRU layer) and
 // pyattn::gru_step_fwd / gru_step_bwd (one cell step), schemas in library.cpp: input checks, output and workspace
-// allocation, params filling, then the torch-free kernels of csrc/cpu/gru.cpp. Only float32 is implemented; the
-// cpp backend (pyattn/backends/cpp.py) sends other dtypes elsewhere.
+// allocation, params filling, then the torch-free kernels of csrc/cpu/gru.cpp: float32, float16 and bfloat16 (every
+// tensor in the input's dtype; 16-bit operands are widened to fp32 inside the kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,11 +22,11 @@ using gru::Grads;
 
 int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
-// Checks and NaN-fill helpers shared with the CUDA bindings (csrc/bindings/gru_checks.h); this file's target is
-// float32 CPU tensors.
+// Checks and NaN-fill helpers shared with the CUDA bindings (csrc/bindings/gru_checks.h).
 using gru::check_core;
 using gru::check_t;
 using gru::check_ws;
+using gru::kernel_dtype;
 using gru::maybe_nan_fill;
 using gru::opt_bias;
 using gru::scratch;
@@ -66,7 +66,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   p.w_ih_row_stride = w_ih.stride(0);
   p.w_hh_row_stride = w_hh.stride(0);
   p.reverse = reverse;
-  p.dtype = DType::F32;
+  p.dtype = kernel_dtype(tg.dtype);
   p.num_threads = num_threads();
   maybe_nan_fill({&out, &ws});
   Tensor workspace = scratch(cpu::gru_fwd_workspace_floats(p), f32);
@@ -135,7 +135,7 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
   p.out_b_stride = o.defined() ? o.stride(1) : 0;
   p.reverse = reverse;
   p.need_weights = need_weights;
-  p.dtype = DType::F32;
+  p.dtype = kernel_dtype(tg.dtype);
   p.num_threads = num_threads();
   maybe_nan_fill({&dx, &dh0, &dw_ih, &dw_hh, &db_ih, &db_hh});
   Tensor workspace = scratch(cpu::gru_bwd_workspace_floats(p), x.options());

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "cuda_device.h"
+#include "pyattn/params.h"
 
 namespace pyattn {
 namespace gru {
@@ -35,8 +36,8 @@ inline void maybe_nan_fill(std::initializer_list<Tensor*> ts) {
     if (t->numel() > 0) t->fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
-// What the kernels behind a binding take. CPU: float32 CPU tensors. CUDA: every tensor on the input's device with
-// the input's dtype (float32, float16 or bfloat16); check_core fills `device` and `dtype` from the input.
+// What the kernels behind a binding take: every tensor on the input's device (CPU for the CPU bindings) with the
+// input's dtype (float32, float16 or bfloat16); check_core fills `device` (CUDA) and `dtype` from the input.
 struct Target {
   bool cuda = false;
   at::Device device = at::Device(at::kCPU);
@@ -64,21 +65,30 @@ inline const char* dtype_text(at::ScalarType s) {
   }
 }
 
+// The kernels' DType of a dtype check_core admitted.
+inline DType kernel_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    default:
+      return DType::F32;  // check_core admits float32, float16 and bfloat16 only
+  }
+}
+
 // A tensor with the given sizes, on the target's device and dtype; returned with stride 1 along its last dim
 // (copied when not so).
 inline Tensor check_t(const char* op, const char* name, const Tensor& t, at::IntArrayRef sizes, const Target& tg) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
   if (!tg.cuda) {
     TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (got device ", t.device(), ")");
-    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name,
-                " must have dtype float32 (got ", t.scalar_type(),
-                "; the cpp GRU kernels implement float32 only, other dtypes go through the torch backend)");
   } else {
     TORCH_CHECK(t.device() == tg.device, op, ": ", name, " must be a CUDA tensor on the input's device ", tg.device,
                 " (got device ", t.device(), ")");
-    TORCH_CHECK(t.scalar_type() == tg.dtype, op, ": ", name, " must have dtype ", dtype_text(tg.dtype),
-                " (the input's dtype; got ", dtype_text(t.scalar_type()), ")");
   }
+  TORCH_CHECK(t.scalar_type() == tg.dtype, op, ": ", name, " must have dtype ", dtype_text(tg.dtype),
+              " (the input's dtype; got ", dtype_text(t.scalar_type()), ")");
   TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, " (got ", t.sizes(), ")");
   if (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) return t.contiguous();
   return t;
@@ -114,13 +124,15 @@ inline Sizes check_core(const char* op, Tensor& x, Tensor& h, Tensor& w_ih, Tens
   TORCH_CHECK(x.dim() == 3, op, ": input must be 3-D (seq_len, batch, input_size) (got shape ", x.sizes(), ")");
   if (tg.cuda) {
     TORCH_CHECK(on_cuda_device(x), op, ": input must be a CUDA tensor (got device ", x.device(), ")");
-    const at::ScalarType s = x.scalar_type();
-    TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op,
-                ": input must have dtype float32, float16 or bfloat16 (got ", dtype_text(s),
-                "; the cuda GRU kernels implement these, other dtypes go through the torch backend)");
     tg.device = x.device();
-    tg.dtype = s;
+  } else {
+    TORCH_CHECK(x.device().is_cpu(), op, ": input must be a CPU tensor (got device ", x.device(), ")");
   }
+  const at::ScalarType s = x.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op,
+              ": input must have dtype float32, float16 or bfloat16 (got ", dtype_text(s), "; the ",
+              tg.cuda ? "cuda" : "cpp", " GRU kernels implement these, other dtypes go through the torch backend)");
+  tg.dtype = s;
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
   x = check_t(op, "input", x, {T, B, I}, tg);
   h = check_t(op, hname, h, {B, H}, tg);

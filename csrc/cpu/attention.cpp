@@ -53,26 +53,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ------------------------------------------------------------------------------------------------------------
 // GEMM micro-kernel and driver
 // ------------------------------------------------------------------------------------------------------------
-// The element types of a GEMM: fp32 (A's scalars broadcast, one FMA per k), or, where the CPU has AVX512_BF16,
-// bf16 pairs (a "word" of A or a lane of B holds two bf16 values adjacent along k; one vdpbf16ps adds both products
-// per lane, twice the fp32 FMA's work per instruction). B's rows are NB words either way: loaded as floats.
-struct F32Ops {
-  using E = float;
-  static constexpr int kPer = 1;  // values per E
-  static V bcast(const float* p) { return vset(*p); }
-  static V fma(V a, V b, V c) { return vfma(a, b, c); }
-};
-#if defined(__AVX512BF16__) && PYATTN_CPU_ISA == 512
-#define PYATTN_ATTN_BF16_DOT 1
-struct BF16PairOps {
-  using E = uint32_t;
-  static constexpr int kPer = 2;
-  static V bcast(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(*p))); }
-  static V fma(V a, V b, V c) { return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b); }
-};
-#else
-#define PYATTN_ATTN_BF16_DOT 0
-#endif
+// The element types of a GEMM: F32Ops / BF16PairOps (pyattn/cpu_simd.h).
 
 // c_i = (acc ? c_i * cscale : 0) + sum_k a(i, k) b_k for i < MR, or without acc c_i = cscale * sum_k a(i, k) b_k;
 // b_k and c_i are NV vectors; the last vector holds `nlast` valid lanes unless FULL. cscale (NV vectors) may be
@@ -422,22 +403,6 @@ struct F32View {
   const float* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
 };
 
-// n 16-bit values -> fp32 (exact: the bits of to_f32), NB at a time with AVX-512.
-template <class T>
-void row_to_f32(const T* s, float* d, int64_t n) {
-  int64_t x = 0;
-#if PYATTN_CPU_ISA == 512
-  for (; x + NB <= n; x += NB) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + x));
-    if constexpr (std::is_same<T, bf16_t>::value)
-      vst(d + x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    else
-      vst(d + x, _mm512_cvtph_ps(h));
-  }
-#endif
-  for (; x < n; ++x) d[x] = to_f32(s[x]);
-}
-
 template <class T>
 F32View widen(const void* src, const int64_t* st, int64_t B, int64_t H, int64_t L, int64_t D, int nth, float* dst) {
   if constexpr (std::is_same<T, float>::value) {
@@ -514,7 +479,7 @@ float* scratch(size_t floats) {
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
 // bf16 attention on vdpbf16ps (BF16PairOps), packing helpers. Forward: S^T = K Q^T with K's rows read in place as
 // words of two bf16 along D and Q^T packed as pairs (D / 2 x BM words), scaled by scale * log2(e) in fp32 as the
 // GEMM stores it; O^T += V^T P^T with V packed once per call as pairs along the keys and P^T rounded to bf16 pairs
@@ -642,7 +607,7 @@ void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t
   // bf16 on AVX512_BF16 (pairs): q . k_j on vdpbf16ps against K's rows in place (no conversion of K), the query
   // kept as bf16 pairs (unscaled: the sum is multiplied by scale * log2(e)).
   bool pairs = false;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
   if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p, false);
 #endif
   int64_t jend = 0;
@@ -675,7 +640,7 @@ void fwd_rows(const AttnFwdParams& p, int64_t b, int64_t hk, int64_t r0, int64_t
       const int nk = int(std::min<int64_t>(nb, key_end(p, i, 1) - j0));
       if (nk <= 0) continue;
       const float* q = qr + r * Dp;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
       if (pairs) {
         const int64_t D2 = D / 2;
         for (int j = 0; j < nk; ++j) {
@@ -750,8 +715,8 @@ void fwd_impl(const AttnFwdParams& p) {
     });
     return;
   }
-  bool pairs = false;  // the bf16 pair path (PYATTN_ATTN_BF16_DOT): K read in place, V packed as pairs
-#if PYATTN_ATTN_BF16_DOT
+  bool pairs = false;  // the bf16 pair path (PYATTN_CPU_BF16_DOT): K read in place, V packed as pairs
+#if PYATTN_CPU_BF16_DOT
   if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p, false);
 #endif
   const int64_t npr = (p.Lk + 1) / 2;  // key pairs of a (batch, kv head)
@@ -764,7 +729,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const F32View Vv = pairs ? F32View{}
                            : widen<T>(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, nv ? ws.take(nv) : nullptr);
   [[maybe_unused]] uint32_t* vpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nv)) : nullptr;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
   if (pairs) pack_key_pairs(p.v, p.v_stride, p.B, p.Hkv, p.Lk, p.Dv, nth, vpairs);
 #endif
   const int64_t D = p.D, Dv = p.Dv, G = p.Hq / p.Hkv;
@@ -796,7 +761,7 @@ void fwd_impl(const AttnFwdParams& p) {
 
     // Q^T, pre-scaled: qt[d][i] = q[i][d] * scale * log2(e), zero past nq (pair path: unscaled pairs).
     const T* qs = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
     if constexpr (std::is_same<T, bf16_t>::value) {
       if (pairs) pack_q_pairs(qs, p.q_stride[2], nq, D, reinterpret_cast<uint32_t*>(qt));
     }
@@ -813,7 +778,7 @@ void fwd_impl(const AttnFwdParams& p) {
     for (int64_t j0 = 0; j0 < jend; j0 += BN) {
       const int nk = int(std::min<int64_t>(BN, jend - j0));
       const RowGroups rg = row_groups(p, i0, nq, j0, nk);
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
       if (pairs) {  // S^T = (K Q^T on bf16 pairs) * scale * log2(e)
         gemm_groups<BF16PairOps>(rg, D / 2, k_words(p, b, hk, j0), p.k_stride[2] / 2,
                                  reinterpret_cast<const uint32_t*>(qt), st, cs);
@@ -853,7 +818,7 @@ void fwd_impl(const AttnFwdParams& p) {
       if (dropout) apply_dropout(keys, j0, nk, thr, inv_keep, st);
       // O^T = O^T * alpha + V[j0:j0+nk]^T P^T, group by group (the first group holds every lane vector that
       // saw a key of this tile; the others' alpha is 1, or 0 on a still-zero column)
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
       if (pairs) {  // pairs of P^T rows on vdpbf16ps; a group's odd last row (a tile cut at an odd key) in fp32
         pack_p_pairs(st, nk, rg.nv, pp);
         const uint32_t* vw = vpairs + ((b * p.Hkv + hk) * npr + j0 / 2) * Dv;
@@ -1017,7 +982,7 @@ void bwd_impl(const AttnBwdParams& p) {
   // P^T / dS^T rounded to bf16 along the queries against dO / Q packed as pairs of query rows; dQ += dS K with dS^T
   // rounded to pairs of keys against K packed as pairs of key rows. Nothing is widened then.
   bool pairs = false;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
   if constexpr (std::is_same<T, bf16_t>::value) pairs = bf16_pairs_ok(p, true);
 #endif
   alignas(64) float cs[BM];  // pairs: scale * log2(e) in every lane, applied to S^T by the GEMM
@@ -1041,7 +1006,7 @@ void bwd_impl(const AttnBwdParams& p) {
   const F32View K = pairs ? F32View{} : widen<T>(p.k, p.k_stride, B, Hkv, Lk, D, nth, nk ? ws.take(nk) : nullptr);
   const F32View Vv = pairs ? F32View{} : widen<T>(p.v, p.v_stride, B, Hkv, Lk, Dv, nth, nv ? ws.take(nv) : nullptr);
   [[maybe_unused]] uint32_t* kpairs = pairs ? reinterpret_cast<uint32_t*>(ws.take(nk)) : nullptr;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
   if (pairs) pack_key_pairs(p.k, p.k_stride, B, Hkv, Lk, D, nth, kpairs);
 #endif
 
@@ -1068,7 +1033,7 @@ void bwd_impl(const AttnBwdParams& p) {
     const T* os = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
     float* qtp = qt + (bh * Lqp + i0) * D;  // panel qb of head bh: D x BM
     float* dtp = dot + (bh * Lqp + i0) * Dv;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
     if constexpr (std::is_same<T, bf16_t>::value) {
       if (pairs) {
         pack_q_pairs(qs, p.q_stride[2], nq, D, reinterpret_cast<uint32_t*>(qtp));
@@ -1092,7 +1057,7 @@ void bwd_impl(const AttnBwdParams& p) {
       if (!needs_exact_row_stats(lse2[r])) continue;
       const int64_t hk = h / G;
       const float* qcol = qtp + i;
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
       if (pairs) {  // one lane of the S GEMM: the same bits
         exact_row_stats(p, b, h, i0 + i, [&](int64_t j) {
           float sj;
@@ -1110,7 +1075,7 @@ void bwd_impl(const AttnBwdParams& p) {
         return acc;
       }, &lse2[r], &l2[r]);
     }
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
     if constexpr (std::is_same<T, bf16_t>::value) {
       if (pairs) {
         pack_row_pairs(qs, p.q_stride[2], nq, BM / 2, D, reinterpret_cast<uint32_t*>(qbuf) + (bh * Lqp + i0) / 2 * D);
@@ -1164,7 +1129,7 @@ void bwd_impl(const AttnBwdParams& p) {
           // The causal diagonal: row groups as in the forward (group g: key rows [r0, r1) x lane vectors [lo, nv));
           // what a group does not compute is masked (P = 0 there) and its dS is set to 0.
           const RowGroups rg = row_groups(p, i0, nq, j0, nk);
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
           if (pairs)
             gemm_groups<BF16PairOps>(rg, D / 2, k_words(p, b, hk, j0), p.k_stride[2] / 2,
                                      reinterpret_cast<const uint32_t*>(qtp), st, cs);
@@ -1181,7 +1146,7 @@ void bwd_impl(const AttnBwdParams& p) {
               const V x = vsub(vsub(vld(st + j * BM + q * NB), vld(lsep + q * NB)), vld(l2p + q * NB));
               vst(st + j * BM + q * NB, vexp2(x));
             }
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
           if (pairs)
             gemm_groups<BF16PairOps>(rg, Dv / 2, v_words(p, b, hk, j0), p.v_stride[2] / 2,
                                      reinterpret_cast<const uint32_t*>(dtp), dpt);
@@ -1197,7 +1162,7 @@ void bwd_impl(const AttnBwdParams& p) {
             pd = pdt;
           }
           // dV += P^T dO  (rows: keys; lanes: dv; k: queries from the group's first lane vector on)
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
           if (pairs) {
             pack_rows_bf16(pd, nk, rg.nv, nq, tw);
             const uint32_t* dop = reinterpret_cast<const uint32_t*>(dobuf) + (bh * Lqp + i0) / 2 * Dv;
@@ -1212,7 +1177,7 @@ void bwd_impl(const AttnBwdParams& p) {
                 vst(dpt + o, q < rg.lo[g] ? vzero() : vmul(vld(st + o), vsub(vld(dpt + o), vld(dlp + q * NB))));
               }
           // dK += dS^T Q ; dQ += dS K
-#if PYATTN_ATTN_BF16_DOT
+#if PYATTN_CPU_BF16_DOT
           if (pairs) {
             pack_rows_bf16(dpt, nk, rg.nv, nq, tw);
             const uint32_t* qp = reinterpret_cast<const uint32_t*>(qbuf) + (bh * Lqp + i0) / 2 * D;

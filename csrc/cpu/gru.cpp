@@ -49,7 +49,6 @@ constexpr double kMinParallelStep = double(1 << 19);  // multiply-adds per recur
 constexpr double kMinParallelCell = double(1 << 17);  // same for one step (a cell): at small B it is bound by
                                                       // reading W, which two cores do faster than one
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }  // keeps workspace regions 64-byte aligned
 
 // ------------------------------------------------------------------------------------------------------------
@@ -59,8 +58,11 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }  // keeps works
 constexpr int NVMAX = 6;
 constexpr int TLD = NVMAX * NB;
 
-template <int MR, int NV>
+// Ops (pyattn/cpu_simd.h): F32Ops, or BF16PairOps for bf16 layers where the CPU has AVX512_BF16; then a, the B
+// vectors and K count words of two bf16 values adjacent along k (stored as floats: the packers only move bits).
+template <class Ops, int MR, int NV>
 void micro_kernel(const float* __restrict a, int64_t K, const float* const* bq, int64_t ldb, float* __restrict tile) {
+  const auto* ae = reinterpret_cast<const typename Ops::E*>(a);
   V acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -75,9 +77,9 @@ void micro_kernel(const float* __restrict a, int64_t K, const float* const* bq, 
     for (int q = 0; q < NV; ++q) w[q] = vld(b[q] + k * ldb);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const V s = vset(a[k * MR + i]);
+      const V s = Ops::bcast(ae + k * MR + i);
 #pragma GCC unroll 6
-      for (int q = 0; q < NV; ++q) acc[i][q] = vfma(s, w[q], acc[i][q]);
+      for (int q = 0; q < NV; ++q) acc[i][q] = Ops::fma(s, w[q], acc[i][q]);
     }
   }
 #pragma GCC unroll 8
@@ -90,9 +92,10 @@ using MicroKernel = void (*)(const float*, int64_t, const float* const*, int64_t
 
 #define PYATTN_GRU_MK_ROW(MR)                                                                                    \
   {                                                                                                              \
-    nullptr, &micro_kernel<MR, 1>, &micro_kernel<MR, 2>, &micro_kernel<MR, 3>, &micro_kernel<MR, 4>,              \
-        &micro_kernel<MR, 5>, &micro_kernel<MR, 6>                                                               \
+    nullptr, &micro_kernel<Ops, MR, 1>, &micro_kernel<Ops, MR, 2>, &micro_kernel<Ops, MR, 3>,                     \
+        &micro_kernel<Ops, MR, 4>, &micro_kernel<Ops, MR, 5>, &micro_kernel<Ops, MR, 6>                           \
   }
+template <class Ops>
 #if PYATTN_CPU_ISA == 512
 const MicroKernel kMicroKernels[MRMAX + 1][NVMAX + 1] = {
     {nullptr},           PYATTN_GRU_MK_ROW(1), PYATTN_GRU_MK_ROW(2), PYATTN_GRU_MK_ROW(3), PYATTN_GRU_MK_ROW(4),
@@ -216,6 +219,8 @@ int64_t sgemm_scratch_floats(int64_t N, int64_t K, int nt) {
 // so every C element is summed in the same order whatever the threads. b_in_place (for a B used by few rows): a
 // row-major B's full NB-wide panels are read where they are (its rows are k-major already), only a partial last
 // panel is packed; the same products in the same order.
+// With BF16PairOps, K counts words (A's and B's elements are words of two bf16 along k; the packers move bits).
+template <class Ops = F32Ops>
 void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C, int64_t ldc, float* scratch,
            int nt, bool b_in_place = false) {
   if (M <= 0 || N <= 0) return;
@@ -259,7 +264,7 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
           const bool in_place = pn < p0;  // a group of panels is all in place or all packed
           const int nv = int(group_end(pn, nvm, p0, np, c1) - pn);
           for (int q = 0; q < nv; ++q) bq[q] = in_place ? B.p + B.row(k0) + (pn + q) * NB : bk + (pn + q) * kc * NB;
-          kMicroKernels[mr][nv](apack, kc, bq, in_place ? B.rs_out : NB, tile);
+          kMicroKernels<Ops>[mr][nv](apack, kc, bq, in_place ? B.rs_out : NB, tile);
           for (int i = 0; i < mr; ++i) {
             float* crow = C + (m0 + i) * ldc;
             for (int q = 0; q < nv; ++q) {
@@ -312,15 +317,25 @@ GateBias gate_bias(const float* b_ih, const float* b_hh, int64_t H, int64_t j0, 
   return {ld(b_ih, 0), ld(b_ih, 1), ld(b_ih, 2), ld(b_hh, 0), ld(b_hh, 1), ld(b_hh, 2)};
 }
 
+// h rounded to the storage type `st` (kept in fp32): the 16-bit path's state (see "16-bit storage" below).
+inline V round_to(V h, DType st) {
+  if (st == DType::F32) return h;
+  alignas(64) float t[NB];
+  vst(t, h);
+  for (float& v : t) v = st == DType::BF16 ? to_f32(from_f32<bf16_t>(v)) : to_f32(from_f32<f16_t>(v));
+  return vld(t);
+}
+
 // The gate math of nj hidden units of one batch row: gi / gh without biases (gate g at gi + g * gis, gh + g * ghs),
-// hp the state before the step; writes h' and, with w != nullptr, the workspace row [r | z | n | hn] (stride H).
+// hp the state before the step; writes h' (rounded to the storage type st) and, with w != nullptr, the workspace
+// row [r | z | n | hn] (stride H).
 inline void gate_fwd(const float* gi, int64_t gis, const float* gh, int64_t ghs, const GateBias& b, const float* hp,
-                     float* hout, float* w, int64_t H, int nj) {
+                     float* hout, float* w, int64_t H, int nj, DType st) {
   const V r = vsigmoid(vadd(vadd(vldn(gi, nj), b.ir), vadd(vldn(gh, nj), b.hr)));
   const V z = vsigmoid(vadd(vadd(vldn(gi + gis, nj), b.iz), vadd(vldn(gh + ghs, nj), b.hz)));
   const V hn = vadd(vldn(gh + 2 * ghs, nj), b.hn);
   const V n = vtanh(vfma(r, hn, vadd(vldn(gi + 2 * gis, nj), b.in)));
-  vstn(hout, vfma(z, vsub(vldn(hp, nj), n), n), nj);  // n + z (h - n)
+  vstn(hout, round_to(vfma(z, vsub(vldn(hp, nj), n), n), st), nj);  // n + z (h - n)
   if (w) {
     vstn(w, r, nj);
     vstn(w + H, z, nj);
@@ -340,8 +355,72 @@ int step_threads(int64_t B, int64_t H, int nt) {
 // ------------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------------
+// ------------------------------------------------------------------------------------------------------------
+// bf16 pairs (BF16PairOps): bf16 layers on AVX512_BF16 CPUs run their GEMMs on words of two bf16 adjacent along k
+// ------------------------------------------------------------------------------------------------------------
+// Taken for every bf16 forward where the build has PYATTN_CPU_BF16_DOT. The operands are converted to words once per
+// call (x, W_ih, W_hh; the state's rows at every step), exactly: they hold bf16 values already (the 16-bit path's
+// fp32 copies, the state rounded by gate_fwd). Products are exact and summed in fp32, as in the fp32 path.
+template <class Params>
+bool use_pairs(const Params& p) { return PYATTN_CPU_BF16_DOT && p.dtype == DType::BF16; }
+
+// Elements along k of a GEMM over K values: K, or ceil(K / 2) words for BF16PairOps.
+template <class Ops>
+int64_t kdim(int64_t K) { return (K + Ops::kPer - 1) / Ops::kPer; }
+
+inline uint32_t bf16_pair(float lo, float hi) { return uint32_t(f32_to_bf16(lo)) | uint32_t(f32_to_bf16(hi)) << 16; }
+
+// d[c2] = the pair (s[2 c2], s[2 c2 + 1]) rounded to bf16 (0 past C), c2 < ceil(C / 2); d holds words.
+void row_to_pairs(const float* s, int64_t C, float* d) {
+  uint32_t* w = reinterpret_cast<uint32_t*>(d);
+  int64_t c = 0;
+#if PYATTN_CPU_BF16_DOT
+  for (; c + 2 * NB <= C; c += 2 * NB)
+    _mm512_storeu_si512(w + c / 2, (__m512i)_mm512_cvtne2ps_pbh(vld(s + c + NB), vld(s + c)));
+#endif
+  for (; c < C; c += 2) w[c / 2] = bf16_pair(s[c], c + 1 < C ? s[c + 1] : 0.0f);
+}
+
+// The words (lo[l], hi[l]) rounded to bf16, l < NB.
+inline V pair_vec(V lo, V hi) {
+#if PYATTN_CPU_BF16_DOT
+  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_castsi512_ps(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+#else
+  alignas(64) float a[NB], b[NB];
+  vst(a, lo);
+  vst(b, hi);
+  for (int l = 0; l < NB; ++l) a[l] = bits_to_f32(bf16_pair(a[l], b[l]));
+  return vld(a);
+#endif
+}
+
+// d[k2 * N + n] = the pair (s[2 k2][n], s[2 k2 + 1][n]) rounded to bf16 (row K reads as 0 when K is odd), k2 <
+// ceil(K / 2): a (K, N) matrix with row stride rs as the B operand of a pair GEMM over k (rows k2 of N words).
+void rows_interleaved(const float* s, int64_t rs, int64_t K, int64_t N, float* d, int nt) {
+  run_items(double(K) * double(N) < kMinParallelCell ? 1 : std::max(nt, 1), (K + 1) / 2, [&](int64_t k2, int) {
+    const float* lo = s + 2 * k2 * rs;
+    const float* hi = 2 * k2 + 1 < K ? lo + rs : nullptr;
+    for (int64_t n = 0; n < N; n += NB) {
+      const int nn = int(std::min<int64_t>(NB, N - n));
+      vstn(d + k2 * N + n, pair_vec(vldn(lo + n, nn), hi ? vldn(hi + n, nn) : vzero()), nn);
+    }
+  });
+}
+
+// Rows r < R of s (row stride rs, C values) as rows of ceil(C / 2) words at d.
+void rows_to_pairs(const float* s, int64_t rs, int64_t R, int64_t C, float* d, int nt) {
+  const int64_t C2 = (C + 1) / 2;
+  run_items(double(R) * double(C) < kMinParallelCell ? 1 : std::max(nt, 1), R,
+            [&](int64_t r, int) { row_to_pairs(s + r * rs, C, d + r * C2); });
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
 struct FwdLayout {
-  int64_t wp, gi, gemm, sliver, xs, hs, total;
+  int64_t wp, gi, gemm, sliver, xs, hs, xw, hw, wiw, whw, total;  // *w: the pair path's word copies
 };
 
 // A single step (a cell): forward and backward use each weight once, so neither packs a whole weight matrix.
@@ -352,21 +431,31 @@ bool one_step(const Params& p) { return p.T == 1; }
 int64_t cell_panel_floats(int64_t I, int64_t H) { return round16(3 * NB * (I + H)); }
 
 FwdLayout fwd_layout(const GRUFwdParams& p) {
-  const int64_t P = ceil_div(p.H, NB);
+  const int kp = use_pairs(p) ? 2 : 1;
+  const int64_t P = ceil_div(p.H, NB), I = ceil_div(p.I, kp), H = ceil_div(p.H, kp), G = 3 * p.H;
   const int nt = std::max(p.num_threads, 1);
   FwdLayout l{};
+  int64_t end = 0;
   if (one_step(p)) {  // cell_fwd: x and h as batch slivers, W panels per thread
     l.xs = 0;
-    l.hs = l.xs + round16(p.B * p.I);
-    l.wp = l.hs + round16(p.B * p.H);
-    l.total = l.wp + nt * cell_panel_floats(p.I, p.H);
-    return l;
+    l.hs = l.xs + round16(p.B * I);
+    l.wp = l.hs + round16(p.B * H);
+    end = l.wp + nt * cell_panel_floats(I, H);
+  } else {
+    l.wp = 0;
+    l.gi = l.wp + round16(P * H * 3 * NB);
+    l.gemm = l.gi + round16(p.T * p.B * G);
+    l.sliver = l.gemm + sgemm_scratch_floats(G, I, nt);
+    end = l.sliver + nt * round16(MRMAX * H) * kp;  // a sliver per thread (pairs: and the rows it is packed from)
   }
-  l.wp = 0;
-  l.gi = l.wp + round16(P * p.H * 3 * NB);
-  l.gemm = l.gi + round16(p.T * p.B * 3 * p.H);
-  l.sliver = l.gemm + sgemm_scratch_floats(3 * p.H, p.I, nt);
-  l.total = l.sliver + nt * round16(MRMAX * p.H);
+  if (kp == 2) {  // copies of the operands as words, where they cannot be read in place (fwd16)
+    l.xw = end;
+    l.hw = l.xw + round16(p.T * p.B * I);
+    l.wiw = l.hw + round16(p.B * H);
+    l.whw = l.wiw + round16(G * I);
+    end = l.whw + round16(G * H);
+  }
+  l.total = end;
   return l;
 }
 
@@ -396,33 +485,48 @@ struct FwdTensors {
         out(static_cast<float*>(p.out)) {}
 };
 
+// The forward's GEMM operands as Ops' elements (rows of fp32 values, or of bf16 pairs as words): x as the rows
+// t * B + b, h0, W_ih, W_hh.
+struct FwdOperands {
+  Mat x, h0, w_ih, w_hh;
+};
+FwdOperands fp32_operands(const GRUFwdParams& p) {
+  return {Mat{static_cast<const float*>(p.x), p.x_t_stride, p.x_b_stride, p.B, 1},
+          row_major(static_cast<const float*>(p.h0), p.h0_row_stride),
+          row_major(static_cast<const float*>(p.w_ih), p.w_ih_row_stride),
+          row_major(static_cast<const float*>(p.w_hh), p.w_hh_row_stride)};
+}
+
 // One step (a cell). x and h are packed as batch slivers once; the work items are panels of NB hidden units (each
 // split into chunks of slivers when there are fewer panels than 2 per thread). An item packs its panel of W_ih and
 // W_hh (pack_gate_panel) into its thread's buffer and runs every sliver through the micro-kernel, gi in gemm_kc(I)
 // K blocks summed as sgemm sums them and gh in one block as the recurrence, then the gate math on the two tiles:
-// W is read once, gi and gh never go to memory, and h' has the bits of gru_fwd's packed path.
-void cell_fwd(const GRUFwdParams& p, const FwdLayout& L) {
-  const int64_t B = p.B, I = p.I, H = p.H, P = ceil_div(H, NB), ns = ceil_div(B, MRMAX), kc = gemm_kc(I);
+// W is read once, gi and gh never go to memory, and h' has the bits of fwd_impl's packed path.
+template <class Ops>
+void cell_fwd(const GRUFwdParams& p, const FwdLayout& L, const FwdOperands& op) {
+  const int64_t B = p.B, H = p.H, P = ceil_div(H, NB), ns = ceil_div(B, MRMAX);
+  const int64_t I = kdim<Ops>(p.I), Hk = kdim<Ops>(H), kc = gemm_kc(I);  // K dims in Ops' elements
   const int nt = std::max(p.num_threads, 1);
-  const int nth = double(B) * double(3 * H) * double(I + H) < kMinParallelCell ? 1 : nt;
+  const int nth = double(B) * double(3 * H) * double(p.I + H) < kMinParallelCell ? 1 : nt;
   const FwdTensors io(p);
-  float* xs = p.workspace + L.xs;  // sliver of rows [m0, m0 + mr): xs + m0 * I, [k][mr]
-  float* hs = p.workspace + L.hs;  // the same for h: hs + m0 * H
+  float* ws0 = p.workspace;
+  float* xs = ws0 + L.xs;  // sliver of rows [m0, m0 + mr): xs + m0 * I, [k][mr]
+  float* hs = ws0 + L.hs;  // the same for h: hs + m0 * Hk
   run_items(nth, ns, [&](int64_t sl, int) {
     const int64_t m0 = sl * MRMAX;
     const int mr = int(std::min<int64_t>(MRMAX, B - m0));
-    pack_a(row_major(io.x, p.x_b_stride), m0, mr, 0, I, xs + m0 * I);
-    pack_a(row_major(io.h0, p.h0_row_stride), m0, mr, 0, H, hs + m0 * H);
+    pack_a(op.x, m0, mr, 0, I, xs + m0 * I);
+    pack_a(op.h0, m0, mr, 0, Hk, hs + m0 * Hk);
   });
   const int64_t nchunk = nth == 1 ? 1 : std::min<int64_t>(ns, ceil_div(2 * nth, P));
   const int64_t per = ceil_div(ns, nchunk);  // slivers per chunk
   run_items(nth, P * nchunk, [&](int64_t item, int tid) {
     const int64_t j0 = item / nchunk * NB, s0 = item % nchunk * per, s1 = std::min(ns, s0 + per);
     const int nj = int(std::min<int64_t>(NB, H - j0));
-    float* wi = p.workspace + L.wp + tid * cell_panel_floats(I, H);  // [k][r | z | n][NB], I rows of W_ih
-    float* wh = wi + 3 * NB * I;                                       // and H rows of W_hh
-    pack_gate_panel(io.w_ih, p.w_ih_row_stride, H, I, j0, wi);
-    pack_gate_panel(io.w_hh, p.w_hh_row_stride, H, H, j0, wh);
+    float* wi = ws0 + L.wp + tid * cell_panel_floats(I, Hk);  // [k][r | z | n][NB], I rows of W_ih
+    float* wh = wi + 3 * NB * I;                                // and Hk rows of W_hh
+    pack_gate_panel(op.w_ih.p, op.w_ih.rs_out, H, I, j0, wi);
+    pack_gate_panel(op.w_hh.p, op.w_hh.rs_out, H, Hk, j0, wh);
     const GateBias bias = gate_bias(io.b_ih, io.b_hh, H, j0, nj);
     alignas(64) float gi[MRMAX * TLD], gh[MRMAX * TLD];  // row i, gate g at i * TLD + g * NB
     const float* bq[3];
@@ -432,50 +536,51 @@ void cell_fwd(const GRUFwdParams& p, const FwdLayout& L) {
       if (I == 0) std::memset(gi, 0, sizeof(gi));
       for (int64_t k0 = 0; k0 < I; k0 += kc) {  // gi: block 0, then += each next block (gh as scratch)
         for (int g = 0; g < 3; ++g) bq[g] = wi + k0 * 3 * NB + g * NB;
-        kMicroKernels[mr][3](xs + m0 * I + k0 * mr, std::min(kc, I - k0), bq, 3 * NB, k0 == 0 ? gi : gh);
+        kMicroKernels<Ops>[mr][3](xs + m0 * I + k0 * mr, std::min(kc, I - k0), bq, 3 * NB, k0 == 0 ? gi : gh);
         for (int i = 0; i < mr && k0 > 0; ++i) {
           float* acc = gi + i * TLD;
           for (int c = 0; c < 3 * NB; c += NB) vst(acc + c, vadd(vld(acc + c), vld(gh + i * TLD + c)));
         }
       }
       for (int g = 0; g < 3; ++g) bq[g] = wh + g * NB;
-      kMicroKernels[mr][3](hs + m0 * H, H, bq, 3 * NB, gh);
+      kMicroKernels<Ops>[mr][3](hs + m0 * Hk, Hk, bq, 3 * NB, gh);
       for (int i = 0; i < mr; ++i) {
         const int64_t row = m0 + i;
         gate_fwd(gi + i * TLD, NB, gh + i * TLD, NB, bias, io.h0 + row * p.h0_row_stride + j0, io.out + row * H + j0,
-                 p.ws ? p.ws + row * 4 * H + j0 : nullptr, H, nj);
+                 p.ws ? p.ws + row * 4 * H + j0 : nullptr, H, nj, p.dtype);
       }
     }
   });
 }
 
-}  // namespace
-
-int64_t gru_fwd_workspace_floats(const GRUFwdParams& p) { return fwd_layout(p).total; }
-
-void gru_fwd(const GRUFwdParams& p) {
-  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB);
-  if (T <= 0 || B <= 0 || H <= 0) return;
+// The forward: the GEMM operands `op`, h0 (fp32: the state before step 0), biases, out and scratch fp32; p.dtype
+// says how gate_fwd rounds the state.
+template <class Ops>
+void fwd_impl(const GRUFwdParams& p, const FwdOperands& op) {
+  const int64_t T = p.T, B = p.B, H = p.H, G = 3 * H, P = ceil_div(H, NB);
   const FwdLayout L = fwd_layout(p);
-  if (one_step(p)) return cell_fwd(p, L);
-  float* wp = p.workspace + L.wp;  // [P][H][3][NB]: W_hh gate-interleaved
+  if (one_step(p)) return cell_fwd<Ops>(p, L, op);
+  const int64_t I = kdim<Ops>(p.I), Hk = kdim<Ops>(H);  // K dims in Ops' elements
+  constexpr bool kPairs = Ops::kPer == 2;
+  float* wp = p.workspace + L.wp;  // [P][Hk][3][NB]: W_hh gate-interleaved
   float* gi = p.workspace + L.gi;  // (T * B, 3H): X W_ih^T (no bias)
   const FwdTensors io(p);
   float* ws = p.ws;
   const int nt = std::max(p.num_threads, 1);
 
   // 1. the input projection of every step at once
-  const Mat X{io.x, p.x_t_stride, p.x_b_stride, B, 1};
-  sgemm(T * B, G, I, X, col_major(io.w_ih, p.w_ih_row_stride), gi, G, p.workspace + L.gemm, nt);
+  sgemm<Ops>(T * B, G, I, op.x, col_major(op.w_ih.p, op.w_ih.rs_out), gi, G, p.workspace + L.gemm, nt);
 
   // 2. W_hh, gate-interleaved: wp[pn][k][gate][l] = W_hh[gate * H + pn * NB + l][k] (0 past H)
-  for (int64_t pn = 0; pn < P; ++pn) pack_gate_panel(io.w_hh, p.w_hh_row_stride, H, H, pn * NB, wp + pn * H * 3 * NB);
+  for (int64_t pn = 0; pn < P; ++pn)
+    pack_gate_panel(op.w_hh.p, op.w_hh.rs_out, H, Hk, pn * NB, wp + pn * Hk * 3 * NB);
 
   // 3. the recurrence, one item per block of batch rows [m0, m0 + mr)
   run_items(step_threads(B, H, nt), ceil_div(B, MRMAX), [&](int64_t blk, int tid) {
     const int64_t m0 = blk * MRMAX;
     const int mr = int(std::min<int64_t>(MRMAX, B - m0));
-    float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * H);
+    float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * Hk) * Ops::kPer;
+    float* rows = sliver + round16(MRMAX * Hk);  // pairs: the state's rows as words, before packing
     alignas(64) float tile[MRMAX * TLD];
     const float* bq[NVMAX];
     const bool two = nv_max(mr) >= 6;  // two hidden panels (6 vectors) per micro-kernel call
@@ -483,9 +588,14 @@ void gru_fwd(const GRUFwdParams& p) {
       const int64_t t = p.reverse ? T - 1 - s : s;
       const float* hp = s == 0 ? io.h0 : io.out + (p.reverse ? t + 1 : t - 1) * B * H;  // the state before the step
       const int64_t hrs = s == 0 ? p.h0_row_stride : H;
-      const float* a = hp + m0 * hrs;
+      Mat h = row_major(hp + m0 * hrs, hrs);  // the sliver's rows
+      if (kPairs) {
+        for (int i = 0; i < mr; ++i) row_to_pairs(hp + (m0 + i) * hrs, H, rows + i * Hk);
+        h = row_major(rows, Hk);
+      }
+      const float* a = h.p;
       if (mr > 1) {
-        pack_a(row_major(hp, hrs), m0, mr, 0, H, sliver);
+        pack_a(h, 0, mr, 0, Hk, sliver);
         a = sliver;
       }
       const float* git = gi + t * B * G;
@@ -494,8 +604,8 @@ void gru_fwd(const GRUFwdParams& p) {
       for (int64_t pn = 0; pn < P;) {
         const int np = (two && pn + 1 < P) ? 2 : 1;
         for (int q = 0; q < np; ++q)
-          for (int gate = 0; gate < 3; ++gate) bq[q * 3 + gate] = wp + (pn + q) * H * 3 * NB + gate * NB;
-        kMicroKernels[mr][3 * np](a, H, bq, 3 * NB, tile);  // gh_r | gh_z | gh_n (no bias) of np panels
+          for (int gate = 0; gate < 3; ++gate) bq[q * 3 + gate] = wp + (pn + q) * Hk * 3 * NB + gate * NB;
+        kMicroKernels<Ops>[mr][3 * np](a, Hk, bq, 3 * NB, tile);  // gh_r | gh_z | gh_n (no bias) of np panels
         for (int q = 0; q < np; ++q) {
           const int64_t j0 = (pn + q) * NB;
           const int nj = int(std::min<int64_t>(NB, H - j0));
@@ -503,7 +613,7 @@ void gru_fwd(const GRUFwdParams& p) {
           for (int i = 0; i < mr; ++i) {
             const int64_t row = m0 + i;
             gate_fwd(git + row * G + j0, H, tile + i * TLD + q * 3 * NB, NB, bias, hp + row * hrs + j0,
-                     outt + row * H + j0, wst ? wst + row * 4 * H + j0 : nullptr, H, nj);
+                     outt + row * H + j0, wst ? wst + row * 4 * H + j0 : nullptr, H, nj, p.dtype);
           }
         }
         pn += np;
@@ -512,43 +622,60 @@ void gru_fwd(const GRUFwdParams& p) {
   });
 }
 
+
+}  // namespace
+
 // ------------------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------------------
 namespace {
 
 struct BwdLayout {
-  int64_t wq, dgi, dgh, dh, hprev, gemm, sliver, total;
+  int64_t wq, dgi, dgh, dh, hprev, gemm, sliver, aw, bw, ww, total;  // aw, bw, ww: the pair path's word copies
 };
 
 // Panels of W_hh the backward reads in place (one step: its full panels; W_hh's rows are k-major already).
-int64_t in_place_panels(const GRUBwdParams& p) { return one_step(p) ? p.H / NB : 0; }
+int64_t in_place_panels(const GRUBwdParams& p) { return one_step(p) && !use_pairs(p) ? p.H / NB : 0; }
+
+// Floats of a thread's sliver in the BPTT loop (pairs: and the rows of words it is packed from).
+int64_t bwd_sliver_floats(const GRUBwdParams& p) {
+  return use_pairs(p) ? 2 * round16(MRMAX * ceil_div(3 * p.H, 2)) : round16(MRMAX * 3 * p.H);
+}
 
 BwdLayout bwd_layout(const GRUBwdParams& p) {
-  const int64_t P = ceil_div(p.H, NB), G = 3 * p.H, TB = p.T * p.B;
+  const int kp = use_pairs(p) ? 2 : 1;
+  const int64_t P = ceil_div(p.H, NB), G = 3 * p.H, TB = p.T * p.B, Gk = ceil_div(G, kp), TBk = ceil_div(TB, kp);
   const int nt = std::max(p.num_threads, 1);
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
-  BwdLayout l;
+  BwdLayout l{};
   l.wq = 0;
-  l.dgi = l.wq + round16((P - in_place_panels(p)) * G * NB);
+  l.dgi = l.wq + round16((P - in_place_panels(p)) * Gk * NB);
   l.dgh = l.dgi + round16(TB * G);
   l.dh = l.dgh + round16((need_w ? TB : 2 * p.B) * G);
   l.hprev = l.dh + round16(p.B * p.H);
   l.gemm = l.hprev + (need_w ? round16(TB * p.H) : 0);
-  int64_t g = sgemm_scratch_floats(p.I, G, nt);
-  if (need_w) g = std::max({g, sgemm_scratch_floats(p.I, TB, nt), sgemm_scratch_floats(p.H, TB, nt)});
+  int64_t g = sgemm_scratch_floats(p.I, Gk, nt);
+  if (need_w) g = std::max({g, sgemm_scratch_floats(p.I, TBk, nt), sgemm_scratch_floats(p.H, TBk, nt)});
   l.sliver = l.gemm + g;  // a packed sliver per thread; one step: every sliver
-  l.total = l.sliver + (one_step(p) ? round16(ceil_div(p.B, MRMAX) * MRMAX * G) : nt * round16(MRMAX * G));
+  l.aw = l.sliver + (one_step(p) ? round16(ceil_div(p.B, MRMAX) * MRMAX * Gk) : nt * bwd_sliver_floats(p));
+  l.total = l.aw;
+  if (kp == 2) {  // aw: dGi's rows (or a step's dGh rows) as words, later dGi^T / dGh^T; bw: X / Hprev; ww: W_ih
+    l.bw = l.aw + round16(std::max(TB * Gk, TBk * G));
+    l.ww = l.bw + round16(TBk * std::max(p.I, p.H));
+    l.total = l.ww + round16(Gk * p.I);
+  }
   return l;
 }
 
-}  // namespace
-
-int64_t gru_bwd_workspace_floats(const GRUBwdParams& p) { return bwd_layout(p).total; }
-
-void gru_bwd(const GRUBwdParams& p) {
+// The backward (every operand and result fp32). With BF16PairOps (bf16 layers) its GEMMs run on bf16 pairs: the
+// weights, inputs and states are bf16 values already, the gate gradients dGi / dGh are rounded to bf16 for the
+// GEMMs (as torch's bf16 autograd stores them); the bias gradients sum them in fp32. The operands are the 16-bit
+// path's contiguous copies.
+template <class Ops>
+void bwd_impl(const GRUBwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
-  if (T <= 0 || B <= 0 || H <= 0) return;
+  constexpr bool kPairs = Ops::kPer == 2;
+  const int64_t Gk = kdim<Ops>(G);  // K of dGh W_hh and dGi W_ih in Ops' elements
   const BwdLayout L = bwd_layout(p);
   const int64_t P0 = in_place_panels(p);  // W_hh panels [0, P0) are read in place, [P0, P) from wq
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
@@ -594,11 +721,21 @@ void gru_bwd(const GRUBwdParams& p) {
     vstn(gh_row + 2 * H, vmul(dnp, r), nj);
   };
 
-  // W_hh as NB-wide column panels: wq[pn - P0][k][l] = W_hh[k][pn * NB + l] (0 past H)
+  // W_hh as NB-wide column panels: wq[pn - P0][k][l] = W_hh[k][pn * NB + l] (0 past H); pairs: the words of rows
+  // 2 k and 2 k + 1
   for (int64_t pn = P0; pn < P; ++pn) {
     const int nn = int(std::min<int64_t>(NB, H - pn * NB));
-    float* dst = wq + (pn - P0) * G * NB;
-    for (int64_t k = 0; k < G; ++k) vst(dst + k * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, nn));
+    float* dst = wq + (pn - P0) * Gk * NB;
+    const float* src = w_hh + pn * NB;
+    const int64_t rs = p.w_hh_row_stride;
+    for (int64_t k = 0; k < Gk; ++k) {
+      if (!kPairs) {
+        vst(dst + k * NB, vldn(src + k * rs, nn));
+      } else {
+        const V hi = 2 * k + 1 < G ? vldn(src + (2 * k + 1) * rs, nn) : vzero();
+        vst(dst + k * NB, pair_vec(vldn(src + 2 * k * rs, nn), hi));
+      }
+    }
   }
 
   // The step processed first (s = T - 1) starts from dh = dh_last + dout: its gate math for rows [m0, m0 + mr).
@@ -621,8 +758,8 @@ void gru_bwd(const GRUBwdParams& p) {
     const int64_t t = tt(s);
     const float* bq[NVMAX];
     const bool in_place = pn < P0;  // a group of panels is all in place or all from wq
-    for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : wq + (pn + q - P0) * G * NB;
-    kMicroKernels[mr][nv](a, G, bq, in_place ? p.w_hh_row_stride : NB, tile);
+    for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : wq + (pn + q - P0) * Gk * NB;
+    kMicroKernels<Ops>[mr][nv](a, Gk, bq, in_place ? p.w_hh_row_stride : NB, tile);
     for (int q = 0; q < nv; ++q) {
       const int64_t j0 = (pn + q) * NB;
       const int nj = int(std::min<int64_t>(NB, H - j0));
@@ -647,12 +784,18 @@ void gru_bwd(const GRUBwdParams& p) {
     // same micro-kernel calls as the sequence path below, so the same bits.
     const int64_t ns = ceil_div(B, MRMAX), npg = ceil_div(P, nv_max(MRMAX));
     const int nth = double(B) * double(G) * double(H) < kMinParallelCell ? 1 : nt;
-    float* slivers = p.workspace + L.sliver;  // sliver sl: slivers + sl * MRMAX * G, [k][mr]
+    float* slivers = p.workspace + L.sliver;  // sliver sl: slivers + sl * MRMAX * Gk, [k][mr]
+    float* rows = p.workspace + L.aw;         // pairs: dGh's rows as words
     run_items(nth, ns, [&](int64_t sl, int) {
       const int64_t m0 = sl * MRMAX;
       const int mr = int(std::min<int64_t>(MRMAX, B - m0));
       first_step(m0, mr);
-      pack_a(row_major(dgh_of(0), G), m0, mr, 0, G, slivers + m0 * G);
+      const float* src = dgh_of(0);
+      if (kPairs) {
+        for (int64_t r = m0; r < m0 + mr; ++r) row_to_pairs(dgh_of(0) + r * G, G, rows + r * Gk);
+        src = rows;
+      }
+      pack_a(row_major(src, Gk), m0, mr, 0, Gk, slivers + m0 * Gk);
     });
     run_items(nth, npg, [&](int64_t c, int) {  // chunk c: panels [c * nv_max(MRMAX), ...), in groups
       const int64_t c0 = c * nv_max(MRMAX), c1 = std::min(P, c0 + nv_max(MRMAX));
@@ -662,7 +805,7 @@ void gru_bwd(const GRUBwdParams& p) {
         const int mr = int(std::min<int64_t>(MRMAX, B - m0));
         for (int64_t pn = c0; pn < c1;) {
           const int64_t pe = group_end(pn, nv_max(mr), P0, P, c1);
-          step_tile(0, m0, mr, slivers + m0 * G, pn, int(pe - pn), tile);
+          step_tile(0, m0, mr, slivers + m0 * Gk, pn, int(pe - pn), tile);
           pn = pe;
         }
       }
@@ -673,12 +816,18 @@ void gru_bwd(const GRUBwdParams& p) {
       const int64_t m0 = blk * MRMAX;
       const int mr = int(std::min<int64_t>(MRMAX, B - m0));
       first_step(m0, mr);
-      float* sliver = p.workspace + L.sliver + tid * round16(MRMAX * G);
+      float* sliver = p.workspace + L.sliver + tid * bwd_sliver_floats(p);
+      float* rows = sliver + round16(MRMAX * Gk);  // pairs: the step's dGh rows as words
       alignas(64) float tile[MRMAX * TLD] = {};
       for (int64_t s = T - 1; s >= 0; --s) {
-        const float* a = dgh_of(s) + m0 * G;
+        Mat d = row_major(dgh_of(s) + m0 * G, G);  // the sliver's rows
+        if (kPairs) {
+          for (int i = 0; i < mr; ++i) row_to_pairs(d.p + i * G, G, rows + i * Gk);
+          d = row_major(rows, Gk);
+        }
+        const float* a = d.p;
         if (mr > 1) {
-          pack_a(row_major(dgh_of(s), G), m0, mr, 0, G, sliver);
+          pack_a(d, 0, mr, 0, Gk, sliver);
           a = sliver;
         }
         for (int64_t pn = 0; pn < P;) {
@@ -691,19 +840,286 @@ void gru_bwd(const GRUBwdParams& p) {
   }
 
   float* gemm_ws = p.workspace + L.gemm;
-  sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), static_cast<float*>(p.dx), I, gemm_ws, nt,
-        one_step(p));
+  float* dx = static_cast<float*>(p.dx);
+  if (!kPairs) {
+    sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), dx, I, gemm_ws, nt, one_step(p));
+  } else {  // dGi's rows as words (pairs along 3H) times W_ih's rows interleaved in pairs
+    float* aw = p.workspace + L.aw;
+    float* ww = p.workspace + L.ww;
+    rows_to_pairs(dgi, G, TB, G, aw, nt);
+    rows_interleaved(w_ih, p.w_ih_row_stride, G, I, ww, nt);
+    sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, one_step(p));
+  }
   if (!need_w) return;
   float* hp_all = p.workspace + L.hprev;  // (T * B, H): the state each (t, b) row started from
   for (int64_t t = 0; t < T; ++t) {
     const int64_t s = p.reverse ? T - 1 - t : t;
     for (int64_t b = 0; b < B; ++b) std::memcpy(hp_all + (t * B + b) * H, hprev(s, b), sizeof(float) * H);
   }
-  const Mat X{x, p.x_t_stride, p.x_b_stride, B, 1};
-  sgemm(G, I, TB, col_major(dgi, G), X, static_cast<float*>(p.dw_ih), I, gemm_ws, nt);
-  sgemm(G, H, TB, col_major(dgh, G), row_major(hp_all, H), static_cast<float*>(p.dw_hh), H, gemm_ws, nt);
+  float* dw_ih = static_cast<float*>(p.dw_ih);
+  float* dw_hh = static_cast<float*>(p.dw_hh);
+  if (!kPairs) {
+    const Mat X{x, p.x_t_stride, p.x_b_stride, B, 1};
+    sgemm(G, I, TB, col_major(dgi, G), X, dw_ih, I, gemm_ws, nt);
+    sgemm(G, H, TB, col_major(dgh, G), row_major(hp_all, H), dw_hh, H, gemm_ws, nt);
+  } else {  // dG^T (words along the T * B rows) times X / Hprev interleaved the same way
+    const int64_t TBk = kdim<Ops>(TB);
+    float* aw = p.workspace + L.aw;
+    float* bw = p.workspace + L.bw;
+    rows_interleaved(dgi, G, TB, G, aw, nt);
+    rows_interleaved(x, p.x_b_stride, TB, I, bw, nt);  // x: contiguous (T, B, I) here
+    sgemm<Ops>(G, I, TBk, col_major(aw, G), row_major(bw, I), dw_ih, I, gemm_ws, nt);
+    rows_interleaved(dgh, G, TB, G, aw, nt);
+    rows_interleaved(hp_all, H, TB, H, bw, nt);
+    sgemm<Ops>(G, H, TBk, col_major(aw, G), row_major(bw, H), dw_hh, H, gemm_ws, nt);
+  }
   if (p.db_ih) col_sums(dgi, TB, G, G, static_cast<float*>(p.db_ih), nt);
   if (p.db_hh) col_sums(dgh, TB, G, G, static_cast<float*>(p.db_hh), nt);
+}
+
+void bwd_f32(const GRUBwdParams& p) {
+#if PYATTN_CPU_BF16_DOT
+  if (use_pairs(p)) return bwd_impl<BF16PairOps>(p);
+#endif
+  bwd_impl<F32Ops>(p);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------------------
+// 16-bit storage (F16, BF16)
+// ------------------------------------------------------------------------------------------------------------
+// Every 16-bit operand is widened into fp32 scratch once per call (an element then feeds O(H) multiply-adds in
+// fp32, as a 16-bit GEMM with fp32 accumulation computes them), the fp32 kernels above run on the copies, and the
+// results are narrowed once at the end. The forward rounds each step's state to the storage type before anything
+// reads it (gate_fwd), as torch's 16-bit GRU stores h' in its dtype: out and the next step see the same values.
+// The backward keeps dh in fp32 through the steps and rounds each gradient once. bf16 on AVX512_BF16 CPUs: the
+// GEMMs on bf16 pairs (fwd_impl / bwd_impl with BF16PairOps).
+namespace {
+
+// Regions carved one after another from a buffer (base nullptr: only counts the floats).
+struct Carve {
+  float* base;
+  int64_t used = 0;
+  float* take(int64_t n) {
+    float* r = base ? base + used : nullptr;
+    used += round16(n);
+    return r;
+  }
+};
+
+int widen_threads(int64_t n, int nt) { return double(n) < kMinParallelCell ? 1 : std::max(nt, 1); }
+
+// dst (R x C, contiguous) = the 16-bit matrix whose row r is at src + (r / rin) * rs_out + (r % rin) * rs_in.
+template <class T>
+void widen(const void* src, int64_t R, int64_t C, int64_t rs_out, int64_t rs_in, int64_t rin, float* dst, int nt) {
+  const T* s = static_cast<const T*>(src);
+  run_items(widen_threads(R * C, nt), R, [&](int64_t r, int) {
+    row_to_f32(s + (r / rin) * rs_out + (r % rin) * rs_in, dst + r * C, C);
+  });
+}
+template <class T>
+void widen(const void* src, int64_t R, int64_t C, int64_t rs, float* dst, int nt) {
+  widen<T>(src, R, C, rs, 0, 1, dst, nt);
+}
+
+// n contiguous fp32 values -> 16-bit at dst.
+template <class T>
+void narrow(const float* src, int64_t n, void* dst, int nt) {
+  constexpr int64_t kChunk = 4096;
+  T* d = static_cast<T*>(dst);
+  run_items(widen_threads(n, nt), ceil_div(n, kChunk), [&](int64_t c, int) {
+    row_from_f32(src + c * kChunk, d + c * kChunk, std::min(kChunk, n - c * kChunk));
+  });
+}
+
+// The forward's fp32 copies, carved from the workspace's start (the fp32 kernel's scratch follows). The pair path
+// reads x, W_ih and W_hh as words instead (pair_operands).
+struct Fwd16 {
+  float *x, *h0, *w_ih, *w_hh, *b_ih, *b_hh, *out;
+  int64_t floats;
+};
+Fwd16 fwd16_layout(const GRUFwdParams& p, float* base) {
+  const bool pairs = use_pairs(p);
+  Carve c{base};
+  Fwd16 l{};
+  l.x = pairs ? nullptr : c.take(p.T * p.B * p.I);
+  l.h0 = c.take(p.B * p.H);
+  l.w_ih = pairs ? nullptr : c.take(3 * p.H * p.I);
+  l.w_hh = pairs ? nullptr : c.take(3 * p.H * p.H);
+  l.b_ih = p.b_ih ? c.take(3 * p.H) : nullptr;
+  l.b_hh = p.b_hh ? c.take(3 * p.H) : nullptr;
+  l.out = c.take(p.T * p.B * p.H);
+  l.floats = c.used;
+  return l;
+}
+
+// A bf16 (R, C) matrix (row r at src + (r / rin) * rs_out + (r % rin) * rs_in, in elements) as rows of ceil(C / 2)
+// words: read in place when C and the strides are even and src is on a 4-byte boundary, else copied to dst (an odd
+// C padded with a zero).
+Mat words_of(const void* src, int64_t R, int64_t C, int64_t rs_out, int64_t rs_in, int64_t rin, float* dst, int nt) {
+  if (C % 2 == 0 && rs_out % 2 == 0 && (rin == 1 || rs_in % 2 == 0) && reinterpret_cast<uintptr_t>(src) % 4 == 0)
+    return Mat{static_cast<const float*>(src), rs_out / 2, rs_in / 2, rin, 1};
+  const int64_t C2 = (C + 1) / 2;
+  const bf16_t* s = static_cast<const bf16_t*>(src);
+  run_items(widen_threads(R * C, nt), R, [&](int64_t r, int) {
+    bf16_t* d = reinterpret_cast<bf16_t*>(dst + r * C2);
+    std::memcpy(d, s + (r / rin) * rs_out + (r % rin) * rs_in, sizeof(bf16_t) * C);
+    if (C % 2) d[C] = bf16_t{0};
+  });
+  return row_major(dst, C2);
+}
+
+// The pair path's operands: the bf16 inputs themselves (or padded copies in the layout's word regions).
+FwdOperands pair_operands(const GRUFwdParams& p, const FwdLayout& L, float* ws, int nt) {
+  const int64_t B = p.B, I = p.I, H = p.H;
+  return {words_of(p.x, p.T * B, I, p.x_t_stride, p.x_b_stride, B, ws + L.xw, nt),
+          words_of(p.h0, B, H, p.h0_row_stride, 0, 1, ws + L.hw, nt),
+          words_of(p.w_ih, 3 * H, I, p.w_ih_row_stride, 0, 1, ws + L.wiw, nt),
+          words_of(p.w_hh, 3 * H, H, p.w_hh_row_stride, 0, 1, ws + L.whw, nt)};
+}
+
+template <class T>
+void fwd16(const GRUFwdParams& p) {
+  const int64_t TT = p.T, B = p.B, I = p.I, H = p.H;
+  const int nt = std::max(p.num_threads, 1);
+  const Fwd16 l = fwd16_layout(p, p.workspace);
+  widen<T>(p.h0, B, H, p.h0_row_stride, l.h0, nt);
+  if (p.b_ih) widen<T>(p.b_ih, 1, 3 * H, 0, l.b_ih, nt);
+  if (p.b_hh) widen<T>(p.b_hh, 1, 3 * H, 0, l.b_hh, nt);
+  GRUFwdParams q = p;  // the same problem on the copies; q.dtype still rounds the state
+  q.h0 = l.h0;
+  q.h0_row_stride = H;
+  q.b_ih = l.b_ih;
+  q.b_hh = l.b_hh;
+  q.out = l.out;
+  q.workspace = p.workspace + l.floats;
+#if PYATTN_CPU_BF16_DOT
+  if (use_pairs(p)) {
+    fwd_impl<BF16PairOps>(q, pair_operands(p, fwd_layout(q), q.workspace, nt));
+    return narrow<T>(l.out, TT * B * H, p.out, nt);
+  }
+#endif
+  widen<T>(p.x, TT * B, I, p.x_t_stride, p.x_b_stride, B, l.x, nt);
+  widen<T>(p.w_ih, 3 * H, I, p.w_ih_row_stride, l.w_ih, nt);
+  widen<T>(p.w_hh, 3 * H, H, p.w_hh_row_stride, l.w_hh, nt);
+  q.x = l.x;
+  q.w_ih = l.w_ih;
+  q.w_hh = l.w_hh;
+  q.x_t_stride = B * I;
+  q.x_b_stride = I;
+  q.w_ih_row_stride = I;
+  q.w_hh_row_stride = H;
+  fwd_impl<F32Ops>(q, fp32_operands(q));
+  narrow<T>(l.out, TT * B * H, p.out, nt);
+}
+
+// The backward's fp32 copies and fp32 results.
+struct Bwd16 {
+  float *dout, *dh_last, *x, *h0, *w_ih, *w_hh, *out;
+  float *dx, *dh0, *dw_ih, *dw_hh, *db_ih, *db_hh;
+  int64_t floats;
+};
+Bwd16 bwd16_layout(const GRUBwdParams& p, float* base) {
+  const int64_t TB = p.T * p.B, G = 3 * p.H;
+  const bool need_w = p.need_weights && p.dw_ih != nullptr;
+  Carve c{base};
+  Bwd16 l;
+  l.dout = c.take(TB * p.H);
+  l.dh_last = p.dh_last ? c.take(p.B * p.H) : nullptr;
+  l.x = c.take(TB * p.I);
+  l.h0 = c.take(p.B * p.H);
+  l.w_ih = c.take(G * p.I);
+  l.w_hh = c.take(G * p.H);
+  l.out = p.out ? c.take(TB * p.H) : nullptr;
+  l.dx = c.take(TB * p.I);
+  l.dh0 = c.take(p.B * p.H);
+  l.dw_ih = need_w ? c.take(G * p.I) : nullptr;
+  l.dw_hh = need_w ? c.take(G * p.H) : nullptr;
+  l.db_ih = need_w && p.db_ih ? c.take(G) : nullptr;
+  l.db_hh = need_w && p.db_hh ? c.take(G) : nullptr;
+  l.floats = c.used;
+  return l;
+}
+
+template <class T>
+void bwd16(const GRUBwdParams& p) {
+  const int64_t TT = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H;
+  const int nt = std::max(p.num_threads, 1);
+  const Bwd16 l = bwd16_layout(p, p.workspace);
+  widen<T>(p.dout, TT * B, H, p.dout_t_stride, p.dout_b_stride, B, l.dout, nt);
+  if (p.dh_last) widen<T>(p.dh_last, B, H, p.dh_last_row_stride, l.dh_last, nt);
+  widen<T>(p.x, TT * B, I, p.x_t_stride, p.x_b_stride, B, l.x, nt);
+  widen<T>(p.h0, B, H, p.h0_row_stride, l.h0, nt);
+  widen<T>(p.w_ih, G, I, p.w_ih_row_stride, l.w_ih, nt);
+  widen<T>(p.w_hh, G, H, p.w_hh_row_stride, l.w_hh, nt);
+  if (p.out) widen<T>(p.out, TT * B, H, p.out_t_stride, p.out_b_stride, B, l.out, nt);
+  GRUBwdParams q = p;
+  q.dout = l.dout;
+  q.dh_last = l.dh_last;
+  q.x = l.x;
+  q.h0 = l.h0;
+  q.w_ih = l.w_ih;
+  q.w_hh = l.w_hh;
+  q.out = l.out;
+  q.dx = l.dx;
+  q.dh0 = l.dh0;
+  q.dw_ih = l.dw_ih;
+  q.dw_hh = l.dw_hh;
+  q.db_ih = l.db_ih;
+  q.db_hh = l.db_hh;
+  q.dout_t_stride = B * H;
+  q.dout_b_stride = H;
+  q.dh_last_row_stride = H;
+  q.x_t_stride = B * I;
+  q.x_b_stride = I;
+  q.h0_row_stride = H;
+  q.w_ih_row_stride = I;
+  q.w_hh_row_stride = H;
+  q.out_t_stride = B * H;
+  q.out_b_stride = H;
+  q.workspace = p.workspace + l.floats;
+  bwd_f32(q);
+  narrow<T>(l.dx, TT * B * I, p.dx, nt);
+  narrow<T>(l.dh0, B * H, p.dh0, nt);
+  if (l.dw_ih) narrow<T>(l.dw_ih, G * I, p.dw_ih, nt);
+  if (l.dw_hh) narrow<T>(l.dw_hh, G * H, p.dw_hh, nt);
+  if (l.db_ih) narrow<T>(l.db_ih, G, p.db_ih, nt);
+  if (l.db_hh) narrow<T>(l.db_hh, G, p.db_hh, nt);
+}
+
+}  // namespace
+
+int64_t gru_fwd_workspace_floats(const GRUFwdParams& p) {
+  return (p.dtype == DType::F32 ? 0 : fwd16_layout(p, nullptr).floats) + fwd_layout(p).total;
+}
+
+void gru_fwd(const GRUFwdParams& p) {
+  if (p.T <= 0 || p.B <= 0 || p.H <= 0) return;
+  switch (p.dtype) {
+    case DType::F32:
+      return fwd_impl<F32Ops>(p, fp32_operands(p));
+    case DType::BF16:
+      return fwd16<bf16_t>(p);
+    case DType::F16:
+      return fwd16<f16_t>(p);
+  }
+}
+
+int64_t gru_bwd_workspace_floats(const GRUBwdParams& p) {
+  return (p.dtype == DType::F32 ? 0 : bwd16_layout(p, nullptr).floats) + bwd_layout(p).total;
+}
+
+void gru_bwd(const GRUBwdParams& p) {
+  if (p.T <= 0 || p.B <= 0 || p.H <= 0) return;
+  switch (p.dtype) {
+    case DType::F32:
+      return bwd_f32(p);
+    case DType::BF16:
+      return bwd16<bf16_t>(p);
+    case DType::F16:
+      return bwd16<f16_t>(p);
+  }
 }
 
 }  // namespace cpu

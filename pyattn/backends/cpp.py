@@ -21,12 +21,12 @@ class CppBackend(NativeBackend):
         "attention": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT,
                             notes=("FlashAttention-2 on CPU (csrc/cpu/attention.cpp): O(L) memory, any head dim, "
                                    "GQA, masks, both causal alignments, dropout",)),
-        # ---- GRU ---- fp32 only: the kernels (csrc/cpu/gru.cpp) compute and store float32; other dtypes are
-        # refused with the generic dtype reason and fall through to the torch backend.
-        "gru_cell": OpCaps(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
-                           notes=("float32 only (fused C++ cell, AVX-512/AVX2 GEMM)",)),
-        "gru": OpCaps(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
-                      notes=("float32 only (hoisted input GEMM + fused recurrence, C++ BPTT)",)),
+        # ---- GRU ---- fp32, fp16, bf16: 16-bit operands are widened to fp32 in the kernels (csrc/cpu/gru.cpp), the
+        # state rounded to the dtype after every step.
+        "gru_cell": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT,
+                           notes=("fused C++ cell, AVX-512/AVX2 GEMM; fp16/bf16 computed in fp32",)),
+        "gru": OpCaps(devices=frozenset({"cpu"}), dtypes=_HALF_AND_FLOAT,
+                      notes=("hoisted input GEMM + fused recurrence, C++ BPTT; fp16/bf16 computed in fp32",)),
         # ---- end GRU ----
     }
 

@@ -36,20 +36,10 @@ using gru::Grads;
 using gru::check_core;
 using gru::check_t;
 using gru::check_ws;
+using gru::kernel_dtype;
 using gru::maybe_nan_fill;
 using gru::opt_bias;
 using gru::Sizes;
-
-DType kernel_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kHalf:
-      return DType::F16;
-    case at::kBFloat16:
-      return DType::BF16;
-    default:
-      return DType::F32;  // check_core admits float32, float16 and bfloat16 only
-  }
-}
 
 // a (M, K) @ b (K, N) -> fp32: fp32 operands as they are, fp16/bf16 through cuBLAS with fp32 output.
 #ifdef PYATTN_CUDA_EMU  // CPU torch has no mm.dtype: the same exact products of 16-bit values, summed in fp32

@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#include "pyattn/cpu_util.h"
 
 #if defined(__AVX512F__)
 #define PYATTN_CPU_ISA 512
@@ -266,6 +269,56 @@ inline V vtanh(V x) {
   return r;
 }
 #endif
+
+// ------------------------------------------------------------------------------------------------------------
+// The element types of a GEMM micro-kernel
+// ------------------------------------------------------------------------------------------------------------
+// fp32 (A's scalars broadcast, one FMA per k), or, where the CPU has AVX512_BF16 (PYATTN_CPU_BF16_DOT), bf16 pairs:
+// a "word" of A or a lane of B holds two bf16 values adjacent along k; one vdpbf16ps adds both products per lane,
+// twice the fp32 FMA's work per instruction (inputs' denormals read as zero). B's rows are NB words either way:
+// loaded as floats.
+struct F32Ops {
+  using E = float;
+  static constexpr int kPer = 1;  // values per E
+  static V bcast(const float* p) { return vset(*p); }
+  static V fma(V a, V b, V c) { return vfma(a, b, c); }
+};
+#if defined(__AVX512BF16__) && PYATTN_CPU_ISA == 512
+#define PYATTN_CPU_BF16_DOT 1
+struct BF16PairOps {
+  using E = uint32_t;
+  static constexpr int kPer = 2;
+  static V bcast(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(*p))); }
+  static V fma(V a, V b, V c) { return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b); }
+};
+#else
+#define PYATTN_CPU_BF16_DOT 0
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
+// 16-bit storage rows (T = bf16_t / f16_t, pyattn/cpu_util.h)
+// ------------------------------------------------------------------------------------------------------------
+// n 16-bit values -> fp32 (exact: the bits of to_f32), NB at a time with AVX-512.
+template <class T>
+void row_to_f32(const T* s, float* d, int64_t n) {
+  int64_t x = 0;
+#if PYATTN_CPU_ISA == 512
+  for (; x + NB <= n; x += NB) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + x));
+    if constexpr (std::is_same<T, bf16_t>::value)
+      vst(d + x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    else
+      vst(d + x, _mm512_cvtph_ps(h));
+  }
+#endif
+  for (; x < n; ++x) d[x] = to_f32(s[x]);
+}
+
+// n fp32 values -> 16-bit, rounded to nearest even (the bits of from_f32).
+template <class T>
+void row_from_f32(const float* s, T* d, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) d[x] = from_f32<T>(s[x]);
+}
 
 }  // namespace simd
 }  // namespace cpu
