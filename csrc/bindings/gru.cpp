@@ -7,11 +7,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 
 #include "gru_checks.h"
 #include "pyattn/cpu_kernels.h"
+#include "pyattn/cpu_workspace.h"
 #include "pyattn/params.h"
 
 namespace pyattn {
@@ -29,7 +31,14 @@ using gru::check_ws;
 using gru::kernel_dtype;
 using gru::maybe_nan_fill;
 using gru::opt_bias;
-using gru::scratch;
+
+// The kernels' scratch: the calling thread's reusable block (pyattn/cpu_workspace.h: no page faults per call), NaN
+// filled under PYATTN_DEBUG_NAN_FILL=1 like the outputs.
+float* kernel_scratch(cpu::Workspace& w, int64_t floats) {
+  float* p = w.take(size_t(floats));
+  if (gru::nan_fill()) std::fill(p, p + floats, std::numeric_limits<float>::quiet_NaN());
+  return p;
+}
 using gru::Sizes;
 
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
@@ -69,8 +78,9 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   p.dtype = kernel_dtype(tg.dtype);
   p.num_threads = num_threads();
   maybe_nan_fill({&out, &ws});
-  Tensor workspace = scratch(cpu::gru_fwd_workspace_floats(p), f32);
-  p.workspace = workspace.data_ptr<float>();
+  const int64_t floats = cpu::gru_fwd_workspace_floats(p);
+  cpu::Workspace workspace(cpu::Workspace::round_floats(size_t(floats)));
+  p.workspace = kernel_scratch(workspace, floats);
   cpu::gru_fwd(p);
   Tensor h_last = out.select(0, reverse ? 0 : s.T - 1).clone();
   return {out, h_last, ws};
@@ -138,8 +148,9 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
   p.dtype = kernel_dtype(tg.dtype);
   p.num_threads = num_threads();
   maybe_nan_fill({&dx, &dh0, &dw_ih, &dw_hh, &db_ih, &db_hh});
-  Tensor workspace = scratch(cpu::gru_bwd_workspace_floats(p), x.options());
-  p.workspace = workspace.data_ptr<float>();
+  const int64_t floats = cpu::gru_bwd_workspace_floats(p);
+  cpu::Workspace workspace(cpu::Workspace::round_floats(size_t(floats)));
+  p.workspace = kernel_scratch(workspace, floats);
   cpu::gru_bwd(p);
   return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
 }

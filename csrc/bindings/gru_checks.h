@@ -25,11 +25,6 @@ inline bool nan_fill() {
   const char* e = std::getenv("PYATTN_DEBUG_NAN_FILL");
   return e != nullptr && e[0] == '1';
 }
-inline Tensor scratch(int64_t floats, const at::TensorOptions& opts) {
-  Tensor t = at::empty({floats}, opts.dtype(at::kFloat));
-  if (nan_fill()) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
-}
 inline void maybe_nan_fill(std::initializer_list<Tensor*> ts) {
   if (!nan_fill()) return;
   for (Tensor* t : ts)

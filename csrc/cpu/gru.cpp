@@ -409,6 +409,33 @@ void rows_interleaved(const float* s, int64_t rs, int64_t K, int64_t N, float* d
   });
 }
 
+// The words (lo[l], hi[l]) of nn bf16 values each (hi nullptr: 0), lanes >= nn 0.
+inline V pair_vec(const bf16_t* lo, const bf16_t* hi, int nn) {
+#if PYATTN_CPU_BF16_DOT
+  const __mmask16 m = lane_mask(nn);
+  const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
+  const __m512i h = hi ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi)) : _mm512_setzero_si512();
+  return _mm512_castsi512_ps(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+#else
+  alignas(64) uint32_t w[NB] = {};
+  for (int j = 0; j < nn; ++j) w[j] = uint32_t(lo[j].bits) | uint32_t(hi ? hi[j].bits : 0) << 16;
+  return vld(reinterpret_cast<const float*>(w));
+#endif
+}
+
+// rows_interleaved for a bf16 (K, N) matrix whose row k is at row(k): exact (the values are bf16 already).
+template <class Row>
+void rows_interleaved16(Row row, int64_t K, int64_t N, float* d, int nt) {
+  run_items(double(K) * double(N) < kMinParallelCell ? 1 : std::max(nt, 1), (K + 1) / 2, [&](int64_t k2, int) {
+    const bf16_t* lo = row(2 * k2);
+    const bf16_t* hi = 2 * k2 + 1 < K ? row(2 * k2 + 1) : nullptr;
+    for (int64_t n = 0; n < N; n += NB) {
+      const int nn = int(std::min<int64_t>(NB, N - n));
+      vstn(d + k2 * N + n, pair_vec(lo + n, hi ? hi + n : nullptr, nn), nn);
+    }
+  });
+}
+
 // Rows r < R of s (row stride rs, C values) as rows of ceil(C / 2) words at d.
 void rows_to_pairs(const float* s, int64_t rs, int64_t R, int64_t C, float* d, int nt) {
   const int64_t C2 = (C + 1) / 2;
@@ -669,8 +696,8 @@ BwdLayout bwd_layout(const GRUBwdParams& p) {
 
 // The backward (every operand and result fp32). With BF16PairOps (bf16 layers) its GEMMs run on bf16 pairs: the
 // weights, inputs and states are bf16 values already, the gate gradients dGi / dGh are rounded to bf16 for the
-// GEMMs (as torch's bf16 autograd stores them); the bias gradients sum them in fp32. The operands are the 16-bit
-// path's contiguous copies.
+// GEMMs (as torch's bf16 autograd stores them); the bias gradients sum them in fp32. Then x, W_ih and W_hh are the
+// caller's bf16 tensors, read only by the pair packers; everything else is the 16-bit path's fp32 copies.
 template <class Ops>
 void bwd_impl(const GRUBwdParams& p) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
@@ -727,14 +754,13 @@ void bwd_impl(const GRUBwdParams& p) {
     const int nn = int(std::min<int64_t>(NB, H - pn * NB));
     float* dst = wq + (pn - P0) * Gk * NB;
     const float* src = w_hh + pn * NB;
+    const bf16_t* src16 = static_cast<const bf16_t*>(p.w_hh) + pn * NB;  // pairs: W_hh is bf16
     const int64_t rs = p.w_hh_row_stride;
     for (int64_t k = 0; k < Gk; ++k) {
-      if (!kPairs) {
+      if (!kPairs)
         vst(dst + k * NB, vldn(src + k * rs, nn));
-      } else {
-        const V hi = 2 * k + 1 < G ? vldn(src + (2 * k + 1) * rs, nn) : vzero();
-        vst(dst + k * NB, pair_vec(vldn(src + 2 * k * rs, nn), hi));
-      }
+      else
+        vst(dst + k * NB, pair_vec(src16 + 2 * k * rs, 2 * k + 1 < G ? src16 + (2 * k + 1) * rs : nullptr, nn));
     }
   }
 
@@ -847,7 +873,8 @@ void bwd_impl(const GRUBwdParams& p) {
     float* aw = p.workspace + L.aw;
     float* ww = p.workspace + L.ww;
     rows_to_pairs(dgi, G, TB, G, aw, nt);
-    rows_interleaved(w_ih, p.w_ih_row_stride, G, I, ww, nt);
+    const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
+    rows_interleaved16([&](int64_t k) { return w16 + k * p.w_ih_row_stride; }, G, I, ww, nt);
     sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, one_step(p));
   }
   if (!need_w) return;
@@ -867,7 +894,8 @@ void bwd_impl(const GRUBwdParams& p) {
     float* aw = p.workspace + L.aw;
     float* bw = p.workspace + L.bw;
     rows_interleaved(dgi, G, TB, G, aw, nt);
-    rows_interleaved(x, p.x_b_stride, TB, I, bw, nt);  // x: contiguous (T, B, I) here
+    const bf16_t* x16 = static_cast<const bf16_t*>(p.x);
+    rows_interleaved16([&](int64_t r) { return x16 + r / B * p.x_t_stride + r % B * p.x_b_stride; }, TB, I, bw, nt);
     sgemm<Ops>(G, I, TBk, col_major(aw, G), row_major(bw, I), dw_ih, I, gemm_ws, nt);
     rows_interleaved(dgh, G, TB, G, aw, nt);
     rows_interleaved(hp_all, H, TB, H, bw, nt);
@@ -1022,15 +1050,16 @@ struct Bwd16 {
 };
 Bwd16 bwd16_layout(const GRUBwdParams& p, float* base) {
   const int64_t TB = p.T * p.B, G = 3 * p.H;
+  const bool pairs = use_pairs(p);
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   Carve c{base};
   Bwd16 l;
   l.dout = c.take(TB * p.H);
   l.dh_last = p.dh_last ? c.take(p.B * p.H) : nullptr;
-  l.x = c.take(TB * p.I);
+  l.x = pairs ? nullptr : c.take(TB * p.I);  // the pair path reads x, W_ih and W_hh as they are
   l.h0 = c.take(p.B * p.H);
-  l.w_ih = c.take(G * p.I);
-  l.w_hh = c.take(G * p.H);
+  l.w_ih = pairs ? nullptr : c.take(G * p.I);
+  l.w_hh = pairs ? nullptr : c.take(G * p.H);
   l.out = p.out ? c.take(TB * p.H) : nullptr;
   l.dx = c.take(TB * p.I);
   l.dh0 = c.take(p.B * p.H);
@@ -1049,18 +1078,24 @@ void bwd16(const GRUBwdParams& p) {
   const Bwd16 l = bwd16_layout(p, p.workspace);
   widen<T>(p.dout, TT * B, H, p.dout_t_stride, p.dout_b_stride, B, l.dout, nt);
   if (p.dh_last) widen<T>(p.dh_last, B, H, p.dh_last_row_stride, l.dh_last, nt);
-  widen<T>(p.x, TT * B, I, p.x_t_stride, p.x_b_stride, B, l.x, nt);
   widen<T>(p.h0, B, H, p.h0_row_stride, l.h0, nt);
-  widen<T>(p.w_ih, G, I, p.w_ih_row_stride, l.w_ih, nt);
-  widen<T>(p.w_hh, G, H, p.w_hh_row_stride, l.w_hh, nt);
   if (p.out) widen<T>(p.out, TT * B, H, p.out_t_stride, p.out_b_stride, B, l.out, nt);
   GRUBwdParams q = p;
+  if (l.x) {  // else (pairs) x, W_ih and W_hh stay the caller's
+    widen<T>(p.x, TT * B, I, p.x_t_stride, p.x_b_stride, B, l.x, nt);
+    widen<T>(p.w_ih, G, I, p.w_ih_row_stride, l.w_ih, nt);
+    widen<T>(p.w_hh, G, H, p.w_hh_row_stride, l.w_hh, nt);
+    q.x = l.x;
+    q.w_ih = l.w_ih;
+    q.w_hh = l.w_hh;
+    q.x_t_stride = B * I;
+    q.x_b_stride = I;
+    q.w_ih_row_stride = I;
+    q.w_hh_row_stride = H;
+  }
   q.dout = l.dout;
   q.dh_last = l.dh_last;
-  q.x = l.x;
   q.h0 = l.h0;
-  q.w_ih = l.w_ih;
-  q.w_hh = l.w_hh;
   q.out = l.out;
   q.dx = l.dx;
   q.dh0 = l.dh0;
@@ -1071,11 +1106,7 @@ void bwd16(const GRUBwdParams& p) {
   q.dout_t_stride = B * H;
   q.dout_b_stride = H;
   q.dh_last_row_stride = H;
-  q.x_t_stride = B * I;
-  q.x_b_stride = I;
   q.h0_row_stride = H;
-  q.w_ih_row_stride = I;
-  q.w_hh_row_stride = H;
   q.out_t_stride = B * H;
   q.out_b_stride = H;
   q.workspace = p.workspace + l.floats;

@@ -14,7 +14,7 @@
 namespace pyattn {
 namespace cpu {
 
-constexpr size_t kWorkspaceKeepBytes = size_t(64) << 20;  // what a thread keeps between calls, at most
+constexpr size_t kWorkspaceKeepBytes = size_t(256) << 20;  // what a thread keeps between calls, at most
 
 class Workspace {
  public:
