@@ -7,6 +7,7 @@ Cases (shape B x T x I x H, or B x I x H for the cell):
 * ``gru_hidden_sweep``: H = I in 64, 128, 256, 512 at B=32, T=100 (x = H);
 * ``gru_cell``: one step of ``GRUCell``, B in 1, 32, 256 at I=H=256 and B=64 at I=H=1024 (``--quick``: B=1 and 32
   at I=H=256); PERF.md's GPU cell target (>= 1.5x torch.nn.GRUCell) applies to its forward.
+dtypes: fp32; on CPU also bf16 (``gru`` and ``gru_cell`` cases; the sweeps are fp32 only).
 Modes: ``fwd`` = inference (eval, no autograd graph); ``fwd+bwd`` = a training step: forward with grad, then the
 gradients of (out * dout).sum() w.r.t. the input (and the cell's hidden state) and every parameter.
 Providers: ``torch.nn.GRU`` (the baseline), a ``torch.nn.GRUCell`` loop over the steps, and ``pyattn.nn.GRU`` on
@@ -58,7 +59,9 @@ def targets() -> list[Target]:
 
 def cases(ctx: BenchContext) -> list[Case]:
     out = []
-    for dt in ctx.want([torch.float32]):
+    gpu = ctx.device == "cuda"
+    # CPU: fp32, and bf16 (the cpp kernels' GEMMs on vdpbf16ps where the CPU has AVX512_BF16) without the sweeps
+    for dt in ctx.want([torch.float32] if gpu else [torch.float32, torch.bfloat16]):
         for mode in MODES:
             if ctx.tiny:
                 out.append(Case("gru", mode, {"B": 2, "T": 5, "I": 8, "H": 16}, dt, ctx.device))
@@ -68,7 +71,7 @@ def cases(ctx: BenchContext) -> list[Case]:
                 out.append(Case("gru", mode, dict(shape), dt, ctx.device))
             for shape in CELL_SHAPES[:2] if ctx.quick else CELL_SHAPES:
                 out.append(Case("gru_cell", mode, dict(shape), dt, ctx.device))
-            if ctx.quick:
+            if ctx.quick or dt != torch.float32:
                 continue
             for b in (1, 8, 32, 64):
                 out.append(Case("gru_batch_sweep", mode, {"B": b, "T": 100, "I": 256, "H": 256}, dt, ctx.device,
