@@ -448,6 +448,32 @@ def test_cell_half_matches_float64_oracle(dtype, batch, isz, hsz):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
+def test_layer_half_nan_and_inf_propagate(dtype):
+    """A NaN in h0 makes that row's states NaN at every step (stored as torch stores a rounded NaN: bf16 0x7FC0) and
+    leaves the other rows equal to a run without it; an inf input saturates the gates (sigmoid 0 / 1, tanh +-1) as
+    in the float64 reference, so the states stay finite."""
+    seq, batch, isz, hsz = 5, 9, 7, 37  # 37: vector lanes and a scalar tail in the rounding
+    params = _cast(_params(isz, hsz, True, seed=4), dtype)
+    x, h0 = torch.randn(seq, batch, isz, dtype=dtype), torch.randn(batch, hsz, dtype=dtype)
+    h0_nan = h0.clone()
+    h0_nan[3, 5] = float("nan")
+    out, _ = gru_layer(x, h0_nan, *params, backend="cpp")
+    ref, _ = gru_layer(x, h0, *params, backend="cpp")
+    assert out[:, 3].isnan().any(dim=-1).all(), "the NaN row stays NaN"
+    keep = [b for b in range(batch) if b != 3]
+    assert torch.equal(out[:, keep], ref[:, keep])
+    if dtype == torch.bfloat16:
+        bits = out[:, 3].view(torch.int16)[out[:, 3].isnan()]
+        assert (bits == 0x7FC0).all()
+    x_inf = x.clone()
+    x_inf[0, 1, 0] = float("inf")
+    out_inf, _ = gru_layer(x_inf, h0, *params, backend="cpp")
+    ref_inf, _ = gru_layer(x_inf.double(), h0.double(), *_cast(params, F64), backend="torch")
+    assert torch.isfinite(ref_inf).all() and torch.isfinite(out_inf).all()
+    _check(out_inf, ref_inf, "fwd", "out (inf input)", dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
 def test_nn_gru_half_matches_torch_nn_gru(dtype):
     """pyattn.nn.GRU in fp16 / bf16 (two bidirectional layers, batch_first) against torch.nn.GRU in float64 from the
     same rounded weights and inputs, within TOL["gru"][dtype]."""

@@ -321,8 +321,15 @@ GateBias gate_bias(const float* b_ih, const float* b_hh, int64_t H, int64_t j0, 
 inline V round_to(V h, DType st) {
   if (st == DType::F32) return h;
   alignas(64) float t[NB];
+  alignas(32) uint16_t b[NB];
   vst(t, h);
-  for (float& v : t) v = st == DType::BF16 ? to_f32(from_f32<bf16_t>(v)) : to_f32(from_f32<f16_t>(v));
+  if (st == DType::BF16) {
+    row_from_f32(t, reinterpret_cast<bf16_t*>(b), NB);
+    row_to_f32(reinterpret_cast<const bf16_t*>(b), t, NB);
+  } else {
+    row_from_f32(t, reinterpret_cast<f16_t*>(b), NB);
+    row_to_f32(reinterpret_cast<const f16_t*>(b), t, NB);
+  }
   return vld(t);
 }
 
