@@ -220,12 +220,19 @@ int64_t sgemm_scratch_floats(int64_t N, int64_t K, int nt) {
 // row-major B's full NB-wide panels are read where they are (its rows are k-major already), only a partial last
 // panel is packed; the same products in the same order.
 // With BF16PairOps, K counts words (A's and B's elements are words of two bf16 along k; the packers move bits).
-template <class Ops = F32Ops>
+// c16 (a 16-bit C with row stride ldc, else nullptr): the last K block stores C rounded there (from_f32's bits)
+// instead of into the fp32 C, which then holds only the partial sums of earlier blocks (untouched with one block).
+template <class Ops = F32Ops, class T16 = bf16_t>
 void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C, int64_t ldc, float* scratch,
-           int nt, bool b_in_place = false) {
+           int nt, bool b_in_place = false, T16* c16 = nullptr) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
-    for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(float) * N);
+    for (int64_t m = 0; m < M; ++m) {
+      if (c16)
+        std::memset(static_cast<void*>(c16 + m * ldc), 0, sizeof(T16) * N);  // +0 in both 16-bit formats
+      else
+        std::memset(C + m * ldc, 0, sizeof(float) * N);
+    }
     return;
   }
   const int64_t kc_full = gemm_kc(K), np = ceil_div(N, NB), npad = np * NB;
@@ -265,14 +272,21 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
           const int nv = int(group_end(pn, nvm, p0, np, c1) - pn);
           for (int q = 0; q < nv; ++q) bq[q] = in_place ? B.p + B.row(k0) + (pn + q) * NB : bk + (pn + q) * kc * NB;
           kMicroKernels<Ops>[mr][nv](apack, kc, bq, in_place ? B.rs_out : NB, tile);
+          const bool to16 = c16 && k0 + kc == K;
           for (int i = 0; i < mr; ++i) {
             float* crow = C + (m0 + i) * ldc;
             for (int q = 0; q < nv; ++q) {
               const int64_t c0 = (pn + q) * NB;
               const int nn = int(std::min<int64_t>(NB, N - c0));
-              V v = vld(tile + i * TLD + q * NB);
+              float* t = tile + i * TLD + q * NB;
+              V v = vld(t);
               if (k0 > 0) v = vadd(vldn(crow + c0, nn), v);
-              vstn(crow + c0, v, nn);
+              if (to16) {
+                vst(t, v);
+                row_from_f32(t, c16 + (m0 + i) * ldc + c0, nn);
+              } else {
+                vstn(crow + c0, v, nn);
+              }
             }
           }
           pn += nv;
@@ -705,8 +719,13 @@ BwdLayout bwd_layout(const GRUBwdParams& p) {
 // weights, inputs and states are bf16 values already, the gate gradients dGi / dGh are rounded to bf16 for the
 // GEMMs (as torch's bf16 autograd stores them); the bias gradients sum them in fp32. Then x, W_ih and W_hh are the
 // caller's bf16 tensors, read only by the pair packers; everything else is the 16-bit path's fp32 copies.
+// The pair path's 16-bit results, written by the GEMMs' last K block (sgemm's c16); nullptr: fp32 into p's.
+struct Out16 {
+  bf16_t *dx = nullptr, *dw_ih = nullptr, *dw_hh = nullptr;
+};
+
 template <class Ops>
-void bwd_impl(const GRUBwdParams& p) {
+void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
   constexpr bool kPairs = Ops::kPer == 2;
   const int64_t Gk = kdim<Ops>(G);  // K of dGh W_hh and dGi W_ih in Ops' elements
@@ -882,7 +901,7 @@ void bwd_impl(const GRUBwdParams& p) {
     rows_to_pairs(dgi, G, TB, G, aw, nt);
     const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
     rows_interleaved16([&](int64_t k) { return w16 + k * p.w_ih_row_stride; }, G, I, ww, nt);
-    sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, one_step(p));
+    sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, one_step(p), o16.dx);
   }
   if (!need_w) return;
   float* hp_all = p.workspace + L.hprev;  // (T * B, H): the state each (t, b) row started from
@@ -903,21 +922,15 @@ void bwd_impl(const GRUBwdParams& p) {
     rows_interleaved(dgi, G, TB, G, aw, nt);
     const bf16_t* x16 = static_cast<const bf16_t*>(p.x);
     rows_interleaved16([&](int64_t r) { return x16 + r / B * p.x_t_stride + r % B * p.x_b_stride; }, TB, I, bw, nt);
-    sgemm<Ops>(G, I, TBk, col_major(aw, G), row_major(bw, I), dw_ih, I, gemm_ws, nt);
+    sgemm<Ops>(G, I, TBk, col_major(aw, G), row_major(bw, I), dw_ih, I, gemm_ws, nt, false, o16.dw_ih);
     rows_interleaved(dgh, G, TB, G, aw, nt);
     rows_interleaved(hp_all, H, TB, H, bw, nt);
-    sgemm<Ops>(G, H, TBk, col_major(aw, G), row_major(bw, H), dw_hh, H, gemm_ws, nt);
+    sgemm<Ops>(G, H, TBk, col_major(aw, G), row_major(bw, H), dw_hh, H, gemm_ws, nt, false, o16.dw_hh);
   }
   if (p.db_ih) col_sums(dgi, TB, G, G, static_cast<float*>(p.db_ih), nt);
   if (p.db_hh) col_sums(dgh, TB, G, G, static_cast<float*>(p.db_hh), nt);
 }
 
-void bwd_f32(const GRUBwdParams& p) {
-#if PYATTN_CPU_BF16_DOT
-  if (use_pairs(p)) return bwd_impl<BF16PairOps>(p);
-#endif
-  bwd_impl<F32Ops>(p);
-}
 
 }  // namespace
 
@@ -1117,11 +1130,19 @@ void bwd16(const GRUBwdParams& p) {
   q.out_t_stride = B * H;
   q.out_b_stride = H;
   q.workspace = p.workspace + l.floats;
-  bwd_f32(q);
-  narrow<T>(l.dx, TT * B * I, p.dx, nt);
+#if PYATTN_CPU_BF16_DOT
+  if (use_pairs(p)) {  // dx, dW_ih and dW_hh rounded as their GEMMs store them
+    bwd_impl<BF16PairOps>(q, Out16{static_cast<bf16_t*>(p.dx), static_cast<bf16_t*>(p.dw_ih),
+                                   static_cast<bf16_t*>(p.dw_hh)});
+  } else
+#endif
+  {
+    bwd_impl<F32Ops>(q);
+    narrow<T>(l.dx, TT * B * I, p.dx, nt);
+    if (l.dw_ih) narrow<T>(l.dw_ih, G * I, p.dw_ih, nt);
+    if (l.dw_hh) narrow<T>(l.dw_hh, G * H, p.dw_hh, nt);
+  }
   narrow<T>(l.dh0, B * H, p.dh0, nt);
-  if (l.dw_ih) narrow<T>(l.dw_ih, G * I, p.dw_ih, nt);
-  if (l.dw_hh) narrow<T>(l.dw_hh, G * H, p.dw_hh, nt);
   if (l.db_ih) narrow<T>(l.db_ih, G, p.db_ih, nt);
   if (l.db_hh) narrow<T>(l.db_hh, G, p.db_hh, nt);
 }
@@ -1152,7 +1173,7 @@ void gru_bwd(const GRUBwdParams& p) {
   if (p.T <= 0 || p.B <= 0 || p.H <= 0) return;
   switch (p.dtype) {
     case DType::F32:
-      return bwd_f32(p);
+      return bwd_impl<F32Ops>(p);
     case DType::BF16:
       return bwd16<bf16_t>(p);
     case DType::F16:
