@@ -27,6 +27,8 @@
 // order (k ascending within a K block, blocks in order) whatever the thread count: results are deterministic and
 // independent of the number of threads.
 // SIMD: the shared vector layer pyattn/cpu_simd.h (AVX-512 NB = 16, AVX2 + FMA NB = 8, or portable NB = 4).
+// dtypes: fp32; fp16 / bf16 through fp32 copies, or for bf16 on AVX512_BF16 CPUs with every GEMM on bf16 pairs
+// (vdpbf16ps): the "16-bit storage" section at the end.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -374,14 +376,12 @@ int step_threads(int64_t B, int64_t H, int nt) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Forward
-// ------------------------------------------------------------------------------------------------------------
-// ------------------------------------------------------------------------------------------------------------
 // bf16 pairs (BF16PairOps): bf16 layers on AVX512_BF16 CPUs run their GEMMs on words of two bf16 adjacent along k
 // ------------------------------------------------------------------------------------------------------------
-// Taken for every bf16 forward where the build has PYATTN_CPU_BF16_DOT. The operands are converted to words once per
-// call (x, W_ih, W_hh; the state's rows at every step), exactly: they hold bf16 values already (the 16-bit path's
-// fp32 copies, the state rounded by gate_fwd). Products are exact and summed in fp32, as in the fp32 path.
+// Taken for every bf16 call where the build has PYATTN_CPU_BF16_DOT. x, W_ih and W_hh are read as words where they
+// are (fwd16's pair_operands) or interleaved in pairs of rows (the backward), the state's rows are converted at every
+// step (exact: gate_fwd rounded them to bf16), the backward's gate gradients are rounded to bf16 (bwd_impl).
+// Products are exact and summed in fp32, as in the fp32 path.
 template <class Params>
 bool use_pairs(const Params& p) { return PYATTN_CPU_BF16_DOT && p.dtype == DType::BF16; }
 
@@ -670,7 +670,6 @@ void fwd_impl(const GRUFwdParams& p, const FwdOperands& op) {
   });
 }
 
-
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------------------
@@ -715,15 +714,16 @@ BwdLayout bwd_layout(const GRUBwdParams& p) {
   return l;
 }
 
-// The backward (every operand and result fp32). With BF16PairOps (bf16 layers) its GEMMs run on bf16 pairs: the
-// weights, inputs and states are bf16 values already, the gate gradients dGi / dGh are rounded to bf16 for the
-// GEMMs (as torch's bf16 autograd stores them); the bias gradients sum them in fp32. Then x, W_ih and W_hh are the
-// caller's bf16 tensors, read only by the pair packers; everything else is the 16-bit path's fp32 copies.
 // The pair path's 16-bit results, written by the GEMMs' last K block (sgemm's c16); nullptr: fp32 into p's.
 struct Out16 {
   bf16_t *dx = nullptr, *dw_ih = nullptr, *dw_hh = nullptr;
 };
 
+// The backward (every operand and result fp32). With BF16PairOps (bf16 layers) its GEMMs run on bf16 pairs: the
+// weights, inputs and states are bf16 values already, the gate gradients dGi / dGh are rounded to bf16 for the
+// GEMMs (as torch's bf16 autograd stores them); the bias gradients sum them in fp32. Then x, W_ih and W_hh are the
+// caller's bf16 tensors, read only by the pair packers; everything else is the 16-bit path's fp32 copies, and dx,
+// dW_ih, dW_hh go to o16 (p's fp32 buffers hold only partial sums of earlier K blocks).
 template <class Ops>
 void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = 3 * H, P = ceil_div(H, NB), TB = T * B;
@@ -931,7 +931,6 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
   if (p.db_hh) col_sums(dgh, TB, G, G, static_cast<float*>(p.db_hh), nt);
 }
 
-
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------------------
@@ -942,7 +941,8 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
 // results are narrowed once at the end. The forward rounds each step's state to the storage type before anything
 // reads it (gate_fwd), as torch's 16-bit GRU stores h' in its dtype: out and the next step see the same values.
 // The backward keeps dh in fp32 through the steps and rounds each gradient once. bf16 on AVX512_BF16 CPUs: the
-// GEMMs on bf16 pairs (fwd_impl / bwd_impl with BF16PairOps).
+// GEMMs on bf16 pairs (fwd_impl / bwd_impl with BF16PairOps), which read x, W_ih and W_hh without fp32 copies and
+// round dx and the weight gradients as their GEMMs store them.
 namespace {
 
 // Regions carved one after another from a buffer (base nullptr: only counts the floats).
