@@ -280,15 +280,12 @@ void sgemm(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C
             for (int q = 0; q < nv; ++q) {
               const int64_t c0 = (pn + q) * NB;
               const int nn = int(std::min<int64_t>(NB, N - c0));
-              float* t = tile + i * TLD + q * NB;
-              V v = vld(t);
+              V v = vld(tile + i * TLD + q * NB);
               if (k0 > 0) v = vadd(vldn(crow + c0, nn), v);
-              if (to16) {
-                vst(t, v);
-                row_from_f32(t, c16 + (m0 + i) * ldc + c0, nn);
-              } else {
+              if (to16)
+                vst16(c16 + (m0 + i) * ldc + c0, v, nn);
+              else
                 vstn(crow + c0, v, nn);
-              }
             }
           }
           pn += nv;
@@ -338,12 +335,11 @@ inline V round_to(V h, DType st) {
   if (st == DType::F32) return h;
   alignas(64) float t[NB];
   alignas(32) uint16_t b[NB];
-  vst(t, h);
   if (st == DType::BF16) {
-    row_from_f32(t, reinterpret_cast<bf16_t*>(b), NB);
+    vst16(reinterpret_cast<bf16_t*>(b), h, NB);
     row_to_f32(reinterpret_cast<const bf16_t*>(b), t, NB);
   } else {
-    row_from_f32(t, reinterpret_cast<f16_t*>(b), NB);
+    vst16(reinterpret_cast<f16_t*>(b), h, NB);
     row_to_f32(reinterpret_cast<const f16_t*>(b), t, NB);
   }
   return vld(t);
@@ -455,6 +451,13 @@ void rows_interleaved16(Row row, int64_t K, int64_t N, float* d, int nt) {
       vstn(d + k2 * N + n, pair_vec(lo + n, hi ? hi + n : nullptr, nn), nn);
     }
   });
+}
+
+// The panel of NB columns of a bf16 (K, N) matrix starting at src (row stride rs; nn <= NB valid columns) as
+// pairs of rows: dst[k2 * NB + l] = the words (src[2 k2][l], src[2 k2 + 1][l]), k2 < ceil(K / 2).
+void pair_panel(const bf16_t* src, int64_t rs, int64_t K, int nn, float* dst) {
+  for (int64_t k2 = 0; 2 * k2 < K; ++k2)
+    vst(dst + k2 * NB, pair_vec(src + 2 * k2 * rs, 2 * k2 + 1 < K ? src + (2 * k2 + 1) * rs : nullptr, nn));
 }
 
 // Rows r < R of s (row stride rs, C values) as rows of ceil(C / 2) words at d.
@@ -684,6 +687,16 @@ struct BwdLayout {
 // Panels of W_hh the backward reads in place (one step: its full panels; W_hh's rows are k-major already).
 int64_t in_place_panels(const GRUBwdParams& p) { return one_step(p) && !use_pairs(p) ? p.H / NB : 0; }
 
+// The wq region: W_hh's packed panels, or (one step on pairs) a group of panels per thread, converted right before
+// use so that they stay in cache (pairs_by_panels).
+int64_t wq_floats(const GRUBwdParams& p) {
+  const int64_t P = ceil_div(p.H, NB);
+  if (!use_pairs(p)) return round16((P - in_place_panels(p)) * 3 * p.H * NB);
+  const int64_t Gk = ceil_div(3 * p.H, 2);
+  if (!one_step(p)) return round16(P * Gk * NB);
+  return std::max(p.num_threads, 1) * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
+}
+
 // Floats of a thread's sliver in the BPTT loop (pairs: and the rows of words it is packed from).
 int64_t bwd_sliver_floats(const GRUBwdParams& p) {
   return use_pairs(p) ? 2 * round16(MRMAX * ceil_div(3 * p.H, 2)) : round16(MRMAX * 3 * p.H);
@@ -691,12 +704,12 @@ int64_t bwd_sliver_floats(const GRUBwdParams& p) {
 
 BwdLayout bwd_layout(const GRUBwdParams& p) {
   const int kp = use_pairs(p) ? 2 : 1;
-  const int64_t P = ceil_div(p.H, NB), G = 3 * p.H, TB = p.T * p.B, Gk = ceil_div(G, kp), TBk = ceil_div(TB, kp);
+  const int64_t G = 3 * p.H, TB = p.T * p.B, Gk = ceil_div(G, kp), TBk = ceil_div(TB, kp);
   const int nt = std::max(p.num_threads, 1);
   const bool need_w = p.need_weights && p.dw_ih != nullptr;
   BwdLayout l{};
   l.wq = 0;
-  l.dgi = l.wq + round16((P - in_place_panels(p)) * Gk * NB);
+  l.dgi = l.wq + wq_floats(p);
   l.dgh = l.dgi + round16(TB * G);
   l.dh = l.dgh + round16((need_w ? TB : 2 * p.B) * G);
   l.hprev = l.dh + round16(p.B * p.H);
@@ -775,18 +788,15 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
   };
 
   // W_hh as NB-wide column panels: wq[pn - P0][k][l] = W_hh[k][pn * NB + l] (0 past H); pairs: the words of rows
-  // 2 k and 2 k + 1
-  for (int64_t pn = P0; pn < P; ++pn) {
-    const int nn = int(std::min<int64_t>(NB, H - pn * NB));
+  // 2 k and 2 k + 1 (one step on pairs: per item, below)
+  const bf16_t* w_hh16 = static_cast<const bf16_t*>(p.w_hh);  // pairs: W_hh is bf16
+  auto panel_nn = [&](int64_t pn, int64_t n) { return int(std::min<int64_t>(NB, n - pn * NB)); };
+  for (int64_t pn = P0; pn < P && !(kPairs && one_step(p)); ++pn) {
     float* dst = wq + (pn - P0) * Gk * NB;
-    const float* src = w_hh + pn * NB;
-    const bf16_t* src16 = static_cast<const bf16_t*>(p.w_hh) + pn * NB;  // pairs: W_hh is bf16
-    const int64_t rs = p.w_hh_row_stride;
-    for (int64_t k = 0; k < Gk; ++k) {
-      if (!kPairs)
-        vst(dst + k * NB, vldn(src + k * rs, nn));
-      else
-        vst(dst + k * NB, pair_vec(src16 + 2 * k * rs, 2 * k + 1 < G ? src16 + (2 * k + 1) * rs : nullptr, nn));
+    if (kPairs) {
+      pair_panel(w_hh16 + pn * NB, p.w_hh_row_stride, G, panel_nn(pn, H), dst);
+    } else {
+      for (int64_t k = 0; k < G; ++k) vst(dst + k * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, panel_nn(pn, H)));
     }
   }
 
@@ -806,11 +816,13 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
   // dh_prev = dGh_s W_hh + dh z for rows [m0, m0 + mr) and panels [pn, pn + nv), from the packed sliver a (a row
   // when mr == 1); then (s > 0) dh_prev += dout of step s - 1 and the gate math of step s - 1, or (s == 0)
   // dh0 = dh_prev.
-  auto step_tile = [&](int64_t s, int64_t m0, int mr, const float* a, int64_t pn, int nv, float* tile) {
+  // The packed panels come from `panels`, where panel pb is first (wq and P0, or one step on pairs an item's).
+  auto step_tile = [&](int64_t s, int64_t m0, int mr, const float* a, int64_t pn, int nv, float* tile,
+                       const float* panels, int64_t pb) {
     const int64_t t = tt(s);
     const float* bq[NVMAX];
-    const bool in_place = pn < P0;  // a group of panels is all in place or all from wq
-    for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : wq + (pn + q - P0) * Gk * NB;
+    const bool in_place = pn < P0;  // a group of panels is all in place or all packed
+    for (int q = 0; q < nv; ++q) bq[q] = in_place ? w_hh + (pn + q) * NB : panels + (pn + q - pb) * Gk * NB;
     kMicroKernels<Ops>[mr][nv](a, Gk, bq, in_place ? p.w_hh_row_stride : NB, tile);
     for (int q = 0; q < nv; ++q) {
       const int64_t j0 = (pn + q) * NB;
@@ -849,15 +861,24 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
       }
       pack_a(row_major(src, Gk), m0, mr, 0, Gk, slivers + m0 * Gk);
     });
-    run_items(nth, npg, [&](int64_t c, int) {  // chunk c: panels [c * nv_max(MRMAX), ...), in groups
+    run_items(nth, npg, [&](int64_t c, int tid) {  // chunk c: panels [c * nv_max(MRMAX), ...), in groups
       const int64_t c0 = c * nv_max(MRMAX), c1 = std::min(P, c0 + nv_max(MRMAX));
+      const float* panels = wq;
+      int64_t pb = P0;
+      if (kPairs) {  // this chunk's panels as pairs, in the thread's part of wq (they stay in cache)
+        float* buf = wq + tid * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
+        for (int64_t pn = c0; pn < c1; ++pn)
+          pair_panel(w_hh16 + pn * NB, p.w_hh_row_stride, G, panel_nn(pn, H), buf + (pn - c0) * Gk * NB);
+        panels = buf;
+        pb = c0;
+      }
       alignas(64) float tile[MRMAX * TLD] = {};
       for (int64_t sl = 0; sl < ns; ++sl) {
         const int64_t m0 = sl * MRMAX;
         const int mr = int(std::min<int64_t>(MRMAX, B - m0));
         for (int64_t pn = c0; pn < c1;) {
           const int64_t pe = group_end(pn, nv_max(mr), P0, P, c1);
-          step_tile(0, m0, mr, slivers + m0 * Gk, pn, int(pe - pn), tile);
+          step_tile(0, m0, mr, slivers + m0 * Gk, pn, int(pe - pn), tile, panels, pb);
           pn = pe;
         }
       }
@@ -884,7 +905,7 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
         }
         for (int64_t pn = 0; pn < P;) {
           const int64_t pe = group_end(pn, nv_max(mr), P0, P, P);
-          step_tile(s, m0, mr, a, pn, int(pe - pn), tile);
+          step_tile(s, m0, mr, a, pn, int(pe - pn), tile, wq, P0);
           pn = pe;
         }
       }
@@ -895,13 +916,51 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
   float* dx = static_cast<float*>(p.dx);
   if (!kPairs) {
     sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), dx, I, gemm_ws, nt, one_step(p));
-  } else {  // dGi's rows as words (pairs along 3H) times W_ih's rows interleaved in pairs
+  } else if (!one_step(p)) {  // dGi's rows as words (pairs along 3H) times W_ih's rows interleaved in pairs
     float* aw = p.workspace + L.aw;
     float* ww = p.workspace + L.ww;
     rows_to_pairs(dgi, G, TB, G, aw, nt);
     const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
     rows_interleaved16([&](int64_t k) { return w16 + k * p.w_ih_row_stride; }, G, I, ww, nt);
-    sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, one_step(p), o16.dx);
+    sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, false, o16.dx);
+  } else {  // one step on pairs: as dGh W_hh above, W_ih's panels converted per item, used by every sliver
+    float* rows = p.workspace + L.aw;
+    float* slivers = p.workspace + L.sliver;
+    const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
+    const int64_t ns = ceil_div(B, MRMAX), PI = ceil_div(I, NB), npg = ceil_div(PI, nv_max(MRMAX));
+    const int nth = double(B) * double(G) * double(I) < kMinParallelCell ? 1 : nt;
+    rows_to_pairs(dgi, G, B, G, rows, nth);
+    run_items(nth, ns, [&](int64_t sl, int) {
+      const int64_t m0 = sl * MRMAX;
+      pack_a(row_major(rows, Gk), m0, int(std::min<int64_t>(MRMAX, B - m0)), 0, Gk, slivers + m0 * Gk);
+    });
+    run_items(nth, npg, [&](int64_t c, int tid) {
+      const int64_t c0 = c * nv_max(MRMAX), c1 = std::min(PI, c0 + nv_max(MRMAX));
+      float* buf = wq + tid * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
+      for (int64_t pn = c0; pn < c1; ++pn)
+        pair_panel(w16 + pn * NB, p.w_ih_row_stride, G, panel_nn(pn, I), buf + (pn - c0) * Gk * NB);
+      alignas(64) float tile[MRMAX * TLD];
+      const float* bq[NVMAX];
+      for (int64_t sl = 0; sl < ns; ++sl) {
+        const int64_t m0 = sl * MRMAX;
+        const int mr = int(std::min<int64_t>(MRMAX, B - m0));
+        for (int64_t pn = c0; pn < c1;) {
+          const int nv = int(group_end(pn, nv_max(mr), 0, PI, c1) - pn);
+          for (int q = 0; q < nv; ++q) bq[q] = buf + (pn + q - c0) * Gk * NB;
+          kMicroKernels<Ops>[mr][nv](slivers + m0 * Gk, Gk, bq, NB, tile);
+          for (int i = 0; i < mr; ++i)
+            for (int q = 0; q < nv; ++q) {
+              const int64_t j0 = (pn + q) * NB, row = m0 + i;
+              const V v = vld(tile + i * TLD + q * NB);
+              if (o16.dx)
+                vst16(o16.dx + row * I + j0, v, panel_nn(pn + q, I));
+              else
+                vstn(dx + row * I + j0, v, panel_nn(pn + q, I));
+            }
+          pn += nv;
+        }
+      }
+    });
   }
   if (!need_w) return;
   float* hp_all = p.workspace + L.hprev;  // (T * B, H): the state each (t, b) row started from

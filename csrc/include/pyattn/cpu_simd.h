@@ -314,29 +314,47 @@ void row_to_f32(const T* s, float* d, int64_t n) {
   for (; x < n; ++x) d[x] = to_f32(s[x]);
 }
 
-// n fp32 values -> 16-bit, rounded to nearest even (the bits of from_f32: NaN -> 0x7FC0 for bf16), NB at a time
-// with AVX-512.
+#if PYATTN_CPU_ISA == 512
+// The NB lanes of v as 16-bit values, rounded to nearest even (the bits of from_f32: NaN -> 0x7FC0 for bf16).
+template <class T>
+inline __m256i v_to_16(V v) {
+  if constexpr (std::is_same<T, bf16_t>::value) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                   _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0)));
+  } else {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+#endif
+
+// n fp32 values -> 16-bit, rounded to nearest even (the bits of from_f32), NB at a time with AVX-512.
 template <class T>
 void row_from_f32(const float* s, T* d, int64_t n) {
   int64_t x = 0;
 #if PYATTN_CPU_ISA == 512
-  for (; x + NB <= n; x += NB) {
-    __m256i h;
-    if constexpr (std::is_same<T, bf16_t>::value) {
-      const __m512i u = _mm512_castps_si512(vld(s + x));
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                     _mm512_set1_epi32(0x7f800000));
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-      h = _mm512_cvtepi32_epi16(r);
-    } else {
-      h = _mm512_cvtps_ph(vld(s + x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + x), h);
-  }
+  for (; x + NB <= n; x += NB) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + x), v_to_16<T>(vld(s + x)));
 #endif
   for (; x < n; ++x) d[x] = from_f32<T>(s[x]);
+}
+
+// The first n lanes of v -> 16-bit at d (row_from_f32's bits).
+template <class T>
+inline void vst16(T* d, V v, int n) {
+#if PYATTN_CPU_ISA == 512
+  const __m256i h = v_to_16<T>(v);
+  if (n >= NB)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), h);
+  else
+    _mm256_mask_storeu_epi16(d, static_cast<__mmask16>((1u << n) - 1u), h);
+#else
+  alignas(64) float t[NB];
+  vst(t, v);
+  row_from_f32(t, d, n < NB ? n : NB);
+#endif
 }
 
 }  // namespace simd
