@@ -1,7 +1,7 @@
 // CPU implementations of pyattn::gru_seq_fwd / gru_seq_bwd (one direction of one GRU layer) and
 // pyattn::gru_step_fwd / gru_step_bwd (one cell step), schemas in library.cpp: input checks, output and workspace
 // allocation, params filling, then the torch-free kernels of csrc/cpu/gru.cpp: float32, float16 and bfloat16 (every
-// tensor in the input's dtype; 16-bit operands are widened to fp32 inside the kernels).
+// tensor in the input's dtype; the kernels sum 16-bit products in fp32 and round the results to the dtype).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,6 +31,7 @@ using gru::check_ws;
 using gru::kernel_dtype;
 using gru::maybe_nan_fill;
 using gru::opt_bias;
+using gru::Sizes;
 
 // The kernels' scratch: the calling thread's reusable block (pyattn/cpu_workspace.h: no page faults per call), NaN
 // filled under PYATTN_DEBUG_NAN_FILL=1 like the outputs.
@@ -39,7 +40,6 @@ float* kernel_scratch(cpu::Workspace& w, int64_t floats) {
   if (gru::nan_fill()) std::fill(p, p + floats, std::numeric_limits<float>::quiet_NaN());
   return p;
 }
-using gru::Sizes;
 
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                            const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
