@@ -525,6 +525,40 @@ void pack_gate_panel(const float* w, int64_t wrs, int64_t H, int64_t K, int64_t 
   }
 }
 
+// The 16-bit storage type T's values at src (n of them) widened into dst, by dtype.
+inline void row_to_f32_dt(const void* src, DType dt, float* dst, int64_t n) {
+  if (dt == DType::BF16)
+    row_to_f32(static_cast<const bf16_t*>(src), dst, n);
+  else
+    row_to_f32(static_cast<const f16_t*>(src), dst, n);
+}
+
+// pack_gate_panel from a 16-bit W (dtype dt, element strides), widened on the way: a block of NB rows x NB k at a
+// time is widened into a buffer and transposed from there.
+void pack_gate_panel16(const void* w, DType dt, int64_t wrs, int64_t H, int64_t K, int64_t j0, float* __restrict dst) {
+  const int nn = int(std::min<int64_t>(NB, H - j0));
+  const size_t esz = 2;  // bytes of a 16-bit element
+  alignas(64) float blk[NB * NB];
+  for (int gate = 0; gate < 3; ++gate) {
+    const char* src = static_cast<const char*>(w) + (gate * H + j0) * wrs * esz;
+    float* d = dst + gate * NB;
+    for (int64_t k = 0; k < K; k += NB) {
+      const int kk = int(std::min<int64_t>(NB, K - k));
+      for (int l = 0; l < NB; ++l) {
+        if (l < nn)
+          row_to_f32_dt(src + (l * wrs + k) * esz, dt, blk + l * NB, kk);
+        for (int c = l < nn ? kk : 0; c < NB; ++c) blk[l * NB + c] = 0.0f;
+      }
+      if (kk == NB) {
+        transpose_nb(blk, NB, d + k * 3 * NB, 3 * NB);
+      } else {
+        for (int c = 0; c < kk; ++c)
+          for (int l = 0; l < NB; ++l) d[(k + c) * 3 * NB + l] = blk[l * NB + c];
+      }
+    }
+  }
+}
+
 // The forward's tensors, typed.
 struct FwdTensors {
   const float *x, *h0, *w_ih, *w_hh, *b_ih, *b_hh;
@@ -540,6 +574,7 @@ struct FwdTensors {
 // t * B + b, h0, W_ih, W_hh.
 struct FwdOperands {
   Mat x, h0, w_ih, w_hh;
+  const void *w16_ih = nullptr, *w16_hh = nullptr;  // a cell's 16-bit weights (fp32 Ops): panels widened per item
 };
 FwdOperands fp32_operands(const GRUFwdParams& p) {
   return {Mat{static_cast<const float*>(p.x), p.x_t_stride, p.x_b_stride, p.B, 1},
@@ -576,8 +611,13 @@ void cell_fwd(const GRUFwdParams& p, const FwdLayout& L, const FwdOperands& op) 
     const int nj = int(std::min<int64_t>(NB, H - j0));
     float* wi = ws0 + L.wp + tid * cell_panel_floats(I, Hk);  // [k][r | z | n][NB], I rows of W_ih
     float* wh = wi + 3 * NB * I;                                // and Hk rows of W_hh
-    pack_gate_panel(op.w_ih.p, op.w_ih.rs_out, H, I, j0, wi);
-    pack_gate_panel(op.w_hh.p, op.w_hh.rs_out, H, Hk, j0, wh);
+    if (op.w16_ih) {
+      pack_gate_panel16(op.w16_ih, p.dtype, p.w_ih_row_stride, H, I, j0, wi);
+      pack_gate_panel16(op.w16_hh, p.dtype, p.w_hh_row_stride, H, Hk, j0, wh);
+    } else {
+      pack_gate_panel(op.w_ih.p, op.w_ih.rs_out, H, I, j0, wi);
+      pack_gate_panel(op.w_hh.p, op.w_hh.rs_out, H, Hk, j0, wh);
+    }
     const GateBias bias = gate_bias(io.b_ih, io.b_hh, H, j0, nj);
     alignas(64) float gi[MRMAX * TLD], gh[MRMAX * TLD];  // row i, gate g at i * TLD + g * NB
     const float* bq[3];
@@ -685,16 +725,18 @@ struct BwdLayout {
 };
 
 // Panels of W_hh the backward reads in place (one step: its full panels; W_hh's rows are k-major already).
-int64_t in_place_panels(const GRUBwdParams& p) { return one_step(p) && !use_pairs(p) ? p.H / NB : 0; }
+int64_t in_place_panels(const GRUBwdParams& p) { return one_step(p) && p.dtype == DType::F32 ? p.H / NB : 0; }
 
-// The wq region: W_hh's packed panels, or (one step on pairs) a group of panels per thread, converted right before
-// use so that they stay in cache (pairs_by_panels).
+// A 16-bit one-step backward (bwd16 leaves a cell's weights 16-bit): each work item converts its group of weight
+// panels (to pairs, or widened to fp32) right before its slivers use it, so the weights are read once and the
+// converted panels stay in cache.
+bool panels_per_item(const GRUBwdParams& p) { return one_step(p) && p.dtype != DType::F32; }
+
+// The wq region: W_hh's packed panels, or (panels_per_item) a group of panels per thread.
 int64_t wq_floats(const GRUBwdParams& p) {
-  const int64_t P = ceil_div(p.H, NB);
-  if (!use_pairs(p)) return round16((P - in_place_panels(p)) * 3 * p.H * NB);
-  const int64_t Gk = ceil_div(3 * p.H, 2);
-  if (!one_step(p)) return round16(P * Gk * NB);
-  return std::max(p.num_threads, 1) * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
+  const int64_t P = ceil_div(p.H, NB), Gk = ceil_div(3 * p.H, use_pairs(p) ? 2 : 1);
+  if (panels_per_item(p)) return std::max(p.num_threads, 1) * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
+  return round16((P - in_place_panels(p)) * Gk * NB);
 }
 
 // Floats of a thread's sliver in the BPTT loop (pairs: and the rows of words it is packed from).
@@ -789,12 +831,24 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
 
   // W_hh as NB-wide column panels: wq[pn - P0][k][l] = W_hh[k][pn * NB + l] (0 past H); pairs: the words of rows
   // 2 k and 2 k + 1 (one step on pairs: per item, below)
-  const bf16_t* w_hh16 = static_cast<const bf16_t*>(p.w_hh);  // pairs: W_hh is bf16
+  const bool per_item = panels_per_item(p);  // then (and with pairs) W_ih and W_hh are 16-bit
   auto panel_nn = [&](int64_t pn, int64_t n) { return int(std::min<int64_t>(NB, n - pn * NB)); };
-  for (int64_t pn = P0; pn < P && !(kPairs && one_step(p)); ++pn) {
+  // Panel pn (NB columns of n) of a 16-bit weight w (G rows, row stride rs): pairs of rows, or widened.
+  auto panel16 = [&](const void* w, int64_t rs, int64_t pn, int64_t n, float* dst) {
+    if (kPairs) {
+      pair_panel(static_cast<const bf16_t*>(w) + pn * NB, rs, G, panel_nn(pn, n), dst);
+    } else {
+      const int nn = panel_nn(pn, n);
+      for (int64_t k = 0; k < G; ++k) {
+        row_to_f32_dt(static_cast<const char*>(w) + (k * rs + pn * NB) * 2, p.dtype, dst + k * NB, nn);
+        for (int l = nn; l < NB; ++l) dst[k * NB + l] = 0.0f;
+      }
+    }
+  };
+  for (int64_t pn = P0; pn < P && !per_item; ++pn) {
     float* dst = wq + (pn - P0) * Gk * NB;
     if (kPairs) {
-      pair_panel(w_hh16 + pn * NB, p.w_hh_row_stride, G, panel_nn(pn, H), dst);
+      panel16(p.w_hh, p.w_hh_row_stride, pn, H, dst);
     } else {
       for (int64_t k = 0; k < G; ++k) vst(dst + k * NB, vldn(w_hh + k * p.w_hh_row_stride + pn * NB, panel_nn(pn, H)));
     }
@@ -865,10 +919,9 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
       const int64_t c0 = c * nv_max(MRMAX), c1 = std::min(P, c0 + nv_max(MRMAX));
       const float* panels = wq;
       int64_t pb = P0;
-      if (kPairs) {  // this chunk's panels as pairs, in the thread's part of wq (they stay in cache)
+      if (per_item) {  // this chunk's panels, converted into the thread's part of wq (they stay in cache)
         float* buf = wq + tid * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
-        for (int64_t pn = c0; pn < c1; ++pn)
-          pair_panel(w_hh16 + pn * NB, p.w_hh_row_stride, G, panel_nn(pn, H), buf + (pn - c0) * Gk * NB);
+        for (int64_t pn = c0; pn < c1; ++pn) panel16(p.w_hh, p.w_hh_row_stride, pn, H, buf + (pn - c0) * Gk * NB);
         panels = buf;
         pb = c0;
       }
@@ -914,22 +967,24 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
 
   float* gemm_ws = p.workspace + L.gemm;
   float* dx = static_cast<float*>(p.dx);
-  if (!kPairs) {
+  if (!kPairs && !per_item) {
     sgemm(TB, I, G, row_major(dgi, G), row_major(w_ih, p.w_ih_row_stride), dx, I, gemm_ws, nt, one_step(p));
-  } else if (!one_step(p)) {  // dGi's rows as words (pairs along 3H) times W_ih's rows interleaved in pairs
+  } else if (!per_item) {  // dGi's rows as words (pairs along 3H) times W_ih's rows interleaved in pairs
     float* aw = p.workspace + L.aw;
     float* ww = p.workspace + L.ww;
     rows_to_pairs(dgi, G, TB, G, aw, nt);
     const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
     rows_interleaved16([&](int64_t k) { return w16 + k * p.w_ih_row_stride; }, G, I, ww, nt);
     sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, false, o16.dx);
-  } else {  // one step on pairs: as dGh W_hh above, W_ih's panels converted per item, used by every sliver
-    float* rows = p.workspace + L.aw;
+  } else {  // one 16-bit step: as dGh W_hh above, W_ih's panels converted per item, used by every sliver
+    const float* rows = dgi;  // dGi's rows (pairs: as words)
     float* slivers = p.workspace + L.sliver;
-    const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
     const int64_t ns = ceil_div(B, MRMAX), PI = ceil_div(I, NB), npg = ceil_div(PI, nv_max(MRMAX));
     const int nth = double(B) * double(G) * double(I) < kMinParallelCell ? 1 : nt;
-    rows_to_pairs(dgi, G, B, G, rows, nth);
+    if (kPairs) {
+      rows_to_pairs(dgi, G, B, G, p.workspace + L.aw, nth);
+      rows = p.workspace + L.aw;
+    }
     run_items(nth, ns, [&](int64_t sl, int) {
       const int64_t m0 = sl * MRMAX;
       pack_a(row_major(rows, Gk), m0, int(std::min<int64_t>(MRMAX, B - m0)), 0, Gk, slivers + m0 * Gk);
@@ -937,8 +992,7 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
     run_items(nth, npg, [&](int64_t c, int tid) {
       const int64_t c0 = c * nv_max(MRMAX), c1 = std::min(PI, c0 + nv_max(MRMAX));
       float* buf = wq + tid * round16(int64_t(nv_max(MRMAX)) * Gk * NB);
-      for (int64_t pn = c0; pn < c1; ++pn)
-        pair_panel(w16 + pn * NB, p.w_ih_row_stride, G, panel_nn(pn, I), buf + (pn - c0) * Gk * NB);
+      for (int64_t pn = c0; pn < c1; ++pn) panel16(p.w_ih, p.w_ih_row_stride, pn, I, buf + (pn - c0) * Gk * NB);
       alignas(64) float tile[MRMAX * TLD];
       const float* bq[NVMAX];
       for (int64_t sl = 0; sl < ns; ++sl) {
@@ -1050,10 +1104,11 @@ Fwd16 fwd16_layout(const GRUFwdParams& p, float* base) {
   const bool pairs = use_pairs(p);
   Carve c{base};
   Fwd16 l{};
+  const bool w_copies = !pairs && !one_step(p);  // a cell widens its weights' panels as it packs them
   l.x = pairs ? nullptr : c.take(p.T * p.B * p.I);
   l.h0 = c.take(p.B * p.H);
-  l.w_ih = pairs ? nullptr : c.take(3 * p.H * p.I);
-  l.w_hh = pairs ? nullptr : c.take(3 * p.H * p.H);
+  l.w_ih = w_copies ? c.take(3 * p.H * p.I) : nullptr;
+  l.w_hh = w_copies ? c.take(3 * p.H * p.H) : nullptr;
   l.b_ih = p.b_ih ? c.take(3 * p.H) : nullptr;
   l.b_hh = p.b_hh ? c.take(3 * p.H) : nullptr;
   l.out = c.take(p.T * p.B * p.H);
@@ -1108,16 +1163,21 @@ void fwd16(const GRUFwdParams& p) {
   }
 #endif
   widen<T>(p.x, TT * B, I, p.x_t_stride, p.x_b_stride, B, l.x, nt);
-  widen<T>(p.w_ih, 3 * H, I, p.w_ih_row_stride, l.w_ih, nt);
-  widen<T>(p.w_hh, 3 * H, H, p.w_hh_row_stride, l.w_hh, nt);
   q.x = l.x;
-  q.w_ih = l.w_ih;
-  q.w_hh = l.w_hh;
   q.x_t_stride = B * I;
   q.x_b_stride = I;
-  q.w_ih_row_stride = I;
-  q.w_hh_row_stride = H;
-  fwd_impl<F32Ops>(q, fp32_operands(q));
+  if (l.w_ih) {
+    widen<T>(p.w_ih, 3 * H, I, p.w_ih_row_stride, l.w_ih, nt);
+    widen<T>(p.w_hh, 3 * H, H, p.w_hh_row_stride, l.w_hh, nt);
+    q.w_ih = l.w_ih;
+    q.w_hh = l.w_hh;
+    q.w_ih_row_stride = I;
+    q.w_hh_row_stride = H;
+    fwd_impl<F32Ops>(q, fp32_operands(q));
+  } else {  // a cell: q's weights stay the caller's 16-bit ones
+    FwdOperands op{Mat{l.x, B * I, I, B, 1}, row_major(l.h0, H), {}, {}, p.w_ih, p.w_hh};
+    fwd_impl<F32Ops>(q, op);
+  }
   narrow<T>(l.out, TT * B * H, p.out, nt);
 }
 
@@ -1135,10 +1195,11 @@ Bwd16 bwd16_layout(const GRUBwdParams& p, float* base) {
   Bwd16 l;
   l.dout = c.take(TB * p.H);
   l.dh_last = p.dh_last ? c.take(p.B * p.H) : nullptr;
-  l.x = pairs ? nullptr : c.take(TB * p.I);  // the pair path reads x, W_ih and W_hh as they are
+  const bool w_copies = !pairs && !one_step(p);  // pairs read W_ih, W_hh as they are, and a cell converts per item
+  l.x = pairs ? nullptr : c.take(TB * p.I);       // pairs read x as it is
   l.h0 = c.take(p.B * p.H);
-  l.w_ih = pairs ? nullptr : c.take(G * p.I);
-  l.w_hh = pairs ? nullptr : c.take(G * p.H);
+  l.w_ih = w_copies ? c.take(G * p.I) : nullptr;
+  l.w_hh = w_copies ? c.take(G * p.H) : nullptr;
   l.out = p.out ? c.take(TB * p.H) : nullptr;
   l.dx = c.take(TB * p.I);
   l.dh0 = c.take(p.B * p.H);
@@ -1160,15 +1221,17 @@ void bwd16(const GRUBwdParams& p) {
   widen<T>(p.h0, B, H, p.h0_row_stride, l.h0, nt);
   if (p.out) widen<T>(p.out, TT * B, H, p.out_t_stride, p.out_b_stride, B, l.out, nt);
   GRUBwdParams q = p;
-  if (l.x) {  // else (pairs) x, W_ih and W_hh stay the caller's
+  if (l.x) {  // else (pairs) x stays the caller's
     widen<T>(p.x, TT * B, I, p.x_t_stride, p.x_b_stride, B, l.x, nt);
-    widen<T>(p.w_ih, G, I, p.w_ih_row_stride, l.w_ih, nt);
-    widen<T>(p.w_hh, G, H, p.w_hh_row_stride, l.w_hh, nt);
     q.x = l.x;
-    q.w_ih = l.w_ih;
-    q.w_hh = l.w_hh;
     q.x_t_stride = B * I;
     q.x_b_stride = I;
+  }
+  if (l.w_ih) {  // else W_ih and W_hh stay the caller's (pairs, or a cell: panels converted per item)
+    widen<T>(p.w_ih, G, I, p.w_ih_row_stride, l.w_ih, nt);
+    widen<T>(p.w_hh, G, H, p.w_hh_row_stride, l.w_hh, nt);
+    q.w_ih = l.w_ih;
+    q.w_hh = l.w_hh;
     q.w_ih_row_stride = I;
     q.w_hh_row_stride = H;
   }
