@@ -653,6 +653,29 @@ def test_bad_inputs_to_cpp_op_raise_naming_the_argument(mutate, match):
     assert out.shape == (4, 3, 7) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=_dt_id)
+def test_half_ops_empty_inputs_and_dtype_mismatch(dtype):
+    """16-bit C++ ops on empty sequences / batches return the dtype's empty or zero results (and h_T = h0), and a
+    tensor of another dtype than the input is refused naming it."""
+    ops = torch.ops.pyattn
+    w_ih, w_hh, b_ih, b_hh = _cast(_params(5, 7, True), dtype)
+    h0 = torch.randn(2, 7, dtype=dtype)
+    o, hl, ws = ops.gru_seq_fwd(torch.randn(0, 2, 5, dtype=dtype), h0, w_ih, w_hh, b_ih, b_hh, False, True)
+    assert o.shape == (0, 2, 7) and o.dtype == dtype and torch.equal(hl, h0) and ws.dtype == F32
+    o, hl, _ = ops.gru_seq_fwd(torch.randn(3, 0, 5, dtype=dtype), h0[:0], w_ih, w_hh, b_ih, b_hh, False, False)
+    assert o.shape == (3, 0, 7) and hl.shape == (0, 7) and o.dtype == dtype
+    dl = torch.randn(2, 7, dtype=dtype)
+    g = ops.gru_seq_bwd(torch.randn(0, 2, 7, dtype=dtype), dl, torch.randn(0, 2, 5, dtype=dtype), h0, w_ih, w_hh,
+                        None, torch.zeros(0, 2, 28), True, True, False, True)
+    assert all(t.dtype == dtype for t in g) and torch.equal(g[1], dl)
+    assert all(torch.count_nonzero(t) == 0 for t in g[2:])
+    name = str(dtype).split(".")[-1]
+    with pytest.raises(RuntimeError, match=f"h0 must have dtype {name}"):
+        ops.gru_seq_fwd(torch.randn(3, 2, 5, dtype=dtype), h0.float(), w_ih, w_hh, b_ih, b_hh, False, True)
+    with pytest.raises(RuntimeError, match=f"weight_hh must have dtype {name}"):
+        ops.gru_seq_fwd(torch.randn(3, 2, 5, dtype=dtype), h0, w_ih, w_hh.float(), b_ih, b_hh, False, True)
+
+
 def test_bad_workspace_to_cpp_backward_raises():
     args = _seq_args()
     out, h, ws = torch.ops.pyattn.gru_seq_fwd(*args, False, True)
