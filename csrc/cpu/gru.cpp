@@ -385,6 +385,9 @@ bool use_pairs(const Params& p) { return PYATTN_CPU_BF16_DOT && p.dtype == DType
 template <class Ops>
 int64_t kdim(int64_t K) { return (K + Ops::kPer - 1) / Ops::kPer; }
 
+// Threads for a conversion pass over n elements (copies, pairs, widening, narrowing).
+int conversion_threads(int64_t n, int nt) { return double(n) < kMinParallelCell ? 1 : std::max(nt, 1); }
+
 inline uint32_t bf16_pair(float lo, float hi) { return uint32_t(f32_to_bf16(lo)) | uint32_t(f32_to_bf16(hi)) << 16; }
 
 // d[c2] = the pair (s[2 c2], s[2 c2 + 1]) rounded to bf16 (0 past C), c2 < ceil(C / 2); d holds words.
@@ -413,17 +416,9 @@ inline V pair_vec(V lo, V hi) {
 #endif
 }
 
-// d[k2 * N + n] = the pair (s[2 k2][n], s[2 k2 + 1][n]) rounded to bf16 (row K reads as 0 when K is odd), k2 <
-// ceil(K / 2): a (K, N) matrix with row stride rs as the B operand of a pair GEMM over k (rows k2 of N words).
-void rows_interleaved(const float* s, int64_t rs, int64_t K, int64_t N, float* d, int nt) {
-  run_items(double(K) * double(N) < kMinParallelCell ? 1 : std::max(nt, 1), (K + 1) / 2, [&](int64_t k2, int) {
-    const float* lo = s + 2 * k2 * rs;
-    const float* hi = 2 * k2 + 1 < K ? lo + rs : nullptr;
-    for (int64_t n = 0; n < N; n += NB) {
-      const int nn = int(std::min<int64_t>(NB, N - n));
-      vstn(d + k2 * N + n, pair_vec(vldn(lo + n, nn), hi ? vldn(hi + n, nn) : vzero()), nn);
-    }
-  });
+// The words (lo[l], hi[l]) of nn fp32 values each rounded to bf16 (hi nullptr: 0), lanes >= nn 0.
+inline V pair_vec(const float* lo, const float* hi, int nn) {
+  return pair_vec(vldn(lo, nn), hi ? vldn(hi, nn) : vzero());
 }
 
 // The words (lo[l], hi[l]) of nn bf16 values each (hi nullptr: 0), lanes >= nn 0.
@@ -440,17 +435,24 @@ inline V pair_vec(const bf16_t* lo, const bf16_t* hi, int nn) {
 #endif
 }
 
-// rows_interleaved for a bf16 (K, N) matrix whose row k is at row(k): exact (the values are bf16 already).
+// d[k2 * N + n] = the pair (row(2 k2)[n], row(2 k2 + 1)[n]) (row K reads as 0 when K is odd), k2 < ceil(K / 2): a
+// (K, N) matrix, fp32 (rounded to bf16) or bf16 (exact), whose row k is at row(k), as the B operand of a pair GEMM
+// over k (rows k2 of N words).
 template <class Row>
-void rows_interleaved16(Row row, int64_t K, int64_t N, float* d, int nt) {
-  run_items(double(K) * double(N) < kMinParallelCell ? 1 : std::max(nt, 1), (K + 1) / 2, [&](int64_t k2, int) {
-    const bf16_t* lo = row(2 * k2);
-    const bf16_t* hi = 2 * k2 + 1 < K ? row(2 * k2 + 1) : nullptr;
+void rows_interleaved(Row row, int64_t K, int64_t N, float* d, int nt) {
+  run_items(conversion_threads(K * N, nt), (K + 1) / 2, [&](int64_t k2, int) {
+    const auto* lo = row(2 * k2);
+    const decltype(lo) hi = 2 * k2 + 1 < K ? row(2 * k2 + 1) : nullptr;
     for (int64_t n = 0; n < N; n += NB) {
       const int nn = int(std::min<int64_t>(NB, N - n));
       vstn(d + k2 * N + n, pair_vec(lo + n, hi ? hi + n : nullptr, nn), nn);
     }
   });
+}
+// The rows of a matrix at s with row stride rs, for rows_interleaved.
+template <class T>
+auto rows_at(const T* s, int64_t rs) {
+  return [s, rs](int64_t k) { return s + k * rs; };
 }
 
 // The panel of NB columns of a bf16 (K, N) matrix starting at src (row stride rs; nn <= NB valid columns) as
@@ -463,8 +465,7 @@ void pair_panel(const bf16_t* src, int64_t rs, int64_t K, int nn, float* dst) {
 // Rows r < R of s (row stride rs, C values) as rows of ceil(C / 2) words at d.
 void rows_to_pairs(const float* s, int64_t rs, int64_t R, int64_t C, float* d, int nt) {
   const int64_t C2 = (C + 1) / 2;
-  run_items(double(R) * double(C) < kMinParallelCell ? 1 : std::max(nt, 1), R,
-            [&](int64_t r, int) { row_to_pairs(s + r * rs, C, d + r * C2); });
+  run_items(conversion_threads(R * C, nt), R, [&](int64_t r, int) { row_to_pairs(s + r * rs, C, d + r * C2); });
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -560,14 +561,12 @@ void pack_gate_panel16(const void* w, DType dt, int64_t wrs, int64_t H, int64_t 
 }
 
 // The forward's tensors, typed.
-struct FwdTensors {
-  const float *x, *h0, *w_ih, *w_hh, *b_ih, *b_hh;
+struct FwdTensors {  // x and the weights reach the GEMMs as FwdOperands
+  const float *h0, *b_ih, *b_hh;
   float* out;
   explicit FwdTensors(const GRUFwdParams& p)
-      : x(static_cast<const float*>(p.x)), h0(static_cast<const float*>(p.h0)),
-        w_ih(static_cast<const float*>(p.w_ih)), w_hh(static_cast<const float*>(p.w_hh)),
-        b_ih(static_cast<const float*>(p.b_ih)), b_hh(static_cast<const float*>(p.b_hh)),
-        out(static_cast<float*>(p.out)) {}
+      : h0(static_cast<const float*>(p.h0)), b_ih(static_cast<const float*>(p.b_ih)),
+        b_hh(static_cast<const float*>(p.b_hh)), out(static_cast<float*>(p.out)) {}
 };
 
 // The forward's GEMM operands as Ops' elements (rows of fp32 values, or of bf16 pairs as words): x as the rows
@@ -974,7 +973,7 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
     float* ww = p.workspace + L.ww;
     rows_to_pairs(dgi, G, TB, G, aw, nt);
     const bf16_t* w16 = static_cast<const bf16_t*>(p.w_ih);
-    rows_interleaved16([&](int64_t k) { return w16 + k * p.w_ih_row_stride; }, G, I, ww, nt);
+    rows_interleaved(rows_at(w16, p.w_ih_row_stride), G, I, ww, nt);
     sgemm<Ops>(TB, I, Gk, row_major(aw, Gk), row_major(ww, I), dx, I, gemm_ws, nt, false, o16.dx);
   } else {  // one 16-bit step: as dGh W_hh above, W_ih's panels converted per item, used by every sliver
     const float* rows = dgi;  // dGi's rows (pairs: as words)
@@ -1032,12 +1031,12 @@ void bwd_impl(const GRUBwdParams& p, const Out16& o16 = {}) {
     const int64_t TBk = kdim<Ops>(TB);
     float* aw = p.workspace + L.aw;
     float* bw = p.workspace + L.bw;
-    rows_interleaved(dgi, G, TB, G, aw, nt);
+    rows_interleaved(rows_at(dgi, G), TB, G, aw, nt);
     const bf16_t* x16 = static_cast<const bf16_t*>(p.x);
-    rows_interleaved16([&](int64_t r) { return x16 + r / B * p.x_t_stride + r % B * p.x_b_stride; }, TB, I, bw, nt);
+    rows_interleaved([&](int64_t r) { return x16 + r / B * p.x_t_stride + r % B * p.x_b_stride; }, TB, I, bw, nt);
     sgemm<Ops>(G, I, TBk, col_major(aw, G), row_major(bw, I), dw_ih, I, gemm_ws, nt, false, o16.dw_ih);
-    rows_interleaved(dgh, G, TB, G, aw, nt);
-    rows_interleaved(hp_all, H, TB, H, bw, nt);
+    rows_interleaved(rows_at(dgh, G), TB, G, aw, nt);
+    rows_interleaved(rows_at(hp_all, H), TB, H, bw, nt);
     sgemm<Ops>(G, H, TBk, col_major(aw, G), row_major(bw, H), dw_hh, H, gemm_ws, nt, false, o16.dw_hh);
   }
   if (p.db_ih) col_sums(dgi, TB, G, G, static_cast<float*>(p.db_ih), nt);
@@ -1069,13 +1068,11 @@ struct Carve {
   }
 };
 
-int widen_threads(int64_t n, int nt) { return double(n) < kMinParallelCell ? 1 : std::max(nt, 1); }
-
 // dst (R x C, contiguous) = the 16-bit matrix whose row r is at src + (r / rin) * rs_out + (r % rin) * rs_in.
 template <class T>
 void widen(const void* src, int64_t R, int64_t C, int64_t rs_out, int64_t rs_in, int64_t rin, float* dst, int nt) {
   const T* s = static_cast<const T*>(src);
-  run_items(widen_threads(R * C, nt), R, [&](int64_t r, int) {
+  run_items(conversion_threads(R * C, nt), R, [&](int64_t r, int) {
     row_to_f32(s + (r / rin) * rs_out + (r % rin) * rs_in, dst + r * C, C);
   });
 }
@@ -1089,7 +1086,7 @@ template <class T>
 void narrow(const float* src, int64_t n, void* dst, int nt) {
   constexpr int64_t kChunk = 4096;
   T* d = static_cast<T*>(dst);
-  run_items(widen_threads(n, nt), ceil_div(n, kChunk), [&](int64_t c, int) {
+  run_items(conversion_threads(n, nt), ceil_div(n, kChunk), [&](int64_t c, int) {
     row_from_f32(src + c * kChunk, d + c * kChunk, std::min(kChunk, n - c * kChunk));
   });
 }
@@ -1124,7 +1121,7 @@ Mat words_of(const void* src, int64_t R, int64_t C, int64_t rs_out, int64_t rs_i
     return Mat{static_cast<const float*>(src), rs_out / 2, rs_in / 2, rin, 1};
   const int64_t C2 = (C + 1) / 2;
   const bf16_t* s = static_cast<const bf16_t*>(src);
-  run_items(widen_threads(R * C, nt), R, [&](int64_t r, int) {
+  run_items(conversion_threads(R * C, nt), R, [&](int64_t r, int) {
     bf16_t* d = reinterpret_cast<bf16_t*>(dst + r * C2);
     std::memcpy(d, s + (r / rin) * rs_out + (r % rin) * rs_in, sizeof(bf16_t) * C);
     if (C % 2) d[C] = bf16_t{0};
