@@ -50,6 +50,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 MAX_HEAD_DIM = 256  # largest head dim (of q/k and of v) the kernels take
 LOG2E = 1.4426950408889634
@@ -80,6 +81,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# _logits rounds fp32 logits through libdevice (the interpreter has no extern calls, and numpy does not fuse)
+_ROUND_LOGITS = tl.constexpr(not _interpreting())
+
+
 # --------------------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------------------
@@ -107,6 +112,18 @@ def _dot(a, b):
 def _dot_acc(a, b, acc):
     """acc + a @ b, as _dot."""
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _logits(a, b, qk_scale):
+    """Base-2 logits (a @ b) * qk_scale. fp32 inputs on the GPU: the product rounded to fp32 (mul.rn), so that the
+    compiler cannot fuse it into a later t - m (an FMA subtracts m, itself rounded, from the unrounded product: on
+    logits of 1e8 that leaves up to half an ulp, 2^4, where tied logits must give exactly 0, and exp2 of it is off
+    by 2^16). 16-bit inputs keep the FMA (their accuracy is the tolerance's, not fp32's)."""
+    s = _dot(a, b)
+    if _ROUND_LOGITS and a.dtype == tl.float32:
+        return libdevice.mul_rn(s, qk_scale)
+    return s * qk_scale
 
 
 @triton.jit
@@ -203,7 +220,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Mask, stride_kn, stride_vn, stride_mm, m0
                MASK_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
-        t = _dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        t = _logits(q, tl.trans(k), qk_scale)  # (BLOCK_M, BLOCK_N), base-2 logits
         t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
                          CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
         p, alpha, l_i, m_i = _softmax_step(t, m_i, l_i)
@@ -344,7 +361,7 @@ def _attn_decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
-        t = _dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        t = _logits(q, tl.trans(k), qk_scale)  # (BLOCK_M, BLOCK_N), base-2 logits
         keys = n0 + offs_n
         keep = (keys < hi)[None, :]
         if CAUSAL:
@@ -418,7 +435,7 @@ def _exact_row_stats(lse2, q, K, Mask, stride_kn, stride_mm, m0, Lq, Lk, causal_
         hi = _key_range(m0, Lk, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)[1]
         for n0 in range(0, hi, BLOCK_N):
             k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
-            t = _dot(q, tl.trans(k)) * qk_scale
+            t = _logits(q, tl.trans(k), qk_scale)
             t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
                              True, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
             l_i, m_i = _softmax_step(t, m_i, l_i)[2:]
@@ -494,7 +511,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, Lse2, Delta, Mask, stride_qm, stride_dom, s
         do = _load_rows(DO, m0, stride_dom, Lq, offs_m, offs_dv, DV, UPCAST)  # (BLOCK_M, BLOCK_DV)
         lse2 = tl.load(Lse2 + rows, mask=rows < Lq, other=float("inf"))  # rows >= Lq: P = 0
         delta = tl.load(Delta + rows, mask=rows < Lq, other=0.0)
-        t = _dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+        t = _logits(k, tl.trans(q), qk_scale)  # (BLOCK_N, BLOCK_M)
         t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[None, :], offs_n[:, None], Lq, Lk, causal_shift,
                          CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
         p = tl.math.exp2(t - lse2[None, :])  # P^T
@@ -600,7 +617,7 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, Mask, stride_kn, stride_vn, stride_m
     for n0 in range(lo, hi, BLOCK_N):
         k = _load_rows(K, n0, stride_kn, Lk, offs_n, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
         v = _load_rows(V, n0, stride_vn, Lk, offs_n, offs_dv, DV, UPCAST)  # (BLOCK_N, BLOCK_DV)
-        t = _dot(q, tl.trans(k)) * qk_scale
+        t = _logits(q, tl.trans(k), qk_scale)
         t = _mask_scores(t, Mask, stride_mm, m0, n0, offs_m[:, None], offs_n[None, :], Lq, Lk, causal_shift,
                          CHECK, CAUSAL, MASK_KIND, MASK_Q, MASK_K)
         p = tl.math.exp2(t - lse2[:, None])

@@ -279,8 +279,9 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 //             (gru_gate_grads, as gru_gates_bwd_kernel) -> dgi[t], dgh[t], dh = d z; a grid barrier publishes dgh[t];
 //             phase B: Gs [rows][KP] = dgh[t], dh += dgh[t] . W_hh[:, j] per item (dh stays block-local: one
 //             barrier per step).
-// Sizes (gru_rec_plan): enough blocks for the W_hh parts to fit shared memory, about kRecFmaPerBlock multiply-adds
-// per block and step (a small layer gets one block: no grid barrier), at most what the device holds at once.
+// Sizes (gru_rec_plan): a block per SM (at least enough for the W_hh parts to fit shared memory, at most H and what
+// the device holds at once); none (the per-step path) when a block would do over kRecFmaPerBlock multiply-adds a
+// step.
 constexpr int kRecThreads = 512;
 constexpr int kRecWarps = kRecThreads / 32;
 constexpr int kRecRows = 4;  // batch rows per work item
@@ -652,7 +653,7 @@ void launch_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 
 // ---- the persistent kernels: plan and launch ----
 constexpr size_t kRecSmemCap = 220 * 1024;  // at most (H100: 227 KB per block, A100: 163 KB: p.smem_per_block)
-constexpr int64_t kRecFmaPerBlock = int64_t(1) << 17;  // per block and step: the work that sets the grid size
+constexpr int64_t kRecFmaPerBlock = int64_t(1) << 17;  // per block and step: the most the persistent path takes
 
 template <typename T>
 struct RecFwdKernel {
@@ -694,7 +695,11 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
   const int64_t max_units = (cap - rows * row_bytes) / unit_bytes;
   if (max_units < 1) return plan;
   const int64_t min_blocks = (H + max_units - 1) / max_units;
-  int64_t blocks = forced > 0 ? forced : (B * 3 * H * H + kRecFmaPerBlock - 1) / kRecFmaPerBlock;
+  // a block per SM (the H200's grids: 132 blocks took 2.8 us a step at B = 1, H = 128, one block 8.8, and the
+  // barrier cost the same at 16 and 132 blocks), unless that leaves a block more than kRecFmaPerBlock
+  // multiply-adds a step: then the per-step path's tensor-core GEMM is faster (B = 64, H = 1024: 35 vs 90 us)
+  if (forced < 0 && B * 3 * H * H > kRecFmaPerBlock * num_sms) return plan;
+  int64_t blocks = forced > 0 ? forced : num_sms;
   if (blocks < min_blocks) blocks = min_blocks;
   if (blocks > H) blocks = H;
   int64_t units = (H + blocks - 1) / blocks;
