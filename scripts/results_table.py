@@ -33,7 +33,8 @@ def load(results_dir: str) -> list[tuple[str, dict]]:
         except (OSError, ValueError) as e:
             print(f"results_table: skipping {path}: {e}", file=sys.stderr)
             continue
-        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        rows = doc.get("rows") if isinstance(doc, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "op" in r for r in rows):
             print(f"results_table: skipping {path}: not pyattn bench output", file=sys.stderr)
             continue
         docs.append((os.path.basename(os.path.dirname(path)), doc))

@@ -371,18 +371,18 @@ SM90_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case,variant", [(c, v) for c in SM90_CASES for v in ("default", "cp")] +
-                         [(c, "ws176") for c in SM90_CASES if c[2] == 128 and not c[3]], ids=str)
+                         [(c, "ws128") for c in SM90_CASES if c[2] == 128 and not c[3]], ids=str)
 def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     """The Hopper forward (csrc/cuda/attention_sm90.cu, wgmma; the emulator reports compute capability 9.0) runs
     where it should (it issues wgmma; a mask, dropout, another head dim or unaligned rows go to the mma.sync
     kernel), matches the oracle, gives the same bits in every 16-byte-aligned layout and close to the mma.sync
     kernel's values, and the backward takes its out and lse. The default is the warp-specialized kernel (TMA
-    producer, mbarriers, ping-pong); variant "cp": the cp.async kernel (the same arithmetic per row in the same order,
-    so the default kernel's bits), both under both copy completion models (PYATTN_EMU_CP_ASYNC late / early);
-    "ws176": key blocks of 176 (non-causal HD 128: its own rounding, checked like the default). The
-    warp-specialized kernel gives the same bits with a block per tile (PYATTN_CUDA_ATTN_SM90=ws1; the default at
-    HD 128) and persistent (wsp; the default at HD 64) with a grid of 3 or 1 blocks looping over every tile
-    (PYATTN_EMU_SMS: the emulated SM count)."""
+    producer, mbarriers, ping-pong; key blocks of 176 at non-causal HD 128, else 128); variant "ws128": blocks of
+    128 there too (its own rounding, checked like the default); "cp": the cp.async kernel (the same arithmetic per
+    row in the same order, so the bits of the warp-specialized kernel with 128-key blocks), both under both copy
+    completion models (PYATTN_EMU_CP_ASYNC late / early). The warp-specialized kernel gives the same bits with a
+    block per tile (PYATTN_CUDA_ATTN_SM90=ws1; the default at HD 128) and persistent (wsp; the default at HD 64)
+    with a grid of 3 or 1 blocks looping over every tile (PYATTN_EMU_SMS: the emulated SM count)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
 
@@ -401,8 +401,8 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
         for (out, lse), _ in runs[1:]:
             assert torch.equal(out, runs[0][0][0]) and torch.equal(lse, runs[0][0][1])
 
-    if variant == "cp":
-        runs = [run_with(PYATTN_CUDA_ATTN_SM90=env, PYATTN_EMU_CP_ASYNC=cp) for env in (None, "cp")
+    if variant == "cp":  # (against 128-key blocks: the default at non-causal HD 128 has 176)
+        runs = [run_with(PYATTN_CUDA_ATTN_SM90=env, PYATTN_EMU_CP_ASYNC=cp) for env in ("ws128", "cp")
                 for cp in ("early", "late")]
         smem = [counters[4] for _, counters in runs]
         assert smem[0] == smem[1] != smem[2] == smem[3]  # the two kernels' shared memory
@@ -417,14 +417,15 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
         assert_same_bits(runs)
         monkeypatch.delenv("PYATTN_EMU_SMS")
         monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90", raising=False)
-    if variant == "ws176":
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws176")
+    if variant == "ws128":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws128")
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d)
     ops.emu_reset_counters()
     out, lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)
     assert ops.emu_counters()[5] > 0
-    if variant == "ws176":  # WsCfg<128, 176>::smem: slack, Q, 2 stages of K and V, mbarriers, pin scratch
-        assert ops.emu_counters()[4] == 1024 + 128 * 128 * 2 + 4 * 176 * 128 * 2 + 10 * 8 + 256 * 8
+    if variant != "cp" and d == 128:  # WsCfg<128, BN>::smem: slack, Q, 2 stages of K and V, mbarriers, pin scratch
+        bn = 176 if variant == "default" and not causal else 128
+        assert ops.emu_counters()[4] == 1024 + 128 * 128 * 2 + 4 * bn * 128 * 2 + 10 * 8 + 256 * 8
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + d)
         out2, lse2 = _fwd(q2, k2, v2, causal=causal, bottom_right=bottom_right)

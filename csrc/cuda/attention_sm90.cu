@@ -549,7 +549,7 @@ cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMa
   return cudaGetLastError();
 }
 
-// bn176: key blocks of 176 at HD 128 (FA3's for non-causal; the caller asks for it only there)
+// bn176: key blocks of 176 at HD 128 (FA3's for non-causal, the default there; fwd_ws passes it only there)
 template <class E, bool CAUSAL>
 cudaError_t launch_ws_hd(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
                          const CUtensorMap& tv, bool persistent, bool bn176, cudaStream_t stream) {
@@ -591,9 +591,12 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, bool bn17
 // warp-specialized 482 / 385, cp.async 331 / 295. The cp.async kernel's tile shapes (gpu-attn-variants-run2.log):
 // HD 128 2 warpgroups 330 / 293, 1 warpgroup (BN 64) 320 / 253; HD 64 2 warpgroups 233 / 207, 1 warpgroup 258 / 201,
 // 1 warpgroup BN 64 264 / 193.
+// Non-causal HD 128 runs key blocks of 176 (FA3's choice there): the fourth H200 session measured them 6% / 5% faster
+// than blocks of 128 (gpu-attn-variants-runF.log / gpu-attn-variants.log: 557 vs 525, 538 vs 512 TFLOP/s at
+// L = 4096); causal and HD 64 keep blocks of 128.
 // PYATTN_CUDA_ATTN_SM90=ws1 / wsp: the warp-specialized kernel with a block per tile / persistent at both head dims;
-// =ws176: key blocks of 176 for non-causal HD 128 (FA3's choice there; emulator- and compile-checked, not yet run on
-// a GPU: opt-in until measured faster); =cp: the cp.async kernel; =0: off (attention.cu's mma.sync kernel).
+// =ws128: key blocks of 128 for non-causal HD 128 too; =cp: the cp.async kernel; =0: off (attention.cu's mma.sync
+// kernel).
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");  // read once per call: tests and benchmarks switch it
@@ -607,7 +610,7 @@ bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cud
   const bool persistent = env != nullptr && std::strcmp(env, "wsp") == 0   ? true
                           : env != nullptr && std::strcmp(env, "ws1") == 0 ? false
                                                                            : p.D == 64;
-  const bool bn176 = env != nullptr && std::strcmp(env, "ws176") == 0;
+  const bool bn176 = !(env != nullptr && std::strcmp(env, "ws128") == 0);  // (fwd_ws: non-causal HD 128 only)
   if (!cp && sm90::fwd_ws(p, d, persistent, bn176, stream, err)) return true;
   *err = sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
   return true;

@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 //             (gru_gate_grads, as gru_gates_bwd_kernel) -> dgi[t], dgh[t], dh = d z; a grid barrier publishes dgh[t];
 //             phase B: Gs [rows][KP] = dgh[t], dh += dgh[t] . W_hh[:, j] per item (dh stays block-local: one
 //             barrier per step).
-// Sizes (gru_rec_plan): a block per SM (at least enough for the W_hh parts to fit shared memory, at most H and what
+// Sizes (rec_plan): a block per SM (at least enough for the W_hh parts to fit shared memory, at most H and what
 // the device holds at once); none (the per-step path) when a block would do over kRecFmaPerBlock multiply-adds a
 // step.
 constexpr int kRecThreads = 512;

@@ -34,8 +34,9 @@ int64_t layer_norm_bwd_workspace_floats(const NormBwdParams& p);
 cudaError_t gru_gates_fwd(const GRUGatesFwdParams& p, cudaStream_t stream);
 cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream);
 // The persistent forward (GRURecFwdParams: every step of one layer direction in one cooperative launch). The plan
-// is its grid: blocks == 0 when it does not apply (W_hh's rows do not fit the shared memory of the blocks the device
-// can hold at once, or PYATTN_CUDA_GRU_BLOCKS=0); then the binding runs a GEMM + gru_gates_fwd per step.
+// is its grid, a block per SM: blocks == 0 when it does not apply (a block would do over 2^17 multiply-adds a step,
+// W_hh's rows do not fit the shared memory of the blocks the device can hold at once, or PYATTN_CUDA_GRU_BLOCKS=0);
+// then the binding runs a GEMM + gru_gates_fwd per step.
 // PYATTN_CUDA_GRU_BLOCKS=N asks for N blocks (at least as many as the shared memory needs; for measurements).
 // needs_sync: p.sync must point at a zeroed 8-byte counter (a grid of more than one block, and for the forward more
 // than one step).
