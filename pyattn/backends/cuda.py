@@ -121,13 +121,17 @@ class CudaBackend(NativeBackend):
                                    "(sm_90a build) the unmasked fp16/bf16 forward at head dim 64/128 runs on wgmma "
                                    "with TMA loads and warp specialization (csrc/cuda/attention_sm90.cu)",)),
         # ---- end attention ----
-        # ---- GRU ---- cuBLAS GEMMs + one fused gate kernel per step (csrc/cuda/gru.cu); fp32 math
+        # ---- GRU ---- the input GEMM (cuBLAS) + the persistent recurrent kernels (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
-                           notes=("two GEMMs (fp32 output) + one fused gate launch; backward: one fused "
-                                  "launch + GEMMs",)),
+                           notes=("the input GEMM (fp32 output) + one fused launch for h W_hh^T and the gates; "
+                                  "backward: one fused launch + GEMMs; after triton in the priority list (host "
+                                  "bound at small batches on the H200: docs/design.md, CUDA backend status)",)),
         "gru": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
-                      notes=("input GEMM hoisted over all steps, then per step one GEMM + one fused "
-                             "gate launch",)),
+                      notes=("input GEMM hoisted over all steps, then each layer direction one cooperative launch "
+                             "(W_hh in shared memory, a block per SM, a grid barrier per step), forward and "
+                             "backward; per step one GEMM + one fused gate launch where a block would do over 2^17 "
+                             "multiply-adds a step; first in the CUDA priority list (faster than Triton's GRU on "
+                             "the H200)",)),
         # ---- end GRU ----
     }
 
