@@ -590,8 +590,8 @@ def _gru_params(isz, hsz, dtype, seed=0):
 @pytest.mark.parametrize("path", ["persistent", "steps"])
 def test_gru_layer_vs_oracle(monkeypatch, dtype, seq, bsz, isz, hsz, reverse, path):
     """gru_seq_fwd / gru_seq_bwd against the torch backend in float64 on the same rounded values: the persistent
-    kernels as the plan sizes them (H 1024: 61 blocks and their grid barriers), and the per-step path (a GEMM in the
-    binding and a fused gate launch per step)."""
+    kernels as the plan sizes them (H 1024: 128 blocks of 8 units on the emulator's 132 SMs, and their grid
+    barriers), and the per-step path (a GEMM in the binding and a fused gate launch per step)."""
     from pyattn.dispatch import get_backend
 
     if path == "steps":
@@ -673,6 +673,39 @@ def test_gru_persistent_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, b
         if dtype == torch.float32:  # (16-bit states round to different neighbours now and then, and it carries)
             for name, a, b in zip(names, got, run("0", reverse, carried)):
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=lambda msg: f"{name} vs per-step: {msg}")
+
+
+@pytest.mark.parametrize("bsz,hsz,blocks", [(2, 12, 4), (3, 3, 3), (4, 210, 0)], ids=["sms", "units", "steps"])
+def test_gru_plan_a_block_per_sm_until_a_block_has_too_much_work(monkeypatch, bsz, hsz, blocks):
+    """The plan (csrc/cuda/gru.cu rec_plan, sized from the H200's grids): one launch per direction and pass on a
+    block per SM (4 emulated SMs), fewer when H has fewer units, and the per-step path (a gate launch per step, the
+    bits of PYATTN_CUDA_GRU_BLOCKS=0) once a block would do over 2^17 multiply-adds a step (4 x 3 x 210^2 > 4 x
+    2^17)."""
+    monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    seq, isz = 3, 5
+    g = torch.Generator().manual_seed(hsz)
+    x, h0 = torch.randn(seq, bsz, isz, generator=g), torch.randn(bsz, hsz, generator=g)
+    w = _gru_params(isz, hsz, torch.float32, seed=hsz)
+    dout = torch.randn(seq, bsz, hsz, generator=g)
+    ops = torch.ops.pyattn_emu
+
+    def run():
+        ops.emu_reset_counters()
+        out, h_last, ws = ops.gru_seq_fwd(x, h0, *w, False, True)
+        fwd = ops.emu_counters()
+        ops.emu_reset_counters()
+        grads = ops.gru_seq_bwd(dout, None, x, h0, w[0], w[1], out, ws, True, True, False, True)
+        return (out, h_last, ws, *grads), fwd, ops.emu_counters()
+
+    got, fwd, bwd = run()
+    launches, grid = 2, 3  # (emu_counters: ..., launches, blocks, ...)
+    if blocks:
+        assert (fwd[launches], fwd[grid]) == (1, blocks) and (bwd[launches], bwd[grid]) == (1, blocks)
+    else:
+        assert fwd[launches] == seq and bwd[launches] == seq  # a gate launch per step
+        monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "0")
+        for a, b in zip(got, run()[0]):
+            assert torch.equal(a, b)
 
 
 def test_gru_persistent_launch_refused_falls_back_to_steps(monkeypatch):
