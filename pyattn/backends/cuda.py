@@ -123,7 +123,8 @@ class CudaBackend(NativeBackend):
         # ---- end attention ----
         # ---- GRU ---- the input GEMM (cuBLAS) + the persistent recurrent kernels (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
-                           notes=("the input GEMM (fp32 output) + one fused launch for h W_hh^T and the gates; "
+                           notes=("the input GEMM (fp32 output) + one fused launch for h W_hh^T and the gates (a GEMM + a "
+                                  "gate launch past 2^17 multiply-adds a block); "
                                   "backward: one fused launch + GEMMs; after triton in the priority list (host "
                                   "bound at small batches on the H200: docs/design.md, CUDA backend status)",)),
         "gru": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,

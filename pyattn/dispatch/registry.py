@@ -21,7 +21,7 @@ from .backend import Backend, OpInputs
 # takes Triton, except where a backend's preferred_for says it was measured the fastest (_priority): the Hopper
 # attention forward at head dim 128 without autograd (1.55x torch flash vs Triton's 1.16x) takes cuda. GRU layers
 # take cuda first: its persistent kernels (one launch per direction) beat Triton's on every benchmarked shape
-# (fourth H200 session: 1.76 vs 11.2 ms forward at B = 1, T = 200, H = 128; 8.0 vs 28.6 ms forward + backward at
+# (fourth H200 session: 0.545 vs 11.2 ms forward at B = 1, T = 200, H = 128; 3.57 vs 24.5 ms forward + backward at
 # B = 32, T = 100, H = 256). `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An
 # op's "cuda" moves before "triton" once, on a GPU, it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh
 # (memcheck + racecheck) on backend "cuda" and its benchmark beats Triton's (docs/design.md, "CUDA backend status").
