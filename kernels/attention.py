@@ -50,7 +50,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 MAX_HEAD_DIM = 256  # largest head dim (of q/k and of v) the kernels take
 LOG2E = 1.4426950408889634
@@ -81,7 +80,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# _logits rounds fp32 logits through libdevice (the interpreter has no extern calls, and numpy does not fuse)
+# _logits rounds fp32 logits with inline PTX (the interpreter has no inline asm, and numpy does not fuse)
 _ROUND_LOGITS = tl.constexpr(not _interpreting())
 
 
@@ -121,8 +120,9 @@ def _logits(a, b, qk_scale):
     logits of 1e8 that leaves up to half an ulp, 2^4, where tied logits must give exactly 0, and exp2 of it is off
     by 2^16). 16-bit inputs keep the FMA (their accuracy is the tolerance's, not fp32's)."""
     s = _dot(a, b)
-    if _ROUND_LOGITS and a.dtype == tl.float32:
-        return libdevice.mul_rn(s, qk_scale)
+    if _ROUND_LOGITS and a.dtype == tl.float32:  # (inline PTX: LLVM turns libdevice's mul_rn into a fusible fmul)
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [s, qk_scale], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     return s * qk_scale
 
 

@@ -577,6 +577,42 @@ def test_every_selectable_config_is_compile_checked():
     assert K._d_bucket(16, 16) == 64 and K._d_bucket(128, 64) == 128 and K._d_bucket(16, 256) == 256
 
 
+# The forward's first fp32 and bf16 configurations of compile_configs(), compiled for sm_90a as on a GPU (no
+# interpreter) -> how many mul.rn.f32 their PTX has.
+_LOGITS_PTX = r"""
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "scripts")]
+import compile_triton as C  # (drops TRITON_INTERPRET: compiles for real)
+import triton
+from triton.backends.compiler import GPUTarget
+import kernels.attention as K
+for dt in ("*fp32", "*bf16"):
+    fn, sig, consts, warps, *_ = cfg = next(c for c in K.compile_configs()
+                                            if c[0].__name__ == "_attn_fwd_kernel" and c[1]["Q"] == dt)
+    opts = dict(C._options(cfg), num_warps=warps)
+    opts.pop("archs", None)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=C._attrs(fn, sig, True))
+    print(dt, triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"].count("mul.rn.f32"))
+"""
+
+
+def test_fp32_logits_are_rounded_before_the_softmax_in_gpu_code():
+    """On a GPU the compiler fused t = (q k^T) * qk_scale into the softmax's t - m (one FMA: the unrounded product
+    minus the rounded max), which broke fp32 rows of tied logits on the H200 (check_exact_rows "+tied"); the
+    interpreter does not fuse, so this checks the compiled code: the fp32 forward rounds its logits with mul.rn.f32
+    (kernels/attention.py _logits), the bf16 forward keeps the fused form."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _LOGITS_PTX, repo], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    counts = dict(line.split() for line in p.stdout.splitlines())
+    assert int(counts["*fp32"]) > 0 and int(counts["*bf16"]) == 0, counts
+
+
 def test_gpu_launch_path_through_the_autotuner(monkeypatch):
     """The launchers' GPU branch (bucketed key -> pruned config list -> triton.autotune -> grid from META), run
     under the interpreter with one configuration per list (a single-config autotuner does not benchmark) and
