@@ -80,8 +80,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# _logits rounds fp32 logits with inline PTX (the interpreter has no inline asm, and numpy does not fuse)
-_ROUND_LOGITS = tl.constexpr(not _interpreting())
+# _logits rounds fp32 logits with inline PTX: NVIDIA GPUs only (the interpreter has no inline asm, and numpy does
+# not fuse; a ROCm build of torch would hand Triton AMD targets)
+_ROUND_LOGITS = tl.constexpr(not _interpreting() and torch.version.hip is None)
 
 
 # --------------------------------------------------------------------------------------------------
