@@ -43,7 +43,7 @@ float* kernel_scratch(cpu::Workspace& w, int64_t floats) {
 
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                            const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-                                           bool reverse, bool needs_grad) {
+                                           bool reverse, bool needs_grad, bool keep_last = true) {
   gru::Target tg = gru::cpu_target();
   const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0", tg);
   Tensor kb_ih, kb_hh;
@@ -53,7 +53,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   Tensor out = at::empty({s.T, s.B, s.H}, x.options());
   Tensor ws = needs_grad ? at::empty({s.T, s.B, 4 * s.H}, f32) : at::empty({0}, f32);
   if (out.numel() == 0) {  // empty batch/hidden/sequence: nothing to run; out is empty and h_T = h0
-    return {out, h0.clone(), ws};
+    return {out, keep_last ? h0.clone() : Tensor(), ws};
   }
 
   GRUFwdParams p;
@@ -82,8 +82,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   cpu::Workspace workspace(cpu::Workspace::round_floats(size_t(floats)));
   p.workspace = kernel_scratch(workspace, floats);
   cpu::gru_fwd(p);
-  Tensor h_last = out.select(0, reverse ? 0 : s.T - 1).clone();
-  return {out, h_last, ws};
+  return {out, keep_last ? out.select(0, reverse ? 0 : s.T - 1).clone() : Tensor(), ws};
 }
 
 Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last, Tensor x, Tensor h0, Tensor w_ih,

@@ -155,7 +155,8 @@ std::tuple<Tensor, Tensor> step_fwd(SeqFwd seq_fwd, const Tensor& x, const Tenso
   constexpr const char* op = "pyattn::gru_step_fwd";
   TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D (batch, input_size) (got shape ", x.sizes(), ")");
   TORCH_CHECK(hx.dim() == 2, op, ": hx must be 2-D (batch, hidden_size) (got shape ", hx.sizes(), ")");
-  auto [out, h_last, ws] = seq_fwd(op, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, false, needs_grad);
+  // (keep_last false: the step's state is out[0]; no copy of it as h_last)
+  auto [out, h_last, ws] = seq_fwd(op, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, false, needs_grad, false);
   return {out.squeeze(0), needs_grad ? ws.squeeze(0) : ws};
 }
 

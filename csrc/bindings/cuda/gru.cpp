@@ -80,7 +80,7 @@ unsigned long long* sync_counter(const cuda::GRURecPlan& plan, const Tensor& lik
 
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                            const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-                                           bool reverse, bool needs_grad) {
+                                           bool reverse, bool needs_grad, bool keep_last = true) {
   gru::Target tg = gru::cuda_target();
   const Sizes s = check_core(op, x, h0, w_ih, w_hh, "h0", tg);
   Tensor kb_ih, kb_hh;
@@ -91,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   Tensor out = at::empty({s.T, s.B, s.H}, x.options());
   Tensor ws = needs_grad ? at::empty({s.T, s.B, 4 * s.H}, f32) : at::empty({0}, f32);
   if (out.numel() == 0) {  // empty batch/hidden/sequence: nothing to run; out is empty and h_T = h0
-    return {out, h0.clone(), ws};
+    return {out, keep_last ? h0.clone() : Tensor(), ws};
   }
   maybe_nan_fill({&out, &ws});
 
@@ -124,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
     const cudaError_t err = cuda::gru_rec_fwd(rp, plan, stream);
     if (err != cudaErrorCooperativeLaunchTooLarge) {
       C10_CUDA_CHECK(err);
-      return {out, out.select(0, reverse ? 0 : T - 1).clone(), ws};
+      return {out, keep_last ? out.select(0, reverse ? 0 : T - 1).clone() : Tensor(), ws};
     }
     // (fewer blocks fit at once than the occupancy query said, e.g. an MPS client's share: the per-step path)
   }
@@ -156,8 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
     p.ws = needs_grad ? ws.data_ptr<float>() + t * B * 4 * H : nullptr;
     C10_CUDA_CHECK(cuda::gru_gates_fwd(p, stream));
   }
-  Tensor h_last = out.select(0, reverse ? 0 : T - 1).clone();
-  return {out, h_last, ws};
+  return {out, keep_last ? out.select(0, reverse ? 0 : T - 1).clone() : Tensor(), ws};
 }
 
 // The backward's per-step path: one fused gate launch and one GEMM (dh_prev = dh z + dgh W_hh, in place) per step.
