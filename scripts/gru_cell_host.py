@@ -1,11 +1,11 @@
 """Where a GRU cell step's host time goes, per layer of the call path, in one process: torch.nn.GRUCell, then
-pyattn.nn.GRUCell, the public function pyattn.gru_cell, and the raw custom op torch.ops.pyattn.gru_step_fwd (the C++
-binding alone), each on backends cpp / cuda / triton as the device allows, inference (no autograd), fp32. The H200
-runs measured pyattn's cell at 0.074 ms (cuda) / 0.06-0.19 ms (triton) against torch's 0.014-0.024 ms at B = 1,
-I = H = 256: host bound. Times are wall-clock means over many back-to-back calls with one synchronize at the end (the
-host rate, which is what a cell step in a Python loop sees), in microseconds. With --profile, a torch.profiler table
-of one backend's raw op shows the CPU-side cost of each ATen op and CUDA runtime call (cudaFuncSetAttribute, the
-occupancy query, cudaLaunchCooperativeKernel, ...).
+pyattn.nn.GRUCell, the public function pyattn.gru_cell, and the backend's gru_cell_fwd alone (for cpp / cuda the
+custom op's C++ binding), each on backends cpp / cuda / triton as the device allows, inference (no autograd), fp32.
+The H200 runs measured pyattn's cell at 0.074 ms (cuda) / 0.06-0.19 ms (triton) against torch's 0.014-0.024 ms at B =
+1, I = H = 256: host bound. Times are wall-clock means over many back-to-back calls with one synchronize at the end
+(the host rate, which is what a cell step in a Python loop sees), in microseconds. With --profile, a torch.profiler
+table of one backend's gru_cell_fwd shows the CPU-side cost of each ATen op and CUDA runtime call
+(cudaFuncSetAttribute, the occupancy query, cudaLaunchCooperativeKernel, ...).
 
     python scripts/gru_cell_host.py [--device cuda] [--batch 1 32] [--size 256] [--profile cuda]
 """

@@ -82,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   cpu::Workspace workspace(cpu::Workspace::round_floats(size_t(floats)));
   p.workspace = kernel_scratch(workspace, floats);
   cpu::gru_fwd(p);
-  return {out, keep_last ? out.select(0, reverse ? 0 : s.T - 1).clone() : Tensor(), ws};
+  return {out, gru::last_state(out, reverse, keep_last), ws};
 }
 
 Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last, Tensor x, Tensor h0, Tensor w_ih,

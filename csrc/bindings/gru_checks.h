@@ -144,6 +144,12 @@ inline const void* opt_bias(const char* op, const char* name, const std::optiona
   return keep.data_ptr();
 }
 
+// A sequence op's h_T: a copy of out's last step in processing order; undefined when !keep (the step ops, whose state
+// is out[0], skip the copy).
+inline Tensor last_state(const Tensor& out, bool reverse, bool keep) {
+  return keep ? out.select(0, reverse ? 0 : out.size(0) - 1).clone() : Tensor();
+}
+
 // dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 

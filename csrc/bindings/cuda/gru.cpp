@@ -124,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
     const cudaError_t err = cuda::gru_rec_fwd(rp, plan, stream);
     if (err != cudaErrorCooperativeLaunchTooLarge) {
       C10_CUDA_CHECK(err);
-      return {out, keep_last ? out.select(0, reverse ? 0 : T - 1).clone() : Tensor(), ws};
+      return {out, gru::last_state(out, reverse, keep_last), ws};
     }
     // (fewer blocks fit at once than the occupancy query said, e.g. an MPS client's share: the per-step path)
   }
@@ -156,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
     p.ws = needs_grad ? ws.data_ptr<float>() + t * B * 4 * H : nullptr;
     C10_CUDA_CHECK(cuda::gru_gates_fwd(p, stream));
   }
-  return {out, keep_last ? out.select(0, reverse ? 0 : T - 1).clone() : Tensor(), ws};
+  return {out, gru::last_state(out, reverse, keep_last), ws};
 }
 
 // The backward's per-step path: one fused gate launch and one GEMM (dh_prev = dh z + dgh W_hh, in place) per step.
