@@ -735,6 +735,39 @@ def test_gru_persistent_launch_refused_falls_back_to_steps(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(persistent, steps))
 
 
+def test_gru_one_step_is_a_plain_launch(monkeypatch):
+    """A persistent forward of one step (a cell step, a layer with T = 1) has no grid barrier, so it is launched
+    plainly, not cooperatively (csrc/cuda/gru.cu rec_launch: the cheaper launch on the host): with every cooperative
+    launch refused (PYATTN_EMU_COOP_LIMIT=1) it still runs on the plan's blocks (a block per emulated SM) with W_hh in
+    dynamic shared memory (the per-step gate kernel has none); a layer of two steps is refused and falls back."""
+    from pyattn.dispatch import get_backend
+
+    monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    g = torch.Generator().manual_seed(9)
+    x, h = torch.randn(2, 3, 6, generator=g), torch.randn(3, 20, generator=g)
+    w = _gru_params(6, 20, torch.float32, seed=9)
+    ops = torch.ops.pyattn_emu
+    launches, grid, smem = 2, 3, 4  # (emu_counters: ..., launches, blocks, largest dynamic shared memory, ...)
+
+    def counted(fn):
+        ops.emu_reset_counters()
+        out = fn()
+        return out, ops.emu_counters()
+
+    free, _ = counted(lambda: ops.gru_step_fwd(x[0], h, *w, True))
+    monkeypatch.setenv("PYATTN_EMU_COOP_LIMIT", "1")
+    step, c = counted(lambda: ops.gru_step_fwd(x[0], h, *w, True))
+    assert (c[launches], c[grid]) == (1, 4) and c[smem] > 0, list(c)
+    assert all(torch.equal(a, b) for a, b in zip(step, free))
+    layer, c = counted(lambda: ops.gru_seq_fwd(x[:1], h, *w, False, True))
+    assert (c[launches], c[grid]) == (1, 4) and c[smem] > 0, list(c)
+    assert torch.equal(layer[0][0], step[0]) and torch.equal(layer[2][0], step[1])
+    _, c = counted(lambda: ops.gru_seq_fwd(x, h, *w, False, True))
+    assert c[launches] == 2 and c[smem] == 0, list(c)  # (refused: a gate launch per step)
+    ref = get_backend("torch").gru_cell_fwd(x[0].double(), h.double(), *(t.double() for t in w), True)
+    assert_tol(step[0], ref[0], "gru", torch.float32)
+
+
 def test_gru_cell_step_and_nan_fill(order, monkeypatch):
     """gru_step_fwd / gru_step_bwd against the torch backend; NaN-filled outputs and scratch give the same bits."""
     from pyattn.dispatch import get_backend

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "attention_utils.cuh"
+#include "launch.cuh"
 #include "pyattn/attn_dropout.h"
 #include "pyattn/attn_exact_rows.h"
 #include "pyattn/cuda_kernels.h"
@@ -827,12 +828,6 @@ int head_dim_bucket(int64_t D, int64_t Dv) {
   return m <= 64 ? 64 : m <= 128 ? 128 : m <= kAttnMaxHeadDim ? 256 : 0;
 }
 
-template <class K>
-cudaError_t prepare(K kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-}
-
 template <class E, int HD, bool CAUSAL>
 cudaError_t run_attn_fwd(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
   using T = Tiles<HD>;
@@ -841,7 +836,7 @@ cudaError_t run_attn_fwd(const AttnFwdParams& p, const Derived& d, cudaStream_t 
   auto kernel = kTryFull && p.D == HD && p.Dv == HD
                     ? attn_fwd_kernel<E, HD, T::FWD_BN, T::FWD_MT, T::NW, CAUSAL, kTryFull>
                     : attn_fwd_kernel<E, HD, T::FWD_BN, T::FWD_MT, T::NW, CAUSAL, false>;
-  cudaError_t err = prepare(kernel, T::fwd_smem);
+  cudaError_t err = fit_kernel(kernel, T::fwd_smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = ceil_div(p.Lq, T::FWD_BM) * p.B * p.Hq;
   kernel<<<unsigned(blocks), T::NW * 32, T::fwd_smem, stream>>>(p, d);
@@ -861,7 +856,7 @@ cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cu
   if (err != cudaSuccess) return err;
 
   auto dkdv = attn_bwd_dkdv_kernel<E, HD, T::DC, T::DKDV_BMQ, T::NW, CAUSAL>;  // (no FULL: its loops would spill)
-  if ((err = prepare(dkdv, T::dkdv_smem)) != cudaSuccess) return err;
+  if ((err = fit_kernel(dkdv, T::dkdv_smem)) != cudaSuccess) return err;
   const int64_t dkdv_blocks = ceil_div(p.Lk, 16 * T::NW) * NCH * p.B * p.Hkv;
   dkdv<<<unsigned(dkdv_blocks), T::NW * 32, T::dkdv_smem, stream>>>(p, d, lse2, l2, delta);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -869,7 +864,7 @@ cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cu
   const bool full = p.D == HD && p.Dv == HD;  // FULL: see attn_fwd_kernel
   auto dq = full ? attn_bwd_dq_kernel<E, HD, T::DC, T::DQ_BN, T::NW, CAUSAL, true>
                  : attn_bwd_dq_kernel<E, HD, T::DC, T::DQ_BN, T::NW, CAUSAL, false>;
-  if ((err = prepare(dq, T::dq_smem)) != cudaSuccess) return err;
+  if ((err = fit_kernel(dq, T::dq_smem)) != cudaSuccess) return err;
   const int64_t dq_blocks = ceil_div(p.Lq, 16 * T::NW) * NCH * p.B * p.Hq;
   dq<<<unsigned(dq_blocks), T::NW * 32, T::dq_smem, stream>>>(p, d, lse2, l2, delta);
   return cudaGetLastError();

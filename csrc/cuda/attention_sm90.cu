@@ -23,6 +23,7 @@
 #include <cstring>
 
 #include "attention_utils.cuh"
+#include "launch.cuh"
 #include "pyattn/params.h"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -477,7 +478,7 @@ __global__ void __launch_bounds__(384, 1)
 template <class E, class C, bool CAUSAL>
 cudaError_t launch(const AttnFwdParams& p, const Derived& d, cudaStream_t stream) {
   auto kernel = attn_fwd_sm90_kernel<E, C, CAUSAL>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
+  cudaError_t err = fit_kernel(kernel, C::smem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
   kernel<<<unsigned(blocks), C::NT, C::smem, stream>>>(p, d);
@@ -541,7 +542,7 @@ cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMa
                       const CUtensorMap& tv, bool persistent, cudaStream_t stream) {
   using C = WsCfg<HD, BN>;
   auto kernel = attn_fwd_sm90_ws_kernel<E, HD, BN, CAUSAL>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::smem));
+  cudaError_t err = fit_kernel(kernel, C::smem);
   if (err != cudaSuccess) return err;
   const int64_t tiles = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
   const int64_t blocks = persistent && p.num_sms > 0 && p.num_sms < tiles ? p.num_sms : tiles;

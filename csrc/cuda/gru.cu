@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "launch.cuh"
 #include "pyattn/cuda_kernels.h"
 #include "pyattn/params.h"
 
@@ -671,13 +672,6 @@ auto rec_kernel(DType dtype) {
                              : dtype == DType::BF16 ? KernelOf<__nv_bfloat16>::fn : KernelOf<float>::fn;
 }
 
-template <class Kernel>
-cudaError_t rec_fit(Kernel kernel, int* per_sm, size_t smem) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kRecThreads, smem);
-}
-
 // unit_bytes: the W_hh part of one hidden unit; row_bytes: one staged batch row (both fp32, padded to 4).
 template <template <typename> class KernelOf>
 GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DType dtype, int64_t unit_bytes,
@@ -705,7 +699,7 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
   int64_t units = (H + blocks - 1) / blocks;
   size_t smem = size_t(units * unit_bytes + rows * row_bytes);
   int per_sm = 0;
-  const cudaError_t err = rec_fit(rec_kernel<KernelOf>(dtype), &per_sm, smem);
+  const cudaError_t err = fit_kernel(rec_kernel<KernelOf>(dtype), smem, kRecThreads, &per_sm);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // (cleared: the binding falls back to the per-step kernels)
     return plan;
@@ -726,12 +720,18 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
 
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// KernelOf's instance for the dtype over all the plan's blocks at once (a grid barrier needs them co-resident).
+// KernelOf's instance for the dtype over the plan's blocks: a cooperative launch when they meet at a grid barrier
+// (it needs them co-resident), else a plain one (a cell step, a one-block grid: the cheaper launch on the host).
 template <template <typename> class KernelOf, class Args>
 cudaError_t rec_launch(DType dtype, const Args& a, const GRURecPlan& plan, cudaStream_t stream) {
+  const auto kernel = rec_kernel<KernelOf>(dtype);
+  if (!plan.needs_sync) {
+    kernel<<<unsigned(plan.blocks), kRecThreads, plan.smem, stream>>>(a);
+    return cudaGetLastError();
+  }
   void* args[] = {const_cast<Args*>(&a)};
-  const cudaError_t err = cudaLaunchCooperativeKernel(rec_kernel<KernelOf>(dtype), dim3(unsigned(plan.blocks)),
-                                                      dim3(kRecThreads), args, plan.smem, stream);
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(kernel, dim3(unsigned(plan.blocks)), dim3(kRecThreads), args, plan.smem, stream);
   const cudaError_t last = cudaGetLastError();  // (also clears what the launch recorded)
   return err != cudaSuccess ? err : last;
 }

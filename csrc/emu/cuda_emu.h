@@ -344,6 +344,11 @@ template <class F>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, F*, int block_size, size_t dynamic_smem) {
   return ::pyattn_emu::max_active_blocks(num_blocks, block_size, dynamic_smem);
 }
+inline cudaError_t cudaGetDevice(int* device) {  // one emulated device
+  if (device == nullptr) return cudaErrorInvalidValue;
+  *device = 0;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (value == nullptr || device != 0) return cudaErrorInvalidValue;
   switch (attr) {
