@@ -23,7 +23,7 @@ def check_same_device(**tensors) -> None:
 
 # ---- ops: a torch custom op, and a direct path for plain eager calls ---------------------------------
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 # Bound once: this runs on every op call (twice for a forward + backward), where attribute lookups through torch._C
 # and a generator over the arguments cost more than the checks themselves.
 _is_compiling = torch.compiler.is_compiling
@@ -42,7 +42,11 @@ def plain_eager(args) -> bool:
             or _functorch_top() is not None):
         return False
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta):
+        t = type(a)
+        if t is _Tensor or t is _Parameter:
+            if a.is_meta:
+                return False
+        elif a is not None and t is not bool and isinstance(a, _Tensor):  # (None and flags: the common non-tensors)
             return False
     return True
 

@@ -37,6 +37,7 @@ Conventions shared by every backend (the op contract):
 """
 from __future__ import annotations
 
+import array
 import math
 import numbers
 from dataclasses import dataclass
@@ -71,6 +72,20 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _tname(dtype: torch.dtype) -> str:
     """A dtype as torch's C++ error texts print it (float, double, c10::Half, long int, ...)."""
     return _TORCH_DTYPE_NAMES.get(dtype, dtype_name(dtype))
+
+
+def _mask_kind(mask: Optional[Tensor]) -> str:
+    return "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+
+
+def _mask_pattern(mask: Optional[Tensor]) -> Optional[tuple]:
+    return None if mask is None else tuple(s != 1 for s in mask.shape)
+
+
+def _causal_alignment(causal: bool, bottom_right: bool, lq: int, lk: int) -> str:
+    if not causal:
+        return "none"
+    return "bottom_right" if (bottom_right and lq != lk) else "top_left"
 
 
 @dataclass
@@ -130,37 +145,36 @@ class AttentionInputs(OpInputs):
 
     @property
     def mask_kind(self) -> str:
-        if self.mask is None:
-            return "none"
-        return "bool" if self.mask.dtype == torch.bool else "additive"
+        return _mask_kind(self.mask)
 
     @property
     def mask_pattern(self) -> Optional[tuple]:
         """For each of (B, H, Lq, Lk): does the mask vary along it (True) or is it broadcast (False)."""
-        return None if self.mask is None else tuple(s != 1 for s in self.mask.shape)
+        return _mask_pattern(self.mask)
 
     @property
     def causal_alignment(self) -> str:
         """'none', 'top_left' or 'bottom_right' (the two coincide when Lq == Lk, reported as 'top_left')."""
-        if not self.causal:
-            return "none"
-        return "bottom_right" if (self.bottom_right and self.q_len != self.k_len) else "top_left"
+        return _causal_alignment(self.causal, self.bottom_right, self.q_len, self.k_len)
 
     def signature(self) -> tuple:
-        q, mask = self.q, self.mask  # runs on every call: plain attribute reads where a property would repeat them
+        # runs on every call: the properties' values from one read of each shape (a .shape makes a new torch.Size)
+        q, mask = self.q, self.mask
+        _, hq, lq, d = q.shape
+        hk, lk = self.k.shape[1:3]
         return (
             q.device.type,
             q.dtype,
-            q.shape[3],
+            d,
             self.v.shape[3],
-            self.causal_alignment,
-            self.mask_kind,
+            _causal_alignment(self.causal, self.bottom_right, lq, lk),
+            _mask_kind(mask),
             None if mask is None else mask.dtype,
-            self.mask_pattern,
+            _mask_pattern(mask),
             self.dropout_p > 0,
-            self.group,
+            hq // max(hk, 1),
             self.needs_grad,
-            q.shape[2] >= 128,  # (a backend's preference may depend on these two: Backend.preferred_for)
+            lq >= 128,  # (a backend's preference may depend on these two: Backend.preferred_for)
             self.scale > 0,
         )
 
@@ -191,9 +205,10 @@ class AttentionInputs(OpInputs):
 
 def _check_common(q, k, v, dropout_p, scale, names=("query", "key", "value")) -> None:
     """Checks shared by both public functions, in torch's order and with its texts where torch has one."""
-    for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        for name, t in zip(names, (q, k, v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     a, b, c = names
     if not (q.dtype == k.dtype == v.dtype):
         raise RuntimeError(
@@ -210,7 +225,7 @@ def _check_common(q, k, v, dropout_p, scale, names=("query", "key", "value")) ->
             f"pyattn attention: expected floating point {a}, {b} and {c}, but got "
             f"{dtype_name(q.dtype)} (float16, bfloat16, float32 or float64)"
         )
-    if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p <= 1.0):
+    if not (type(dropout_p) is float or isinstance(dropout_p, numbers.Real)) or not (0.0 <= dropout_p <= 1.0):
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if dropout_p == 1.0:
         raise RuntimeError(
@@ -262,7 +277,7 @@ def _check_mask(mask, q, target: tuple) -> None:
 
 def _unit_last(t: Tensor) -> Tensor:
     """Kernels need stride(-1) == 1; copy only when a tensor lacks it."""
-    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+    return t if (t.stride(-1) == 1 or t.shape[-1] <= 1) else t.contiguous()  # (the common case first)
 
 
 def _canonical_mask(mask: Tensor, batch: tuple, b: int) -> Tensor:
@@ -445,26 +460,21 @@ def _prepare_flash(q, k, v, dropout_p, softmax_scale, causal) -> AttentionInputs
 
 def _check_canonical(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
     """The op-level contract, re-checked because torch.ops.pyattn.attention_fwd can be called directly."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    qs, ks, vs = q.shape, k.shape, v.shape  # (each .shape makes a new torch.Size: read once, this runs every call)
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise RuntimeError(
-            f"pyattn::attention_fwd expects 4-D (B, H, L, D) q, k, v, got {list(q.shape)}, "
-            f"{list(k.shape)}, {list(v.shape)}"
+            f"pyattn::attention_fwd expects 4-D (B, H, L, D) q, k, v, got {list(qs)}, {list(ks)}, {list(vs)}"
         )
-    b, hq, lq, d = q.shape
-    if (
-        k.shape[0] != b
-        or v.shape[0] != b
-        or k.shape[3] != d
-        or v.shape[1] != k.shape[1]
-        or v.shape[2] != k.shape[2]
-        or (hq % k.shape[1] != 0 if k.shape[1] > 0 else hq != 0)
-    ):
+    b, hq, lq, d = qs
+    bk, hk, lk, dk = ks
+    bv, hv, lv, _ = vs
+    if bk != b or bv != b or dk != d or hv != hk or lv != lk or (hq % hk != 0 if hk > 0 else hq != 0):
         raise RuntimeError(
-            f"pyattn::attention_fwd: inconsistent shapes q {list(q.shape)}, k {list(k.shape)}, "
-            f"v {list(v.shape)} (need k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), Hkv dividing Hq)"
+            f"pyattn::attention_fwd: inconsistent shapes q {list(qs)}, k {list(ks)}, "
+            f"v {list(vs)} (need k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), Hkv dividing Hq)"
         )
     if mask is not None:
-        target = (b, hq, lq, k.shape[2])
+        target = (b, hq, lq, lk)
         if mask.dim() != 4 or any(ms != 1 and ms != ts for ms, ts in zip(mask.shape, target)):
             raise RuntimeError(
                 f"pyattn::attention_fwd: mask of shape {list(mask.shape)} is not 4-D broadcastable "
@@ -516,6 +526,12 @@ def _backend_name(i: int) -> str:
     return list(_BACKENDS)[i]
 
 
+def _rng_state(seed: int, offset: int, backend_id: int) -> Tensor:
+    """The forward's rng_state output, int64 [seed, offset, backend id] on CPU: made from an int64 array's buffer
+    (1.0 us on CPU) instead of torch.tensor of a list (2.8 us; every forward call makes one)."""
+    return torch.frombuffer(array.array("q", (seed, offset, backend_id)), dtype=torch.int64)
+
+
 def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
     if rng is None:
         return 0, 0
@@ -551,13 +567,13 @@ def _attention_fwd_impl(
     if b * h * lq == 0 or lk == 0:  # nothing to compute: no kernel runs
         out = _empty_like_layout(q, (b, h, lq, dv)).zero_()
         lse = q.new_empty((b, h, lq), dtype=lse_dtype).fill_(math.inf)
-        return out, lse, torch.tensor([seed, offset, -1], dtype=torch.int64)
+        return out, lse, _rng_state(seed, offset, -1)
     inputs = AttentionInputs(q, k, v, mask, dropout_p, causal, bottom_right, scale, needs_grad)
     be = get_backend("torch") if (d == 0 or dv == 0) else select(inputs, backend)
     o, lse = be.attention_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset)
     if lse.dtype != lse_dtype or not lse.is_contiguous():
         lse = lse.to(lse_dtype, memory_format=torch.contiguous_format)
-    state = torch.tensor([seed, offset, _backend_id(be.name)], dtype=torch.int64)
+    state = _rng_state(seed, offset, _backend_id(be.name))
     return _in_layout(o, q), lse, state
 
 

@@ -80,15 +80,9 @@ class GRUCellInputs(OpInputs):
         return self.x.shape[-2]
 
     def signature(self) -> tuple:
-        return (
-            self.device.type,
-            self.dtype,
-            self.input_size,
-            self.hidden_size,
-            self.b_ih is not None,
-            self.b_hh is not None,
-            self.needs_grad,
-        )
+        x = self.x  # runs on every call (every cell step): plain attribute reads where the properties would repeat them
+        return (x.device.type, x.dtype, x.shape[-1], self.w_hh.shape[1], self.b_ih is not None, self.b_hh is not None,
+                self.needs_grad)
 
     def describe(self) -> dict:
         return {
@@ -454,15 +448,16 @@ _gru_layer_fwd = Op(
 def _cell_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh):
     if not isinstance(input, Tensor):
         raise TypeError(f"gru_cell: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() not in (1, 2):
-        raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    if hx is not None and hx.dim() not in (1, 2):
-        raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-    batched = input.dim() == 2
-    if hx is not None and hx.dim() != input.dim():
+    nd = input.dim()
+    if nd != 2 and nd != 1:
+        raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {nd}D instead")
+    batched = nd == 2
+    if hx is not None and hx.dim() != nd:
+        if hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         kind = "batched" if batched else "unbatched"
         raise RuntimeError(
-            f"GRUCell: Expected hidden to be {input.dim()}D like the input ({kind}), got {hx.dim()}D "
+            f"GRUCell: Expected hidden to be {nd}D like the input ({kind}), got {hx.dim()}D "
             f"(hidden of shape {list(hx.shape)}, input {list(input.shape)})"
         )
     x = input if batched else input.unsqueeze(0)
