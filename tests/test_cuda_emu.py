@@ -735,6 +735,36 @@ def test_gru_persistent_launch_refused_falls_back_to_steps(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(persistent, steps))
 
 
+@pytest.mark.parametrize("biases", ["none", "ih", "hh"])
+def test_gru_persistent_kernels_without_biases(monkeypatch, biases):
+    """The persistent kernels with a bias missing (None: its terms are 0; the forward loads each work item's input
+    projection and biases ahead of its dot products) against the float64 oracle, forward and backward, with one
+    block (work items after the first of each warp) and three."""
+    from pyattn.dispatch import get_backend
+
+    monkeypatch.setenv("PYATTN_EMU_SMS", "2")
+    g = torch.Generator().manual_seed(11)
+    x, h0 = torch.randn(3, 5, 4, generator=g), torch.rand(5, 13, generator=g) * 2 - 1
+    dout = torch.randn(3, 5, 13, generator=g)
+    w_ih, w_hh, b_ih, b_hh = _gru_params(4, 13, torch.float32, seed=11)
+    b_ih, b_hh = (b_ih if biases == "ih" else None), (b_hh if biases == "hh" else None)
+    ops, ref = torch.ops.pyattn_emu, get_backend("torch")
+    args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    r_out, r_h, r_ws = ref.gru_layer_fwd(*args64, False, True)
+    r_grads = ref.gru_layer_bwd(dout.double(), torch.zeros_like(args64[1]), *args64[:4], r_out, r_ws,
+                                b_ih is not None, b_hh is not None, False, True)
+    for blocks in ("1", "3"):
+        monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", blocks)
+        out, h_last, ws = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+        grads = ops.gru_seq_bwd(dout, None, x, h0, w_ih, w_hh, out, ws, b_ih is not None, b_hh is not None, False,
+                                True)
+        assert_tol(out, r_out, "gru", torch.float32)
+        assert_tol(h_last, r_h, "gru", torch.float32)
+        for got, want in zip(grads, r_grads):
+            if want.numel() or got.numel():
+                assert_tol(got, want, "gru", torch.float32, kind="bwd")
+
+
 def test_gru_one_step_is_a_plain_launch(monkeypatch):
     """A persistent forward of one step (a cell step, a layer with T = 1) has no grid barrier, so it is launched
     plainly, not cooperatively (csrc/cuda/gru.cu rec_launch: the cheaper launch on the host): with every cooperative

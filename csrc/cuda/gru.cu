@@ -276,10 +276,13 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 //   forward:  Ws [3 nu][HP] = W_hh rows g H + j0 + u (row 3 u + g); Hs [rows][HP] = h (h0 or the previous out);
 //             gh = 3 dot products per item, then the gates (gru_gates, as gru_gates_fwd_kernel), out[t]
 //             and ws[t]; a grid barrier publishes out[t].
-//   backward: Wt [nu][KP] = W_hh column j0 + u (3H long); per step, phase A: the gate gradients of the block's units
-//             (gru_gate_grads, as gru_gates_bwd_kernel) -> dgi[t], dgh[t], dh = d z; a grid barrier publishes dgh[t];
-//             phase B: Gs [rows][KP] = dgh[t], dh += dgh[t] . W_hh[:, j] per item (dh stays block-local: one
-//             barrier per step).
+//   backward: Wt [nu][KP] = W_hh column j0 + u (3H long), Ds [nu][B] = dh of the block's units (block-local: one
+//             barrier per step; p.dh in at the start, out at the end); per step, phase A: the gate gradients of the
+//             block's units (gru_gate_grads, as gru_gates_bwd_kernel) -> dgi[t], dgh[t], dh = d z; a grid barrier
+//             publishes dgh[t]; phase B: Gs [rows][KP] = dgh[t], dh += dgh[t] . W_hh[:, j] per item.
+// What a step reads that does not depend on the recurrence (the forward's input projection and biases, the
+// backward's dout, previous state and workspace) is loaded ahead, a warp's / thread's first item of the next step
+// during the grid barrier (load_in, load_a).
 // Sizes (rec_plan): a block per SM (at least enough for the W_hh parts to fit shared memory, at most H and what
 // the device holds at once); none (the per-step path) when a block would do over kRecFmaPerBlock multiply-adds a
 // step.
@@ -301,8 +304,10 @@ struct RecBwdArgs {
 };
 
 // Barrier n (1, 2, ...) of a cooperative launch over the counter `count` (0 at launch): each block arrives once;
-// thread 0 waits until all gridDim.x arrivals of barrier n are in. Writes of any block before it are visible to
-// loads through L2 (__ldcg) after it (cooperative_groups' grid sync: fence, arrive, acquire-poll, fence).
+// its last thread waits until all gridDim.x arrivals of barrier n are in (the last thread: it has no loads of its
+// own in flight for the fence to wait on, where the forward's lanes 0-3 prefetch). Writes of any block before it
+// are visible to loads through L2 (__ldcg) after it (cooperative_groups' grid sync: fence, arrive, acquire-poll,
+// fence).
 __device__ __forceinline__ void grid_barrier(unsigned long long* count, unsigned long long n) {
 #ifdef PYATTN_CUDA_EMU
   (void)count;
@@ -310,7 +315,7 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* count, unsigned
   ::pyattn_emu::grid_sync(__FILE__, __LINE__);
 #else
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == blockDim.x - 1) {
     const unsigned long long target = n * gridDim.x;
     __threadfence();
     atomicAdd(count, 1ull);
@@ -332,6 +337,18 @@ __device__ __forceinline__ void stage_rows(float* S, const T* src, int64_t strid
     S[e] = k < K ? to_f32(__ldcg(src + r * stride + k)) : 0.0f;
   }
 }
+
+// What the backward's phase A reads of one (batch row, unit) besides dh (gru_rec_bwd_kernel's load_a): dout[t],
+// the state before the step and the forward's workspace r, z, n, hn.
+struct BwdIn {
+  float dout, hp, r, z, n, hn;
+};
+
+// A forward work item's inputs besides the dot products (gru_rec_fwd_kernel's load_in): x = the input projection
+// + b_ih, bh = b_hh, gates r, z, n.
+struct ItemIn {
+  float x[3], bh[3];
+};
 
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
@@ -437,6 +454,33 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
     Ws[e] = k < H ? to_f32(w_hh[(g * H + j0 + u) * p.w_hh_row_stride + k]) : 0.0f;
   }
 
+  // What a work item's lane r (< its rows) reads besides the dot products: the input projection of its row at step
+  // t and both biases of its unit. None of it depends on the recurrence, so it is loaded before it is needed: for a
+  // warp's first item of a step (chunk 0, item = warp: the same unit and rows every step) during the previous
+  // step's grid barrier, for any other item before its dot products; the latency of the loads then overlaps the wait
+  // or the dots instead of following them (one L2 round trip less per step where a warp has one item).
+  auto load_in = [&](int64_t t, int64_t b, int64_t j) {
+    ItemIn in;
+    const float* gi = p.gi + (t * B + b) * 3 * H + j;
+    in.x[0] = gi[0];
+    in.x[1] = gi[H];
+    in.x[2] = gi[2 * H];
+    for (int g = 0; g < 3; ++g) {
+      in.x[g] += b_ih != nullptr ? to_f32(b_ih[g * H + j]) : 0.0f;
+      in.bh[g] = b_hh != nullptr ? to_f32(b_hh[g * H + j]) : 0.0f;
+    }
+    return in;
+  };
+  const int nb0 = int(B < a.s.batch_rows ? B : a.s.batch_rows), nsub0 = (nb0 + kRecRows - 1) / kRecRows;
+  const int first_sb = (warp % nsub0) * kRecRows;  // the first item's chunk rows first_sb ..
+  const int first_rows = warp >= nu * nsub0 ? 0 : nb0 - first_sb < kRecRows ? nb0 - first_sb : kRecRows;  // 0: none
+  auto load_first = [&](int64_t step) {  // the inputs of this warp's first item of `step` (this lane's row)
+    const int64_t t = p.reverse ? nsteps - 1 - step : step;
+    return load_in(t, first_sb + lane, j0 + warp / nsub0);
+  };
+  ItemIn first{};
+  if (lane < first_rows) first = load_first(0);
+
   for (int64_t step = 0; step < nsteps; ++step) {
     const int64_t t = p.reverse ? nsteps - 1 - step : step;
     // the state this step starts from: h0, or the output of the step processed before (other blocks wrote it)
@@ -453,24 +497,18 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
         const int nrows = nb - sb < kRecRows ? nb - sb : kRecRows;
         const float4* w4 = reinterpret_cast<const float4*>(Ws + 3 * u * HP);
         const float4* h4 = reinterpret_cast<const float4*>(Hs + sb * HP);
+        ItemIn in{};
+        if (b0 == 0 && item == warp)
+          in = first;
+        else if (lane < nrows)
+          in = load_in(t, b0 + sb + lane, j0 + u);
         float gh[3];
         item_dots<3>(w4, h4, nk4, nrows, lane, gh);
         if (lane < nrows) {
           const int64_t b = b0 + sb + lane, j = j0 + u, row = t * B + b;
-          const float* gi = p.gi + row * 3 * H + j;
-          float xr = gi[0], xz = gi[H], xn = gi[2 * H];
-          float hr = gh[0], hz = gh[1], hn = gh[2];
-          if (b_ih != nullptr) {
-            xr += to_f32(b_ih[j]);
-            xz += to_f32(b_ih[H + j]);
-            xn += to_f32(b_ih[2 * H + j]);
-          }
-          if (b_hh != nullptr) {
-            hr += to_f32(b_hh[j]);
-            hz += to_f32(b_hh[H + j]);
-            hn += to_f32(b_hh[2 * H + j]);
-          }
-          const Gates g = gru_gates(xr, xz, xn, hr, hz, hn, Hs[(sb + lane) * HP + j]);
+          const float hn = gh[2] + in.bh[2];
+          const Gates g = gru_gates(in.x[0], in.x[1], in.x[2], gh[0] + in.bh[0], gh[1] + in.bh[1], hn,
+                                    Hs[(sb + lane) * HP + j]);
           out[row * H + j] = from_f32<T>(g.h);
           if (p.ws != nullptr) {
             float* w = p.ws + row * 4 * H + j;
@@ -482,6 +520,7 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
         }
       }
     }
+    if (step + 1 < nsteps && lane < first_rows) first = load_first(step + 1);  // (in flight during the barrier)
     // out[t] complete everywhere before any block reads it (one block: the next chunk's __syncthreads)
     if (step + 1 < nsteps && gridDim.x > 1) grid_barrier(p.sync, static_cast<unsigned long long>(step + 1));
   }
@@ -500,25 +539,43 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
   extern __shared__ float4 rec_smem[];
   float* Wt = reinterpret_cast<float*>(rec_smem);  // [nu][KP]
   float* Gs = Wt + int64_t(a.s.units) * KP;         // [batch_rows][KP]
+  float* Ds = Gs + int64_t(a.s.batch_rows) * KP;    // [nu][B]: dh of the block's units, here for all steps
   for (int64_t e = threadIdx.x; e < nu * KP; e += blockDim.x) {  // (consecutive threads: a row's consecutive units)
     const int64_t k = e / nu, u = e - k * nu;
     Wt[u * KP + k] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + j0 + u]) : 0.0f;
   }
+  for (int64_t e = threadIdx.x; e < nu * B; e += blockDim.x) {
+    const int64_t b = e / nu, u = e - b * nu;
+    Ds[u * B + b] = p.dh[b * H + j0 + u];
+  }
 
-  for (int64_t step = 0; step < nsteps; ++step) {
-    const int64_t t = p.reverse ? step : nsteps - 1 - step;         // the forward's steps, last processed first
-    const bool first = p.reverse ? t == nsteps - 1 : t == 0;          // the forward's first step started from h0
+  // Phase A's element e (batch row e / nu, unit j0 + e % nu) at a step reads dout, the state before the step and
+  // the forward's workspace, none of which depends on the recurrence: a thread's first element of the next step is
+  // loaded before this step's grid barrier, so that its latency overlaps the wait and phase B (the barrier's last
+  // thread excepted: see grid_barrier). dh stays in shared memory (Ds), so phase A waits on no load of it.
+  auto load_a = [&](int64_t step, int64_t e) {
+    const int64_t t = p.reverse ? step : nsteps - 1 - step;  // the forward's steps, last processed first
+    const bool first = p.reverse ? t == nsteps - 1 : t == 0;  // the forward's first step started from h0
     const T* hsrc = first ? static_cast<const T*>(p.h0)
                           : static_cast<const T*>(p.out) + (p.reverse ? t + 1 : t - 1) * p.out_t_stride;
     const int64_t hstride = first ? p.h0_row_stride : p.out_b_stride;
-    __syncthreads();  // the previous step's phase B is done with dh
+    const int64_t b = e / nu, j = j0 + (e - b * nu);
+    const float* w = p.ws + (t * B + b) * 4 * H + j;  // [r | z | n | hn]
+    return BwdIn{to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]), to_f32(hsrc[b * hstride + j]), w[0],
+                 w[H], w[2 * H], w[3 * H]};
+  };
+  const bool prefetch = threadIdx.x < B * nu && threadIdx.x + 1 < blockDim.x;
+  BwdIn next{};
+  if (prefetch) next = load_a(0, threadIdx.x);
+
+  for (int64_t step = 0; step < nsteps; ++step) {
+    const int64_t t = p.reverse ? step : nsteps - 1 - step;
+    __syncthreads();  // the previous step's phase B is done with Ds (and the first step: Ds is loaded)
     // phase A: d = dh + dout[t] -> dgi[t], dgh[t] and dh = d z for this block's units
     for (int64_t e = threadIdx.x; e < B * nu; e += blockDim.x) {
-      const int64_t b = e / nu, j = j0 + (e - b * nu), row = t * B + b;
-      const float d = p.dh[b * H + j] + to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]);
-      const float hp = to_f32(hsrc[b * hstride + j]);
-      const float* w = p.ws + row * 4 * H + j;  // [r | z | n | hn]
-      const GateGrads g = gru_gate_grads(d, hp, w[0], w[H], w[2 * H], w[3 * H]);
+      const BwdIn in = prefetch && e == threadIdx.x ? next : load_a(step, e);
+      const int64_t b = e / nu, u = e - b * nu, j = j0 + u, row = t * B + b;
+      const GateGrads g = gru_gate_grads(Ds[u * B + b] + in.dout, in.hp, in.r, in.z, in.n, in.hn);
       float* gi = p.dgi + row * H3 + j;
       float* gh = p.dgh + row * H3 + j;
       gi[0] = g.dr;
@@ -527,8 +584,9 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
       gh[0] = g.dr;
       gh[H] = g.dz;
       gh[2 * H] = g.dnr;
-      p.dh[b * H + j] = g.direct;
+      Ds[u * B + b] = g.direct;
     }
+    if (prefetch && step + 1 < nsteps) next = load_a(step + 1, threadIdx.x);  // (in flight during the barrier)
     if (gridDim.x > 1) grid_barrier(p.sync, static_cast<unsigned long long>(step + 1));  // dgh[t] complete
     // phase B: dh[b][j] += dgh[t][b] . W_hh[:, j]
     for (int64_t b0 = 0; b0 < B; b0 += a.s.batch_rows) {
@@ -544,9 +602,14 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
         const float4* g4 = reinterpret_cast<const float4*>(Gs + sb * KP);
         float v[1];
         item_dots<1>(w4, g4, nk4, nrows, lane, v);
-        if (lane < nrows) p.dh[(b0 + sb + lane) * H + j0 + u] += v[0];
+        if (lane < nrows) Ds[u * B + b0 + sb + lane] += v[0];
       }
     }
+  }
+  __syncthreads();  // dL/dh0 of the block's units out
+  for (int64_t e = threadIdx.x; e < nu * B; e += blockDim.x) {
+    const int64_t b = e / nu, u = e - b * nu;
+    p.dh[b * H + j0 + u] = Ds[u * B + b];
   }
 }
 
@@ -787,8 +850,8 @@ cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaSt
 
 GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
   if (p.T < 1) return GRURecPlan();
-  const int64_t kp = round4(3 * p.H);
-  return rec_plan<RecBwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, kp * 4, kp * 4);
+  const int64_t kp = round4(3 * p.H);  // a unit: its W_hh column and its dh of every batch row (Ds)
+  return rec_plan<RecBwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, (kp + p.B) * 4, kp * 4);
 }
 
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
