@@ -765,6 +765,22 @@ def test_gru_persistent_kernels_without_biases(monkeypatch, biases):
                 assert_tol(got, want, "gru", torch.float32, kind="bwd")
 
 
+def test_gru_shared_memory_limit_follows_the_largest_plan(monkeypatch):
+    """A kernel's dynamic shared-memory limit (cudaFuncSetAttribute, which csrc/cuda/launch.cuh's fit_kernel sets once
+    per device and kernel) only ever rises: a plan with more shared memory after one with less, and the first again,
+    all launch (the emulator refuses a launch above the limit set last). One block, so W_hh's part is all of it:
+    H = 100, 80, 100 -> 120, 77, 120 KB."""
+    monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "1")
+    ops = torch.ops.pyattn_emu
+    for hsz in (100, 80, 100):
+        g = torch.Generator().manual_seed(hsz)
+        x, h0 = torch.randn(2, 1, 3, generator=g), torch.randn(1, hsz, generator=g)
+        w = _gru_params(3, hsz, torch.float32, seed=hsz)
+        ops.emu_reset_counters()
+        out, _, _ = ops.gru_seq_fwd(x, h0, *w, False, False)
+        assert ops.emu_counters()[4] > 48 * 1024 and torch.isfinite(out).all(), hsz
+
+
 def test_gru_one_step_is_a_plain_launch(monkeypatch):
     """A persistent forward of one step (a cell step, a layer with T = 1) has no grid barrier, so it is launched
     plainly, not cooperatively (csrc/cuda/gru.cu rec_launch: the cheaper launch on the host): with every cooperative
