@@ -781,6 +781,24 @@ def test_gru_shared_memory_limit_follows_the_largest_plan(monkeypatch):
         assert ops.emu_counters()[4] > 48 * 1024 and torch.isfinite(out).all(), hsz
 
 
+def test_gru_fewer_fuller_blocks_raise_the_limit(monkeypatch):
+    """More blocks asked for than fit at once (PYATTN_CUDA_GRU_BLOCKS=6 on 2 emulated SMs that hold 2 blocks of
+    82 KB each): the plan takes 4 fuller blocks of 122 KB and raises the kernel's shared-memory limit for them (a
+    one-step forward: a plain launch, which needs no co-residency). Before, the limit stayed at the first size."""
+    monkeypatch.setenv("PYATTN_EMU_SMS", "2")
+    monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "6")
+    g = torch.Generator().manual_seed(200)
+    x, h0 = torch.randn(1, 1, 3, generator=g), torch.randn(1, 200, generator=g)
+    w = _gru_params(3, 200, torch.float32, seed=200)
+    ops = torch.ops.pyattn_emu
+    ops.emu_reset_counters()
+    out, _, _ = ops.gru_seq_fwd(x, h0, *w, False, False)
+    c = ops.emu_counters()
+    assert (c[2], c[3]) == (1, 4) and c[4] > 120 * 1024, list(c)
+    monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "0")
+    torch.testing.assert_close(out, ops.gru_seq_fwd(x, h0, *w, False, False)[0], atol=2e-5, rtol=2e-4)
+
+
 def test_gru_one_step_is_a_plain_launch(monkeypatch):
     """A persistent forward of one step (a cell step, a layer with T = 1) has no grid barrier, so it is launched
     plainly, not cooperatively (csrc/cuda/gru.cu rec_launch: the cheaper launch on the host): with every cooperative

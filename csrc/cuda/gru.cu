@@ -772,6 +772,10 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
     if (resident < min_blocks) return plan;
     units = (H + resident - 1) / resident;
     smem = size_t(units * unit_bytes + rows * row_bytes);
+    if (fit_kernel(rec_kernel<KernelOf>(dtype), smem) != cudaSuccess) {  // (the larger blocks' limit)
+      (void)cudaGetLastError();
+      return plan;
+    }
   }
   plan.units = int(units);
   plan.blocks = int((H + units - 1) / units);
