@@ -205,6 +205,14 @@ def _memcheck_workload() -> None:
             args = (mask, 0.1 if mask is None else 0.0, causal, br, 1 / math.sqrt(d), 5, 7)
             out, lse = ops.attn_fwd(q, k, v, *args)
             ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, *args)
+    os.environ["PYATTN_EMU_SMS"] = "4"  # the decoding forward (attention_decode.cu) over several splits
+    for layout in ("contiguous", "blhd", "expanded"):
+        for d, hq, lq, lk, causal, br in ((64, 4, 1, 300, False, False), (128, 2, 3, 400, True, True),
+                                          (128, 8, 1, 257, True, False)):
+            q, k, v = make_qkv(2, hq, lq, lk, d, hkv=1 if hq == 8 else 2, dtype=torch.bfloat16, layout=layout,
+                               seed=d)
+            ops.attn_fwd(q, k, v, None, 0.0, causal, br, 1 / math.sqrt(d), 0, 0)
+    os.environ.pop("PYATTN_EMU_SMS")
     for m, n in ((3, 7), (9, 1000), (2, 1024), (2, 8200), (700, 64), (4, 257)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for shift in (0, 1):

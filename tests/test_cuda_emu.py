@@ -457,6 +457,75 @@ def test_attention_sm90_forward_leaves_the_rest_to_mma_sync():
         assert ops.emu_counters()[2] >= 1 and ops.emu_counters()[5] == 0, name
 
 
+# (b, hq, hkv, lq, lk, d, causal, bottom_right): calls the split-KV decoding path takes (group * Lq <= 8 query rows
+# of a kv head, Lk >= 256): one row per kv head, a GQA group of 8 over 8 splits, 3 rows (a 4-row tile), several query
+# rows with both causal alignments (top-left with Lq < Lk: whole splits no row sees), a key count no split divides.
+DECODE_CASES = [
+    (2, 4, 2, 1, 300, 64, False, False),
+    (1, 8, 1, 1, 1000, 128, False, False),
+    (1, 6, 2, 1, 257, 128, True, True),
+    (3, 2, 2, 3, 400, 64, True, True),
+    (1, 2, 1, 4, 256, 128, True, False),
+    (2, 2, 2, 2, 700, 128, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_attention_decode_split_kv(dtype, case, monkeypatch):
+    """The decoding forward (csrc/cuda/attention_decode.cu: a block per (split of the keys, kv head, batch) with the
+    kv head's whole query group, then a combining kernel) runs where it should (two launches, no wgmma, no dynamic
+    shared memory), matches the oracle (out, lse; the backward takes them), gives the same bits in every layout with
+    16-byte-aligned rows and in both thread orders, and is close to the regular forward (PYATTN_CUDA_ATTN_DECODE=0)."""
+    b, hq, hkv, lq, lk, d, causal, bottom_right = case
+    monkeypatch.setenv("PYATTN_EMU_SMS", "4")  # (about two blocks per SM: several splits per kv head)
+    ops = torch.ops.pyattn_emu
+    q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lk + d)
+    ops.emu_reset_counters()
+    out, lse = _fwd(q, k, v, causal=causal, bottom_right=bottom_right)
+    launches, wgmma, smem = ops.emu_counters()[2], ops.emu_counters()[5], ops.emu_counters()[4]
+    assert (launches, wgmma, smem) == (2, 0, 0)
+    got, got_lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)
+    assert torch.equal(got, out) and torch.equal(got_lse, lse)
+    for layout in ("blhd", "expanded") + (("packed",) if lq == lk else ()):
+        q2, k2, v2 = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lk + d)
+        if layout == "expanded":  # (k, v repeat over the batch: compare with the same values, contiguous)
+            q, k, v = q2, k2.contiguous(), v2.contiguous()
+            out, lse = _fwd(q, k, v, causal=causal, bottom_right=bottom_right)
+        out2, lse2 = _fwd(q2, k2, v2, causal=causal, bottom_right=bottom_right)
+        assert torch.equal(out2, out) and torch.equal(lse2, lse), layout
+    monkeypatch.setenv("PYATTN_EMU_ORDER", "reverse")
+    out_r, lse_r = _fwd(q, k, v, causal=causal, bottom_right=bottom_right)
+    assert torch.equal(out_r, out) and torch.equal(lse_r, lse)
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_DECODE", "0")
+    ops.emu_reset_counters()
+    out_reg, lse_reg = _fwd(q, k, v, causal=causal, bottom_right=bottom_right)
+    assert ops.emu_counters()[2] == 1
+    torch.testing.assert_close(out.float(), out_reg.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse, lse_reg, atol=1e-4, rtol=0)
+
+
+def test_attention_decode_leaves_the_rest_to_the_regular_forward(monkeypatch):
+    """Calls the decoding path does not take run the regular forward (one launch): more than 8 query rows per kv head,
+    fewer than 256 keys, a mask, dropout, head dim 96, unaligned rows, float16 with D != Dv."""
+    ops = torch.ops.pyattn_emu
+    qkv = lambda b, hq, lq, lk, d, **kw: make_qkv(b, hq, lq, lk, d, dtype=torch.bfloat16, seed=5, **kw)  # noqa: E731
+    q, k, v = qkv(1, 2, 1, 300, 64)
+    calls = {
+        "9 rows": lambda: _fwd(*qkv(1, 9, 1, 300, 64, hkv=1)),
+        "255 keys": lambda: _fwd(*qkv(1, 2, 1, 255, 64)),
+        "mask": lambda: _fwd(q, k, v, torch.ones(1, 1, 1, 300, dtype=torch.bool)),
+        "dropout": lambda: _fwd(q, k, v, p=0.25, seed=1),
+        "head dim 96": lambda: _fwd(*qkv(1, 2, 1, 300, 96)),
+        "D != Dv": lambda: _fwd(*qkv(1, 2, 1, 300, 64, dv=128)),
+        "unaligned": lambda: _fwd(*qkv(1, 2, 1, 300, 64, layout="nan_padded")),
+    }
+    for name, call in calls.items():
+        ops.emu_reset_counters()
+        call()
+        assert ops.emu_counters()[2] == 1, name
+
+
 def test_attention_refusals_name_the_problem():
     q, k, v = make_qkv(1, 2, 16, 16, 64)
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):

@@ -31,8 +31,8 @@ def _gpu_backends(op):
     (128, 128, 64, False, False, 4), (113, 203, 128, True, True, 2), (1000, 1000, 128, True, False, 1),
     (1, 239, 96, False, False, 4), (4096, 4096, 128, True, False, 4), (257, 129, 256, True, True, 2),
     (65, 65, 59, False, False, 4),
-    # decoding (Triton: the split-KV forward): one query row against 4096 keys in a group of 4; 3 rows of 2 heads,
-    # bottom-right causal; one row top-left causal (only key 0 visible: every later split sees nothing)
+    # decoding (Triton and CUDA: the split-KV forwards): one query row against 4096 keys in a group of 4; 3 rows of 2
+    # heads, bottom-right causal; one row top-left causal (only key 0 visible: every later split sees nothing)
     (1, 4096, 128, False, False, 1), (3, 1500, 64, True, True, 2), (1, 2000, 128, True, False, 4)])
 def test_attention(backend, dtype, lq, lk, d, causal, bottom_right, hkv):
     g = torch.Generator(device=DEV).manual_seed(lq + lk + d)
@@ -213,6 +213,32 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
     out_mma = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[0]
     torch.testing.assert_close(out.float(), out_mma.float(), atol=2e-2, rtol=0)
+
+
+@_needs_cuda_attention
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,causal,bottom_right", [
+    (8, 32, 8, 1, 4096, 128, False, False), (1, 8, 1, 1, 3000, 64, False, False), (2, 4, 2, 3, 1000, 128, True, True),
+    (1, 2, 2, 2, 777, 128, True, False)])
+def test_attention_cuda_decode(dtype, b, hq, hkv, lq, lk, d, causal, bottom_right, monkeypatch):
+    """The CUDA decoding forward (csrc/cuda/attention_decode.cu: split-KV over the GPU, CUDA cores) against the
+    float64 oracle (2x rule, lse), the same bits in every 16-byte-aligned layout, and the regular forward
+    (PYATTN_CUDA_ATTN_DECODE=0) within rounding."""
+    def run(layout):
+        q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lk + d)
+        return q, k, v, _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[:2]
+
+    q, k, v, (out, lse) = run("contiguous")
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right)
+    assert_attention_close(out, ref, attention_low(q, k, v, causal=causal, bottom_right=bottom_right), 2)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-3, rtol=1e-4)
+    for layout in ("blhd",):
+        _, _, _, (out2, lse2) = run(layout)
+        assert torch.equal(out2, out) and torch.equal(lse2, lse), layout
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_DECODE", "0")
+    out_reg, lse_reg = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[:2]
+    torch.testing.assert_close(out.float(), out_reg.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse, lse_reg, atol=1e-4, rtol=0)
 
 
 @_needs_cuda_attention

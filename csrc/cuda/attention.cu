@@ -927,10 +927,16 @@ cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   attn::Derived d = attn::derive(p);
   d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
   cudaError_t err = cudaSuccess;
+  if (attn::fwd_decode(p, d, stream, &err)) return err;
   if (attn::fwd_sm90(p, d, stream, &err)) return err;
   if (p.dtype == DType::F16)
     return p.causal ? attn::fwd_hd<attn::F16, true>(p, d, stream) : attn::fwd_hd<attn::F16, false>(p, d, stream);
   return p.causal ? attn::fwd_hd<attn::BF16, true>(p, d, stream) : attn::fwd_hd<attn::BF16, false>(p, d, stream);
+}
+
+int64_t attention_fwd_workspace_floats(const AttnFwdParams& p) {
+  if (attention_unsupported(p) != nullptr) return 0;
+  return attn::decode_plan(p, attn::derive(p)).workspace_floats;
 }
 
 int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) { return 3 * p.B * p.Hq * p.Lq; }

@@ -83,6 +83,21 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
 // returns false and attention_fwd (attention.cu) launches its own mma.sync kernel.
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err);
 
+// The decoding forward (attention_decode.cu: split-KV, CUDA cores): decode_plan says whether it takes p (fp16 /
+// bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of q, k, v, group * Lq <= kDecodeMaxRows,
+// Lk >= kDecodeMinKeys; PYATTN_CUDA_ATTN_DECODE=0 in the environment turns it off: n_splits 0) and how it splits the
+// keys; fwd_decode launches it and returns true (its status in *err) when it takes p and p.workspace holds the plan's
+// workspace_floats, else returns false.
+constexpr int kDecodeMaxRows = 8;
+constexpr int64_t kDecodeMinKeys = 256;
+struct DecodePlan {
+  int n_splits = 0;  // 0: not taken
+  int64_t chunk = 0;  // keys per split
+  int64_t workspace_floats = 0;
+};
+DecodePlan decode_plan(const AttnFwdParams& p, const Derived& d);
+bool fwd_decode(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err);
+
 // ------------------------------------------------------------------------------------------------------------
 // Element types: tags with the conversions and the mma of each 16-bit type
 // ------------------------------------------------------------------------------------------------------------

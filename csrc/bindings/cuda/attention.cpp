@@ -63,6 +63,12 @@ std::tuple<Tensor, Tensor> attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
   Tensor out, lse;
   if (!attn_checks::alloc_fwd_outputs(p, q, s, out, lse)) return {out, lse};
   check_launchable(op, p);
+  Tensor ws;  // (the decoding path's per-split results; kept alive by the caching allocator for the stream)
+  const int64_t ws_floats = cuda::attention_fwd_workspace_floats(p);
+  if (ws_floats > 0) {
+    ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
   C10_CUDA_CHECK(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

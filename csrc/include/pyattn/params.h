@@ -118,6 +118,7 @@ struct AttnFwdParams : AttnCommon {
   void* out = nullptr;  // (B, Hq, Lq, Dv) dtype
   int64_t out_stride[3] = {0, 0, 0};
   float* lse = nullptr;  // (B, Hq, Lq) fp32 contiguous
+  float* workspace = nullptr;  // CUDA: attention_fwd_workspace_floats(p) fp32 (decoding's per-split results), or null
 };
 
 struct AttnBwdParams : AttnCommon {
