@@ -140,7 +140,7 @@ def attention(case):
                       (33, 33, 256, True, 2), (20, 20, 40, False, 2)):
             case(f"{dtype} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         case(f"{dtype} bool mask + dropout", lambda: masked(dtype))
-        # the decoding forward (attention_decode.cu: split-KV; here the grid has 2 x SMs blocks) and its backward
+        # the decoding forward (attention_decode.cu: split-KV, about 4 blocks an SM) and its backward
         for shape in ((1, 3000, 128, False, 1), (3, 700, 64, True, 2)):
             case(f"{dtype} decode (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         # the cp.async Hopper forward (the default one there is the warp-specialized kernel; off Hopper the mma.sync

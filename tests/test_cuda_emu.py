@@ -478,7 +478,7 @@ def test_attention_decode_split_kv(dtype, case, monkeypatch):
     shared memory), matches the oracle (out, lse; the backward takes them), gives the same bits in every layout with
     16-byte-aligned rows and in both thread orders, and is close to the regular forward (PYATTN_CUDA_ATTN_DECODE=0)."""
     b, hq, hkv, lq, lk, d, causal, bottom_right = case
-    monkeypatch.setenv("PYATTN_EMU_SMS", "4")  # (about two blocks per SM: several splits per kv head)
+    monkeypatch.setenv("PYATTN_EMU_SMS", "4")  # (about four blocks per SM: several splits per kv head)
     ops = torch.ops.pyattn_emu
     q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lk + d)
     ops.emu_reset_counters()

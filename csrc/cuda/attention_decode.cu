@@ -8,7 +8,7 @@
 // doing work. Here (the Triton kernel's split-KV plan, kernels/attention.py):
 //   attn_decode_split_kernel, grid (n_splits, Hkv, B), 4 warps: one block takes all R = group * Lq query rows of
 //     one kv head (row r: query head hk * group + r / Lq, query r % Lq) against keys [split * chunk, + chunk), so
-//     K and V are read once per kv head, and the splits (about two blocks per SM in all) give the grid its
+//     K and V are read once per kv head, and the splits (about four blocks per SM in all) give the grid its
 //     parallelism. A warp takes 32 keys at a time, a key per lane: lane l computes the R logits of key j0 + l
 //     (its K row, 16-byte loads, against Q in shared memory, pre-scaled by scale log2(e)); then the online softmax
 //     per row (max over the warp by shuffles; l kept per lane), and O += P V with O's columns split over the lanes
@@ -36,6 +36,9 @@ namespace {
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int64_t kSplitKeys = 32 * kWarps;  // a split's keys are a multiple of this (one pass of the 4 warps)
 constexpr int kMaxSplits = 64;
+// Blocks per SM the splits aim at: a streaming kernel needs many loads in flight (16 warps an SM); more splits only
+// add combining work (a row's O per split).
+constexpr int64_t kBlocksPerSm = 4;
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
@@ -259,9 +262,9 @@ DecodePlan decode_plan(const AttnFwdParams& p, const Derived& d) {
         p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v &&
         d.group * p.Lq <= kDecodeMaxRows && p.Lk >= kDecodeMinKeys))
     return pl;
-  // about two blocks per SM over the B Hkv kv heads, each split a multiple of kSplitKeys keys
+  // about kBlocksPerSm blocks per SM over the B Hkv kv heads, each split a multiple of kSplitKeys keys
   const int64_t sms = p.num_sms > 0 ? p.num_sms : 1, heads = p.B * p.Hkv;
-  int64_t n = (2 * sms + heads - 1) / heads;
+  int64_t n = (kBlocksPerSm * sms + heads - 1) / heads;
   n = n < kMaxSplits ? n : kMaxSplits;
   const int64_t most = (p.Lk + kSplitKeys - 1) / kSplitKeys;
   n = n < most ? n : most;
