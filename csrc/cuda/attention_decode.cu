@@ -260,8 +260,8 @@ DecodePlan decode_plan(const AttnFwdParams& p, const Derived& d) {
   if (env != nullptr && std::strcmp(env, "0") == 0) return pl;
   if (!((p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) && p.Dv == p.D &&
         p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v &&
-        d.group * p.Lq <= kDecodeMaxRows && p.Lk >= kDecodeMinKeys))
-    return pl;
+        d.group * p.Lq <= kDecodeMaxRows && p.Lk >= kDecodeMinKeys && p.Hkv <= 65535 && p.B <= 65535))
+    return pl;  // (grid dims y, z: kv heads, batch)
   // about kBlocksPerSm blocks per SM over the B Hkv kv heads, each split a multiple of kSplitKeys keys
   const int64_t sms = p.num_sms > 0 ? p.num_sms : 1, heads = p.B * p.Hkv;
   int64_t n = (kBlocksPerSm * sms + heads - 1) / heads;

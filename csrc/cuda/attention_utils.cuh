@@ -85,9 +85,9 @@ bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cud
 
 // The decoding forward (attention_decode.cu: split-KV, CUDA cores): decode_plan says whether it takes p (fp16 /
 // bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of q, k, v, group * Lq <= kDecodeMaxRows,
-// Lk >= kDecodeMinKeys; PYATTN_CUDA_ATTN_DECODE=0 in the environment turns it off: n_splits 0) and how it splits the
-// keys; fwd_decode launches it and returns true (its status in *err) when it takes p and p.workspace holds the plan's
-// workspace_floats, else returns false.
+// Lk >= kDecodeMinKeys, B and Hkv <= 65535; PYATTN_CUDA_ATTN_DECODE=0 in the environment turns it off: n_splits 0)
+// and how it splits the keys; fwd_decode launches it and returns true (its status in *err) when it takes p and
+// p.workspace holds the plan's workspace_floats, else returns false.
 constexpr int kDecodeMaxRows = 8;
 constexpr int64_t kDecodeMinKeys = 256;
 struct DecodePlan {
