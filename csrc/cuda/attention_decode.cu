@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_split_kernel(const AttnF
     for (int r = 0; r < ROWS; ++r) s[r] = 0.0f;
     if (j < j_end) {  // S_rj = q_r . k_j: the lane's K row in 16-byte pieces
       const uint4* krow = reinterpret_cast<const uint4*>(kbase + j * p.k_stride[2]);
-#pragma unroll 4
-      for (int c8 = 0; c8 < HD / 8; ++c8) {
+#pragma unroll 8
+      for (int c8 = 0; c8 < HD / 8; ++c8) {  // (8 loads in flight)
         const uint4 kv = krow[c8];
         const uint32_t w[4] = {kv.x, kv.y, kv.z, kv.w};
         float kf[8];
@@ -141,28 +141,39 @@ __global__ void __launch_bounds__(kThreads) attn_decode_split_kernel(const AttnF
 #pragma unroll
       for (int c = 0; c < DPL; ++c) o[r][c] *= alpha;
     }
-    // O += P V: key j0 + kk's p from lane kk, its V row across the warp (lane l: columns DPL l ..)
-    const int nk = int(imin(32, j_end - j0));
-    for (int kk = 0; kk < nk; ++kk) {
-      const uint16_t* vrow = vbase + (j0 + kk) * p.v_stride[2] + DPL * lane;
-      float vf[DPL];
-      if constexpr (DPL == 4) {
-        const uint2 vv = *reinterpret_cast<const uint2*>(vrow);
-        vf[0] = E::to_float(uint16_t(vv.x & 0xffffu));
-        vf[1] = E::to_float(uint16_t(vv.x >> 16));
-        vf[2] = E::to_float(uint16_t(vv.y & 0xffffu));
-        vf[3] = E::to_float(uint16_t(vv.y >> 16));
-      } else {
-        const uint32_t vv = *reinterpret_cast<const uint32_t*>(vrow);
-        vf[0] = E::to_float(uint16_t(vv & 0xffffu));
-        vf[1] = E::to_float(uint16_t(vv >> 16));
+    // O += P V: key j0 + kk's p from lane kk, its V row across the warp (lane l: columns DPL l ..), 8 keys' V loads
+    // in flight at a time (a key past the split: p = 0 and V taken as 0)
+    const int64_t nk = imin(32, j_end - j0);
+#pragma unroll 1
+    for (int k8 = 0; k8 < 32; k8 += 8) {
+      if (k8 >= nk) break;
+      float vf[8][DPL];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const uint16_t* vrow = vbase + (j0 + k8 + u) * p.v_stride[2] + DPL * lane;
+        if (k8 + u >= nk) {
+#pragma unroll
+          for (int c = 0; c < DPL; ++c) vf[u][c] = 0.0f;
+        } else if constexpr (DPL == 4) {
+          const uint2 vv = *reinterpret_cast<const uint2*>(vrow);
+          vf[u][0] = E::to_float(uint16_t(vv.x & 0xffffu));
+          vf[u][1] = E::to_float(uint16_t(vv.x >> 16));
+          vf[u][2] = E::to_float(uint16_t(vv.y & 0xffffu));
+          vf[u][3] = E::to_float(uint16_t(vv.y >> 16));
+        } else {
+          const uint32_t vv = *reinterpret_cast<const uint32_t*>(vrow);
+          vf[u][0] = E::to_float(uint16_t(vv & 0xffffu));
+          vf[u][1] = E::to_float(uint16_t(vv >> 16));
+        }
       }
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const float pk = __shfl_sync(0xffffffffu, s[r], kk);
+      for (int u = 0; u < 8; ++u)
 #pragma unroll
-        for (int c = 0; c < DPL; ++c) o[r][c] = fmaf(pk, vf[c], o[r][c]);
-      }
+        for (int r = 0; r < ROWS; ++r) {
+          const float pk = __shfl_sync(0xffffffffu, s[r], k8 + u);
+#pragma unroll
+          for (int c = 0; c < DPL; ++c) o[r][c] = fmaf(pk, vf[u][c], o[r][c]);
+        }
     }
   }
 
