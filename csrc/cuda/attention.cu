@@ -322,22 +322,6 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b, bool bf16) {
   return s;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
 // The exact row statistics of one query row whose lse is too large to hold l2 (one warp, lanes over keys; rare):
 // m = max_j x_ij, l2 = log2 sum_j 2^(x_ij - m) (in double), over the keys the row sees.
 template <class E>

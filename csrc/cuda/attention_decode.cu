@@ -40,15 +40,11 @@ constexpr int kMaxSplits = 64;
 // add combining work (a row's O per split).
 constexpr int64_t kBlocksPerSm = 4;
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
-  return x;
+// Two 16-bit elements (lo: the lower address) of one 32-bit word -> f[0], f[1]
+template <class E>
+__device__ __forceinline__ void unpack2(uint32_t w, float* f) {
+  f[0] = E::to_float(uint16_t(w & 0xffffu));
+  f[1] = E::to_float(uint16_t(w >> 16));
 }
 
 // Workspace layout: Opart [rows][HD] (rows = (b Hq + h) Lq + i, then split), Mpart [rows], Lpart [rows].
@@ -105,13 +101,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_split_kernel(const AttnF
 #pragma unroll 8
       for (int c8 = 0; c8 < HD / 8; ++c8) {  // (8 loads in flight)
         const uint4 kv = krow[c8];
-        const uint32_t w[4] = {kv.x, kv.y, kv.z, kv.w};
         float kf[8];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          kf[2 * e] = E::to_float(uint16_t(w[e] & 0xffffu));
-          kf[2 * e + 1] = E::to_float(uint16_t(w[e] >> 16));
-        }
+        unpack2<E>(kv.x, kf);
+        unpack2<E>(kv.y, kf + 2);
+        unpack2<E>(kv.z, kf + 4);
+        unpack2<E>(kv.w, kf + 6);
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
           const float4 qa = qs[r][2 * c8], qb = qs[r][2 * c8 + 1];
@@ -156,14 +150,10 @@ __global__ void __launch_bounds__(kThreads) attn_decode_split_kernel(const AttnF
           for (int c = 0; c < DPL; ++c) vf[u][c] = 0.0f;
         } else if constexpr (DPL == 4) {
           const uint2 vv = *reinterpret_cast<const uint2*>(vrow);
-          vf[u][0] = E::to_float(uint16_t(vv.x & 0xffffu));
-          vf[u][1] = E::to_float(uint16_t(vv.x >> 16));
-          vf[u][2] = E::to_float(uint16_t(vv.y & 0xffffu));
-          vf[u][3] = E::to_float(uint16_t(vv.y >> 16));
+          unpack2<E>(vv.x, vf[u]);
+          unpack2<E>(vv.y, vf[u] + 2);
         } else {
-          const uint32_t vv = *reinterpret_cast<const uint32_t*>(vrow);
-          vf[u][0] = E::to_float(uint16_t(vv & 0xffffu));
-          vf[u][1] = E::to_float(uint16_t(vv >> 16));
+          unpack2<E>(*reinterpret_cast<const uint32_t*>(vrow), vf[u]);
         }
       }
 #pragma unroll

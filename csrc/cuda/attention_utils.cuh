@@ -282,7 +282,7 @@ __device__ __forceinline__ void store_tile(uint16_t* g, int64_t stride, const ui
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Warp reductions over the 4 lanes of a quad (the lanes that hold one row of a C fragment)
+// Warp reductions: over the 4 lanes of a quad (the lanes that hold one row of a C fragment) ...
 // ------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -291,6 +291,22 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+// ... and over a whole warp (butterflies: every lane gets the result)
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
 }
 
 // ------------------------------------------------------------------------------------------------------------
