@@ -5,6 +5,9 @@ Cases (shape B x T x I x H, or B x I x H for the cell):
 * ``gru``: the PERF.md target shapes, B=1 T=200 I=64 H=128 and B=32 T=100 I=H=256 (``--quick`` runs only these);
 * ``gru_batch_sweep``: B in 1, 8, 32, 64 at T=100, I=H=256 (x = B);
 * ``gru_hidden_sweep``: H = I in 64, 128, 256, 512 at B=32, T=100 (x = H);
+* ``gru_packed``: B=32 sequences of lengths T=100 down to 26 (all different, in a fixed shuffled order) as a
+  PackedSequence (``pack_padded_sequence(..., enforce_sorted=False)``, packed once outside the timed call),
+  I=H=256, fp32 (also in ``--quick``): pyattn runs one layer call per run of equal batch size, here 32;
 * ``gru_cell``: one step of ``GRUCell``, B in 1, 32, 256 at I=H=256 and B=64 at I=H=1024 (``--quick``: B=1 and 32
   at I=H=256); PERF.md's GPU cell target (>= 1.5x torch.nn.GRUCell) applies to its forward.
 dtypes: fp32; on CPU also bf16 (``gru`` and ``gru_cell`` cases; the sweeps are fp32 only).
@@ -14,7 +17,8 @@ Providers: ``torch.nn.GRU`` (the baseline), a ``torch.nn.GRUCell`` loop over the
 every pyattn backend that accepts the input (``pyattn.use_backend(name)``; on CPU: cpp and torch; Triton is never
 benchmarked on CPU, where it only runs in its interpreter); for the cell, ``torch.nn.GRUCell`` (the baseline) and
 ``pyattn.nn.GRUCell`` per backend. All share the same weights.
-FLOPs per PERF.md: 2*B*T*3H*(I+H) forward (T = 1 for the cell), x3 for fwd+bwd. After the table, notes give the
+FLOPs per PERF.md: 2*B*T*3H*(I+H) forward (T = 1 for the cell; B*T = the sum of the lengths for packed input), x3
+for fwd+bwd. After the table, notes give the
 time per sequence and per step of each provider on the target shapes.
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ except ImportError:  # run as a plain module from the benchmarks/ folder
 
 MODES = ("fwd", "fwd+bwd")
 TARGET_SHAPES = ({"B": 1, "T": 200, "I": 64, "H": 128}, {"B": 32, "T": 100, "I": 256, "H": 256})
+PACKED_SHAPE = {"B": 32, "T": 100, "I": 256, "H": 256}
 CELL_SHAPES = ({"B": 1, "I": 256, "H": 256}, {"B": 32, "I": 256, "H": 256}, {"B": 256, "I": 256, "H": 256},
                {"B": 64, "I": 1024, "H": 1024})
 
@@ -66,9 +71,12 @@ def cases(ctx: BenchContext) -> list[Case]:
             if ctx.tiny:
                 out.append(Case("gru", mode, {"B": 2, "T": 5, "I": 8, "H": 16}, dt, ctx.device))
                 out.append(Case("gru_cell", mode, {"B": 2, "I": 8, "H": 16}, dt, ctx.device))
+                out.append(Case("gru_packed", mode, {"B": 3, "T": 5, "I": 8, "H": 16}, dt, ctx.device))
                 continue
             for shape in TARGET_SHAPES:
                 out.append(Case("gru", mode, dict(shape), dt, ctx.device))
+            if dt == torch.float32:
+                out.append(Case("gru_packed", mode, dict(PACKED_SHAPE), dt, ctx.device))
             for shape in CELL_SHAPES[:2] if ctx.quick else CELL_SHAPES:
                 out.append(Case("gru_cell", mode, dict(shape), dt, ctx.device))
             if ctx.quick or dt != torch.float32:
@@ -82,10 +90,17 @@ def cases(ctx: BenchContext) -> list[Case]:
     return out
 
 
+def packed_lengths(B: int, T: int) -> torch.Tensor:
+    """B sequence lengths from T down to about T / 4, all different while T allows, in a fixed shuffled order."""
+    lens = [T - (i * (3 * T // 4)) // max(B - 1, 1) for i in range(B)]
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(B * 1000 + T)).tolist()
+    return torch.tensor([lens[i] for i in perm])
+
+
 def make_inputs(case: Case) -> dict:
     """x (T, B, I), h0 (1, B, H), dout (T, B, H) and torch.nn.GRU-initialised weights, all top level (so the
     harness's float64 reference converts them too); for the cell: x (B, I), hx (B, H), dout (B, H) and the weights
-    under GRUCell's parameter names."""
+    under GRUCell's parameter names; for packed input also ``lengths`` (B,) and dout (sum of lengths, H)."""
     B, I, H = (case.shape[k] for k in "BIH")
     T = case.shape.get("T", 1)
     g = torch.Generator(device="cpu").manual_seed(4321 + B + T + I + H)
@@ -99,6 +114,9 @@ def make_inputs(case: Case) -> dict:
 
     inputs = {"x": randn(T, B, I), "h0": randn(1, B, H), "dout": randn(T, B, H),
               "weight_ih_l0": u(3 * H, I), "weight_hh_l0": u(3 * H, H), "bias_ih_l0": u(3 * H), "bias_hh_l0": u(3 * H)}
+    if case.op == "gru_packed":
+        inputs["lengths"] = packed_lengths(B, T)
+        inputs["dout"] = randn(int(inputs["lengths"].sum()), H)
     if case.op == "gru_cell":
         inputs = {"x": inputs["x"][0], "hx": inputs["h0"][0], "dout": inputs["dout"][0],
                   **{name[:-3]: t for name, t in inputs.items() if name.endswith("_l0")}}
@@ -107,7 +125,10 @@ def make_inputs(case: Case) -> dict:
 
 def work_for(case: Case) -> Work:
     B, I, H = (case.shape[k] for k in "BIH")
-    return Work(gru_flops(B, case.shape.get("T", 1), I, H, mode=case.mode), "flop")
+    T = case.shape.get("T", 1)
+    if case.op == "gru_packed":
+        B, T = int(packed_lengths(B, T).sum()), 1
+    return Work(gru_flops(B, T, I, H, mode=case.mode), "flop")
 
 
 def _load(module: torch.nn.Module, inputs: dict, case: Case) -> torch.nn.Module:
@@ -146,9 +167,22 @@ def _seq_fn(module: torch.nn.Module, inputs: dict, case: Case, run):
     return _timed(module, case, lambda: run(x, h0), lambda: torch.autograd.grad(run(xg, h0)[0], [xg, *params], dout))
 
 
+def _packed_fn(module: torch.nn.Module, inputs: dict, case: Case, run):
+    """The timed callable for packed input: ``run(packed, h0)`` -> (packed out, h_n); gradients of
+    (out.data * dout).sum() w.r.t. the packed input rows and every parameter."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    packed = pack_padded_sequence(inputs["x"], inputs["lengths"], enforce_sorted=False)
+    packed_g = packed._replace(data=packed.data.detach().clone().requires_grad_())
+    params = list(module.parameters())
+    return _timed(module, case, lambda: run(packed, inputs["h0"]),
+                  lambda: torch.autograd.grad(run(packed_g, inputs["h0"])[0].data, [packed_g.data, *params],
+                                              inputs["dout"]))
+
+
 def _torch_gru(case: Case, inputs: dict):
     m = _load(torch.nn.GRU(case.shape["I"], case.shape["H"]), inputs, case)
-    return _seq_fn(m, inputs, case, lambda x, h0: m(x, h0))
+    return (_packed_fn if case.op == "gru_packed" else _seq_fn)(m, inputs, case, lambda x, h0: m(x, h0))
 
 
 def _torch_cell_loop(case: Case, inputs: dict):
@@ -193,7 +227,7 @@ def _pyattn_gru(backend: str):
         def run(x, h0):
             with pyattn.use_backend(backend):
                 return m(x, h0)
-        return _seq_fn(m, inputs, case, run)
+        return (_packed_fn if case.op == "gru_packed" else _seq_fn)(m, inputs, case, run)
     return factory
 
 
@@ -216,8 +250,9 @@ def providers_for(ctx: BenchContext):
             for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case), f"gru_cell {case.mode}", names):
                 out.append(Provider(f"pyattn:{name}", _cell_fn(pyattn.nn.GRUCell, name), f"pyattn:{name}"))
             return out
-        out = [Provider("torch:nn.GRU", _torch_gru, "torch:nn.GRU", baseline=True),
-               Provider("torch:GRUCell loop", _torch_cell_loop, "torch:nn.GRUCell-loop")]
+        out = [Provider("torch:nn.GRU", _torch_gru, "torch:nn.GRU", baseline=True)]
+        if case.op != "gru_packed":
+            out.append(Provider("torch:GRUCell loop", _torch_cell_loop, "torch:nn.GRUCell-loop"))
         for name in ctx.pyattn_backends(case, lambda n: _refusals(n, case), f"gru {case.mode}", names):
             out.append(Provider(f"pyattn:{name}", _pyattn_gru(name), f"pyattn:{name}"))
         return out

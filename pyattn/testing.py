@@ -408,3 +408,76 @@ def nan_padded_rows(t: Tensor, pad: int, shift: int) -> Tensor:
     out = buf[shift:].view(m, n + pad)[:, :n]
     out.copy_(t)
     return out
+
+
+# ---- GRU on PackedSequence ------------------------------------------------------------------------------------
+
+PACKED_LENGTHS = (7, 3, 7, 1, 5, 2, 5)  # unsorted, ties, a length-1 sequence: runs of batch 7, 6, 4, 3, 2 in time
+
+
+# PACKED_LENGTHS sorted: 7 7 5 5 3 2 1, batch 7 6 5 4 4 2 2 over time: 5 runs of equal batch, (7, 1 step) (6, 1)
+# (5, 1) (4, 2) (2, 2). Calls per layer direction for a merge_rows of 0: 5; 2: 3 (7 6 5 padded, 4, 2); inf: 1.
+PACKED_CALLS = {0: 5, 2: 3, math.inf: 1}
+
+
+def check_packed_gru(backend: Optional[str], device="cpu", lengths=PACKED_LENGTHS, enforce_sorted: bool = False,
+                     with_h0: bool = True, isz: int = 6, hsz: int = 9, merge_rows: Optional[float] = None,
+                     **cfg) -> int:
+    """pyattn.nn.GRU(isz, hsz, **cfg) on a PackedSequence of ``lengths`` (fp32, on ``device``, ``backend`` forced,
+    the packed plan's merge_rows if given, else the device's default) against torch.nn.GRU in float64 with the same
+    weights: the packed output, h_n and the gradients of the sequences, h0 and every parameter, under TOL["gru"].
+    Returns the number of gru_layer calls."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    from .dispatch import use_backend
+    from .nn import GRU
+    from .nn import rnn as rnn_mod
+    from .nn._packed import PackedPlan
+
+    mod = GRU(isz, hsz, **cfg).to(device).eval()
+    twin = torch.nn.GRU(isz, hsz, **cfg).double().to(device)  # train mode: cuDNN's RNN backward refuses eval
+    twin.dropout = 0.0  # ... so its dropout off instead (mod's is off in eval)
+    twin.load_state_dict({k: v.double() for k, v in mod.state_dict().items()}, strict=True)
+    g = torch.Generator().manual_seed(len(lengths))
+    seqs = [torch.randn(n, isz, generator=g).to(device).requires_grad_() for n in lengths]
+    dirs = 2 if cfg.get("bidirectional") else 1
+    h0 = torch.randn(cfg.get("num_layers", 1) * dirs, len(lengths), hsz, generator=g).to(device)
+    h0 = h0.requires_grad_() if with_h0 else None
+    seqs64 = [s.detach().double().requires_grad_() for s in seqs]
+    h064 = h0.detach().double().requires_grad_() if with_h0 else None
+    if enforce_sorted:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        seqs, seqs64 = [seqs[i] for i in order], [seqs64[i] for i in order]
+    calls = []
+    inner = rnn_mod.gru_layer
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    rnn_mod.gru_layer = counting
+    default_merge = PackedPlan.merge_rows_for
+    if merge_rows is not None:
+        PackedPlan.merge_rows_for = staticmethod(lambda _device: merge_rows)
+    try:
+        with use_backend(backend):
+            out, hn = mod(pack_sequence(seqs, enforce_sorted=enforce_sorted), h0)
+            ref_out, ref_hn = twin(pack_sequence(seqs64, enforce_sorted=enforce_sorted), h064)
+            assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
+            for name in ("sorted_indices", "unsorted_indices"):
+                a, b = getattr(out, name), getattr(ref_out, name)
+                assert (a is None and b is None) or torch.equal(a, b), name
+            assert_tol(out.data, ref_out.data, "gru", torch.float32, "fwd", msg=lambda m: f"output: {m}")
+            assert_tol(hn, ref_hn, "gru", torch.float32, "fwd", msg=lambda m: f"h_n: {m}")
+            dout = torch.randn(out.data.shape, generator=g).to(device)
+            dhn = torch.randn(hn.shape, generator=g).to(device)
+            wrt = seqs + ([h0] if with_h0 else []) + list(mod.parameters())
+            grads = torch.autograd.grad((out.data * dout).sum() + (hn * dhn).sum(), wrt)
+    finally:
+        rnn_mod.gru_layer = inner
+        PackedPlan.merge_rows_for = default_merge
+    r_wrt = seqs64 + ([h064] if with_h0 else []) + list(twin.parameters())
+    r_grads = torch.autograd.grad((ref_out.data * dout.double()).sum() + (ref_hn * dhn.double()).sum(), r_wrt)
+    for i, (a, b) in enumerate(zip(grads, r_grads)):
+        assert_tol(a, b, "gru", torch.float32, "bwd", msg=lambda m, i=i: f"grad {i}: {m}")
+    return len(calls)

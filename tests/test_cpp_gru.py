@@ -15,7 +15,7 @@ import torch
 import pyattn
 from pyattn.dispatch import BackendNotSupported, get_backend, select
 from pyattn.ops.gru import GRULayerInputs, gru_layer
-from pyattn.testing import assert_tol, nan_padded
+from pyattn.testing import PACKED_CALLS, assert_tol, check_packed_gru, nan_padded
 
 F32, F64 = torch.float32, torch.float64
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -532,6 +532,14 @@ def test_nn_gru_matches_torch_nn_gru(cfg, with_h0):
         _check(g, r, "bwd", f"grad {i}")
 
 
+@pytest.mark.parametrize("cfg", NN_CONFIGS[:3], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("merge_rows", sorted(PACKED_CALLS), ids=lambda m: f"merge={m}")
+def test_nn_gru_packed_sequence_on_the_cpp_kernels(cfg, merge_rows):
+    """PackedSequence inputs: the packed plan's groups (views, padded, mixed) on the cpp kernels."""
+    calls = check_packed_gru("cpp", isz=13, hsz=33, merge_rows=merge_rows, **cfg)
+    assert calls == PACKED_CALLS[merge_rows] * cfg["num_layers"] * (2 if cfg.get("bidirectional") else 1)
+
+
 def test_nn_gru_unbatched_matches():
     mod = pyattn.nn.GRU(6, 9, num_layers=2, bidirectional=True)
     twin = torch.nn.GRU(6, 9, num_layers=2, bidirectional=True).double()
@@ -550,19 +558,24 @@ def test_nn_gru_dropout_training_matches_torch_backend():
     changes the result."""
     mod = pyattn.nn.GRU(7, 19, num_layers=3, dropout=0.5).train()
     x = torch.randn(9, 4, 7)
-    results = {}
-    for backend in ("cpp", "torch"):
-        torch.manual_seed(123)
-        xi = x.clone().requires_grad_()
-        with pyattn.use_backend(backend):
-            out, hn = mod(xi)
-        (out.sum() + hn.sum()).backward()
-        results[backend] = (out.detach(), hn.detach(), xi.grad)
-    for a, b in zip(results["cpp"], results["torch"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    mod.eval()
-    with pyattn.use_backend("cpp"):
-        assert not torch.allclose(mod(x)[0], results["cpp"][0])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([9, 3, 6, 9]), enforce_sorted=False)
+    for inp in (x, packed):  # (the packed path applies it to the packed rows between layers)
+        data = (lambda o: o.data) if inp is packed else (lambda o: o)
+        results = {}
+        for backend in ("cpp", "torch"):
+            torch.manual_seed(123)
+            xi = x.clone().requires_grad_()
+            arg = xi if inp is x else inp._replace(data=inp.data.detach().clone().requires_grad_())
+            with pyattn.use_backend(backend):
+                out, hn = mod(arg)
+            (data(out).sum() + hn.sum()).backward()
+            results[backend] = (data(out).detach(), hn.detach(), data(arg).grad)
+        for a, b in zip(results["cpp"], results["torch"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        mod.eval()
+        with pyattn.use_backend("cpp"):
+            assert not torch.allclose(data(mod(inp)[0]), results["cpp"][0])
+        mod.train()
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])

@@ -8,7 +8,7 @@ import torch
 
 import pyattn
 from pyattn.dispatch import get_backend
-from pyattn.testing import assert_attention_close, assert_tol, attention_ref
+from pyattn.testing import assert_attention_close, assert_tol, attention_ref, check_packed_gru
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -677,6 +677,15 @@ def test_gru_module(backend, bsz, hidden):
     ref_out, ref_h = theirs(x.double())
     assert_tol(out, ref_out, "gru", torch.float32)
     assert_tol(h, ref_h, "gru", torch.float32)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends("gru"))
+@pytest.mark.parametrize("merge_rows", [None, 2], ids=["default", "merge=2"])
+def test_gru_module_packed_sequence(backend, merge_rows):
+    """PackedSequence inputs: on a GPU by default one padded call per layer direction; merge_rows 2 mixes padded
+    groups and views (3 calls)."""
+    calls = check_packed_gru(backend, DEV, isz=64, hsz=128, merge_rows=merge_rows, num_layers=2, bidirectional=True)
+    assert calls == 4 * (1 if merge_rows is None else 3)
 
 
 # ---- GRU (cell and layer suites for every GPU backend; the cuda backend's C++ ops directly) ----------------

@@ -4,12 +4,14 @@ Runs on the automatic backend choice of this machine (kernels where available, e
 kernel suites force each backend.
 """
 import itertools
+import math
 import warnings
 
 import pytest
 import torch
 
 import pyattn
+from pyattn.testing import PACKED_CALLS, check_packed_gru
 
 FWD = dict(atol=1e-5, rtol=1.3e-6)
 BWD = dict(atol=1e-4, rtol=1e-5)
@@ -81,13 +83,42 @@ def test_gru_errors_match_torch():
             ours(x, h)
 
 
-def test_gru_packed_sequence_through_torch():
-    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 3, 5)
-    x = torch.randn(6, 2, 3)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4]))
-    (p1, h1), (p2, h2) = ours(packed), theirs(packed)
-    torch.testing.assert_close(p1.data, p2.data, **FWD)
-    torch.testing.assert_close(h1, h2, **FWD)
+@pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False),
+                                 dict(bidirectional=True, batch_first=True)],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("merge_rows", sorted(PACKED_CALLS), ids=lambda m: f"merge={m}")
+@pytest.mark.parametrize("enforce_sorted,with_h0", [(False, True), (True, False)])
+def test_gru_packed_sequence_matches_torch(cfg, merge_rows, enforce_sorted, with_h0):
+    """PackedSequence inputs on pyattn's layer op (automatic backend), the packed plan's three kinds of group: a run
+    of equal batch as a view (merge 0), padded groups and views mixed (merge 2), everything padded (merge inf)."""
+    calls = check_packed_gru(None, enforce_sorted=enforce_sorted, with_h0=with_h0, merge_rows=merge_rows, **cfg)
+    assert calls == PACKED_CALLS[merge_rows] * cfg.get("num_layers", 1) * (2 if cfg.get("bidirectional") else 1)
+
+
+@pytest.mark.parametrize("lengths", [(4,), (3, 3, 3), (1, 1), (9, 8, 7, 6, 5, 4, 3, 2, 1), (1, 30, 2)], ids=str)
+@pytest.mark.parametrize("merge_rows", [0, 8, math.inf], ids=lambda m: f"merge={m}")
+def test_gru_packed_sequence_lengths(lengths, merge_rows):
+    calls = check_packed_gru(None, lengths=lengths, merge_rows=merge_rows, num_layers=2, bidirectional=True) // 4
+    runs = len(set(lengths))  # runs of equal batch: one per distinct length
+    assert calls == {0: runs, math.inf: 1}.get(merge_rows, calls) and 1 <= calls <= runs
+
+
+def test_gru_packed_sequence_default_plan():
+    """The device's default: on CPU a few calls (padded groups up to CPU_MERGE_ROWS wasted row-steps)."""
+    assert check_packed_gru(None, num_layers=2, bidirectional=True) == 4 * PACKED_CALLS[math.inf]
+
+
+def test_gru_packed_sequence_errors_match_torch():
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 3, 5, num_layers=2)
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(4, 3), torch.randn(2, 3)], enforce_sorted=False)
+    bad_feat = torch.nn.utils.rnn.pack_sequence([torch.randn(4, 2), torch.randn(2, 2)])
+    for x, h in ((packed, torch.randn(1, 2, 5)), (packed, torch.randn(2, 5)), (packed, torch.randn(2, 3, 5, 1)),
+                 (bad_feat, None), (bad_feat, torch.randn(2, 2, 5))):
+        with pytest.raises(RuntimeError) as want:
+            theirs(x, h)
+        with pytest.raises(RuntimeError) as got:
+            ours(x, h)
+        assert str(got.value) == str(want.value)
 
 
 def test_gru_cell_matches_torch():

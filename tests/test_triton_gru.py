@@ -16,7 +16,7 @@ import pyattn
 from pyattn._ext import load_kernels
 from pyattn.dispatch import BackendNotSupported, get_backend
 from pyattn.ops.gru import gru_layer
-from pyattn.testing import assert_tol, nan_padded
+from pyattn.testing import assert_tol, check_packed_gru, nan_padded
 
 F32, F64 = torch.float32, torch.float64
 
@@ -247,6 +247,11 @@ def test_nn_gru_matches_torch_nn_gru():
     for i, (g, r) in enumerate(zip(grads, r_grads)):
         assert_tol(g, r, "gru", F32, "bwd", msg=lambda m, i=i: f"grad {i}: {m}")
     assert k is not None
+
+
+def test_nn_gru_packed_sequence_on_the_triton_kernels():
+    """PackedSequence inputs: padded groups and views (merge_rows 2: 3 calls per layer direction)."""
+    assert check_packed_gru("triton", DEVICE, merge_rows=2, **NN_CFG) == 3 * 4
 
 
 def test_opcheck_gru_cell_fwd_triton():

@@ -1,5 +1,5 @@
 """GRUCell and GRU: subclasses of the torch.nn twins (same constructor, defaults, parameters and state_dict keys)
-whose forward runs pyattn's fused GRU ops. PackedSequence inputs go through torch's own implementation."""
+whose forward runs pyattn's fused GRU ops, PackedSequence inputs included."""
 from __future__ import annotations
 
 import math
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..ops.gru import gru_cell, gru_layer
+from ._packed import PackedPlan
 
 
 class GRUCell(nn.GRUCell):
@@ -81,20 +82,9 @@ class GRU(nn.Module):
                 s += f", {name}={getattr(self, name)}"
         return s
 
-    def _torch_twin(self) -> nn.GRU:
-        """A torch.nn.GRU sharing these parameters (PackedSequence inputs run on it)."""
-        twin = nn.GRU(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
-                      self.dropout if self.num_layers > 1 else 0.0, self.bidirectional,
-                      device=self.weight_ih_l0.device, dtype=self.weight_ih_l0.dtype)
-        for name, _ in twin.named_parameters():
-            setattr(twin, name, getattr(self, name))
-        twin._flat_weights = [getattr(twin, n) for n in twin._flat_weights_names]
-        twin.train(self.training)
-        return twin
-
     def forward(self, input, hx: Optional[Tensor] = None):
         if isinstance(input, PackedSequence):
-            return self._torch_twin()(input, hx)  # variable lengths: torch's implementation (documented fallback)
+            return self._forward_packed(input, hx)
         if input.dim() not in (2, 3):
             raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
@@ -113,6 +103,16 @@ class GRU(nn.Module):
         x = input.transpose(0, 1) if self.batch_first else input  # (T, B, I), a view
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        out, h_n = self._layers(x, hx, lambda layer_in, h0, w, reverse: gru_layer(layer_in, h0, *w, reverse=reverse))
+        out = out.transpose(0, 1) if self.batch_first else out
+        if not batched:
+            return out.squeeze(batch_dim), h_n.squeeze(1)
+        return out, h_n
+
+    def _layers(self, x: Tensor, hx: Optional[Tensor], run) -> tuple[Tensor, Tensor]:
+        """Every layer and direction: run(layer_in, h0 or None, (w_ih, w_hh, b_ih, b_hh), reverse) -> (out, h_last)
+        with out's last dim H; the directions' outputs are concatenated on the last dim, dropout (training) between
+        layers. Returns the last layer's output and h_n (num_layers * dirs, batch, H)."""
         dirs = 2 if self.bidirectional else 1
         layer_in = x
         finals = []
@@ -120,18 +120,33 @@ class GRU(nn.Module):
             outs = []
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                h0 = None if hx is None else hx[layer * dirs + d]
-                out, h_last = gru_layer(layer_in, h0, getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx),
-                                        getattr(self, "bias_ih" + sfx, None), getattr(self, "bias_hh" + sfx, None),
-                                        reverse=d == 1)
+                w = (getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx),
+                     getattr(self, "bias_ih" + sfx, None), getattr(self, "bias_hh" + sfx, None))
+                out, h_last = run(layer_in, None if hx is None else hx[layer * dirs + d], w, d == 1)
                 outs.append(out)
                 finals.append(h_last)
-            layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)  # (T, B, dirs*H)
+            layer_in = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)  # (..., dirs*H)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, training=True)
-        h_n = torch.stack(finals, 0)  # (num_layers*dirs, B, H)
-        out = layer_in
-        out = out.transpose(0, 1) if self.batch_first else out
-        if not batched:
-            return out.squeeze(batch_dim), h_n.squeeze(1)
-        return out, h_n
+        return layer_in, torch.stack(finals, 0)
+
+    def _forward_packed(self, input: PackedSequence, hx: Optional[Tensor]):
+        """Variable-length sequences (torch's PackedSequence) on the same fused layer op, a few gru_layer calls
+        per layer direction on views or padded groups of the packed rows (pyattn/nn/_packed.py)."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if hx is not None and sorted_indices is not None:
+            hx = hx.index_select(1, sorted_indices)  # torch's permute_hidden (and its checks after it)
+        nn.RNNBase.check_input(self, data, batch_sizes)
+        if hx is not None:
+            nn.RNNBase.check_hidden_size(self, hx, nn.RNNBase.get_expected_hidden_size(self, data, batch_sizes))
+        plan = PackedPlan(batch_sizes, data.device, PackedPlan.merge_rows_for(data.device), self.bidirectional)
+
+        def run_layer(layer_in: Tensor, h0: Optional[Tensor], w, reverse: bool) -> tuple[Tensor, Tensor]:
+            if h0 is None:
+                h0 = torch.zeros(plan.batch, self.hidden_size, dtype=data.dtype, device=data.device)
+            return plan.run(layer_in, h0, lambda x, h: gru_layer(x, h, *w), reverse)
+
+        out, h_n = self._layers(data.contiguous(), hx, run_layer)
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+        return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h_n
