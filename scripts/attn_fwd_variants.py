@@ -1,7 +1,8 @@
 """The CUDA attention forward's kernels side by side on one GPU, in one process: pyattn's cuda backend with each
 kernel the environment variable PYATTN_CUDA_ATTN_SM90 selects (unset: the Hopper warp-specialized wgmma kernel,
 csrc/cuda/attention_sm90.cu, as fwd_sm90 configures it; "ws1" / "wsp": the same with a block per tile / persistent;
-"ws128": key blocks of 128 at non-causal HD 128 too (the default there has 176); "cp": the cp.async wgmma kernel;
+"wsd": persistent with the dynamic tile scheduler for causal calls; "ws128": key blocks of 128 at non-causal HD 128 too
+(the default there has 176); "cp": the cp.async wgmma kernel;
 "0": the mma.sync kernel of attention.cu), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
 B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Each pyattn variant is first checked against torch's flash
 output (max abs error, printed; a variant off by more than 2e-2 is marked WRONG and the exit status is 1).
@@ -25,8 +26,8 @@ from benchmarks.harness import attention_flops, measure  # noqa: E402
 
 import pyattn  # noqa: E402
 
-VARIANTS = {"cuda:wgmma-ws": None, "cuda:wgmma-ws1": "ws1", "cuda:wgmma-wsp": "wsp", "cuda:wgmma-ws128": "ws128",
-            "cuda:wgmma-cp": "cp", "cuda:mma.sync": "0"}
+VARIANTS = {"cuda:wgmma-ws": None, "cuda:wgmma-ws1": "ws1", "cuda:wgmma-wsp": "wsp", "cuda:wgmma-wsd": "wsd",
+            "cuda:wgmma-ws128": "ws128", "cuda:wgmma-cp": "cp", "cuda:mma.sync": "0"}
 
 
 def sdpa(backend):

@@ -152,6 +152,10 @@ def attention(case):
         os.environ["PYATTN_CUDA_ATTN_SM90"] = "ws128"
         case(f"{dtype} ws128 (Lq, Lk, D, causal, Hkv)=(130, 400, 128, False, 1)",
              lambda: one(130, 400, 128, False, 1, dtype))
+        # persistent with the dynamic tile scheduler (causal; the counter and the producer's tile slots)
+        os.environ["PYATTN_CUDA_ATTN_SM90"] = "wsd"
+        for shape in ((300, 300, 128, True, 2), (300, 200, 64, True, 1)):
+            case(f"{dtype} wsd (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         del os.environ["PYATTN_CUDA_ATTN_SM90"]
 
 

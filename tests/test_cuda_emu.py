@@ -382,7 +382,9 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     row in the same order, so the bits of the warp-specialized kernel with 128-key blocks), both under both copy
     completion models (PYATTN_EMU_CP_ASYNC late / early). The warp-specialized kernel gives the same bits with a
     block per tile (PYATTN_CUDA_ATTN_SM90=ws1; the default at HD 128) and persistent (wsp; the default at HD 64)
-    with a grid of 3 or 1 blocks looping over every tile (PYATTN_EMU_SMS: the emulated SM count)."""
+    with a grid of 3 or 1 blocks looping over every tile (PYATTN_EMU_SMS: the emulated SM count), round-robin or
+    taking tiles from the dynamic scheduler's counter (wsd; the emulator runs blocks one after another, so the first
+    block takes its own tile and then every tile left, the others their first only)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
 
@@ -408,11 +410,11 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
         assert smem[0] == smem[1] != smem[2] == smem[3]  # the two kernels' shared memory
         assert_same_bits(runs)
     if variant == "default":  # persistent: blocks of a small grid take several tiles each (3 SMs), vs one each
-        configs = (("ws1", "3"), ("wsp", "3"), ("wsp", "1"), (None, "3"))
+        configs = (("ws1", "3"), ("wsp", "3"), ("wsp", "1"), ("wsd", "3"), ("wsd", "1"), (None, "3"))
         runs = [run_with(PYATTN_CUDA_ATTN_SM90=env, PYATTN_EMU_SMS=sms) for env, sms in configs]
         tiles = (lq + 127) // 128 * 2 * hq
         for (env, sms), (_, counters) in zip(configs, runs):
-            persistent = env == "wsp" or (env is None and d == 64)
+            persistent = env in ("wsp", "wsd") or (env is None and d == 64)
             assert counters[3] == (min(tiles, int(sms)) if persistent else tiles), (env, sms)  # blocks
         assert_same_bits(runs)
         monkeypatch.delenv("PYATTN_EMU_SMS")
@@ -423,9 +425,9 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     ops.emu_reset_counters()
     out, lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)
     assert ops.emu_counters()[5] > 0
-    if variant != "cp" and d == 128:  # WsCfg<128, BN>::smem: slack, Q, 2 stages of K and V, mbarriers, pin scratch
-        bn = 176 if variant == "default" and not causal else 128
-        assert ops.emu_counters()[4] == 1024 + 128 * 128 * 2 + 4 * bn * 128 * 2 + 10 * 8 + 256 * 8
+    if variant != "cp" and d == 128:  # WsCfg<128, BN>::smem: slack, Q, 2 stages of K and V, mbarriers, tile slots,
+        bn = 176 if variant == "default" and not causal else 128  # pin scratch
+        assert ops.emu_counters()[4] == 1024 + 128 * 128 * 2 + 4 * bn * 128 * 2 + 10 * 8 + 2 * 8 + 256 * 8
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + d)
         out2, lse2 = _fwd(q2, k2, v2, causal=causal, bottom_right=bottom_right)

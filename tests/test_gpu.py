@@ -173,7 +173,7 @@ def _is_sm90():
 @_needs_cuda_attention
 @pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward (csrc/cuda/attention_sm90.cu) runs on compute "
                                            "capability 9.0 only")
-@pytest.mark.parametrize("variant", ["default", "ws1", "wsp", "cp", "ws128"])
+@pytest.mark.parametrize("variant", ["default", "ws1", "wsp", "wsd", "cp", "ws128"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
@@ -182,8 +182,8 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
     """The Hopper forward against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same bits in every
     16-byte-aligned layout, and the mma.sync kernel's values within rounding. The default is the warp-specialized
     kernel (TMA, mbarriers, setmaxnreg, ping-pong): variant "ws1" with a block per tile (the default at HD 128),
-    "wsp" persistent (a grid of one block per SM, the default at HD 64; the 4096-row case has 256 tiles); "cp": the
-    cp.async kernel. Each has the default kernel's bits, except at non-causal HD 128, where the default runs key
+    "wsp" persistent (a grid of one block per SM, the default at HD 64; the 4096-row case has 256 tiles); "wsd"
+    persistent, causal calls taking tiles from the dynamic scheduler's counter (opt-in); "cp": the cp.async kernel. Each has the default kernel's bits, except at non-causal HD 128, where the default runs key
     blocks of 176: "ws128" (blocks of 128 there too) and "cp" round differently there, close to the default."""
     if variant != "default":
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", variant)

@@ -923,6 +923,15 @@ int64_t attention_fwd_workspace_floats(const AttnFwdParams& p) {
   return attn::decode_plan(p, attn::derive(p)).workspace_floats;
 }
 
+bool attention_fwd_needs_tile_counter(const AttnFwdParams& p) {
+  if (attention_unsupported(p) != nullptr) return false;
+  attn::Derived d = attn::derive(p);
+  d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
+  if (attn::decode_plan(p, d).n_splits > 0) return false;  // (attention_fwd takes the decoding path first)
+  const attn::Sm90Plan pl = attn::sm90_plan(p, d);
+  return pl.take && pl.dynamic;
+}
+
 int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) { return 3 * p.B * p.Hq * p.Lq; }
 
 cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream) {

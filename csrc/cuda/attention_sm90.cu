@@ -300,8 +300,13 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 }
 
 // ---- warp-specialized kernel (FA3's structure; the default) --------------------------------------------------------
-// Block: 3 warpgroups. Block x takes the tiles (128 query rows of one (b, h); fwd_block's order, causal heaviest
-// first) x, x + gridDim.x, ...: the grid is a block per tile (HD 128) or, persistent, the SM count (HD 64; fwd_sm90).
+// Block: 3 warpgroups. Tiles are 128 query rows of one (b, h), numbered in fwd_block's order (causal: heaviest
+// first). Block x takes tile x first; then, static, x + gridDim.x, x + 2 gridDim.x, ...; or, dynamic (FA3's
+// scheduler for causal), gridDim.x + the next ticket of a grid-wide counter (p.tile_counter, zero at launch), so a
+// block that finishes early takes the heaviest tile left. The grid is a block per tile (HD 128), or, persistent, the
+// SM count (HD 64; fwd_sm90). The producer picks each tile and hands its number to the consumers in a shared-memory
+// slot written before the tile's Q arrival on q_full (its release orders the slot before the consumers' wait); a
+// number past the last tile, arrived without a copy, ends the consumers' loop.
 // Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA (each tile's Q once
 // its buffer is free; K and V of each key block into a 2-stage ring that runs on across tiles, each stage behind a
 // "full" mbarrier that the copy completes and an "empty" one that all 256 consumer threads arrive on when they are
@@ -309,16 +314,25 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 // (setmaxnreg.inc) each own 64 query rows and run the consumer loop of attn_fwd_sm90_kernel, waiting on mbarriers
 // instead of block barriers and taking turns at issuing their GEMMs (ping-pong, below). Shared memory: Q
 // [HD / 64][128][64], K and V [2 stages][HD / 64][128][64] (the same swizzled sub-tiles, written by the copy engine),
-// 10 mbarriers, Steps::pin's scratch: 163 KB (HD 128), 83 KB (HD 64), 211 KB (HD 128 with BN 176) with the 1 KB
-// alignment slack.
+// 10 mbarriers, 2 tile slots, Steps::pin's scratch: 163 KB (HD 128), 83 KB (HD 64), 211 KB (HD 128 with BN 176) with
+// the 1 KB alignment slack.
 template <int HD_, int BN_ = 128>
 struct WsCfg {
   static constexpr int HD = HD_, BM = 128, BN = BN_, NT = 384, NCONS = 256, SUB = HD / 64;
   static constexpr uint32_t kQBytes = BM * HD * 2, kKVBytes = BN * HD * 2;
-  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 10 * 8 + NCONS * 8;
+  static constexpr size_t smem = 1024 + kQBytes + 4 * size_t(kKVBytes) + 10 * 8 + 2 * 8 + NCONS * 8;
 };
 
-template <class E, int HD_, int BN_, bool CAUSAL>
+// A ticket of the dynamic tile scheduler: the counter's value before this call's increment.
+__device__ __forceinline__ unsigned next_ticket(unsigned* counter) {
+#ifdef PYATTN_CUDA_EMU
+  return (*counter)++;  // (the emulator runs one thread at a time)
+#else
+  return atomicAdd(counter, 1u);
+#endif
+}
+
+template <class E, int HD_, int BN_, bool CAUSAL, bool DYN /* the dynamic tile scheduler */>
 __global__ void __launch_bounds__(384, 1)
     attn_fwd_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                             const __grid_constant__ CUtensorMap tv, const AttnFwdParams p, const Derived d) {
@@ -338,7 +352,8 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* v_full = bars + 4;    // [2] V stage landed
   uint64_t* k_empty = bars + 6;   // [2] K stage read by every consumer
   uint64_t* v_empty = bars + 8;   // [2] V stage read by every consumer
-  float2* pin_slot = reinterpret_cast<float2*>(bars + 10) + (threadIdx.x - 128);  // [NCONS] (consumers only)
+  int* tile_slot = reinterpret_cast<int*>(bars + 10);  // [2] the block's n-th tile in slot n % 2
+  float2* pin_slot = reinterpret_cast<float2*>(bars + 12) + (threadIdx.x - 128);  // [NCONS] (consumers only)
 
   const int tid = threadIdx.x;
   const int64_t ntiles = (p.Lq + BM - 1) / BM * p.B * p.Hq;
@@ -358,15 +373,23 @@ __global__ void __launch_bounds__(384, 1)
   // Key block `it` of the block's whole sequence (all its tiles) uses stage it % 2 for the (it / 2)-th time; each
   // mbarrier completes one phase per use, so a wait for use u is on parity u % 2 (an empty stage's: the previous use,
   // which passes at once the first time). Q is used once per tile: the block's n-th tile waits q_full on parity
-  // n % 2, and the producer waits q_empty for tile n - 1 before loading tile n's Q.
+  // n % 2, and the producer waits q_empty for tile n - 1 before loading tile n's Q (and before writing slot n % 2,
+  // which the consumers read for tile n - 2, or the end mark: q_full must not complete phase n before every consumer
+  // has passed its wait for phase n - 1).
   auto use = [](uint32_t it) { return (it >> 1) & 1u; };
   if (tid < 128) {  // producer warpgroup
     setmaxnreg_dec<24>();
     if (tid == 0) {
-      uint32_t it = 0, n = 0;
-      for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++n) {
-        const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
+      uint32_t it = 0;
+      int tile = blockIdx.x;  // (32 bits: the producer runs on 24 registers; tiles < 2^31, a grid's limit)
+      for (uint32_t n = 0;; ++n) {
         if (n > 0) mbar_wait(q_empty, (n - 1) & 1);
+        tile_slot[n & 1] = tile;
+        if (tile >= ntiles) {  // the end: the consumers see the mark and stop
+          mbar_arrive(q_full);
+          break;
+        }
+        const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
         mbar_arrive_expect_tx(q_full, C::kQBytes);
         for (int sub = 0; sub < C::SUB; ++sub)
           tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(fb.i0), int(fb.h), int(fb.b));
@@ -383,6 +406,8 @@ __global__ void __launch_bounds__(384, 1)
             tma_load_4d(Vs + st * C::kKVBytes + sub * (BN * 128), &tv, v_full + st, sub * 64, j0, int(fb.hk),
                         int(fb.b));
         }
+        // the next tile (the ticket's latency is hidden: the producer now waits for this tile's last S anyway)
+        tile = int(gridDim.x + (DYN ? next_ticket(p.tile_counter) : unsigned(tile)));
       }
     }
   } else {  // consumer warpgroups 1, 2: query rows 64 (wg - 1).. of each tile
@@ -391,8 +416,11 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;  // the warpgroup's 64 rows of Q sub-tile 0
     auto k_addr = [&](uint32_t it) { return smem_addr(Ks + (it & 1) * C::kKVBytes); };
     auto v_addr = [&](uint32_t it) { return smem_addr(Vs + (it & 1) * C::kKVBytes); };
-    uint32_t it0 = 0, n = 0;  // key blocks and tiles of this block before this tile
-    for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++n) {
+    uint32_t it0 = 0;  // key blocks of this block before this tile
+    for (uint32_t n = 0;; ++n) {  // the block's n-th tile
+      mbar_wait(q_full, n & 1);
+      const int tile = tile_slot[n & 1];
+      if (tile >= ntiles) break;
       const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
       const int64_t i0 = fb.i0;
       const int nkb = fb.nkb;
@@ -424,7 +452,6 @@ __global__ void __launch_bounds__(384, 1)
         if (wg == 0 || ++issued < n_issue) named_bar_arrive(1 + (wg ^ 1), 256);
       };
       if (wg == 1 && n_issue > 0) named_bar_arrive(1, 256);
-      mbar_wait(q_full, n & 1);
       if (nkb == 0) mbar_arrive(q_empty);  // (a tile whose rows see no key: Q unread)
       if (nkb > 0) {  // key block 0: S_0 alone (no P V yet)
         mbar_wait(k_full + (it0 & 1), use(it0));
@@ -536,47 +563,52 @@ bool make_map(CUtensorMap* map, const void* ptr, DType dtype, int64_t B, int64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// persistent: a block per SM (one block fits an SM), else a block per tile
+// pl.persistent: a block per SM (one block fits an SM), else a block per tile; pl.dynamic (causal only): the tile
+// scheduler's counter is p.tile_counter
 template <class E, int HD, int BN, bool CAUSAL>
 cudaError_t launch_ws(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
-                      const CUtensorMap& tv, bool persistent, cudaStream_t stream) {
+                      const CUtensorMap& tv, const Sm90Plan& pl, cudaStream_t stream) {
   using C = WsCfg<HD, BN>;
-  auto kernel = attn_fwd_sm90_ws_kernel<E, HD, BN, CAUSAL>;
+  auto kernel = attn_fwd_sm90_ws_kernel<E, HD, BN, CAUSAL, false>;
+  if constexpr (CAUSAL)  // (non-causal tiles are all alike: round-robin balances them; its ticket code spills)
+    if (pl.dynamic) kernel = attn_fwd_sm90_ws_kernel<E, HD, BN, CAUSAL, true>;
   cudaError_t err = fit_kernel(kernel, C::smem);
   if (err != cudaSuccess) return err;
   const int64_t tiles = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
-  const int64_t blocks = persistent && p.num_sms > 0 && p.num_sms < tiles ? p.num_sms : tiles;
+  const int64_t blocks = pl.persistent && p.num_sms > 0 && p.num_sms < tiles ? p.num_sms : tiles;
   kernel<<<unsigned(blocks), C::NT, C::smem, stream>>>(tq, tk, tv, p, d);
   return cudaGetLastError();
 }
 
-// bn176: key blocks of 176 at HD 128 (FA3's for non-causal, the default there; fwd_ws passes it only there)
+// pl.bn176: key blocks of 176 at HD 128 (FA3's for non-causal, the default there; sm90_plan sets it only there)
 template <class E, bool CAUSAL>
 cudaError_t launch_ws_hd(const AttnFwdParams& p, const Derived& d, const CUtensorMap& tq, const CUtensorMap& tk,
-                         const CUtensorMap& tv, bool persistent, bool bn176, cudaStream_t stream) {
-  if (p.D == 64) return launch_ws<E, 64, 128, CAUSAL>(p, d, tq, tk, tv, persistent, stream);
+                         const CUtensorMap& tv, const Sm90Plan& pl, cudaStream_t stream) {
+  if (p.D == 64) return launch_ws<E, 64, 128, CAUSAL>(p, d, tq, tk, tv, pl, stream);
   if constexpr (!CAUSAL)
-    if (bn176) return launch_ws<E, 128, 176, false>(p, d, tq, tk, tv, persistent, stream);
-  return launch_ws<E, 128, 128, CAUSAL>(p, d, tq, tk, tv, persistent, stream);
+    if (pl.bn176) return launch_ws<E, 128, 176, false>(p, d, tq, tk, tv, pl, stream);
+  return launch_ws<E, 128, 128, CAUSAL>(p, d, tq, tk, tv, pl, stream);
 }
 
 // The warp-specialized forward: false when the TMA maps cannot be made (then the caller launches the cp.async
 // kernel), else true with the launch's status in *err.
-bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, bool bn176, cudaStream_t stream,
-            cudaError_t* err) {
-  bn176 = bn176 && p.D == 128 && !p.causal;
-  const uint32_t q_rows = 128, kv_rows = bn176 ? 176 : 128;  // WsCfg's BM and BN
+bool fwd_ws(const AttnFwdParams& p, const Derived& d, const Sm90Plan& pl, cudaStream_t stream, cudaError_t* err) {
+  const uint32_t q_rows = 128, kv_rows = pl.bn176 ? 176 : 128;  // WsCfg's BM and BN
   CUtensorMap tq, tk, tv;
   if (!make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, q_rows) ||
       !make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, kv_rows) ||
       !make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, kv_rows))
     return false;
+  if (pl.dynamic && p.tile_counter == nullptr) {  // (the bindings allocate it when sm90_plan asks)
+    *err = cudaErrorInvalidValue;
+    return true;
+  }
   if (p.dtype == DType::F16)
-    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, persistent, bn176, stream)
-                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, persistent, bn176, stream);
+    *err = p.causal ? launch_ws_hd<F16, true>(p, d, tq, tk, tv, pl, stream)
+                    : launch_ws_hd<F16, false>(p, d, tq, tk, tv, pl, stream);
   else
-    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, persistent, bn176, stream)
-                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, persistent, bn176, stream);
+    *err = p.causal ? launch_ws_hd<BF16, true>(p, d, tq, tk, tv, pl, stream)
+                    : launch_ws_hd<BF16, false>(p, d, tq, tk, tv, pl, stream);
   return true;
 }
 
@@ -596,31 +628,41 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, bool persistent, bool bn17
 // than blocks of 128 (gpu-attn-variants-runF.log / gpu-attn-variants.log: 557 vs 525, 538 vs 512 TFLOP/s at
 // L = 4096); causal and HD 64 keep blocks of 128.
 // PYATTN_CUDA_ATTN_SM90=ws1 / wsp: the warp-specialized kernel with a block per tile / persistent at both head dims;
-// =ws128: key blocks of 128 for non-causal HD 128 too; =cp: the cp.async kernel; =0: off (attention.cu's mma.sync
+// =wsd: persistent at both head dims, causal calls with the dynamic tile scheduler (FA3's there; opt-in until a GPU
+// run times it); =ws128: key blocks of 128 for non-causal HD 128 too; =cp: the cp.async kernel; =0: off (attention.cu's mma.sync
 // kernel).
-bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
+Sm90Plan sm90_plan(const AttnFwdParams& p, const Derived& d) {
+  Sm90Plan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90");  // read once per call: tests and benchmarks switch it
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  auto is = [&](const char* v) { return env != nullptr && std::strcmp(env, v) == 0; };
   // (the softmax takes the row max of the raw logits: a positive scale)
-  if (!(p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
-        p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_o &&
-        d.scale_log2 > 0.0f))
-    return false;
-  const bool cp = env != nullptr && std::strcmp(env, "cp") == 0;
-  const bool persistent = env != nullptr && std::strcmp(env, "wsp") == 0   ? true
-                          : env != nullptr && std::strcmp(env, "ws1") == 0 ? false
-                                                                           : p.D == 64;
-  const bool bn176 = !(env != nullptr && std::strcmp(env, "ws128") == 0);  // (fwd_ws: non-causal HD 128 only)
-  if (!cp && sm90::fwd_ws(p, d, persistent, bn176, stream, err)) return true;
+  pl.take = !is("0") && p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) &&
+            (p.D == 64 || p.D == 128) && p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q &&
+            d.vec_k && d.vec_v && d.vec_o && d.scale_log2 > 0.0f;
+  if (!pl.take) return pl;
+  pl.cp = is("cp");
+  pl.persistent = is("wsp") || is("wsd") || (!is("ws1") && p.D == 64);
+  pl.dynamic = !pl.cp && is("wsd") && p.causal;
+  pl.bn176 = !is("ws128") && p.D == 128 && !p.causal;
+#else
+  (void)p;
+  (void)d;  // no sm_90a code in this build (TORCH_CUDA_ARCH_LIST without 9.0a)
+#endif
+  return pl;
+}
+
+bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err) {
+  const Sm90Plan pl = sm90_plan(p, d);
+  if (!pl.take) return false;
+#if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
+  if (!pl.cp && sm90::fwd_ws(p, d, pl, stream, err)) return true;
   *err = sm90::launch_cfg<sm90::Cfg<64, 1, 128>, sm90::Cfg<128, 2, 128>>(p, d, stream);
   return true;
 #else
-  (void)p;
-  (void)d;
   (void)stream;
   (void)err;
-  return false;  // no sm_90a code in this build (TORCH_CUDA_ARCH_LIST without 9.0a)
+  return false;
 #endif
 }
 

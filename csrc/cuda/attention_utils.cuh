@@ -82,6 +82,15 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
 // dropout, 16-byte-aligned rows of q, k, v and out; PYATTN_CUDA_ATTN_SM90=0 in the environment turns it off), else
 // returns false and attention_fwd (attention.cu) launches its own mma.sync kernel.
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err);
+// What fwd_sm90 does with p (one decision for it and for attention_fwd_needs_tile_counter): take it or not, and how.
+struct Sm90Plan {
+  bool take = false;        // the Hopper forward runs p
+  bool cp = false;          // the cp.async kernel (else the warp-specialized one)
+  bool persistent = false;  // a block per SM, each taking tiles in turn (else a block per tile)
+  bool dynamic = false;     // ... the next tile from a grid-wide counter, p.tile_counter (else round-robin)
+  bool bn176 = false;       // key blocks of 176 (non-causal HD 128)
+};
+Sm90Plan sm90_plan(const AttnFwdParams& p, const Derived& d);
 
 // The decoding forward (attention_decode.cu: split-KV, CUDA cores): decode_plan says whether it takes p (fp16 /
 // bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of q, k, v, group * Lq <= kDecodeMaxRows,

@@ -69,6 +69,11 @@ std::tuple<Tensor, Tensor> attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
     ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
     p.workspace = ws.data_ptr<float>();
   }
+  Tensor counter;  // (the Hopper forward's dynamic tile scheduler)
+  if (cuda::attention_fwd_needs_tile_counter(p)) {
+    counter = at::zeros({1}, q.options().dtype(at::kInt));
+    p.tile_counter = reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>());
+  }
   C10_CUDA_CHECK(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

@@ -119,6 +119,7 @@ struct AttnFwdParams : AttnCommon {
   int64_t out_stride[3] = {0, 0, 0};
   float* lse = nullptr;  // (B, Hq, Lq) fp32 contiguous
   float* workspace = nullptr;  // CUDA: attention_fwd_workspace_floats(p) fp32 (decoding's per-split results), or null
+  unsigned* tile_counter = nullptr;  // CUDA: a zeroed counter when attention_fwd_needs_tile_counter(p), or null
 };
 
 struct AttnBwdParams : AttnCommon {
