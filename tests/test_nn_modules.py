@@ -141,6 +141,18 @@ def test_gru_compiles_fullgraph():
     torch.testing.assert_close(h, ref_h, **FWD)
 
 
+def test_gru_packed_sequence_compiles():
+    """torch.compile over packed input: the plan's bookkeeping runs eagerly (torch.compiler.disable), the layer ops
+    are traced; same values as torch.nn.GRU."""
+    torch._dynamo.reset()
+    ours, theirs = _pair(pyattn.nn.GRU, torch.nn.GRU, 4, 8, num_layers=2, bidirectional=True)
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(5, 4), torch.randn(2, 4), torch.randn(3, 4)],
+                                              enforce_sorted=False)
+    (out, h), (ref_out, ref_h) = torch.compile(ours, backend="aot_eager")(packed), theirs(packed)
+    torch.testing.assert_close(out.data, ref_out.data, **FWD)
+    torch.testing.assert_close(h, ref_h, **FWD)
+
+
 MHA_VARIANTS = [dict(), dict(batch_first=True), dict(bias=False), dict(add_bias_kv=True), dict(add_zero_attn=True),
                 dict(kdim=8, vdim=12), dict(dropout=0.0, batch_first=True, add_bias_kv=True, add_zero_attn=True)]
 

@@ -43,6 +43,7 @@ class _Group:
 class PackedPlan:
     """Groups of steps for packed rows with ``batch_sizes`` (CPU int64, non-increasing), on ``device``."""
 
+    @torch.compiler.disable  # (host-side bookkeeping on the CPU batch sizes: eager under torch.compile)
     def __init__(self, batch_sizes: Tensor, device: torch.device, merge_rows: float, reverse: bool):
         bs = batch_sizes.tolist()
         self.batch = bs[0]
