@@ -1,7 +1,8 @@
 """The CUDA GRU forward's paths side by side on one GPU, in one process: torch.nn.GRU (cuDNN), pyattn's cuda backend
 with each grid the environment variable PYATTN_CUDA_GRU_BLOCKS selects for the persistent forward (csrc/cuda/gru.cu,
-gru_rec_fwd: every step in one cooperative launch; unset: gru_rec_fwd_plan's choice; "0": the per-step path, a
-cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
+gru_rec_fwd: every step in one cooperative launch; unset: gru_rec_fwd_plan's choice, the one-block kernel where it
+takes the call; "grid": the plan's choice without the one-block kernel (PYATTN_CUDA_GRU_ONE_BLOCK=0); "0": the
+per-step path, a cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
 bf16, PERF.md's GRU shapes and a few more. Each pyattn row is first checked against cuDNN's output (max abs error,
 printed; off by more than 2e-3 (fp32) / 6e-2 (bf16) is marked WRONG and the exit status is 1). Time per sequence
 and per step, median of CUDA-event timings (benchmarks/harness.measure), and the speedup over cuDNN.
@@ -28,7 +29,7 @@ SHAPES = [(1, 200, 64, 128), (32, 100, 256, 256), (1, 200, 256, 512), (64, 50, 1
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--blocks", nargs="*", default=["auto", "0", "1", "4", "16", "64", "132"])
+    ap.add_argument("--blocks", nargs="*", default=["auto", "grid", "0", "1", "4", "16", "64", "132"])
     args = ap.parse_args()
     rows, bad = [], 0
     print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")
@@ -50,7 +51,9 @@ def main() -> int:
                 base = None
                 for name, (backend, blocks) in providers.items():
                     os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
-                    if blocks is not None:
+                    if blocks == "grid":
+                        os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "0"
+                    elif blocks is not None:
                         os.environ["PYATTN_CUDA_GRU_BLOCKS"] = blocks
 
                     def fn(backend=backend):
@@ -67,6 +70,7 @@ def main() -> int:
                         continue
                     finally:
                         os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
+                        os.environ.pop("PYATTN_CUDA_GRU_ONE_BLOCK", None)
                     base = t if base is None else base
                     tol = 2e-3 if dtype == torch.float32 else 6e-2  # (16-bit: the state is rounded every step)
                     wrong = name != "torch:nn.GRU" and not err <= tol

@@ -753,6 +753,7 @@ def test_gru_plan_a_block_per_sm_until_a_block_has_too_much_work(monkeypatch, bs
     bits of PYATTN_CUDA_GRU_BLOCKS=0) once a block would do over 2^17 multiply-adds a step (4 x 3 x 210^2 > 4 x
     2^17)."""
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "0")  # (the grid's plan; the one-block kernel: its own test)
     seq, isz = 3, 5
     g = torch.Generator().manual_seed(hsz)
     x, h0 = torch.randn(seq, bsz, isz, generator=g), torch.randn(bsz, hsz, generator=g)
@@ -777,6 +778,60 @@ def test_gru_plan_a_block_per_sm_until_a_block_has_too_much_work(monkeypatch, bs
         monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "0")
         for a, b in zip(got, run()[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seq,bsz,isz,hsz,bias", [(5, 3, 4, 37, True), (3, 1, 3, 128, True), (4, 2, 5, 9, False)],
+                         ids=["padded", "h128", "nobias"])
+def test_gru_one_block_forward(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
+    """The one-block forward (csrc/cuda/gru.cu gru_rec_fwd_one_kernel: everything in one block's shared memory, a
+    __syncthreads a step): the plan takes it for T >= 2 and B H <= 512 (one launch, one block, its shared memory),
+    it matches the float64 oracle forward and reverse, and gives the persistent kernels' bits (one block and a grid
+    of 3; the same dot-product order); PYATTN_CUDA_GRU_ONE_BLOCK=0 and one-step calls take the grid's plan."""
+    from pyattn.dispatch import get_backend
+
+    monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    g = torch.Generator().manual_seed(seq * 7 + hsz)
+    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
+    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
+    w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=seq)
+    if not bias:
+        b_ih = b_hh = None
+    ops, ref = torch.ops.pyattn_emu, get_backend("torch")
+    launches, grid, smem = 2, 3, 4  # (emu_counters: ..., launches, blocks, largest dynamic shared memory, ...)
+    hp = (hsz + 3) // 4 * 4
+    one_smem = (3 * hsz * hp + 2 * bsz * hp + 2 * bsz * 3 * hsz + 6 * hsz) * 4
+
+    def run(reverse, **env):
+        for key in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        ops.emu_reset_counters()
+        got = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        return got, ops.emu_counters()
+
+    for reverse in (False, True):
+        got, c = run(reverse)
+        assert (c[launches], c[grid], c[smem]) == (1, 1, one_smem), list(c)
+        r_out, r_h, r_ws = ref.gru_layer_fwd(x.double(), h0.double(), w_ih.double(), w_hh.double(),
+                                             None if b_ih is None else b_ih.double(),
+                                             None if b_hh is None else b_hh.double(), reverse, True)
+        for name, a, want in zip(("out", "h_last", "ws"), got, (r_out, r_h, r_ws)):
+            wdtype = torch.float32 if name == "ws" and dtype == torch.float32 else dtype
+            assert_tol(a, want, "gru", wdtype, msg=lambda msg, name=name: f"{name}: {msg}")
+        for env in ({"PYATTN_CUDA_GRU_BLOCKS": "1"}, {"PYATTN_CUDA_GRU_BLOCKS": "3"}):
+            other, c = run(reverse, **env)
+            assert c[smem] != one_smem
+            for name, a, b in zip(("out", "h_last", "ws"), got, other):
+                assert torch.equal(a, b), f"{name}: the one-block kernel and {env} differ"
+        _, c = run(reverse, PYATTN_CUDA_GRU_ONE_BLOCK="0")
+        units = -(-hsz // 4)  # (the grid's plan: a block per emulated SM, H split evenly)
+        assert c[grid] == -(-hsz // units) and c[smem] != one_smem, list(c)
+    monkeypatch.delenv("PYATTN_CUDA_GRU_ONE_BLOCK")
+    ops.emu_reset_counters()
+    ops.gru_seq_fwd(x[:1], h0, w_ih, w_hh, b_ih, b_hh, False, True)
+    assert ops.emu_counters()[grid] == -(-hsz // units)  # (one step: the W_hh load is not worth one block)
 
 
 def test_gru_persistent_launch_refused_falls_back_to_steps(monkeypatch):
@@ -878,6 +933,7 @@ def test_gru_one_step_is_a_plain_launch(monkeypatch):
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "0")  # (two steps would take the one-block kernel, a plain launch)
     g = torch.Generator().manual_seed(9)
     x, h = torch.randn(2, 3, 6, generator=g), torch.randn(3, 20, generator=g)
     w = _gru_params(6, 20, torch.float32, seed=9)

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "launch.cuh"
 #include "pyattn/cuda_kernels.h"
@@ -285,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 // during the grid barrier (load_in, load_a).
 // Sizes (rec_plan): a block per SM (at least enough for the W_hh parts to fit shared memory, at most H and what
 // the device holds at once); none (the per-step path) when a block would do over kRecFmaPerBlock multiply-adds a
-// step.
+// step. Small forwards take the one-block kernel instead (gru_rec_fwd_one_kernel, below: no grid barrier).
 constexpr int kRecThreads = 512;
 constexpr int kRecWarps = kRecThreads / 32;
 constexpr int kRecRows = 4;  // batch rows per work item
@@ -523,6 +524,134 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
     if (step + 1 < nsteps && lane < first_rows) first = load_first(step + 1);  // (in flight during the barrier)
     // out[t] complete everywhere before any block reads it (one block: the next chunk's __syncthreads)
     if (step + 1 < nsteps && gridDim.x > 1) grid_barrier(p.sync, static_cast<unsigned long long>(step + 1));
+  }
+}
+
+// ---- the one-block forward (gru_rec_fwd_one_kernel) ----
+// For a small batch and hidden size (rec_plan: B H <= kOneMaxItems, W_hh fits one block's shared memory, T >= 2) the
+// whole layer direction runs in one block, so a step ends with a __syncthreads instead of a grid barrier (about
+// 2.8 us a step on the H200 at B = 1, H = 128, where cuDNN's step takes 0.86): W_hh (fp32, the persistent kernel's
+// layout with j0 = 0), both biases, the state h (two buffers: read one, write the other) and the step's input
+// projection (two buffers: the next step's is loaded into registers while this step computes, then stored) stay in
+// shared memory. A work item is (batch row b, unit u), handled by 8 lanes (4 items a warp at once): lane l8 does the
+// dot products' float4 steps l8 + 8 q + 32 i for q = 0..3, each q in its own accumulator, i.e. what lanes l8 + 8 q
+// of warp_dots do, adds them as warp_dots' first two halving levels do (lanes 16 apart, then 8) and finishes with
+// xor-shuffles 4, 2, 1 inside the 8 lanes: the same sums in the same order, so the results are the persistent
+// kernel's bits (and the gates are gru_gates on the same inputs).
+constexpr int kOneThreads = 512;
+constexpr int kOneItemsPerPass = kOneThreads / 8;
+constexpr int kOnePre = 4;                                     // prefetch registers a thread: B 3H <= 4 kOneThreads
+constexpr int64_t kOneMaxItems = 512;                          // B H: up to 8 passes a step
+
+template <typename T>
+__global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const GRURecFwdParams p) {
+  const int64_t nsteps = p.T, B = p.B, H = p.H, H3 = 3 * H, HP = (H + 3) / 4 * 4, nk4 = HP / 4, BH3 = B * H3;
+  const int lane = threadIdx.x % 32, l8 = lane % 8, slot = threadIdx.x / 8;  // slot: the item within a pass
+  const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
+  const T* __restrict__ h0 = static_cast<const T*>(p.h0);
+  T* out = static_cast<T*>(p.out);
+
+  extern __shared__ float4 rec_smem[];
+  float* Ws = reinterpret_cast<float*>(rec_smem);  // [3 H][HP], row 3 u + g = W_hh row g H + u
+  float* Hs = Ws + H3 * HP;                        // [2][B][HP]
+  float* Gs = Hs + 2 * B * HP;                     // [2][B][3H]: the step's input projection (no bias)
+  float* Bi = Gs + 2 * BH3;                        // [3H] b_ih (0 where absent)
+  float* Bh = Bi + H3;                             // [3H] b_hh
+  for (int64_t e = threadIdx.x; e < H3 * HP; e += blockDim.x) {
+    const int64_t row = e / HP, k = e - row * HP, u = row / 3, g = row - 3 * u;
+    Ws[e] = k < H ? to_f32(w_hh[(g * H + u) * p.w_hh_row_stride + k]) : 0.0f;
+  }
+  for (int64_t e = threadIdx.x; e < 2 * B * HP; e += blockDim.x) {  // h0 into buffer 0; zero padding in both
+    const int64_t r = e / HP, k = e - r * HP;
+    Hs[e] = r < B && k < H ? to_f32(h0[r * p.h0_row_stride + k]) : 0.0f;
+  }
+  const int64_t t0 = p.reverse ? nsteps - 1 : 0;
+  for (int64_t e = threadIdx.x; e < BH3; e += blockDim.x) Gs[e] = p.gi[t0 * BH3 + e];
+  for (int64_t e = threadIdx.x; e < H3; e += blockDim.x) {
+    Bi[e] = p.b_ih != nullptr ? to_f32(static_cast<const T*>(p.b_ih)[e]) : 0.0f;
+    Bh[e] = p.b_hh != nullptr ? to_f32(static_cast<const T*>(p.b_hh)[e]) : 0.0f;
+  }
+  __syncthreads();
+
+  for (int64_t step = 0; step < nsteps; ++step) {
+    const int64_t t = p.reverse ? nsteps - 1 - step : step;
+    const int cur = int(step & 1);
+    const float* hs = Hs + cur * B * HP;
+    float* hs_next = Hs + (cur ^ 1) * B * HP;
+    const float* gs = Gs + cur * BH3;
+    float pre[kOnePre];  // the next step's input projection, in flight while this step computes
+    if (step + 1 < nsteps) {
+      const float* src = p.gi + (p.reverse ? t - 1 : t + 1) * BH3;
+#pragma unroll
+      for (int i = 0; i < kOnePre; ++i) {
+        const int64_t e = threadIdx.x + int64_t(i) * kOneThreads;
+        pre[i] = e < BH3 ? src[e] : 0.0f;
+      }
+    }
+    // passes over the items, warp-uniform (the shuffles need every lane); items past B H compute for nothing
+    for (int64_t base = 0; base < B * H; base += kOneItemsPerPass) {
+      const int64_t item = base + slot;
+      const bool live = item < B * H;
+      const int64_t b = live ? item / H : 0, u = live ? item - b * H : 0;
+      const float4* w4 = reinterpret_cast<const float4*>(Ws + 3 * u * HP);
+      const float4* h4 = reinterpret_cast<const float4*>(hs + b * HP);
+      float acc[3][4];
+#pragma unroll
+      for (int g = 0; g < 3; ++g)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[g][q] = 0.0f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        for (int64_t k = l8 + 8 * q; k < nk4; k += 32) {
+          float4 wv[3];
+#pragma unroll
+          for (int g = 0; g < 3; ++g) wv[g] = w4[g * nk4 + k];
+          const float4 sv = h4[k];
+#pragma unroll
+          for (int g = 0; g < 3; ++g) {
+            float& a = acc[g][q];
+            a = fmaf(wv[g].x, sv.x, a);
+            a = fmaf(wv[g].y, sv.y, a);
+            a = fmaf(wv[g].z, sv.z, a);
+            a = fmaf(wv[g].w, sv.w, a);
+          }
+        }
+      }
+      float gh[3];
+#pragma unroll
+      for (int g = 0; g < 3; ++g) {
+        float sum = (acc[g][0] + acc[g][2]) + (acc[g][1] + acc[g][3]);  // warp_dots' levels 16 and 8
+#pragma unroll
+        for (int m = 4; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+        gh[g] = sum;
+      }
+      if (live && l8 == 0) {
+        const int64_t row = t * B + b;
+        const float* gi = gs + b * H3 + u;
+        const float hn = gh[2] + Bh[2 * H + u];
+        const Gates g = gru_gates(gi[0] + Bi[u], gi[H] + Bi[H + u], gi[2 * H] + Bi[2 * H + u], gh[0] + Bh[u],
+                                  gh[1] + Bh[H + u], hn, hs[b * HP + u]);
+        const T h = from_f32<T>(g.h);
+        out[row * H + u] = h;
+        hs_next[b * HP + u] = to_f32(h);  // (the next step reads the state as stored, like the persistent kernel)
+        if (p.ws != nullptr) {
+          float* w = p.ws + row * 4 * H + u;
+          w[0] = g.r;
+          w[H] = g.z;
+          w[2 * H] = g.n;
+          w[3 * H] = hn;
+        }
+      }
+    }
+    if (step + 1 < nsteps) {
+      float* gs_next = Gs + (cur ^ 1) * BH3;
+#pragma unroll
+      for (int i = 0; i < kOnePre; ++i) {
+        const int64_t e = threadIdx.x + int64_t(i) * kOneThreads;
+        if (e < BH3) gs_next[e] = pre[i];
+      }
+    }
+    __syncthreads();  // h and the input projection of the next step are in place; this step's are free
   }
 }
 
@@ -838,8 +967,39 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 }
 
 
+template <typename T>
+struct OneFwdKernel {
+  static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T>;
+};
+
+// The one-block forward's plan when it takes p (T >= 2 steps to spread the W_hh load over, B H <= kOneMaxItems,
+// B 3H within the prefetch registers, W_hh + the state + the input projection + the biases in one block's shared
+// memory; PYATTN_CUDA_GRU_BLOCKS unset, PYATTN_CUDA_GRU_ONE_BLOCK not 0), else blocks == 0.
+GRURecPlan one_block_plan(const GRURecFwdParams& p) {
+  GRURecPlan plan;
+  const char* off = std::getenv("PYATTN_CUDA_GRU_ONE_BLOCK");
+  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr || (off != nullptr && std::strcmp(off, "0") == 0)) return plan;
+  if (p.T < 2 || p.B * p.H > kOneMaxItems || p.B * 3 * p.H > int64_t(kOnePre) * kOneThreads) return plan;
+  const int64_t hp = round4(p.H);
+  const size_t smem = size_t(3 * p.H * hp + 2 * p.B * hp + 2 * p.B * 3 * p.H + 6 * p.H) * 4;
+  const size_t cap = p.smem_per_block < kRecSmemCap ? p.smem_per_block : kRecSmemCap;
+  if (smem > cap) return plan;
+  if (fit_kernel(rec_kernel<OneFwdKernel>(p.dtype), smem, kOneThreads) != cudaSuccess) {
+    (void)cudaGetLastError();  // (cleared: the grid's plan next)
+    return plan;
+  }
+  plan.blocks = 1;
+  plan.units = int(p.H);
+  plan.batch_rows = int(p.B);
+  plan.smem = smem;
+  plan.one_block = true;
+  return plan;
+}
+
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   if (p.T < 1) return GRURecPlan();
+  const GRURecPlan one = one_block_plan(p);
+  if (one.one_block) return one;
   const int64_t hp = round4(p.H);
   GRURecPlan plan = rec_plan<RecFwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, 3 * hp * 4, hp * 4);
   plan.needs_sync = plan.needs_sync && p.T > 1;  // (the barriers are between steps: a cell has none)
@@ -848,6 +1008,11 @@ GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
 
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
+  if (plan.one_block) {
+    const auto kernel = rec_kernel<OneFwdKernel>(p.dtype);
+    kernel<<<1, kOneThreads, plan.smem, stream>>>(p);
+    return cudaGetLastError();
+  }
   return rec_launch<RecFwdKernel>(p.dtype, RecFwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(p.H)}}, plan,
                                   stream);
 }

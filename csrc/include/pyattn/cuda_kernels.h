@@ -46,6 +46,7 @@ struct GRURecPlan {
   int batch_rows = 0;  // batch rows of h staged in shared memory at once (a multiple of 4)
   size_t smem = 0;     // dynamic shared memory per block, bytes
   bool needs_sync = false;
+  bool one_block = false;  // forward: the one-block kernel (blocks 1, everything in shared memory), not the grid's
 };
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p);
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
