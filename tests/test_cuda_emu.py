@@ -783,51 +783,65 @@ def test_gru_plan_a_block_per_sm_until_a_block_has_too_much_work(monkeypatch, bs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seq,bsz,isz,hsz,bias", [(5, 3, 4, 37, True), (3, 1, 3, 128, True), (4, 2, 5, 9, False)],
                          ids=["padded", "h128", "nobias"])
-def test_gru_one_block_forward(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
-    """The one-block forward (csrc/cuda/gru.cu gru_rec_fwd_one_kernel: everything in one block's shared memory, a
-    __syncthreads a step): the plan takes it for T >= 2 and B H <= 512 (one launch, one block, its shared memory),
-    it matches the float64 oracle forward and reverse, and gives the persistent kernels' bits (one block and a grid
-    of 3; the same dot-product order); PYATTN_CUDA_GRU_ONE_BLOCK=0 and one-step calls take the grid's plan."""
+def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
+    """The one-block forward and backward (csrc/cuda/gru.cu gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel: W_hh
+    and the recurrence's vectors in one block's shared memory, block barriers only): the plans take them for T >= 2
+    and B H <= 512 (one launch each, one block, their shared memory), they match the float64 oracle forward and
+    reverse, with and without a carried dh_last, and give the persistent kernels' bits (one block and a grid of 3;
+    the same dot-product order); PYATTN_CUDA_GRU_ONE_BLOCK=0 and one-step calls take the grid's plan."""
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
     g = torch.Generator().manual_seed(seq * 7 + hsz)
     x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
     h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
+    dout = torch.randn(seq, bsz, hsz, generator=g).to(dtype)
+    dh_last = torch.randn(bsz, hsz, generator=g).to(dtype)
     w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=seq)
     if not bias:
         b_ih = b_hh = None
     ops, ref = torch.ops.pyattn_emu, get_backend("torch")
     launches, grid, smem = 2, 3, 4  # (emu_counters: ..., launches, blocks, largest dynamic shared memory, ...)
-    hp = (hsz + 3) // 4 * 4
-    one_smem = (3 * hsz * hp + 2 * bsz * hp + 2 * bsz * 3 * hsz + 6 * hsz) * 4
+    hp, kp = (hsz + 3) // 4 * 4, (3 * hsz + 3) // 4 * 4
+    fwd_smem = (3 * hsz * hp + 2 * bsz * hp + 2 * bsz * 3 * hsz + 6 * hsz) * 4
+    bwd_smem = (hsz * kp + bsz * kp + hsz * bsz) * 4
+    units = -(-hsz // 4)  # (the grid's plan: a block per emulated SM, H split evenly)
+    names = ("out", "h_last", "ws", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
 
-    def run(reverse, **env):
+    def run(reverse, carried, **env):
         for key in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         ops.emu_reset_counters()
-        got = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
-        return got, ops.emu_counters()
+        fwd = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        cf = ops.emu_counters()
+        ops.emu_reset_counters()
+        grads = ops.gru_seq_bwd(dout, carried, x, h0, w_ih, w_hh, fwd[0], fwd[2], b_ih is not None,
+                                b_hh is not None, reverse, True)
+        return (*fwd, *grads), cf, ops.emu_counters()
 
-    for reverse in (False, True):
-        got, c = run(reverse)
-        assert (c[launches], c[grid], c[smem]) == (1, 1, one_smem), list(c)
-        r_out, r_h, r_ws = ref.gru_layer_fwd(x.double(), h0.double(), w_ih.double(), w_hh.double(),
-                                             None if b_ih is None else b_ih.double(),
-                                             None if b_hh is None else b_hh.double(), reverse, True)
-        for name, a, want in zip(("out", "h_last", "ws"), got, (r_out, r_h, r_ws)):
+    args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    for reverse, carried in ((False, None), (True, dh_last)):
+        got, cf, cb = run(reverse, carried)
+        assert (cf[launches], cf[grid], cf[smem]) == (1, 1, fwd_smem), list(cf)
+        assert (cb[grid], cb[smem]) == (1, bwd_smem), list(cb)  # (+ the binding's GEMM launches)
+        r_out, r_h, r_ws = ref.gru_layer_fwd(*args64, reverse, True)
+        r_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
+        r_grads = ref.gru_layer_bwd(dout.double(), r_dh, *args64[:4], r_out, r_ws, bias, bias, reverse, True)
+        for name, a, want in zip(names, got, (r_out, r_h, r_ws, *r_grads)):
+            if want is None or (isinstance(want, torch.Tensor) and want.numel() == 0 and a.numel() == 0):
+                continue
+            kind = "bwd" if name.startswith("d") else "fwd"
             wdtype = torch.float32 if name == "ws" and dtype == torch.float32 else dtype
-            assert_tol(a, want, "gru", wdtype, msg=lambda msg, name=name: f"{name}: {msg}")
+            assert_tol(a, want, "gru", wdtype, kind=kind, msg=lambda msg, name=name: f"{name}: {msg}")
         for env in ({"PYATTN_CUDA_GRU_BLOCKS": "1"}, {"PYATTN_CUDA_GRU_BLOCKS": "3"}):
-            other, c = run(reverse, **env)
-            assert c[smem] != one_smem
-            for name, a, b in zip(("out", "h_last", "ws"), got, other):
-                assert torch.equal(a, b), f"{name}: the one-block kernel and {env} differ"
-        _, c = run(reverse, PYATTN_CUDA_GRU_ONE_BLOCK="0")
-        units = -(-hsz // 4)  # (the grid's plan: a block per emulated SM, H split evenly)
-        assert c[grid] == -(-hsz // units) and c[smem] != one_smem, list(c)
+            other, cf, cb = run(reverse, carried, **env)
+            assert cf[smem] != fwd_smem and cb[smem] != bwd_smem
+            for name, a, b in zip(names, got, other):
+                assert torch.equal(a, b), f"{name}: the one-block kernels and {env} differ"
+        _, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="0")
+        assert cf[grid] == cb[grid] == -(-hsz // units) and cf[smem] != fwd_smem, (list(cf), list(cb))
     monkeypatch.delenv("PYATTN_CUDA_GRU_ONE_BLOCK")
     ops.emu_reset_counters()
     ops.gru_seq_fwd(x[:1], h0, w_ih, w_hh, b_ih, b_hh, False, True)

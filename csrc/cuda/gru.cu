@@ -742,6 +742,103 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
   }
 }
 
+// The one-block backward (gru_rec_bwd_one_kernel), the forward's counterpart (rec plans: B H <= kOneThreads, W_hh^T
+// in one block's shared memory, T >= 2): gru_rec_bwd_kernel's two phases on one block with block barriers only, and
+// phase A writes dgh[t] to shared memory as well as to global memory, so phase B reads it there instead of staging
+// it back through L2. Phase A: element e = thread (B H <= the block), its inputs for the next step loaded while this
+// step's phase B runs. Phase B: a (batch row, unit) item on 8 lanes as in the one-block forward (lanes l8 + 8 q of
+// warp_dots, the same two halving levels, xor-shuffles 4, 2, 1), so the persistent backward's bits.
+template <typename T>
+__global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const GRURecBwdParams p) {
+  const int64_t nsteps = p.T, B = p.B, H = p.H, H3 = 3 * H, KP = (H3 + 3) / 4 * 4, nk4 = KP / 4;
+  const int lane = threadIdx.x % 32, l8 = lane % 8, slot = threadIdx.x / 8;
+  const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
+  const T* __restrict__ dout = static_cast<const T*>(p.dout);
+
+  extern __shared__ float4 rec_smem[];
+  float* Wt = reinterpret_cast<float*>(rec_smem);  // [H][KP]: W_hh column u
+  float* Gs = Wt + H * KP;                         // [B][KP]: dgh[t] (zero padding)
+  float* Ds = Gs + B * KP;                         // [H][B]: dh
+  for (int64_t e = threadIdx.x; e < H * KP; e += blockDim.x) {  // (consecutive threads: a row's consecutive units)
+    const int64_t k = e / H, u = e - k * H;
+    Wt[u * KP + k] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + u]) : 0.0f;
+  }
+  for (int64_t e = threadIdx.x; e < B * KP; e += blockDim.x) Gs[e] = 0.0f;
+  for (int64_t e = threadIdx.x; e < H * B; e += blockDim.x) {
+    const int64_t b = e / H, u = e - b * H;
+    Ds[u * B + b] = p.dh[b * H + u];
+  }
+  auto load_a = [&](int64_t step, int64_t e) {  // as gru_rec_bwd_kernel's, with nu = H
+    const int64_t t = p.reverse ? step : nsteps - 1 - step;
+    const bool first = p.reverse ? t == nsteps - 1 : t == 0;
+    const T* hsrc = first ? static_cast<const T*>(p.h0)
+                          : static_cast<const T*>(p.out) + (p.reverse ? t + 1 : t - 1) * p.out_t_stride;
+    const int64_t hstride = first ? p.h0_row_stride : p.out_b_stride;
+    const int64_t b = e / H, j = e - b * H;
+    const float* w = p.ws + (t * B + b) * 4 * H + j;
+    return BwdIn{to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]), to_f32(hsrc[b * hstride + j]), w[0],
+                 w[H], w[2 * H], w[3 * H]};
+  };
+  const int64_t e = threadIdx.x;  // this thread's phase A element (B H <= the block)
+  const bool mine = e < B * H;
+  BwdIn in{};
+  if (mine) in = load_a(0, e);
+  __syncthreads();
+
+  for (int64_t step = 0; step < nsteps; ++step) {
+    const int64_t t = p.reverse ? step : nsteps - 1 - step;
+    // phase A: d = dh + dout[t] -> dgi[t], dgh[t] (global and Gs) and dh = d z
+    if (mine) {
+      const int64_t b = e / H, u = e - b * H, row = t * B + b;
+      const GateGrads g = gru_gate_grads(Ds[u * B + b] + in.dout, in.hp, in.r, in.z, in.n, in.hn);
+      float* gi = p.dgi + row * H3 + u;
+      float* gh = p.dgh + row * H3 + u;
+      gi[0] = g.dr;
+      gi[H] = g.dz;
+      gi[2 * H] = g.dn;
+      gh[0] = g.dr;
+      gh[H] = g.dz;
+      gh[2 * H] = g.dnr;
+      float* gs = Gs + b * KP + u;
+      gs[0] = g.dr;
+      gs[H] = g.dz;
+      gs[2 * H] = g.dnr;
+      Ds[u * B + b] = g.direct;
+      if (step + 1 < nsteps) in = load_a(step + 1, e);  // (in flight during phase B)
+    }
+    __syncthreads();  // dgh[t] in Gs, dh = d z in Ds
+    // phase B: dh[b][u] += dgh[t][b] . W_hh[:, u], warp-uniform passes (items past B H compute for nothing)
+    for (int64_t base = 0; base < B * H; base += kOneItemsPerPass) {
+      const int64_t item = base + slot;
+      const bool live = item < B * H;
+      const int64_t b = live ? item / H : 0, u = live ? item - b * H : 0;
+      const float4* w4 = reinterpret_cast<const float4*>(Wt + u * KP);
+      const float4* g4 = reinterpret_cast<const float4*>(Gs + b * KP);
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        for (int64_t k = l8 + 8 * q; k < nk4; k += 32) {
+          const float4 wv = w4[k], sv = g4[k];
+          float& a = acc[q];
+          a = fmaf(wv.x, sv.x, a);
+          a = fmaf(wv.y, sv.y, a);
+          a = fmaf(wv.z, sv.z, a);
+          a = fmaf(wv.w, sv.w, a);
+        }
+      }
+      float sum = (acc[0] + acc[2]) + (acc[1] + acc[3]);  // warp_dots' levels 16 and 8
+#pragma unroll
+      for (int m = 4; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+      if (live && l8 == 0) Ds[u * B + b] += sum;
+    }
+    __syncthreads();  // dh complete for the next step's phase A; Gs free
+  }
+  for (int64_t i = threadIdx.x; i < H * B; i += blockDim.x) {  // dL/dh0
+    const int64_t b = i / H, u = i - b * H;
+    p.dh[b * H + u] = Ds[u * B + b];
+  }
+}
+
 // ---- launchers ----
 
 bool aligned(const void* ptr, int64_t bytes) {
@@ -971,26 +1068,32 @@ template <typename T>
 struct OneFwdKernel {
   static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T>;
 };
+template <typename T>
+struct OneBwdKernel {
+  static constexpr void (*fn)(const GRURecBwdParams) = gru_rec_bwd_one_kernel<T>;
+};
 
-// The one-block forward's plan when it takes p (T >= 2 steps to spread the W_hh load over, B H <= kOneMaxItems,
-// B 3H within the prefetch registers, W_hh + the state + the input projection + the biases in one block's shared
-// memory; PYATTN_CUDA_GRU_BLOCKS unset, PYATTN_CUDA_GRU_ONE_BLOCK not 0), else blocks == 0.
-GRURecPlan one_block_plan(const GRURecFwdParams& p) {
-  GRURecPlan plan;
+// Whether the one-block kernels may take a call of T steps and B H items (at most max_items): T >= 2 steps to spread
+// the W_hh load over, PYATTN_CUDA_GRU_BLOCKS unset (a forced grid) and PYATTN_CUDA_GRU_ONE_BLOCK not 0.
+bool one_block_allowed(int64_t T, int64_t items, int64_t max_items) {
   const char* off = std::getenv("PYATTN_CUDA_GRU_ONE_BLOCK");
-  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr || (off != nullptr && std::strcmp(off, "0") == 0)) return plan;
-  if (p.T < 2 || p.B * p.H > kOneMaxItems || p.B * 3 * p.H > int64_t(kOnePre) * kOneThreads) return plan;
-  const int64_t hp = round4(p.H);
-  const size_t smem = size_t(3 * p.H * hp + 2 * p.B * hp + 2 * p.B * 3 * p.H + 6 * p.H) * 4;
-  const size_t cap = p.smem_per_block < kRecSmemCap ? p.smem_per_block : kRecSmemCap;
+  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr || (off != nullptr && std::strcmp(off, "0") == 0)) return false;
+  return T >= 2 && items <= max_items;
+}
+
+// The one-block plan of KernelOf when its shared memory fits (220 KB or the device's opt-in limit), else blocks 0.
+template <template <typename> class KernelOf>
+GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64_t H, int64_t B) {
+  GRURecPlan plan;
+  const size_t cap = smem_per_block < kRecSmemCap ? smem_per_block : kRecSmemCap;
   if (smem > cap) return plan;
-  if (fit_kernel(rec_kernel<OneFwdKernel>(p.dtype), smem, kOneThreads) != cudaSuccess) {
+  if (fit_kernel(rec_kernel<KernelOf>(dtype), smem, kOneThreads) != cudaSuccess) {
     (void)cudaGetLastError();  // (cleared: the grid's plan next)
     return plan;
   }
   plan.blocks = 1;
-  plan.units = int(p.H);
-  plan.batch_rows = int(p.B);
+  plan.units = int(H);
+  plan.batch_rows = int(B);
   plan.smem = smem;
   plan.one_block = true;
   return plan;
@@ -998,9 +1101,14 @@ GRURecPlan one_block_plan(const GRURecFwdParams& p) {
 
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   if (p.T < 1) return GRURecPlan();
-  const GRURecPlan one = one_block_plan(p);
-  if (one.one_block) return one;
   const int64_t hp = round4(p.H);
+  // the one-block forward: B 3H within its prefetch registers, W_hh + two buffers of h and of the input projection
+  // + both biases in shared memory
+  if (one_block_allowed(p.T, p.B * p.H, kOneMaxItems) && p.B * 3 * p.H <= int64_t(kOnePre) * kOneThreads) {
+    const size_t smem = size_t(3 * p.H * hp + 2 * p.B * hp + 2 * p.B * 3 * p.H + 6 * p.H) * 4;
+    const GRURecPlan one = one_block_plan<OneFwdKernel>(p.dtype, smem, p.smem_per_block, p.H, p.B);
+    if (one.one_block) return one;
+  }
   GRURecPlan plan = rec_plan<RecFwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, 3 * hp * 4, hp * 4);
   plan.needs_sync = plan.needs_sync && p.T > 1;  // (the barriers are between steps: a cell has none)
   return plan;
@@ -1020,11 +1128,21 @@ cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaSt
 GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
   if (p.T < 1) return GRURecPlan();
   const int64_t kp = round4(3 * p.H);  // a unit: its W_hh column and its dh of every batch row (Ds)
+  if (one_block_allowed(p.T, p.B * p.H, kOneThreads)) {
+    const size_t smem = size_t(p.H * kp + p.B * kp + p.H * p.B) * 4;  // Wt, Gs, Ds
+    const GRURecPlan one = one_block_plan<OneBwdKernel>(p.dtype, smem, p.smem_per_block, p.H, p.B);
+    if (one.one_block) return one;
+  }
   return rec_plan<RecBwdKernel>(p.B, p.H, p.num_sms, p.smem_per_block, p.dtype, (kp + p.B) * 4, kp * 4);
 }
 
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
+  if (plan.one_block) {
+    const auto kernel = rec_kernel<OneBwdKernel>(p.dtype);
+    kernel<<<1, kOneThreads, plan.smem, stream>>>(p);
+    return cudaGetLastError();
+  }
   return rec_launch<RecBwdKernel>(p.dtype, RecBwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}},
                                   plan, stream);
 }
