@@ -412,11 +412,10 @@ def nan_padded_rows(t: Tensor, pad: int, shift: int) -> Tensor:
 
 # ---- GRU on PackedSequence ------------------------------------------------------------------------------------
 
-PACKED_LENGTHS = (7, 3, 7, 1, 5, 2, 5)  # unsorted, ties, a length-1 sequence: runs of batch 7, 6, 4, 3, 2 in time
-
-
-# PACKED_LENGTHS sorted: 7 7 5 5 3 2 1, batch 7 6 5 4 4 2 2 over time: 5 runs of equal batch, (7, 1 step) (6, 1)
-# (5, 1) (4, 2) (2, 2). Calls per layer direction for a merge_rows of 0: 5; 2: 3 (7 6 5 padded, 4, 2); inf: 1.
+# Unsorted, with ties and a length-1 sequence. Sorted: 7 7 5 5 3 2 1, so batch 7 6 5 4 4 2 2 over time: 5 runs of
+# equal batch, (7, 1 step) (6, 1) (5, 1) (4, 2) (2, 2). Calls per layer direction for a merge_rows of 0: 5; 2: 3
+# (7 6 5 padded, 4, 2); inf: 1.
+PACKED_LENGTHS = (7, 3, 7, 1, 5, 2, 5)
 PACKED_CALLS = {0: 5, 2: 3, math.inf: 1}
 
 
@@ -456,7 +455,7 @@ def check_packed_gru(backend: Optional[str], device="cpu", lengths=PACKED_LENGTH
         return inner(*args, **kwargs)
 
     rnn_mod.gru_layer = counting
-    default_merge = PackedPlan.merge_rows_for
+    default_merge = PackedPlan.__dict__["merge_rows_for"]  # (the staticmethod itself, restored below)
     if merge_rows is not None:
         PackedPlan.merge_rows_for = staticmethod(lambda _device: merge_rows)
     try:

@@ -286,7 +286,8 @@ __global__ void __launch_bounds__(kThreads) gru_gates_bwd_kernel(const GRUGatesB
 // during the grid barrier (load_in, load_a).
 // Sizes (rec_plan): a block per SM (at least enough for the W_hh parts to fit shared memory, at most H and what
 // the device holds at once); none (the per-step path) when a block would do over kRecFmaPerBlock multiply-adds a
-// step. Small forwards take the one-block kernel instead (gru_rec_fwd_one_kernel, below: no grid barrier).
+// step. Small layers take the one-block kernels instead (gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel, below:
+// no grid barrier).
 constexpr int kRecThreads = 512;
 constexpr int kRecWarps = kRecThreads / 32;
 constexpr int kRecRows = 4;  // batch rows per work item
@@ -528,16 +529,16 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
 }
 
 // ---- the one-block forward (gru_rec_fwd_one_kernel) ----
-// For a small batch and hidden size (rec_plan: B H <= kOneMaxItems, W_hh fits one block's shared memory, T >= 2) the
-// whole layer direction runs in one block, so a step ends with a __syncthreads instead of a grid barrier (about
+// For a small batch and hidden size (gru_rec_fwd_plan: B H <= kOneMaxItems, W_hh fits one block's shared memory, T >=
+// 2) the whole layer direction runs in one block, so a step ends with a __syncthreads instead of a grid barrier (about
 // 2.8 us a step on the H200 at B = 1, H = 128, where cuDNN's step takes 0.86): W_hh (fp32, the persistent kernel's
 // layout with j0 = 0), both biases, the state h (two buffers: read one, write the other) and the step's input
 // projection (two buffers: the next step's is loaded into registers while this step computes, then stored) stay in
 // shared memory. A work item is (batch row b, unit u), handled by 8 lanes (4 items a warp at once): lane l8 does the
-// dot products' float4 steps l8 + 8 q + 32 i for q = 0..3, each q in its own accumulator, i.e. what lanes l8 + 8 q
-// of warp_dots do, adds them as warp_dots' first two halving levels do (lanes 16 apart, then 8) and finishes with
-// xor-shuffles 4, 2, 1 inside the 8 lanes: the same sums in the same order, so the results are the persistent
-// kernel's bits (and the gates are gru_gates on the same inputs).
+// dot products' float4 steps l8 + 8 q + 32 i for q = 0..3, each q in its own accumulator, i.e. what lanes l8 + 8 q of
+// warp_dots do, adds them as warp_dots' first two halving levels do (lanes 16 apart, then 8) and finishes with
+// xor-shuffles 4, 2, 1 inside the 8 lanes: the same sums in the same order, so the results are the persistent kernel's
+// bits (and the gates are gru_gates on the same inputs).
 constexpr int kOneThreads = 512;
 constexpr int kOneItemsPerPass = kOneThreads / 8;
 constexpr int kOnePre = 4;                                     // prefetch registers a thread: B 3H <= 4 kOneThreads
@@ -742,9 +743,9 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
   }
 }
 
-// The one-block backward (gru_rec_bwd_one_kernel), the forward's counterpart (rec plans: B H <= kOneThreads, W_hh^T
-// in one block's shared memory, T >= 2): gru_rec_bwd_kernel's two phases on one block with block barriers only, and
-// phase A writes dgh[t] to shared memory as well as to global memory, so phase B reads it there instead of staging
+// The one-block backward (gru_rec_bwd_one_kernel), the forward's counterpart (gru_rec_bwd_plan: B H <= kOneThreads,
+// W_hh^T in one block's shared memory, T >= 2): gru_rec_bwd_kernel's two phases on one block with block barriers only,
+// and phase A writes dgh[t] to shared memory as well as to global memory, so phase B reads it there instead of staging
 // it back through L2. Phase A: element e = thread (B H <= the block), its inputs for the next step loaded while this
 // step's phase B runs. Phase B: a (batch row, unit) item on 8 lanes as in the one-block forward (lanes l8 + 8 q of
 // warp_dots, the same two halving levels, xor-shuffles 4, 2, 1), so the persistent backward's bits.
@@ -1064,6 +1065,8 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 }
 
 
+namespace {
+
 template <typename T>
 struct OneFwdKernel {
   static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T>;
@@ -1098,6 +1101,8 @@ GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64
   plan.one_block = true;
   return plan;
 }
+
+}  // namespace
 
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   if (p.T < 1) return GRURecPlan();
