@@ -346,6 +346,34 @@ struct BwdIn {
   float dout, hp, r, z, n, hn;
 };
 
+// BwdIn of (batch row b, unit j) at backward step `step` (the forward's steps, last processed first)
+template <typename T>
+__device__ __forceinline__ BwdIn load_bwd_in(const GRURecBwdParams& p, int64_t step, int64_t b, int64_t j) {
+  const int64_t nsteps = p.T, B = p.B, H = p.H;
+  const int64_t t = p.reverse ? step : nsteps - 1 - step;
+  const bool first = p.reverse ? t == nsteps - 1 : t == 0;  // the forward's first step started from h0
+  const T* hsrc = first ? static_cast<const T*>(p.h0)
+                        : static_cast<const T*>(p.out) + (p.reverse ? t + 1 : t - 1) * p.out_t_stride;
+  const int64_t hstride = first ? p.h0_row_stride : p.out_b_stride;
+  const float* w = p.ws + (t * B + b) * 4 * H + j;  // [r | z | n | hn]
+  const T* dout = static_cast<const T*>(p.dout);
+  return BwdIn{to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]), to_f32(hsrc[b * hstride + j]), w[0],
+               w[H], w[2 * H], w[3 * H]};
+}
+
+// The gate gradients' stores of (row, unit j): dgi = [dr | dz | dn], dgh = [dr | dz | dn r], rows 3H floats
+__device__ __forceinline__ void store_gate_grads(const GRURecBwdParams& p, int64_t row, int64_t j, const GateGrads& g) {
+  const int64_t H = p.H;
+  float* gi = p.dgi + row * 3 * H + j;
+  float* gh = p.dgh + row * 3 * H + j;
+  gi[0] = g.dr;
+  gi[H] = g.dz;
+  gi[2 * H] = g.dn;
+  gh[0] = g.dr;
+  gh[H] = g.dz;
+  gh[2 * H] = g.dnr;
+}
+
 // A forward work item's inputs besides the dot products (gru_rec_fwd_kernel's load_in): x = the input projection
 // + b_ih, bh = b_hh, gates r, z, n.
 struct ItemIn {
@@ -664,7 +692,6 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
   const int nu = int(H - j0 < a.s.units ? H - j0 : a.s.units);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
-  const T* __restrict__ dout = static_cast<const T*>(p.dout);
 
   extern __shared__ float4 rec_smem[];
   float* Wt = reinterpret_cast<float*>(rec_smem);  // [nu][KP]
@@ -683,17 +710,7 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
   // the forward's workspace, none of which depends on the recurrence: a thread's first element of the next step is
   // loaded before this step's grid barrier, so that its latency overlaps the wait and phase B (the barrier's last
   // thread excepted: see grid_barrier). dh stays in shared memory (Ds), so phase A waits on no load of it.
-  auto load_a = [&](int64_t step, int64_t e) {
-    const int64_t t = p.reverse ? step : nsteps - 1 - step;  // the forward's steps, last processed first
-    const bool first = p.reverse ? t == nsteps - 1 : t == 0;  // the forward's first step started from h0
-    const T* hsrc = first ? static_cast<const T*>(p.h0)
-                          : static_cast<const T*>(p.out) + (p.reverse ? t + 1 : t - 1) * p.out_t_stride;
-    const int64_t hstride = first ? p.h0_row_stride : p.out_b_stride;
-    const int64_t b = e / nu, j = j0 + (e - b * nu);
-    const float* w = p.ws + (t * B + b) * 4 * H + j;  // [r | z | n | hn]
-    return BwdIn{to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]), to_f32(hsrc[b * hstride + j]), w[0],
-                 w[H], w[2 * H], w[3 * H]};
-  };
+  auto load_a = [&](int64_t step, int64_t e) { return load_bwd_in<T>(p, step, e / nu, j0 + e % nu); };
   const bool prefetch = threadIdx.x < B * nu && threadIdx.x + 1 < blockDim.x;
   BwdIn next{};
   if (prefetch) next = load_a(0, threadIdx.x);
@@ -706,14 +723,7 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
       const BwdIn in = prefetch && e == threadIdx.x ? next : load_a(step, e);
       const int64_t b = e / nu, u = e - b * nu, j = j0 + u, row = t * B + b;
       const GateGrads g = gru_gate_grads(Ds[u * B + b] + in.dout, in.hp, in.r, in.z, in.n, in.hn);
-      float* gi = p.dgi + row * H3 + j;
-      float* gh = p.dgh + row * H3 + j;
-      gi[0] = g.dr;
-      gi[H] = g.dz;
-      gi[2 * H] = g.dn;
-      gh[0] = g.dr;
-      gh[H] = g.dz;
-      gh[2 * H] = g.dnr;
+      store_gate_grads(p, row, j, g);
       Ds[u * B + b] = g.direct;
     }
     if (prefetch && step + 1 < nsteps) next = load_a(step + 1, threadIdx.x);  // (in flight during the barrier)
@@ -754,7 +764,6 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
   const int64_t nsteps = p.T, B = p.B, H = p.H, H3 = 3 * H, KP = (H3 + 3) / 4 * 4, nk4 = KP / 4;
   const int lane = threadIdx.x % 32, l8 = lane % 8, slot = threadIdx.x / 8;
   const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
-  const T* __restrict__ dout = static_cast<const T*>(p.dout);
 
   extern __shared__ float4 rec_smem[];
   float* Wt = reinterpret_cast<float*>(rec_smem);  // [H][KP]: W_hh column u
@@ -769,21 +778,10 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
     const int64_t b = e / H, u = e - b * H;
     Ds[u * B + b] = p.dh[b * H + u];
   }
-  auto load_a = [&](int64_t step, int64_t e) {  // as gru_rec_bwd_kernel's, with nu = H
-    const int64_t t = p.reverse ? step : nsteps - 1 - step;
-    const bool first = p.reverse ? t == nsteps - 1 : t == 0;
-    const T* hsrc = first ? static_cast<const T*>(p.h0)
-                          : static_cast<const T*>(p.out) + (p.reverse ? t + 1 : t - 1) * p.out_t_stride;
-    const int64_t hstride = first ? p.h0_row_stride : p.out_b_stride;
-    const int64_t b = e / H, j = e - b * H;
-    const float* w = p.ws + (t * B + b) * 4 * H + j;
-    return BwdIn{to_f32(dout[t * p.dout_t_stride + b * p.dout_b_stride + j]), to_f32(hsrc[b * hstride + j]), w[0],
-                 w[H], w[2 * H], w[3 * H]};
-  };
-  const int64_t e = threadIdx.x;  // this thread's phase A element (B H <= the block)
+  const int64_t e = threadIdx.x;  // this thread's phase A element (B H <= the block): (row e / H, unit e % H)
   const bool mine = e < B * H;
   BwdIn in{};
-  if (mine) in = load_a(0, e);
+  if (mine) in = load_bwd_in<T>(p, 0, e / H, e % H);
   __syncthreads();
 
   for (int64_t step = 0; step < nsteps; ++step) {
@@ -792,20 +790,13 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
     if (mine) {
       const int64_t b = e / H, u = e - b * H, row = t * B + b;
       const GateGrads g = gru_gate_grads(Ds[u * B + b] + in.dout, in.hp, in.r, in.z, in.n, in.hn);
-      float* gi = p.dgi + row * H3 + u;
-      float* gh = p.dgh + row * H3 + u;
-      gi[0] = g.dr;
-      gi[H] = g.dz;
-      gi[2 * H] = g.dn;
-      gh[0] = g.dr;
-      gh[H] = g.dz;
-      gh[2 * H] = g.dnr;
+      store_gate_grads(p, row, u, g);
       float* gs = Gs + b * KP + u;
       gs[0] = g.dr;
       gs[H] = g.dz;
       gs[2 * H] = g.dnr;
       Ds[u * B + b] = g.direct;
-      if (step + 1 < nsteps) in = load_a(step + 1, e);  // (in flight during phase B)
+      if (step + 1 < nsteps) in = load_bwd_in<T>(p, step + 1, b, u);  // (in flight during phase B)
     }
     __syncthreads();  // dgh[t] in Gs, dh = d z in Ds
     // phase B: dh[b][u] += dgh[t][b] . W_hh[:, u], warp-uniform passes (items past B H compute for nothing)
