@@ -183,8 +183,9 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
     16-byte-aligned layout, and the mma.sync kernel's values within rounding. The default is the warp-specialized
     kernel (TMA, mbarriers, setmaxnreg, ping-pong): variant "ws1" with a block per tile (the default at HD 128),
     "wsp" persistent (a grid of one block per SM, the default at HD 64; the 4096-row case has 256 tiles); "wsd"
-    persistent, causal calls taking tiles from the dynamic scheduler's counter (opt-in); "cp": the cp.async kernel. Each has the default kernel's bits, except at non-causal HD 128, where the default runs key
-    blocks of 176: "ws128" (blocks of 128 there too) and "cp" round differently there, close to the default."""
+    persistent, causal calls taking tiles from the dynamic scheduler's counter (opt-in); "cp": the cp.async kernel.
+    Each has the default kernel's bits, except at non-causal HD 128, where the default runs key blocks of 176:
+    "ws128" (blocks of 128 there too) and "cp" round differently there, close to the default."""
     if variant != "default":
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", variant)
 
