@@ -655,6 +655,17 @@ def _gru_params(isz, hsz, dtype, seed=0):
                  for s in ((3 * hsz, isz), (3 * hsz, hsz), (3 * hsz,), (3 * hsz,)))
 
 
+def _gru_seq_data(seed, seq, bsz, isz, hsz, dtype):
+    """A layer call's data in `dtype`: x, h0 (in [-1, 1)), dout, dh_last from one generator seeded `seed`, then
+    _gru_params(isz, hsz, dtype, seed=seq): (x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
+    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
+    dout = torch.randn(seq, bsz, hsz, generator=g).to(dtype)
+    dh_last = torch.randn(bsz, hsz, generator=g).to(dtype)
+    return (x, h0, dout, dh_last, *_gru_params(isz, hsz, dtype, seed=seq))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("seq,bsz,isz,hsz", [(1, 1, 3, 5), (3, 3, 33, 70), (5, 4, 16, 129), (2, 2, 8, 1024)])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -668,12 +679,7 @@ def test_gru_layer_vs_oracle(monkeypatch, dtype, seq, bsz, isz, hsz, reverse, pa
     if path == "steps":
         monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "0")
 
-    g = torch.Generator().manual_seed(seq * 131 + hsz)
-    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
-    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
-    dout = torch.randn(seq, bsz, hsz, generator=g).to(dtype)
-    dh_last = torch.randn(bsz, hsz, generator=g).to(dtype)
-    w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=seq)
+    x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 131 + hsz, seq, bsz, isz, hsz, dtype)
     ops = torch.ops.pyattn_emu
     out, h_last, ws = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
     grads = ops.gru_seq_bwd(dout, dh_last, x, h0, w_ih, w_hh, out, ws, True, True, reverse, True)
@@ -709,12 +715,7 @@ def test_gru_persistent_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, b
     monkeypatch.setenv("PYATTN_EMU_SMS", "2")  # at most 8 co-resident blocks (the emulator's occupancy model)
     if optin is not None:
         monkeypatch.setenv("PYATTN_EMU_SMEM_OPTIN", optin)
-    g = torch.Generator().manual_seed(seq * 31 + hsz)
-    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
-    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
-    dout = torch.randn(seq, bsz, hsz, generator=g).to(dtype)
-    dh_last = torch.randn(bsz, hsz, generator=g).to(dtype)
-    w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=seq)
+    x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 31 + hsz, seq, bsz, isz, hsz, dtype)
     ops, ref = torch.ops.pyattn_emu, get_backend("torch")
     args64 = [t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
 
@@ -792,12 +793,7 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
-    g = torch.Generator().manual_seed(seq * 7 + hsz)
-    x = torch.randn(seq, bsz, isz, generator=g).to(dtype)
-    h0 = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
-    dout = torch.randn(seq, bsz, hsz, generator=g).to(dtype)
-    dh_last = torch.randn(bsz, hsz, generator=g).to(dtype)
-    w_ih, w_hh, b_ih, b_hh = _gru_params(isz, hsz, dtype, seed=seq)
+    x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 7 + hsz, seq, bsz, isz, hsz, dtype)
     if not bias:
         b_ih = b_hh = None
     ops, ref = torch.ops.pyattn_emu, get_backend("torch")

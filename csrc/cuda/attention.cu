@@ -906,10 +906,17 @@ size_t attention_smem_bytes(int64_t D, int64_t Dv, bool backward) {
   }
 }
 
-cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream) {
-  if (attention_unsupported(p) != nullptr) return cudaErrorInvalidValue;
+namespace {
+attn::Derived derive_fwd(const AttnFwdParams& p) {
   attn::Derived d = attn::derive(p);
   d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
+  return d;
+}
+}  // namespace
+
+cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream) {
+  if (attention_unsupported(p) != nullptr) return cudaErrorInvalidValue;
+  const attn::Derived d = derive_fwd(p);
   cudaError_t err = cudaSuccess;
   if (attn::fwd_decode(p, d, stream, &err)) return err;
   if (attn::fwd_sm90(p, d, stream, &err)) return err;
@@ -918,18 +925,16 @@ cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   return p.causal ? attn::fwd_hd<attn::BF16, true>(p, d, stream) : attn::fwd_hd<attn::BF16, false>(p, d, stream);
 }
 
-int64_t attention_fwd_workspace_floats(const AttnFwdParams& p) {
-  if (attention_unsupported(p) != nullptr) return 0;
-  return attn::decode_plan(p, attn::derive(p)).workspace_floats;
-}
-
-bool attention_fwd_needs_tile_counter(const AttnFwdParams& p) {
-  if (attention_unsupported(p) != nullptr) return false;
-  attn::Derived d = attn::derive(p);
-  d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
-  if (attn::decode_plan(p, d).n_splits > 0) return false;  // (attention_fwd takes the decoding path first)
-  const attn::Sm90Plan pl = attn::sm90_plan(p, d);
-  return pl.take && pl.dynamic;
+AttnFwdWorkspace attention_fwd_workspace(const AttnFwdParams& p) {
+  AttnFwdWorkspace w;
+  if (attention_unsupported(p) != nullptr) return w;
+  const attn::Derived d = derive_fwd(p);
+  w.floats = attn::decode_plan(p, d).workspace_floats;  // (attention_fwd takes the decoding path first)
+  if (w.floats == 0) {
+    const attn::Sm90Plan pl = attn::sm90_plan(p, d);
+    w.tile_counter = pl.take && pl.dynamic;
+  }
+  return w;
 }
 
 int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) { return 3 * p.B * p.Hq * p.Lq; }

@@ -18,7 +18,7 @@
 //     out = sum_s w_s O_s / sum_s w_s, lse = ln 2 (max m + log2 sum_s w_s).
 // CUDA cores only (fp32 FMAs): per key a lane does R HD multiply-adds for the logits and the warp R HD for P V,
 // against 4 HD bytes of K and V; up to kMaxRows = 8 rows that stays below what the memory system delivers.
-// Workspace (the caller's, attention_fwd_workspace_floats): per (b, query head, query row, split) HD + 2 floats.
+// Workspace (the caller's, attention_fwd_workspace): per (b, query head, query row, split) HD + 2 floats.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -82,7 +82,7 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
 // dropout, 16-byte-aligned rows of q, k, v and out; PYATTN_CUDA_ATTN_SM90=0 in the environment turns it off), else
 // returns false and attention_fwd (attention.cu) launches its own mma.sync kernel.
 bool fwd_sm90(const AttnFwdParams& p, const Derived& d, cudaStream_t stream, cudaError_t* err);
-// What fwd_sm90 does with p (one decision for it and for attention_fwd_needs_tile_counter): take it or not, and how.
+// What fwd_sm90 does with p (one decision for it and for attention_fwd_workspace): take it or not, and how.
 struct Sm90Plan {
   bool take = false;        // the Hopper forward runs p
   bool cp = false;          // the cp.async kernel (else the warp-specialized one)

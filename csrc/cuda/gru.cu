@@ -945,6 +945,14 @@ template <typename T>
 struct RecBwdKernel {
   static constexpr void (*fn)(const RecBwdArgs) = gru_rec_bwd_kernel<T>;
 };
+template <typename T>
+struct OneFwdKernel {
+  static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T>;
+};
+template <typename T>
+struct OneBwdKernel {
+  static constexpr void (*fn)(const GRURecBwdParams) = gru_rec_bwd_one_kernel<T>;
+};
 
 // KernelOf's instance for the storage dtype
 template <template <typename> class KernelOf>
@@ -1003,15 +1011,42 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
   return plan;
 }
 
+// Whether the one-block kernels may take a call of T steps and B H items (at most max_items): T >= 2 steps to spread
+// the W_hh load over, PYATTN_CUDA_GRU_BLOCKS unset (a forced grid) and PYATTN_CUDA_GRU_ONE_BLOCK not 0.
+bool one_block_allowed(int64_t T, int64_t items, int64_t max_items) {
+  const char* off = std::getenv("PYATTN_CUDA_GRU_ONE_BLOCK");
+  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr || (off != nullptr && std::strcmp(off, "0") == 0)) return false;
+  return T >= 2 && items <= max_items;
+}
+
+// The one-block plan of KernelOf when its shared memory fits (220 KB or the device's opt-in limit), else blocks 0.
+template <template <typename> class KernelOf>
+GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64_t H, int64_t B) {
+  GRURecPlan plan;
+  const size_t cap = smem_per_block < kRecSmemCap ? smem_per_block : kRecSmemCap;
+  if (smem > cap) return plan;
+  if (fit_kernel(rec_kernel<KernelOf>(dtype), smem, kOneThreads) != cudaSuccess) {
+    (void)cudaGetLastError();  // (cleared: the grid's plan next)
+    return plan;
+  }
+  plan.blocks = 1;
+  plan.units = int(H);
+  plan.batch_rows = int(B);
+  plan.smem = smem;
+  plan.one_block = true;
+  return plan;
+}
+
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
 // KernelOf's instance for the dtype over the plan's blocks: a cooperative launch when they meet at a grid barrier
-// (it needs them co-resident), else a plain one (a cell step, a one-block grid: the cheaper launch on the host).
+// (it needs them co-resident), else a plain one (a cell step, a one-block grid, the one-block kernels: the cheaper
+// launch on the host).
 template <template <typename> class KernelOf, class Args>
 cudaError_t rec_launch(DType dtype, const Args& a, const GRURecPlan& plan, cudaStream_t stream) {
   const auto kernel = rec_kernel<KernelOf>(dtype);
   if (!plan.needs_sync) {
-    kernel<<<unsigned(plan.blocks), kRecThreads, plan.smem, stream>>>(a);
+    kernel<<<unsigned(plan.blocks), plan.one_block ? kOneThreads : kRecThreads, plan.smem, stream>>>(a);
     return cudaGetLastError();
   }
   void* args[] = {const_cast<Args*>(&a)};
@@ -1056,45 +1091,6 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 }
 
 
-namespace {
-
-template <typename T>
-struct OneFwdKernel {
-  static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T>;
-};
-template <typename T>
-struct OneBwdKernel {
-  static constexpr void (*fn)(const GRURecBwdParams) = gru_rec_bwd_one_kernel<T>;
-};
-
-// Whether the one-block kernels may take a call of T steps and B H items (at most max_items): T >= 2 steps to spread
-// the W_hh load over, PYATTN_CUDA_GRU_BLOCKS unset (a forced grid) and PYATTN_CUDA_GRU_ONE_BLOCK not 0.
-bool one_block_allowed(int64_t T, int64_t items, int64_t max_items) {
-  const char* off = std::getenv("PYATTN_CUDA_GRU_ONE_BLOCK");
-  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr || (off != nullptr && std::strcmp(off, "0") == 0)) return false;
-  return T >= 2 && items <= max_items;
-}
-
-// The one-block plan of KernelOf when its shared memory fits (220 KB or the device's opt-in limit), else blocks 0.
-template <template <typename> class KernelOf>
-GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64_t H, int64_t B) {
-  GRURecPlan plan;
-  const size_t cap = smem_per_block < kRecSmemCap ? smem_per_block : kRecSmemCap;
-  if (smem > cap) return plan;
-  if (fit_kernel(rec_kernel<KernelOf>(dtype), smem, kOneThreads) != cudaSuccess) {
-    (void)cudaGetLastError();  // (cleared: the grid's plan next)
-    return plan;
-  }
-  plan.blocks = 1;
-  plan.units = int(H);
-  plan.batch_rows = int(B);
-  plan.smem = smem;
-  plan.one_block = true;
-  return plan;
-}
-
-}  // namespace
-
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   if (p.T < 1) return GRURecPlan();
   const int64_t hp = round4(p.H);
@@ -1112,11 +1108,7 @@ GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
 
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
-  if (plan.one_block) {
-    const auto kernel = rec_kernel<OneFwdKernel>(p.dtype);
-    kernel<<<1, kOneThreads, plan.smem, stream>>>(p);
-    return cudaGetLastError();
-  }
+  if (plan.one_block) return rec_launch<OneFwdKernel>(p.dtype, p, plan, stream);
   return rec_launch<RecFwdKernel>(p.dtype, RecFwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(p.H)}}, plan,
                                   stream);
 }
@@ -1134,11 +1126,7 @@ GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
 
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
-  if (plan.one_block) {
-    const auto kernel = rec_kernel<OneBwdKernel>(p.dtype);
-    kernel<<<1, kOneThreads, plan.smem, stream>>>(p);
-    return cudaGetLastError();
-  }
+  if (plan.one_block) return rec_launch<OneBwdKernel>(p.dtype, p, plan, stream);
   return rec_launch<RecBwdKernel>(p.dtype, RecBwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}},
                                   plan, stream);
 }

@@ -63,14 +63,14 @@ std::tuple<Tensor, Tensor> attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
   Tensor out, lse;
   if (!attn_checks::alloc_fwd_outputs(p, q, s, out, lse)) return {out, lse};
   check_launchable(op, p);
-  Tensor ws;  // (the decoding path's per-split results; kept alive by the caching allocator for the stream)
-  const int64_t ws_floats = cuda::attention_fwd_workspace_floats(p);
-  if (ws_floats > 0) {
-    ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
+  // (both kept alive by the caching allocator for the stream)
+  Tensor ws, counter;
+  const cuda::AttnFwdWorkspace need = cuda::attention_fwd_workspace(p);
+  if (need.floats > 0) {  // the decoding path's per-split results
+    ws = at::empty({need.floats}, q.options().dtype(at::kFloat));
     p.workspace = ws.data_ptr<float>();
   }
-  Tensor counter;  // (the Hopper forward's dynamic tile scheduler)
-  if (cuda::attention_fwd_needs_tile_counter(p)) {
+  if (need.tile_counter) {  // the Hopper forward's dynamic tile scheduler
     counter = at::zeros({1}, q.options().dtype(at::kInt));
     p.tile_counter = reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>());
   }

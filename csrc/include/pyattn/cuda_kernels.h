@@ -66,13 +66,16 @@ const char* attention_unsupported(const AttnCommon& p);
 // Dynamic shared memory (bytes) per block that the forward (backward = false) or the backward's largest kernel needs
 // for head dims (D, Dv); 0 when unsupported. The bindings compare it with the device's opt-in limit.
 size_t attention_smem_bytes(int64_t D, int64_t Dv, bool backward);
-// Writes p.out and p.lse. Deterministic. p.workspace: attention_fwd_workspace_floats(p) floats of device memory when
-// that is > 0 (the decoding path's per-split results; p.num_sms and the q / k / v pointers and strides must be set).
-// p.tile_counter: one unsigned int of device memory, zero at launch, when attention_fwd_needs_tile_counter(p) (the
-// Hopper forward's dynamic tile scheduler; p.arch and the q / k / v / out pointers and strides must be set).
+// Writes p.out and p.lse. Deterministic. What it needs from the caller besides the tensors, attention_fwd_workspace(p)
+// (p.arch, p.num_sms and the q / k / v / out pointers and strides must be set): p.workspace, `floats` floats of
+// device memory when that is > 0 (the decoding path's per-split results), and p.tile_counter, one unsigned int of
+// device memory, zero at launch, when `tile_counter` (the Hopper forward's dynamic tile scheduler).
+struct AttnFwdWorkspace {
+  int64_t floats = 0;
+  bool tile_counter = false;
+};
 cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream);
-int64_t attention_fwd_workspace_floats(const AttnFwdParams& p);
-bool attention_fwd_needs_tile_counter(const AttnFwdParams& p);
+AttnFwdWorkspace attention_fwd_workspace(const AttnFwdParams& p);
 // Writes p.dq, p.dk, p.dv (GQA: dk/dv summed over the group in a fixed order, no atomics; deterministic).
 // workspace: attention_bwd_workspace_floats(p) floats of device memory (fp32 row statistics).
 cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream);

@@ -118,8 +118,8 @@ struct AttnFwdParams : AttnCommon {
   void* out = nullptr;  // (B, Hq, Lq, Dv) dtype
   int64_t out_stride[3] = {0, 0, 0};
   float* lse = nullptr;  // (B, Hq, Lq) fp32 contiguous
-  float* workspace = nullptr;  // CUDA: attention_fwd_workspace_floats(p) fp32 (decoding's per-split results), or null
-  unsigned* tile_counter = nullptr;  // CUDA: a zeroed counter when attention_fwd_needs_tile_counter(p), or null
+  float* workspace = nullptr;  // CUDA: attention_fwd_workspace(p).floats fp32 (decoding's per-split results), or null
+  unsigned* tile_counter = nullptr;  // CUDA: a zeroed counter when attention_fwd_workspace(p).tile_counter, or null
 };
 
 struct AttnBwdParams : AttnCommon {
