@@ -2,7 +2,8 @@
 # The GPU checks that fit one short lease (this workplace lends a GPU for ~15 minutes of device time, start-up
 # included): one command, under a wall-clock budget, that
 #   1. builds pyattn with its CUDA extension for this GPU's arch only (sm_90a on Hopper, sm_80 otherwise), then
-#      times the CUDA attention forward's kernels against each other and torch (scripts/attn_fwd_variants.py) and
+#      times the CUDA attention forward's and backward's kernels against each other and torch
+#      (scripts/attn_fwd_variants.py, scripts/attn_bwd_variants.py) and
 #      the CUDA GRU forward's grids against cuDNN (scripts/gru_fwd_grids.py),
 #   2. runs the `gpu` tests (pytest-xdist workers) and, at the same time, compute-sanitizer memcheck and racecheck
 #      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU) and the
@@ -22,8 +23,9 @@
 #   PYATTN_LEASE_CPU_TESTS   0: skip the CPU tests (default 1: run them beside the gpu tests)
 #   PYATTN_LEASE_PYTEST_K    a pytest -k expression for the gpu tests (default: all of them)
 #   PYATTN_LEASE_GRU_GRIDS   0: skip scripts/gru_fwd_grids.py (default 1)
+#   PYATTN_LEASE_ATTN_BWD    0: skip scripts/attn_bwd_variants.py (default 1)
 # Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
-# gpu-gru-grids.{log,json},
+# gpu-attn-bwd-variants.{log,json}, gpu-gru-grids.{log,json},
 # gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and
 # <out>/summary.txt.
 # Exit status: 0 when every step that ran passed and the attention forward variants were timed, 1 otherwise.
@@ -82,6 +84,12 @@ step info 60 180 "$RES/info.txt" "$PY" -m pyattn info
 rm -f "$RES/gpu-attn-variants.json"
 step attn-variants 120 160 "$RES/gpu-attn-variants.log" "$PY" scripts/attn_fwd_variants.py \
   --json "$RES/gpu-attn-variants.json"
+# ... and the backward's (the Hopper wgmma kernels against the mma.sync ones, Triton and torch)
+if [ "${PYATTN_LEASE_ATTN_BWD:-1}" != 0 ]; then
+  rm -f "$RES/gpu-attn-bwd-variants.json"
+  step attn-bwd-variants 90 150 "$RES/gpu-attn-bwd-variants.log" "$PY" scripts/attn_bwd_variants.py \
+    --json "$RES/gpu-attn-bwd-variants.json"
+fi
 # The GRU forward's grids (the persistent kernel's PYATTN_CUDA_GRU_BLOCKS) against cuDNN, for gru_rec_fwd_plan
 if [ "${PYATTN_LEASE_GRU_GRIDS:-1}" != 0 ]; then
   step gru-grids 90 150 "$RES/gpu-gru-grids.log" "$PY" scripts/gru_fwd_grids.py --json "$RES/gpu-gru-grids.json"
@@ -125,6 +133,7 @@ for op in ${PYATTN_LEASE_BENCH:-attention layernorm gru decode}; do
 done
 
 echo "--- attention forward variants"; cat "$RES/gpu-attn-variants.log"
+[ -f "$RES/gpu-attn-bwd-variants.log" ] && { echo "--- attention backward variants"; cat "$RES/gpu-attn-bwd-variants.log"; }
 [ -f "$RES/gpu-gru-grids.log" ] && { echo "--- gru forward grids"; cat "$RES/gpu-gru-grids.log"; }
 echo "--- tests"; tail -n 40 "$RES/gpu-tests.log"
 [ -n "$p_cpu" ] && { echo "--- cpu tests"; tail -n 15 "$RES/cpu-tests.log"; }

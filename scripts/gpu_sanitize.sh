@@ -144,7 +144,8 @@ def attention(case):
         for shape in ((1, 3000, 128, False, 1), (3, 700, 64, True, 2)):
             case(f"{dtype} decode (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         # the cp.async Hopper forward (the default one there is the warp-specialized kernel; off Hopper the mma.sync
-        # kernel runs)
+        # kernel runs); the backwards of these and of the head dim 64 / 128 cases above are the Hopper backward's
+        # (attention_sm90_bwd.cu: several key and query blocks, tails, GQA)
         os.environ["PYATTN_CUDA_ATTN_SM90"] = "cp"
         for shape in ((65, 130, 128, False, 1), (130, 65, 128, True, 2), (300, 300, 128, True, 2), (300, 200, 64, True, 1)):
             case(f"{dtype} cp (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))

@@ -216,8 +216,10 @@ def test_attention_thread_orders_give_the_same_bits(order, monkeypatch):
 def test_attention_layouts_bit_identical(d, dv, monkeypatch):
     """Same values in every layout give the same bits: 16-byte rows (cp.async) and unaligned rows (NaN-padded
     buffers, strided last dims copied by the binding) alike, and nothing past a row's end is read. (The mma.sync
-    kernels: the Hopper forward takes 16-byte-aligned rows only; test_attention_sm90_forward covers it.)"""
+    kernels: the Hopper forward and backward take 16-byte-aligned rows only; test_attention_sm90_forward and
+    test_attention_sm90_backward cover them.)"""
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
 
     def run(layout):
         q, k, v = make_qkv(2, 4, 40, 50, d, dv=dv, hkv=2, dtype=torch.bfloat16, layout=layout, seed=15)
@@ -323,8 +325,9 @@ def test_attention_dropout_forward_backward_vs_keep_mask(lq, lk, d, causal, bott
 def test_attention_ldmatrix_is_bank_conflict_free(d, dv, monkeypatch):
     """Every ldmatrix phase of the forward and backward kernels (8 row addresses) hits 8 different 16-byte bank
     groups: one shared-memory wavefront each (the kPad = 8 row padding of attention_utils.cuh; with kPad = 0 the
-    forward takes 8 wavefronts per phase). (The mma.sync forward: the Hopper one has no ldmatrix.)"""
+    forward takes 8 wavefronts per phase). (The mma.sync kernels: the Hopper ones have no ldmatrix.)"""
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
     ops = torch.ops.pyattn_emu
     q, k, v = make_qkv(1, 2, 70, 90, d, dv=dv, dtype=torch.float16, seed=1)
     for run in ("fwd", "bwd"):
@@ -342,10 +345,11 @@ def test_attention_ldmatrix_is_bank_conflict_free(d, dv, monkeypatch):
 def test_attention_smem_table_of_the_backend_matches_the_kernels(d, monkeypatch):
     """pyattn/backends/cuda.py refuses head dims whose kernels need more shared memory than the device allows from
     its _ATTN_SMEM table: that table must be what the launches really ask for (forward, largest backward kernel).
-    (The mma.sync kernels, which every device >= 8.0 runs; the Hopper forward runs only where 227 KB are allowed.)"""
+    (The mma.sync kernels, which every device >= 8.0 runs; the Hopper kernels run only where 227 KB are allowed.)"""
     from pyattn.backends.cuda import _ATTN_SMEM
 
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
 
     ops = torch.ops.pyattn_emu
     q, k, v = make_qkv(1, 1, 20, 20, d, dtype=torch.bfloat16, seed=2)
@@ -456,6 +460,87 @@ def test_attention_sm90_forward_leaves_the_rest_to_mma_sync():
     for name, call in calls.items():
         ops.emu_reset_counters()
         call()
+        assert ops.emu_counters()[2] >= 1 and ops.emu_counters()[5] == 0, name
+
+
+# (lq, lk, d, causal, bottom_right, hq, hkv): the Hopper backward's head dims; key blocks of 128 and query blocks of
+# 64 / 128 cut by the tails and the causal diagonal in both alignments; GQA groups (dK / dV summed over the group);
+# query rows that see no key (dQ 0) and key blocks that no query sees (dK, dV 0).
+SM90_BWD_CASES = [
+    (300, 260, 64, False, False, 4, 2),
+    (300, 260, 128, True, False, 2, 1),
+    (130, 300, 128, True, True, 2, 2),
+    (300, 17, 64, True, True, 2, 1),
+    (17, 300, 128, True, False, 4, 2),
+    (1, 129, 128, False, False, 2, 2),
+]
+
+
+def _sm90_bwd(q, k, v, causal, bottom_right, seed):
+    """Forward, then backward with a fixed dout -> (out, lse, dout, grads, wgmma count of the backward)."""
+    ops = torch.ops.pyattn_emu
+    out, lse = _fwd(q, k, v, causal=causal, bottom_right=bottom_right)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+    ops.emu_reset_counters()
+    grads = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
+    return out, lse, dout, grads, ops.emu_counters()[5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SM90_BWD_CASES, ids=str)
+def test_attention_sm90_backward(dtype, case, monkeypatch):
+    """The Hopper backward (csrc/cuda/attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels) runs where it should
+    (it issues wgmma), matches the float64 oracle with TESTING.md's 3x rule, gives the same bits in every
+    16-byte-aligned layout, and values close to the mma.sync backward's (PYATTN_CUDA_ATTN_SM90_BWD=0)."""
+    lq, lk, d, causal, bottom_right, hq, hkv = case
+    q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + lk + d)
+    out, lse, dout, grads, wgmma = _sm90_bwd(q, k, v, causal, bottom_right, seed=d)
+    assert wgmma > 0
+    _, _, ref_grads = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
+    _, low_grads = attention_low(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
+    for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
+        assert_attention_close(g, r, lo, 3, name=f"d{name}")
+    for layout in ("blhd", "packed"):
+        q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + lk + d)
+        for a, b in zip(_bwd(dout, q2, k2, v2, out, lse, causal=causal, bottom_right=bottom_right), grads):
+            assert torch.equal(a, b), layout
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
+    torch.ops.pyattn_emu.emu_reset_counters()
+    mma = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
+    assert torch.ops.pyattn_emu.emu_counters()[5] == 0
+    for name, a, b in zip("qkv", grads, mma):
+        tol = 2e-2 * float(b.float().abs().max()) + 1e-3
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
+
+
+def test_attention_sm90_backward_thread_orders_give_the_same_bits(order):
+    """Every schedule of threads and cp.async completion gives the bits of the default one: the double buffers of
+    both kernels are refilled only after every warpgroup is done with them."""
+    q, k, v = make_qkv(1, 4, 130, 200, 64, hkv=2, dtype=torch.bfloat16, seed=9)
+    *_, grads, wgmma = _sm90_bwd(q, k, v, True, False, seed=9)
+    assert wgmma > 0
+    os.environ["PYATTN_EMU_ORDER"], os.environ["PYATTN_EMU_CP_ASYNC"] = "forward", "late"  # (restored by `order`)
+    *_, base, _ = _sm90_bwd(q, k, v, True, False, seed=9)
+    for a, b in zip(grads, base):
+        assert torch.equal(a, b), order
+
+
+def test_attention_sm90_backward_leaves_the_rest_to_mma_sync():
+    """A mask, dropout, another head dim or D != Dv, and unaligned rows take the mma.sync backward (no wgmma)."""
+    ops = torch.ops.pyattn_emu
+    q, k, v = make_qkv(1, 2, 40, 50, 64, dtype=torch.bfloat16, seed=3)
+    mask = torch.ones(1, 1, 40, 50, dtype=torch.bool).tril()
+    cases = {
+        "mask": ((q, k, v), dict(mask=mask)),
+        "dropout": ((q, k, v), dict(p=0.25, seed=1)),
+        "head dim 96": (make_qkv(1, 2, 40, 50, 96, dtype=torch.bfloat16, seed=3), {}),
+        "D != Dv": (make_qkv(1, 2, 40, 50, 64, dv=128, dtype=torch.bfloat16, seed=3), {}),
+        "unaligned": (make_qkv(1, 2, 40, 50, 64, dtype=torch.bfloat16, layout="nan_padded", seed=3), {}),
+    }
+    for name, (qkv, kw) in cases.items():
+        out, lse = _fwd(*qkv, **kw)
+        ops.emu_reset_counters()
+        _bwd(torch.ones_like(out), *qkv, out, lse, **kw)
         assert ops.emu_counters()[2] >= 1 and ops.emu_counters()[5] == 0, name
 
 

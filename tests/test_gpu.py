@@ -60,7 +60,7 @@ def test_attention(backend, dtype, lq, lk, d, causal, bottom_right, hkv):
 import math  # noqa: E402
 
 from pyattn.backends.torch import causal_keep  # noqa: E402
-from pyattn.ops.attention import _attention_fwd  # noqa: E402
+from pyattn.ops.attention import _attention_bwd, _attention_fwd  # noqa: E402
 from pyattn.testing import attention_dropout_ref, attention_low, key_padding_mask, make_qkv  # noqa: E402
 from pyattn.testing import check_exact_rows, nan_padded_rows, norm_ref, put_huge_mask_rows  # noqa: E402
 
@@ -146,8 +146,10 @@ def test_attention_nan_in_one_query_row_stays_in_that_row(backend):
 def test_attention_cuda_layouts_bit_identical(d, dv, monkeypatch):
     """Same values in every layout -> the same bits: 16-byte rows (cp.async) and unaligned rows (NaN-padded
     buffers, odd head dims: the 2-byte path) give identical results, and nothing past a row's end is read. (The
-    mma.sync kernels; the Hopper forward takes aligned rows only: test_attention_cuda_sm90_forward.)"""
+    mma.sync kernels; the Hopper forward and backward take aligned rows only: test_attention_cuda_sm90_forward and
+    test_attention_cuda_sm90_backward.)"""
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
 
     def run(layout):
         q, k, v = make_qkv(2, 4, 70, 70, d, dv=dv, hkv=2, dtype=torch.bfloat16, device=DEV, layout=layout,
@@ -214,6 +216,42 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "0")
     out_mma = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, d ** -0.5, None, False, "cuda")[0]
     torch.testing.assert_close(out.float(), out_mma.float(), atol=2e-2, rtol=0)
+
+
+@_needs_cuda_attention
+@pytest.mark.skipif(not _is_sm90(), reason="the wgmma backward (csrc/cuda/attention_sm90_bwd.cu) runs on compute "
+                                           "capability 9.0 only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
+    (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
+    (2048, 2048, 128, True, False, 4), (300, 17, 128, True, True, 4), (17, 300, 64, True, False, 2)])
+def test_attention_cuda_sm90_backward(dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
+    """The Hopper backward (wgmma dK / dV and dQ kernels) against the float64 oracle (3x rule), dQ 0 for rows that
+    see no key, deterministic, the same bits in every 16-byte-aligned layout, and the mma.sync backward's values
+    (PYATTN_CUDA_ATTN_SM90_BWD=0) within rounding."""
+    scale = d ** -0.5
+
+    def run(layout):
+        q, k, v = make_qkv(2, 4, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lq + lk + d)
+        out, lse, rng = _attention_fwd(q, k, v, None, 0.0, causal, bottom_right, scale, None, True, "cuda")
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(d)).to(dtype).to(DEV)
+        grads = _attention_bwd(dout, q, k, v, out, lse, None, 0.0, causal, bottom_right, scale, rng, "cuda")
+        return q, k, v, dout, grads
+
+    q, k, v, dout, grads = run("contiguous")
+    _, _, ref_grads = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
+    _, low_grads = attention_low(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
+    for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
+        assert_attention_close(g, r, lo, 3, name=f"d{name}")
+    if causal and bottom_right and lq > lk:  # rows that see no key
+        assert bool((grads[0][:, :, :lq - lk] == 0).all())
+    for layout in ("contiguous", "blhd", "packed"):
+        for a, b in zip(run(layout)[4], grads):
+            assert torch.equal(a, b), layout
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
+    for name, a, b in zip("qkv", grads, run("contiguous")[4]):
+        tol = 2e-2 * float(b.float().abs().max()) + 1e-3
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
 @_needs_cuda_attention

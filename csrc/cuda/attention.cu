@@ -838,6 +838,7 @@ cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cu
   attn_bwd_pre_kernel<E><<<unsigned(ceil_div(rows, 8)), 256, 0, stream>>>(p, d, lse2, l2, delta);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (bwd_sm90(p, d, lse2, l2, delta, stream, &err)) return err;
 
   auto dkdv = attn_bwd_dkdv_kernel<E, HD, T::DC, T::DKDV_BMQ, T::NW, CAUSAL>;  // (no FULL: its loops would spill)
   if ((err = fit_kernel(dkdv, T::dkdv_smem)) != cudaSuccess) return err;

@@ -48,51 +48,15 @@ struct Cfg {
   static constexpr int kMinBlocks = NWG == 1 ? 2 : 1;  // blocks per SM the registers are sized for
 };
 
-// Global rows [0, nrows) of HD elements (row stride `stride` elements, 16-byte aligned) -> the swizzled tile of ROWS
-// rows at s (1024-byte aligned): sub-tile c / 8 holds the 16-byte chunk c of row r at r * 128 + 16 ((c % 8) ^ (r % 8)).
-// Rows >= nrows become zeros. Consecutive threads copy consecutive chunks of a row (coalesced; conflict-free stores).
-template <int ROWS, int HD, int NT>
-__device__ __forceinline__ void load_tile_sw128(unsigned char* s, const uint16_t* g, int64_t stride, int nrows,
-                                                int tid) {
-  constexpr int CPR = HD / 8, N = ROWS * CPR;
-  static_assert(N % NT == 0, "whole passes");
-#pragma unroll
-  for (int k = 0; k < N / NT; ++k) {
-    const int c = tid + k * NT, r = c / CPR, ch = c % CPR;
-    unsigned char* dst = s + (ch / 8) * (ROWS * 128) + swizzle128(uint32_t(r * 128 + (ch % 8) * 16));
-    if (r < nrows)
-      cp_async16(dst, g + r * stride + ch * 8);
-    else
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-  }
-}
-
 // The per-key-block steps of one warpgroup (64 query rows; this thread: rows r0, r0 + 8).
 template <class E, int HD, int BN, int BM>
 struct Steps {
-  // issue S = Q K^T (async): k-step kk reads columns 16 kk.. of Q and K: sub-tile kk / 4, 32 (kk % 4) bytes in
+  // issue S = Q K^T (async) / O += P V (async; V read N-major)
   static __device__ __forceinline__ void issue_qk(float (&s)[BN / 2], uint32_t q_addr, uint32_t k_addr) {
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      const uint32_t col = (kk % 4) * 32;
-      wgmma_ss<E, BN>(s, make_desc(q_addr + (kk / 4) * (BM * 128) + col, 16, 1024),
-                      make_desc(k_addr + (kk / 4) * (BN * 128) + col, 16, 1024), kk > 0);
-    }
-    wgmma_commit();
+    issue_abt<E, BN, HD, BM, BN>(s, q_addr, k_addr);
   }
-  // issue O += P V (async): k-step k reads keys 16 k.. of V: 16 rows of 128 bytes into each sub-tile
   static __device__ __forceinline__ void issue_pv(float (&o)[HD / 2], uint32_t (&pa)[BN / 16][4], uint32_t v_addr) {
-#pragma unroll
-    for (int k = 0; k < BN / 16; ++k) fence_operands(pa[k]);
-    fence_operands(o);
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < BN / 16; ++k)
-      wgmma_rs_nmajor<E, HD>(o, pa[k], make_desc(v_addr + k * 16 * 128, BN * 128, 1024));
-    wgmma_commit();
+    issue_ab<E, HD, BN>(o, pa, v_addr);
   }
   // S (landed) -> masked where the causal diagonal or the key tail cuts the block (check), then the online softmax
   // in base 2 with the scale folded into one FFMA per element (FA3's): m_run (raw logits, the scale is > 0: fwd_sm90)
@@ -178,13 +142,7 @@ struct Steps {
   }
   // P: n-tiles 2k, 2k + 1 of S are the A registers of k-step k
   static __device__ __forceinline__ void pack(uint32_t (&pa)[BN / 16][4], const float (&s)[BN / 2]) {
-#pragma unroll
-    for (int k = 0; k < BN / 16; ++k) {
-      pa[k][0] = E::pack(s[8 * k], s[8 * k + 1]);
-      pa[k][1] = E::pack(s[8 * k + 2], s[8 * k + 3]);
-      pa[k][2] = E::pack(s[8 * k + 4], s[8 * k + 5]);
-      pa[k][3] = E::pack(s[8 * k + 6], s[8 * k + 7]);
-    }
+    pack_a<E, BN>(pa, s);
   }
 };
 

@@ -1,6 +1,7 @@
-// Hopper warpgroup MMA (wgmma, sm_90a) for the attention forward of attention_sm90.cu: the instruction wrappers, the
-// shared-memory matrix descriptors they read, and the fences around them. Torch-free. Each PTX wrapper has a
-// PYATTN_CUDA_EMU branch (csrc/emu/cuda_emu.h: the CPU emulator computes the same product from the same descriptors).
+// Hopper warpgroup MMA (wgmma, sm_90a) for the attention kernels of attention_sm90.cu and attention_sm90_bwd.cu: the
+// instruction wrappers, the shared-memory matrix descriptors they read, the fences around them, and the tile loads and
+// GEMMs built from them. Torch-free. Each PTX wrapper has a PYATTN_CUDA_EMU branch (csrc/emu/cuda_emu.h: the CPU
+// emulator computes the same product from the same descriptors).
 //
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: the 4 warps of a warpgroup (128 threads) compute
 // D (64 x N, fp32) (+)= A (64 x 16) B (16 x N). Warp w (= warp index % 4) owns rows 16w..16w+15 of D and A, laid out
@@ -139,6 +140,8 @@ __device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_
   }
 PYATTN_WGMMA_SS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
 PYATTN_WGMMA_SS(BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
+PYATTN_WGMMA_SS(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
+PYATTN_WGMMA_SS(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
 PYATTN_WGMMA_SS(F16, 176, "f16", PYATTN_WGMMA_DREGS88, PYATTN_WGMMA_DOPS88, "%88", "%89", "%90")
 PYATTN_WGMMA_SS(BF16, 176, "bf16", PYATTN_WGMMA_DREGS88, PYATTN_WGMMA_DOPS88, "%88", "%89", "%90")
 PYATTN_WGMMA_RS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66", "%67", "%68", "%69")
@@ -148,6 +151,71 @@ PYATTN_WGMMA_RS(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%3
 #undef PYATTN_WGMMA_SS
 #undef PYATTN_WGMMA_RS
 #endif
+
+// ---- the GEMMs of the attention kernels, built from the instructions above ----
+// Shared-memory tiles: ROWS rows of HD 16-bit columns as HD / 64 swizzled 64-column sub-tiles of ROWS * 128 bytes.
+
+// Global rows [0, nrows) of HD elements (row stride `stride` elements, 16-byte aligned) -> the swizzled tile of ROWS
+// rows at s (1024-byte aligned): sub-tile c / 8 holds the 16-byte chunk c of row r at r * 128 + 16 ((c % 8) ^ (r % 8)).
+// Rows >= nrows become zeros. Consecutive threads copy consecutive chunks of a row (coalesced; conflict-free stores).
+template <int ROWS, int HD, int NT>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* s, const uint16_t* g, int64_t stride, int nrows,
+                                                int tid) {
+  constexpr int CPR = HD / 8, N = ROWS * CPR;
+  static_assert(N % NT == 0, "whole passes");
+#pragma unroll
+  for (int k = 0; k < N / NT; ++k) {
+    const int c = tid + k * NT, r = c / CPR, ch = c % CPR;
+    unsigned char* dst = s + (ch / 8) * (ROWS * 128) + swizzle128(uint32_t(r * 128 + (ch % 8) * 16));
+    if (r < nrows)
+      cp_async16(dst, g + r * stride + ch * 8);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Issues acc (64 x N, fp32) = A B^T over HD columns (async; one commit group): A = the 64 rows at a_addr of a tile of
+// A_ROWS rows, B = the N rows at b_addr of a tile of B_ROWS rows (both K-major). k-step kk reads columns 16 kk.. of
+// both: sub-tile kk / 4, 32 (kk % 4) bytes in.
+template <class E, int N, int HD, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void issue_abt(float (&acc)[N / 2], uint32_t a_addr, uint32_t b_addr) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t col = (kk % 4) * 32;
+    wgmma_ss<E, N>(acc, make_desc(a_addr + (kk / 4) * (A_ROWS * 128) + col, 16, 1024),
+                   make_desc(b_addr + (kk / 4) * (B_ROWS * 128) + col, 16, 1024), kk > 0);
+  }
+  wgmma_commit();
+}
+
+// Issues acc (64 x HD, fp32) += A B (async; one commit group): A (64 x K) from registers (a[k]: k-step k, as pack_a
+// gives), B = the tile of K rows at b_addr read N-major (row k, column n): k-step k reads rows 16 k.. of each
+// sub-tile (16 rows of 128 bytes in), the sub-tiles K * 128 bytes apart.
+template <class E, int HD, int K>
+__device__ __forceinline__ void issue_ab(float (&acc)[HD / 2], uint32_t (&a)[K / 16][4], uint32_t b_addr) {
+#pragma unroll
+  for (int k = 0; k < K / 16; ++k) fence_operands(a[k]);
+  fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < K / 16; ++k) wgmma_rs_nmajor<E, HD>(acc, a[k], make_desc(b_addr + k * 16 * 128, K * 128, 1024));
+  wgmma_commit();
+}
+
+// An fp32 result (64 x N) packed to 16 bits as the A registers of a 64 x N left operand: n-tiles 2k, 2k + 1 are k-step k.
+template <class E, int N>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[N / 16][4], const float (&x)[N / 2]) {
+#pragma unroll
+  for (int k = 0; k < N / 16; ++k) {
+    a[k][0] = E::pack(x[8 * k], x[8 * k + 1]);
+    a[k][1] = E::pack(x[8 * k + 2], x[8 * k + 3]);
+    a[k][2] = E::pack(x[8 * k + 4], x[8 * k + 5]);
+    a[k][3] = E::pack(x[8 * k + 6], x[8 * k + 7]);
+  }
+}
 
 }  // namespace sm90
 }  // namespace attn
