@@ -108,7 +108,7 @@ def _extensions():
         "cuda_archs": archs or None,
         "cpu_march": march,
         "with_cuda": with_cuda,
-        "sm90a_attention": bool(with_cuda and _sm90a_flags(archs)),  # the Hopper attention forward is built in
+        "sm90a_attention": bool(with_cuda and _sm90a_flags(archs)),  # the Hopper attention kernels are built in
         "sources": cpu_sources + (cuda_sources if with_cuda else []),
     }
     _write_build_info(info)

@@ -32,7 +32,7 @@ def _info(args) -> int:
     else:
         print(f"extension pyattn._C: built with torch {bi.get('torch')}, CUDA {bi.get('cuda') or 'no'}"
               f", archs {bi.get('cuda_archs') or '-'}"
-              f"{' (Hopper attention forward: sm_90a)' if bi.get('sm90a_attention') else ''}"
+              f"{' (Hopper attention forward and backward: sm_90a)' if bi.get('sm90a_attention') else ''}"
               f", cpu -march={bi.get('cpu_march')}")
     print("\nbackends:")
     for name, ok, reason in pyattn.backends():

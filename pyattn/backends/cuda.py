@@ -44,7 +44,8 @@ def hopper_forward_is_fastest(inputs) -> bool:
     was measured faster than Triton's kernel (H200, benchmarks/results/nvidia-h200/NOTES.md, third session, run D:
     1.55x / 1.46x torch's flash backend non-causal / causal at L = 4096 vs Triton's 1.16x / 1.19x; at L = 1024
     1.46x / 1.28x vs 1.11x / 1.15x). The registry then takes the cuda backend first (CudaBackend.preferred_for). Not
-    with a gradient (selection is per call: the CUDA backward is 0.38x flash, Triton's 0.79x), not at head dim 64
+    with a gradient (selection is per call: the CUDA mma.sync backward measured 0.38x flash, Triton's 0.79x; the
+    Hopper wgmma backward, csrc/cuda/attention_sm90_bwd.cu, has not been timed yet), not at head dim 64
     (Triton as fast or faster there), not for queries shorter than one 128-row tile (decode steps), and only where
     the build has the sm_90a kernel and the device is compute capability 9.0 (fwd_sm90's conditions; rows not
     16-byte aligned, which the signature cannot see, still run correctly on the mma.sync kernel)."""
