@@ -20,22 +20,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attn_fwd_variants  # noqa: E402
 from attn_fwd_variants import sdpa  # noqa: E402
 from benchmarks.harness import attention_flops, measure  # noqa: E402
-
-import pyattn  # noqa: E402
 
 VARIANTS = {"pyattn:cuda:wgmma": None, "pyattn:cuda:mma.sync": "0"}  # PYATTN_CUDA_ATTN_SM90_BWD
 
 
 def pyattn_fn(backend, env):
-    def run(q, k, v, causal):
-        if env is None:
-            os.environ.pop("PYATTN_CUDA_ATTN_SM90_BWD", None)
-        else:
-            os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = env
-        return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
-    return run
+    return attn_fwd_variants.pyattn_fn(backend, env, var="PYATTN_CUDA_ATTN_SM90_BWD")
 
 
 def main() -> int:

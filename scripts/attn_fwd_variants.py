@@ -41,12 +41,13 @@ def sdpa(backend):
     return run
 
 
-def pyattn_fn(backend, env):
+def pyattn_fn(backend, env, var="PYATTN_CUDA_ATTN_SM90"):
+    """pyattn's attention on `backend` with the environment variable `var` set to `env` (None: unset) first."""
     def run(q, k, v, causal):
         if env is None:
-            os.environ.pop("PYATTN_CUDA_ATTN_SM90", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["PYATTN_CUDA_ATTN_SM90"] = env
+            os.environ[var] = env
         return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
     return run
 

@@ -466,14 +466,7 @@ def test_attention_sm90_forward_leaves_the_rest_to_mma_sync():
 # (lq, lk, d, causal, bottom_right, hq, hkv): the Hopper backward's head dims; key blocks of 128 and query blocks of
 # 64 / 128 cut by the tails and the causal diagonal in both alignments; GQA groups (dK / dV summed over the group);
 # query rows that see no key (dQ 0) and key blocks that no query sees (dK, dV 0).
-SM90_BWD_CASES = [
-    (300, 260, 64, False, False, 4, 2),
-    (300, 260, 128, True, False, 2, 1),
-    (130, 300, 128, True, True, 2, 2),
-    (300, 17, 64, True, True, 2, 1),
-    (17, 300, 128, True, False, 4, 2),
-    (1, 129, 128, False, False, 2, 2),
-]
+SM90_BWD_CASES = SM90_CASES[:5] + [(17, 300, 128, True, False, 4, 2)]
 
 
 def _sm90_bwd(q, k, v, causal, bottom_right, seed):

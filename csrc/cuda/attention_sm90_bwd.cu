@@ -56,16 +56,19 @@ struct BwdCfg {
   static constexpr size_t dq_smem = 1024 + 2 * size_t(kQTile) + 4 * size_t(kKVStage);
 };
 
-// Rows r0 and r0 + 8 of a 64 x HD fp32 accumulator (this thread's columns 8 n + 2 t, + 1), times `mul`, stored as 16-bit
-// values at row pointers rows[0], rows[1] (nullptr: not stored).
+// Rows r0 and r0 + 8 of a 64 x HD fp32 accumulator (this thread's columns 8 n + 2 t, + 1), times `mul`, stored as
+// 16-bit values at base + row * stride (elements), rows >= nrows skipped.
 template <class E, int HD>
-__device__ __forceinline__ void store_rows(uint16_t* const (&rows)[2], const float (&acc)[HD / 2], float mul, int t) {
+__device__ __forceinline__ void store_rows(void* base, int64_t stride, int64_t r0, int64_t nrows,
+                                           const float (&acc)[HD / 2], float mul, int t) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (rows[r] == nullptr) continue;
+    if (r0 + 8 * r >= nrows) continue;
+    uint16_t* row = static_cast<uint16_t*>(base) + (r0 + 8 * r) * stride;
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n)
-      *reinterpret_cast<uint32_t*>(rows[r] + n * 8 + 2 * t) = E::pack(acc[4 * n + 2 * r] * mul, acc[4 * n + 2 * r + 1] * mul);
+      *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * t) =
+          E::pack(acc[4 * n + 2 * r] * mul, acc[4 * n + 2 * r + 1] * mul);
   }
 }
 
@@ -182,18 +185,10 @@ __global__ void __launch_bounds__(256, 1)
   }
   cp_async_wait<0>();  // (no query block: the K / V copies are still in flight)
 
-  uint16_t* const dkr[2] = {
-      jr < p.Lk ? static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + jr * p.dk_stride[2]
-                : nullptr,
-      jr + 8 < p.Lk ? static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + (jr + 8) * p.dk_stride[2]
-                    : nullptr};
-  uint16_t* const dvr[2] = {
-      jr < p.Lk ? static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + jr * p.dv_stride[2]
-                : nullptr,
-      jr + 8 < p.Lk ? static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + (jr + 8) * p.dv_stride[2]
-                    : nullptr};
-  store_rows<E, HD>(dkr, dk, p.scale, t);
-  store_rows<E, HD>(dvr, dv, 1.0f, t);
+  store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr,
+                    p.Lk, dk, p.scale, t);
+  store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr,
+                    p.Lk, dv, 1.0f, t);
 #else
   __trap();  // not an sm_90a pass: bwd_sm90 never launches this
 #endif
@@ -298,12 +293,8 @@ __global__ void __launch_bounds__(256, 1)
   }
   cp_async_wait<0>();  // (no key block: the Q / dO copies are still in flight)
 
-  uint16_t* const dqr[2] = {
-      r0 < p.Lq ? static_cast<uint16_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + r0 * p.dq_stride[2]
-                : nullptr,
-      r0 + 8 < p.Lq ? static_cast<uint16_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + (r0 + 8) * p.dq_stride[2]
-                    : nullptr};
-  store_rows<E, HD>(dqr, dq, p.scale, t);
+  store_rows<E, HD>(static_cast<uint16_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1], p.dq_stride[2], r0,
+                    p.Lq, dq, p.scale, t);
 #else
   __trap();  // not an sm_90a pass: bwd_sm90 never launches this
 #endif

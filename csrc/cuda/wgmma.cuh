@@ -205,7 +205,8 @@ __device__ __forceinline__ void issue_ab(float (&acc)[HD / 2], uint32_t (&a)[K /
   wgmma_commit();
 }
 
-// An fp32 result (64 x N) packed to 16 bits as the A registers of a 64 x N left operand: n-tiles 2k, 2k + 1 are k-step k.
+// An fp32 result (64 x N) packed to 16 bits as the A registers of a 64 x N left operand: n-tiles 2k, 2k + 1 are
+// k-step k.
 template <class E, int N>
 __device__ __forceinline__ void pack_a(uint32_t (&a)[N / 16][4], const float (&x)[N / 2]) {
 #pragma unroll
