@@ -214,7 +214,7 @@ def _memcheck_workload() -> None:
             ops.attn_fwd(q, k, v, None, 0.0, causal, br, 1 / math.sqrt(d), 0, 0)
     # the Hopper forward (attention_sm90.cu; the emulated device is sm_90): the warp-specialized kernel with a block
     # per tile, persistent round-robin and persistent with the dynamic tile scheduler (causal), on a grid of 3; the
-    # Hopper backward once
+    # Hopper backward
     os.environ["PYATTN_EMU_SMS"] = "3"
     for variant in ("ws1", "wsp", "wsd"):
         os.environ["PYATTN_CUDA_ATTN_SM90"] = variant
@@ -223,11 +223,15 @@ def _memcheck_workload() -> None:
             ops.emu_reset_counters()
             out, lse = ops.attn_fwd(q, k, v, None, 0.0, causal, False, 1 / math.sqrt(d), 0, 0)
             assert ops.emu_counters()[5] > 0, "the Hopper forward (wgmma) did not run"
-            if variant == "ws1":  # the Hopper backward (attention_sm90_bwd.cu), key and query tails, a GQA group
+            if variant != "wsd":  # the Hopper backward (attention_sm90_bwd.cu), key and query tails, a GQA group;
+                # its dK / dV kernel with cp.async, then warp-specialized
+                if variant == "wsp":
+                    os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = "ws"
                 ops.emu_reset_counters()
                 ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, None, 0.0, causal, False, 1 / math.sqrt(d),
                              0, 0)
                 assert ops.emu_counters()[5] > 0, "the Hopper backward (wgmma) did not run"
+    os.environ.pop("PYATTN_CUDA_ATTN_SM90_BWD", None)
     os.environ.pop("PYATTN_CUDA_ATTN_SM90")
     os.environ.pop("PYATTN_EMU_SMS")
     for m, n in ((3, 7), (9, 1000), (2, 1024), (2, 8200), (700, 64), (4, 257)):

@@ -484,11 +484,19 @@ def _sm90_bwd(q, k, v, causal, bottom_right, seed):
 def test_attention_sm90_backward(dtype, case, monkeypatch):
     """The Hopper backward (csrc/cuda/attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels) runs where it should
     (it issues wgmma), matches the float64 oracle with TESTING.md's 3x rule, gives the same bits in every
-    16-byte-aligned layout, and values close to the mma.sync backward's (PYATTN_CUDA_ATTN_SM90_BWD=0)."""
+    16-byte-aligned layout and with the warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws: TMA producer,
+    mbarriers; the same steps in the same order), and values close to the mma.sync backward's (=0)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + lk + d)
     out, lse, dout, grads, wgmma = _sm90_bwd(q, k, v, causal, bottom_right, seed=d)
     assert wgmma > 0
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")
+    torch.ops.pyattn_emu.emu_reset_counters()
+    for a, b in zip(_bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right), grads):
+        assert torch.equal(a, b), "ws"
+    smem = torch.ops.pyattn_emu.emu_counters()[4]  # the ws kernel's: + 5 mbarriers
+    assert smem == 1024 + (2 * 128 + 4 * 64) * d * 2 + 2 * 3 * 64 * 4 + 5 * 8, smem
+    monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
     _, _, ref_grads = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
     _, low_grads = attention_low(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
     for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
@@ -506,9 +514,13 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
-def test_attention_sm90_backward_thread_orders_give_the_same_bits(order):
-    """Every schedule of threads and cp.async completion gives the bits of the default one: the double buffers of
-    both kernels are refilled only after every warpgroup is done with them."""
+@pytest.mark.parametrize("variant", [None, "ws"])
+def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, monkeypatch):
+    """Every schedule of threads and copy completion gives the bits of the default one: the double buffers are
+    refilled only after every warpgroup is done with them (block barriers; mbarriers in the warp-specialized
+    kernel)."""
+    if variant is not None:
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
     q, k, v = make_qkv(1, 4, 130, 200, 64, hkv=2, dtype=torch.bfloat16, seed=9)
     *_, grads, wgmma = _sm90_bwd(q, k, v, True, False, seed=9)
     assert wgmma > 0

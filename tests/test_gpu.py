@@ -221,15 +221,19 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
 @_needs_cuda_attention
 @pytest.mark.skipif(not _is_sm90(), reason="the wgmma backward (csrc/cuda/attention_sm90_bwd.cu) runs on compute "
                                            "capability 9.0 only")
+@pytest.mark.parametrize("variant", ["default", "ws"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
     (2048, 2048, 128, True, False, 4), (300, 17, 128, True, True, 4), (17, 300, 64, True, False, 2)])
-def test_attention_cuda_sm90_backward(dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
+def test_attention_cuda_sm90_backward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
     """The Hopper backward (wgmma dK / dV and dQ kernels) against the float64 oracle (3x rule), dQ 0 for rows that
     see no key, deterministic, the same bits in every 16-byte-aligned layout, and the mma.sync backward's values
-    (PYATTN_CUDA_ATTN_SM90_BWD=0) within rounding."""
+    (PYATTN_CUDA_ATTN_SM90_BWD=0) within rounding. Variant "ws": the warp-specialized dK / dV kernel (TMA producer,
+    mbarriers, setmaxnreg), whose bits are the default's."""
     scale = d ** -0.5
+    if variant != "default":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
 
     def run(layout):
         q, k, v = make_qkv(2, 4, lq, lk, d, hkv=hkv, dtype=dtype, device=DEV, layout=layout, seed=lq + lk + d)
@@ -248,6 +252,10 @@ def test_attention_cuda_sm90_backward(dtype, lq, lk, d, causal, bottom_right, hk
     for layout in ("contiguous", "blhd", "packed"):
         for a, b in zip(run(layout)[4], grads):
             assert torch.equal(a, b), layout
+    if variant != "default":
+        monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
+        for a, b in zip(run("contiguous")[4], grads):
+            assert torch.equal(a, b), "the default kernels"
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
     for name, a, b in zip("qkv", grads, run("contiguous")[4]):
         tol = 2e-2 * float(b.float().abs().max()) + 1e-3

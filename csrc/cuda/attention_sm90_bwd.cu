@@ -14,7 +14,8 @@
 //       S^T  (64 keys x 64 queries) = K Q^T, dP^T = V dO^T        wgmma m64n64k16, A and B K-major from shared memory
 //       P^T, dS^T = P^T (dP^T - delta)                             registers
 //       dV (64 x HD) += P^T dO, dK (64 x HD) += dS^T Q              wgmma m64nHDk16, A from registers, B N-major
-//     dK * scale and dV are stored from registers.
+//     dK * scale and dV are stored from registers. PYATTN_CUDA_ATTN_SM90_BWD=ws: the same steps warp-specialized
+//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers).
 //   dQ (attn_bwd_dq_sm90_kernel): BM = 128 query rows of one (b, h) per block in fwd_block's order (causal:
 //     heaviest first), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key blocks of BN = 64 stream
 //     through a double buffer of K and V:
@@ -34,6 +35,7 @@
 #include "attention_utils.cuh"
 #include "launch.cuh"
 #include "pyattn/params.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 #if defined(PYATTN_CUDA_EMU) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
@@ -53,6 +55,7 @@ struct BwdCfg {
   static constexpr uint32_t kKeyTile = BNK * HD * 2, kQStage = BMQ * HD * 2;  // bytes
   static constexpr uint32_t kQTile = BM * HD * 2, kKVStage = BN * HD * 2;
   static constexpr size_t dkdv_smem = 1024 + 2 * size_t(kKeyTile) + 4 * size_t(kQStage) + 2 * 3 * BMQ * 4;
+  static constexpr size_t dkdv_ws_smem = dkdv_smem + 5 * 8;  // + the warp-specialized kernel's mbarriers
   static constexpr size_t dq_smem = 1024 + 2 * size_t(kQTile) + 4 * size_t(kKVStage);
 };
 
@@ -70,6 +73,58 @@ __device__ __forceinline__ void store_rows(void* base, int64_t stride, int64_t r
       *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * t) =
           E::pack(acc[4 * n + 2 * r] * mul, acc[4 * n + 2 * r + 1] * mul);
   }
+}
+
+// Row r of a stage's statistics st [3][BMQ] (lse2, l2, delta) from global row row0 + r; a row past Lq (!ok): lse2
+// +inf (P = 0), delta 0.
+template <int BMQ>
+__device__ __forceinline__ void stage_stats(float* st, int r, bool ok, int64_t row0, const float* __restrict__ lse2,
+                                            const float* __restrict__ l2, const float* __restrict__ delta) {
+  st[r] = ok ? lse2[row0 + r] : INFINITY;
+  st[BMQ + r] = ok ? l2[row0 + r] : 0.0f;
+  st[2 * BMQ + r] = ok ? delta[row0 + r] : 0.0f;
+}
+
+// One (query head, query block) step of a dK / dV warpgroup (64 keys from jw; this thread's keys jr, jr + 8) against
+// the BMQ query rows from i0 staged at q_addr / do_addr (Q and dO tiles) and st (their lse2, l2, delta): dV += P^T dO,
+// dK += dS^T Q. k_addr / v_addr: the warpgroup's 64 rows of the block's K / V tiles. Returns with every GEMM done.
+template <class E, int HD, bool CAUSAL>
+__device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 2], uint32_t k_addr, uint32_t v_addr,
+                                          uint32_t q_addr, uint32_t do_addr, const float* st, int64_t i0, int64_t jw,
+                                          int64_t jr, const Derived& d, int t) {
+  constexpr int BNK = BwdCfg<HD>::BNK, BMQ = BwdCfg<HD>::BMQ;
+  const float c = d.scale_log2;
+  float s[BMQ / 2], dp[BMQ / 2];
+  issue_abt<E, BMQ, HD, BNK, BMQ>(s, k_addr, q_addr);    // S^T = K Q^T
+  issue_abt<E, BMQ, HD, BNK, BMQ>(dp, v_addr, do_addr);  // dP^T = V dO^T
+  wgmma_wait<1>();  // S^T has landed
+  fence_operands(s);
+  // P^T; element (n, e): key jr + 8 (e / 2), query i0 + 8 n + 2 t + e % 2. Causal: 0 where j > i + shift.
+  const bool check = CAUSAL && jw + 63 > i0 + d.shift;
+#pragma unroll
+  for (int n = 0; n < BMQ / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int il = 8 * n + 2 * t + (e & 1);
+      float x = fmaf(s[4 * n + e], c, -st[il]) - st[BMQ + il];
+      if (check && jr + (e >> 1) * 8 > i0 + il + d.shift) x = -INFINITY;
+      s[4 * n + e] = fast_exp2(x);
+    }
+  uint32_t pa[BMQ / 16][4];
+  pack_a<E, BMQ>(pa, s);
+  issue_ab<E, HD, BMQ>(dv, pa, do_addr);  // dV += P^T dO (runs during dS^T)
+  wgmma_wait<1>();  // dP^T has landed
+  fence_operands(dp);
+#pragma unroll
+  for (int n = 0; n < BMQ / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[4 * n + e] *= dp[4 * n + e] - st[2 * BMQ + 8 * n + 2 * t + (e & 1)];
+  uint32_t da[BMQ / 16][4];
+  pack_a<E, BMQ>(da, s);
+  issue_ab<E, HD, BMQ>(dk, da, q_addr);  // dK += dS^T Q
+  wgmma_wait<0>();
+  fence_operands(dv);
+  fence_operands(dk);
 }
 
 // dK, dV: see the file comment. Block: key block kb of (b, kv head hk); causal launches the key blocks that the most
@@ -119,14 +174,7 @@ __global__ void __launch_bounds__(256, 1)
         Ds + buf * C::kQStage,
         static_cast<const uint16_t*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i0 * p.dout_stride[2],
         p.dout_stride[2], nq, tid);
-    if (tid < BMQ) {  // rows past Lq: lse2 +inf (P = 0), delta 0
-      float* st = St + buf * 3 * BMQ;
-      const bool ok = tid < nq;
-      const int64_t row = (b * p.Hq + h) * p.Lq + i0 + tid;
-      st[tid] = ok ? lse2[row] : INFINITY;
-      st[BMQ + tid] = ok ? l2[row] : 0.0f;
-      st[2 * BMQ + tid] = ok ? delta[row] : 0.0f;
-    }
+    if (tid < BMQ) stage_stats<BMQ>(St + buf * 3 * BMQ, tid, tid < nq, (b * p.Hq + h) * p.Lq + i0, lse2, l2, delta);
   };
   if (niter > 0) stage(0, 0);
   cp_async_commit();
@@ -134,7 +182,6 @@ __global__ void __launch_bounds__(256, 1)
   const int64_t jw = j0 + 64 * wg;                 // the warpgroup's first key
   const int64_t jr = jw + 16 * warp + g;           // this thread's keys jr, jr + 8 (rows of S^T, dK, dV)
   const uint32_t k_addr = smem_addr(Ks) + wg * 64 * 128, v_addr = smem_addr(Vs) + wg * 64 * 128;
-  const float c = d.scale_log2;
   float dk[HD / 2], dv[HD / 2];
 #pragma unroll
   for (int i = 0; i < HD / 2; ++i) dk[i] = dv[i] = 0.0f;
@@ -148,39 +195,8 @@ __global__ void __launch_bounds__(256, 1)
     __syncthreads();      // ... and every thread's, with the statistics
     const int64_t i0 = (qb_lo + it % nqe) * BMQ;
     const uint32_t q_addr = smem_addr(Qs + buf * C::kQStage), do_addr = smem_addr(Ds + buf * C::kQStage);
-    const float* st = St + buf * 3 * BMQ;
 
-    float s[BMQ / 2], dp[BMQ / 2];
-    issue_abt<E, BMQ, HD, BNK, BMQ>(s, k_addr, q_addr);    // S^T = K Q^T
-    issue_abt<E, BMQ, HD, BNK, BMQ>(dp, v_addr, do_addr);  // dP^T = V dO^T
-    wgmma_wait<1>();  // S^T has landed
-    fence_operands(s);
-    // P^T; element (n, e): key jr + 8 (e / 2), query i0 + 8 n + 2 t + e % 2. Causal: 0 where j > i + shift.
-    const bool check = CAUSAL && jw + 63 > i0 + d.shift;
-#pragma unroll
-    for (int n = 0; n < BMQ / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = 8 * n + 2 * t + (e & 1);
-        float x = fmaf(s[4 * n + e], c, -st[il]) - st[BMQ + il];
-        if (check && jr + (e >> 1) * 8 > i0 + il + d.shift) x = -INFINITY;
-        s[4 * n + e] = fast_exp2(x);
-      }
-    uint32_t pa[BMQ / 16][4];
-    pack_a<E, BMQ>(pa, s);
-    issue_ab<E, HD, BMQ>(dv, pa, do_addr);  // dV += P^T dO (runs during dS^T)
-    wgmma_wait<1>();  // dP^T has landed
-    fence_operands(dp);
-#pragma unroll
-    for (int n = 0; n < BMQ / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[4 * n + e] *= dp[4 * n + e] - st[2 * BMQ + 8 * n + 2 * t + (e & 1)];
-    uint32_t da[BMQ / 16][4];
-    pack_a<E, BMQ>(da, s);
-    issue_ab<E, HD, BMQ>(dk, da, q_addr);  // dK += dS^T Q
-    wgmma_wait<0>();
-    fence_operands(dv);
-    fence_operands(dk);
+    dkdv_step<E, HD, CAUSAL>(dk, dv, k_addr, v_addr, q_addr, do_addr, St + buf * 3 * BMQ, i0, jw, jr, d, t);
     __syncthreads();  // every warpgroup is done with the stage the next iteration refills
   }
   cp_async_wait<0>();  // (no query block: the K / V copies are still in flight)
@@ -189,6 +205,109 @@ __global__ void __launch_bounds__(256, 1)
                     p.Lk, dk, p.scale, t);
   store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr,
                     p.Lk, dv, 1.0f, t);
+#else
+  __trap();  // not an sm_90a pass: bwd_sm90 never launches this
+#endif
+}
+
+// ---- warp-specialized dK / dV (opt-in: PYATTN_CUDA_ATTN_SM90_BWD=ws) ----------------------------------------------
+// The same blocks and steps as attn_bwd_dkdv_sm90_kernel with FA3's producer / consumer split: warpgroup 0 produces
+// (setmaxnreg.dec; its first thread copies K and V once and each step's Q and dO tiles with TMA into a 2-stage ring,
+// its first warp writes the step's statistics), warpgroups 1 and 2 consume (setmaxnreg.inc, 64 keys each), each
+// stage behind a "full" mbarrier (32 producer lanes arrive, the copies complete) and an "empty" one (all 256 consumer
+// threads arrive when their GEMMs on it are done). No block barrier in the loop: the two consumer warpgroups drift
+// apart, so one's exp2s and dS run under the other's GEMMs, and the copies run ahead by a stage.
+// Shared memory: the cp.async kernel's + 5 mbarriers.
+template <class E, int HD, bool CAUSAL>
+__global__ void __launch_bounds__(384, 1)
+    attn_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                                 const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo,
+                                 const AttnBwdParams p, const Derived d, const float* __restrict__ lse2,
+                                 const float* __restrict__ l2, const float* __restrict__ delta) {
+#ifdef PYATTN_SM90_KERNEL
+  using C = BwdCfg<HD>;
+  constexpr int BNK = C::BNK, BMQ = C::BMQ, SUB = HD / 64, NCONS = 256;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* Ks = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BNK][64] swizzled
+  unsigned char* Vs = Ks + C::kKeyTile;                                      // [SUB][BNK][64]
+  unsigned char* Qs = Vs + C::kKeyTile;                                      // [2 stages][SUB][BMQ][64]
+  unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2 stages][SUB][BMQ][64] dout
+  float* St = reinterpret_cast<float*>(Ds + 2 * C::kQStage);                 // [2 stages][3][BMQ]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(St + 2 * 3 * BMQ);
+  uint64_t* kv_full = bars;      // K and V landed
+  uint64_t* q_full = bars + 1;   // [2] stage landed (Q, dO, statistics)
+  uint64_t* q_empty = bars + 3;  // [2] stage read by every consumer
+
+  const int tid = threadIdx.x;
+  const int64_t BHk = p.B * p.Hkv, kb = blockIdx.x / BHk, bhk = blockIdx.x % BHk;
+  const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = d.group, j0 = kb * BNK;
+  const int64_t qb_lo = CAUSAL ? imax(0, j0 - d.shift) / BMQ : 0;  // as attn_bwd_dkdv_sm90_kernel
+  const int64_t nqe = imax(0, (p.Lq + BMQ - 1) / BMQ - qb_lo);
+  const int64_t niter = G * nqe;
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(q_full + st, 32);
+      mbar_init(q_empty + st, NCONS);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  auto use = [](int64_t it) { return uint32_t((it >> 1) & 1); };  // step it: stage it % 2, its (it / 2)-th use
+
+  if (tid < 128) {  // producer warpgroup
+    // 32 registers (24 spill), so the consumers get 232: 128 x 32 + 256 x 232 <= the 168 x 384 the block starts with
+    // (setmaxnreg.inc waits for registers the dec released). 32-bit indices: TMA's coordinates are 32-bit, and steps
+    // < 2^31 (attention_unsupported's grid bound covers Hq * Lq / 64).
+    setmaxnreg_dec<32>();
+    if (tid < 32) {
+      const int bi = int(b), hki = int(hk), n_step = int(niter), nq_blocks = int(nqe), qb0 = int(qb_lo);
+      if (tid == 0) {
+        mbar_arrive_expect_tx(kv_full, 2 * C::kKeyTile);
+        for (int sub = 0; sub < SUB; ++sub) {
+          tma_load_4d(Ks + sub * (BNK * 128), &tk, kv_full, sub * 64, int(j0), hki, bi);
+          tma_load_4d(Vs + sub * (BNK * 128), &tv, kv_full, sub * 64, int(j0), hki, bi);
+        }
+      }
+      for (int it = 0; it < n_step; ++it) {
+        const int st = it & 1, h = hki * int(G) + it / nq_blocks, i0 = (qb0 + it % nq_blocks) * BMQ;
+        mbar_wait(q_empty + st, use(it) ^ 1);
+        for (int r = tid; r < BMQ; r += 32)
+          stage_stats<BMQ>(St + st * 3 * BMQ, r, i0 + r < p.Lq, (bi * p.Hq + h) * p.Lq + i0, lse2, l2, delta);
+        if (tid == 0) {
+          mbar_arrive_expect_tx(q_full + st, 2 * C::kQStage);
+          for (int sub = 0; sub < SUB; ++sub) {
+            tma_load_4d(Qs + st * C::kQStage + sub * (BMQ * 128), &tq, q_full + st, sub * 64, i0, h, bi);
+            tma_load_4d(Ds + st * C::kQStage + sub * (BMQ * 128), &tdo, q_full + st, sub * 64, i0, h, bi);
+          }
+        } else {
+          mbar_arrive(q_full + st);
+        }
+      }
+    }
+  } else {  // consumer warpgroups 1, 2: keys j0 + 64 (wg - 1)..
+    setmaxnreg_inc<232>();
+    const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int64_t jw = j0 + 64 * wg, jr = jw + 16 * warp + g;
+    const uint32_t k_addr = smem_addr(Ks) + wg * 64 * 128, v_addr = smem_addr(Vs) + wg * 64 * 128;
+    float dk[HD / 2], dv[HD / 2];
+#pragma unroll
+    for (int i = 0; i < HD / 2; ++i) dk[i] = dv[i] = 0.0f;
+    mbar_wait(kv_full, 0);  // (also with no step: the block does not exit with the copies in flight)
+    for (int64_t it = 0; it < niter; ++it) {
+      const int st = int(it & 1);
+      mbar_wait(q_full + st, use(it));
+      dkdv_step<E, HD, CAUSAL>(dk, dv, k_addr, v_addr, smem_addr(Qs + st * C::kQStage),
+                               smem_addr(Ds + st * C::kQStage), St + st * 3 * BMQ, (qb_lo + it % nqe) * BMQ, jw, jr,
+                               d, t);
+      mbar_arrive(q_empty + st);
+    }
+    store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr,
+                      p.Lk, dk, p.scale, t);
+    store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr,
+                      p.Lk, dv, 1.0f, t);
+  }
 #else
   __trap();  // not an sm_90a pass: bwd_sm90 never launches this
 #endif
@@ -300,16 +419,36 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
+// The dK / dV kernel: warp-specialized when ws and the TMA maps can be made, else the cp.async one.
 template <class E, int HD, bool CAUSAL>
-cudaError_t launch_bwd(const AttnBwdParams& p, const Derived& d, const float* lse2, const float* l2,
+cudaError_t launch_dkdv(const AttnBwdParams& p, const Derived& d, bool ws, const float* lse2, const float* l2,
+                        const float* delta, cudaStream_t stream) {
+  using C = BwdCfg<HD>;
+  const int64_t blocks = (p.Lk + C::BNK - 1) / C::BNK * p.B * p.Hkv;
+  CUtensorMap tq, tk, tv, tdo;
+  if (ws && make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, C::BMQ) &&
+      make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, C::BNK) &&
+      make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, C::BNK) &&
+      make_map(&tdo, p.dout, p.dtype, p.B, p.Hq, p.Lq, p.Dv, p.dout_stride, C::BMQ)) {
+    auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL>;
+    const cudaError_t err = fit_kernel(kernel, C::dkdv_ws_smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<unsigned(blocks), 384, C::dkdv_ws_smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta);
+    return cudaGetLastError();
+  }
+  auto kernel = attn_bwd_dkdv_sm90_kernel<E, HD, CAUSAL>;
+  const cudaError_t err = fit_kernel(kernel, C::dkdv_smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(blocks), C::NT, C::dkdv_smem, stream>>>(p, d, lse2, l2, delta);
+  return cudaGetLastError();
+}
+
+template <class E, int HD, bool CAUSAL>
+cudaError_t launch_bwd(const AttnBwdParams& p, const Derived& d, bool ws, const float* lse2, const float* l2,
                        const float* delta, cudaStream_t stream) {
   using C = BwdCfg<HD>;
-  auto dkdv = attn_bwd_dkdv_sm90_kernel<E, HD, CAUSAL>;
-  cudaError_t err = fit_kernel(dkdv, C::dkdv_smem);
+  cudaError_t err = launch_dkdv<E, HD, CAUSAL>(p, d, ws, lse2, l2, delta, stream);
   if (err != cudaSuccess) return err;
-  const int64_t dkdv_blocks = (p.Lk + C::BNK - 1) / C::BNK * p.B * p.Hkv;
-  dkdv<<<unsigned(dkdv_blocks), C::NT, C::dkdv_smem, stream>>>(p, d, lse2, l2, delta);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   auto dq = attn_bwd_dq_sm90_kernel<E, HD, CAUSAL>;
   if ((err = fit_kernel(dq, C::dq_smem)) != cudaSuccess) return err;
   const int64_t dq_blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
@@ -318,31 +457,33 @@ cudaError_t launch_bwd(const AttnBwdParams& p, const Derived& d, const float* ls
 }
 
 template <class E>
-cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, const float* lse2, const float* l2,
+cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, bool ws, const float* lse2, const float* l2,
                          const float* delta, cudaStream_t stream) {
   if (p.D == 64)
-    return p.causal ? launch_bwd<E, 64, true>(p, d, lse2, l2, delta, stream)
-                    : launch_bwd<E, 64, false>(p, d, lse2, l2, delta, stream);
-  return p.causal ? launch_bwd<E, 128, true>(p, d, lse2, l2, delta, stream)
-                  : launch_bwd<E, 128, false>(p, d, lse2, l2, delta, stream);
+    return p.causal ? launch_bwd<E, 64, true>(p, d, ws, lse2, l2, delta, stream)
+                    : launch_bwd<E, 64, false>(p, d, ws, lse2, l2, delta, stream);
+  return p.causal ? launch_bwd<E, 128, true>(p, d, ws, lse2, l2, delta, stream)
+                  : launch_bwd<E, 128, false>(p, d, ws, lse2, l2, delta, stream);
 }
 
 }  // namespace sm90
 
-// PYATTN_CUDA_ATTN_SM90_BWD=0 in the environment: off (attention.cu's mma.sync kernels).
+// PYATTN_CUDA_ATTN_SM90_BWD=0 in the environment: off (attention.cu's mma.sync kernels); =ws: the warp-specialized
+// dK / dV kernel (opt-in until a GPU run times it).
 bool bwd_sm90(const AttnBwdParams& p, const Derived& d, const float* lse2, const float* l2, const float* delta,
               cudaStream_t stream, cudaError_t* err) {
-  bool take = false;
+  bool take = false, ws = false;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)  // (else no sm_90a code in this build)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90_BWD");  // read per call: tests and benchmarks switch it
-  take = !(env != nullptr && std::strcmp(env, "0") == 0) && p.arch == 90 &&
-         (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) && p.Dv == p.D &&
-         p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_do && d.vec_dq &&
-         d.vec_dk && d.vec_dv;
+  auto is = [&](const char* v) { return env != nullptr && std::strcmp(env, v) == 0; };
+  take = !is("0") && p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
+         p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_do &&
+         d.vec_dq && d.vec_dk && d.vec_dv;
+  ws = is("ws");
 #endif
   if (!take) return false;
-  *err = p.dtype == DType::F16 ? sm90::launch_bwd_e<F16>(p, d, lse2, l2, delta, stream)
-                               : sm90::launch_bwd_e<BF16>(p, d, lse2, l2, delta, stream);
+  *err = p.dtype == DType::F16 ? sm90::launch_bwd_e<F16>(p, d, ws, lse2, l2, delta, stream)
+                               : sm90::launch_bwd_e<BF16>(p, d, ws, lse2, l2, delta, stream);
   return true;
 }
 

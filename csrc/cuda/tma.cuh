@@ -94,6 +94,11 @@ __device__ __forceinline__ void named_bar_arrive(int id, int n) {
 }
 #endif
 
+// The TMA map of a (B, H, L, D) 16-bit tensor, boxes of 64 columns x `rows` rows (defined in attention_sm90.cu, which
+// says how); false when it cannot be made (then the callers launch their cp.async kernels).
+bool make_map(CUtensorMap* map, const void* ptr, DType dtype, int64_t B, int64_t H, int64_t L, int64_t D,
+              const int64_t* s, uint32_t rows);
+
 }  // namespace sm90
 }  // namespace attn
 }  // namespace cuda
