@@ -1,8 +1,8 @@
 """The CUDA attention backward's kernels side by side on one GPU, in one process: pyattn's cuda backend with the
 Hopper wgmma backward (csrc/cuda/attention_sm90_bwd.cu; the default on compute capability 9.0), with its
-warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws) and with the mma.sync kernels of attention.cu
-(PYATTN_CUDA_ATTN_SM90_BWD=0), the Triton backend, and torch's SDPA backends (flash, cudnn),
-bf16, B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Only the backward is timed
+warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws; =fused: also adding dQ with atomics, no dQ kernel) and
+with the mma.sync kernels of attention.cu (=0), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
+B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Only the backward is timed
 (torch.autograd.grad of a forward built once per provider). Each pyattn variant's dq, dk, dv are first checked against
 torch flash's (max abs error over max |flash|, printed; above 2e-2 the row is marked WRONG and the exit status is 1).
 TFLOP/s = 2.5 x the forward's 4 B H L^2 D (halved when causal; PERF.md's count), median of CUDA-event timings with
@@ -26,7 +26,7 @@ from attn_fwd_variants import sdpa  # noqa: E402
 from benchmarks.harness import attention_flops, measure  # noqa: E402
 
 VARIANTS = {"pyattn:cuda:wgmma": None, "pyattn:cuda:wgmma-ws": "ws",  # PYATTN_CUDA_ATTN_SM90_BWD
-            "pyattn:cuda:mma.sync": "0"}
+            "pyattn:cuda:wgmma-fused": "fused", "pyattn:cuda:mma.sync": "0"}
 
 
 def pyattn_fn(backend, env):

@@ -485,22 +485,42 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
     """The Hopper backward (csrc/cuda/attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels) runs where it should
     (it issues wgmma), matches the float64 oracle with TESTING.md's 3x rule, gives the same bits in every
     16-byte-aligned layout and with the warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws: TMA producer,
-    mbarriers; the same steps in the same order), and values close to the mma.sync backward's (=0)."""
+    mbarriers; the same steps in the same order), dQ by that kernel (=fused: atomics) within the oracle's rule, and
+    values close to the mma.sync backward's (=0)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + lk + d)
     out, lse, dout, grads, wgmma = _sm90_bwd(q, k, v, causal, bottom_right, seed=d)
     assert wgmma > 0
-    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")
-    torch.ops.pyattn_emu.emu_reset_counters()
-    for a, b in zip(_bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right), grads):
-        assert torch.equal(a, b), "ws"
-    smem = torch.ops.pyattn_emu.emu_counters()[4]  # the ws kernel's: + 5 mbarriers
-    assert smem == 1024 + (2 * 128 + 4 * 64) * d * 2 + 2 * 3 * 64 * 4 + 5 * 8, smem
-    monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
     _, _, ref_grads = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
     _, low_grads = attention_low(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
     for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")
+    torch.ops.pyattn_emu.emu_reset_counters()
+    for a, b in zip(_bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right), grads):
+        assert torch.equal(a, b), "ws"
+    ws_smem = 1024 + (2 * 128 + 4 * 64) * d * 2 + 2 * 3 * 64 * 4 + 5 * 8  # the ws kernel's: + 5 mbarriers
+    assert torch.ops.pyattn_emu.emu_counters()[4] == ws_smem
+    # fused (HD 128): dK, dV as before, dQ added by the dK / dV kernel (atomics into fp32, then converted: another
+    # summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode and HD 64: the dQ kernel
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "fused")
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            torch.ops.pyattn_emu.emu_reset_counters()
+            fused = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        smem = torch.ops.pyattn_emu.emu_counters()[4]
+        assert torch.equal(fused[1], grads[1]) and torch.equal(fused[2], grads[2])
+        if d == 128 and not deterministic:
+            assert smem == ws_smem + 2 * 128 * 64 * 2  # + two dS^T tiles
+            assert_attention_close(fused[0], ref_grads[0], low_grads[0], 3, name="dq (fused)")
+            tol = 2e-2 * float(grads[0].float().abs().max()) + 1e-3
+            torch.testing.assert_close(fused[0].float(), grads[0].float(), atol=tol, rtol=0)
+        else:
+            assert smem == ws_smem and torch.equal(fused[0], grads[0])
+    monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + lk + d)
         for a, b in zip(_bwd(dout, q2, k2, v2, out, lse, causal=causal, bottom_right=bottom_right), grads):
@@ -514,14 +534,14 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
-@pytest.mark.parametrize("variant", [None, "ws"])
+@pytest.mark.parametrize("variant", [None, "ws", "fused"])
 def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, monkeypatch):
     """Every schedule of threads and copy completion gives the bits of the default one: the double buffers are
     refilled only after every warpgroup is done with them (block barriers; mbarriers in the warp-specialized
-    kernel)."""
+    kernel, and a named barrier before the fused dQ reads both warpgroups' dS^T)."""
     if variant is not None:
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
-    q, k, v = make_qkv(1, 4, 130, 200, 64, hkv=2, dtype=torch.bfloat16, seed=9)
+    q, k, v = make_qkv(1, 4, 130, 200, 128 if variant == "fused" else 64, hkv=2, dtype=torch.bfloat16, seed=9)
     *_, grads, wgmma = _sm90_bwd(q, k, v, True, False, seed=9)
     assert wgmma > 0
     os.environ["PYATTN_EMU_ORDER"], os.environ["PYATTN_EMU_CP_ASYNC"] = "forward", "late"  # (restored by `order`)

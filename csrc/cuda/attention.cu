@@ -29,6 +29,7 @@
 //            Deterministic (no atomics).
 //            For HD = 256 the dK/dV and dQ accumulators would not fit in registers: those kernels split the output
 //            columns in chunks of DC = 128 (grid dimension), each chunk recomputing S and dP.
+//            On Hopper the common case runs on wgmma instead, after the same pre kernel (attention_sm90_bwd.cu).
 // Rows whose logits are all hugely negative (an additive mask of -1e9 or finfo.min on every visible key) have an
 // lse too large for exp2(x - lse) to give P back in fp32; the backward recomputes their max m and
 // l2 = log2 sum 2^(x - m) exactly (attn_bwd_pre_kernel; which rows: pyattn/attn_exact_rows.h) and uses
@@ -351,16 +352,20 @@ __device__ void exact_row_stats(const AttnBwdParams& p, const Derived& d, int64_
 }
 
 // One warp per query row r = (b * Hq + h) * Lq + i (8 rows per block):
-//   delta[r] = sum_dv dout * out, lse2[r] = lse * log2(e), l2[r] = 0 (exact statistics for rows past kExactRowLse2).
+//   delta[r] = sum_dv dout * out, lse2[r] = lse * log2(e), l2[r] = 0 (exact statistics for rows past kExactRowLse2);
+//   dq_acc (when not null: the Hopper backward's fp32 dQ accumulator, D floats a row) zeroed.
 template <class E>
 __global__ void __launch_bounds__(256) attn_bwd_pre_kernel(const AttnBwdParams p, const Derived d,
-                                                           float* __restrict__ lse2,  // (B, Hq, Lq)
-                                                           float* __restrict__ l2,    // (B, Hq, Lq)
-                                                           float* __restrict__ delta  // (B, Hq, Lq)
+                                                           float* __restrict__ lse2,   // (B, Hq, Lq)
+                                                           float* __restrict__ l2,     // (B, Hq, Lq)
+                                                           float* __restrict__ delta,  // (B, Hq, Lq)
+                                                           float* __restrict__ dq_acc  // (B, Hq, Lq, D) or null
 ) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * 8 + warp;
   if (row >= p.B * p.Hq * p.Lq) return;
+  if (dq_acc != nullptr)
+    for (int64_t c = lane; c < p.D; c += 32) dq_acc[row * p.D + c] = 0.0f;
   const int64_t i = row % p.Lq, bh = row / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
   const uint16_t* dor =
       static_cast<const uint16_t*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i * p.dout_stride[2];
@@ -835,10 +840,12 @@ cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cu
   float* lse2 = ws;
   float* l2 = ws + rows;
   float* delta = ws + 2 * rows;
-  attn_bwd_pre_kernel<E><<<unsigned(ceil_div(rows, 8)), 256, 0, stream>>>(p, d, lse2, l2, delta);
+  const Sm90BwdPlan pl = sm90_bwd_plan(p, d);
+  float* dq_acc = pl.fused ? ws + 3 * rows : nullptr;  // (attention_bwd_workspace_floats)
+  attn_bwd_pre_kernel<E><<<unsigned(ceil_div(rows, 8)), 256, 0, stream>>>(p, d, lse2, l2, delta, dq_acc);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (bwd_sm90(p, d, lse2, l2, delta, stream, &err)) return err;
+  if (pl.take) return bwd_sm90(p, d, pl, lse2, l2, delta, dq_acc, stream);
 
   auto dkdv = attn_bwd_dkdv_kernel<E, HD, T::DC, T::DKDV_BMQ, T::NW, CAUSAL>;  // (no FULL: its loops would spill)
   if ((err = fit_kernel(dkdv, T::dkdv_smem)) != cudaSuccess) return err;
@@ -938,16 +945,29 @@ AttnFwdWorkspace attention_fwd_workspace(const AttnFwdParams& p) {
   return w;
 }
 
-int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) { return 3 * p.B * p.Hq * p.Lq; }
-
-cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream) {
-  if (attention_unsupported(p) != nullptr || workspace == nullptr) return cudaErrorInvalidValue;
+namespace {
+attn::Derived derive_bwd(const AttnBwdParams& p) {
   attn::Derived d = attn::derive(p);
   d.vec_o = attn::vec_ok(p.out, p.out_stride, p.Dv);
   d.vec_do = attn::vec_ok(p.dout, p.dout_stride, p.Dv);
   d.vec_dq = attn::vec_ok(p.dq, p.dq_stride, p.D);
   d.vec_dk = attn::vec_ok(p.dk, p.dk_stride, p.D);
   d.vec_dv = attn::vec_ok(p.dv, p.dv_stride, p.Dv);
+  return d;
+}
+}  // namespace
+
+// lse2, l2, delta (B * Hq * Lq each), then the Hopper backward's dQ accumulator (B * Hq * Lq * D) when it adds dQ
+// atomically (the same sm90_bwd_plan decision as run_attn_bwd's).
+int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) {
+  const int64_t rows = p.B * p.Hq * p.Lq;
+  if (attention_unsupported(p) != nullptr) return 3 * rows;
+  return attn::sm90_bwd_plan(p, derive_bwd(p)).fused ? rows * (3 + p.D) : 3 * rows;
+}
+
+cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream) {
+  if (attention_unsupported(p) != nullptr || workspace == nullptr) return cudaErrorInvalidValue;
+  const attn::Derived d = derive_bwd(p);
   if (p.dtype == DType::F16)
     return p.causal ? attn::bwd_hd<attn::F16, true>(p, d, workspace, stream)
                     : attn::bwd_hd<attn::F16, false>(p, d, workspace, stream);

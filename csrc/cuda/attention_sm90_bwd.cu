@@ -15,7 +15,9 @@
 //       P^T, dS^T = P^T (dP^T - delta)                             registers
 //       dV (64 x HD) += P^T dO, dK (64 x HD) += dS^T Q              wgmma m64nHDk16, A from registers, B N-major
 //     dK * scale and dV are stored from registers. PYATTN_CUDA_ATTN_SM90_BWD=ws: the same steps warp-specialized
-//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers).
+//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers); =fused: that
+//     kernel also adds dQ = dS K into an fp32 accumulator with atomics (HD 128, not deterministic mode), and
+//     attn_bwd_dq_convert_kernel writes dq instead of the dQ kernel.
 //   dQ (attn_bwd_dq_sm90_kernel): BM = 128 query rows of one (b, h) per block in fwd_block's order (causal:
 //     heaviest first), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key blocks of BN = 64 stream
 //     through a double buffer of K and V:
@@ -56,6 +58,8 @@ struct BwdCfg {
   static constexpr uint32_t kQTile = BM * HD * 2, kKVStage = BN * HD * 2;
   static constexpr size_t dkdv_smem = 1024 + 2 * size_t(kKeyTile) + 4 * size_t(kQStage) + 2 * 3 * BMQ * 4;
   static constexpr size_t dkdv_ws_smem = dkdv_smem + 5 * 8;  // + the warp-specialized kernel's mbarriers
+  static constexpr uint32_t kDsTile = BNK * BMQ * 2;           // fused dQ: dS^T [BNK][BMQ], two of them
+  static constexpr size_t dkdv_fused_smem = dkdv_ws_smem + 2 * kDsTile;
   static constexpr size_t dq_smem = 1024 + 2 * size_t(kQTile) + 4 * size_t(kKVStage);
 };
 
@@ -87,11 +91,13 @@ __device__ __forceinline__ void stage_stats(float* st, int r, bool ok, int64_t r
 
 // One (query head, query block) step of a dK / dV warpgroup (64 keys from jw; this thread's keys jr, jr + 8) against
 // the BMQ query rows from i0 staged at q_addr / do_addr (Q and dO tiles) and st (their lse2, l2, delta): dV += P^T dO,
-// dK += dS^T Q. k_addr / v_addr: the warpgroup's 64 rows of the block's K / V tiles. Returns with every GEMM done.
+// dK += dS^T Q. k_addr / v_addr: the warpgroup's 64 rows of the block's K / V tiles. Returns with every GEMM done and
+// dS^T packed in da.
 template <class E, int HD, bool CAUSAL>
 __device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 2], uint32_t k_addr, uint32_t v_addr,
                                           uint32_t q_addr, uint32_t do_addr, const float* st, int64_t i0, int64_t jw,
-                                          int64_t jr, const Derived& d, int t) {
+                                          int64_t jr, const Derived& d, int t,
+                                          uint32_t (&da)[BwdCfg<HD>::BMQ / 16][4]) {
   constexpr int BNK = BwdCfg<HD>::BNK, BMQ = BwdCfg<HD>::BMQ;
   const float c = d.scale_log2;
   float s[BMQ / 2], dp[BMQ / 2];
@@ -99,15 +105,17 @@ __device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 
   issue_abt<E, BMQ, HD, BNK, BMQ>(dp, v_addr, do_addr);  // dP^T = V dO^T
   wgmma_wait<1>();  // S^T has landed
   fence_operands(s);
-  // P^T; element (n, e): key jr + 8 (e / 2), query i0 + 8 n + 2 t + e % 2. Causal: 0 where j > i + shift.
+  // P^T; element (n, e): key jr + 8 (e / 2), query i0 + il, il = 8 n + 2 t + e % 2. Causal: 0 where j > i + shift,
+  // i.e. where off + 8 (e / 2) > il with off = jr - i0 - shift, clamped to 32 bits (|off| > 256 decides alike).
   const bool check = CAUSAL && jw + 63 > i0 + d.shift;
+  const int off = int(imax(-256, imin(256, jr - i0 - d.shift)));
 #pragma unroll
   for (int n = 0; n < BMQ / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int il = 8 * n + 2 * t + (e & 1);
       float x = fmaf(s[4 * n + e], c, -st[il]) - st[BMQ + il];
-      if (check && jr + (e >> 1) * 8 > i0 + il + d.shift) x = -INFINITY;
+      if (check && off + (e >> 1) * 8 > il) x = -INFINITY;
       s[4 * n + e] = fast_exp2(x);
     }
   uint32_t pa[BMQ / 16][4];
@@ -119,8 +127,7 @@ __device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 
   for (int n = 0; n < BMQ / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[4 * n + e] *= dp[4 * n + e] - st[2 * BMQ + 8 * n + 2 * t + (e & 1)];
-  uint32_t da[BMQ / 16][4];
-  pack_a<E, BMQ>(da, s);
+  pack_a<E, BMQ>(da, s);  // (the caller's: dS^T packed, for the fused dQ)
   issue_ab<E, HD, BMQ>(dk, da, q_addr);  // dK += dS^T Q
   wgmma_wait<0>();
   fence_operands(dv);
@@ -196,7 +203,8 @@ __global__ void __launch_bounds__(256, 1)
     const int64_t i0 = (qb_lo + it % nqe) * BMQ;
     const uint32_t q_addr = smem_addr(Qs + buf * C::kQStage), do_addr = smem_addr(Ds + buf * C::kQStage);
 
-    dkdv_step<E, HD, CAUSAL>(dk, dv, k_addr, v_addr, q_addr, do_addr, St + buf * 3 * BMQ, i0, jw, jr, d, t);
+    uint32_t da[BMQ / 16][4];
+    dkdv_step<E, HD, CAUSAL>(dk, dv, k_addr, v_addr, q_addr, do_addr, St + buf * 3 * BMQ, i0, jw, jr, d, t, da);
     __syncthreads();  // every warpgroup is done with the stage the next iteration refills
   }
   cp_async_wait<0>();  // (no query block: the K / V copies are still in flight)
@@ -210,6 +218,19 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
+// p[0] += a, p[1] += b atomically (p 8-byte aligned; one vector reduction on sm_90).
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#ifdef PYATTN_CUDA_EMU
+  p[0] += a;  // (the emulator runs one thread at a time)
+  p[1] += b;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
 // ---- warp-specialized dK / dV (opt-in: PYATTN_CUDA_ATTN_SM90_BWD=ws) ----------------------------------------------
 // The same blocks and steps as attn_bwd_dkdv_sm90_kernel with FA3's producer / consumer split: warpgroup 0 produces
 // (setmaxnreg.dec; its first thread copies K and V once and each step's Q and dO tiles with TMA into a 2-stage ring,
@@ -218,12 +239,17 @@ __global__ void __launch_bounds__(256, 1)
 // threads arrive when their GEMMs on it are done). No block barrier in the loop: the two consumer warpgroups drift
 // apart, so one's exp2s and dS run under the other's GEMMs, and the copies run ahead by a stage.
 // Shared memory: the cp.async kernel's + 5 mbarriers.
-template <class E, int HD, bool CAUSAL>
+// FUSED (PYATTN_CUDA_ATTN_SM90_BWD=fused, HD 128; FA3's dQ): each step also writes dS^T to shared memory (key rows of
+// BMQ queries, swizzled) and, once both consumer warpgroups have (a named barrier), warpgroup wg computes
+// dQ[:, 64 wg..] (64 x 64) = dS K[:, 64 wg..] over the block's 128 keys (wgmma with A read M-major, B N-major) and
+// adds it into dq_acc with atomics (so no dQ kernel recomputes S and dP: 5 GEMMs a step instead of 7).
+template <class E, int HD, bool CAUSAL, bool FUSED>
 __global__ void __launch_bounds__(384, 1)
     attn_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                                  const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo,
                                  const AttnBwdParams p, const Derived d, const float* __restrict__ lse2,
-                                 const float* __restrict__ l2, const float* __restrict__ delta) {
+                                 const float* __restrict__ l2, const float* __restrict__ delta,
+                                 float* __restrict__ dq_acc /* FUSED: (B, Hq, Lq, HD) fp32, zeroed */) {
 #ifdef PYATTN_SM90_KERNEL
   using C = BwdCfg<HD>;
   constexpr int BNK = C::BNK, BMQ = C::BMQ, SUB = HD / 64, NCONS = 256;
@@ -233,7 +259,8 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* Vs = Ks + C::kKeyTile;                                      // [SUB][BNK][64]
   unsigned char* Qs = Vs + C::kKeyTile;                                      // [2 stages][SUB][BMQ][64]
   unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2 stages][SUB][BMQ][64] dout
-  float* St = reinterpret_cast<float*>(Ds + 2 * C::kQStage);                 // [2 stages][3][BMQ]
+  unsigned char* Ss = Ds + 2 * C::kQStage;                                   // FUSED: [2][BNK][BMQ] dS^T swizzled
+  float* St = reinterpret_cast<float*>(Ss + (FUSED ? 2 * C::kDsTile : 0));  // [2 stages][3][BMQ]
   uint64_t* bars = reinterpret_cast<uint64_t*>(St + 2 * 3 * BMQ);
   uint64_t* kv_full = bars;      // K and V landed
   uint64_t* q_full = bars + 1;   // [2] stage landed (Q, dO, statistics)
@@ -298,10 +325,41 @@ __global__ void __launch_bounds__(384, 1)
     for (int64_t it = 0; it < niter; ++it) {
       const int st = int(it & 1);
       mbar_wait(q_full + st, use(it));
+      const int64_t i0 = (qb_lo + it % nqe) * BMQ;
+      uint32_t da[BMQ / 16][4];
       dkdv_step<E, HD, CAUSAL>(dk, dv, k_addr, v_addr, smem_addr(Qs + st * C::kQStage),
-                               smem_addr(Ds + st * C::kQStage), St + st * 3 * BMQ, (qb_lo + it % nqe) * BMQ, jw, jr,
-                               d, t);
+                               smem_addr(Ds + st * C::kQStage), St + st * 3 * BMQ, i0, jw, jr, d, t, da);
       mbar_arrive(q_empty + st);
+      if constexpr (FUSED) {
+        // da[k][e] (dS^T): key 64 wg + 16 warp + g + 8 (e % 2), queries 8 n + 2 t, + 1 with n = 2 k + e / 2, at
+        // byte swizzle128(key * 128 + 16 n + 4 t) of Ss[it % 2] (two buffers: a warpgroup writes one while the
+        // other may still read the other in its last step's GEMM; it read this one two steps ago, before the
+        // barrier of the last step)
+        unsigned char* ss = Ss + st * C::kDsTile;
+#pragma unroll
+        for (int k = 0; k < BMQ / 16; ++k)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = 64 * wg + 16 * warp + g + 8 * (e & 1), n = 2 * k + (e >> 1);
+            *reinterpret_cast<uint32_t*>(ss + swizzle128(uint32_t(key * 128 + 16 * n + 4 * t))) = da[k][e];
+          }
+        fence_proxy_async();
+        named_bar_sync(1, NCONS);  // both warpgroups' dS^T written
+        float dqp[32];             // dQ[:, 64 wg..] of this step's queries and the block's keys
+        issue_ab_mn<E, 64, BNK>(dqp, smem_addr(ss), smem_addr(Ks) + wg * (BNK * 128));
+        wgmma_wait<0>();
+        fence_operands(dqp);
+        const int64_t h = hk * G + it / nqe;
+        float* acc = dq_acc + ((b * p.Hq + h) * p.Lq + i0) * HD + 64 * wg + 2 * t;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = 16 * warp + g + 8 * r;
+          if (i0 + i < p.Lq) {
+#pragma unroll
+            for (int n = 0; n < 8; ++n) atomic_add2(acc + i * HD + 8 * n, dqp[4 * n + 2 * r], dqp[4 * n + 2 * r + 1]);
+          }
+        }
+      }
     }
     store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr,
                       p.Lk, dk, p.scale, t);
@@ -419,36 +477,69 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
-// The dK / dV kernel: warp-specialized when ws and the TMA maps can be made, else the cp.async one.
+// dq = dq_acc * scale in the storage dtype (after the fused dK / dV kernel): a warp per row r = (b * Hq + h) * Lq + i
+// (8 rows per block), 8 columns a lane at a time (16-byte-aligned rows of dq: sm90_bwd_plan).
+template <class E, int HD>
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const AttnBwdParams p,
+                                                                  const float* __restrict__ dq_acc) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * 8 + warp;
+  if (row >= p.B * p.Hq * p.Lq) return;
+  const int64_t i = row % p.Lq, bh = row / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
+  uint16_t* dq = static_cast<uint16_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + i * p.dq_stride[2];
+  const float c = p.scale;
+  for (int col = lane * 8; col < HD; col += 256) {
+    const float4 x = *reinterpret_cast<const float4*>(dq_acc + row * HD + col);
+    const float4 y = *reinterpret_cast<const float4*>(dq_acc + row * HD + col + 4);
+    *reinterpret_cast<uint4*>(dq + col) = make_uint4(E::pack(x.x * c, x.y * c), E::pack(x.z * c, x.w * c),
+                                                     E::pack(y.x * c, y.y * c), E::pack(y.z * c, y.w * c));
+  }
+}
+
+// The dK / dV kernel (and, fused, dQ): warp-specialized when pl.ws and the TMA maps can be made, else the cp.async
+// one (and then the dQ kernel: fused needs the maps). Returns whether dQ is done (*err: the status).
 template <class E, int HD, bool CAUSAL>
-cudaError_t launch_dkdv(const AttnBwdParams& p, const Derived& d, bool ws, const float* lse2, const float* l2,
-                        const float* delta, cudaStream_t stream) {
+bool launch_dkdv(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl, const float* lse2, const float* l2,
+                 const float* delta, float* dq_acc, cudaStream_t stream, cudaError_t* err) {
   using C = BwdCfg<HD>;
   const int64_t blocks = (p.Lk + C::BNK - 1) / C::BNK * p.B * p.Hkv;
   CUtensorMap tq, tk, tv, tdo;
-  if (ws && make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, C::BMQ) &&
+  if (pl.ws && make_map(&tq, p.q, p.dtype, p.B, p.Hq, p.Lq, p.D, p.q_stride, C::BMQ) &&
       make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, C::BNK) &&
       make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, C::BNK) &&
       make_map(&tdo, p.dout, p.dtype, p.B, p.Hq, p.Lq, p.Dv, p.dout_stride, C::BMQ)) {
-    auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL>;
-    const cudaError_t err = fit_kernel(kernel, C::dkdv_ws_smem);
-    if (err != cudaSuccess) return err;
-    kernel<<<unsigned(blocks), 384, C::dkdv_ws_smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta);
-    return cudaGetLastError();
+    if constexpr (HD == 128) {
+      if (pl.fused) {
+        auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, true>;
+        if ((*err = fit_kernel(kernel, C::dkdv_fused_smem)) != cudaSuccess) return true;
+        kernel<<<unsigned(blocks), 384, C::dkdv_fused_smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta,
+                                                                      dq_acc);
+        if ((*err = cudaGetLastError()) != cudaSuccess) return true;
+        const int64_t rows = p.B * p.Hq * p.Lq;
+        attn_bwd_dq_convert_kernel<E, HD><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, dq_acc);
+        *err = cudaGetLastError();
+        return true;
+      }
+    }
+    auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, false>;
+    if ((*err = fit_kernel(kernel, C::dkdv_ws_smem)) != cudaSuccess) return true;
+    kernel<<<unsigned(blocks), 384, C::dkdv_ws_smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta, nullptr);
+    *err = cudaGetLastError();
+    return false;
   }
   auto kernel = attn_bwd_dkdv_sm90_kernel<E, HD, CAUSAL>;
-  const cudaError_t err = fit_kernel(kernel, C::dkdv_smem);
-  if (err != cudaSuccess) return err;
+  if ((*err = fit_kernel(kernel, C::dkdv_smem)) != cudaSuccess) return true;
   kernel<<<unsigned(blocks), C::NT, C::dkdv_smem, stream>>>(p, d, lse2, l2, delta);
-  return cudaGetLastError();
+  *err = cudaGetLastError();
+  return false;
 }
 
 template <class E, int HD, bool CAUSAL>
-cudaError_t launch_bwd(const AttnBwdParams& p, const Derived& d, bool ws, const float* lse2, const float* l2,
-                       const float* delta, cudaStream_t stream) {
+cudaError_t launch_bwd(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl, const float* lse2,
+                       const float* l2, const float* delta, float* dq_acc, cudaStream_t stream) {
   using C = BwdCfg<HD>;
-  cudaError_t err = launch_dkdv<E, HD, CAUSAL>(p, d, ws, lse2, l2, delta, stream);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (launch_dkdv<E, HD, CAUSAL>(p, d, pl, lse2, l2, delta, dq_acc, stream, &err) || err != cudaSuccess) return err;
   auto dq = attn_bwd_dq_sm90_kernel<E, HD, CAUSAL>;
   if ((err = fit_kernel(dq, C::dq_smem)) != cudaSuccess) return err;
   const int64_t dq_blocks = (p.Lq + C::BM - 1) / C::BM * p.B * p.Hq;
@@ -457,34 +548,41 @@ cudaError_t launch_bwd(const AttnBwdParams& p, const Derived& d, bool ws, const 
 }
 
 template <class E>
-cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, bool ws, const float* lse2, const float* l2,
-                         const float* delta, cudaStream_t stream) {
+cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl, const float* lse2,
+                         const float* l2, const float* delta, float* dq_acc, cudaStream_t stream) {
   if (p.D == 64)
-    return p.causal ? launch_bwd<E, 64, true>(p, d, ws, lse2, l2, delta, stream)
-                    : launch_bwd<E, 64, false>(p, d, ws, lse2, l2, delta, stream);
-  return p.causal ? launch_bwd<E, 128, true>(p, d, ws, lse2, l2, delta, stream)
-                  : launch_bwd<E, 128, false>(p, d, ws, lse2, l2, delta, stream);
+    return p.causal ? launch_bwd<E, 64, true>(p, d, pl, lse2, l2, delta, dq_acc, stream)
+                    : launch_bwd<E, 64, false>(p, d, pl, lse2, l2, delta, dq_acc, stream);
+  return p.causal ? launch_bwd<E, 128, true>(p, d, pl, lse2, l2, delta, dq_acc, stream)
+                  : launch_bwd<E, 128, false>(p, d, pl, lse2, l2, delta, dq_acc, stream);
 }
 
 }  // namespace sm90
 
-// PYATTN_CUDA_ATTN_SM90_BWD=0 in the environment: off (attention.cu's mma.sync kernels); =ws: the warp-specialized
-// dK / dV kernel (opt-in until a GPU run times it).
-bool bwd_sm90(const AttnBwdParams& p, const Derived& d, const float* lse2, const float* l2, const float* delta,
-              cudaStream_t stream, cudaError_t* err) {
-  bool take = false, ws = false;
+// PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =ws: the warp-specialized dK / dV kernel;
+// =fused: that kernel adding dQ atomically at HD 128 unless p.deterministic (both opt-in until a GPU run times them).
+Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
+  Sm90BwdPlan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)  // (else no sm_90a code in this build)
   const char* env = std::getenv("PYATTN_CUDA_ATTN_SM90_BWD");  // read per call: tests and benchmarks switch it
   auto is = [&](const char* v) { return env != nullptr && std::strcmp(env, v) == 0; };
-  take = !is("0") && p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) && (p.D == 64 || p.D == 128) &&
-         p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q && d.vec_k && d.vec_v && d.vec_do &&
-         d.vec_dq && d.vec_dk && d.vec_dv;
-  ws = is("ws");
+  pl.take = !is("0") && p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) &&
+            (p.D == 64 || p.D == 128) && p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q &&
+            d.vec_k && d.vec_v && d.vec_do && d.vec_dq && d.vec_dk && d.vec_dv;
+  pl.ws = pl.take && (is("ws") || is("fused"));
+  pl.fused = pl.ws && is("fused") && p.D == 128 && !p.deterministic;
+#else
+  (void)p;
+  (void)d;
 #endif
-  if (!take) return false;
-  *err = p.dtype == DType::F16 ? sm90::launch_bwd_e<F16>(p, d, ws, lse2, l2, delta, stream)
-                               : sm90::launch_bwd_e<BF16>(p, d, ws, lse2, l2, delta, stream);
-  return true;
+  return pl;
+}
+
+cudaError_t bwd_sm90(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl, const float* lse2,
+                     const float* l2, const float* delta, float* dq_acc, cudaStream_t stream) {
+  if (pl.fused && dq_acc == nullptr) return cudaErrorInvalidValue;
+  return p.dtype == DType::F16 ? sm90::launch_bwd_e<F16>(p, d, pl, lse2, l2, delta, dq_acc, stream)
+                               : sm90::launch_bwd_e<BF16>(p, d, pl, lse2, l2, delta, dq_acc, stream);
 }
 
 }  // namespace attn

@@ -92,13 +92,20 @@ struct Sm90Plan {
 };
 Sm90Plan sm90_plan(const AttnFwdParams& p, const Derived& d);
 
-// The Hopper backward (attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels, built for sm_90a): launches them after
-// attn_bwd_pre_kernel's row statistics and returns true (their status in *err) when it takes p (an sm_90a build, a
-// compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of
-// every tensor; PYATTN_CUDA_ATTN_SM90_BWD=0 in the environment turns it off), else returns false and run_attn_bwd
-// (attention.cu) launches its own mma.sync kernels.
-bool bwd_sm90(const AttnBwdParams& p, const Derived& d, const float* lse2, const float* l2, const float* delta,
-              cudaStream_t stream, cudaError_t* err);
+// The Hopper backward (attention_sm90_bwd.cu: wgmma kernels, built for sm_90a). sm90_bwd_plan says whether it takes
+// p (an sm_90a build, a compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout,
+// 16-byte-aligned rows of every tensor; PYATTN_CUDA_ATTN_SM90_BWD=0 in the environment turns it off) and how;
+// bwd_sm90 launches its kernels after attn_bwd_pre_kernel's row statistics (which zeroes dq_acc when pl.fused).
+// Otherwise run_attn_bwd (attention.cu) launches its own mma.sync kernels.
+struct Sm90BwdPlan {
+  bool take = false;
+  bool ws = false;     // the warp-specialized dK / dV kernel (else the cp.async one)
+  bool fused = false;  // ... which also adds dQ into a zeroed fp32 accumulator (B, Hq, Lq, D) with atomics (else a
+                       // dQ kernel computes it): HD 128, not p.deterministic
+};
+Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d);
+cudaError_t bwd_sm90(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl, const float* lse2,
+                     const float* l2, const float* delta, float* dq_acc, cudaStream_t stream);
 // The decoding forward (attention_decode.cu: split-KV, CUDA cores): decode_plan says whether it takes p (fp16 /
 // bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of q, k, v, group * Lq <= kDecodeMaxRows,
 // Lk >= kDecodeMinKeys, B and Hkv <= 65535; PYATTN_CUDA_ATTN_DECODE=0 in the environment turns it off: n_splits 0)

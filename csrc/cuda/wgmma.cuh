@@ -62,6 +62,11 @@ template <class E, int N>
 __device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db) {
   ::pyattn_emu::wgmma_m64k16(d, N, a, 0, db, /*scale_d=*/true, /*trans_b=*/true, E::kIsBF16);
 }
+// D (+)= A B with A from shared memory M-major and B from shared memory N-major; scale_d == 0: D = A B.
+template <class E, int N>
+__device__ __forceinline__ void wgmma_ss_mn(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+  ::pyattn_emu::wgmma_m64k16(d, N, nullptr, da, db, scale_d != 0, /*trans_b=*/true, E::kIsBF16, /*trans_a=*/true);
+}
 #else
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -119,6 +124,9 @@ template <class E, int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
 template <class E, int N>
 __device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db);
+// wgmma_ss_mn: D (+)= A B, A from shared memory M-major, B N-major (imm-trans-a = imm-trans-b = 1).
+template <class E, int N>
+__device__ __forceinline__ void wgmma_ss_mn(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
 
 #define PYATTN_WGMMA_SS(E, N, TY, DREGS, DOPS, A0, A1, A2)                                                  \
   template <>                                                                                            \
@@ -126,6 +134,15 @@ __device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " A2 ", 0;\n"                                            \
                  "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " A0 ", " A1       \
                  ", p, 1, 1, 0, 0;\n}\n"                                                                  \
+                 : DOPS                                                                                   \
+                 : "l"(da), "l"(db), "r"(scale_d));                                                       \
+  }
+#define PYATTN_WGMMA_SS_MN(E, N, TY, DREGS, DOPS, A0, A1, A2)                                               \
+  template <>                                                                                            \
+  __device__ __forceinline__ void wgmma_ss_mn<E, N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " A2 ", 0;\n"                                            \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " A0 ", " A1       \
+                 ", p, 1, 1, 1, 1;\n}\n"                                                                  \
                  : DOPS                                                                                   \
                  : "l"(da), "l"(db), "r"(scale_d));                                                       \
   }
@@ -148,7 +165,10 @@ PYATTN_WGMMA_RS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64
 PYATTN_WGMMA_RS(BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66", "%67", "%68", "%69")
 PYATTN_WGMMA_RS(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34", "%35", "%36", "%37")
 PYATTN_WGMMA_RS(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34", "%35", "%36", "%37")
+PYATTN_WGMMA_SS_MN(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
+PYATTN_WGMMA_SS_MN(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
 #undef PYATTN_WGMMA_SS
+#undef PYATTN_WGMMA_SS_MN
 #undef PYATTN_WGMMA_RS
 #endif
 
@@ -202,6 +222,22 @@ __device__ __forceinline__ void issue_ab(float (&acc)[HD / 2], uint32_t (&a)[K /
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < K / 16; ++k) wgmma_rs_nmajor<E, HD>(acc, a[k], make_desc(b_addr + k * 16 * 128, K * 128, 1024));
+  wgmma_commit();
+}
+
+// Issues acc (64 x N, fp32) = A B (async; one commit group) with both operands from shared memory stored K rows by
+// 64 columns (A^T and B: M-major and N-major, N <= 64): the tiles of K rows at a_addr and b_addr; k-step k reads rows
+// 16 k.. of both (16 rows of 128 bytes in).
+template <class E, int N, int K>
+__device__ __forceinline__ void issue_ab_mn(float (&acc)[N / 2], uint32_t a_addr, uint32_t b_addr) {
+  static_assert(N <= 64, "one 64-column sub-tile of B");
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < K / 16; ++k)
+    wgmma_ss_mn<E, N>(acc, make_desc(a_addr + k * 16 * 128, K * 128, 1024),
+                      make_desc(b_addr + k * 16 * 128, K * 128, 1024), k > 0);
   wgmma_commit();
 }
 

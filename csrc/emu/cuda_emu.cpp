@@ -70,7 +70,7 @@ struct Mbarrier {
 // that covers it: the latest moment hardware may finish it).
 struct PendingWgmma {
   int n = 0, wq = 0;  // N, the warp's place in its warpgroup
-  bool acc = false, trans_b = false, bf16 = false, a_smem = false;
+  bool acc = false, trans_a = false, trans_b = false, bf16 = false, a_smem = false;
   uint64_t a_desc = 0, b_desc = 0;
   float* d[32] = {};
   uint32_t a[32][4] = {};
@@ -480,12 +480,16 @@ static void wgmma_execute(const PendingWgmma& w) {
   const int N = w.n;
   auto cv = [&w](uint16_t h) { return w.bf16 ? bf16_to_float(h) : half_to_float(h); };
   float A[16][16];
-  if (w.a_smem) {  // K-major: (row r, k) at start + (r / 8) SBO + (r % 8) 128 + 2 k
+  if (w.a_smem) {  // K-major: (row m, k) at start + (m / 8) SBO + (m % 8) 128 + 2 k;
+                   // M-major: (m, k) at start + (m / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (m % 64) (B's N-major)
     const WgmmaDesc da = wgmma_decode(w.a_desc);
     for (int r = 0; r < 16; ++r)
       for (int k = 0; k < 16; ++k) {
-        const int row = 16 * w.wq + r;
-        A[r][k] = cv(wgmma_smem_elem(da.start + uint64_t(row / 8) * da.sbo + uint64_t(row % 8) * 128 + 2 * k));
+        const uint64_t m = 16 * w.wq + r;
+        const uint64_t addr = w.trans_a ? da.start + (m / 64) * da.lbo + uint64_t(k / 8) * da.sbo +
+                                              uint64_t(k % 8) * 128 + 2 * (m % 64)
+                                        : da.start + (m / 8) * da.sbo + (m % 8) * 128 + 2 * uint64_t(k);
+        A[r][k] = cv(wgmma_smem_elem(addr));
       }
   } else {
     for (int l = 0; l < 32; ++l) {
@@ -523,19 +527,21 @@ static void wgmma_execute(const PendingWgmma& w) {
 }
 
 void wgmma_m64k16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool scale_d, bool trans_b,
-                  bool bf16) {
+                  bool bf16, bool trans_a) {
+  if (trans_a && a != nullptr) fail("wgmma: a transposed A must come from shared memory", __FILE__, __LINE__);
   if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N must be a multiple of 8 in [8, 256]", __FILE__, __LINE__);
   if (g_block->warps.size() % 4 != 0) fail("wgmma: the block is not whole warpgroups", __FILE__, __LINE__);
   uint64_t in[12] = {reinterpret_cast<uintptr_t>(d), a ? a[0] : 0u, a ? a[1] : 0u, a ? a[2] : 0u, a ? a[3] : 0u,
                      a_desc, b_desc};
   const uint64_t param = uint64_t(n) | (uint64_t(scale_d) << 16) | (uint64_t(trans_b) << 17) |
-                         (uint64_t(bf16) << 18) | (uint64_t(a == nullptr) << 19);
+                         (uint64_t(bf16) << 18) | (uint64_t(a == nullptr) << 19) | (uint64_t(trans_a) << 20);
   uint32_t out[4];
   warp_collective(Op::Wgmma, param, in, out, [](const uint64_t (*i)[12], uint32_t (*)[4], uint64_t prm) {
     PendingWgmma w;
     w.n = int(prm & 0xffffu);
     w.acc = (prm >> 16) & 1u;
     w.trans_b = (prm >> 17) & 1u;
+    w.trans_a = (prm >> 20) & 1u;
     w.bf16 = (prm >> 18) & 1u;
     w.a_smem = (prm >> 19) & 1u;
     w.wq = int((g_thread->linear / 32) % 4);  // the warp's place in its warpgroup: rows 16 wq..

@@ -267,10 +267,11 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 // computed at the wgmma_wait(n) (wait_group n) that covers it, reading shared memory and the accumulators then: the
 // latest moment hardware may, so reading results before their wait, or refilling an operand's shared memory before
 // it, gives wrong results here (wgmma.fence is a no-op). d: this lane's N / 2 accumulators (D = A B when !scale_d, else D += A B); a: this lane's 4 A registers,
-// or nullptr for A from shared memory (a_desc, K-major); b_desc: B from shared memory, K-major (!trans_b) or N-major.
+// or nullptr for A from shared memory (a_desc, K-major, or M-major when trans_a); b_desc: B from shared memory,
+// K-major (!trans_b) or N-major.
 // Descriptors: 128-byte swizzle only (csrc/cuda/wgmma.cuh says how they are read; anything else fails the launch).
 void wgmma_m64k16(float* d, int n, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool scale_d, bool trans_b,
-                  bool bf16);
+                  bool bf16, bool trans_a = false);
 void wgmma_commit();
 void wgmma_wait(int n);
 

@@ -93,7 +93,9 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cuda(const Tensor& dout_in, const Te
   Tensor dq, dk, dv;
   if (!attn_checks::alloc_bwd_outputs(p, q, k, v, dout, out, lse, s, dq, dk, dv)) return {dq, dk, dv};
   check_launchable(op, p);
-  // fp32 row statistics (lse in log2 units, l2, delta), 3 * B * Hq * Lq floats; freed stream-ordered on return
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+  // fp32 row statistics (lse in log2 units, l2, delta), 3 * B * Hq * Lq floats, and the Hopper backward's dQ
+  // accumulator when it takes p without deterministic mode; freed stream-ordered on return
   Tensor ws = at::empty({cuda::attention_bwd_workspace_floats(p)}, q.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::attention_bwd(p, ws.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

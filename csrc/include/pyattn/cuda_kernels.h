@@ -77,7 +77,8 @@ struct AttnFwdWorkspace {
 cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream);
 AttnFwdWorkspace attention_fwd_workspace(const AttnFwdParams& p);
 // Writes p.dq, p.dk, p.dv (GQA: dk/dv summed over the group in a fixed order, no atomics; deterministic).
-// workspace: attention_bwd_workspace_floats(p) floats of device memory (fp32 row statistics).
+// workspace: attention_bwd_workspace_floats(p) floats of device memory (fp32 row statistics; and a dQ accumulator
+// where the Hopper backward adds dQ atomically: p.deterministic false). Needs no initialisation.
 cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream);
 int64_t attention_bwd_workspace_floats(const AttnBwdParams& p);
 // ---- end attention ----

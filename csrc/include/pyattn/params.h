@@ -134,6 +134,8 @@ struct AttnBwdParams : AttnCommon {
   int64_t dq_stride[3] = {0, 0, 0};
   int64_t dk_stride[3] = {0, 0, 0};
   int64_t dv_stride[3] = {0, 0, 0};
+  // torch.are_deterministic_algorithms_enabled() (the bindings fill it): no atomics, bitwise-repeatable gradients
+  bool deterministic = false;
 };
 
 // ============================================================================================================
