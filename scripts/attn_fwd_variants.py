@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each row reaches the log even if a timeout kills the run
     providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"),
                  "pyattn:triton": pyattn_fn("triton", None)}
     providers.update({f"pyattn:{name}": pyattn_fn("cuda", env) for name, env in VARIANTS.items()})

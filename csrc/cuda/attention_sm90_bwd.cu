@@ -1,8 +1,8 @@
 // CUDA attention backward for Hopper (sm_90a): the FlashAttention-2 backward of attention.cu (a dK / dV kernel over
 // key blocks and a dQ kernel over query blocks, both after attn_bwd_pre_kernel's row statistics lse2, l2, delta) on
 // warpgroup MMA (wgmma, csrc/cuda/wgmma.cuh) instead of mma.sync. Same contract and semantics as attention.cu's
-// kernels (causal with both alignments, GQA summed in a fixed order: deterministic, no atomics; a row that saw no
-// key has lse +inf, so P = 0 and its dQ is 0); it takes the common case only (bwd_sm90: fp16 / bf16, D == Dv in
+// kernels (causal with both alignments, GQA summed in a fixed order: deterministic, no atomics except in the opt-in
+// fused dQ below; a row that saw no key has lse +inf, so P = 0 and its dQ is 0); it takes the common case only (bwd_sm90: fp16 / bf16, D == Dv in
 // {64, 128}, no mask, no dropout, 16-byte-aligned rows of every tensor), attention.cu's kernels the rest.
 //
 // Both kernels: 2 warpgroups (256 threads); tiles in shared memory as 128-byte-swizzled 64-column sub-tiles
@@ -26,8 +26,8 @@
 // Registers per thread (HD 128): dK / dV kernel S^T 32 + dP^T 32 + dK 64 + dV 64 fp32 + P^T and dS^T 16 + 16 packed;
 // dQ kernel S 32 + dP 32 + dQ 64 fp32 + dS 16 packed.
 // Shared memory (HD 128): dK / dV 1 KB alignment slack + (2 BNK + 4 BMQ) HD 2 bytes + statistics 2 * 3 * BMQ * 4 =
-// 130.5 KB; dQ 1 KB + (2 BM + 4 BN) HD 2 = 129 KB (one block per SM; HD 64: about half, and the registers
-// allow two).
+// 130.5 KB; dQ 1 KB + (2 BM + 4 BN) HD 2 = 129 KB (one block per SM; HD 64: about half the shared memory, still
+// one block per SM by registers: 150-200 a thread).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -238,11 +238,11 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 // stage behind a "full" mbarrier (32 producer lanes arrive, the copies complete) and an "empty" one (all 256 consumer
 // threads arrive when their GEMMs on it are done). No block barrier in the loop: the two consumer warpgroups drift
 // apart, so one's exp2s and dS run under the other's GEMMs, and the copies run ahead by a stage.
-// Shared memory: the cp.async kernel's + 5 mbarriers.
+// Shared memory: the cp.async kernel's + 5 mbarriers (FUSED: + two dS^T tiles of 16 KB).
 // FUSED (PYATTN_CUDA_ATTN_SM90_BWD=fused, HD 128; FA3's dQ): each step also writes dS^T to shared memory (key rows of
-// BMQ queries, swizzled) and, once both consumer warpgroups have (a named barrier), warpgroup wg computes
-// dQ[:, 64 wg..] (64 x 64) = dS K[:, 64 wg..] over the block's 128 keys (wgmma with A read M-major, B N-major) and
-// adds it into dq_acc with atomics (so no dQ kernel recomputes S and dP: 5 GEMMs a step instead of 7).
+// BMQ queries, swizzled) and, once both consumer warpgroups have (a named barrier: they meet once a step), warpgroup
+// wg computes dQ[:, 64 wg..] (64 x 64) = dS K[:, 64 wg..] over the block's 128 keys (wgmma with A read M-major, B
+// N-major) and adds it into dq_acc with atomics (so no dQ kernel recomputes S and dP: 5 GEMMs a step instead of 7).
 template <class E, int HD, bool CAUSAL, bool FUSED>
 __global__ void __launch_bounds__(384, 1)
     attn_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
