@@ -76,7 +76,8 @@ struct AttnFwdWorkspace {
 };
 cudaError_t attention_fwd(const AttnFwdParams& p, cudaStream_t stream);
 AttnFwdWorkspace attention_fwd_workspace(const AttnFwdParams& p);
-// Writes p.dq, p.dk, p.dv (GQA: dk/dv summed over the group in a fixed order, no atomics; deterministic).
+// Writes p.dq, p.dk, p.dv (GQA: dk/dv summed over the group in a fixed order; deterministic, no atomics, except the
+// opt-in fused Hopper dQ, PYATTN_CUDA_ATTN_SM90_BWD=fused, which p.deterministic turns off).
 // workspace: attention_bwd_workspace_floats(p) floats of device memory (fp32 row statistics; and a dQ accumulator
 // where the Hopper backward adds dQ atomically: p.deterministic false). Needs no initialisation.
 cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream);
