@@ -521,10 +521,15 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         else:
             assert smem == ws_smem and torch.equal(fused[0], grads[0])
     monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
+    blhd = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731 - same values, (B, L, H, D) strides
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + lk + d)
-        for a, b in zip(_bwd(dout, q2, k2, v2, out, lse, causal=causal, bottom_right=bottom_right), grads):
-            assert torch.equal(a, b), layout
+        for variant in ("default", "ws"):  # (the warp-specialized kernel's TMA maps take dout's strides too)
+            if variant == "ws":
+                monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
+            dout2, out2 = (blhd(t) if layout == "blhd" else t for t in (dout, out))
+            for a, b in zip(_bwd(dout2, q2, k2, v2, out2, lse, causal=causal, bottom_right=bottom_right), grads):
+                assert torch.equal(a, b), (layout, variant)
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
     torch.ops.pyattn_emu.emu_reset_counters()
     mma = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
