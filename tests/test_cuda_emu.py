@@ -527,6 +527,8 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         for variant in ("default", "ws"):  # (the warp-specialized kernel's TMA maps take dout's strides too)
             if variant == "ws":
                 monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
+            else:
+                monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD", raising=False)
             dout2, out2 = (blhd(t) if layout == "blhd" else t for t in (dout, out))
             for a, b in zip(_bwd(dout2, q2, k2, v2, out2, lse, causal=causal, bottom_right=bottom_right), grads):
                 assert torch.equal(a, b), (layout, variant)
