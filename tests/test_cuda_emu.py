@@ -504,13 +504,14 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
     # fused (HD 128): dK, dV as before, dQ added by the dK / dV kernel (atomics into fp32, then converted: another
     # summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode and HD 64: the dQ kernel
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "fused")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         try:
             torch.ops.pyattn_emu.emu_reset_counters()
             fused = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
         finally:
-            torch.use_deterministic_algorithms(False)
+            torch.use_deterministic_algorithms(was_deterministic)
         smem = torch.ops.pyattn_emu.emu_counters()[4]
         assert torch.equal(fused[1], grads[1]) and torch.equal(fused[2], grads[2])
         if d == 128 and not deterministic:
@@ -521,7 +522,9 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         else:
             assert smem == ws_smem and torch.equal(fused[0], grads[0])
     monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
-    blhd = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731 - same values, (B, L, H, D) strides
+    def blhd(t):  # the same values in (B, L, H, D) strides
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + lk + d)
         for variant in ("default", "ws"):  # (the warp-specialized kernel's TMA maps take dout's strides too)

@@ -262,11 +262,12 @@ def test_attention_cuda_sm90_backward(variant, dtype, lq, lk, d, causal, bottom_
             assert torch.equal(a, b), "the default kernels"
         if atomic_dq:
             monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
+            was_deterministic = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(True)
             try:
                 assert torch.equal(run("contiguous")[4][0], default[0]), "deterministic mode: the dQ kernel"
             finally:
-                torch.use_deterministic_algorithms(False)
+                torch.use_deterministic_algorithms(was_deterministic)
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
     for name, a, b in zip("qkv", grads, run("contiguous")[4]):
         tol = 2e-2 * float(b.float().abs().max()) + 1e-3
