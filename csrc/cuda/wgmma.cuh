@@ -18,6 +18,8 @@
 //     swizzle to the address it computes, as swizzle128 does).
 //   N-major (trans-b 1; B = V stored (key k, column n), element (k, n) at k * 128 + 2n): LBO = the byte distance of
 //     the 64-column sub-tiles, SBO = 1024 (8 keys); k-step kk starts 16 * 128 * kk bytes in.
+//   M-major A (trans-a 1; A = dS stored as dS^T (key k, query m), element (m, k) at k * 128 + 2m): as N-major B
+//     with m for n (the backward's fused dQ; the PTX ISA's canonical MN-major layout is the same for A and B).
 // Ordering: wgmma_fence() before a wgmma whose accumulator or A registers ordinary instructions wrote; commit + wait
 // before its results are read (fence_operands keeps the compiler from moving register reads and writes across
 // these); shared memory written by ordinary stores or cp.async needs fence_proxy_async() in each writing thread, then
