@@ -52,32 +52,26 @@ def pyattn_fn(backend, env, var="PYATTN_CUDA_ATTN_SM90"):
     return run
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--L", type=int, nargs="+", default=[4096])
-    ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args()
+def compare(args, providers, mode, env_var, make_inputs, timed) -> int:
+    """Each provider on bench_attention.py's GPU shapes (bf16, B * L = 16k tokens, 2048 / D heads), both causal
+    settings: a printed row each (TFLOP/s by PERF.md's count for `mode`, x torch flash, the error `timed` reports;
+    a pyattn row off by more than 2e-2 is marked WRONG), written to args.json when given. make_inputs(B, H, L, D,
+    generator) -> the inputs; timed(fn, inputs, causal, state) -> (error, seconds), state a dict shared by the
+    providers of one shape (the first one's result is the reference). Returns 1 if a row was WRONG, else 0."""
     sys.stdout.reconfigure(line_buffering=True)  # each row reaches the log even if a timeout kills the run
-    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"),
-                 "pyattn:triton": pyattn_fn("triton", None)}
-    providers.update({f"pyattn:{name}": pyattn_fn("cuda", env) for name, env in VARIANTS.items()})
     rows, bad = [], 0
     print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")
     print(f"{'L':>6} {'D':>4} {'causal':>6}  {'provider':<24} {'ms':>8} {'TFLOP/s':>8} {'x flash':>8} {'max err':>9}")
     for L in args.L:
         for D in args.D:
             B, H = max(1, 16384 // L), 2048 // D
-            g = torch.Generator(device="cuda").manual_seed(L + D)
-            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+            inputs = make_inputs(B, H, L, D, torch.Generator(device="cuda").manual_seed(L + D))
             for causal in (False, True):
-                ref = sdpa("flash")(q, k, v, causal).float()
-                flops = attention_flops(B, H, L, L, D, causal=causal, mode="fwd")
-                base = None
+                flops = attention_flops(B, H, L, L, D, causal=causal, mode=mode)
+                state, base = {}, None
                 for name, fn in providers.items():
                     try:
-                        err = (fn(q, k, v, causal).float() - ref).abs().max().item()
-                        t = measure(lambda: fn(q, k, v, causal), "cuda", memory=False).p50
+                        err, t = timed(fn, inputs, causal, state)
                     except Exception as e:  # noqa: BLE001 - a refused provider is reported, not fatal
                         print(f"{L:>6} {D:>4} {causal!s:>6}  {name:<24} refused: {str(e).splitlines()[0][:80]}")
                         continue
@@ -88,12 +82,37 @@ def main() -> int:
                                  "tflops": flops / t / 1e12, "vs_flash": base / t if base else None, "max_err": err})
                     print(f"{L:>6} {D:>4} {causal!s:>6}  {name:<24} {t * 1e3:8.3f} {flops / t / 1e12:8.1f} "
                           f"{(base / t if base else float('nan')):8.2f} {err:9.2e}{'  WRONG' if wrong else ''}")
-    os.environ.pop("PYATTN_CUDA_ATTN_SM90", None)
+    os.environ.pop(env_var, None)
     if args.json:
         with open(args.json, "w") as f:
             # "timings", not "rows": not `pyattn bench` output (scripts/results_table.py skips it)
             json.dump({"device": torch.cuda.get_device_name(0), "timings": rows}, f, indent=1)
     return 1 if bad else 0
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    ap.add_argument("--L", type=int, nargs="+", default=[4096])
+    ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--json", help="write the rows here")
+    return ap.parse_args()
+
+
+def main() -> int:
+    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"),
+                 "pyattn:triton": pyattn_fn("triton", None)}
+    providers.update({f"pyattn:{name}": pyattn_fn("cuda", env) for name, env in VARIANTS.items()})
+
+    def make_inputs(B, H, L, D, g):
+        return tuple(torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+    def timed(fn, inputs, causal, state):  # max abs error against torch flash's output
+        if "ref" not in state:
+            state["ref"] = sdpa("flash")(*inputs, causal).float()
+        err = (fn(*inputs, causal).float() - state["ref"]).abs().max().item()
+        return err, measure(lambda: fn(*inputs, causal), "cuda", memory=False).p50
+
+    return compare(parse_args(), providers, "fwd", "PYATTN_CUDA_ATTN_SM90", make_inputs, timed)
 
 
 if __name__ == "__main__":
