@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
   using St = Steps<E, HD, BN, BM>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BM][64] swizzled
+  unsigned char* Qs = align1024(smem_raw);  // [SUB][BM][64] swizzled
   unsigned char* Ks = Qs + C::kQBytes;                                       // [2][SUB][BN][64]
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2][SUB][BN][64]
   float2* pin_slot = reinterpret_cast<float2*>(Vs + 2 * C::kKVBytes) + threadIdx.x;  // [NT] Steps::pin's scratch
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(384, 1)
   using St = Steps<E, HD, BN, BM>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BM][64] swizzled
+  unsigned char* Qs = align1024(smem_raw);  // [SUB][BM][64] swizzled
   unsigned char* Ks = Qs + C::kQBytes;                                       // [2 stages][SUB][BN][64]
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2 stages][SUB][BN][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(Vs + 2 * C::kKVBytes);

@@ -2,8 +2,9 @@
 // key blocks and a dQ kernel over query blocks, both after attn_bwd_pre_kernel's row statistics lse2, l2, delta) on
 // warpgroup MMA (wgmma, csrc/cuda/wgmma.cuh) instead of mma.sync. Same contract and semantics as attention.cu's
 // kernels (causal with both alignments, GQA summed in a fixed order: deterministic, no atomics except in the opt-in
-// fused dQ below; a row that saw no key has lse +inf, so P = 0 and its dQ is 0); it takes the common case only (bwd_sm90: fp16 / bf16, D == Dv in
-// {64, 128}, no mask, no dropout, 16-byte-aligned rows of every tensor), attention.cu's kernels the rest.
+// fused dQ below; a row that saw no key has lse +inf, so P = 0 and its dQ is 0); it takes the common case only
+// (sm90_bwd_plan: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of every tensor),
+// attention.cu's kernels the rest.
 //
 // Both kernels: 2 warpgroups (256 threads); tiles in shared memory as 128-byte-swizzled 64-column sub-tiles
 // (wgmma.cuh), filled with cp.async by all threads, the next block of the streamed operands copied while this one is
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(256, 1)
   constexpr int BNK = C::BNK, BMQ = C::BMQ, NT = C::NT;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* Ks = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BNK][64] swizzled
+  unsigned char* Ks = align1024(smem_raw);  // [SUB][BNK][64] swizzled
   unsigned char* Vs = Ks + C::kKeyTile;                                      // [SUB][BNK][64]
   unsigned char* Qs = Vs + C::kKeyTile;                                      // [2][SUB][BMQ][64]
   unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2][SUB][BMQ][64] dout
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(384, 1)
   constexpr int BNK = C::BNK, BMQ = C::BMQ, SUB = HD / 64, NCONS = 256;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* Ks = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BNK][64] swizzled
+  unsigned char* Ks = align1024(smem_raw);  // [SUB][BNK][64] swizzled
   unsigned char* Vs = Ks + C::kKeyTile;                                      // [SUB][BNK][64]
   unsigned char* Qs = Vs + C::kKeyTile;                                      // [2 stages][SUB][BMQ][64]
   unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2 stages][SUB][BMQ][64] dout
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(256, 1)
   constexpr int BM = C::BM, BN = C::BN, NT = C::NT;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // [SUB][BM][64] swizzled
+  unsigned char* Qs = align1024(smem_raw);  // [SUB][BM][64] swizzled
   unsigned char* Ds = Qs + C::kQTile;                                        // [SUB][BM][64] dout
   unsigned char* Ks = Ds + C::kQTile;                                        // [2][SUB][BN][64]
   unsigned char* Vs = Ks + 2 * C::kKVStage;                                  // [2][SUB][BN][64]

@@ -130,21 +130,13 @@ __device__ __forceinline__ void wgmma_rs_nmajor(float (&d)[N / 2], const uint32_
 template <class E, int N>
 __device__ __forceinline__ void wgmma_ss_mn(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d);
 
-#define PYATTN_WGMMA_SS(E, N, TY, DREGS, DOPS, A0, A1, A2)                                                  \
+// FN: wgmma_ss (TRANS "0, 0") or wgmma_ss_mn (TRANS "1, 1": imm-trans-a, imm-trans-b)
+#define PYATTN_WGMMA_SMEM(FN, TRANS, E, N, TY, DREGS, DOPS, A0, A1, A2)                                      \
   template <>                                                                                            \
-  __device__ __forceinline__ void wgmma_ss<E, N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) { \
+  __device__ __forceinline__ void FN<E, N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {        \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " A2 ", 0;\n"                                            \
                  "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " A0 ", " A1       \
-                 ", p, 1, 1, 0, 0;\n}\n"                                                                  \
-                 : DOPS                                                                                   \
-                 : "l"(da), "l"(db), "r"(scale_d));                                                       \
-  }
-#define PYATTN_WGMMA_SS_MN(E, N, TY, DREGS, DOPS, A0, A1, A2)                                               \
-  template <>                                                                                            \
-  __device__ __forceinline__ void wgmma_ss_mn<E, N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " A2 ", 0;\n"                                            \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " A0 ", " A1       \
-                 ", p, 1, 1, 1, 1;\n}\n"                                                                  \
+                 ", p, 1, 1, " TRANS ";\n}\n"                                                             \
                  : DOPS                                                                                   \
                  : "l"(da), "l"(db), "r"(scale_d));                                                       \
   }
@@ -157,25 +149,30 @@ __device__ __forceinline__ void wgmma_ss_mn(float (&d)[N / 2], uint64_t da, uint
                  : DOPS                                                                                   \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                          \
   }
-PYATTN_WGMMA_SS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
-PYATTN_WGMMA_SS(BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
-PYATTN_WGMMA_SS(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
-PYATTN_WGMMA_SS(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
-PYATTN_WGMMA_SS(F16, 176, "f16", PYATTN_WGMMA_DREGS88, PYATTN_WGMMA_DOPS88, "%88", "%89", "%90")
-PYATTN_WGMMA_SS(BF16, 176, "bf16", PYATTN_WGMMA_DREGS88, PYATTN_WGMMA_DOPS88, "%88", "%89", "%90")
+PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
+PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
+PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
+PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
+PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", F16, 176, "f16", PYATTN_WGMMA_DREGS88, PYATTN_WGMMA_DOPS88, "%88", "%89", "%90")
+PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", BF16, 176, "bf16", PYATTN_WGMMA_DREGS88, PYATTN_WGMMA_DOPS88, "%88", "%89", "%90")
 PYATTN_WGMMA_RS(F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66", "%67", "%68", "%69")
 PYATTN_WGMMA_RS(BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66", "%67", "%68", "%69")
 PYATTN_WGMMA_RS(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34", "%35", "%36", "%37")
 PYATTN_WGMMA_RS(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34", "%35", "%36", "%37")
-PYATTN_WGMMA_SS_MN(F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
-PYATTN_WGMMA_SS_MN(BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
-#undef PYATTN_WGMMA_SS
-#undef PYATTN_WGMMA_SS_MN
+PYATTN_WGMMA_SMEM(wgmma_ss_mn, "1, 1", F16, 64, "f16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
+PYATTN_WGMMA_SMEM(wgmma_ss_mn, "1, 1", BF16, 64, "bf16", PYATTN_WGMMA_DREGS32, PYATTN_WGMMA_DOPS32, "%32", "%33", "%34")
+#undef PYATTN_WGMMA_SMEM
 #undef PYATTN_WGMMA_RS
 #endif
 
 // ---- the GEMMs of the attention kernels, built from the instructions above ----
 // Shared-memory tiles: ROWS rows of HD 16-bit columns as HD / 64 swizzled 64-column sub-tiles of ROWS * 128 bytes.
+
+// The first 1024-byte-aligned byte of dynamic shared memory (the 128-byte swizzle's atoms and TMA's destinations
+// need it; the kernels' shared-memory sizes include 1 KB of slack for it).
+__device__ __forceinline__ unsigned char* align1024(unsigned char* smem) {
+  return smem + (1024 - smem_addr(smem) % 1024) % 1024;
+}
 
 // Global rows [0, nrows) of HD elements (row stride `stride` elements, 16-byte aligned) -> the swizzled tile of ROWS
 // rows at s (1024-byte aligned): sub-tile c / 8 holds the 16-byte chunk c of row r at r * 128 + 16 ((c % 8) ^ (r % 8)).
