@@ -1,7 +1,8 @@
 """The CUDA attention backward's kernels side by side on one GPU, in one process: pyattn's cuda backend with the
 Hopper wgmma backward (csrc/cuda/attention_sm90_bwd.cu; the default on compute capability 9.0), with its
 warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws; =fused: also adding dQ with atomics, no dQ kernel) and
-with the mma.sync kernels of attention.cu (=0), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
+with the mma.sync kernels of attention.cu (=0), the default with PYATTN_CUDA_ATTN_L2=0 ("-l2off": the dK / dV and
+dQ grids' tiles level by level over all heads instead of in L2 sections of heads), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
 B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Only the backward is timed
 (torch.autograd.grad of a forward built once per provider). Each pyattn variant's dq, dk, dv are first checked against
 torch flash's (max abs error over max |flash|, printed; above 2e-2 the row is marked WRONG and the exit status is 1).
@@ -25,16 +26,15 @@ from benchmarks.harness import measure  # noqa: E402
 
 # PYATTN_CUDA_ATTN_SM90_BWD; the opt-in kernels last (a hang there, cut off by the lease's timeout, leaves the rows
 # before it in the log: every row is flushed)
-VARIANTS = {"pyattn:cuda:wgmma": None, "pyattn:cuda:mma.sync": "0", "pyattn:cuda:wgmma-ws": "ws",
-            "pyattn:cuda:wgmma-fused": "fused"}
-
-
-def pyattn_fn(backend, env):
-    return attn_fwd_variants.pyattn_fn(backend, env, var="PYATTN_CUDA_ATTN_SM90_BWD")
+BWD = "PYATTN_CUDA_ATTN_SM90_BWD"
+VARIANTS = {"pyattn:cuda:wgmma": {}, "pyattn:cuda:wgmma-l2off": {"PYATTN_CUDA_ATTN_L2": "0"},
+            "pyattn:cuda:mma.sync": {BWD: "0"}, "pyattn:cuda:wgmma-ws": {BWD: "ws"},
+            "pyattn:cuda:wgmma-fused": {BWD: "fused"}}
+pyattn_fn = attn_fwd_variants.pyattn_fn
 
 
 def main() -> int:
-    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"), "pyattn:triton": pyattn_fn("triton", None)}
+    providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"), "pyattn:triton": pyattn_fn("triton", {})}
     providers.update({name: pyattn_fn("cuda", env) for name, env in VARIANTS.items()})
 
     def make_inputs(B, H, L, D, g):
@@ -50,8 +50,7 @@ def main() -> int:
         return err, measure(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), "cuda",
                             memory=False).p50
 
-    return attn_fwd_variants.compare(attn_fwd_variants.parse_args(), providers, "bwd", "PYATTN_CUDA_ATTN_SM90_BWD",
-                                     make_inputs, timed)
+    return attn_fwd_variants.compare(attn_fwd_variants.parse_args(), providers, "bwd", make_inputs, timed)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ kernel the environment variable PYATTN_CUDA_ATTN_SM90 selects (unset: the Hopper
 csrc/cuda/attention_sm90.cu, as fwd_sm90 configures it; "ws1" / "wsp": the same with a block per tile / persistent;
 "wsd": persistent with the dynamic tile scheduler for causal calls; "ws128": key blocks of 128 at non-causal HD 128 too
 (the default there has 176); "cp": the cp.async wgmma kernel;
-"0": the mma.sync kernel of attention.cu), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
+"0": the mma.sync kernel of attention.cu; "-l2off": with PYATTN_CUDA_ATTN_L2=0, causal tiles level by level over all
+heads instead of in L2 sections of heads), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
 B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Each pyattn variant is first checked against torch's flash
 output (max abs error, printed; a variant off by more than 2e-2 is marked WRONG and the exit status is 1).
 TFLOP/s = 4 B H L^2 D / time (halved when causal), median of CUDA-event timings with the L2 flushed
@@ -26,8 +27,22 @@ from benchmarks.harness import attention_flops, measure  # noqa: E402
 
 import pyattn  # noqa: E402
 
-VARIANTS = {"cuda:wgmma-ws": None, "cuda:wgmma-ws1": "ws1", "cuda:wgmma-wsp": "wsp", "cuda:wgmma-wsd": "wsd",
-            "cuda:wgmma-ws128": "ws128", "cuda:wgmma-cp": "cp", "cuda:mma.sync": "0"}
+SM90 = "PYATTN_CUDA_ATTN_SM90"
+VARIANTS = {"cuda:wgmma-ws": {}, "cuda:wgmma-ws-l2off": {"PYATTN_CUDA_ATTN_L2": "0"}, "cuda:wgmma-ws1": {SM90: "ws1"},
+            "cuda:wgmma-wsp": {SM90: "wsp"}, "cuda:wgmma-wsd": {SM90: "wsd"},
+            "cuda:wgmma-wsd-l2off": {SM90: "wsd", "PYATTN_CUDA_ATTN_L2": "0"}, "cuda:wgmma-ws128": {SM90: "ws128"},
+            "cuda:wgmma-cp": {SM90: "cp"}, "cuda:mma.sync": {SM90: "0"}}
+# the environment variables the variants set (each call unsets those it does not set)
+ENV_VARS = ("PYATTN_CUDA_ATTN_SM90", "PYATTN_CUDA_ATTN_SM90_BWD", "PYATTN_CUDA_ATTN_L2")
+
+
+def set_env(env):
+    """Sets the variables of `env` ({name: value}) and unsets the other ENV_VARS."""
+    for name in ENV_VARS:
+        if name in env:
+            os.environ[name] = env[name]
+        else:
+            os.environ.pop(name, None)
 
 
 def sdpa(backend):
@@ -41,18 +56,15 @@ def sdpa(backend):
     return run
 
 
-def pyattn_fn(backend, env, var="PYATTN_CUDA_ATTN_SM90"):
-    """pyattn's attention on `backend` with the environment variable `var` set to `env` (None: unset) first."""
+def pyattn_fn(backend, env):
+    """pyattn's attention on `backend` under the environment `env` ({name: value}; set_env) set first."""
     def run(q, k, v, causal):
-        if env is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = env
+        set_env(env)
         return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
     return run
 
 
-def compare(args, providers, mode, env_var, make_inputs, timed) -> int:
+def compare(args, providers, mode, make_inputs, timed) -> int:
     """Each provider on bench_attention.py's GPU shapes (bf16, B * L = 16k tokens, 2048 / D heads), both causal
     settings: a printed row each (TFLOP/s by PERF.md's count for `mode`, x torch flash, the error `timed` reports;
     a pyattn row off by more than 2e-2 is marked WRONG), written to args.json when given. make_inputs(B, H, L, D,
@@ -82,7 +94,7 @@ def compare(args, providers, mode, env_var, make_inputs, timed) -> int:
                                  "tflops": flops / t / 1e12, "vs_flash": base / t if base else None, "max_err": err})
                     print(f"{L:>6} {D:>4} {causal!s:>6}  {name:<24} {t * 1e3:8.3f} {flops / t / 1e12:8.1f} "
                           f"{(base / t if base else float('nan')):8.2f} {err:9.2e}{'  WRONG' if wrong else ''}")
-    os.environ.pop(env_var, None)
+    set_env({})
     if args.json:
         with open(args.json, "w") as f:
             # "timings", not "rows": not `pyattn bench` output (scripts/results_table.py skips it)
@@ -100,7 +112,7 @@ def parse_args():
 
 def main() -> int:
     providers = {"torch:flash": sdpa("flash"), "torch:cudnn": sdpa("cudnn"),
-                 "pyattn:triton": pyattn_fn("triton", None)}
+                 "pyattn:triton": pyattn_fn("triton", {})}
     providers.update({f"pyattn:{name}": pyattn_fn("cuda", env) for name, env in VARIANTS.items()})
 
     def make_inputs(B, H, L, D, g):
@@ -112,7 +124,7 @@ def main() -> int:
         err = (fn(*inputs, causal).float() - state["ref"]).abs().max().item()
         return err, measure(lambda: fn(*inputs, causal), "cuda", memory=False).p50
 
-    return compare(parse_args(), providers, "fwd", "PYATTN_CUDA_ATTN_SM90", make_inputs, timed)
+    return compare(parse_args(), providers, "fwd", make_inputs, timed)
 
 
 if __name__ == "__main__":

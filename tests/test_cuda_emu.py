@@ -579,6 +579,46 @@ def test_attention_sm90_backward_leaves_the_rest_to_mma_sync():
         assert ops.emu_counters()[2] >= 1 and ops.emu_counters()[5] == 0, name
 
 
+@pytest.mark.parametrize("b,hq,hkv,d", [(1, 5, 5, 128), (2, 3, 3, 64), (1, 6, 3, 128)], ids=str)
+def test_attention_l2_sections_give_the_same_bits(b, hq, hkv, d, monkeypatch):
+    """Causal grids number their tiles in L2 sections of heads (attention_utils.cuh l2_section_tile, sized by derive
+    from the device's L2; PYATTN_EMU_L2 shrinks the emulated one): every tile is computed once whatever the sections
+    (sections of one head; of 2 (q heads: 2 groups at GQA 2) with a smaller last one where the heads do not divide;
+    one section of all heads, the 50 MiB default; PYATTN_CUDA_ATTN_L2=0), in every forward kernel (the Hopper
+    warp-specialized one with a block per tile, persistent round-robin and dynamic, the cp.async one, mma.sync) and
+    backward (Hopper dK / dV + dQ, its warp-specialized dK / dV, mma.sync dK / dV + dQ): the same bits."""
+    lq = lk = 200
+    kv_bytes = lk * 2 * d * 2  # K and V of a kv head (= Q and dO of a query head)
+    q, k, v = make_qkv(b, hq, lq, lk, d, hkv=hkv, dtype=torch.bfloat16, seed=b + hq + d)
+    dout = torch.randn(b, hq, lq, d, generator=torch.Generator().manual_seed(d)).to(torch.bfloat16)
+
+    def env(name, value):  # (None: unset)
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+    env("PYATTN_EMU_SMS", "3")  # (persistent grids: blocks take several tiles)
+    sections = {"one head": ("1", None), "2.5 heads' data": (str(4 * kv_bytes), None), "all": (None, None),
+                "off": (None, "0")}  # -> (PYATTN_EMU_L2, PYATTN_CUDA_ATTN_L2); derive's budget is 5/8 of the L2
+    runs = {}
+    for name, (emu_l2, switch) in sections.items():
+        env("PYATTN_EMU_L2", emu_l2)
+        env("PYATTN_CUDA_ATTN_L2", switch)
+        for kernel in (None, "ws1", "wsp", "wsd", "cp", "0"):
+            env("PYATTN_CUDA_ATTN_SM90", kernel)
+            runs[name, "fwd", kernel] = _fwd(q, k, v, causal=True)
+        env("PYATTN_CUDA_ATTN_SM90", None)
+        out, lse = runs[name, "fwd", None]
+        for kernel in (None, "ws", "0"):
+            env("PYATTN_CUDA_ATTN_SM90_BWD", kernel)
+            runs[name, "bwd", kernel] = _bwd(dout, q, k, v, out, lse, causal=True)
+        env("PYATTN_CUDA_ATTN_SM90_BWD", None)
+    for (name, kind, kernel), result in runs.items():
+        for a, ref in zip(result, runs["all", kind, kernel]):
+            assert torch.equal(a, ref), (name, kind, kernel)
+
+
 # (b, hq, hkv, lq, lk, d, causal, bottom_right): calls the split-KV decoding path takes (group * Lq <= 8 query rows
 # of a kv head, Lk >= 256): one row per kv head, a GQA group of 8 over 8 splits, 3 rows (a 4-row tile), several query
 # rows with both causal alignments (top-left with Lq < Lk: whole splits no row sees), a key count no split divides.

@@ -275,6 +275,36 @@ def test_attention_cuda_sm90_backward(variant, dtype, lq, lk, d, causal, bottom_
 
 
 @_needs_cuda_attention
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_cuda_l2_sections_same_bits(d, monkeypatch):
+    """Causal grids take their tiles in L2 sections of heads (derive, csrc/cuda/attention.cu: heads whose K / V, or Q
+    and dO, fill 5/8 of the device's L2): with more heads than a section holds, the forward and the backward give
+    the bits of the order without sections (PYATTN_CUDA_ATTN_L2=0), so every tile ran once in both. (Deterministic
+    mode: no backward that adds dQ with atomics, whose bits vary from run to run.)"""
+    L = 4096
+    per = max(1, torch.cuda.get_device_properties(0).L2_cache_size // 8 * 5 // (L * 2 * d * 2))
+    b, h = 2, per // 2 + 2  # 2h heads > per: two sections or more
+    q, k, v = make_qkv(b, h, L, L, d, dtype=torch.bfloat16, device=DEV, seed=d)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(d)).to(torch.bfloat16).to(DEV)
+
+    def run():
+        out, lse, rng = _attention_fwd(q, k, v, None, 0.0, True, False, d ** -0.5, None, True, "cuda")
+        return (out, lse) + tuple(_attention_bwd(dout, q, k, v, out, lse, None, 0.0, True, False, d ** -0.5, rng,
+                                                 "cuda"))
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        sections = run()
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_L2", "0")
+        no_sections = run()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    for name, a, ref in zip(("out", "lse", "dq", "dk", "dv"), sections, no_sections):
+        assert torch.equal(a, ref), name
+
+
+@_needs_cuda_attention
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,causal,bottom_right", [
     (8, 32, 8, 1, 4096, 128, False, False), (1, 8, 1, 1, 3000, 64, False, False), (2, 4, 2, 3, 1000, 128, True, True),

@@ -38,6 +38,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "attention_utils.cuh"
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
-  const int64_t b = fb.b, h = fb.h, hk = fb.hk, bh = fb.bh, i0 = fb.i0;
+  const int64_t b = fb.b, h = fb.h, hk = fb.hk, i0 = fb.i0;
   const int nq = fb.nq, nkb = fb.nkb;
   const int D = int(p.D), Dv = int(p.Dv);
   const int wr0 = warp * 16 * MT;  // the warp's first row in the tile
@@ -278,9 +280,12 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 
-  // Epilogue: out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf for such a row).
+  // Epilogue: out = O / l (0 for a row that saw nothing), lse = (m + log2 l) ln 2 (+inf for such a row). Causal: the
+  // block's (b, h) are found again rather than kept across the loop (the HD 128 kernel spills on sm_90 otherwise;
+  // the non-causal one spills the other way round).
   cp_async_wait<0>();
   __syncthreads();  // (no key block: the Q copy must land before the out tile reuses its memory)
+  const FwdBlock fe = CAUSAL ? fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x) : fb;
   uint16_t* Os = Qs;  // each warp writes only its own rows
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -291,7 +296,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
       const bool dead = !(l > 0.0f) && !isnan(l);
       inv[r] = dead ? 0.0f : 1.0f / l;
       const int64_t row = ri[mt] + 8 * r;
-      if (t == 0 && row < p.Lq) p.lse[bh * p.Lq + row] = dead ? INFINITY : (m_run[mt][r] + log2f(l)) * kLn2;
+      if (t == 0 && row < p.Lq) p.lse[fe.bh * p.Lq + row] = dead ? INFINITY : (m_run[mt][r] + log2f(l)) * kLn2;
     }
     const int row0 = wr0 + mt * 16 + g;
 #pragma unroll
@@ -303,7 +308,8 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttnFwdParams p
     }
   }
   __syncthreads();
-  uint16_t* og = static_cast<uint16_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+  uint16_t* og =
+      static_cast<uint16_t*>(p.out) + fe.b * p.out_stride[0] + fe.h * p.out_stride[1] + fe.i0 * p.out_stride[2];
   store_tile<BM, HD, LD, NT>(og, p.out_stride[2], Os, nq, Dv, d.vec_o, tid);
 }
 
@@ -635,9 +641,10 @@ __global__ void __launch_bounds__(NW * 32)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int64_t BHC = p.B * p.Hq * NCH, nqb = (p.Lq + BM - 1) / BM, blk = blockIdx.x;
   int64_t qb, rest;
-  if (CAUSAL) {  // heaviest rows first
-    qb = nqb - 1 - blk / BHC;
-    rest = blk % BHC;
+  if (CAUSAL) {  // heaviest rows first, in L2 sections of d.sec_q heads (fwd_block's order)
+    const GridTile gt = l2_section_tile(blk, nqb, BHC, d.sec_q * NCH);
+    qb = nqb - 1 - gt.level;
+    rest = gt.head;
   } else {
     qb = blk % nqb;
     rest = blk / nqb;
@@ -809,6 +816,23 @@ Derived derive(const AttnCommon& p) {
   d.vec_q = vec_ok(p.q, p.q_stride, p.D);
   d.vec_k = vec_ok(p.k, p.k_stride, p.D);
   d.vec_v = vec_ok(p.v, p.v_stride, p.Dv);
+  // L2 sections (l2_section_tile). A causal grid runs its heaviest tiles first, a level of every head at a time, so
+  // its running tiles stream the K / V of every head at once (64 heads of 2 MiB at L = 4096, D = 128, bf16: more
+  // than an H100's or H200's 50 MiB of L2, each read from DRAM again by every level). Sections of the heads whose
+  // data fits 5/8 of the L2 (FA3 sizes its sections for 32 MiB of the H100's 50) keep it there. Non-causal grids
+  // run a head's tiles back to back. PYATTN_CUDA_ATTN_L2=0 (or an unknown L2 size): one section of all heads in
+  // causal grids, and the Hopper dK / dV grid's former order (heads fastest) in non-causal ones too.
+  const char* env = std::getenv("PYATTN_CUDA_ATTN_L2");  // read per call: benchmarks compare both orders
+  const bool off = p.l2_bytes <= 0 || (env != nullptr && std::strcmp(env, "0") == 0);
+  const int64_t BH = p.B * p.Hq, BHk = p.B * p.Hkv, budget = p.l2_bytes / 8 * 5;
+  const int64_t kv_bytes = p.Lk * (p.D + p.Dv) * 2;            // K and V of a kv head (16-bit elements)
+  const int64_t qdo_bytes = d.group * p.Lq * (p.D + p.Dv) * 2;  // Q and dO of a kv head's query heads
+  if (p.causal) {
+    d.sec_q = off ? BH : std::min(BH, std::max<int64_t>(1, budget / kv_bytes) * d.group);
+    d.sec_kv = off ? BHk : std::min(BHk, std::max<int64_t>(1, budget / qdo_bytes));
+  } else {
+    d.sec_kv = off ? BHk : 1;
+  }
   return d;
 }
 

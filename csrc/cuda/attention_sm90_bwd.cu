@@ -20,7 +20,7 @@
 //     kernel also adds dQ = dS K into an fp32 accumulator with atomics (HD 128, not deterministic mode), and
 //     attn_bwd_dq_convert_kernel writes dq instead of the dQ kernel.
 //   dQ (attn_bwd_dq_sm90_kernel): BM = 128 query rows of one (b, h) per block in fwd_block's order (causal:
-//     heaviest first), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key blocks of BN = 64 stream
+//     heaviest first in L2 sections of heads), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key blocks of BN = 64 stream
 //     through a double buffer of K and V:
 //       S = Q K^T, dP = dO V^T (m64n64k16), P and dS = P (dP - delta), dQ (64 x HD) += dS K (m64nHDk16, B = K N-major)
 //     dQ * scale is stored from registers.
@@ -90,6 +90,14 @@ __device__ __forceinline__ void stage_stats(float* st, int r, bool ok, int64_t r
   st[2 * BMQ + r] = ok ? delta[row0 + r] : 0.0f;
 }
 
+// The key block (level) and (b, kv head) (head) of this dK / dV block: in L2 sections of d.sec_kv kv heads (derive;
+// non-causal: 1, a head's key blocks back to back), key blocks in order within each (causal: the first ones, which
+// the most query rows see, first).
+template <int BNK>
+__device__ __forceinline__ GridTile dkdv_tile(const AttnBwdParams& p, const Derived& d) {
+  return l2_section_tile(blockIdx.x, (p.Lk + BNK - 1) / BNK, p.B * p.Hkv, d.sec_kv);
+}
+
 // One (query head, query block) step of a dK / dV warpgroup (64 keys from jw; this thread's keys jr, jr + 8) against
 // the BMQ query rows from i0 staged at q_addr / do_addr (Q and dO tiles) and st (their lse2, l2, delta): dV += P^T dO,
 // dK += dS^T Q. k_addr / v_addr: the warpgroup's 64 rows of the block's K / V tiles. Returns with every GEMM done and
@@ -135,8 +143,7 @@ __device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 
   fence_operands(dk);
 }
 
-// dK, dV: see the file comment. Block: key block kb of (b, kv head hk); causal launches the key blocks that the most
-// query rows see (the first ones) first.
+// dK, dV: see the file comment. Block: key block kb of (b, kv head hk) in dkdv_tile's order.
 template <class E, int HD, bool CAUSAL>
 __global__ void __launch_bounds__(256, 1)
     attn_bwd_dkdv_sm90_kernel(const AttnBwdParams p, const Derived d,
@@ -156,7 +163,8 @@ __global__ void __launch_bounds__(256, 1)
   float* St = reinterpret_cast<float*>(Ds + 2 * C::kQStage);                 // [2][3][BMQ]: lse2, l2, delta
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t BHk = p.B * p.Hkv, kb = blockIdx.x / BHk, bhk = blockIdx.x % BHk;
+  const GridTile gt = dkdv_tile<BNK>(p, d);
+  const int64_t kb = gt.level, bhk = gt.head;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = d.group;
   const int64_t j0 = kb * BNK;
   const int nk = int(imin(BNK, p.Lk - j0));
@@ -268,7 +276,8 @@ __global__ void __launch_bounds__(384, 1)
   uint64_t* q_empty = bars + 3;  // [2] stage read by every consumer
 
   const int tid = threadIdx.x;
-  const int64_t BHk = p.B * p.Hkv, kb = blockIdx.x / BHk, bhk = blockIdx.x % BHk;
+  const GridTile gt = dkdv_tile<BNK>(p, d);
+  const int64_t kb = gt.level, bhk = gt.head;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = d.group, j0 = kb * BNK;
   const int64_t qb_lo = CAUSAL ? imax(0, j0 - d.shift) / BMQ : 0;  // as attn_bwd_dkdv_sm90_kernel
   const int64_t nqe = imax(0, (p.Lq + BMQ - 1) / BMQ - qb_lo);

@@ -52,11 +52,33 @@ struct Derived {
   // 16-byte vector path allowed (aligned rows and a column count % 8 == 0) per tensor
   bool vec_q = false, vec_k = false, vec_v = false, vec_o = false, vec_do = false;
   bool vec_dq = false, vec_dk = false, vec_dv = false;
+  // Heads per L2 section of the grids (l2_section_tile): of those whose tiles stream K / V (query heads: forward,
+  // dQ) and of those whose tiles stream Q and dO (kv heads: dK / dV). derive() sets them.
+  int64_t sec_q = 1, sec_kv = 1;
 };
 
+// Tile blk of a grid of `levels` x `heads` tiles whose tiles of one head stream the same data, in L2 sections
+// (FA3's "L2 swizzle"): sections of `per` consecutive heads (the last one may have fewer), each level-major (heads
+// fastest) over its heads. per = 1: a head's tiles back to back (its data read from DRAM once, what the non-causal
+// grids do); per = heads: level by level over all heads (a causal grid's heaviest tiles first everywhere). A causal
+// grid's sections keep the heaviest-first order within each and their heads' data small enough to stay in L2.
+struct GridTile {
+  uint32_t level, head;
+};
+__device__ __forceinline__ GridTile l2_section_tile(int64_t blk, int64_t levels, int64_t heads, int64_t per) {
+  // (32-bit arithmetic: a grid has fewer than 2^31 tiles, and the warp-specialized forward's producer, which calls
+  // this on 24 registers, spills with 64-bit divisions)
+  const uint32_t b = uint32_t(blk), lv = uint32_t(levels), hs = uint32_t(heads), pr = uint32_t(per);
+  const uint32_t sec = b / (pr * lv), t = b - sec * pr * lv;
+  const uint32_t n = pr < hs - sec * pr ? pr : hs - sec * pr;  // heads in this section
+  const uint32_t level = t / n;
+  return {level, sec * pr + (t - level * n)};
+}
+
 // What one block of a forward kernel handles: query rows [i0, i0 + nq) (BM a block) of (b, h) (bh = b * Hq + h), kv
-// head hk, and the nkb key blocks of BN that some of those rows see. The grid has one block per (query block, b, h);
-// causal launches the blocks of the last query rows, which see the most keys, first.
+// head hk, and the nkb key blocks of BN that some of those rows see. The grid has one block per (query block, b, h):
+// non-causal, a head's query blocks back to back; causal, in L2 sections of d.sec_q heads, the blocks of the last
+// query rows, which see the most keys, first in each.
 struct FwdBlock {
   int64_t b, h, hk, bh, i0;
   int nq, nkb;
@@ -64,11 +86,20 @@ struct FwdBlock {
 template <bool CAUSAL, int BM, int BN>
 __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived& d, int64_t blk) {
   const int64_t BH = p.B * p.Hq, nqb = (p.Lq + BM - 1) / BM;
-  const int64_t qb = CAUSAL ? nqb - 1 - blk / BH : blk % nqb;
   FwdBlock f;
-  f.bh = CAUSAL ? blk % BH : blk / nqb;
-  f.b = f.bh / p.Hq;
-  f.h = f.bh % p.Hq;
+  int64_t qb;
+  if (CAUSAL) {
+    const GridTile g = l2_section_tile(blk, nqb, BH, d.sec_q);
+    qb = nqb - 1 - g.level;
+    f.bh = g.head;
+    f.b = g.head / uint32_t(p.Hq);
+    f.h = g.head % uint32_t(p.Hq);
+  } else {
+    qb = blk % nqb;
+    f.bh = blk / nqb;
+    f.b = f.bh / p.Hq;
+    f.h = f.bh % p.Hq;
+  }
   f.hk = f.h / d.group;
   f.i0 = qb * BM;
   f.nq = int(imin(BM, p.Lq - f.i0));

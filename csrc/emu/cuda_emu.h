@@ -111,6 +111,7 @@ struct cudaDeviceProp {
   size_t sharedMemPerBlock = 48 * 1024;
   size_t sharedMemPerBlockOptin = 227 * 1024;
   int multiProcessorCount = 132;
+  int l2CacheSize = 50 * 1024 * 1024;
   int warpSize = 32;
 };
 constexpr int warpSize = 32;

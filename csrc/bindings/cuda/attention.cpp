@@ -27,7 +27,7 @@ using attn_checks::check_bwd_inputs;
 
 // What the kernels cannot take whatever the sizes (checked before the empty-input shortcuts, so that a refused
 // input is refused for every length).
-// Also fills p.arch (the device's compute capability) and p.num_sms for the launchers.
+// Also fills p.arch (the device's compute capability), p.num_sms and p.l2_bytes for the launchers.
 void check_kernel_support(const char* op, AttnCommon& p, const at::Device& dev, bool backward) {
   TORCH_CHECK(p.dtype == DType::F16 || p.dtype == DType::BF16, op,
               " (cuda): the CUDA attention kernels take float16 and bfloat16 inputs only (got float32; the "
@@ -40,6 +40,7 @@ void check_kernel_support(const char* op, AttnCommon& p, const at::Device& dev, 
               "mma.sync m16n8k16, cp.async); device ", dev, " has ", prop->major, ".", prop->minor);
   p.arch = prop->major * 10 + prop->minor;
   p.num_sms = prop->multiProcessorCount;
+  p.l2_bytes = prop->l2CacheSize;
   const size_t smem = cuda::attention_smem_bytes(p.D, p.Dv, backward);
   TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, op, " (cuda): head dims (", p.D, ", ", p.Dv, ") need ", smem,
               " bytes of shared memory per block in the ", backward ? "backward" : "forward", " but device ", dev,

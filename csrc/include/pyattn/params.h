@@ -112,6 +112,7 @@ struct AttnCommon {
   int num_threads = 1;
   int arch = 0;  // CUDA: the device's compute capability, major * 10 + minor (the bindings fill it; 0: unknown)
   int num_sms = 0;  // CUDA: the device's SM count (the bindings fill it; persistent kernels size their grid by it)
+  int64_t l2_bytes = 0;  // CUDA: the device's L2 cache size (the bindings fill it; causal grids group heads by it)
 };
 
 struct AttnFwdParams : AttnCommon {
