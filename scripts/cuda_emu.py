@@ -214,12 +214,13 @@ def _memcheck_workload() -> None:
             ops.attn_fwd(q, k, v, None, 0.0, causal, br, 1 / math.sqrt(d), 0, 0)
     # the Hopper forward (attention_sm90.cu; the emulated device is sm_90): the warp-specialized kernel with a block
     # per tile, persistent round-robin and persistent with the dynamic tile scheduler (causal), on a grid of 3; the
-    # Hopper backward
+    # Hopper backward; a tiny L2, so that causal grids take their tiles in sections of one GQA group (l2_section_tile)
     os.environ["PYATTN_EMU_SMS"] = "3"
+    os.environ["PYATTN_EMU_L2"] = "1"
     for variant in ("ws1", "wsp", "wsd"):
         os.environ["PYATTN_CUDA_ATTN_SM90"] = variant
         for d, lq, lk, causal in ((64, 300, 260, True), (128, 200, 300, True), (128, 130, 200, False)):
-            q, k, v = make_qkv(1, 2, lq, lk, d, hkv=1, dtype=torch.bfloat16, seed=d)
+            q, k, v = make_qkv(2, 2, lq, lk, d, hkv=1, dtype=torch.bfloat16, seed=d)
             ops.emu_reset_counters()
             out, lse = ops.attn_fwd(q, k, v, None, 0.0, causal, False, 1 / math.sqrt(d), 0, 0)
             assert ops.emu_counters()[5] > 0, "the Hopper forward (wgmma) did not run"
@@ -234,6 +235,7 @@ def _memcheck_workload() -> None:
     os.environ.pop("PYATTN_CUDA_ATTN_SM90_BWD", None)
     os.environ.pop("PYATTN_CUDA_ATTN_SM90")
     os.environ.pop("PYATTN_EMU_SMS")
+    os.environ.pop("PYATTN_EMU_L2")
     for m, n in ((3, 7), (9, 1000), (2, 1024), (2, 8200), (700, 64), (4, 257)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for shift in (0, 1):
