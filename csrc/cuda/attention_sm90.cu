@@ -350,19 +350,19 @@ __global__ void __launch_bounds__(384, 1)
         const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
         mbar_arrive_expect_tx(q_full, C::kQBytes);
         for (int sub = 0; sub < C::SUB; ++sub)
-          tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(fb.i0), int(fb.h), int(fb.b));
+          tma_load_4d(Qs + sub * (BM * 128), &tq, q_full, sub * 64, int(fb.i0), int(fb.h), int(fb.b), l2_evict_first());
         for (int kb = 0; kb < fb.nkb; ++kb, ++it) {
           const int st = it & 1, j0 = kb * BN;
           mbar_wait(k_empty + st, use(it) ^ 1);
           mbar_arrive_expect_tx(k_full + st, C::kKVBytes);
           for (int sub = 0; sub < C::SUB; ++sub)
             tma_load_4d(Ks + st * C::kKVBytes + sub * (BN * 128), &tk, k_full + st, sub * 64, j0, int(fb.hk),
-                        int(fb.b));
+                        int(fb.b), l2_evict_last());
           mbar_wait(v_empty + st, use(it) ^ 1);
           mbar_arrive_expect_tx(v_full + st, C::kKVBytes);
           for (int sub = 0; sub < C::SUB; ++sub)
             tma_load_4d(Vs + st * C::kKVBytes + sub * (BN * 128), &tv, v_full + st, sub * 64, j0, int(fb.hk),
-                        int(fb.b));
+                        int(fb.b), l2_evict_last());
         }
         // the next tile (the ticket's latency is hidden: the producer now waits for this tile's last S anyway)
         tile = int(gridDim.x + (DYN ? next_ticket(p.tile_counter) : unsigned(tile)));

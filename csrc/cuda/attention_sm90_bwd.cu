@@ -303,8 +303,8 @@ __global__ void __launch_bounds__(384, 1)
       if (tid == 0) {
         mbar_arrive_expect_tx(kv_full, 2 * C::kKeyTile);
         for (int sub = 0; sub < SUB; ++sub) {
-          tma_load_4d(Ks + sub * (BNK * 128), &tk, kv_full, sub * 64, int(j0), hki, bi);
-          tma_load_4d(Vs + sub * (BNK * 128), &tv, kv_full, sub * 64, int(j0), hki, bi);
+          tma_load_4d(Ks + sub * (BNK * 128), &tk, kv_full, sub * 64, int(j0), hki, bi, l2_evict_first());
+          tma_load_4d(Vs + sub * (BNK * 128), &tv, kv_full, sub * 64, int(j0), hki, bi, l2_evict_first());
         }
       }
       for (int it = 0; it < n_step; ++it) {
@@ -315,8 +315,10 @@ __global__ void __launch_bounds__(384, 1)
         if (tid == 0) {
           mbar_arrive_expect_tx(q_full + st, 2 * C::kQStage);
           for (int sub = 0; sub < SUB; ++sub) {
-            tma_load_4d(Qs + st * C::kQStage + sub * (BMQ * 128), &tq, q_full + st, sub * 64, i0, h, bi);
-            tma_load_4d(Ds + st * C::kQStage + sub * (BMQ * 128), &tdo, q_full + st, sub * 64, i0, h, bi);
+            tma_load_4d(Qs + st * C::kQStage + sub * (BMQ * 128), &tq, q_full + st, sub * 64, i0, h, bi,
+                        l2_evict_last());
+            tma_load_4d(Ds + st * C::kQStage + sub * (BMQ * 128), &tdo, q_full + st, sub * 64, i0, h, bi,
+                        l2_evict_last());
           }
         } else {
           mbar_arrive(q_full + st);

@@ -9,7 +9,10 @@
 // a fresh barrier is in phase 0, so waiting for parity 1 passes at once (a producer's first wait on an "empty" barrier).
 // tma_load_4d: one box of a 4-D tensor map (coordinates innermost first) into shared memory, rows laid out as the map's
 // swizzle says (128-byte swizzle: the wgmma.cuh layout); elements outside the tensor are written as zeros; the bytes
-// count toward the barrier's expect_tx. Its destination must be 1024-byte aligned for the 128-byte swizzle.
+// count toward the barrier's expect_tx. Its destination must be 1024-byte aligned for the 128-byte swizzle. `policy`:
+// the L2 eviction priority of the lines it reads (FA3's: evict-last for data other blocks read again, K and V in
+// the forward, Q and dO in the dK / dV kernel; evict-first for data read once, the forward's Q), a cache policy from
+// l2_evict_last() / l2_evict_first() (createpolicy; 0 in the emulator, which has no cache).
 #pragma once
 
 #include <cuda.h>
@@ -31,8 +34,10 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
   ::pyattn_emu::mbar_arrive(bar, bytes);
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { ::pyattn_emu::mbar_wait(bar, parity); }
+__device__ __forceinline__ uint64_t l2_evict_last() { return 0; }
+__device__ __forceinline__ uint64_t l2_evict_first() { return 0; }
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
-                                            int c3) {
+                                            int c3, uint64_t /* policy */) {
   ::pyattn_emu::tma_load_4d(dst, map, bar, c0, c1, c2, c3);
 }
 template <int N>
@@ -67,12 +72,22 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
   } while (!done);
 }
+__device__ __forceinline__ uint64_t l2_evict_last() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
-                                            int c3) {
+                                            int c3, uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
-      "[%2];\n" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
+      "[%1, {%3, %4, %5, %6}], [%2], %7;\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "l"(policy)
       : "memory");
 }
 // Registers per thread of the calling warpgroup from here on (all its threads must execute it; sm_90a).
