@@ -82,7 +82,7 @@ step build 300 200 "$RES/build.log" "$PY" -m pip install --no-build-isolation --
 step info 60 180 "$RES/info.txt" "$PY" -m pyattn info
 # The CUDA attention forward's kernels against each other and torch in one process (the number PERF.md asks for)
 rm -f "$RES/gpu-attn-variants.json"
-step attn-variants 120 160 "$RES/gpu-attn-variants.log" "$PY" scripts/attn_fwd_variants.py \
+step attn-variants 150 160 "$RES/gpu-attn-variants.log" "$PY" scripts/attn_fwd_variants.py \
   --json "$RES/gpu-attn-variants.json"
 # ... and the backward's (the Hopper wgmma kernels against the mma.sync ones, Triton and torch)
 if [ "${PYATTN_LEASE_ATTN_BWD:-1}" != 0 ]; then
