@@ -316,6 +316,9 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = threadIdx.x;
   const int64_t ntiles = (p.Lq + BM - 1) / BM * p.B * p.Hq;
   if (tid == 0) {
+    tma_prefetch(&tq);
+    tma_prefetch(&tk);
+    tma_prefetch(&tv);
     mbar_init(q_full, 1);
     mbar_init(q_empty, C::NCONS);
     for (int st = 0; st < 2; ++st) {

@@ -283,6 +283,10 @@ __global__ void __launch_bounds__(384, 1)
   const int64_t nqe = imax(0, (p.Lq + BMQ - 1) / BMQ - qb_lo);
   const int64_t niter = G * nqe;
   if (tid == 0) {
+    tma_prefetch(&tk);
+    tma_prefetch(&tv);
+    tma_prefetch(&tq);
+    tma_prefetch(&tdo);
     mbar_init(kv_full, 1);
     for (int st = 0; st < 2; ++st) {
       mbar_init(q_full + st, 32);

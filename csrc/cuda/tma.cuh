@@ -34,6 +34,7 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
   ::pyattn_emu::mbar_arrive(bar, bytes);
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { ::pyattn_emu::mbar_wait(bar, parity); }
+__device__ __forceinline__ void tma_prefetch(const CUtensorMap*) {}
 __device__ __forceinline__ uint64_t l2_evict_last() { return 0; }
 __device__ __forceinline__ uint64_t l2_evict_first() { return 0; }
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
@@ -71,6 +72,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
   } while (!done);
+}
+// Starts fetching a tensor map (a __grid_constant__ kernel parameter) into the TMA unit's descriptor cache, so that
+// the block's first copy does not wait for it (CUTLASS's prefetch_tma_descriptor; issued before the mbarrier setup).
+__device__ __forceinline__ void tma_prefetch(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 __device__ __forceinline__ uint64_t l2_evict_last() {
   uint64_t policy;
