@@ -9,7 +9,8 @@
 #      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU) and the
 #      rest of the suite (the CPU tests, under this machine's torch / Triton / compiler),
 #   3. then, alone on the GPU, the benchmarks in priority order (attention --quick, which holds the PERF.md
-#      L >= 4k, D = 128 shapes; then layernorm, gru and decode --quick while the budget lasts),
+#      L >= 4k, D = 128 shapes; then layernorm, gru and decode --quick while the budget lasts), and on Hopper an
+#      Nsight Compute profile and the SASS of the attention kernels (scripts/attn_profile.py),
 # and packs every log, JSON, CSV and plot into one tarball. Each step is cut off by its own share of the budget, so
 # the script ends (and the tarball is written) inside the budget even when a step hangs.
 # scripts/gpu_run.sh is the unhurried version of the same (both architectures, the whole suite, the full benchmark).
@@ -24,9 +25,11 @@
 #   PYATTN_LEASE_PYTEST_K    a pytest -k expression for the gpu tests (default: all of them)
 #   PYATTN_LEASE_GRU_GRIDS   0: skip scripts/gru_fwd_grids.py (default 1)
 #   PYATTN_LEASE_ATTN_BWD    0: skip scripts/attn_bwd_variants.py (default 1)
+#   PYATTN_LEASE_PROFILE     0: skip the Nsight Compute profile and SASS of the Hopper attention kernels (default 1)
 # Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
 # gpu-attn-bwd-variants.{log,json}, gpu-gru-grids.{log,json},
-# gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/) and
+# gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/,
+# ncu-attn-sm90.txt, sass/) and
 # <out>/summary.txt.
 # Exit status: 0 when every step that ran passed and the attention forward variants were timed, 1 otherwise.
 set -uo pipefail
@@ -131,6 +134,17 @@ for op in ${PYATTN_LEASE_BENCH:-attention layernorm gru decode}; do
     decode) bench decode 60 10 ;;
   esac
 done
+# Last, for tuning offline: Nsight Compute's sections of the Hopper attention kernels (the default forward,
+# non-causal and causal, and the backward's dK / dV and dQ kernels at D = 128, L = 4096; the warm-up's 4 launches
+# skipped) and their SASS (scripts/attn_profile.py)
+NCU="$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")"
+if [ "${PYATTN_LEASE_PROFILE:-1}" != 0 ] && [ "$MAJOR" -eq 9 ] && [ -x "$NCU" ]; then
+  step attn-profile 90 5 "$RES/ncu-attn-sm90.txt" "$NCU" --clock-control none --kernel-name regex:sm90 \
+    --launch-skip 4 --launch-count 4 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section Occupancy \
+    --section LaunchStats "$PY" scripts/attn_profile.py run
+  step attn-sass 30 0 "$RES/sass.log" "$PY" scripts/attn_profile.py sass "$RES/sass"
+fi
 
 echo "--- attention forward variants"; cat "$RES/gpu-attn-variants.log"
 [ -f "$RES/gpu-attn-bwd-variants.log" ] && { echo "--- attention backward variants"; cat "$RES/gpu-attn-bwd-variants.log"; }

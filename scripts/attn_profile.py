@@ -1,0 +1,88 @@
+"""Profile inputs for the Hopper attention kernels, for the next round of tuning on a GPU machine (Nsight Compute and
+the SASS; neither can run here). Two modes:
+
+    ncu --section ... python scripts/attn_profile.py run    one launch each of the default forward (bf16, B = 4,
+        H = 16, L = 4096, D = 128; non-causal: the warp-specialized kernel with 176-key blocks, causal: 128-key
+        blocks) and one backward (non-causal: the pre kernel, the dK / dV and the dQ kernels), after an unprofiled
+        warm-up pass (ncu's --kernel-name / --launch-skip pick the launches: scripts/gpu_lease.sh)
+    python scripts/attn_profile.py sass OUT                   the SASS of those kernels in pyattn._C (cuobjdump,
+        which the CUDA toolkit has), one file per kernel under OUT, for the offline reading docs/design.md describes
+        (where the wgmma waits sit against the softmax, what the compiler predicated into the loop)
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+# the kernels `sass` extracts (a regex on the mangled names) -> the file each goes to
+SASS_KERNELS = {
+    r"attn_fwd_sm90_ws_kernelINS1_4BF16ELi128ELi176ELb0ELb0E": "sass-attn-fwd-ws-hd128-bn176.txt",
+    r"attn_fwd_sm90_ws_kernelINS1_4BF16ELi128ELi128ELb1ELb0E": "sass-attn-fwd-ws-hd128-causal.txt",
+    r"attn_bwd_dkdv_sm90_kernelINS1_4BF16ELi128ELb0E": "sass-attn-bwd-dkdv-hd128.txt",
+    r"attn_bwd_dq_sm90_kernelINS1_4BF16ELi128ELb0E": "sass-attn-bwd-dq-hd128.txt",
+}
+
+
+def run() -> int:
+    import torch
+
+    import pyattn
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def once():
+        for causal in (False, True):
+            with torch.no_grad():
+                pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cuda")
+        out = pyattn.scaled_dot_product_attention(q, k, v, backend="cuda")
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    once()  # warm-up (ncu skips these launches: --launch-skip in gpu_lease.sh)
+    torch.cuda.synchronize()
+    once()
+    torch.cuda.synchronize()
+    return 0
+
+
+def sass(out_dir: str) -> int:
+    import pyattn._C as ext
+
+    tool = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                     "cuobjdump")
+    if not os.path.exists(tool):
+        print(f"attn_profile: no cuobjdump ({tool})", file=sys.stderr)
+        return 1
+    text = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    # cuobjdump prints each function as a "Function : <mangled name>" header followed by its code
+    blocks = re.split(r"(?m)^\s*Function : ", text)[1:]
+    os.makedirs(out_dir, exist_ok=True)
+    missing = 0
+    for pattern, name in SASS_KERNELS.items():
+        found = [b for b in blocks if re.search(pattern, b.splitlines()[0])]
+        if not found:
+            print(f"attn_profile: no kernel matches {pattern}", file=sys.stderr)
+            missing += 1
+            continue
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write("Function : " + found[0])
+        print(f"{name}: {len(found[0].splitlines())} lines")
+    return 1 if missing else 0
+
+
+def main() -> int:
+    if len(sys.argv) >= 2 and sys.argv[1] == "run":
+        return run()
+    if len(sys.argv) == 3 and sys.argv[1] == "sass":
+        return sass(sys.argv[2])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
