@@ -1,6 +1,7 @@
 """The CUDA attention backward's kernels side by side on one GPU, in one process: pyattn's cuda backend with the
 Hopper wgmma backward (csrc/cuda/attention_sm90_bwd.cu; the default on compute capability 9.0), with its
-warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws; =fused: also adding dQ with atomics, no dQ kernel) and
+warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws; =fused: also adding dQ with bulk reductions, no dQ
+kernel; =fusedat: the same with atomics) and
 with the mma.sync kernels of attention.cu (=0), the default with PYATTN_CUDA_ATTN_L2=0 ("-l2off": the dK / dV and
 dQ grids' tiles level by level over all heads instead of in L2 sections of heads), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
 B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Only the backward is timed
@@ -29,7 +30,7 @@ from benchmarks.harness import measure  # noqa: E402
 BWD = "PYATTN_CUDA_ATTN_SM90_BWD"
 VARIANTS = {"pyattn:cuda:wgmma": {}, "pyattn:cuda:wgmma-l2off": {"PYATTN_CUDA_ATTN_L2": "0"},
             "pyattn:cuda:mma.sync": {BWD: "0"}, "pyattn:cuda:wgmma-ws": {BWD: "ws"},
-            "pyattn:cuda:wgmma-fused": {BWD: "fused"}}
+            "pyattn:cuda:wgmma-fused": {BWD: "fused"}, "pyattn:cuda:wgmma-fusedat": {BWD: "fusedat"}}
 pyattn_fn = attn_fwd_variants.pyattn_fn
 
 

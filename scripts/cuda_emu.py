@@ -224,14 +224,12 @@ def _memcheck_workload() -> None:
             ops.emu_reset_counters()
             out, lse = ops.attn_fwd(q, k, v, None, 0.0, causal, False, 1 / math.sqrt(d), 0, 0)
             assert ops.emu_counters()[5] > 0, "the Hopper forward (wgmma) did not run"
-            if variant != "wsd":  # the Hopper backward (attention_sm90_bwd.cu), key and query tails, a GQA group;
-                # its dK / dV kernel with cp.async, then warp-specialized (adding dQ with atomics at HD 128)
-                if variant == "wsp":
-                    os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = "fused"  # (ws, fused at HD 128)
-                ops.emu_reset_counters()
-                ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, None, 0.0, causal, False, 1 / math.sqrt(d),
-                             0, 0)
-                assert ops.emu_counters()[5] > 0, "the Hopper backward (wgmma) did not run"
+            # the Hopper backward (attention_sm90_bwd.cu), key and query tails, a GQA group: its dK / dV kernel with
+            # cp.async, then warp-specialized (adding dQ at HD 128 with bulk reductions, then with atomics)
+            os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = {"ws1": "", "wsp": "fused", "wsd": "fusedat"}[variant]
+            ops.emu_reset_counters()
+            ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, None, 0.0, causal, False, 1 / math.sqrt(d), 0, 0)
+            assert ops.emu_counters()[5] > 0, "the Hopper backward (wgmma) did not run"
     os.environ.pop("PYATTN_CUDA_ATTN_SM90_BWD", None)
     os.environ.pop("PYATTN_CUDA_ATTN_SM90")
     os.environ.pop("PYATTN_EMU_SMS")

@@ -154,8 +154,8 @@ def attention(case):
         case(f"{dtype} ws128 (Lq, Lk, D, causal, Hkv)=(130, 400, 128, False, 1)",
              lambda: one(130, 400, 128, False, 1, dtype))
         # the Hopper backward's warp-specialized dK / dV kernel (TMA, mbarriers; tails, GQA, causal), also adding
-        # dQ with atomics (fused, HD 128)
-        for variant in ("ws", "fused"):
+        # dQ at HD 128 with bulk reductions (fused) or atomics (fusedat)
+        for variant in ("ws", "fused", "fusedat"):
             os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = variant
             for shape in ((300, 300, 128, True, 1), (130, 200, 64, False, 2), (17, 300, 128, True, 1)):
                 case(f"{dtype} bwd {variant} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))

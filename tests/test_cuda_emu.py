@@ -465,8 +465,9 @@ def test_attention_sm90_forward_leaves_the_rest_to_mma_sync():
 
 # (lq, lk, d, causal, bottom_right, hq, hkv): the Hopper backward's head dims; key blocks of 128 and query blocks of
 # 64 / 128 cut by the tails and the causal diagonal in both alignments; GQA groups (dK / dV summed over the group);
-# query rows that see no key (dQ 0) and key blocks that no query sees (dK, dV 0).
-SM90_BWD_CASES = SM90_CASES[:5] + [(17, 300, 128, True, False, 4, 2)]
+# query rows that see no key (dQ 0) and key blocks that no query sees (dK, dV 0); B Hq Lq = 66 rows, so that the fused
+# dQ accumulator after lse2, l2 and delta (3 x 66 floats) needs its 16-byte rounding.
+SM90_BWD_CASES = SM90_CASES[:5] + [(17, 300, 128, True, False, 4, 2), (33, 200, 128, True, True, 1, 1)]
 
 
 def _sm90_bwd(q, k, v, causal, bottom_right, seed):
@@ -485,8 +486,8 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
     """The Hopper backward (csrc/cuda/attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels) runs where it should
     (it issues wgmma), matches the float64 oracle with TESTING.md's 3x rule, gives the same bits in every
     16-byte-aligned layout and with the warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws: TMA producer,
-    mbarriers; the same steps in the same order), dQ by that kernel (=fused: atomics) within the oracle's rule, and
-    values close to the mma.sync backward's (=0)."""
+    mbarriers; the same steps in the same order), dQ by that kernel within the oracle's rule (=fused: bulk reductions
+    from shared memory, =fusedat: float2 atomics), and values close to the mma.sync backward's (=0)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + lk + d)
     out, lse, dout, grads, wgmma = _sm90_bwd(q, k, v, causal, bottom_right, seed=d)
@@ -501,26 +502,28 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         assert torch.equal(a, b), "ws"
     ws_smem = 1024 + (2 * 128 + 4 * 64) * d * 2 + 2 * 3 * 64 * 4 + 5 * 8  # the ws kernel's: + 5 mbarriers
     assert torch.ops.pyattn_emu.emu_counters()[4] == ws_smem
-    # fused (HD 128): dK, dV as before, dQ added by the dK / dV kernel (atomics into fp32, then converted: another
-    # summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode and HD 64: the dQ kernel
-    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "fused")
+    # fused (HD 128): dK, dV as before, dQ added by the dK / dV kernel (bulk reductions or atomics into fp32, then
+    # converted: another summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode and
+    # HD 64: the dQ kernel
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    for deterministic in (False, True):
-        torch.use_deterministic_algorithms(deterministic)
-        try:
-            torch.ops.pyattn_emu.emu_reset_counters()
-            fused = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
-        smem = torch.ops.pyattn_emu.emu_counters()[4]
-        assert torch.equal(fused[1], grads[1]) and torch.equal(fused[2], grads[2])
-        if d == 128 and not deterministic:
-            assert smem == ws_smem + 2 * 128 * 64 * 2  # + two dS^T tiles
-            assert_attention_close(fused[0], ref_grads[0], low_grads[0], 3, name="dq (fused)")
-            tol = 2e-2 * float(grads[0].float().abs().max()) + 1e-3
-            torch.testing.assert_close(fused[0].float(), grads[0].float(), atol=tol, rtol=0)
-        else:
-            assert smem == ws_smem and torch.equal(fused[0], grads[0])
+    for variant, extra_smem in (("fused", 2 * 128 * 64 * 2 + 2 * 64 * 72 * 4), ("fusedat", 2 * 128 * 64 * 2)):
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)  # (+ two dS^T tiles; bulk: + two dQ staging tiles)
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                torch.ops.pyattn_emu.emu_reset_counters()
+                fused = _bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right)
+            finally:
+                torch.use_deterministic_algorithms(was_deterministic)
+            smem = torch.ops.pyattn_emu.emu_counters()[4]
+            assert torch.equal(fused[1], grads[1]) and torch.equal(fused[2], grads[2])
+            if d == 128 and not deterministic:
+                assert smem == ws_smem + extra_smem, variant
+                assert_attention_close(fused[0], ref_grads[0], low_grads[0], 3, name=f"dq ({variant})")
+                tol = 2e-2 * float(grads[0].float().abs().max()) + 1e-3
+                torch.testing.assert_close(fused[0].float(), grads[0].float(), atol=tol, rtol=0)
+            else:
+                assert smem == ws_smem and torch.equal(fused[0], grads[0]), variant
     monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
     def blhd(t):  # the same values in (B, L, H, D) strides
         return t.transpose(1, 2).contiguous().transpose(1, 2)
@@ -544,14 +547,17 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
-@pytest.mark.parametrize("variant", [None, "ws", "fused"])
+@pytest.mark.parametrize("variant", [None, "ws", "fused", "fusedat"])
 def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, monkeypatch):
     """Every schedule of threads and copy completion gives the bits of the default one: the double buffers are
     refilled only after every warpgroup is done with them (block barriers; mbarriers in the warp-specialized
-    kernel, and a named barrier before the fused dQ reads both warpgroups' dS^T)."""
+    kernel, and a named barrier before the fused dQ reads both warpgroups' dS^T); the fused dQ's bulk reductions read
+    their staging tile after the warpgroup wrote it and before it is rewritten (the emulator's early / late copies
+    read it at issue / at the wait)."""
     if variant is not None:
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
-    q, k, v = make_qkv(1, 4, 130, 200, 128 if variant == "fused" else 64, hkv=2, dtype=torch.bfloat16, seed=9)
+    d = 128 if variant in ("fused", "fusedat") else 64
+    q, k, v = make_qkv(1, 4, 130, 200, d, hkv=2, dtype=torch.bfloat16, seed=9)
     *_, grads, wgmma = _sm90_bwd(q, k, v, True, False, seed=9)
     assert wgmma > 0
     os.environ["PYATTN_EMU_ORDER"], os.environ["PYATTN_EMU_CP_ASYNC"] = "forward", "late"  # (restored by `order`)

@@ -856,6 +856,10 @@ cudaError_t run_attn_fwd(const AttnFwdParams& p, const Derived& d, cudaStream_t 
   return cudaGetLastError();
 }
 
+// Where the Hopper backward's fp32 dQ accumulator starts in the workspace: after lse2, l2 and delta (rows floats
+// each), rounded up to 16 bytes (its bulk reductions and the conversion's float4 loads need that alignment).
+int64_t dq_acc_offset(int64_t rows) { return (3 * rows + 3) / 4 * 4; }
+
 template <class E, int HD, bool CAUSAL>
 cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cudaStream_t stream) {
   using T = Tiles<HD>;
@@ -865,7 +869,7 @@ cudaError_t run_attn_bwd(const AttnBwdParams& p, const Derived& d, float* ws, cu
   float* l2 = ws + rows;
   float* delta = ws + 2 * rows;
   const Sm90BwdPlan pl = sm90_bwd_plan(p, d);
-  float* dq_acc = pl.fused ? ws + 3 * rows : nullptr;  // (attention_bwd_workspace_floats)
+  float* dq_acc = pl.fused ? ws + dq_acc_offset(rows) : nullptr;  // (attention_bwd_workspace_floats)
   attn_bwd_pre_kernel<E><<<unsigned(ceil_div(rows, 8)), 256, 0, stream>>>(p, d, lse2, l2, delta, dq_acc);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -981,12 +985,12 @@ attn::Derived derive_bwd(const AttnBwdParams& p) {
 }
 }  // namespace
 
-// lse2, l2, delta (B * Hq * Lq each), then the Hopper backward's dQ accumulator (B * Hq * Lq * D) when it adds dQ
-// atomically (the same sm90_bwd_plan decision as run_attn_bwd's).
+// lse2, l2, delta (B * Hq * Lq each), then, 16-byte aligned, the Hopper backward's dQ accumulator (B * Hq * Lq * D)
+// when it adds dQ in its dK / dV kernel (the same sm90_bwd_plan decision as run_attn_bwd's).
 int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) {
   const int64_t rows = p.B * p.Hq * p.Lq;
   if (attention_unsupported(p) != nullptr) return 3 * rows;
-  return attn::sm90_bwd_plan(p, derive_bwd(p)).fused ? rows * (3 + p.D) : 3 * rows;
+  return attn::sm90_bwd_plan(p, derive_bwd(p)).fused ? attn::dq_acc_offset(rows) + rows * p.D : 3 * rows;
 }
 
 cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream) {

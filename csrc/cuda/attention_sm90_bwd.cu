@@ -50,6 +50,9 @@ namespace cuda {
 namespace attn {
 namespace sm90 {
 
+// Who adds dQ: the dQ kernel, or the warp-specialized dK / dV kernel (fused) with atomics or with bulk reductions.
+enum class DqBy { Kernel, Atomic, Bulk };
+
 template <int HD_>
 struct BwdCfg {
   static constexpr int HD = HD_, NT = 256;
@@ -61,6 +64,11 @@ struct BwdCfg {
   static constexpr size_t dkdv_ws_smem = dkdv_smem + 5 * 8;  // + the warp-specialized kernel's mbarriers
   static constexpr uint32_t kDsTile = BNK * BMQ * 2;           // fused dQ: dS^T [BNK][BMQ], two of them
   static constexpr size_t dkdv_fused_smem = dkdv_ws_smem + 2 * kDsTile;
+  // fused dQ by bulk reductions: a [64 rows][kDqLd] fp32 staging tile per consumer warpgroup (64 columns + 8 of
+  // padding: a warp's float2 stores to 8 rows fall on all 32 banks twice, the least 256 bytes can)
+  static constexpr int kDqLd = 72;
+  static constexpr uint32_t kDqStage = 64 * kDqLd * 4;
+  static constexpr size_t dkdv_bulk_smem = dkdv_fused_smem + 2 * size_t(kDqStage);
   static constexpr size_t dq_smem = 1024 + 2 * size_t(kQTile) + 4 * size_t(kKVStage);
 };
 
@@ -230,6 +238,8 @@ __global__ void __launch_bounds__(256, 1)
 // p[0] += a, p[1] += b atomically (p 8-byte aligned; one vector reduction on sm_90).
 __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 #ifdef PYATTN_CUDA_EMU
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0)
+    ::pyattn_emu::fail("atomicAdd(float2*): address not 8-byte aligned", __FILE__, __LINE__);
   p[0] += a;  // (the emulator runs one thread at a time)
   p[1] += b;
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -247,21 +257,26 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 // stage behind a "full" mbarrier (32 producer lanes arrive, the copies complete) and an "empty" one (all 256 consumer
 // threads arrive when their GEMMs on it are done). No block barrier in the loop: the two consumer warpgroups drift
 // apart, so one's exp2s and dS run under the other's GEMMs, and the copies run ahead by a stage.
-// Shared memory: the cp.async kernel's + 5 mbarriers (FUSED: + two dS^T tiles of 16 KB).
-// FUSED (PYATTN_CUDA_ATTN_SM90_BWD=fused, HD 128; FA3's dQ): each step also writes dS^T to shared memory (key rows of
-// BMQ queries, swizzled) and, once both consumer warpgroups have (a named barrier: they meet once a step), warpgroup
-// wg computes dQ[:, 64 wg..] (64 x 64) = dS K[:, 64 wg..] over the block's 128 keys (wgmma with A read M-major, B
-// N-major) and adds it into dq_acc with atomics (so no dQ kernel recomputes S and dP: 5 GEMMs a step instead of 7).
-template <class E, int HD, bool CAUSAL, bool FUSED>
+// Shared memory: the cp.async kernel's + 5 mbarriers (fused dQ: + two dS^T tiles of 16 KB; by bulk reductions: + two
+// dQ staging tiles of 18 KB).
+// Fused dQ (DQ != DqBy::Kernel, HD 128; FA3's): each step also writes dS^T to shared memory (key rows of BMQ queries,
+// swizzled) and, once both consumer warpgroups have (a named barrier: they meet once a step), warpgroup wg computes
+// dQ[:, 64 wg..] (64 x 64) = dS K[:, 64 wg..] over the block's 128 keys (wgmma with A read M-major, B N-major) and adds
+// it into dq_acc (so no dQ kernel recomputes S and dP: 5 GEMMs a step instead of 7): DqBy::Bulk
+// (PYATTN_CUDA_ATTN_SM90_BWD=fused; FA3's way) stages it in shared memory, and the warpgroup's first warp has the TMA
+// unit add each row (256 contiguous bytes) with a bulk reduction; DqBy::Atomic (=fusedat) adds it from registers
+// with float2 atomics, 8 rows x 32 bytes a warp instruction.
+template <class E, int HD, bool CAUSAL, DqBy DQ>
 __global__ void __launch_bounds__(384, 1)
     attn_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                                  const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo,
                                  const AttnBwdParams p, const Derived d, const float* __restrict__ lse2,
                                  const float* __restrict__ l2, const float* __restrict__ delta,
-                                 float* __restrict__ dq_acc /* FUSED: (B, Hq, Lq, HD) fp32, zeroed */) {
+                                 float* __restrict__ dq_acc /* fused: (B, Hq, Lq, HD) fp32, zeroed */) {
 #ifdef PYATTN_SM90_KERNEL
   using C = BwdCfg<HD>;
   constexpr int BNK = C::BNK, BMQ = C::BMQ, SUB = HD / 64, NCONS = 256;
+  constexpr bool FUSED = DQ != DqBy::Kernel, BULK = DQ == DqBy::Bulk;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* Ks = align1024(smem_raw);  // [SUB][BNK][64] swizzled
@@ -269,7 +284,8 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* Qs = Vs + C::kKeyTile;                                      // [2 stages][SUB][BMQ][64]
   unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2 stages][SUB][BMQ][64] dout
   unsigned char* Ss = Ds + 2 * C::kQStage;                                   // FUSED: [2][BNK][BMQ] dS^T swizzled
-  float* St = reinterpret_cast<float*>(Ss + (FUSED ? 2 * C::kDsTile : 0));  // [2 stages][3][BMQ]
+  float* Dq = reinterpret_cast<float*>(Ss + (FUSED ? 2 * C::kDsTile : 0));  // BULK: [2 wg][64][kDqLd] dQ staging
+  float* St = Dq + (BULK ? 2 * C::kDqStage / 4 : 0);                         // [2 stages][3][BMQ]
   uint64_t* bars = reinterpret_cast<uint64_t*>(St + 2 * 3 * BMQ);
   uint64_t* kv_full = bars;      // K and V landed
   uint64_t* q_full = bars + 1;   // [2] stage landed (Q, dO, statistics)
@@ -359,6 +375,9 @@ __global__ void __launch_bounds__(384, 1)
             const int key = 64 * wg + 16 * warp + g + 8 * (e & 1), n = 2 * k + (e >> 1);
             *reinterpret_cast<uint32_t*>(ss + swizzle128(uint32_t(key * 128 + 16 * n + 4 * t))) = da[k][e];
           }
+        // BULK: the issuing warp's reductions of the last step have read the staging tile (the barrier tells the
+        // warpgroup; a whole step has passed since they were issued)
+        if (BULK && warp == 0) bulk_wait_read<0>();
         fence_proxy_async();
         named_bar_sync(1, NCONS);  // both warpgroups' dS^T written
         float dqp[32];             // dQ[:, 64 wg..] of this step's queries and the block's keys
@@ -366,17 +385,36 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_wait<0>();
         fence_operands(dqp);
         const int64_t h = hk * G + it / nqe;
-        float* acc = dq_acc + ((b * p.Hq + h) * p.Lq + i0) * HD + 64 * wg + 2 * t;
+        float* acc = dq_acc + ((b * p.Hq + h) * p.Lq + i0) * HD + 64 * wg;  // row i0, this warpgroup's columns
+        if constexpr (BULK) {
+          float* stage = Dq + wg * (C::kDqStage / 4);  // [64][kDqLd]
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int i = 16 * warp + g + 8 * r;
-          if (i0 + i < p.Lq) {
+          for (int r = 0; r < 2; ++r)
 #pragma unroll
-            for (int n = 0; n < 8; ++n) atomic_add2(acc + i * HD + 8 * n, dqp[4 * n + 2 * r], dqp[4 * n + 2 * r + 1]);
+            for (int n = 0; n < 8; ++n)
+              *reinterpret_cast<float2*>(stage + (16 * warp + g + 8 * r) * C::kDqLd + 8 * n + 2 * t) =
+                  make_float2(dqp[4 * n + 2 * r], dqp[4 * n + 2 * r + 1]);
+          fence_proxy_async();
+          named_bar_sync(2 + wg, 128);  // the warpgroup's 64 rows staged
+          if (warp == 0) {  // rows lane and lane + 32 (those past Lq belong to no query)
+            for (int i = lane; i < 64; i += 32)
+              if (i0 + i < p.Lq) bulk_reduce_add_f32(acc + i * HD, stage + i * C::kDqLd, 64 * 4);
+            bulk_commit();
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int i = 16 * warp + g + 8 * r;
+            if (i0 + i < p.Lq) {
+#pragma unroll
+              for (int n = 0; n < 8; ++n)
+                atomic_add2(acc + i * HD + 8 * n + 2 * t, dqp[4 * n + 2 * r], dqp[4 * n + 2 * r + 1]);
+            }
           }
         }
       }
     }
+    if (BULK && warp == 0) bulk_wait_read<0>();  // (the staging tiles stay valid until read)
     store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr,
                       p.Lk, dk, p.scale, t);
     store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr,
@@ -526,10 +564,11 @@ bool launch_dkdv(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl
       make_map(&tdo, p.dout, p.dtype, p.B, p.Hq, p.Lq, p.Dv, p.dout_stride, C::BMQ)) {
     if constexpr (HD == 128) {
       if (pl.fused) {
-        auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, true>;
-        if ((*err = fit_kernel(kernel, C::dkdv_fused_smem)) != cudaSuccess) return true;
-        kernel<<<unsigned(blocks), 384, C::dkdv_fused_smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta,
-                                                                      dq_acc);
+        auto kernel = pl.bulk ? attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Bulk>
+                              : attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Atomic>;
+        const size_t smem = pl.bulk ? C::dkdv_bulk_smem : C::dkdv_fused_smem;
+        if ((*err = fit_kernel(kernel, smem)) != cudaSuccess) return true;
+        kernel<<<unsigned(blocks), 384, smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta, dq_acc);
         if ((*err = cudaGetLastError()) != cudaSuccess) return true;
         const int64_t rows = p.B * p.Hq * p.Lq;
         attn_bwd_dq_convert_kernel<E, HD><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, dq_acc);
@@ -537,7 +576,7 @@ bool launch_dkdv(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl
         return true;
       }
     }
-    auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, false>;
+    auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Kernel>;
     if ((*err = fit_kernel(kernel, C::dkdv_ws_smem)) != cudaSuccess) return true;
     kernel<<<unsigned(blocks), 384, C::dkdv_ws_smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta, nullptr);
     *err = cudaGetLastError();
@@ -576,7 +615,8 @@ cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, const Sm90Bwd
 }  // namespace sm90
 
 // PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =ws: the warp-specialized dK / dV kernel;
-// =fused: that kernel adding dQ atomically at HD 128 unless p.deterministic (both opt-in until a GPU run times them).
+// =fused: that kernel adding dQ with bulk reductions at HD 128 unless p.deterministic; =fusedat: the same with float2
+// atomics (all three opt-in until a GPU run times them).
 Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
   Sm90BwdPlan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)  // (else no sm_90a code in this build)
@@ -585,8 +625,9 @@ Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
   pl.take = !is("0") && p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) &&
             (p.D == 64 || p.D == 128) && p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q &&
             d.vec_k && d.vec_v && d.vec_do && d.vec_dq && d.vec_dk && d.vec_dv;
-  pl.ws = pl.take && (is("ws") || is("fused"));
-  pl.fused = pl.ws && is("fused") && p.D == 128 && !p.deterministic;
+  pl.ws = pl.take && (is("ws") || is("fused") || is("fusedat"));
+  pl.fused = pl.ws && !is("ws") && p.D == 128 && !p.deterministic;
+  pl.bulk = pl.fused && is("fused");
 #else
   (void)p;
   (void)d;

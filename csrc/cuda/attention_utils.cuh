@@ -131,8 +131,9 @@ Sm90Plan sm90_plan(const AttnFwdParams& p, const Derived& d);
 struct Sm90BwdPlan {
   bool take = false;
   bool ws = false;     // the warp-specialized dK / dV kernel (else the cp.async one)
-  bool fused = false;  // ... which also adds dQ into a zeroed fp32 accumulator (B, Hq, Lq, D) with atomics (else a
-                       // dQ kernel computes it): HD 128, not p.deterministic
+  bool fused = false;  // ... which also adds dQ into a zeroed fp32 accumulator (B, Hq, Lq, D) (else a dQ kernel
+                       // computes it): HD 128, not p.deterministic
+  bool bulk = false;   // ... with bulk reductions from shared memory (else float2 atomics)
 };
 Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d);
 cudaError_t bwd_sm90(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl, const float* lse2,

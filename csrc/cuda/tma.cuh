@@ -13,6 +13,12 @@
 // the L2 eviction priority of the lines it reads (FA3's: evict-last for data other blocks read again, K and V in
 // the forward, Q and dO in the dK / dV kernel; evict-first for data read once, the forward's Q), a cache policy from
 // l2_evict_last() / l2_evict_first() (createpolicy; 0 in the emulator, which has no cache).
+// bulk_reduce_add_f32: the TMA unit adds `bytes` (a positive multiple of 16; both addresses 16-byte aligned) of fp32
+// from shared memory into global memory, reading the shared memory asynchronously as part of the calling thread's
+// open bulk group (write it with ordinary stores, then fence_proxy_async() in each writing thread and a barrier before
+// the issue); bulk_commit() closes the group; bulk_wait_read<n>() returns once all but the n most recent groups have
+// read their shared memory (so it may be rewritten; a thread must not exit before that). The additions are atomic
+// per element and complete before the kernel does.
 #pragma once
 
 #include <cuda.h>
@@ -35,6 +41,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { ::pyattn_emu::mbar_wait(bar, parity); }
 __device__ __forceinline__ void tma_prefetch(const CUtensorMap*) {}
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes) {
+  ::pyattn_emu::bulk_reduce_add_f32(gdst, ssrc, bytes);
+}
+__device__ __forceinline__ void bulk_commit() { ::pyattn_emu::bulk_commit(); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  ::pyattn_emu::bulk_wait_read(N);
+}
 __device__ __forceinline__ uint64_t l2_evict_last() { return 0; }
 __device__ __forceinline__ uint64_t l2_evict_first() { return 0; }
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
@@ -95,6 +109,16 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       "[%1, {%3, %4, %5, %6}], [%2], %7;\n" ::"r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "l"(policy)
       : "memory");
+}
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
+               "r"(smem_addr(ssrc)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
 }
 // Registers per thread of the calling warpgroup from here on (all its threads must execute it; sm_90a).
 template <int N>

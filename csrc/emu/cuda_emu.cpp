@@ -24,6 +24,11 @@ struct Copy {
   void* dst;
   const void* src;
 };
+struct BulkReduce {  // dst[i] += src[i], i < n
+  float* dst;
+  const float* src;
+  uint32_t n;
+};
 }  // namespace
 
 struct Thread {
@@ -35,6 +40,8 @@ struct Thread {
   int bar_line = 0;
   std::vector<Copy> pending;               // cp.async not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, oldest first
+  std::vector<BulkReduce> bulk_open;                  // bulk reductions not yet committed
+  std::vector<std::vector<BulkReduce>> bulk_groups;  // committed, oldest first
   const uint64_t* waits_on = nullptr;     // the mbarrier an AtMbarrier thread waits on
   int named_bar = 0;                       // the named barrier an AtNamedBarrier thread waits on
 };
@@ -138,6 +145,10 @@ void fiber_main() {
   // copies still in flight complete after the thread (harmless; the kernel never waited for them)
   for (auto& g : t->groups) run_copies(g);
   run_copies(t->pending);
+  bool bulk_in_flight = !t->bulk_open.empty();
+  for (const auto& g : t->bulk_groups) bulk_in_flight |= !g.empty();
+  if (bulk_in_flight)
+    fail("a thread exited with bulk reductions not waited for (cp.async.bulk.wait_group.read)", __FILE__, __LINE__);
   Warp& w = g_block->warps[t->linear / 32];
   ++w.exited;
   if (!w.wgmma_open.empty() || !w.wgmma_groups.empty())
@@ -791,6 +802,39 @@ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c
     complete_if_done(bar, m);
   } else {
     m.copies.push_back(c);
+  }
+}
+
+namespace {
+void run_reductions(std::vector<BulkReduce>& rs) {
+  for (const BulkReduce& r : rs)
+    for (uint32_t i = 0; i < r.n; ++i) r.dst[i] += r.src[i];
+  rs.clear();
+}
+}  // namespace
+
+void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes) {
+  if (bytes == 0 || bytes % 16 != 0 || reinterpret_cast<uintptr_t>(gdst) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(ssrc) % 16 != 0)
+    fail("cp.reduce.async.bulk: size not a positive multiple of 16 bytes or an address not 16-byte aligned", __FILE__,
+         __LINE__);
+  if (!in_dynamic_smem(ssrc, bytes))
+    fail("cp.reduce.async.bulk: source outside the block's shared memory", __FILE__, __LINE__);
+  std::vector<BulkReduce> one{BulkReduce{gdst, ssrc, bytes / 4}};
+  if (g_cp_async_early)
+    run_reductions(one);
+  else
+    g_thread->bulk_open.push_back(one[0]);
+}
+void bulk_commit() {
+  g_thread->bulk_groups.push_back(std::move(g_thread->bulk_open));
+  g_thread->bulk_open.clear();
+}
+void bulk_wait_read(int n) {
+  auto& gs = g_thread->bulk_groups;
+  while (static_cast<int>(gs.size()) > n) {
+    run_reductions(gs.front());
+    gs.erase(gs.begin());
   }
 }
 

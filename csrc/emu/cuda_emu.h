@@ -291,6 +291,15 @@ void mbar_init(uint64_t* bar, uint32_t count);
 void mbar_arrive(uint64_t* bar, uint32_t tx_bytes);
 void mbar_wait(uint64_t* bar, uint32_t parity);
 void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2, int c3);
+// Bulk reductions (cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32): bulk_reduce_add_f32 adds `bytes` (a
+// positive multiple of 16; both addresses 16-byte aligned, the source in shared memory) of fp32 into global memory as
+// part of the calling thread's open bulk group; bulk_commit closes the group; bulk_wait_read(n) returns once all but
+// the n most recent groups have read their shared memory. A reduction reads (and adds) at the wait that covers it
+// (PYATTN_EMU_CP_ASYNC=late, so shared memory rewritten before the wait shows up) or at issue (early, so a source
+// issued before other threads wrote it shows up); a thread that exits with one not waited for fails the launch.
+void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes);
+void bulk_commit();
+void bulk_wait_read(int n);
 // The emulated cuTensorMapEncodeTiled (the driver's signature): CUDA_ERROR_INVALID_VALUE for what the driver refuses
 // (misaligned address or strides, box too large) and for what the emulator does not model (other than 16-bit
 // elements, element strides != 1, a swizzle other than none / 128 bytes, a 128-byte swizzle whose box rows are not
