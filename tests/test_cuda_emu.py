@@ -502,9 +502,9 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         assert torch.equal(a, b), "ws"
     ws_smem = 1024 + (2 * 128 + 4 * 64) * d * 2 + 2 * 3 * 64 * 4 + 5 * 8  # the ws kernel's: + 5 mbarriers
     assert torch.ops.pyattn_emu.emu_counters()[4] == ws_smem
-    # fused (HD 128): dK, dV as before, dQ added by the dK / dV kernel (bulk reductions or atomics into fp32, then
-    # converted: another summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode and
-    # HD 64: the dQ kernel
+    # fused: dK, dV as before, dQ added by the dK / dV kernel (bulk reductions or atomics into fp32, then
+    # converted: another summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode: the
+    # dQ kernel
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     for variant, extra_smem in (("fused", 2 * 128 * 64 * 2 + 2 * 64 * 72 * 4), ("fusedat", 2 * 128 * 64 * 2)):
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)  # (+ two dS^T tiles; bulk: + two dQ staging tiles)
@@ -517,7 +517,7 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
                 torch.use_deterministic_algorithms(was_deterministic)
             smem = torch.ops.pyattn_emu.emu_counters()[4]
             assert torch.equal(fused[1], grads[1]) and torch.equal(fused[2], grads[2])
-            if d == 128 and not deterministic:
+            if not deterministic:
                 assert smem == ws_smem + extra_smem, variant
                 assert_attention_close(fused[0], ref_grads[0], low_grads[0], 3, name=f"dq ({variant})")
                 tol = 2e-2 * float(grads[0].float().abs().max()) + 1e-3
@@ -547,8 +547,8 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
-@pytest.mark.parametrize("variant", [None, "ws", "fused", "fusedat"])
-def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, monkeypatch):
+@pytest.mark.parametrize("variant,d", [(None, 64), ("ws", 64), ("fused", 128), ("fused", 64), ("fusedat", 128)])
+def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, d, monkeypatch):
     """Every schedule of threads and copy completion gives the bits of the default one: the double buffers are
     refilled only after every warpgroup is done with them (block barriers; mbarriers in the warp-specialized
     kernel, and a named barrier before the fused dQ reads both warpgroups' dS^T); the fused dQ's bulk reductions read
@@ -556,7 +556,6 @@ def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant
     read it at issue / at the wait)."""
     if variant is not None:
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
-    d = 128 if variant in ("fused", "fusedat") else 64
     q, k, v = make_qkv(1, 4, 130, 200, d, hkv=2, dtype=torch.bfloat16, seed=9)
     *_, grads, wgmma = _sm90_bwd(q, k, v, True, False, seed=9)
     assert wgmma > 0

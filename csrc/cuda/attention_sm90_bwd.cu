@@ -16,12 +16,12 @@
 //       P^T, dS^T = P^T (dP^T - delta)                             registers
 //       dV (64 x HD) += P^T dO, dK (64 x HD) += dS^T Q              wgmma m64nHDk16, A from registers, B N-major
 //     dK * scale and dV are stored from registers. PYATTN_CUDA_ATTN_SM90_BWD=ws: the same steps warp-specialized
-//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers); =fused: that
-//     kernel also adds dQ = dS K into an fp32 accumulator with atomics (HD 128, not deterministic mode), and
-//     attn_bwd_dq_convert_kernel writes dq instead of the dQ kernel.
+//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers); =fused /
+//     =fusedat: that kernel also adds dQ = dS K into an fp32 accumulator with bulk reductions / atomics (not in
+//     deterministic mode), and attn_bwd_dq_convert_kernel writes dq instead of the dQ kernel.
 //   dQ (attn_bwd_dq_sm90_kernel): BM = 128 query rows of one (b, h) per block in fwd_block's order (causal:
-//     heaviest first in L2 sections of heads), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key blocks of BN = 64 stream
-//     through a double buffer of K and V:
+//     heaviest first in L2 sections of heads), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key
+//     blocks of BN = 64 stream through a double buffer of K and V:
 //       S = Q K^T, dP = dO V^T (m64n64k16), P and dS = P (dP - delta), dQ (64 x HD) += dS K (m64nHDk16, B = K N-major)
 //     dQ * scale is stored from registers.
 // Registers per thread (HD 128): dK / dV kernel S^T 32 + dP^T 32 + dK 64 + dV 64 fp32 + P^T and dS^T 16 + 16 packed;
@@ -259,10 +259,12 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 // apart, so one's exp2s and dS run under the other's GEMMs, and the copies run ahead by a stage.
 // Shared memory: the cp.async kernel's + 5 mbarriers (fused dQ: + two dS^T tiles of 16 KB; by bulk reductions: + two
 // dQ staging tiles of 18 KB).
-// Fused dQ (DQ != DqBy::Kernel, HD 128; FA3's): each step also writes dS^T to shared memory (key rows of BMQ queries,
-// swizzled) and, once both consumer warpgroups have (a named barrier: they meet once a step), warpgroup wg computes
-// dQ[:, 64 wg..] (64 x 64) = dS K[:, 64 wg..] over the block's 128 keys (wgmma with A read M-major, B N-major) and adds
-// it into dq_acc (so no dQ kernel recomputes S and dP: 5 GEMMs a step instead of 7): DqBy::Bulk
+// Fused dQ (DQ != DqBy::Kernel; FA3's): each step also writes dS^T to shared memory (key rows of BMQ queries,
+// swizzled) and, once both consumer warpgroups have (a named barrier: they meet once a step), warpgroup wg computes a
+// 64 x 64 block of the step's dQ (wgmma with A read M-major, B N-major): HD 128, dQ[:, 64 wg..] = dS K[:, 64 wg..] over
+// the block's 128 keys; HD 64, its own keys' part of the whole dQ, dS[:, its keys] K[its keys, :] (the two parts
+// meet in the accumulator). It adds the block into dq_acc (so no dQ kernel recomputes S and dP: 5 GEMMs a step
+// instead of 7): DqBy::Bulk
 // (PYATTN_CUDA_ATTN_SM90_BWD=fused; FA3's way) stages it in shared memory, and the warpgroup's first warp has the TMA
 // unit add each row (256 contiguous bytes) with a bulk reduction; DqBy::Atomic (=fusedat) adds it from registers
 // with float2 atomics, 8 rows x 32 bytes a warp instruction.
@@ -380,12 +382,15 @@ __global__ void __launch_bounds__(384, 1)
         if (BULK && warp == 0) bulk_wait_read<0>();
         fence_proxy_async();
         named_bar_sync(1, NCONS);  // both warpgroups' dS^T written
-        float dqp[32];             // dQ[:, 64 wg..] of this step's queries and the block's keys
-        issue_ab_mn<E, 64, BNK>(dqp, smem_addr(ss), smem_addr(Ks) + wg * (BNK * 128));
+        float dqp[32];  // HD 128: dQ[:, 64 wg..] over the block's keys; HD 64: dQ over this warpgroup's keys
+        if constexpr (HD == 128)
+          issue_ab_mn<E, 64, BNK>(dqp, smem_addr(ss), smem_addr(Ks) + wg * (BNK * 128));
+        else  // (the warpgroup's 64 key rows of dS^T and of K)
+          issue_ab_mn<E, 64, 64>(dqp, smem_addr(ss) + wg * (64 * 128), smem_addr(Ks) + wg * (64 * 128));
         wgmma_wait<0>();
         fence_operands(dqp);
         const int64_t h = hk * G + it / nqe;
-        float* acc = dq_acc + ((b * p.Hq + h) * p.Lq + i0) * HD + 64 * wg;  // row i0, this warpgroup's columns
+        float* acc = dq_acc + ((b * p.Hq + h) * p.Lq + i0) * HD + (HD == 128 ? 64 * wg : 0);  // row i0, 64 columns
         if constexpr (BULK) {
           float* stage = Dq + wg * (C::kDqStage / 4);  // [64][kDqLd]
 #pragma unroll
@@ -562,19 +567,17 @@ bool launch_dkdv(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl
       make_map(&tk, p.k, p.dtype, p.B, p.Hkv, p.Lk, p.D, p.k_stride, C::BNK) &&
       make_map(&tv, p.v, p.dtype, p.B, p.Hkv, p.Lk, p.Dv, p.v_stride, C::BNK) &&
       make_map(&tdo, p.dout, p.dtype, p.B, p.Hq, p.Lq, p.Dv, p.dout_stride, C::BMQ)) {
-    if constexpr (HD == 128) {
-      if (pl.fused) {
-        auto kernel = pl.bulk ? attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Bulk>
-                              : attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Atomic>;
-        const size_t smem = pl.bulk ? C::dkdv_bulk_smem : C::dkdv_fused_smem;
-        if ((*err = fit_kernel(kernel, smem)) != cudaSuccess) return true;
-        kernel<<<unsigned(blocks), 384, smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta, dq_acc);
-        if ((*err = cudaGetLastError()) != cudaSuccess) return true;
-        const int64_t rows = p.B * p.Hq * p.Lq;
-        attn_bwd_dq_convert_kernel<E, HD><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, dq_acc);
-        *err = cudaGetLastError();
-        return true;
-      }
+    if (pl.fused) {
+      auto kernel = pl.bulk ? attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Bulk>
+                            : attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Atomic>;
+      const size_t smem = pl.bulk ? C::dkdv_bulk_smem : C::dkdv_fused_smem;
+      if ((*err = fit_kernel(kernel, smem)) != cudaSuccess) return true;
+      kernel<<<unsigned(blocks), 384, smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta, dq_acc);
+      if ((*err = cudaGetLastError()) != cudaSuccess) return true;
+      const int64_t rows = p.B * p.Hq * p.Lq;
+      attn_bwd_dq_convert_kernel<E, HD><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, dq_acc);
+      *err = cudaGetLastError();
+      return true;
     }
     auto kernel = attn_bwd_dkdv_sm90_ws_kernel<E, HD, CAUSAL, DqBy::Kernel>;
     if ((*err = fit_kernel(kernel, C::dkdv_ws_smem)) != cudaSuccess) return true;
@@ -615,8 +618,8 @@ cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, const Sm90Bwd
 }  // namespace sm90
 
 // PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =ws: the warp-specialized dK / dV kernel;
-// =fused: that kernel adding dQ with bulk reductions at HD 128 unless p.deterministic; =fusedat: the same with float2
-// atomics (all three opt-in until a GPU run times them).
+// =fused: that kernel adding dQ with bulk reductions unless p.deterministic; =fusedat: the same with float2 atomics
+// (all three opt-in until a GPU run times them).
 Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
   Sm90BwdPlan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)  // (else no sm_90a code in this build)
@@ -626,7 +629,7 @@ Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
             (p.D == 64 || p.D == 128) && p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q &&
             d.vec_k && d.vec_v && d.vec_do && d.vec_dq && d.vec_dk && d.vec_dv;
   pl.ws = pl.take && (is("ws") || is("fused") || is("fusedat"));
-  pl.fused = pl.ws && !is("ws") && p.D == 128 && !p.deterministic;
+  pl.fused = pl.ws && !is("ws") && !p.deterministic;
   pl.bulk = pl.fused && is("fused");
 #else
   (void)p;

@@ -132,7 +132,7 @@ struct Sm90BwdPlan {
   bool take = false;
   bool ws = false;     // the warp-specialized dK / dV kernel (else the cp.async one)
   bool fused = false;  // ... which also adds dQ into a zeroed fp32 accumulator (B, Hq, Lq, D) (else a dQ kernel
-                       // computes it): HD 128, not p.deterministic
+                       // computes it): not p.deterministic
   bool bulk = false;   // ... with bulk reductions from shared memory (else float2 atomics)
 };
 Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d);
