@@ -264,10 +264,9 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 // 64 x 64 block of the step's dQ (wgmma with A read M-major, B N-major): HD 128, dQ[:, 64 wg..] = dS K[:, 64 wg..] over
 // the block's 128 keys; HD 64, its own keys' part of the whole dQ, dS[:, its keys] K[its keys, :] (the two parts
 // meet in the accumulator). It adds the block into dq_acc (so no dQ kernel recomputes S and dP: 5 GEMMs a step
-// instead of 7): DqBy::Bulk
-// (PYATTN_CUDA_ATTN_SM90_BWD=fused; FA3's way) stages it in shared memory, and the warpgroup's first warp has the TMA
-// unit add each row (256 contiguous bytes) with a bulk reduction; DqBy::Atomic (=fusedat) adds it from registers
-// with float2 atomics, 8 rows x 32 bytes a warp instruction.
+// instead of 7): DqBy::Bulk (PYATTN_CUDA_ATTN_SM90_BWD=fused; FA3's way) stages it in shared memory, and the
+// warpgroup's first warp has the TMA unit add each row (256 contiguous bytes) with a bulk reduction; DqBy::Atomic
+// (=fusedat) adds it from registers with float2 atomics, 8 rows x 32 bytes a warp instruction.
 template <class E, int HD, bool CAUSAL, DqBy DQ>
 __global__ void __launch_bounds__(384, 1)
     attn_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
