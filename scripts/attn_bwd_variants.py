@@ -1,10 +1,10 @@
 """The CUDA attention backward's kernels side by side on one GPU, in one process: pyattn's cuda backend with the
 Hopper wgmma backward (csrc/cuda/attention_sm90_bwd.cu; the default on compute capability 9.0), with its
 warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws; =fused: also adding dQ with bulk reductions, no dQ
-kernel; =fusedat: the same with atomics) and
-with the mma.sync kernels of attention.cu (=0), the default with PYATTN_CUDA_ATTN_L2=0 ("-l2off": the dK / dV and
-dQ grids' tiles level by level over all heads instead of in L2 sections of heads), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16,
-B * L = 16k tokens, 2048 / D heads (bench_attention.py's GPU shapes). Only the backward is timed
+kernel; =fusedat: the same with atomics) and with the mma.sync kernels of attention.cu (=0), the default with
+PYATTN_CUDA_ATTN_L2=0 ("-l2off": the dK / dV and dQ grids' tiles level by level over all heads instead of in L2
+sections of heads), the Triton backend, and torch's SDPA backends (flash, cudnn), bf16, B * L = 16k tokens, 2048 / D
+heads (bench_attention.py's GPU shapes). Only the backward is timed
 (torch.autograd.grad of a forward built once per provider). Each pyattn variant's dq, dk, dv are first checked against
 torch flash's (max abs error over max |flash|, printed; above 2e-2 the row is marked WRONG and the exit status is 1).
 TFLOP/s = 2.5 x the forward's 4 B H L^2 D (halved when causal; PERF.md's count), median of CUDA-event timings with
