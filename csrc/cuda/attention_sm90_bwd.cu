@@ -88,6 +88,17 @@ __device__ __forceinline__ void store_rows(void* base, int64_t stride, int64_t r
   }
 }
 
+// A dK / dV block's results, this thread's key rows jr, jr + 8 of (b, kv head hk): dK * scale and dV (keys past Lk
+// skipped).
+template <class E, int HD>
+__device__ __forceinline__ void store_dk_dv(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t jr,
+                                            const float (&dk)[HD / 2], const float (&dv)[HD / 2], int t) {
+  store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr, p.Lk,
+                    dk, p.scale, t);
+  store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr, p.Lk,
+                    dv, 1.0f, t);
+}
+
 // Row r of a stage's statistics st [3][BMQ] (lse2, l2, delta) from global row row0 + r; a row past Lq (!ok): lse2
 // +inf (P = 0), delta 0.
 template <int BMQ>
@@ -226,10 +237,7 @@ __global__ void __launch_bounds__(256, 1)
   }
   cp_async_wait<0>();  // (no query block: the K / V copies are still in flight)
 
-  store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr,
-                    p.Lk, dk, p.scale, t);
-  store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr,
-                    p.Lk, dv, 1.0f, t);
+  store_dk_dv<E, HD>(p, b, hk, jr, dk, dv, t);
 #else
   __trap();  // not an sm_90a pass: bwd_sm90 never launches this
 #endif
@@ -419,10 +427,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
     if (BULK && warp == 0) bulk_wait_read<0>();  // (the staging tiles stay valid until read)
-    store_rows<E, HD>(static_cast<uint16_t*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1], p.dk_stride[2], jr,
-                      p.Lk, dk, p.scale, t);
-    store_rows<E, HD>(static_cast<uint16_t*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1], p.dv_stride[2], jr,
-                      p.Lk, dv, 1.0f, t);
+    store_dk_dv<E, HD>(p, b, hk, jr, dk, dv, t);
   }
 #else
   __trap();  // not an sm_90a pass: bwd_sm90 never launches this
