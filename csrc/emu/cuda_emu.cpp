@@ -139,6 +139,21 @@ void run_copies(std::vector<Copy>& cs) {
   cs.clear();
 }
 
+// A thread's groups of asynchronous operations (cp.async copies, bulk reductions): commit_group closes the open
+// group; wait_groups runs (oldest first) all but the n most recent committed ones.
+template <class Op>
+void commit_group(std::vector<Op>& open, std::vector<std::vector<Op>>& groups) {
+  groups.push_back(std::move(open));
+  open.clear();
+}
+template <class Op>
+void wait_groups(std::vector<std::vector<Op>>& groups, int n, void (*run)(std::vector<Op>&)) {
+  while (static_cast<int>(groups.size()) > n) {
+    run(groups.front());
+    groups.erase(groups.begin());
+  }
+}
+
 void fiber_main() {
   (*g_block->body)();
   Thread* t = g_thread;
@@ -649,17 +664,8 @@ void cp_async16(void* smem, const void* gmem) {
   else
     g_thread->pending.push_back(Copy{smem, gmem});
 }
-void cp_async_commit() {
-  g_thread->groups.push_back(std::move(g_thread->pending));
-  g_thread->pending.clear();
-}
-void cp_async_wait(int n) {
-  auto& gs = g_thread->groups;
-  while (static_cast<int>(gs.size()) > n) {
-    run_copies(gs.front());
-    gs.erase(gs.begin());
-  }
-}
+void cp_async_commit() { commit_group(g_thread->pending, g_thread->groups); }
+void cp_async_wait(int n) { wait_groups(g_thread->groups, n, run_copies); }
 
 // ---- mbarriers and bulk tensor copies ---------------------------------------------------------------------------
 namespace {
@@ -826,17 +832,8 @@ void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes) {
   else
     g_thread->bulk_open.push_back(one[0]);
 }
-void bulk_commit() {
-  g_thread->bulk_groups.push_back(std::move(g_thread->bulk_open));
-  g_thread->bulk_open.clear();
-}
-void bulk_wait_read(int n) {
-  auto& gs = g_thread->bulk_groups;
-  while (static_cast<int>(gs.size()) > n) {
-    run_reductions(gs.front());
-    gs.erase(gs.begin());
-  }
-}
+void bulk_commit() { commit_group(g_thread->bulk_open, g_thread->bulk_groups); }
+void bulk_wait_read(int n) { wait_groups(g_thread->bulk_groups, n, run_reductions); }
 
 CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType dtype, cuuint32_t rank, void* addr, const cuuint64_t* dims,
                       const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* elem_strides,
