@@ -182,7 +182,8 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
   unsigned char* Vs = Ks + 2 * C::kKVBytes;                                  // [2][SUB][BN][64]
   float2* pin_slot = reinterpret_cast<float2*>(Vs + 2 * C::kKVBytes) + threadIdx.x;  // [NT] Steps::pin's scratch
 
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x, wg = warpgroup_uniform();
+  const int warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
   const int64_t b = fb.b, h = fb.h, hk = fb.hk, bh = fb.bh, i0 = fb.i0;
   const int nq = fb.nq, nkb = fb.nkb;
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(384, 1)
   // which the consumers read for tile n - 2, or the end mark: q_full must not complete phase n before every consumer
   // has passed its wait for phase n - 1).
   auto use = [](uint32_t it) { return (it >> 1) & 1u; };
-  if (tid < 128) {  // producer warpgroup
+  if (warpgroup_uniform() == 0) {  // producer warpgroup
     setmaxnreg_dec<24>();
     if (tid == 0) {
       uint32_t it = 0;
@@ -373,14 +374,14 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {  // consumer warpgroups 1, 2: query rows 64 (wg - 1).. of each tile
     setmaxnreg_inc<240>();
-    const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int wg = warpgroup_uniform() - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
     const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;  // the warpgroup's 64 rows of Q sub-tile 0
     auto k_addr = [&](uint32_t it) { return smem_addr(Ks + (it & 1) * C::kKVBytes); };
     auto v_addr = [&](uint32_t it) { return smem_addr(Vs + (it & 1) * C::kKVBytes); };
     uint32_t it0 = 0;  // key blocks of this block before this tile
     for (uint32_t n = 0;; ++n) {  // the block's n-th tile
       mbar_wait(q_full, n & 1);
-      const int tile = tile_slot[n & 1];
+      const int tile = __shfl_sync(0xffffffffu, tile_slot[n & 1], 0);  // (warp-uniform to ptxas: warpgroup_uniform)
       if (tile >= ntiles) break;
       const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, tile);
       const int64_t i0 = fb.i0;

@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(256, 1)
   unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2][SUB][BMQ][64] dout
   float* St = reinterpret_cast<float*>(Ds + 2 * C::kQStage);                 // [2][3][BMQ]: lse2, l2, delta
 
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x, wg = warpgroup_uniform();
+  const int warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const GridTile gt = dkdv_tile<BNK>(p, d);
   const int64_t kb = gt.level, bhk = gt.head;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv, G = d.group;
@@ -322,7 +323,7 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
   auto use = [](int64_t it) { return uint32_t((it >> 1) & 1); };  // step it: stage it % 2, its (it / 2)-th use
 
-  if (tid < 128) {  // producer warpgroup
+  if (warpgroup_uniform() == 0) {  // producer warpgroup
     // 32 registers (24 spill), so the consumers get 232: 128 x 32 + 256 x 232 <= the 168 x 384 the block starts with
     // (setmaxnreg.inc waits for registers the dec released). 32-bit indices: TMA's coordinates are 32-bit, and steps
     // < 2^31 (attention_unsupported's grid bound covers Hq * Lq / 64).
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {  // consumer warpgroups 1, 2: keys j0 + 64 (wg - 1)..
     setmaxnreg_inc<232>();
-    const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int wg = warpgroup_uniform() - 1, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int64_t jw = j0 + 64 * wg, jr = jw + 16 * warp + g;
     const uint32_t k_addr = smem_addr(Ks) + wg * 64 * 128, v_addr = smem_addr(Vs) + wg * 64 * 128;
     float dk[HD / 2], dv[HD / 2];
@@ -452,7 +453,8 @@ __global__ void __launch_bounds__(256, 1)
   unsigned char* Ks = Ds + C::kQTile;                                        // [2][SUB][BN][64]
   unsigned char* Vs = Ks + 2 * C::kKVStage;                                  // [2][SUB][BN][64]
 
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x, wg = warpgroup_uniform();
+  const int warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const FwdBlock fb = fwd_block<CAUSAL, BM, BN>(p, d, blockIdx.x);
   const int64_t b = fb.b, h = fb.h, hk = fb.hk, i0 = fb.i0;
   const int nkb = fb.nkb;

@@ -336,6 +336,12 @@ __device__ __forceinline__ void store_tile(uint16_t* g, int64_t stride, const ui
   }
 }
 
+// The warpgroup of this thread (threadIdx.x / 128), broadcast from lane 0 so that ptxas knows it is warp-uniform
+// (CUTLASS's canonical_warp_group_idx): a role branch on it is not divergent, so the code inside may keep warp-uniform
+// values (the wgmma descriptors and their k-step offsets) in uniform registers; on threadIdx.x itself ptxas computes
+// them in per-thread registers and moves each into a uniform one before every wgmma.
+__device__ __forceinline__ int warpgroup_uniform() { return __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0); }
+
 // ------------------------------------------------------------------------------------------------------------
 // Warp reductions: over the 4 lanes of a quad (the lanes that hold one row of a C fragment) ...
 // ------------------------------------------------------------------------------------------------------------

@@ -37,10 +37,22 @@ namespace sm90 {
 
 __host__ __device__ __forceinline__ uint32_t swizzle128(uint32_t byte) { return byte ^ (((byte >> 7) & 7u) << 4); }
 
-// Shared-memory matrix descriptor: start address, leading / stride byte offsets, 128-byte swizzle (mode 1, bit 62).
-__device__ __forceinline__ uint64_t make_desc(uint32_t smem_byte_addr, uint32_t lbo, uint32_t sbo) {
-  return uint64_t((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32) |
-         (1ull << 62);
+// Shared-memory matrix descriptor: start address / 16 (bits 0-13), leading byte offset / 16 (bits 16-29), stride
+// byte offset / 16 (bits 32-45), 128-byte swizzle (mode 1, bit 62). Every tile here has SBO = 1024 (8-row groups of
+// 128-byte rows), so the high word is always kDescHi: the PTX wrappers below take the low word and write kDescHi as
+// an immediate (ptxas then keeps it in a uniform register instead of moving it into one before every wgmma).
+constexpr uint32_t kDescSbo = 1024, kDescHi = (kDescSbo >> 4) | (1u << 30);
+#define PYATTN_WGMMA_DESC_HI "0x40000040"
+static_assert(kDescHi == 0x40000040u, "PYATTN_WGMMA_DESC_HI");
+__host__ __device__ constexpr uint64_t make_desc(uint32_t smem_byte_addr, uint32_t lbo) {
+  return uint64_t((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(kDescHi) << 32);
+}
+// The descriptor of the address `bytes` (a multiple of 16) past desc's: the start-address field plus bytes / 16, a
+// 32-bit add that never carries out of the field (shared-memory addresses are below 2^18). CUTLASS's form: one
+// descriptor a tile and constant k-step offsets (a make_desc per k-step put ~12 masks, shifts and register moves
+// between consecutive wgmmas).
+__device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
+  return (uint64_t(kDescHi) << 32) | uint32_t(uint32_t(desc) + (bytes >> 4));
 }
 
 #ifdef PYATTN_CUDA_EMU
@@ -134,20 +146,23 @@ __device__ __forceinline__ void wgmma_ss_mn(float (&d)[N / 2], uint64_t da, uint
 #define PYATTN_WGMMA_SMEM(FN, TRANS, E, N, TY, DREGS, DOPS, A0, A1, A2)                                      \
   template <>                                                                                            \
   __device__ __forceinline__ void FN<E, N>(float(&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {        \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " A2 ", 0;\n"                                            \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", " A0 ", " A1       \
-                 ", p, 1, 1, " TRANS ";\n}\n"                                                             \
+    asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, " A2 ", 0;\n"                        \
+                 "mov.b64 da, {" A0 ", " PYATTN_WGMMA_DESC_HI "};\n"                                          \
+                 "mov.b64 db, {" A1 ", " PYATTN_WGMMA_DESC_HI "};\n"                                          \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", da, db, p, 1, 1, " TRANS \
+                 ";\n}\n"                                                                                  \
                  : DOPS                                                                                   \
-                 : "l"(da), "l"(db), "r"(scale_d));                                                       \
+                 : "r"(uint32_t(da)), "r"(uint32_t(db)), "r"(scale_d));                                   \
   }
 #define PYATTN_WGMMA_RS(E, N, TY, DREGS, DOPS, A0, A1, A2, A3, B, S)                                        \
   template <>                                                                                            \
   __device__ __forceinline__ void wgmma_rs_nmajor<E, N>(float(&d)[N / 2], const uint32_t(&a)[4], uint64_t db) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\n"                                             \
+    asm volatile("{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, " S ", 0;\n"                              \
+                 "mov.b64 db, {" B ", " PYATTN_WGMMA_DESC_HI "};\n"                                            \
                  "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " DREGS ", {" A0 ", " A1 ", " A2 \
-                 ", " A3 "}, " B ", p, 1, 1, 1;\n}\n"                                                     \
+                 ", " A3 "}, db, p, 1, 1, 1;\n}\n"                                                        \
                  : DOPS                                                                                   \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                          \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(uint32_t(db)), "r"(1));                \
   }
 PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", F16, 128, "f16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
 PYATTN_WGMMA_SMEM(wgmma_ss, "0, 0", BF16, 128, "bf16", PYATTN_WGMMA_DREGS64, PYATTN_WGMMA_DOPS64, "%64", "%65", "%66")
@@ -200,12 +215,13 @@ template <class E, int N, int HD, int A_ROWS, int B_ROWS>
 __device__ __forceinline__ void issue_abt(float (&acc)[N / 2], uint32_t a_addr, uint32_t b_addr) {
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  const uint64_t da = make_desc(a_addr, 16), db = make_desc(b_addr, 16);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     const uint32_t col = (kk % 4) * 32;
-    wgmma_ss<E, N>(acc, make_desc(a_addr + (kk / 4) * (A_ROWS * 128) + col, 16, 1024),
-                   make_desc(b_addr + (kk / 4) * (B_ROWS * 128) + col, 16, 1024), kk > 0);
+    wgmma_ss<E, N>(acc, desc_at(da, (kk / 4) * (A_ROWS * 128) + col), desc_at(db, (kk / 4) * (B_ROWS * 128) + col),
+                   kk > 0);
   }
   wgmma_commit();
 }
@@ -219,8 +235,9 @@ __device__ __forceinline__ void issue_ab(float (&acc)[HD / 2], uint32_t (&a)[K /
   for (int k = 0; k < K / 16; ++k) fence_operands(a[k]);
   fence_operands(acc);
   wgmma_fence();
+  const uint64_t db = make_desc(b_addr, K * 128);
 #pragma unroll
-  for (int k = 0; k < K / 16; ++k) wgmma_rs_nmajor<E, HD>(acc, a[k], make_desc(b_addr + k * 16 * 128, K * 128, 1024));
+  for (int k = 0; k < K / 16; ++k) wgmma_rs_nmajor<E, HD>(acc, a[k], desc_at(db, k * 16 * 128));
   wgmma_commit();
 }
 
@@ -232,11 +249,10 @@ __device__ __forceinline__ void issue_ab_mn(float (&acc)[N / 2], uint32_t a_addr
   static_assert(N <= 64, "one 64-column sub-tile of B");
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+  const uint64_t da = make_desc(a_addr, K * 128), db = make_desc(b_addr, K * 128);
   wgmma_fence();
 #pragma unroll
-  for (int k = 0; k < K / 16; ++k)
-    wgmma_ss_mn<E, N>(acc, make_desc(a_addr + k * 16 * 128, K * 128, 1024),
-                      make_desc(b_addr + k * 16 * 128, K * 128, 1024), k > 0);
+  for (int k = 0; k < K / 16; ++k) wgmma_ss_mn<E, N>(acc, desc_at(da, k * 16 * 128), desc_at(db, k * 16 * 128), k > 0);
   wgmma_commit();
 }
 
