@@ -9,7 +9,9 @@ plus `-Werror all-warnings -Xcompiler -Wall,-Werror -Xptxas -v`, and only -I csr
 warning, on any register spill ("bytes spill stores/loads" > 0), on static shared memory above the per-block limit
 of the arch, or on ptxas' "Potential Performance Loss" notes (wgmma serialized). Stack frames (local arrays, calls)
 are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here:
-its launcher must check it against the device.
+its launcher must check it against the device. With cuobjdump (the toolkit's, or PyPI's nvidia-cuda-cuobjdump) the
+sm_90a machine code of the wgmma kernels is checked too (scripts/sass_rules.py: wgmma descriptors in uniform
+registers, the forward's P V wait after its softmax); --sass off skips that, --sass require fails without cuobjdump.
 
     python scripts/compile_cuda.py                      # every csrc/cuda/*.cu for sm_80 and sm_90a
     python scripts/compile_cuda.py --only layer_norm --arch 90 -v
@@ -30,6 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_rules  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
@@ -196,14 +201,18 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 # ---- one compile -------------------------------------------------------------------------------------------
 def compile_one(job) -> dict:
-    nvcc, src, arch = job
+    nvcc, src, arch, cuobjdump = job
     rel = os.path.relpath(src, REPO)
-    res = {"file": rel, "arch": arch, "ok": False, "kernels": [], "error": "", "seconds": 0.0, "log": ""}
+    res = {"file": rel, "arch": arch, "ok": False, "kernels": [], "error": "", "seconds": 0.0, "log": "", "sass": None}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="pyattn_cc_") as d:
         cmd = nvcc_command(nvcc, src, arch, os.path.join(d, "k.o"))
         res["cmd"] = " ".join(cmd)
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        obj = os.path.join(d, "k.o")
+        if p.returncode == 0 and cuobjdump and arch == 90 and os.path.basename(src) in sass_rules.SOURCES \
+                and os.path.exists(obj):
+            res["sass"] = sass_rules.disassemble(cuobjdump, obj)
     res["seconds"] = round(time.time() - t0, 1)
     log = p.stdout + p.stderr
     res["log"] = log
@@ -227,6 +236,9 @@ def compile_one(job) -> dict:
             problems.append(f"{k['name']}: " + "; ".join(k["problems"]))
     if not res["kernels"]:
         problems.append("ptxas reported no kernel (is -Xptxas -v missing, or does the file define none?)")
+    for name, instrs in (res["sass"] or {}).items():  # the machine-code rules (scripts/sass_rules.py)
+        sass_problems, _ = sass_rules.check_kernel(name, instrs)
+        problems += [f"{name}: {sp}" for sp in sass_problems[:3]]
     res["error"] = "\n".join(problems)
     res["ok"] = not problems
     return res
@@ -243,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print each nvcc command and its full report")
     ap.add_argument("--allow-missing-nvcc", action="store_true",
                     help="exit 0 (after saying so) when nvcc is not installed, instead of failing")
+    ap.add_argument("--sass", choices=("auto", "require", "off"), default="auto",
+                    help="check the sm_90a wgmma kernels' machine code (scripts/sass_rules.py): when cuobjdump is "
+                         "found (auto, the default), always (require: fail without cuobjdump), or never (off)")
     args = ap.parse_args(argv)
 
     nvcc = find_nvcc()
@@ -265,7 +280,10 @@ def main(argv=None) -> int:
         print("compile_cuda: no csrc/cuda/*.cu to check")
         return 0
     ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    jobs = [(nvcc, s, a) for s in srcs for a in archs]
+    cuobjdump = sass_rules.find_cuobjdump() if args.sass != "off" else None
+    if args.sass == "require" and cuobjdump is None:
+        raise SystemExit("compile_cuda: --sass require, but no cuobjdump (PATH, $CUDA_HOME/bin, nvidia-cuda-cuobjdump)")
+    jobs = [(nvcc, s, a, cuobjdump) for s in srcs for a in archs]
     print(f"compile_cuda: {ver[-1] if ver else nvcc}; {len(srcs)} files x {len(archs)} archs = {len(jobs)} "
           f"compiles, {args.jobs} jobs; flags: "
           f"{' '.join(TORCH_COMMON_NVCC_FLAGS + setup_nvcc_flags() + [STD_FLAG] + STRICT_FLAGS)}",
@@ -301,6 +319,18 @@ def main(argv=None) -> int:
         for row in rows:
             print(" ".join(c.ljust(w) for c, w in zip(row, widths)))
 
+    sass = {name: sass_rules.check_kernel(name, instrs)[1]
+            for r in results for name, instrs in (r["sass"] or {}).items()}
+    if sass:
+        names_sass = demangle(list(sass))
+        print("\nsm_90a machine code of the wgmma kernels (scripts/sass_rules.py):")
+        print(f"{'instrs':>6} {'HGMMA':>5} {'R2UR':>4} {'EX2':>4} kernel")
+        for name, st in sorted(sass.items(), key=lambda kv: names_sass[kv[0]]):
+            print(f"{st['instructions']:>6} {st['hgmma']:>5} {st['r2ur']:>4} {st['ex2']:>4} {names_sass[name]}")
+    if args.sass != "off" and 90 in archs:
+        checked = sum(bool(r["sass"]) for r in results)
+        print(f"compile_cuda: SASS rules checked on {len(sass)} kernels of {checked} objects (cuobjdump {cuobjdump})"
+              if cuobjdump else "compile_cuda: no cuobjdump: the SASS rules (scripts/sass_rules.py) were NOT checked")
     failed = [r for r in results if not r["ok"]]
     nk = sum(len(r["kernels"]) for r in results)
     regs = [k["regs"] for r in results for k in r["kernels"] if isinstance(k["regs"], int)]

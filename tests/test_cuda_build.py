@@ -5,7 +5,8 @@
 - CUDA priority lists keep "cuda" after "triton" until a GPU run shows it faster (docs/design.md);
 - the device-code rule the backend uses to refuse GPUs the build has no code for;
 - scripts/compile_cuda.py: --help, the missing-nvcc behaviour, its flags (torch's and setup.py's), its ptxas-report
-  parser on canned reports, and the whole script run on a fake nvcc whose report has a spill (must fail) or none.
+  parser on canned reports, and the whole script run on a fake nvcc whose report has a spill (must fail) or none;
+  its machine-code rules (scripts/sass_rules.py) on canned SASS that keeps and breaks each.
 """
 from __future__ import annotations
 
@@ -209,3 +210,41 @@ def test_gpu_lease_without_a_gpu_says_so_and_fails(tmp_path):
                        env=env, timeout=120)
     assert p.returncode == 1
     assert "torch sees no CUDA device" in (tmp_path / "summary.txt").read_text()
+
+
+# ---- scripts/sass_rules.py (the compile check's machine-code rules) ---------------------------------------------
+def _sass(name: str, body: list[str]) -> str:
+    """cuobjdump -sass text of one kernel with the given instructions (addresses 0x0000, 0x0010, ...)."""
+    lines = [f"\t\tFunction : {name}", "\t.headerflags\t@\"EF_CUDA_SM90\""]
+    lines += [f"        /*{16 * i:04x}*/    {ins} ;   /* 0x000000000000 */" for i, ins in enumerate(body)]
+    return "\n".join(lines) + "\n"
+
+
+_FWD = "_ZN6pyattn4cuda4attn4sm9023attn_fwd_sm90_ws_kernelI"
+_ISSUE = ["WARPGROUP.ARRIVE", "UIADD3 UR20, UR36, 0x2, URZ", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], R24",
+          "UMOV UR21, 0x40000040", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], R24, gsb0"]
+_SOFTMAX = ["WARPGROUP.DEPBAR.LE gsb0, 0x1", "FFMA.FTZ R3, R24, R2, -R4", "MUFU.EX2 R3, R3", "STS.64 [R6], R16",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "F2FP.BF16.F32.PACK_AB R176, R3, R5", "@!P0 BRA 0x0"]
+
+
+def test_sass_rules_pass_the_intended_schedule():
+    sr = cc.sass_rules
+    kernels = sr.parse_sass(_sass(_FWD, _ISSUE + _SOFTMAX + ["R2UR UR4, R2", "EXIT"]))
+    (name, instrs), = kernels.items()
+    problems, stats = sr.check_kernel(name, instrs)
+    assert problems == [] and stats == {"instructions": 14, "hgmma": 2, "r2ur": 1, "ex2": 1}  # (R2UR outside a run)
+
+
+def test_sass_rules_catch_per_thread_descriptors_and_a_hoisted_wait():
+    sr = cc.sass_rules
+    r2ur = _ISSUE[:3] + ["R2UR UR20, R22"] + _ISSUE[3:]
+    (name, instrs), = sr.parse_sass(_sass(_FWD, r2ur + _SOFTMAX)).items()
+    problems, _ = sr.check_kernel(name, instrs)
+    assert len(problems) == 1 and problems[0].startswith("uniform-descriptors: R2UR at 0x30"), problems
+    hoisted = _SOFTMAX[:1] + _SOFTMAX[4:5] + _SOFTMAX[1:4] + _SOFTMAX[5:]  # the P V's wait before the exp2
+    (name, instrs), = sr.parse_sass(_sass(_FWD, _ISSUE + hoisted)).items()
+    problems, _ = sr.check_kernel(name, instrs)
+    assert len(problems) == 1 and problems[0].startswith("pv-wait-after-softmax: exp2 at 0x80"), problems
+    # the backward's kernels have other waits: only the uniform-descriptors rule applies to them
+    (name, instrs), = sr.parse_sass(_sass(_FWD.replace("fwd", "bwd_dkdv"), _ISSUE + hoisted)).items()
+    assert sr.check_kernel(name, instrs)[0] == []
