@@ -10,7 +10,8 @@ warning, on any register spill ("bytes spill stores/loads" > 0), on static share
 of the arch, or on ptxas' "Potential Performance Loss" notes (wgmma serialized). Stack frames (local arrays, calls)
 are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here:
 its launcher must check it against the device. With cuobjdump (the toolkit's, or PyPI's nvidia-cuda-cuobjdump) the
-sm_90a machine code of the wgmma kernels is checked too (scripts/sass_rules.py: wgmma descriptors in uniform
+sm_90a machine code of the wgmma kernels is checked too (scripts/sass_rules.py, which also needs nvdisasm: wgmma
+descriptors in uniform
 registers, the forward's P V wait after its softmax); --sass off skips that, --sass require fails without cuobjdump.
 
     python scripts/compile_cuda.py                      # every csrc/cuda/*.cu for sm_80 and sm_90a
@@ -212,7 +213,10 @@ def compile_one(job) -> dict:
         obj = os.path.join(d, "k.o")
         if p.returncode == 0 and cuobjdump and arch == 90 and os.path.basename(src) in sass_rules.SOURCES \
                 and os.path.exists(obj):
-            res["sass"] = sass_rules.disassemble(cuobjdump, obj)
+            try:
+                res["sass"] = sass_rules.disassemble(cuobjdump, obj)
+            except RuntimeError as e:  # a failure of the check (not a crash of the script)
+                res["sass_error"] = str(e)
     res["seconds"] = round(time.time() - t0, 1)
     log = p.stdout + p.stderr
     res["log"] = log
@@ -236,6 +240,8 @@ def compile_one(job) -> dict:
             problems.append(f"{k['name']}: " + "; ".join(k["problems"]))
     if not res["kernels"]:
         problems.append("ptxas reported no kernel (is -Xptxas -v missing, or does the file define none?)")
+    if res.get("sass_error"):
+        problems.append(res["sass_error"])
     for name, instrs in (res["sass"] or {}).items():  # the machine-code rules (scripts/sass_rules.py)
         sass_problems, _ = sass_rules.check_kernel(name, instrs)
         problems += [f"{name}: {sp}" for sp in sass_problems[:3]]
@@ -282,7 +288,8 @@ def main(argv=None) -> int:
     ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     cuobjdump = sass_rules.find_cuobjdump() if args.sass != "off" else None
     if args.sass == "require" and cuobjdump is None:
-        raise SystemExit("compile_cuda: --sass require, but no cuobjdump (PATH, $CUDA_HOME/bin, nvidia-cuda-cuobjdump)")
+        raise SystemExit("compile_cuda: --sass require, but no cuobjdump + nvdisasm (PATH, $CUDA_HOME/bin, the "
+                         "nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels)")
     jobs = [(nvcc, s, a, cuobjdump) for s in srcs for a in archs]
     print(f"compile_cuda: {ver[-1] if ver else nvcc}; {len(srcs)} files x {len(archs)} archs = {len(jobs)} "
           f"compiles, {args.jobs} jobs; flags: "
@@ -329,8 +336,10 @@ def main(argv=None) -> int:
             print(f"{st['instructions']:>6} {st['hgmma']:>5} {st['r2ur']:>4} {st['ex2']:>4} {names_sass[name]}")
     if args.sass != "off" and 90 in archs:
         checked = sum(bool(r["sass"]) for r in results)
-        print(f"compile_cuda: SASS rules checked on {len(sass)} kernels of {checked} objects (cuobjdump {cuobjdump})"
-              if cuobjdump else "compile_cuda: no cuobjdump: the SASS rules (scripts/sass_rules.py) were NOT checked")
+        if cuobjdump:
+            print(f"compile_cuda: SASS rules checked on {len(sass)} kernels of {checked} objects ({cuobjdump})")
+        else:
+            print("compile_cuda: no cuobjdump + nvdisasm: the SASS rules (scripts/sass_rules.py) were NOT checked")
     failed = [r for r in results if not r["ok"]]
     nk = sum(len(r["kernels"]) for r in results)
     regs = [k["regs"] for r in results for k in r["kernels"] if isinstance(k["regs"], int)]

@@ -11,8 +11,8 @@ this project before any GPU run could show it (docs/design.md), so the compile c
   pv-wait-after-softmax  (forward kernels) the P V's wait (WARPGROUP.DEPBAR.LE gsb0, 0x0 after the S wait
                        DEPBAR.LE gsb0, 0x1) is followed by an exp2 (MUFU.EX2) in the straight-line code after it:
                        ptxas hoisted the wait into the softmax, which then waits for the P V (Steps::pin).
-cuobjdump comes with the CUDA toolkit, or from PyPI (nvidia-cuda-cuobjdump, which scripts/setup_env.sh installs
-where nvcc is present).
+cuobjdump and the nvdisasm it runs come with the CUDA toolkit, or from PyPI (nvidia-cuda-cuobjdump and
+nvidia-cuda-nvdisasm, which scripts/setup_env.sh installs where nvcc is present).
 """
 
 from __future__ import annotations
@@ -31,25 +31,45 @@ _RE_FUNC = re.compile(r"^\s*Function : (\S+)", re.MULTILINE)
 _RE_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
+def _executable(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _candidates(tool: str) -> list[str]:
+    """PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, then the NVIDIA wheels' bin folders in this interpreter's
+    site-packages (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm)."""
+    cands = [shutil.which(tool) or "", os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", tool),
+             os.path.join("/usr/local/cuda/bin", tool)]
+    for site in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
+        cands += sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin", tool)))
+    return cands
+
+
 def find_cuobjdump() -> str | None:
-    """$CUOBJDUMP when set (only it), else PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, then the nvidia-cuda-cuobjdump
-    wheel's binary in this interpreter's site-packages."""
+    """A cuobjdump that can print SASS: $CUOBJDUMP when set (only it), else the first of _candidates, and in every
+    case an nvdisasm beside it or found the same way (cuobjdump -sass runs nvdisasm; disassemble points it there)."""
     if "CUOBJDUMP" in os.environ:
-        cand = os.environ["CUOBJDUMP"]
-        return cand if cand and os.access(cand, os.X_OK) else None
-    cands = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "cuobjdump"),
-             "/usr/local/cuda/bin/cuobjdump"]
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        cands += sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin", "cuobjdump")))
-    for cand in cands:
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
+        cands = [os.environ["CUOBJDUMP"]]
+    else:
+        cands = _candidates("cuobjdump")
+    tool = next((c for c in cands if _executable(c)), None)
+    return tool if tool and find_nvdisasm(tool) else None
+
+
+def find_nvdisasm(cuobjdump: str) -> str | None:
+    beside = os.path.join(os.path.dirname(cuobjdump), "nvdisasm")
+    return next((c for c in [beside] + _candidates("nvdisasm") if _executable(c)), None)
 
 
 def disassemble(tool: str, obj: str) -> dict[str, list[tuple[int, str, str]]]:
-    """{mangled kernel name: [(address, opcode, operands), ...]} of an object file's SASS."""
-    return parse_sass(subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout)
+    """{mangled kernel name: [(address, opcode, operands), ...]} of an object file's SASS (RuntimeError with
+    cuobjdump's message when it fails)."""
+    nvdisasm = find_nvdisasm(tool)
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(nvdisasm or tool), os.environ.get("PATH", "")]))
+    p = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{tool} -sass failed (exit {p.returncode}): {p.stderr.strip()[:300]}")
+    return parse_sass(p.stdout)
 
 
 def parse_sass(text: str) -> dict[str, list[tuple[int, str, str]]]:

@@ -16,13 +16,15 @@ pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
 python -c "import torch" 2>/dev/null || pip_q "torch==2.13.0"
 python -c "import triton" 2>/dev/null || pip_q "triton>=3.7,<3.10"
 pip_q setuptools wheel ninja numpy pytest pytest-xdist expecttest hypothesis matplotlib tqdm
-# Where nvcc is (scripts/compile_cuda.py checks the kernels offline), cuobjdump too: the compile check then reads the
-# Hopper attention kernels' machine code (scripts/sass_rules.py). PyPI ships it on its own when the toolkit lacks it.
+# Where nvcc is (scripts/compile_cuda.py checks the kernels offline), cuobjdump and nvdisasm too: the compile check
+# then reads the Hopper attention kernels' machine code (scripts/sass_rules.py). PyPI ships both on their own when
+# the toolkit lacks them.
 CUDA_BIN="${CUDA_HOME:-/usr/local/cuda}/bin"
 if { command -v nvcc || [ -x "$CUDA_BIN/nvcc" ]; } >/dev/null 2>&1 \
-    && ! { command -v cuobjdump || [ -x "$CUDA_BIN/cuobjdump" ]; } >/dev/null 2>&1; then
-  pip_q nvidia-cuda-cuobjdump || echo "setup_env: no cuobjdump (pip install nvidia-cuda-cuobjdump failed):" \
-    "the compile check will say it skipped the SASS rules" >&2
+    && ! { { command -v cuobjdump || [ -x "$CUDA_BIN/cuobjdump" ]; } \
+           && { command -v nvdisasm || [ -x "$CUDA_BIN/nvdisasm" ]; }; } >/dev/null 2>&1; then
+  pip_q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm || echo "setup_env: no cuobjdump / nvdisasm (pip install" \
+    "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm failed): the compile check will say it skipped the SASS rules" >&2
 fi
 # --no-build-isolation: compile against the torch installed above instead of fetching another one.
 (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" pip_q --no-build-isolation -e ".[test,bench]")

@@ -58,6 +58,23 @@ struct Steps {
   static __device__ __forceinline__ void issue_pv(float (&o)[HD / 2], uint32_t (&pa)[BN / 16][4], uint32_t v_addr) {
     issue_ab<E, HD, BN>(o, pa, v_addr);
   }
+  // O += P V over the first `width` keys of the block only (64 / 128 of 176 or 128: issue_pv_width), for a key block
+  // that no row of the tile sees past its first `live` keys (the key tail, the causal diagonal's right edge; FwdBlock
+  // ::live): P is 0 in the k-steps left out, so O gets the same bits. At L = 4096 the last of 24 blocks of 176 keys
+  // has 48 live ones: 7 of its 11 P V k-steps skipped, 1.3% of the tile's GEMM work. (S over the live keys only, a
+  // narrower wgmma into part of S's registers, made ptxas serialize the kernels' wgmmas: C7511.)
+  static __device__ __forceinline__ int live_width(int live) {
+    return BN > 64 && live <= 64 ? 64 : BN > 128 && live <= 128 ? 128 : BN;
+  }
+  static __device__ __forceinline__ void issue_pv_width(float (&o)[HD / 2], uint32_t (&pa)[BN / 16][4],
+                                                        uint32_t v_addr, int width) {
+    if (BN > 64 && width == 64)
+      issue_ab<E, HD, BN, 64>(o, pa, v_addr);
+    else if (BN > 128 && width == 128)
+      issue_ab<E, HD, BN, (BN > 128 ? 128 : BN)>(o, pa, v_addr);
+    else
+      issue_pv(o, pa, v_addr);
+  }
   // S (landed) -> masked where the causal diagonal or the key tail cuts the block (check), then the online softmax
   // in base 2 with the scale folded into one FFMA per element (FA3's): m_run (raw logits, the scale is > 0: fwd_sm90)
   // and l_run updated, s = exp2(s c - m c) with c = scale log2(e), alpha = exp2((m_old - m_new) c) per row. A row
@@ -449,7 +466,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(v_full + (it & 1), use(it));
         my_turn();
         St::rescale(o, alpha);
-        St::issue_pv(o, pa, v_addr(it));
+        St::issue_pv_width(o, pa, v_addr(it), St::live_width(fb.live));  // (P is 0 past the live keys)
         pass_turn();
         wgmma_wait<0>();
         fence_operands(o);

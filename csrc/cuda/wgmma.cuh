@@ -228,16 +228,18 @@ __device__ __forceinline__ void issue_abt(float (&acc)[N / 2], uint32_t a_addr, 
 
 // Issues acc (64 x HD, fp32) += A B (async; one commit group): A (64 x K) from registers (a[k]: k-step k, as pack_a
 // gives), B = the tile of K rows at b_addr read N-major (row k, column n): k-step k reads rows 16 k.. of each
-// sub-tile (16 rows of 128 bytes in), the sub-tiles K * 128 bytes apart.
-template <class E, int HD, int K>
+// sub-tile (16 rows of 128 bytes in), the sub-tiles K * 128 bytes apart. KU < K: only the first KU rows of B and
+// columns of A (the rest of A must be zero: the attention forward's tail key block).
+template <class E, int HD, int K, int KU = K>
 __device__ __forceinline__ void issue_ab(float (&acc)[HD / 2], uint32_t (&a)[K / 16][4], uint32_t b_addr) {
+  static_assert(KU % 16 == 0 && KU <= K, "whole k-steps");
 #pragma unroll
   for (int k = 0; k < K / 16; ++k) fence_operands(a[k]);
   fence_operands(acc);
   wgmma_fence();
   const uint64_t db = make_desc(b_addr, K * 128);
 #pragma unroll
-  for (int k = 0; k < K / 16; ++k) wgmma_rs_nmajor<E, HD>(acc, a[k], desc_at(db, k * 16 * 128));
+  for (int k = 0; k < KU / 16; ++k) wgmma_rs_nmajor<E, HD>(acc, a[k], desc_at(db, k * 16 * 128));
   wgmma_commit();
 }
 
