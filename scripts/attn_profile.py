@@ -7,7 +7,8 @@ the SASS; neither can run here). Two modes:
         warm-up pass (ncu's --kernel-name / --launch-skip pick the launches: scripts/gpu_lease.sh)
     python scripts/attn_profile.py sass OUT                   the SASS of those kernels in pyattn._C (cuobjdump,
         which the CUDA toolkit has), one file per kernel under OUT, for the offline reading docs/design.md describes
-        (where the wgmma waits sit against the softmax, what the compiler predicated into the loop)
+        (where the wgmma waits sit against the softmax, what the compiler predicated into the loop), and
+        scripts/sass_rules.py's rules on every sm90 kernel of the extension as built there
 """
 from __future__ import annotations
 
@@ -71,7 +72,16 @@ def sass(out_dir: str) -> int:
         with open(os.path.join(out_dir, name), "w") as f:
             f.write("Function : " + found[0])
         print(f"{name}: {len(found[0].splitlines())} lines")
-    return 1 if missing else 0
+    # the compile check's machine-code rules (scripts/sass_rules.py) on the extension as built here
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sass_rules
+
+    kernels = {n: ins for n, ins in sass_rules.parse_sass(text).items() if "sm90" in n}
+    problems = [f"{n}: {pr}" for n, ins in kernels.items() for pr in sass_rules.check_kernel(n, ins)[0]]
+    print(f"sass rules: {len(kernels)} sm90 kernels, {len(problems)} problems")
+    for pr in problems:
+        print("  " + pr)
+    return 1 if missing or problems else 0
 
 
 def main() -> int:
