@@ -61,8 +61,9 @@ struct Steps {
   // O += P V over the first `width` keys of the block only (64 / 128 of 176 or 128: issue_pv_width), for a key block
   // that no row of the tile sees past its first `live` keys (the key tail, the causal diagonal's right edge; FwdBlock
   // ::live): P is 0 in the k-steps left out, so O gets the same bits. At L = 4096 the last of 24 blocks of 176 keys
-  // has 48 live ones: 7 of its 11 P V k-steps skipped, 1.3% of the tile's GEMM work. (S over the live keys only, a
-  // narrower wgmma into part of S's registers, made ptxas serialize the kernels' wgmmas: C7511.)
+  // has 48 live ones: 7 of its 11 P V k-steps skipped, 1.3% of the tile's GEMM work. (S over the live keys only made
+  // ptxas serialize the kernels' wgmmas: a narrower wgmma into part of S's registers C7511, into registers of its
+  // own copied to S after the wait C7515 and 264 bytes of spills.)
   static __device__ __forceinline__ int live_width(int live) {
     return BN > 64 && live <= 64 ? 64 : BN > 128 && live <= 128 ? 128 : BN;
   }
