@@ -137,24 +137,30 @@ __device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 
   // i.e. where off + 8 (e / 2) > il with off = jr - i0 - shift, clamped to 32 bits (|off| > 256 decides alike).
   const bool check = CAUSAL && jw + 63 > i0 + d.shift;
   const int off = int(imax(-256, imin(256, jr - i0 - d.shift)));
+  // (the statistics of queries il and il + 1 as one 8-byte load: st is 8-byte aligned, il even for e % 2 == 0)
+  auto pair = [&](int row, int n) { return *reinterpret_cast<const float2*>(st + row * BMQ + 8 * n + 2 * t); };
 #pragma unroll
-  for (int n = 0; n < BMQ / 8; ++n)
+  for (int n = 0; n < BMQ / 8; ++n) {
+    const float2 ls = pair(0, n), ll = pair(1, n);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int il = 8 * n + 2 * t + (e & 1);
-      float x = fmaf(s[4 * n + e], c, -st[il]) - st[BMQ + il];
+      float x = fmaf(s[4 * n + e], c, -(e & 1 ? ls.y : ls.x)) - (e & 1 ? ll.y : ll.x);
       if (check && off + (e >> 1) * 8 > il) x = -INFINITY;
       s[4 * n + e] = fast_exp2(x);
     }
+  }
   uint32_t pa[BMQ / 16][4];
   pack_a<E, BMQ>(pa, s);
   issue_ab<E, HD, BMQ>(dv, pa, do_addr);  // dV += P^T dO (runs during dS^T)
   wgmma_wait<1>();  // dP^T has landed
   fence_operands(dp);
 #pragma unroll
-  for (int n = 0; n < BMQ / 8; ++n)
+  for (int n = 0; n < BMQ / 8; ++n) {
+    const float2 dl = pair(2, n);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) s[4 * n + e] *= dp[4 * n + e] - st[2 * BMQ + 8 * n + 2 * t + (e & 1)];
+    for (int e = 0; e < 4; ++e) s[4 * n + e] *= dp[4 * n + e] - (e & 1 ? dl.y : dl.x);
+  }
   pack_a<E, BMQ>(da, s);  // (the caller's: dS^T packed, for the fused dQ)
   issue_ab<E, HD, BMQ>(dk, da, q_addr);  // dK += dS^T Q
   wgmma_wait<0>();
