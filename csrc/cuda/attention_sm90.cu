@@ -59,8 +59,8 @@ struct Steps {
     issue_ab<E, HD, BN>(o, pa, v_addr);
   }
   // O += P V over the first `width` keys of the block only (64 / 128 of 176 or 128: issue_pv_width), for a key block
-  // that no row of the tile sees past its first `live` keys (the key tail, the causal diagonal's right edge; FwdBlock
-  // ::live): P is 0 in the k-steps left out, so O gets the same bits. At L = 4096 the last of 24 blocks of 176 keys
+  // whose first `live` keys are the only ones the warpgroup's rows see (the key tail, the causal diagonal's right
+  // edge): P is 0 in the k-steps left out, so O gets the same bits. At L = 4096 the last of 24 blocks of 176 keys
   // has 48 live ones: 7 of its 11 P V k-steps skipped, 1.3% of the tile's GEMM work. (S over the live keys only made
   // ptxas serialize the kernels' wgmmas: a narrower wgmma into part of S's registers C7511, into registers of its
   // own copied to S after the wait C7515 and 264 bytes of spills.)
@@ -405,6 +405,10 @@ __global__ void __launch_bounds__(384, 1)
       const int64_t i0 = fb.i0;
       const int nkb = fb.nkb;
       const int64_t r0 = i0 + 64 * wg + 16 * warp + g;  // this thread's rows r0 and r0 + 8
+      // keys of the tile's last key block that this warpgroup's rows see (the key tail; causal: on the diagonal of
+      // 128-key blocks the first warpgroup's 64 rows see only the first 64 keys)
+      const int64_t jend = CAUSAL ? imin(p.Lk, i0 + imin(fb.nq, 64 * (wg + 1)) + d.shift) : p.Lk;
+      const int live = int(imax(0, jend - int64_t(nkb - 1) * BN));
       float o[HD / 2];
       float s[BN / 2];
       uint32_t pa[BN / 16][4];
@@ -467,7 +471,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(v_full + (it & 1), use(it));
         my_turn();
         St::rescale(o, alpha);
-        St::issue_pv_width(o, pa, v_addr(it), St::live_width(fb.live));  // (P is 0 past the live keys)
+        St::issue_pv_width(o, pa, v_addr(it), St::live_width(live));  // (P is 0 past the live keys)
         pass_turn();
         wgmma_wait<0>();
         fence_operands(o);

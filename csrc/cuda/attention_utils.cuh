@@ -82,7 +82,6 @@ __device__ __forceinline__ GridTile l2_section_tile(int64_t blk, int64_t levels,
 struct FwdBlock {
   int64_t b, h, hk, bh, i0;
   int nq, nkb;
-  int live;  // keys of the last key block that some row of the tile sees (nkb > 0)
 };
 template <bool CAUSAL, int BM, int BN>
 __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived& d, int64_t blk) {
@@ -106,7 +105,6 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
   f.nq = int(imin(BM, p.Lq - f.i0));
   const int64_t jend = CAUSAL ? imax(0, imin(p.Lk, f.i0 + f.nq + d.shift)) : p.Lk;  // keys [0, jend) are seen
   f.nkb = int((jend + BN - 1) / BN);
-  f.live = int(jend - int64_t(f.nkb - 1) * BN);
   return f;
 }
 
