@@ -102,14 +102,14 @@ struct Steps {
   static __device__ __forceinline__ void softmax_impl(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
                                                       float (&alpha)[2], bool check, int64_t r0, int64_t j0, int t,
                                                       const AttnFwdParams& p, const Derived& d) {
-    if (MAY_MASK && check) {
+    if (MAY_MASK && check) {  // (key_limits: the masked path was 631 SASS instructions with 64-bit indices, now 446)
+      int lim[2];
+      key_limits<CAUSAL, BN>(lim, r0, j0, t, p.Lk, d.shift);
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t i = r0 + (e >> 1) * 8, j = j0 + n * 8 + 2 * t + (e & 1);
-          if (j >= p.Lk || (CAUSAL && j > i + d.shift)) s[4 * n + e] = -INFINITY;
-        }
+        for (int e = 0; e < 4; ++e)
+          if (key_masked(lim, n, e)) s[4 * n + e] = -INFINITY;
     }
     const float c = d.scale_log2;
 #pragma unroll

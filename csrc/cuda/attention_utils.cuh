@@ -108,6 +108,19 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
   return f;
 }
 
+// Masks of a key block in the Hopper kernels' C fragments: this thread holds rows r0 and r0 + 8, keys j0 + 8 n + 2 t
+// + e % 2; element (n, e) is masked (j >= Lk, or causal j > i + shift) iff 8 n + e % 2 >= lim[e / 2] with lim from
+// key_limits: one compare with a constant an element, where 64-bit index arithmetic took 5-6 instructions.
+template <bool CAUSAL, int BN>
+__device__ __forceinline__ void key_limits(int (&lim)[2], int64_t r0, int64_t j0, int t, int64_t Lk, int64_t shift) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t jend = CAUSAL ? imin(Lk, r0 + 8 * r + shift + 1) : Lk;  // the row's first masked key
+    lim[r] = int(imax(-2, imin(BN, jend - j0))) - 2 * t;
+  }
+}
+__device__ __forceinline__ bool key_masked(const int (&lim)[2], int n, int e) { return n * 8 + (e & 1) >= lim[e >> 1]; }
+
 // The Hopper forward (attention_sm90.cu: wgmma, built for sm_90a): launches it and returns true (its status in *err)
 // when it takes p (an sm_90a build, a compute capability 9.0 device, fp16 / bf16, D == Dv in {64, 128}, no mask, no
 // dropout, 16-byte-aligned rows of q, k, v and out; PYATTN_CUDA_ATTN_SM90=0 in the environment turns it off), else
