@@ -362,7 +362,9 @@ def test_attention_smem_table_of_the_backend_matches_the_kernels(d, monkeypatch)
 
 
 # (lq, lk, d, causal, bottom_right, hq, hkv): the Hopper forward's head dims, key blocks cut by the tail and the
-# diagonal, GQA, query blocks with no key, several 128-row query blocks and 128-key blocks.
+# diagonal, GQA, query blocks with no key, several 128-row query blocks and 128-key blocks. The last P V covers 64,
+# 128 or all of the last key block's keys (Steps::issue_pv_width): 260 keys = 2 x 128 + 4 (64 of 128), 400 = 2 x 176
+# + 48 (64 of 176), 276 = 176 + 100 (128 of 176), 129 (all 176; 64 of 128 with ws128).
 SM90_CASES = [
     (300, 260, 64, False, False, 4, 2),
     (300, 260, 128, True, False, 2, 1),
@@ -370,6 +372,7 @@ SM90_CASES = [
     (300, 17, 64, True, True, 2, 1),
     (1, 129, 128, False, False, 2, 2),
     (130, 400, 128, False, False, 2, 1),
+    (70, 276, 128, False, False, 2, 2),
 ]
 
 
