@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "attention_utils.cuh"
 #include "launch.cuh"
@@ -513,18 +514,25 @@ __global__ void __launch_bounds__(256, 1)
     fence_operands(s);
     // P; element (n, e): row r0 + 8 (e / 2), key j0 + 8 n + 2 t + e % 2. 0 past Lk (a huge P times a zero row of K
     // would be NaN) and where causal hides the key.
-    const bool check = j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift);
-    int lim[2];
-    key_limits<CAUSAL, BN>(lim, r0, j0, t, p.Lk, d.shift);
+    // Two copies, masked and not (as one, ptxas predicates the mask's compares and selects into every key block: 64
+    // of the loop's 549 SASS instructions)
+    auto probs = [&](auto masked) {
+      int lim[2];
+      if (masked) key_limits<CAUSAL, BN>(lim, r0, j0, t, p.Lk, d.shift);
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n)
+      for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        float x = fmaf(s[4 * n + e], c, -lse_r[r]) - l2_r[r];
-        if (check && key_masked(lim, n, e)) x = -INFINITY;
-        s[4 * n + e] = fast_exp2(x);
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          float x = fmaf(s[4 * n + e], c, -lse_r[r]) - l2_r[r];
+          if (masked && key_masked(lim, n, e)) x = -INFINITY;
+          s[4 * n + e] = fast_exp2(x);
+        }
+    };
+    if (j0 + BN > p.Lk || (CAUSAL && j0 + BN - 1 > i0 + d.shift))
+      probs(std::true_type());
+    else
+      probs(std::false_type());
     wgmma_wait<0>();  // dP has landed
     fence_operands(dp);
 #pragma unroll
