@@ -140,17 +140,24 @@ __device__ __forceinline__ void dkdv_step(float (&dk)[HD / 2], float (&dv)[HD / 
   const int off = int(imax(-256, imin(256, jr - i0 - d.shift)));
   // (the statistics of queries il and il + 1 as one 8-byte load: st is 8-byte aligned, il even for e % 2 == 0)
   auto pair = [&](int row, int n) { return *reinterpret_cast<const float2*>(st + row * BMQ + 8 * n + 2 * t); };
+  // two copies, masked and not (as one, ptxas predicates the mask into every step: 121 SASS instructions a step)
+  auto probs = [&](auto masked) {
 #pragma unroll
-  for (int n = 0; n < BMQ / 8; ++n) {
-    const float2 ls = pair(0, n), ll = pair(1, n);
+    for (int n = 0; n < BMQ / 8; ++n) {
+      const float2 ls = pair(0, n), ll = pair(1, n);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int il = 8 * n + 2 * t + (e & 1);
-      float x = fmaf(s[4 * n + e], c, -(e & 1 ? ls.y : ls.x)) - (e & 1 ? ll.y : ll.x);
-      if (check && off + (e >> 1) * 8 > il) x = -INFINITY;
-      s[4 * n + e] = fast_exp2(x);
+      for (int e = 0; e < 4; ++e) {
+        const int il = 8 * n + 2 * t + (e & 1);
+        float x = fmaf(s[4 * n + e], c, -(e & 1 ? ls.y : ls.x)) - (e & 1 ? ll.y : ll.x);
+        if (masked && off + (e >> 1) * 8 > il) x = -INFINITY;
+        s[4 * n + e] = fast_exp2(x);
+      }
     }
-  }
+  };
+  if (check)
+    probs(std::true_type());
+  else
+    probs(std::false_type());
   uint32_t pa[BMQ / 16][4];
   pack_a<E, BMQ>(pa, s);
   issue_ab<E, HD, BMQ>(dv, pa, do_addr);  // dV += P^T dO (runs during dS^T)
