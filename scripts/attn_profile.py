@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 # the kernels `sass` extracts (a regex on the mangled names) -> the file each goes to
@@ -53,12 +51,14 @@ def run() -> int:
 def sass(out_dir: str) -> int:
     import pyattn._C as ext
 
-    tool = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                                                     "cuobjdump")
-    if not os.path.exists(tool):
-        print(f"attn_profile: no cuobjdump ({tool})", file=sys.stderr)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sass_rules
+
+    tool = sass_rules.find_cuobjdump()  # (with an nvdisasm, which cuobjdump -sass runs)
+    if tool is None:
+        print("attn_profile: no cuobjdump + nvdisasm (PATH, $CUDA_HOME/bin, the NVIDIA wheels)", file=sys.stderr)
         return 1
-    text = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    text = sass_rules.sass_text(tool, ext.__file__)
     # cuobjdump prints each function as a "Function : <mangled name>" header followed by its code
     blocks = re.split(r"(?m)^\s*Function : ", text)[1:]
     os.makedirs(out_dir, exist_ok=True)
@@ -73,9 +73,6 @@ def sass(out_dir: str) -> int:
             f.write("Function : " + found[0])
         print(f"{name}: {len(found[0].splitlines())} lines")
     # the compile check's machine-code rules (scripts/sass_rules.py) on the extension as built here
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import sass_rules
-
     kernels = {n: ins for n, ins in sass_rules.parse_sass(text).items() if "sm90" in n}
     problems = [f"{n}: {pr}" for n, ins in kernels.items() for pr in sass_rules.check_kernel(n, ins)[0]]
     print(f"sass rules: {len(kernels)} sm90 kernels, {len(problems)} problems")

@@ -61,15 +61,20 @@ def find_nvdisasm(cuobjdump: str) -> str | None:
     return next((c for c in [beside] + _candidates("nvdisasm") if _executable(c)), None)
 
 
-def disassemble(tool: str, obj: str) -> dict[str, list[tuple[int, str, str]]]:
-    """{mangled kernel name: [(address, opcode, operands), ...]} of an object file's SASS (RuntimeError with
+def sass_text(tool: str, path: str) -> str:
+    """cuobjdump -sass of an object file or shared library, with the nvdisasm it runs on its PATH (RuntimeError with
     cuobjdump's message when it fails)."""
     nvdisasm = find_nvdisasm(tool)
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(nvdisasm or tool), os.environ.get("PATH", "")]))
-    p = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, env=env)
+    p = subprocess.run([tool, "-sass", path], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{tool} -sass failed (exit {p.returncode}): {p.stderr.strip()[:300]}")
-    return parse_sass(p.stdout)
+    return p.stdout
+
+
+def disassemble(tool: str, obj: str) -> dict[str, list[tuple[int, str, str]]]:
+    """{mangled kernel name: [(address, opcode, operands), ...]} of an object file's SASS."""
+    return parse_sass(sass_text(tool, obj))
 
 
 def parse_sass(text: str) -> dict[str, list[tuple[int, str, str]]]:
