@@ -9,10 +9,10 @@ plus `-Werror all-warnings -Xcompiler -Wall,-Werror -Xptxas -v`, and only -I csr
 warning, on any register spill ("bytes spill stores/loads" > 0), on static shared memory above the per-block limit
 of the arch, or on ptxas' "Potential Performance Loss" notes (wgmma serialized). Stack frames (local arrays, calls)
 are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here:
-its launcher must check it against the device. With cuobjdump (the toolkit's, or PyPI's nvidia-cuda-cuobjdump) the
-sm_90a machine code of the wgmma kernels is checked too (scripts/sass_rules.py, which also needs nvdisasm: wgmma
-descriptors in uniform
-registers, the forward's P V wait after its softmax); --sass off skips that, --sass require fails without cuobjdump.
+its launcher must check it against the device. With cuobjdump and nvdisasm (the toolkit's, or PyPI's
+nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm) the sm_90a machine code of the wgmma kernels is checked too
+(scripts/sass_rules.py: wgmma descriptors in uniform registers, the forward's P V wait after its softmax); --sass off
+skips that, --sass require fails without them.
 
     python scripts/compile_cuda.py                      # every csrc/cuda/*.cu for sm_80 and sm_90a
     python scripts/compile_cuda.py --only layer_norm --arch 90 -v
@@ -204,7 +204,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 def compile_one(job) -> dict:
     nvcc, src, arch, cuobjdump = job
     rel = os.path.relpath(src, REPO)
-    res = {"file": rel, "arch": arch, "ok": False, "kernels": [], "error": "", "seconds": 0.0, "log": "", "sass": None}
+    res = {"file": rel, "arch": arch, "ok": False, "kernels": [], "error": "", "seconds": 0.0, "log": "",
+           "sass": None}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="pyattn_cc_") as d:
         cmd = nvcc_command(nvcc, src, arch, os.path.join(d, "k.o"))
