@@ -243,8 +243,9 @@ def compile_one(job) -> dict:
         problems.append("ptxas reported no kernel (is -Xptxas -v missing, or does the file define none?)")
     if res.get("sass_error"):
         problems.append(res["sass_error"])
+    res["sass_stats"] = {}
     for name, instrs in (res["sass"] or {}).items():  # the machine-code rules (scripts/sass_rules.py)
-        sass_problems, _ = sass_rules.check_kernel(name, instrs)
+        sass_problems, res["sass_stats"][name] = sass_rules.check_kernel(name, instrs)
         problems += [f"{name}: {sp}" for sp in sass_problems[:3]]
     res["error"] = "\n".join(problems)
     res["ok"] = not problems
@@ -327,8 +328,7 @@ def main(argv=None) -> int:
         for row in rows:
             print(" ".join(c.ljust(w) for c, w in zip(row, widths)))
 
-    sass = {name: sass_rules.check_kernel(name, instrs)[1]
-            for r in results for name, instrs in (r["sass"] or {}).items()}
+    sass = {name: st for r in results for name, st in r.get("sass_stats", {}).items()}
     if sass:
         names_sass = demangle(list(sass))
         print("\nsm_90a machine code of the wgmma kernels (scripts/sass_rules.py):")

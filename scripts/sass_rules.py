@@ -104,13 +104,13 @@ def check_kernel(name: str, instrs: list[tuple[int, str, str]]) -> tuple[list[st
         elif op.startswith("HGMMA") and "gsb0" in args:
             in_run = False
     if "attn_fwd_sm90" in name:
-        after_pv_wait = False
-        for i, (addr, op, args) in enumerate(instrs):
-            if op == "WARPGROUP.DEPBAR.LE" and args.replace(" ", "") == "gsb0,0x0":
-                # the P V's wait when the last wait before it was the S wait (0x1)
-                prev = next((a for _, o, a in reversed(instrs[:i]) if o == "WARPGROUP.DEPBAR.LE"), "")
-                after_pv_wait = prev.replace(" ", "") == "gsb0,0x1"
-                wait_addr = addr
+        after_pv_wait, last_wait, wait_addr = False, "", 0
+        for addr, op, args in instrs:
+            if op == "WARPGROUP.DEPBAR.LE":
+                wait = args.replace(" ", "")
+                # the P V's wait: a wait for all groups right after the S wait (for all but one)
+                after_pv_wait = wait == "gsb0,0x0" and last_wait == "gsb0,0x1"
+                last_wait, wait_addr = wait, addr
             elif after_pv_wait and op == "MUFU.EX2":
                 problems.append(f"pv-wait-after-softmax: exp2 at {addr:#x} after the P V's wait at {wait_addr:#x}")
                 after_pv_wait = False
