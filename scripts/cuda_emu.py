@@ -225,8 +225,9 @@ def _memcheck_workload() -> None:
             out, lse = ops.attn_fwd(q, k, v, None, 0.0, causal, False, 1 / math.sqrt(d), 0, 0)
             assert ops.emu_counters()[5] > 0, "the Hopper forward (wgmma) did not run"
             # the Hopper backward (attention_sm90_bwd.cu), key and query tails, a GQA group: its dK / dV kernel with
-            # cp.async, then warp-specialized (adding dQ at HD 128 with bulk reductions, then with atomics)
-            os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = {"ws1": "", "wsp": "fused", "wsd": "fusedat"}[variant]
+            # cp.async, then warp-specialized adding dQ with bulk reductions, then with atomics (the default, without
+            # dQ, runs in the other cases)
+            os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = {"ws1": "cp", "wsp": "fused", "wsd": "fusedat"}[variant]
             ops.emu_reset_counters()
             ops.attn_bwd(torch.randn_like(out), q, k, v, out, lse, None, 0.0, causal, False, 1 / math.sqrt(d), 0, 0)
             assert ops.emu_counters()[5] > 0, "the Hopper backward (wgmma) did not run"

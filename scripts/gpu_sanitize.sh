@@ -153,17 +153,19 @@ def attention(case):
         os.environ["PYATTN_CUDA_ATTN_SM90"] = "ws128"
         case(f"{dtype} ws128 (Lq, Lk, D, causal, Hkv)=(130, 400, 128, False, 1)",
              lambda: one(130, 400, 128, False, 1, dtype))
-        # the Hopper backward's warp-specialized dK / dV kernel (TMA, mbarriers; tails, GQA, causal), also adding
-        # dQ at HD 128 with bulk reductions (fused) or atomics (fusedat)
-        for variant in ("ws", "fused", "fusedat"):
+        # the Hopper backward's other dK / dV kernels (the default, warp-specialized one ran above): the cp.async one,
+        # and the warp-specialized one also adding dQ with bulk reductions (fused) or atomics (fusedat)
+        for variant in ("cp", "fused", "fusedat"):
             os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = variant
             for shape in ((300, 300, 128, True, 1), (130, 200, 64, False, 2), (17, 300, 128, True, 1)):
                 case(f"{dtype} bwd {variant} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         del os.environ["PYATTN_CUDA_ATTN_SM90_BWD"]
-        # persistent with the dynamic tile scheduler (causal; the counter and the producer's tile slots)
-        os.environ["PYATTN_CUDA_ATTN_SM90"] = "wsd"
-        for shape in ((300, 300, 128, True, 2), (300, 200, 64, True, 1)):
-            case(f"{dtype} wsd (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
+        # the forward's other grids (the default, persistent with the dynamic tile scheduler for causal calls, ran
+        # above): causal tiles round-robin (wsp) and a block per tile (ws1)
+        for variant in ("wsp", "ws1"):
+            os.environ["PYATTN_CUDA_ATTN_SM90"] = variant
+            for shape in ((300, 300, 128, True, 2), (300, 200, 64, True, 1)):
+                case(f"{dtype} {variant} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))
         del os.environ["PYATTN_CUDA_ATTN_SM90"]
 
 
@@ -192,6 +194,9 @@ def gru(case):
         os.environ["PYATTN_CUDA_GRU_BLOCKS"] = blocks
         case(f"2-layer bidirectional GRU, PYATTN_CUDA_GRU_BLOCKS={blocks}", layer)
     del os.environ["PYATTN_CUDA_GRU_BLOCKS"]
+    os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "1"  # (the one-block forward too; by default only the backward's)
+    case("2-layer bidirectional GRU, PYATTN_CUDA_GRU_ONE_BLOCK=1", layer)
+    del os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"]
 
 
 for op in ops:

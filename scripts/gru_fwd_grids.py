@@ -1,13 +1,16 @@
 """The CUDA GRU forward's paths side by side on one GPU, in one process: torch.nn.GRU (cuDNN), pyattn's cuda backend
 with each grid the environment variable PYATTN_CUDA_GRU_BLOCKS selects for the persistent forward (csrc/cuda/gru.cu,
-gru_rec_fwd: every step in one cooperative launch; unset: gru_rec_fwd_plan's choice, the one-block kernel where it
-takes the call; "grid": the plan's choice without the one-block kernel (PYATTN_CUDA_GRU_ONE_BLOCK=0); "0": the
-per-step path, a cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
-bf16, PERF.md's GRU shapes and a few more. Each pyattn row is first checked against cuDNN's output (max abs error,
-printed; off by more than 2e-3 (fp32) / 6e-2 (bf16) is marked WRONG and the exit status is 1). Time per sequence
-and per step, median of CUDA-event timings (benchmarks/harness.measure), and the speedup over cuDNN.
+gru_rec_fwd: every step in one cooperative launch; unset ("auto"): gru_rec_fwd_plan's choice; "grid": the same with
+the one-block kernels off (PYATTN_CUDA_GRU_ONE_BLOCK=0); "one": the one-block forward where it fits
+(PYATTN_CUDA_GRU_ONE_BLOCK=1, opt-in); "0": the per-step path, a cuBLAS GEMM and a fused gate launch per step), and
+the Triton backend. Inference (no autograd), one layer, fp32 and bf16, PERF.md's GRU shapes and a few more. Then a
+training step (forward + backward, dx and the weights' gradients) of cuDNN against "auto" (the one-block backward
+where B H <= 512), "grid" and "one": the one-block backward's own measurement. Each pyattn row is first checked against
+cuDNN's output (max abs error, printed; off by more than 2e-3 (fp32) / 6e-2 (bf16) is marked WRONG and the exit
+status is 1; training rows: dx's error over max |dx|, 1e-3 / 5e-2). Time per sequence and per step, median of
+CUDA-event timings (benchmarks/harness.measure), and the speedup over cuDNN.
 
-    python scripts/gru_fwd_grids.py [--json out.json] [--blocks 0 1 8 32 ...]
+    python scripts/gru_fwd_grids.py [--json out.json] [--blocks 0 1 8 32 ...] [--no-train]
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ SHAPES = [(1, 200, 64, 128), (32, 100, 256, 256), (1, 200, 256, 512), (64, 50, 1
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--blocks", nargs="*", default=["auto", "grid", "0", "1", "4", "16", "64", "132"])
+    ap.add_argument("--blocks", nargs="*", default=["auto", "grid", "one", "0", "1", "4", "16", "64", "132"])
+    ap.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     args = ap.parse_args()
     rows, bad = [], 0
     print(f"{torch.cuda.get_device_name(0)}  torch {torch.__version__}")
-    print(f"{'B':>3} {'T':>4} {'I':>5} {'H':>5} {'dtype':<9} {'provider':<22} {'ms/seq':>8} {'us/step':>8} "
+    print(f"{'B':>3} {'T':>4} {'I':>5} {'H':>5} {'dtype':<9} {'provider':<26} {'ms/seq':>8} {'us/step':>8} "
           f"{'x cuDNN':>8} {'max err':>9}")
     for B, T, I, H in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -51,8 +55,8 @@ def main() -> int:
                 base = None
                 for name, (backend, blocks) in providers.items():
                     os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
-                    if blocks == "grid":
-                        os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "0"
+                    if blocks in ("grid", "one"):
+                        os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "0" if blocks == "grid" else "1"
                     elif blocks is not None:
                         os.environ["PYATTN_CUDA_GRU_BLOCKS"] = blocks
 
@@ -65,7 +69,7 @@ def main() -> int:
                         err = (fn()[0].float() - want).abs().max().item()
                         t = measure(fn, "cuda", memory=False, min_time=0.2).p50
                     except Exception as e:  # noqa: BLE001 - a refused provider is reported, not fatal
-                        print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<22} refused: "
+                        print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} refused: "
                               f"{str(e).splitlines()[0][:80]}")
                         continue
                     finally:
@@ -75,14 +79,59 @@ def main() -> int:
                     tol = 2e-3 if dtype == torch.float32 else 6e-2  # (16-bit: the state is rounded every step)
                     wrong = name != "torch:nn.GRU" and not err <= tol
                     bad += wrong
-                    print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<22} {t * 1e3:8.3f} "
+                    print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} {t * 1e3:8.3f} "
                           f"{t / T * 1e6:8.2f} {base / t:7.2f}x {err:9.2e}{'  WRONG' if wrong else ''}")
                     rows.append({"B": B, "T": T, "I": I, "H": H, "dtype": str(dtype), "provider": name,
                                  "ms": t * 1e3, "x_cudnn": base / t, "max_err": err})
+            if not args.no_train:
+                bad += train_rows(rows, ref_mod, mod, x, h0, dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
     return 1 if bad else 0
+
+
+def train_rows(rows, ref_mod, mod, x, h0, dtype) -> int:
+    """A training step (forward + backward into dx and the weights) of cuDNN and of pyattn's cuda backend with the
+    GRU plans' defaults ("auto"), the one-block kernels off ("grid") and both one-block kernels ("one"): printed
+    rows appended to `rows`; returns how many were WRONG (dx off cuDNN's by more than 1e-3 / 5e-2 of max |dx|)."""
+    T, B, _ = x.shape
+    H = h0.shape[-1]
+    xg = x.detach().clone().requires_grad_()
+    dout = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    envs = {"torch:nn.GRU fwd+bwd": None, "pyattn:cuda[auto] fwd+bwd": {},
+            "pyattn:cuda[grid] fwd+bwd": {"PYATTN_CUDA_GRU_ONE_BLOCK": "0"},
+            "pyattn:cuda[one] fwd+bwd": {"PYATTN_CUDA_GRU_ONE_BLOCK": "1"}}
+    want, base, bad = None, None, 0
+    for name, env in envs.items():
+        module = ref_mod if env is None else mod
+
+        def step(module=module, env=env):
+            for key in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK"):
+                os.environ.pop(key, None)
+            os.environ.update(env or {})
+            with pyattn.use_backend("cuda"):
+                out = module(xg, h0)[0]
+            return torch.autograd.grad(out, (xg, *module.parameters()), dout)
+        try:
+            dx = step()[0].float()
+            t = measure(step, "cuda", memory=False, min_time=0.2).p50
+        except Exception as e:  # noqa: BLE001 - a refused provider is reported, not fatal
+            print(f"{B:>3} {T:>4} {x.shape[2]:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} refused: "
+                  f"{str(e).splitlines()[0][:80]}")
+            continue
+        finally:
+            os.environ.pop("PYATTN_CUDA_GRU_ONE_BLOCK", None)
+        want = dx if want is None else want
+        base = t if base is None else base
+        err = ((dx - want).abs().max() / want.abs().max()).item()
+        wrong = env is not None and not err <= (1e-3 if dtype == torch.float32 else 5e-2)
+        bad += wrong
+        print(f"{B:>3} {T:>4} {x.shape[2]:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} {t * 1e3:8.3f} "
+              f"{t / T * 1e6:8.2f} {base / t:7.2f}x {err:9.2e}{'  WRONG' if wrong else ''}")
+        rows.append({"B": B, "T": T, "I": x.shape[2], "H": H, "dtype": str(dtype), "provider": name,
+                     "ms": t * 1e3, "x_cudnn": base / t, "max_err": err})
+    return bad
 
 
 if __name__ == "__main__":

@@ -388,10 +388,10 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     128 there too (its own rounding, checked like the default); "cp": the cp.async kernel (the same arithmetic per
     row in the same order, so the bits of the warp-specialized kernel with 128-key blocks), both under both copy
     completion models (PYATTN_EMU_CP_ASYNC late / early). The warp-specialized kernel gives the same bits with a
-    block per tile (PYATTN_CUDA_ATTN_SM90=ws1; the default at HD 128) and persistent (wsp; the default at HD 64)
-    with a grid of 3 or 1 blocks looping over every tile (PYATTN_EMU_SMS: the emulated SM count), round-robin or
-    taking tiles from the dynamic scheduler's counter (wsd; the emulator runs blocks one after another, so the first
-    block takes its own tile and then every tile left, the others their first only)."""
+    block per tile (PYATTN_CUDA_ATTN_SM90=ws1) and persistent (the default) with a grid of 3 or 1 blocks looping over
+    every tile (PYATTN_EMU_SMS: the emulated SM count), round-robin (wsp) or, causal, taking tiles from the dynamic
+    scheduler's counter (wsd, the default; the emulator runs blocks one after another, so the first block takes its
+    own tile and then every tile left, the others their first only)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     ops = torch.ops.pyattn_emu
 
@@ -421,7 +421,7 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
         runs = [run_with(PYATTN_CUDA_ATTN_SM90=env, PYATTN_EMU_SMS=sms) for env, sms in configs]
         tiles = (lq + 127) // 128 * 2 * hq
         for (env, sms), (_, counters) in zip(configs, runs):
-            persistent = env in ("wsp", "wsd") or (env is None and d == 64)
+            persistent = env != "ws1"
             assert counters[3] == (min(tiles, int(sms)) if persistent else tiles), (env, sms)  # blocks
         assert_same_bits(runs)
         monkeypatch.delenv("PYATTN_EMU_SMS")
@@ -488,9 +488,10 @@ def _sm90_bwd(q, k, v, causal, bottom_right, seed):
 def test_attention_sm90_backward(dtype, case, monkeypatch):
     """The Hopper backward (csrc/cuda/attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels) runs where it should
     (it issues wgmma), matches the float64 oracle with TESTING.md's 3x rule, gives the same bits in every
-    16-byte-aligned layout and with the warp-specialized dK / dV kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws: TMA producer,
-    mbarriers; the same steps in the same order), dQ by that kernel within the oracle's rule (=fused: bulk reductions
-    from shared memory, =fusedat: float2 atomics), and values close to the mma.sync backward's (=0)."""
+    16-byte-aligned layout and with either dK / dV kernel (the default, warp-specialized one, also named
+    PYATTN_CUDA_ATTN_SM90_BWD=ws: TMA producer, mbarriers; =cp: the cp.async one; the same steps in the same order),
+    dQ by the warp-specialized kernel within the oracle's rule (=fused: bulk reductions from shared memory, =fusedat:
+    float2 atomics), and values close to the mma.sync backward's (=0)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + lk + d)
     out, lse, dout, grads, wgmma = _sm90_bwd(q, k, v, causal, bottom_right, seed=d)
@@ -499,12 +500,13 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
     _, low_grads = attention_low(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
     for name, g, r, lo in zip("qkv", grads, ref_grads, low_grads):
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
-    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")
-    torch.ops.pyattn_emu.emu_reset_counters()
-    for a, b in zip(_bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right), grads):
-        assert torch.equal(a, b), "ws"
     ws_smem = 1024 + (2 * 128 + 4 * 64) * d * 2 + 2 * 3 * 64 * 4 + 5 * 8  # the ws kernel's: + 5 mbarriers
-    assert torch.ops.pyattn_emu.emu_counters()[4] == ws_smem
+    for variant in ("ws", "cp"):
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
+        torch.ops.pyattn_emu.emu_reset_counters()
+        for a, b in zip(_bwd(dout, q, k, v, out, lse, causal=causal, bottom_right=bottom_right), grads):
+            assert torch.equal(a, b), variant
+        assert (torch.ops.pyattn_emu.emu_counters()[4] == ws_smem) == (variant == "ws"), variant
     # fused: dK, dV as before, dQ added by the dK / dV kernel (bulk reductions or atomics into fp32, then
     # converted: another summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode: the
     # dQ kernel
@@ -533,8 +535,8 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
 
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + lk + d)
-        for variant in ("default", "ws"):  # (the warp-specialized kernel's TMA maps take dout's strides too)
-            if variant == "ws":
+        for variant in ("default", "cp"):  # (the warp-specialized kernel's TMA maps take dout's strides too)
+            if variant == "cp":
                 monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
             else:
                 monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD", raising=False)
@@ -550,7 +552,7 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
-@pytest.mark.parametrize("variant,d", [(None, 64), ("ws", 64), ("fused", 128), ("fused", 64), ("fusedat", 128)])
+@pytest.mark.parametrize("variant,d", [(None, 64), ("cp", 64), ("fused", 128), ("fused", 64), ("fusedat", 128)])
 def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, d, monkeypatch):
     """Every schedule of threads and copy completion gives the bits of the default one: the double buffers are
     refilled only after every warpgroup is done with them (block barriers; mbarriers in the warp-specialized
@@ -618,7 +620,7 @@ def test_attention_l2_sections_give_the_same_bits(b, hq, hkv, d, monkeypatch):
             runs[name, "fwd", kernel] = _fwd(q, k, v, causal=True)
         env("PYATTN_CUDA_ATTN_SM90", None)
         out, lse = runs[name, "fwd", None]
-        for kernel in (None, "ws", "0"):
+        for kernel in (None, "cp", "0"):
             env("PYATTN_CUDA_ATTN_SM90_BWD", kernel)
             runs[name, "bwd", kernel] = _bwd(dout, q, k, v, out, lse, causal=True)
         env("PYATTN_CUDA_ATTN_SM90_BWD", None)
@@ -954,10 +956,11 @@ def test_gru_plan_a_block_per_sm_until_a_block_has_too_much_work(monkeypatch, bs
                          ids=["padded", "h128", "nobias"])
 def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
     """The one-block forward and backward (csrc/cuda/gru.cu gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel: W_hh
-    and the recurrence's vectors in one block's shared memory, block barriers only): the plans take them for T >= 2
-    and B H <= 512 (one launch each, one block, their shared memory), they match the float64 oracle forward and
-    reverse, with and without a carried dh_last, and give the persistent kernels' bits (one block and a grid of 3;
-    the same dot-product order); PYATTN_CUDA_GRU_ONE_BLOCK=0 and one-step calls take the grid's plan."""
+    and the recurrence's vectors in one block's shared memory, block barriers only): with PYATTN_CUDA_GRU_ONE_BLOCK=1
+    the plans take both for T >= 2 and B H <= 512 (one launch each, one block, their shared memory), they match the
+    float64 oracle forward and reverse, with and without a carried dh_last, and give the persistent kernels' bits
+    (one block and a grid of 3; the same dot-product order); unset, the backward's is taken and the forward keeps the
+    grid (its one-block kernel measured slower on an H200); =0 and one-step calls take the grid's plan."""
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
@@ -987,9 +990,12 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
 
     args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     for reverse, carried in ((False, None), (True, dh_last)):
-        got, cf, cb = run(reverse, carried)
+        got, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="1")
         assert (cf[launches], cf[grid], cf[smem]) == (1, 1, fwd_smem), list(cf)
         assert (cb[grid], cb[smem]) == (1, bwd_smem), list(cb)  # (+ the binding's GEMM launches)
+        _, cf, cb = run(reverse, carried)  # (the default: the grid's forward, the one-block backward)
+        assert cf[grid] == -(-hsz // units) and cf[smem] != fwd_smem, list(cf)
+        assert (cb[grid], cb[smem]) == (1, bwd_smem), list(cb)
         r_out, r_h, r_ws = ref.gru_layer_fwd(*args64, reverse, True)
         r_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
         r_grads = ref.gru_layer_bwd(dout.double(), r_dh, *args64[:4], r_out, r_ws, bias, bias, reverse, True)
@@ -1006,7 +1012,7 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
                 assert torch.equal(a, b), f"{name}: the one-block kernels and {env} differ"
         _, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="0")
         assert cf[grid] == cb[grid] == -(-hsz // units) and cf[smem] != fwd_smem, (list(cf), list(cb))
-    monkeypatch.delenv("PYATTN_CUDA_GRU_ONE_BLOCK")
+    monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "1")
     ops.emu_reset_counters()
     ops.gru_seq_fwd(x[:1], h0, w_ih, w_hh, b_ih, b_hh, False, True)
     assert ops.emu_counters()[grid] == -(-hsz // units)  # (one step: the W_hh load is not worth one block)

@@ -90,25 +90,38 @@ def test_preferred_backend_moves_to_the_front(monkeypatch):
 
 
 @pytest.mark.parametrize("change,expected", [
-    ({}, True), ({"needs_grad": True}, False), ({"d": 64}, False), ({"dv": 64}, False), ({"lq": 127}, False),
+    ({}, True), ({"needs_grad": True}, True), ({"d": 64, "dv": 64}, True),
+    ({"d": 64, "dv": 64, "needs_grad": True}, False),
+    ({"dv": 64}, False), ({"lq": 127}, False), ({"d": 256, "dv": 256}, False),
     ({"dtype": torch.float32}, False), ({"mask": True}, False), ({"dropout_p": 0.1}, False), ({"scale": -1.0}, False),
-    ({"capability": (8, 0)}, False), ({"capability": (10, 0)}, False), ({"sm90a": False}, False)])
-def test_cuda_backend_preferred_for_hopper_inference_at_head_dim_128(change, expected, monkeypatch):
-    """Where the CUDA attention forward was measured faster than Triton's (Hopper warp-specialized kernel, head dim
-    128, no autograd, at least one 128-row query tile, an sm_90a build): every condition matters."""
+    ({"capability": (8, 0)}, False), ({"capability": (10, 0)}, False), ({"sm90a": False}, False),
+    # decoding steps (the split-KV kernel: no sm_90a code needed)
+    ({"lq": 1}, True), ({"lq": 4, "hkv": 1}, True), ({"lq": 1, "sm90a": False}, True), ({"lq": 8, "hkv": 1}, False),
+    ({"lq": 1, "lk": 255}, False), ({"lq": 1, "needs_grad": True}, False), ({"lq": 1, "d": 64, "dv": 64}, False),
+    ({"lq": 1, "capability": (8, 0)}, False), ({"lq": 1, "mask": True}, False)])
+def test_cuda_backend_preferred_for_measured_attention(change, expected, monkeypatch):
+    """Where the cuda backend's attention was measured faster than Triton's on Hopper (cuda_attention_is_fastest):
+    the warp-specialized forward at head dims 64 and 128 (at least one 128-row query tile, an sm_90a build), with
+    autograd at head dim 128 only, and decoding steps (<= 8 query rows per kv head over >= 256 keys) at head dim 128
+    without autograd; every condition matters."""
     from pyattn.backends import cuda as cuda_be
     from pyattn.ops.attention import AttentionInputs
 
-    c = {"needs_grad": False, "d": 128, "dv": 128, "lq": 128, "dtype": torch.bfloat16, "mask": False, "dropout_p": 0.0,
-         "scale": 0.1, "capability": (9, 0), "sm90a": True, **change}
+    c = {"needs_grad": False, "d": 128, "dv": 128, "lq": 128, "lk": 300, "hkv": 2, "dtype": torch.bfloat16,
+         "mask": False, "dropout_p": 0.0, "scale": 0.1, "capability": (9, 0), "sm90a": True, **change}
     q = torch.empty(1, 2, c["lq"], c["d"], dtype=c["dtype"], device="meta")
-    k = torch.empty(1, 2, 300, c["d"], dtype=c["dtype"], device="meta")
-    v = torch.empty(1, 2, 300, c["dv"], dtype=c["dtype"], device="meta")
-    mask = torch.empty(1, 1, c["lq"], 300, dtype=torch.bool, device="meta") if c["mask"] else None
+    k = torch.empty(1, c["hkv"], c["lk"], c["d"], dtype=c["dtype"], device="meta")
+    v = torch.empty(1, c["hkv"], c["lk"], c["dv"], dtype=c["dtype"], device="meta")
+    mask = torch.empty(1, 1, c["lq"], c["lk"], dtype=torch.bool, device="meta") if c["mask"] else None
     inputs = AttentionInputs(q, k, v, mask, c["dropout_p"], True, False, c["scale"], c["needs_grad"])
     monkeypatch.setattr(cuda_be.torch.cuda, "get_device_capability", lambda device=None: c["capability"])
     monkeypatch.setattr(cuda_be, "build_info", lambda: {"sm90a_attention": c["sm90a"]})
-    assert cuda_be.hopper_forward_is_fastest(inputs) is expected
-    # what the preference depends on is in the signature selection is cached on
-    other = AttentionInputs(q[:, :, :1], k, v, None, 0.0, True, False, -c["scale"], c["needs_grad"])
-    assert other.signature() != AttentionInputs(q, k, v, None, 0.0, True, False, c["scale"], c["needs_grad"]).signature()
+    assert cuda_be.cuda_attention_is_fastest(inputs) is expected
+    # what the preference depends on is in the signature selection is cached on: the query tile, decoding, the scale
+    def sig(lq, lk, scale=0.1):
+        q = torch.empty(1, 2, lq, 128, dtype=torch.bfloat16, device="meta")
+        k = torch.empty(1, 2, lk, 128, dtype=torch.bfloat16, device="meta")
+        return AttentionInputs(q, k, k, None, 0.0, True, False, scale, False).signature()
+
+    assert sig(128, 300) != sig(127, 300) and sig(1, 300) != sig(1, 255) and sig(1, 300) != sig(1, 300, -0.1)
+    assert sig(4, 300) == sig(1, 300) and sig(200, 300) == sig(128, 255)

@@ -332,27 +332,37 @@ def test_attention_cuda_decode(dtype, b, hq, hkv, lq, lk, d, causal, bottom_righ
 
 
 @_needs_cuda_attention
-@pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims inference attention on compute capability 9.0 "
-                                           "only (CudaBackend.preferred_for)")
-def test_unforced_inference_attention_at_head_dim_128_takes_the_hopper_forward():
-    """Unforced calls: inference at head dim 128 (>= 128 query rows) runs on cuda where the build has the sm_90a
-    forward, training and head dim 64 on the list's first backend (triton), and the result is the oracle's."""
+@pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims attention calls on compute capability 9.0 only "
+                                           "(CudaBackend.preferred_for)")
+def test_unforced_attention_takes_the_cuda_backend_where_measured_faster():
+    """Unforced calls (cuda_attention_is_fastest): the forward at head dims 64 and 128 (>= 128 query rows) and
+    training at head dim 128 run on cuda where the build has the sm_90a kernels, decoding steps at head dim 128 on
+    cuda in any build, training at head dim 64 and short non-decoding queries on the list's first backend (triton);
+    and the results are the oracle's."""
     from pyattn.backends.cuda import build_info
 
+    hopper = "cuda" if build_info().get("sm90a_attention") else "triton"
+
+    def selected(q, k, v):
+        return pyattn.explain("attention", q, k, v, is_causal=True)
+
     q, k, v = make_qkv(2, 4, 256, 256, 128, dtype=torch.bfloat16, device=DEV, seed=3)
-    text = pyattn.explain("attention", q, k, v, is_causal=True)
-    expected = "cuda" if build_info().get("sm90a_attention") else "triton"
-    assert f"selected: {expected}" in text, text
+    assert f"selected: {hopper}" in selected(q, k, v), selected(q, k, v)
     with torch.no_grad():
         out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True)
     ref, _ = attention_ref(q, k, v, causal=True)
     assert_attention_close(out, ref, attention_low(q, k, v, causal=True), 2)
-    q.requires_grad_()
-    assert "selected: triton" in pyattn.explain("attention", q, k, v, is_causal=True)
+    q_grad = q.detach().clone().requires_grad_()
+    assert f"selected: {hopper}" in selected(q_grad, k, v)
     q64, k64, v64 = make_qkv(2, 4, 256, 256, 64, dtype=torch.bfloat16, device=DEV, seed=3)
-    assert "selected: triton" in pyattn.explain("attention", q64, k64, v64, is_causal=True)
-    q_short = q.detach()[:, :, :1]
-    assert "selected: triton" in pyattn.explain("attention", q_short, k, v, is_causal=True)
+    assert f"selected: {hopper}" in selected(q64, k64, v64)
+    assert "selected: triton" in selected(q64.requires_grad_(), k64, v64)
+    q_step = q[:, :, -1:]  # (one query row a head over 256 keys: a decoding step)
+    assert "selected: cuda" in pyattn.explain("attention", q_step, k, v)
+    out = pyattn.scaled_dot_product_attention(q_step, k, v)
+    ref, _ = attention_ref(q_step, k, v)
+    assert_attention_close(out, ref, attention_low(q_step, k, v), 2)
+    assert "selected: triton" in selected(q[:, :, :16], k, v)
 
 
 @_needs_cuda_attention
@@ -901,13 +911,17 @@ def test_gru_cuda_opcheck(dtype, bias):
 @_needs_cuda_gru
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("seq,bsz,hsz", [(300, 1, 128), (50, 32, 256), (7, 40, 1024), (3, 5, 2047), (1, 3, 70)])
-@pytest.mark.parametrize("blocks", ["0", "2", "7", "auto"])
+@pytest.mark.parametrize("blocks", ["0", "2", "7", "auto", "one"])
 def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
     """The persistent kernels (gru_rec_fwd / gru_rec_bwd: every step in one cooperative launch, a grid barrier per
     step) at every grid size PYATTN_CUDA_GRU_BLOCKS asks for (0: the per-step path; more blocks than shared memory
     needs: barriers between them; 40 rows at H 1024: the batch staged in chunks; H 2047: odd, padded rows) against
-    the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last."""
-    if blocks != "auto":
+    the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last. "auto":
+    the plans' choice (the one-block backward where B H <= 512); "one": PYATTN_CUDA_GRU_ONE_BLOCK=1, the one-block
+    forward too (opt-in: measured slower than the grid's)."""
+    if blocks == "one":
+        monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "1")
+    elif blocks != "auto":
         monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", blocks)
     x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq=seq, bsz=bsz, isz=16, hsz=hsz)
     args64 = [t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]

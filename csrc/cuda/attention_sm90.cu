@@ -598,23 +598,22 @@ bool fwd_ws(const AttnFwdParams& p, const Derived& d, const Sm90Plan& pl, cudaSt
 
 }  // namespace sm90
 
-// Default: the warp-specialized kernel (the cp.async kernel when the TMA maps cannot be made), persistent at HD 64,
-// a block per tile at HD 128. Measured on the H200 (L = 4096, bf16, TFLOP/s non-causal / causal;
-// benchmarks/results/nvidia-h200/gpu-attn-variants*.log, run D, and run E after the last softmax change):
-//   HD 128: a block per tile 538 / 449 (E: 525 / 445), persistent 531 / 436 (E: 526 / 426), cp.async 405 / 348
-//   HD 64:  a block per tile 399 / 312, persistent 408 / 326, cp.async 317 / 241
-// (static round-robin leaves the causal HD 128 tiles unbalanced at the end; HD 64's shorter tiles gain from the
-// overlap of one tile's epilogue with the next one's loads). Before this session's softmax changes (run C): HD 128
-// warp-specialized 482 / 385, cp.async 331 / 295. The cp.async kernel's tile shapes (gpu-attn-variants-run2.log):
-// HD 128 2 warpgroups 330 / 293, 1 warpgroup (BN 64) 320 / 253; HD 64 2 warpgroups 233 / 207, 1 warpgroup 258 / 201,
-// 1 warpgroup BN 64 264 / 193.
-// Non-causal HD 128 runs key blocks of 176 (FA3's choice there): the fourth H200 session measured them 6% / 5% faster
-// than blocks of 128 (gpu-attn-variants-runF.log / gpu-attn-variants.log: 557 vs 525, 538 vs 512 TFLOP/s at
-// L = 4096); causal and HD 64 keep blocks of 128.
-// PYATTN_CUDA_ATTN_SM90=ws1 / wsp: the warp-specialized kernel with a block per tile / persistent at both head dims;
-// =wsd: persistent at both head dims, causal calls with the dynamic tile scheduler (FA3's there; opt-in until a GPU
-// run times it); =ws128: key blocks of 128 for non-causal HD 128 too; =cp: the cp.async kernel; =0: off (attention.cu's mma.sync
-// kernel).
+// Default: the warp-specialized kernel (the cp.async kernel when the TMA maps cannot be made), persistent (a block per
+// SM), causal calls taking their tiles from the dynamic scheduler's counter (FA3's choice there), non-causal HD 128
+// with key blocks of 176. Measured on the H200 (bf16, TFLOP/s, two runs in one lease, same code:
+// benchmarks/results/nvidia-h200/gpu-attn-variants.log and -runI.log, run H / I):
+//   L = 4096  non-causal HD 128: persistent 610 / 608, a block per tile 586 / 585 (cuDNN 616 / 616)
+//             causal     HD 128: dynamic 542 / 538, round-robin 519 / 523, a block per tile 529 / 521 (cuDNN 534 / 531)
+//             causal     HD 64:  dynamic 403 / 398, round-robin 374 / 363, a block per tile 371 / 385 (cuDNN 424 / 420)
+//             non-causal HD 64:  all grids 440-450 (cuDNN 463 / 459)
+//   L = 1024  HD 128: non-causal persistent 513 / 508, a block per tile 483 / 480; causal dynamic 376 / 375, a block
+//             per tile 343 / 343
+// (one kernel measured under two names differed by up to 3% in one run: differences below that are noise). The L2
+// sections of causal grids (derive) pay 9-10% at causal HD 128, L = 4096 (PYATTN_CUDA_ATTN_L2=0: 486 / 490).
+// Earlier: the fourth H200 session measured 176-key blocks 6% / 5% faster than 128 at non-causal HD 128.
+// PYATTN_CUDA_ATTN_SM90=ws1: a block per tile; =wsp: persistent, causal tiles round-robin (static); =wsd: the default
+// (named, for the variants script); =ws128: key blocks of 128 for non-causal HD 128 too; =cp: the cp.async kernel;
+// =0: off (attention.cu's mma.sync kernel).
 Sm90Plan sm90_plan(const AttnFwdParams& p, const Derived& d) {
   Sm90Plan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)
@@ -626,8 +625,8 @@ Sm90Plan sm90_plan(const AttnFwdParams& p, const Derived& d) {
             d.vec_k && d.vec_v && d.vec_o && d.scale_log2 > 0.0f;
   if (!pl.take) return pl;
   pl.cp = is("cp");
-  pl.persistent = is("wsp") || is("wsd") || (!is("ws1") && p.D == 64);
-  pl.dynamic = !pl.cp && is("wsd") && p.causal;
+  pl.persistent = !is("ws1");
+  pl.dynamic = !pl.cp && pl.persistent && !is("wsp") && p.causal;
   pl.bn176 = !is("ws128") && p.D == 128 && !p.causal;
 #else
   (void)p;

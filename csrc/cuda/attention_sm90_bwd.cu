@@ -4,7 +4,8 @@
 // kernels (causal with both alignments, GQA summed in a fixed order: deterministic, no atomics except in the opt-in
 // fused dQ below; a row that saw no key has lse +inf, so P = 0 and its dQ is 0); it takes the common case only
 // (sm90_bwd_plan: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of every tensor),
-// attention.cu's kernels the rest.
+// attention.cu's kernels the rest. The dK / dV kernel that runs by default is the warp-specialized one further down
+// (sm90_bwd_plan); the cp.async one described here runs where its TMA maps cannot be made or when asked for.
 //
 // Both kernels: 2 warpgroups (256 threads); tiles in shared memory as 128-byte-swizzled 64-column sub-tiles
 // (wgmma.cuh), filled with cp.async by all threads, the next block of the streamed operands copied while this one is
@@ -273,7 +274,7 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 #endif
 }
 
-// ---- warp-specialized dK / dV (opt-in: PYATTN_CUDA_ATTN_SM90_BWD=ws) ----------------------------------------------
+// ---- warp-specialized dK / dV (the default; PYATTN_CUDA_ATTN_SM90_BWD=cp: the kernel above) ------------------------
 // The same blocks and steps as attn_bwd_dkdv_sm90_kernel with FA3's producer / consumer split: warpgroup 0 produces
 // (setmaxnreg.dec; its first thread copies K and V once and each step's Q and dO tiles with TMA into a 2-stage ring,
 // its first warp writes the step's statistics), warpgroups 1 and 2 consume (setmaxnreg.inc, 64 keys each), each
@@ -643,9 +644,17 @@ cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, const Sm90Bwd
 
 }  // namespace sm90
 
-// PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =ws: the warp-specialized dK / dV kernel;
-// =fused: that kernel adding dQ with bulk reductions unless p.deterministic; =fusedat: the same with float2 atomics
-// (all three opt-in until a GPU run times them).
+// Default: the warp-specialized dK / dV kernel and the dQ kernel (deterministic: no atomics). Measured on the H200
+// (bf16, L = 4096, ms non-causal / causal, two runs in one lease, same code: benchmarks/results/nvidia-h200/
+// gpu-attn-bwd-variants.log and -runI.log, run H / I):
+//   HD 128: warp-specialized 3.59 / 2.01 (I: 3.64 / 2.03), cp.async 4.32 / 2.34, fused with float2 atomics 3.45 / 1.98
+//           (I: 3.53 / 1.98), fused with bulk reductions 4.85 / 2.59; torch flash 4.72 / 2.69, cuDNN 2.62 / 1.50
+//   HD 64:  warp-specialized 5.02 / 2.86, cp.async 6.13 / 3.39, fused atomics 5.39 / 3.08, bulk 8.12 / 4.31;
+//           torch flash 5.12 / 2.95, cuDNN 3.16 / 1.80
+// (fusedat's 2-4% at HD 128 costs run-to-run dQ bits and a B Hq Lq D fp32 accumulator: opt-in).
+// PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =cp: the cp.async dK / dV kernel; =ws: the
+// default (named, for the variants script); =fused: the warp-specialized kernel adding dQ with bulk reductions unless
+// p.deterministic; =fusedat: the same with float2 atomics.
 Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
   Sm90BwdPlan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)  // (else no sm_90a code in this build)
@@ -654,8 +663,8 @@ Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
   pl.take = !is("0") && p.arch == 90 && (p.dtype == DType::F16 || p.dtype == DType::BF16) &&
             (p.D == 64 || p.D == 128) && p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q &&
             d.vec_k && d.vec_v && d.vec_do && d.vec_dq && d.vec_dk && d.vec_dv;
-  pl.ws = pl.take && (is("ws") || is("fused") || is("fusedat"));
-  pl.fused = pl.ws && !is("ws") && !p.deterministic;
+  pl.ws = pl.take && !is("cp");
+  pl.fused = pl.ws && (is("fused") || is("fusedat")) && !p.deterministic;
   pl.bulk = pl.fused && is("fused");
 #else
   (void)p;

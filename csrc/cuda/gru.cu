@@ -1011,12 +1011,16 @@ GRURecPlan rec_plan(int64_t B, int64_t H, int num_sms, size_t smem_per_block, DT
   return plan;
 }
 
-// Whether the one-block kernels may take a call of T steps and B H items (at most max_items): T >= 2 steps to spread
-// the W_hh load over, PYATTN_CUDA_GRU_BLOCKS unset (a forced grid) and PYATTN_CUDA_GRU_ONE_BLOCK not 0.
-bool one_block_allowed(int64_t T, int64_t items, int64_t max_items) {
-  const char* off = std::getenv("PYATTN_CUDA_GRU_ONE_BLOCK");
-  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr || (off != nullptr && std::strcmp(off, "0") == 0)) return false;
-  return T >= 2 && items <= max_items;
+// Whether a one-block kernel may take a call of T steps and B H items (at most max_items): T >= 2 steps to spread
+// the W_hh load over, PYATTN_CUDA_GRU_BLOCKS unset (a forced grid), and PYATTN_CUDA_GRU_ONE_BLOCK=1, or unset where
+// the kernel is on by default (the backward's; the one-block forward measured slower than the grid's: H200, B = 1,
+// H = 128, T = 200, fp32 3.49 vs 2.93 us a step, benchmarks/results/nvidia-h200/gpu-gru-grids.log, run H);
+// PYATTN_CUDA_GRU_ONE_BLOCK=0 turns both off.
+bool one_block_allowed(int64_t T, int64_t items, int64_t max_items, bool by_default) {
+  const char* env = std::getenv("PYATTN_CUDA_GRU_ONE_BLOCK");
+  if (std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return false;
+  const bool on = env == nullptr ? by_default : std::strcmp(env, "1") == 0;
+  return on && T >= 2 && items <= max_items;
 }
 
 // The one-block plan of KernelOf when its shared memory fits (220 KB or the device's opt-in limit), else blocks 0.
@@ -1096,7 +1100,7 @@ GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   const int64_t hp = round4(p.H);
   // the one-block forward: B 3H within its prefetch registers, W_hh + two buffers of h and of the input projection
   // + both biases in shared memory
-  if (one_block_allowed(p.T, p.B * p.H, kOneMaxItems) && p.B * 3 * p.H <= int64_t(kOnePre) * kOneThreads) {
+  if (one_block_allowed(p.T, p.B * p.H, kOneMaxItems, false) && p.B * 3 * p.H <= int64_t(kOnePre) * kOneThreads) {
     const size_t smem = size_t(3 * p.H * hp + 2 * p.B * hp + 2 * p.B * 3 * p.H + 6 * p.H) * 4;
     const GRURecPlan one = one_block_plan<OneFwdKernel>(p.dtype, smem, p.smem_per_block, p.H, p.B);
     if (one.one_block) return one;
@@ -1116,7 +1120,7 @@ cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaSt
 GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
   if (p.T < 1) return GRURecPlan();
   const int64_t kp = round4(3 * p.H);  // a unit: its W_hh column and its dh of every batch row (Ds)
-  if (one_block_allowed(p.T, p.B * p.H, kOneThreads)) {
+  if (one_block_allowed(p.T, p.B * p.H, kOneThreads, true)) {
     const size_t smem = size_t(p.H * kp + p.B * kp + p.H * p.B) * 4;  // Wt, Gs, Ds
     const GRURecPlan one = one_block_plan<OneBwdKernel>(p.dtype, smem, p.smem_per_block, p.H, p.B);
     if (one.one_block) return one;

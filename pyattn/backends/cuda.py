@@ -39,20 +39,28 @@ def _attention_reasons(inputs) -> list[str]:
     return reasons
 
 
-def hopper_forward_is_fastest(inputs) -> bool:
-    """Inference attention that csrc/cuda/attention_sm90.cu's warp-specialized forward takes at head dim 128, where it
-    was measured faster than Triton's kernel (H200, benchmarks/results/nvidia-h200/NOTES.md, third session, run D:
-    1.55x / 1.46x torch's flash backend non-causal / causal at L = 4096 vs Triton's 1.16x / 1.19x; at L = 1024
-    1.46x / 1.28x vs 1.11x / 1.15x). The registry then takes the cuda backend first (CudaBackend.preferred_for). Not
-    with a gradient (selection is per call: the CUDA mma.sync backward measured 0.38x flash, Triton's 0.79x; the
-    Hopper wgmma backward, csrc/cuda/attention_sm90_bwd.cu, has not been timed yet), not at head dim 64
-    (Triton as fast or faster there), not for queries shorter than one 128-row tile (decode steps), and only where
-    the build has the sm_90a kernel and the device is compute capability 9.0 (fwd_sm90's conditions; rows not
-    16-byte aligned, which the signature cannot see, still run correctly on the mma.sync kernel)."""
-    return (not inputs.needs_grad and inputs.dtype in (torch.float16, torch.bfloat16) and inputs.head_dim == 128
-            and inputs.v_head_dim == 128 and inputs.mask is None and inputs.dropout_p == 0 and inputs.scale > 0
-            and inputs.q_len >= 128 and bool(build_info().get("sm90a_attention"))
-            and torch.cuda.get_device_capability(inputs.device) == (9, 0))
+def cuda_attention_is_fastest(inputs) -> bool:
+    """Attention calls where the cuda backend was measured faster than Triton's kernels on a Hopper GPU (H200,
+    benchmarks/results/nvidia-h200/NOTES.md, fifth session, run H; bf16, TFLOP/s at L = 4096 non-causal / causal,
+    the registry then takes the cuda backend first: CudaBackend.preferred_for):
+    - the warp-specialized forward (csrc/cuda/attention_sm90.cu; at least one 128-row query tile, an sm_90a build)
+      without autograd at head dim 64 and 128: 443 / 403 vs Triton's 399 / 359 (HD 64), 610 / 542 vs 410 / 371
+      (HD 128);
+    - with autograd at head dim 128 (the Hopper backward, csrc/cuda/attention_sm90_bwd.cu: 3.59 vs 5.99 ms
+      non-causal, 2.01 vs 3.07 causal); not at head dim 64, where Triton's backward is faster (4.74 vs 5.02 ms);
+    - decoding steps (AttentionInputs.decoding: the split-KV kernel, csrc/cuda/attention_decode.cu) at head dim 128
+      without autograd: 0.071 vs 0.172 ms (B = 8, 32 / 8 heads, 4096 keys; head dim 64 not measured).
+    All of them fp16 / bf16, D == Dv, no mask, no dropout, a positive scale, compute capability 9.0 (rows not 16-byte
+    aligned, which the signature cannot see, still run correctly on the cuda backend's other kernels)."""
+    d = inputs.head_dim
+    if (inputs.dtype not in (torch.float16, torch.bfloat16) or inputs.v_head_dim != d or inputs.mask is not None
+            or inputs.dropout_p != 0 or not inputs.scale > 0
+            or torch.cuda.get_device_capability(inputs.device) != (9, 0)):
+        return False
+    if inputs.decoding:
+        return d == 128 and not inputs.needs_grad
+    return (inputs.q_len >= 128 and d in (64, 128) and (d == 128 or not inputs.needs_grad)
+            and bool(build_info().get("sm90a_attention")))
 
 
 def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> torch.Tensor:
@@ -119,15 +127,18 @@ class CudaBackend(NativeBackend):
                             notes=(f"FlashAttention-2 on tensor cores (csrc/cuda/attention.cu): head dims up to "
                                    f"{_ATTN_MAX_HEAD_DIM}, GQA/MQA, bool/additive masks, both causal alignments, "
                                    "dropout (the cpp backend's keep hash), deterministic backward; on Hopper "
-                                   "(sm_90a build) the unmasked fp16/bf16 forward at head dim 64/128 runs on wgmma "
-                                   "with TMA loads and warp specialization (csrc/cuda/attention_sm90.cu)",)),
+                                   "(sm_90a build) the unmasked fp16/bf16 forward and backward at head dim 64/128 "
+                                   "run on wgmma with TMA loads and warp specialization (csrc/cuda/attention_sm90.cu, "
+                                   "attention_sm90_bwd.cu), decoding steps on a split-KV kernel "
+                                   "(attention_decode.cu); taken first where measured faster than Triton "
+                                   "(cuda_attention_is_fastest)",)),
         # ---- end attention ----
         # ---- GRU ---- the input GEMM (cuBLAS) + the persistent recurrent kernels (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
                            notes=("the input GEMM (fp32 output) + one fused launch for h W_hh^T and the gates (a GEMM + a "
                                   "gate launch past 2^17 multiply-adds a block); "
-                                  "backward: one fused launch + GEMMs; after triton in the priority list (host "
-                                  "bound at small batches on the H200: docs/design.md, CUDA backend status)",)),
+                                  "backward: one fused launch + GEMMs; first in the CUDA priority list (faster "
+                                  "than Triton's cell on the H200: docs/design.md, CUDA backend status)",)),
         "gru": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
                       notes=("input GEMM hoisted over all steps, then each layer direction one cooperative launch "
                              "(W_hh in shared memory, a block per SM, a grid barrier per step), forward and "
@@ -148,7 +159,7 @@ class CudaBackend(NativeBackend):
         return True, ""
 
     def preferred_for(self, inputs) -> bool:
-        return inputs.op == "attention" and inputs.device.type == "cuda" and hopper_forward_is_fastest(inputs)
+        return inputs.op == "attention" and inputs.device.type == "cuda" and cuda_attention_is_fastest(inputs)
 
     def extra_reasons(self, inputs) -> list[str]:
         reasons = missing_kernel_reason(inputs.op, "CUDA")

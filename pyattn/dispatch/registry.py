@@ -14,17 +14,19 @@ from typing import Iterator, Optional
 from .backend import Backend, OpInputs
 
 # Priority lists are data. Triton on CPU only runs in the interpreter (tests), so it is never chosen there unforced.
-# CUDA devices: "cuda" comes AFTER "triton" for most ops on purpose. On the GPU runs so far (H200s, 2026-11-26/27,
-# benchmarks/results/nvidia-h200/NOTES.md) both passed tests/test_gpu.py and compute-sanitizer, but the CUDA C++
-# kernels were slower than Triton's for attention training (the backward 0.38x torch's flash backend vs Triton's
-# 0.79x), GRU cells at B = 1 and most norm shapes (faster in fp32, slower in bf16); so an unforced call on a GPU
-# takes Triton, except where a backend's preferred_for says it was measured the fastest (_priority): the Hopper
-# attention forward at head dim 128 without autograd (1.55x torch flash vs Triton's 1.16x) takes cuda. GRU layers
-# take cuda first: its persistent kernels (one launch per direction) beat Triton's on every benchmarked shape
-# (fourth H200 session: 0.545 vs 11.2 ms forward at B = 1, T = 200, H = 128; 3.57 vs 24.5 ms forward + backward at
-# B = 32, T = 100, H = 256). `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An
-# op's "cuda" moves before "triton" once, on a GPU, it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh
-# (memcheck + racecheck) on backend "cuda" and its benchmark beats Triton's (docs/design.md, "CUDA backend status").
+# CUDA devices: "cuda" comes AFTER "triton" for attention and the norms on purpose. On the GPU runs so far (H200s,
+# 2026-11-26/27, benchmarks/results/nvidia-h200/NOTES.md) both passed tests/test_gpu.py and compute-sanitizer, but the
+# CUDA C++ kernels were slower than Triton's for attention training at head dim 64 and most norm shapes (faster in
+# fp32, slower in bf16); so an unforced call on a GPU takes Triton, except where a backend's preferred_for says it was
+# measured the fastest (_priority): on Hopper, the CUDA attention forward at head dims 64 and 128, training at head
+# dim 128 and decoding steps at head dim 128 take cuda (pyattn/backends/cuda.py, cuda_attention_is_fastest). GRU
+# layers and cells take cuda first: its persistent layer kernels (one launch per direction) beat Triton's on every
+# benchmarked shape (fourth H200 session: 0.545 vs 11.2 ms forward at B = 1, T = 200, H = 128; 3.57 vs 24.5 ms
+# forward + backward at B = 32, T = 100, H = 256), and so did its cell (fifth session: 0.013 vs 0.060 ms forward at
+# B = 1, I = H = 256; 0.028 vs 0.072 at B = 32; forward + backward 0.66 vs 0.99 and 0.85 vs 1.07 ms).
+# `backend="cuda"` (or use_backend / PYATTN_BACKEND) still forces the CUDA kernels. An op's "cuda" moves before
+# "triton" once, on a GPU, it passes its tests/test_gpu.py suites and scripts/gpu_sanitize.sh (memcheck + racecheck)
+# on backend "cuda" and its benchmark beats Triton's (docs/design.md, "CUDA backend status").
 PRIORITY: dict[tuple[str, str], list[str]] = {
     ("attention", "cuda"): ["triton", "cuda", "torch"],
     ("attention", "cpu"): ["cpp", "torch"],
@@ -32,7 +34,7 @@ PRIORITY: dict[tuple[str, str], list[str]] = {
     ("layer_norm", "cpu"): ["cpp", "torch"],
     ("rms_norm", "cuda"): ["triton", "cuda", "torch"],
     ("rms_norm", "cpu"): ["cpp", "torch"],
-    ("gru_cell", "cuda"): ["triton", "cuda", "torch"],
+    ("gru_cell", "cuda"): ["cuda", "triton", "torch"],
     ("gru_cell", "cpu"): ["cpp", "torch"],
     ("gru", "cuda"): ["cuda", "triton", "torch"],
     ("gru", "cpu"): ["cpp", "torch"],

@@ -140,6 +140,12 @@ class AttentionInputs(OpInputs):
         return self.q.shape[3]
 
     @property
+    def decoding(self) -> bool:
+        """At most 8 query rows per kv head (Lq x group) over at least 256 keys: a decoding step, the shape
+        csrc/cuda/attention_decode.cu's split-KV kernel takes (decode_plan's kDecodeMaxRows / kDecodeMinKeys)."""
+        return self.q.shape[2] * self.group <= 8 and self.k.shape[2] >= 256
+
+    @property
     def v_head_dim(self) -> int:
         return self.v.shape[3]
 
@@ -174,7 +180,8 @@ class AttentionInputs(OpInputs):
             self.dropout_p > 0,
             hq // max(hk, 1),
             self.needs_grad,
-            lq >= 128,  # (a backend's preference may depend on these two: Backend.preferred_for)
+            lq >= 128,  # (a backend's preference may depend on these three: Backend.preferred_for)
+            lq * (hq // max(hk, 1)) <= 8 and lk >= 256,  # (decoding)
             self.scale > 0,
         )
 
