@@ -7,7 +7,7 @@ the flags the real build (setup.py + torch.utils.cpp_extension) uses:
 plus `-Werror all-warnings -Xcompiler -Wall,-Werror -Xptxas -v`, and only -I csrc/include on the include path
 (kernels are torch-free). ptxas' report is parsed per kernel; the check fails (exit 1) on a compile error or
 warning, on any register spill ("bytes spill stores/loads" > 0), on static shared memory above the per-block limit
-of the arch, or on ptxas' "Potential Performance Loss" notes (wgmma serialized). Stack frames (local arrays, calls)
+of the arch, or on ptxas' wgmma performance notes (ptxas_perf_notes). Stack frames (local arrays, calls)
 are reported but do not fail the check. Shared memory a kernel allocates dynamically at launch is not visible here:
 its launcher must check it against the device. With cuobjdump and nvdisasm (the toolkit's, or PyPI's
 nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm) the sm_90a machine code of the wgmma kernels is checked too
@@ -201,6 +201,14 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 # ---- one compile -------------------------------------------------------------------------------------------
+def ptxas_perf_notes(log: str) -> list[str]:
+    """ptxas' info lines that say a kernel's wgmmas lost their overlap: the "Potential Performance Loss" notes (wgmma
+    serialized because registers of one in flight are touched before its wait, attention_sm90.cu) and C7519 (a
+    warpgroup.arrive injected before a wgmma so that registers written in between reach it: seen for a 64-bit
+    division inside the fused backward's step loop). Always a kernel bug here."""
+    return [ln for ln in log.splitlines() if "Potential Performance Loss" in ln or "(C7519)" in ln]
+
+
 def compile_one(job) -> dict:
     nvcc, src, arch, cuobjdump = job
     rel = os.path.relpath(src, REPO)
@@ -230,9 +238,7 @@ def compile_one(job) -> dict:
     problems = []
     if warnings:  # -Werror should have turned them into errors; ptxas warnings can still slip through
         problems.append("warnings:\n" + "\n".join(warnings[:20]))
-    # ptxas' "Potential Performance Loss" notes (an info line, not a warning): wgmma serialized because registers of
-    # one in flight are touched before its wait (attention_sm90.cu), or the like. Always a kernel bug here.
-    losses = [ln for ln in log.splitlines() if "Potential Performance Loss" in ln]
+    losses = ptxas_perf_notes(log)
     if losses:
         problems.append("ptxas performance-loss notes:\n" + "\n".join(losses[:20]))
     for k in res["kernels"]:

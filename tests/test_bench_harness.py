@@ -150,6 +150,28 @@ def test_targets_mark_best_pyattn_provider():
     assert lines[0].strip().startswith("MET") and "pyattn:cpp" in lines[0]
 
 
+def test_targets_against_the_fastest_torch_provider():
+    """min_vs_fastest compares with the fastest torch row of the case (PERF.md: each SDPA backend forced), not with
+    the baseline; kinds splits it per kernel family; several targets on one row are joined and met only together."""
+    def row(provider, p50, speedup):
+        return {"op": "attention", "mode": "fwd", "device": "cuda", "dtype": "bfloat16", "params": {"L": 4096},
+                "shape": "L=4096", "provider": provider, "kind": provider, "p50_ms": p50, "speedup": speedup,
+                "pct_of_ceiling": None, "ceiling": None, "check": "ok", "target": None, "meets_target": None}
+
+    rows = [row("torch:flash", 1.6, 1.0), row("torch:cudnn", 0.9, 1.78), row("pyattn:cuda", 0.95, 1.68),
+            row("pyattn:triton", 1.0, 1.6)]
+    lines = apply_targets(rows, [
+        Target("attention", "fwd", "cuda", lambda p: True, min_speedup=1.6),
+        Target("attention", "fwd", "cuda", lambda p: True, min_vs_fastest=1.0, kinds=("pyattn:cuda",)),
+        Target("attention", "fwd", "cuda", lambda p: True, min_vs_fastest=0.85, kinds=("pyattn:triton",))])
+    assert [line.split()[0] for line in lines] == ["MET", "MISS", "MET"]
+    assert "0.95x torch:cudnn" in lines[1] and "0.90x torch:cudnn" in lines[2]
+    cuda, triton = rows[2], rows[3]
+    assert cuda["target"] == ">= 1.6x; >= 1x fastest torch" and cuda["meets_target"] is False
+    assert triton["target"] == ">= 1.6x; >= 0.85x fastest torch" and triton["meets_target"] is True
+    assert rows[0]["target"] is None and rows[1]["target"] is None
+
+
 # ---- pyattn bench --op layernorm, tiny ---------------------------------------------------------------------------
 
 def test_bench_layernorm_tiny_prints_table(tiny_run):

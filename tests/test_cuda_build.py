@@ -164,6 +164,20 @@ def test_ptxas_report_parser_on_canned_output():
     assert names["_Z12spill_kernelPf"] in ("spill_kernel", "_Z12spill_kernelPf")  # c++filt may be missing
 
 
+def test_ptxas_perf_notes_fail_the_check():
+    """The wgmma notes ptxas prints as info lines (serialized wgmmas, an injected warpgroup.arrive) are failures;
+    other info lines are not."""
+    log = "\n".join([
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'",
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...",
+        "ptxas info    : (C7519) warpgroup.arrive is injected in around line 103959 by compiler to allow use of "
+        "registers in GMMA in function '_Z1kv'",
+        "ptxas info    : Used 168 registers, used 1 barriers"])
+    notes = cc.ptxas_perf_notes(log)
+    assert len(notes) == 2 and "C7515" in notes[0] and "C7519" in notes[1]
+    assert cc.ptxas_perf_notes("ptxas info    : Used 168 registers, used 1 barriers\n") == []
+
+
 def _fake_nvcc(tmp_path, report):
     """An nvcc that compiles nothing: prints `report` on stderr (as ptxas -v does) and succeeds."""
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -511,8 +511,8 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
     # converted: another summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode: the
     # dQ kernel
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    for variant, extra_smem in (("fused", 2 * 128 * 64 * 2 + 2 * 64 * 72 * 4), ("fusedat", 2 * 128 * 64 * 2)):
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)  # (+ two dS^T tiles; bulk: + two dQ staging tiles)
+    for variant, extra_smem in (("fused", 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4), ("fusedat", 2 * 128 * 64 * 2)):
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)  # (+ two dS^T tiles; bulk: + two dQ staging chunks)
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
             try:

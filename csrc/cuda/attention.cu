@@ -359,20 +359,24 @@ __device__ void exact_row_stats(const AttnBwdParams& p, const Derived& d, int64_
 
 // One warp per query row r = (b * Hq + h) * Lq + i (8 rows per block):
 //   delta[r] = sum_dv dout * out, lse2[r] = lse * log2(e), l2[r] = 0 (exact statistics for rows past kExactRowLse2);
-//   dq_acc (when not null: the Hopper backward's fp32 dQ accumulator, D floats a row) zeroed.
+//   dq_acc (when not null: the Hopper backward's fp32 dQ accumulator, attention_utils.cuh dq_acc_floats) zeroed, a
+//   contiguous share of it per row's warp (float4 stores; the accumulator is 16-byte aligned: dq_acc_offset).
 template <class E>
 __global__ void __launch_bounds__(256) attn_bwd_pre_kernel(const AttnBwdParams p, const Derived d,
                                                            float* __restrict__ lse2,   // (B, Hq, Lq)
                                                            float* __restrict__ l2,     // (B, Hq, Lq)
                                                            float* __restrict__ delta,  // (B, Hq, Lq)
-                                                           float* __restrict__ dq_acc  // (B, Hq, Lq, D) or null
+                                                           float* __restrict__ dq_acc  // dq_acc_floats or null
 ) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * 8 + warp;
   if (row >= p.B * p.Hq * p.Lq) return;
-  if (dq_acc != nullptr)
-    for (int64_t c = lane; c < p.D; c += 32) dq_acc[row * p.D + c] = 0.0f;
   const int64_t i = row % p.Lq, bh = row / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
+  if (dq_acc != nullptr) {
+    const int64_t rows = p.B * p.Hq * p.Lq, n4 = dq_acc_floats(p.B * p.Hq, p.Lq, p.D) / 4, per = (n4 + rows - 1) / rows;
+    for (int64_t e = row * per + lane; e < imin((row + 1) * per, n4); e += 32)
+      reinterpret_cast<float4*>(dq_acc)[e] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
   const uint16_t* dor =
       static_cast<const uint16_t*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] + i * p.dout_stride[2];
   const uint16_t* orow =
@@ -990,7 +994,9 @@ attn::Derived derive_bwd(const AttnBwdParams& p) {
 int64_t attention_bwd_workspace_floats(const AttnBwdParams& p) {
   const int64_t rows = p.B * p.Hq * p.Lq;
   if (attention_unsupported(p) != nullptr) return 3 * rows;
-  return attn::sm90_bwd_plan(p, derive_bwd(p)).fused ? attn::dq_acc_offset(rows) + rows * p.D : 3 * rows;
+  return attn::sm90_bwd_plan(p, derive_bwd(p)).fused
+             ? attn::dq_acc_offset(rows) + attn::dq_acc_floats(p.B * p.Hq, p.Lq, p.D)
+             : 3 * rows;
 }
 
 cudaError_t attention_bwd(const AttnBwdParams& p, float* workspace, cudaStream_t stream) {

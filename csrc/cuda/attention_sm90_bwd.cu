@@ -66,10 +66,9 @@ struct BwdCfg {
   static constexpr size_t dkdv_ws_smem = dkdv_smem + 5 * 8;  // + the warp-specialized kernel's mbarriers
   static constexpr uint32_t kDsTile = BNK * BMQ * 2;           // fused dQ: dS^T [BNK][BMQ], two of them
   static constexpr size_t dkdv_fused_smem = dkdv_ws_smem + 2 * kDsTile;
-  // fused dQ by bulk reductions: a [64 rows][kDqLd] fp32 staging tile per consumer warpgroup (64 columns + 8 of
-  // padding: a warp's float2 stores to 8 rows fall on all 32 banks twice, the least 256 bytes can)
-  static constexpr int kDqLd = 72;
-  static constexpr uint32_t kDqStage = 64 * kDqLd * 4;
+  // fused dQ by bulk reductions: a 64 x 64 fp32 staging chunk per consumer warpgroup, in the accumulator's order
+  // (attention_utils.cuh kDqChunkFloats: a warp's float4 stores are 512 contiguous bytes, no bank conflicts)
+  static constexpr uint32_t kDqStage = kDqChunkFloats * 4;
   static constexpr size_t dkdv_bulk_smem = dkdv_fused_smem + 2 * size_t(kDqStage);
   static constexpr size_t dq_smem = 1024 + 2 * size_t(kQTile) + 4 * size_t(kKVStage);
 };
@@ -259,18 +258,22 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
-// p[0] += a, p[1] += b atomically (p 8-byte aligned; one vector reduction on sm_90).
-__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+// p[0..3] += (a, b, c, e) atomically (p 16-byte aligned; one vector reduction on sm_90).
+__device__ __forceinline__ void atomic_add4(float* p, float a, float b, float c, float e) {
 #ifdef PYATTN_CUDA_EMU
-  if (reinterpret_cast<uintptr_t>(p) % 8 != 0)
-    ::pyattn_emu::fail("atomicAdd(float2*): address not 8-byte aligned", __FILE__, __LINE__);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    ::pyattn_emu::fail("atomicAdd(float4*): address not 16-byte aligned", __FILE__, __LINE__);
   p[0] += a;  // (the emulator runs one thread at a time)
   p[1] += b;
+  p[2] += c;
+  p[3] += e;
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(a, b, c, e));
 #else
   atomicAdd(p, a);
   atomicAdd(p + 1, b);
+  atomicAdd(p + 2, c);
+  atomicAdd(p + 3, e);
 #endif
 }
 
@@ -282,22 +285,25 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
 // threads arrive when their GEMMs on it are done). No block barrier in the loop: the two consumer warpgroups drift
 // apart, so one's exp2s and dS run under the other's GEMMs, and the copies run ahead by a stage.
 // Shared memory: the cp.async kernel's + 5 mbarriers (fused dQ: + two dS^T tiles of 16 KB; by bulk reductions: + two
-// dQ staging tiles of 18 KB).
+// dQ staging chunks of 16 KB).
 // Fused dQ (DQ != DqBy::Kernel; FA3's): each step also writes dS^T to shared memory (key rows of BMQ queries,
 // swizzled) and, once both consumer warpgroups have (a named barrier: they meet once a step), warpgroup wg computes a
 // 64 x 64 block of the step's dQ (wgmma with A read M-major, B N-major): HD 128, dQ[:, 64 wg..] = dS K[:, 64 wg..] over
 // the block's 128 keys; HD 64, its own keys' part of the whole dQ, dS[:, its keys] K[its keys, :] (the two parts
 // meet in the accumulator). It adds the block into dq_acc (so no dQ kernel recomputes S and dP: 5 GEMMs a step
-// instead of 7): DqBy::Bulk (PYATTN_CUDA_ATTN_SM90_BWD=fused; FA3's way) stages it in shared memory, and the
-// warpgroup's first warp has the TMA unit add each row (256 contiguous bytes) with a bulk reduction; DqBy::Atomic
-// (=fusedat) adds it from registers with float2 atomics, 8 rows x 32 bytes a warp instruction.
+// instead of 7), laid out in the accumulator's register order (attention_utils.cuh kDqChunkFloats, FA3's dQaccum):
+// DqBy::Bulk (PYATTN_CUDA_ATTN_SM90_BWD=fused; FA3's way) stages the 16 KB chunk in shared memory (float4 stores,
+// 512 contiguous bytes a warp) and one thread has the TMA unit add it with one bulk reduction; DqBy::Atomic
+// (=fusedat) adds it from registers with float4 atomics, 512 contiguous bytes a warp instruction. (Until the fifth
+// H200 session the accumulator was row-major: 64 bulk reductions of 256 bytes a warpgroup and step, measured 35%
+// slower than the unfused kernels, and float2 atomics scattered over 8 rows, 4% faster.)
 template <class E, int HD, bool CAUSAL, DqBy DQ>
 __global__ void __launch_bounds__(384, 1)
     attn_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                                  const __grid_constant__ CUtensorMap tv, const __grid_constant__ CUtensorMap tdo,
                                  const AttnBwdParams p, const Derived d, const float* __restrict__ lse2,
                                  const float* __restrict__ l2, const float* __restrict__ delta,
-                                 float* __restrict__ dq_acc /* fused: (B, Hq, Lq, HD) fp32, zeroed */) {
+                                 float* __restrict__ dq_acc /* fused: dq_acc_floats fp32, zeroed */) {
 #ifdef PYATTN_SM90_KERNEL
   using C = BwdCfg<HD>;
   constexpr int BNK = C::BNK, BMQ = C::BMQ, SUB = HD / 64, NCONS = 256;
@@ -309,7 +315,7 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* Qs = Vs + C::kKeyTile;                                      // [2 stages][SUB][BMQ][64]
   unsigned char* Ds = Qs + 2 * C::kQStage;                                   // [2 stages][SUB][BMQ][64] dout
   unsigned char* Ss = Ds + 2 * C::kQStage;                                   // FUSED: [2][BNK][BMQ] dS^T swizzled
-  float* Dq = reinterpret_cast<float*>(Ss + (FUSED ? 2 * C::kDsTile : 0));  // BULK: [2 wg][64][kDqLd] dQ staging
+  float* Dq = reinterpret_cast<float*>(Ss + (FUSED ? 2 * C::kDsTile : 0));  // BULK: [2 wg][64 x 64] dQ staging
   float* St = Dq + (BULK ? 2 * C::kDqStage / 4 : 0);                         // [2 stages][3][BMQ]
   uint64_t* bars = reinterpret_cast<uint64_t*>(St + 2 * 3 * BMQ);
   uint64_t* kv_full = bars;      // K and V landed
@@ -412,33 +418,29 @@ __global__ void __launch_bounds__(384, 1)
           issue_ab_mn<E, 64, 64>(dqp, smem_addr(ss) + wg * (64 * 128), smem_addr(Ks) + wg * (64 * 128));
         wgmma_wait<0>();
         fence_operands(dqp);
+        // this warpgroup's chunk of the accumulator (query block i0 / 64, columns 64 wg.. at HD 128; at HD 64 both
+        // warpgroups add into the one chunk), registers 4 n .. 4 n + 3 at float4 n * 128 + w (kDqChunkFloats; rows
+        // past Lq land in the last block's padding, which nothing reads)
         const int64_t h = hk * G + it / nqe;
-        float* acc = dq_acc + ((b * p.Hq + h) * p.Lq + i0) * HD + (HD == 128 ? 64 * wg : 0);  // row i0, 64 columns
+        float* acc = dq_acc + ((b * p.Hq + h) * ((p.Lq + 63) & ~int64_t(63)) + i0) * HD +  // (no division here:
+                     (HD == 128 ? wg * kDqChunkFloats : 0);  // one made ptxas inject a warpgroup.arrive, C7519)
+        const int w = 32 * warp + lane;
         if constexpr (BULK) {
-          float* stage = Dq + wg * (C::kDqStage / 4);  // [64][kDqLd]
+          float* stage = Dq + wg * kDqChunkFloats;
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-              *reinterpret_cast<float2*>(stage + (16 * warp + g + 8 * r) * C::kDqLd + 8 * n + 2 * t) =
-                  make_float2(dqp[4 * n + 2 * r], dqp[4 * n + 2 * r + 1]);
+          for (int n = 0; n < 8; ++n)
+            *reinterpret_cast<float4*>(stage + (n * 128 + w) * 4) =
+                make_float4(dqp[4 * n], dqp[4 * n + 1], dqp[4 * n + 2], dqp[4 * n + 3]);
           fence_proxy_async();
-          named_bar_sync(2 + wg, 128);  // the warpgroup's 64 rows staged
-          if (warp == 0) {  // rows lane and lane + 32 (those past Lq belong to no query)
-            for (int i = lane; i < 64; i += 32)
-              if (i0 + i < p.Lq) bulk_reduce_add_f32(acc + i * HD, stage + i * C::kDqLd, 64 * 4);
+          named_bar_sync(2 + wg, 128);  // the warpgroup's chunk staged
+          if (warp == 0 && lane == 0) {
+            bulk_reduce_add_f32(acc, stage, C::kDqStage);
             bulk_commit();
           }
         } else {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int i = 16 * warp + g + 8 * r;
-            if (i0 + i < p.Lq) {
-#pragma unroll
-              for (int n = 0; n < 8; ++n)
-                atomic_add2(acc + i * HD + 8 * n + 2 * t, dqp[4 * n + 2 * r], dqp[4 * n + 2 * r + 1]);
-            }
-          }
+          for (int n = 0; n < 8; ++n)
+            atomic_add4(acc + (n * 128 + w) * 4, dqp[4 * n], dqp[4 * n + 1], dqp[4 * n + 2], dqp[4 * n + 3]);
         }
       }
     }
@@ -563,22 +565,27 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
-// dq = dq_acc * scale in the storage dtype (after the fused dK / dV kernel): a warp per row r = (b * Hq + h) * Lq + i
-// (8 rows per block), 8 columns a lane at a time (16-byte-aligned rows of dq: sm90_bwd_plan).
+// dq = dq_acc * scale in the storage dtype (after the fused dK / dV kernel): a block of 128 threads per chunk of the
+// accumulator (64 rows x 64 columns, attention_utils.cuh kDqChunkFloats), thread w reading float4s n * 128 + w
+// (coalesced) = rows 16 (w / 32) + (w % 32) / 4 (+ 8), columns 8 n + 2 (w % 4) (+ 1) of the chunk, rows past Lq
+// skipped (4-byte stores: dq's rows are 16-byte aligned, its columns even).
 template <class E, int HD>
-__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const AttnBwdParams p,
+__global__ void __launch_bounds__(128) attn_bwd_dq_convert_kernel(const AttnBwdParams p,
                                                                   const float* __restrict__ dq_acc) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = int64_t(blockIdx.x) * 8 + warp;
-  if (row >= p.B * p.Hq * p.Lq) return;
-  const int64_t i = row % p.Lq, bh = row / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
-  uint16_t* dq = static_cast<uint16_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + i * p.dq_stride[2];
+  constexpr int SUB = HD / 64;
+  const int64_t nqb = (p.Lq + 63) / 64, chunk = blockIdx.x, cc = chunk % SUB, qb = chunk / SUB % nqb,
+                bh = chunk / SUB / nqb, b = bh / p.Hq, h = bh % p.Hq;
+  const int w = threadIdx.x, lane = w % 32;
+  const int64_t i = qb * 64 + 16 * (w / 32) + lane / 4;  // rows i, i + 8
+  const float* src = dq_acc + chunk * kDqChunkFloats;
+  uint16_t* dq = static_cast<uint16_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + i * p.dq_stride[2] +
+                 64 * cc + 2 * (lane % 4);
   const float c = p.scale;
-  for (int col = lane * 8; col < HD; col += 256) {
-    const float4 x = *reinterpret_cast<const float4*>(dq_acc + row * HD + col);
-    const float4 y = *reinterpret_cast<const float4*>(dq_acc + row * HD + col + 4);
-    *reinterpret_cast<uint4*>(dq + col) = make_uint4(E::pack(x.x * c, x.y * c), E::pack(x.z * c, x.w * c),
-                                                     E::pack(y.x * c, y.y * c), E::pack(y.z * c, y.w * c));
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    const float4 x = *reinterpret_cast<const float4*>(src + (n * 128 + w) * 4);
+    if (i < p.Lq) *reinterpret_cast<uint32_t*>(dq + 8 * n) = E::pack(x.x * c, x.y * c);
+    if (i + 8 < p.Lq) *reinterpret_cast<uint32_t*>(dq + 8 * p.dq_stride[2] + 8 * n) = E::pack(x.z * c, x.w * c);
   }
 }
 
@@ -601,8 +608,8 @@ bool launch_dkdv(const AttnBwdParams& p, const Derived& d, const Sm90BwdPlan& pl
       if ((*err = fit_kernel(kernel, smem)) != cudaSuccess) return true;
       kernel<<<unsigned(blocks), 384, smem, stream>>>(tq, tk, tv, tdo, p, d, lse2, l2, delta, dq_acc);
       if ((*err = cudaGetLastError()) != cudaSuccess) return true;
-      const int64_t rows = p.B * p.Hq * p.Lq;
-      attn_bwd_dq_convert_kernel<E, HD><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, dq_acc);
+      attn_bwd_dq_convert_kernel<E, HD><<<unsigned(dq_acc_floats(p.B * p.Hq, p.Lq, HD) / kDqChunkFloats), 128, 0,
+                                          stream>>>(p, dq_acc);
       *err = cudaGetLastError();
       return true;
     }

@@ -108,6 +108,18 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnCommon& p, const Derived
   return f;
 }
 
+// The Hopper backward's fused dQ accumulator (fp32; attn_bwd_pre_kernel zeroes it): per (b, h) = bh the query rows
+// in blocks of 64 (the last one padded), each block in HD / 64 chunks of 64 rows x 64 columns (chunk (bh, query
+// block qb, columns 64 cc..) at ((bh * ceil(Lq / 64) + qb) * HD / 64 + cc) * kDqChunkFloats), each chunk in the order
+// of a warpgroup's wgmma accumulator (FA3's dQaccum idea): thread w (0..127) of the warpgroup holds register
+// v = 4 n + 2 r + c (n 0..7) of row 16 (w / 32) + (w % 32) / 4 + 8 r, column 8 n + 2 (w % 4) + c, and its registers
+// 4 n .. 4 n + 3 sit at float4 n * 128 + w of the chunk. So a warpgroup adds its block with 8 coalesced float4 atomics
+// a thread, or stores it to shared memory without bank conflicts and adds it with one bulk reduction of 16 KB.
+constexpr int64_t kDqChunkFloats = 64 * 64;
+__host__ __device__ inline int64_t dq_acc_floats(int64_t BH, int64_t Lq, int64_t D) {
+  return BH * ((Lq + 63) / 64) * 64 * D;
+}
+
 // Masks of a key block in the Hopper kernels' C fragments: this thread holds rows r0 and r0 + 8, keys j0 + 8 n + 2 t
 // + e % 2; element (n, e) is masked (j >= Lk, or causal j > i + shift) iff 8 n + e % 2 >= lim[e / 2] with lim from
 // key_limits: one compare with a constant an element, where 64-bit index arithmetic took 5-6 instructions.
