@@ -183,9 +183,9 @@ def _is_sm90():
 def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
     """The Hopper forward against the float64 oracle (2x rule), dead rows 0 with lse +inf, the same bits in every
     16-byte-aligned layout, and the mma.sync kernel's values within rounding. The default is the warp-specialized
-    kernel (TMA, mbarriers, setmaxnreg, ping-pong): variant "ws1" with a block per tile (the default at HD 128),
-    "wsp" persistent (a grid of one block per SM, the default at HD 64; the 4096-row case has 256 tiles); "wsd"
-    persistent, causal calls taking tiles from the dynamic scheduler's counter (opt-in); "cp": the cp.async kernel.
+    kernel (TMA, mbarriers, setmaxnreg, ping-pong), persistent (a grid of one block per SM; the 4096-row case has 256
+    tiles), causal calls taking tiles from the dynamic scheduler's counter ("wsd" names it): variant "ws1" with a
+    block per tile, "wsp" persistent with causal tiles round-robin; "cp": the cp.async kernel.
     Each has the default kernel's bits, except at non-causal HD 128, where the default runs key blocks of 176:
     "ws128" (blocks of 128 there too) and "cp" round differently there, close to the default."""
     if variant != "default":

@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(C::NT, C::kMinBlocks) attn_fwd_sm90_kernel(con
 // Block: 3 warpgroups. Tiles are 128 query rows of one (b, h), numbered in fwd_block's order (causal: heaviest
 // first). Block x takes tile x first; then, static, x + gridDim.x, x + 2 gridDim.x, ...; or, dynamic (FA3's
 // scheduler for causal), gridDim.x + the next ticket of a grid-wide counter (p.tile_counter, zero at launch), so a
-// block that finishes early takes the heaviest tile left. The grid is a block per tile (HD 128), or, persistent, the
-// SM count (HD 64; fwd_sm90). The producer picks each tile and hands its number to the consumers in a shared-memory
+// block that finishes early takes the heaviest tile left. The grid is persistent, the SM count (the default), or a
+// block per tile (sm90_plan). The producer picks each tile and hands its number to the consumers in a shared-memory
 // slot written before the tile's Q arrival on q_full (its release orders the slot before the consumers' wait); a
 // number past the last tile, arrived without a copy, ends the consumers' loop.
 // Warpgroup 0 is the producer: after setmaxnreg.dec its first thread issues every copy with TMA (each tile's Q once
