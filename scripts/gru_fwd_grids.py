@@ -69,8 +69,7 @@ def main() -> int:
                         err = (fn()[0].float() - want).abs().max().item()
                         t = measure(fn, "cuda", memory=False, min_time=0.2).p50
                     except Exception as e:  # noqa: BLE001 - a refused provider is reported, not fatal
-                        print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} refused: "
-                              f"{str(e).splitlines()[0][:80]}")
+                        report(rows, (B, T, I, H), dtype, name, refused=e)
                         continue
                     finally:
                         os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
@@ -79,16 +78,26 @@ def main() -> int:
                     tol = 2e-3 if dtype == torch.float32 else 6e-2  # (16-bit: the state is rounded every step)
                     wrong = name != "torch:nn.GRU" and not err <= tol
                     bad += wrong
-                    print(f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} {t * 1e3:8.3f} "
-                          f"{t / T * 1e6:8.2f} {base / t:7.2f}x {err:9.2e}{'  WRONG' if wrong else ''}")
-                    rows.append({"B": B, "T": T, "I": I, "H": H, "dtype": str(dtype), "provider": name,
-                                 "ms": t * 1e3, "x_cudnn": base / t, "max_err": err})
+                    report(rows, (B, T, I, H), dtype, name, t, base, err, wrong)
             if not args.no_train:
                 bad += train_rows(rows, ref_mod, mod, x, h0, dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
     return 1 if bad else 0
+
+
+def report(rows, shape, dtype, name, t=None, base=None, err=None, wrong=False, refused=None):
+    """Prints a row (B, T, I, H = shape; time per sequence and per step, x cuDNN, error) and appends it to `rows`, or
+    prints that the provider refused (`refused`: the exception)."""
+    B, T, I, H = shape
+    head = f"{B:>3} {T:>4} {I:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26}"
+    if refused is not None:
+        print(f"{head} refused: {str(refused).splitlines()[0][:80]}")
+        return
+    print(f"{head} {t * 1e3:8.3f} {t / T * 1e6:8.2f} {base / t:7.2f}x {err:9.2e}{'  WRONG' if wrong else ''}")
+    rows.append({"B": B, "T": T, "I": I, "H": H, "dtype": str(dtype), "provider": name, "ms": t * 1e3,
+                 "x_cudnn": base / t, "max_err": err})
 
 
 def train_rows(rows, ref_mod, mod, x, h0, dtype) -> int:
@@ -117,8 +126,7 @@ def train_rows(rows, ref_mod, mod, x, h0, dtype) -> int:
             dx = step()[0].float()
             t = measure(step, "cuda", memory=False, min_time=0.2).p50
         except Exception as e:  # noqa: BLE001 - a refused provider is reported, not fatal
-            print(f"{B:>3} {T:>4} {x.shape[2]:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} refused: "
-                  f"{str(e).splitlines()[0][:80]}")
+            report(rows, (B, T, x.shape[2], H), dtype, name, refused=e)
             continue
         finally:
             os.environ.pop("PYATTN_CUDA_GRU_ONE_BLOCK", None)
@@ -127,10 +135,7 @@ def train_rows(rows, ref_mod, mod, x, h0, dtype) -> int:
         err = ((dx - want).abs().max() / want.abs().max()).item()
         wrong = env is not None and not err <= (1e-3 if dtype == torch.float32 else 5e-2)
         bad += wrong
-        print(f"{B:>3} {T:>4} {x.shape[2]:>5} {H:>5} {str(dtype)[6:]:<9} {name:<26} {t * 1e3:8.3f} "
-              f"{t / T * 1e6:8.2f} {base / t:7.2f}x {err:9.2e}{'  WRONG' if wrong else ''}")
-        rows.append({"B": B, "T": T, "I": x.shape[2], "H": H, "dtype": str(dtype), "provider": name,
-                     "ms": t * 1e3, "x_cudnn": base / t, "max_err": err})
+        report(rows, (B, T, x.shape[2], H), dtype, name, t, base, err, wrong)
     return bad
 
 
