@@ -578,7 +578,11 @@ class _Progress:
 
 @dataclass
 class Settings:
-    """Timing knobs: set from --quick (and the hidden ``tiny`` used by the tests)."""
+    """Timing knobs: set from --quick (and the hidden ``tiny`` used by the tests). ``rounds``: a case's providers are
+    timed in that many interleaved rounds (each ``min_time / rounds``, the times pooled), so that a drift of the
+    device's clocks during a case reaches every provider alike: on GPUs 3 (an H200 timed one kernel under two names
+    3% apart in back-to-back single passes), on CPUs 1 (CPU runs time big cases whose providers' buffers should not
+    all be alive at once)."""
 
     warmup: int = 3
     min_time: float = 0.5
@@ -586,16 +590,18 @@ class Settings:
     max_reps: int = 1000
     copy_bytes: int = 256 * MiB
     gemm_n: int = 4096
+    rounds: int = 1
 
     @classmethod
     def for_run(cls, device: str, quick: bool = False, tiny: bool = False) -> "Settings":
+        rounds = 3 if device == "cuda" else 1
         if tiny:
-            return cls(warmup=1, min_time=0.0, min_reps=3, max_reps=3, copy_bytes=4 * MiB, gemm_n=128)
+            return cls(warmup=1, min_time=0.0, min_reps=3, max_reps=3, copy_bytes=4 * MiB, gemm_n=128, rounds=rounds)
         gemm = (4096 if quick else 8192) if device == "cuda" else (2048 if quick else 4096)
         if quick:
             # warmup 1: the untimed output-check call before it is a warm-up call too
-            return cls(warmup=1, min_time=0.25, min_reps=3, max_reps=200, gemm_n=gemm)
-        return cls(warmup=3, min_time=1.0, min_reps=5, max_reps=2000, gemm_n=gemm)
+            return cls(warmup=1, min_time=0.25, min_reps=3, max_reps=200, gemm_n=gemm, rounds=rounds)
+        return cls(warmup=3, min_time=1.0, min_reps=5, max_reps=2000, gemm_n=gemm, rounds=rounds)
 
     def timing(self) -> dict:
         return {"warmup": self.warmup, "min_time": self.min_time, "min_reps": self.min_reps, "max_reps": self.max_reps}
@@ -720,10 +726,13 @@ class BenchContext:
             return None
 
     def _run_case(self, case: Case, providers: list, make_inputs, work: Work, reference: str, bar) -> list[dict]:
+        """Checks and times each provider (Settings.rounds > 1: checks and first timing round per provider, then
+        the other rounds interleaved over the providers, their times pooled)."""
         inputs = make_inputs(case)
         ref = self._reference(case, providers, inputs, reference)
         base_name = providers[0].name if providers and providers[0].baseline else None
-        base_time, base_err, case_rows = None, None, []
+        base_err, done = None, []  # done: (provider, fn or None, Timing, check)
+        s, rounds = self.settings, max(1, self.settings.rounds)
         for prov in providers:
             bar.update(f"{case.op} {case.mode} {case.shape_str} {dtype_str(case.dtype)}", prov.name)
             try:
@@ -745,9 +754,11 @@ class BenchContext:
                         tolerated = ok or (err is not None and base_err is not None and err <= 2 * base_err)
                         check = ("ok" if tolerated else "MISMATCH", err)
                 del out
-                t = measure(fn, case.device, warmup=self.settings.warmup, min_time=self.settings.min_time,
-                            min_reps=self.settings.min_reps, max_reps=self.settings.max_reps)
-                del fn
+                t = measure(fn, case.device, warmup=s.warmup, min_time=s.min_time / rounds, min_reps=s.min_reps,
+                            max_reps=s.max_reps)
+                if rounds == 1:
+                    del fn
+                    fn = None
             except Skip as e:
                 self.note(f"{prov.name} skipped for {case.op} {case.mode}: {e}")
                 continue
@@ -756,9 +767,21 @@ class BenchContext:
                 self.note(f"{prov.name} FAILED on {case.op} {case.mode} {case.shape_str} {dtype_str(case.dtype)}: "
                           f"{type(e).__name__}: {msg}")
                 continue
-            if prov.baseline:
-                base_time = t.p50
-            case_rows.append(self._row(case, prov, t, work, check, base_name))
+            done.append((prov, fn, t, check))
+        for _ in range(rounds - 1):
+            for i, (prov, fn, t, check) in enumerate(done):
+                try:
+                    more = measure(fn, case.device, warmup=1, min_time=s.min_time / rounds, min_reps=s.min_reps,
+                                   max_reps=s.max_reps, memory=False)
+                except Exception as e:  # (it ran before: keep the rounds it has)
+                    self.note(f"{prov.name} FAILED in a later timing round on {case.op} {case.mode} "
+                              f"{case.shape_str}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+                    continue
+                times = t.times + more.times
+                done[i] = (prov, fn, Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80),
+                                            len(times), t.peak_mem_bytes, times), check)
+        case_rows = [self._row(case, prov, t, work, check, base_name) for prov, _, t, check in done]
+        base_time = next((t.p50 for prov, _, t, _ in done if prov.baseline), None)
         for r in case_rows:
             r["speedup"] = (base_time / r["p50_ms"] * 1e3) if base_time else None
         return case_rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -14,8 +15,8 @@ import torch
 
 from pyattn import backends as pyattn_backends
 from pyattn.benchmarks import harness, run
-from pyattn.benchmarks.harness import (BenchContext, Case, Provider, Target, Work, apply_targets, attention_flops,
-                                       compare, gru_flops, measure, norm_bytes, percentile)
+from pyattn.benchmarks.harness import (BenchContext, Case, Provider, Settings, Target, Work, apply_targets,
+                                       attention_flops, compare, gru_flops, measure, norm_bytes, percentile)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,6 +132,38 @@ def test_run_cases_flags_wrong_provider_and_survives_a_broken_one():
     assert all(r["baseline"] == "base" and r["speedup"] > 0 for r in rows)
     assert any("broken FAILED" in n and "kernel exploded" in n and "second line" not in n for n in ctx.notes)
     assert "PEAK_COPY" in ctx.ceilings and by["right"]["pct_of_ceiling"] > 0
+
+
+def test_run_cases_times_providers_in_interleaved_rounds():
+    """Settings.rounds > 1 (the GPU default): each provider is checked and timed once, then timed again round by
+    round, one provider after another; its times are pooled (reps add up), and one that fails in a later round keeps
+    its first round's times with a note."""
+    settings = dataclasses.replace(Settings.for_run("cpu", tiny=True), rounds=3)
+    ctx = BenchContext("cpu", tiny=True, progress=False, settings=settings)
+    case = Case("toy", "fwd", {"N": 32}, torch.float32, "cpu", x="N")
+    order, calls = [], {"flaky": 0}
+
+    def prov(name, baseline=False):
+        def factory(c, inputs):
+            def fn():
+                order.append(name)
+                if name == "flaky":
+                    calls["flaky"] += 1
+                    if calls["flaky"] > 5:  # (check call + first round's warm-up and reps)
+                        raise RuntimeError("gone")
+                return inputs["x"] * 2
+            return fn
+        return Provider(name, factory, ("torch:" if baseline else "pyattn:") + name, baseline=baseline)
+
+    rows = ctx.run_cases([case], lambda c: {"x": torch.ones(32)}, lambda c: [prov("a"), prov("base", True),
+                                                                            prov("flaky")],
+                         lambda c: Work(8.0 * c.shape["N"], "bytes"))
+    by = {r["provider"]: r for r in rows}
+    reps = settings.min_reps
+    assert by["a"]["reps"] == by["base"]["reps"] == 3 * reps and by["flaky"]["reps"] == reps
+    assert any("flaky FAILED in a later timing round" in n for n in ctx.notes)
+    runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]  # consecutive calls merged
+    assert runs == ["base", "a", "flaky"] * 3  # (the baseline first; flaky's later rounds fail at their warm-up)
 
 
 def test_targets_mark_best_pyattn_provider():
