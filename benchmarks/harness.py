@@ -757,8 +757,7 @@ class BenchContext:
                 t = measure(fn, case.device, warmup=s.warmup, min_time=s.min_time / rounds, min_reps=s.min_reps,
                             max_reps=s.max_reps)
                 if rounds == 1:
-                    del fn
-                    fn = None
+                    fn = None  # (its buffers go now: CPU cases can be big)
             except Skip as e:
                 self.note(f"{prov.name} skipped for {case.op} {case.mode}: {e}")
                 continue

@@ -82,6 +82,12 @@ def _mask_pattern(mask: Optional[Tensor]) -> Optional[tuple]:
     return None if mask is None else tuple(s != 1 for s in mask.shape)
 
 
+def _decoding(lq: int, group: int, lk: int) -> bool:
+    """At most 8 query rows per kv head (Lq x group) over at least 256 keys: a decoding step, the shape
+    csrc/cuda/attention_decode.cu's split-KV kernel takes (decode_plan's kDecodeMaxRows / kDecodeMinKeys)."""
+    return lq * group <= 8 and lk >= 256
+
+
 def _causal_alignment(causal: bool, bottom_right: bool, lq: int, lk: int) -> str:
     if not causal:
         return "none"
@@ -141,9 +147,8 @@ class AttentionInputs(OpInputs):
 
     @property
     def decoding(self) -> bool:
-        """At most 8 query rows per kv head (Lq x group) over at least 256 keys: a decoding step, the shape
-        csrc/cuda/attention_decode.cu's split-KV kernel takes (decode_plan's kDecodeMaxRows / kDecodeMinKeys)."""
-        return self.q.shape[2] * self.group <= 8 and self.k.shape[2] >= 256
+        """A decoding step (_decoding)."""
+        return _decoding(self.q.shape[2], self.group, self.k.shape[2])
 
     @property
     def v_head_dim(self) -> int:
@@ -181,7 +186,7 @@ class AttentionInputs(OpInputs):
             hq // max(hk, 1),
             self.needs_grad,
             lq >= 128,  # (a backend's preference may depend on these three: Backend.preferred_for)
-            lq * (hq // max(hk, 1)) <= 8 and lk >= 256,  # (decoding)
+            _decoding(lq, hq // max(hk, 1), lk),
             self.scale > 0,
         )
 
