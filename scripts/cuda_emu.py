@@ -264,6 +264,17 @@ def _memcheck_workload() -> None:
                 ops.gru_step_bwd(h1, x[0], h0, w[0], w[1], ws1, True, True, True)
     os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
     os.environ.pop("PYATTN_EMU_SMEM_OPTIN", None)
+    # the one-launch cell step (gru_cell_fwd_kernel): 4-element loads, views one element into their storage (1-element
+    # loads, nothing past the tensors), and rows of 12 KB staged in chunks of 8 rows (the last one partial)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for bsz, i, h, shift in ((5, 8, 12, 0), (5, 8, 12, 1), (13, 3000, 16, 0)):
+            def tight(*shape):
+                return torch.randn(shift + math.prod(shape), dtype=dtype)[shift:].view(*shape)
+
+            x, h0 = tight(bsz, i), tight(bsz, h)
+            w = [tight(3 * h, i), tight(3 * h, h), tight(3 * h), tight(3 * h)]
+            h1, ws1 = ops.gru_step_fwd(x, h0, *w, True)
+            ops.gru_step_bwd(h1, x, h0, w[0], w[1], ws1, True, True, True)
 
 
 def memcheck() -> int:

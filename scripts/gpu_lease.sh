@@ -4,7 +4,8 @@
 #   1. builds pyattn with its CUDA extension for this GPU's arch only (sm_90a on Hopper, sm_80 otherwise), then
 #      times the CUDA attention forward's and backward's kernels against each other and torch
 #      (scripts/attn_fwd_variants.py, scripts/attn_bwd_variants.py) and
-#      the CUDA GRU forward's grids against cuDNN (scripts/gru_fwd_grids.py),
+#      the CUDA GRU forward's grids against cuDNN (scripts/gru_fwd_grids.py) and the GRU cell step's paths against
+#      torch.nn.GRUCell (scripts/gru_cell_paths.py),
 #   2. runs the `gpu` tests (pytest-xdist workers) and, at the same time, compute-sanitizer memcheck and racecheck
 #      of the cuda backend's kernels (scripts/gpu_sanitize.sh; correctness only, so they may share the GPU) and the
 #      rest of the suite (the CPU tests, under this machine's torch / Triton / compiler),
@@ -24,10 +25,11 @@
 #   PYATTN_LEASE_CPU_TESTS   0: skip the CPU tests (default 1: run them beside the gpu tests)
 #   PYATTN_LEASE_PYTEST_K    a pytest -k expression for the gpu tests (default: all of them)
 #   PYATTN_LEASE_GRU_GRIDS   0: skip scripts/gru_fwd_grids.py (default 1)
+#   PYATTN_LEASE_GRU_CELL    0: skip scripts/gru_cell_paths.py (default 1)
 #   PYATTN_LEASE_ATTN_BWD    0: skip scripts/attn_bwd_variants.py (default 1)
 #   PYATTN_LEASE_PROFILE     0: skip the Nsight Compute profile and SASS of the Hopper attention kernels (default 1)
 # Writes <out>/results.tgz (benchmarks/results/<device-slug>/: build.log, info.txt, gpu-attn-variants.{log,json},
-# gpu-attn-bwd-variants.{log,json}, gpu-gru-grids.{log,json},
+# gpu-attn-bwd-variants.{log,json}, gpu-gru-grids.{log,json}, gpu-gru-cell-paths.{log,json},
 # gpu-tests.log, cpu-tests.log, sanitize-memcheck.log, sanitize-racecheck.log, gpu-<op>.{log,json,csv}, plots/,
 # ncu-attn-sm90.txt, sass/) and
 # <out>/summary.txt.
@@ -96,6 +98,11 @@ fi
 # The GRU forward's grids (the persistent kernel's PYATTN_CUDA_GRU_BLOCKS) against cuDNN, for gru_rec_fwd_plan
 if [ "${PYATTN_LEASE_GRU_GRIDS:-1}" != 0 ]; then
   step gru-grids 90 150 "$RES/gpu-gru-grids.log" "$PY" scripts/gru_fwd_grids.py --json "$RES/gpu-gru-grids.json"
+fi
+# The GRU cell step's paths (the one-launch kernel against the sequence path and torch), for gru_cell_fwd_plan
+if [ "${PYATTN_LEASE_GRU_CELL:-1}" != 0 ]; then
+  step gru-cell-paths 60 140 "$RES/gpu-gru-cell-paths.log" "$PY" scripts/gru_cell_paths.py \
+    --json "$RES/gpu-gru-cell-paths.json"
 fi
 
 # Tests and sanitizer side by side (correctness only); the benchmarks keep the last ~45% of what is left.

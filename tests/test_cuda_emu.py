@@ -1097,6 +1097,7 @@ def test_gru_fewer_fuller_blocks_raise_the_limit(monkeypatch):
     one-step forward: a plain launch, which needs no co-residency). Before, the limit stayed at the first size."""
     monkeypatch.setenv("PYATTN_EMU_SMS", "2")
     monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", "6")
+    monkeypatch.setenv("PYATTN_CUDA_GRU_CELL", "0")  # (else the one-launch cell kernel takes the step)
     g = torch.Generator().manual_seed(200)
     x, h0 = torch.randn(1, 1, 3, generator=g), torch.randn(1, 200, generator=g)
     w = _gru_params(3, 200, torch.float32, seed=200)
@@ -1118,6 +1119,7 @@ def test_gru_one_step_is_a_plain_launch(monkeypatch):
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
     monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "0")  # (two steps would take the one-block kernel, a plain launch)
+    monkeypatch.setenv("PYATTN_CUDA_GRU_CELL", "0")  # (one step of 3 rows would take the one-launch cell kernel)
     g = torch.Generator().manual_seed(9)
     x, h = torch.randn(2, 3, 6, generator=g), torch.randn(3, 20, generator=g)
     w = _gru_params(6, 20, torch.float32, seed=9)
@@ -1165,6 +1167,98 @@ def test_gru_cell_step_and_nan_fill(order, monkeypatch):
     again = ops.gru_step_fwd(x, h, w_ih, w_hh, b_ih, b_hh, True)
     assert torch.equal(again[0], h1) and torch.equal(again[1], ws)
     assert all(torch.equal(a, b) for a, b in zip(ops.gru_step_bwd(dh, x, h, w_ih, w_hh, ws, True, True, True), grads))
+
+
+def _cell_inputs(bsz, isz, hsz, dtype, layout, seed):
+    """x (bsz, isz), h (bsz, hsz) in [-1, 1) and the four parameters, laid out as `layout` says: "contiguous";
+    "strided" (x and h rows padded to a multiple of 4 elements past their length, the weights row-padded views too);
+    "offset" (every tensor starts one element into its storage: 4-element loads refused)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, isz, generator=g).to(dtype)
+    h = (torch.rand(bsz, hsz, generator=g) * 2 - 1).to(dtype)
+    params = _gru_params(isz, hsz, dtype, seed=seed)
+
+    def lay(t):
+        if layout == "strided" and t.dim() == 2:
+            pad = torch.full((t.shape[0], t.shape[1] + 4), float("nan"), dtype=dtype)
+            pad[:, :t.shape[1]] = t
+            return pad[:, :t.shape[1]]
+        if layout == "offset":
+            buf = torch.full((t.numel() + 1,), float("nan"), dtype=dtype)
+            buf[1:] = t.reshape(-1)
+            return buf[1:].view(t.shape)
+        return t
+
+    return lay(x), lay(h), tuple(lay(t) for t in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bsz,isz,hsz,layout", [
+    (1, 8, 20, "contiguous"),  # 4-element loads; one unit group per block
+    (3, 5, 7, "contiguous"),   # odd sizes: 1-element loads
+    (6, 12, 16, "strided"),    # padded rows (strides 16 and 20): 4-element loads, two items per unit
+    (5, 16, 24, "offset"),     # misaligned pointers: 1-element loads
+    (13, 3000, 16, "contiguous"),  # 12 KB a staged row: chunks of 8 rows, the second one partial
+    (9, 0, 12, "contiguous"),  # input_size 0: gi = 0
+])
+def test_gru_cell_one_launch_kernel(order, monkeypatch, dtype, bsz, isz, hsz, layout):
+    """The one-launch cell step (csrc/cuda/gru.cu gru_cell_fwd_kernel: x W_ih^T, h W_hh^T and the gates in one
+    kernel, no GEMM) against the torch backend in float64, on 4 emulated SMs (blocks of several units): one launch
+    with the plan's staged rows as its only shared memory, the same h' and workspace with and without biases and
+    without the workspace, and gradients from its workspace through gru_step_bwd."""
+    from pyattn.dispatch import get_backend
+
+    monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    x, h, (w_ih, w_hh, b_ih, b_hh) = _cell_inputs(bsz, isz, hsz, dtype, layout, seed=bsz * 100 + hsz)
+    ops = torch.ops.pyattn_emu
+    ops.emu_reset_counters()
+    h1, ws = ops.gru_step_fwd(x, h, w_ih, w_hh, b_ih, b_hh, True)
+    c = ops.emu_counters()
+    rows = min((bsz + 3) // 4 * 4, 96 * 1024 // ((isz + 3) // 4 * 4 + (hsz + 3) // 4 * 4) // 4 // 4 * 4)
+    launches, grid, smem = 2, 3, 4
+    assert (c[launches], c[grid]) == (1, -(-hsz // -(-hsz // 4))), list(c)
+    assert c[smem] == rows * ((isz + 3) // 4 * 4 + (hsz + 3) // 4 * 4) * 4, (list(c), rows)
+    ref = get_backend("torch")
+    args64 = [t.double() for t in (x, h, w_ih, w_hh, b_ih, b_hh)]
+    r_h1, r_ws = ref.gru_cell_fwd(*args64, True)
+    assert_tol(h1, r_h1, "gru", dtype)
+    assert_tol(ws, r_ws, "gru", torch.float32 if dtype == torch.float32 else dtype)
+    h1_inf, ws_inf = ops.gru_step_fwd(x, h, w_ih, w_hh, b_ih, b_hh, False)
+    assert torch.equal(h1_inf, h1) and ws_inf.numel() == 0
+    nb = ops.gru_step_fwd(x, h, w_ih, w_hh, None, None, False)[0]
+    assert_tol(nb, ref.gru_cell_fwd(*args64[:4], None, None, False)[0], "gru", dtype)
+    dh = torch.randn(bsz, hsz, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = ops.gru_step_bwd(dh, x, h, w_ih, w_hh, ws, True, True, True)
+    r_grads = ref.gru_cell_bwd(dh.double(), *args64[:4], r_ws, True, True, True)
+    for got, want in zip(grads, r_grads):
+        assert_tol(got, want, "gru", dtype, kind="bwd")
+
+
+def test_gru_cell_one_launch_batch_limit(monkeypatch):
+    """The one-launch cell kernel takes batches up to 32 (gru_cell_fwd_plan); 33 rows go the sequence path (the input
+    projection as a GEMM, then the persistent kernel: W_hh in shared memory) unless PYATTN_CUDA_GRU_CELL=1, and
+    PYATTN_CUDA_GRU_CELL=0 turns the kernel off. Every path gives h' within tolerance of the float64 oracle."""
+    from pyattn.dispatch import get_backend
+
+    x, h, w = _cell_inputs(33, 8, 12, torch.float32, "contiguous", seed=4)
+    ops = torch.ops.pyattn_emu
+    cell_smem = 36 * (8 + 12) * 4  # (36 staged rows of x and h)
+
+    def smem_of(setting, rows=33):
+        if setting is None:
+            monkeypatch.delenv("PYATTN_CUDA_GRU_CELL", raising=False)
+        else:
+            monkeypatch.setenv("PYATTN_CUDA_GRU_CELL", setting)
+        ops.emu_reset_counters()
+        out = ops.gru_step_fwd(x[:rows], h[:rows], *w, False)[0]
+        ref = get_backend("torch").gru_cell_fwd(*(t.double() for t in (x[:rows], h[:rows], *w)), False)[0]
+        assert_tol(out, ref, "gru", torch.float32)
+        return ops.emu_counters()[4]
+
+    assert smem_of(None, 32) == 32 * (8 + 12) * 4
+    assert smem_of(None) != cell_smem
+    assert smem_of("1") == cell_smem
+    assert smem_of("0", 32) != 32 * (8 + 12) * 4
 
 
 # ---- memcheck -----------------------------------------------------------------------------------------------------

@@ -947,6 +947,28 @@ def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
 
 
 @_needs_cuda_gru
+@pytest.mark.parametrize("setting", ["1", "0"], ids=["cell-kernel", "sequence-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bsz,isz,hsz", [(1, 256, 256), (32, 256, 256), (40, 64, 100), (9, 2000, 1100)])
+def test_gru_cuda_cell_step_both_paths(monkeypatch, setting, dtype, bsz, isz, hsz):
+    """gru_step_fwd on the one-launch cell kernel (PYATTN_CUDA_GRU_CELL=1: any batch; at I + H = 3100 the staged rows
+    come in chunks of 4, 4, 1) and on the sequence path (=0: input GEMM + persistent kernel): h' and the workspace
+    against the float64 oracle, and gru_step_bwd from either workspace."""
+    monkeypatch.setenv("PYATTN_CUDA_GRU_CELL", setting)
+    x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq=1, bsz=bsz, isz=isz, hsz=hsz)
+    h, ws = torch.ops.pyattn.gru_step_fwd(x[0], h0, w_ih, w_hh, b_ih, b_hh, True)
+    args64 = [t.double() for t in (x[0], h0, w_ih, w_hh, b_ih, b_hh)]
+    ref = get_backend("torch")
+    ref_h, ref_ws = ref.gru_cell_fwd(*args64, True)
+    assert_tol(h, ref_h, "gru", dtype)
+    assert_tol(ws, ref_ws, "gru", torch.float32 if dtype == torch.float32 else dtype)
+    dh = torch.randn_like(h)
+    grads = torch.ops.pyattn.gru_step_bwd(dh, x[0], h0, w_ih, w_hh, ws, True, True, True)
+    for got, want in zip(grads, ref.gru_cell_bwd(dh.double(), *args64[:4], ref_ws, True, True, True)):
+        assert_tol(got, want, "gru", dtype, kind="bwd")
+
+
+@_needs_cuda_gru
 def test_gru_cuda_workspace_is_the_op_contract():
     """ws = [r | z | n | W_hn h + b_hn] in fp32, equal to the torch backend's (so backends can mix)."""
     x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(torch.bfloat16, seq=1, bsz=5, isz=9, hsz=33)

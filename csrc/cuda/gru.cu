@@ -831,6 +831,162 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
   }
 }
 
+// ---- the one-launch cell step (gru_cell_fwd_kernel) ----
+// A cell step of a small batch (gru_cell_fwd_plan) in one launch, no cuBLAS: block c owns hidden units j0 = c U ..
+// j0 + nu - 1 and takes every batch row, in chunks of CR rows (a multiple of 4): it stages the chunk's rows of x and h
+// in shared memory (fp32, Xs [CR][IP], Hs [CR][HP], zero rows past B and zero columns past I / H), then a work item
+// (unit u, 4 batch rows) is one warp's: lanes split the dot products' length, VEC elements at a time (lane l:
+// elements VEC (l + 32 i)), reading the unit's 3 rows of W_ih and 3 rows of W_hh from global memory (each weight
+// read once a chunk, then from L1) against the 4 staged rows of x and of h; the 24 sums (value 4 g + r: gi_g of row
+// r for g < 3, gh_(g-3) for g >= 3) are reduced by warp_sums (lane l ends with value l), and lane r (< the item's
+// rows) gathers its six and finishes the gates (gru_gates, as gru_gates_fwd_kernel with both biases).
+constexpr int kCellThreads = 256;
+constexpr int kCellRows = 4;  // batch rows per work item
+
+struct CellArgs {
+  GRUCellFwdParams p;
+  int units, chunk_rows;
+  int64_t ip, hp;  // the staged rows' lengths: I and H rounded up to 4
+};
+
+// One staged row piece: VEC elements of row r, column k, of src (row stride `stride`, K valid columns), zeros past K
+// and past nb.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_piece(const T* src, int64_t stride, int64_t K, int nb, int r, int k,
+                                           float (&v)[VEC]) {
+  if (r < nb && k < K) {
+    load_f32<VEC>(src + r * stride + k, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = 0.0f;
+  }
+}
+
+// Xs [rows][ip] and Hs [rows][hp] fp32 = rows 0 .. nb - 1 of x and h, zeros past I / H and past nb, VEC consecutive
+// elements a load (VEC 4: the sizes, strides and pointers allow it, ip == I and hp == H). A thread's kStagePieces
+// pieces are loaded before any is stored, so that their latencies overlap.
+constexpr int kStagePieces = 8;
+
+template <typename T, int VEC>
+__device__ __forceinline__ void stage_cell_rows(float* Xs, float* Hs, const GRUCellFwdParams& p, int ip, int hp,
+                                                int64_t b0, int nb, int rows) {
+  const T* x = static_cast<const T*>(p.x) + b0 * p.x_row_stride;
+  const T* h = static_cast<const T*>(p.h) + b0 * p.h_row_stride;
+  // pieces: x's, then h's (int: the staged rows fit in shared memory)
+  const int xn = ip / VEC, hn = hp / VEC, nx = rows * xn, total = nx + rows * hn, step = int(blockDim.x);
+  for (int e0 = int(threadIdx.x); e0 < total; e0 += kStagePieces * step) {
+    float v[kStagePieces][VEC];
+#pragma unroll
+    for (int q = 0; q < kStagePieces; ++q) {
+      const int e = e0 + q * step;
+      if (e < nx)
+        load_piece<T, VEC>(x, p.x_row_stride, p.I, nb, e / xn, (e % xn) * VEC, v[q]);
+      else if (e < total)
+        load_piece<T, VEC>(h, p.h_row_stride, p.H, nb, (e - nx) / hn, ((e - nx) % hn) * VEC, v[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < kStagePieces; ++q) {
+      const int e = e0 + q * step;
+      if (e >= total) continue;
+      float* dst = e < nx ? Xs + (e / xn) * ip + (e % xn) * VEC : Hs + ((e - nx) / hn) * hp + ((e - nx) % hn) * VEC;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) dst[i] = v[q][i];
+    }
+  }
+}
+
+// acc[OFF + 4 g + r] += W_g . S_r over K elements, for the 3 rows W_g = w + g gstride (global, T) and the 4 rows S_r
+// = S + r kp (shared, fp32). Every lane of the warp calls it; each adds its own elements.
+template <typename T, int VEC, int OFF>
+__device__ __forceinline__ void cell_dots(const T* __restrict__ w, int64_t gstride, const float* S, int64_t kp,
+                                          int64_t K, int lane, float (&acc)[32]) {
+#pragma unroll 2
+  for (int64_t k = int64_t(lane) * VEC; k < K; k += 32 * VEC) {
+    float wv[3][VEC];
+#pragma unroll
+    for (int g = 0; g < 3; ++g) load_f32<VEC>(w + g * gstride + k, wv[g]);
+#pragma unroll
+    for (int r = 0; r < kCellRows; ++r) {
+      float sv[VEC];
+      if constexpr (VEC == 4) {
+        const float4 s4 = *reinterpret_cast<const float4*>(S + r * kp + k);
+        sv[0] = s4.x;
+        sv[1] = s4.y;
+        sv[2] = s4.z;
+        sv[3] = s4.w;
+      } else {
+        sv[0] = S[r * kp + k];
+      }
+#pragma unroll
+      for (int g = 0; g < 3; ++g)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[OFF + 4 * g + r] = fmaf(wv[g][i], sv[i], acc[OFF + 4 * g + r]);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kCellThreads, 1) gru_cell_fwd_kernel(const CellArgs a) {
+  const GRUCellFwdParams& p = a.p;
+  const int64_t B = p.B, I = p.I, H = p.H, IP = a.ip, HP = a.hp;
+  const int64_t j0 = int64_t(blockIdx.x) * a.units;
+  const int nu = int(H - j0 < a.units ? H - j0 : a.units);  // >= 1 (the plan's grid)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  const T* __restrict__ w_ih = static_cast<const T*>(p.w_ih);
+  const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
+  const T* __restrict__ b_ih = static_cast<const T*>(p.b_ih);
+  const T* __restrict__ b_hh = static_cast<const T*>(p.b_hh);
+  T* __restrict__ out = static_cast<T*>(p.out);
+
+  extern __shared__ float4 cell_smem[];
+  float* Xs = reinterpret_cast<float*>(cell_smem);  // [CR][IP]
+  float* Hs = Xs + a.chunk_rows * IP;               // [CR][HP]
+  for (int64_t b0 = 0; b0 < B; b0 += a.chunk_rows) {
+    const int nb = int(B - b0 < a.chunk_rows ? B - b0 : a.chunk_rows);
+    const int rows = (nb + kCellRows - 1) / kCellRows * kCellRows, nsub = rows / kCellRows;
+    __syncthreads();  // (the previous chunk's items are done with Xs and Hs)
+    stage_cell_rows<T, VEC>(Xs, Hs, p, int(IP), int(HP), b0, nb, rows);
+    __syncthreads();
+    for (int item = warp; item < nu * nsub; item += nwarps) {
+      const int u = item / nsub, sb = (item - u * nsub) * kCellRows;  // unit j0 + u, chunk rows sb .. sb + 3
+      const int64_t j = j0 + u;
+      const bool live = lane < kCellRows && sb + lane < nb;  // lane r finishes chunk row sb + r
+      float bi[3] = {0.0f, 0.0f, 0.0f}, bh[3] = {0.0f, 0.0f, 0.0f};
+      if (live) {  // (loaded ahead of the dot products, so that their latency overlaps them)
+#pragma unroll
+        for (int g = 0; g < 3; ++g) {
+          if (b_ih != nullptr) bi[g] = to_f32(b_ih[g * H + j]);
+          if (b_hh != nullptr) bh[g] = to_f32(b_hh[g * H + j]);
+        }
+      }
+      float acc[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+      cell_dots<T, VEC, 0>(w_ih + j * p.w_ih_row_stride, H * p.w_ih_row_stride, Xs + sb * IP, IP, I, lane, acc);
+      cell_dots<T, VEC, 12>(w_hh + j * p.w_hh_row_stride, H * p.w_hh_row_stride, Hs + sb * HP, HP, H, lane, acc);
+      const float sum = warp_sums<32>(acc, lane);
+      const int r = lane % kCellRows;
+      float d[6];  // gi_r, gi_z, gi_n, gh_r, gh_z, gh_n of row r
+#pragma unroll
+      for (int g = 0; g < 6; ++g) d[g] = __shfl_sync(0xffffffffu, sum, 4 * g + r);
+      if (live) {
+        const int64_t b = b0 + sb + r;
+        const float hn = d[5] + bh[2];
+        const Gates gt = gru_gates(d[0] + bi[0], d[1] + bi[1], d[2] + bi[2], d[3] + bh[0], d[4] + bh[1], hn,
+                                   Hs[(sb + r) * HP + j]);
+        out[b * H + j] = from_f32<T>(gt.h);
+        if (p.ws != nullptr) {
+          float* w = p.ws + b * 4 * H + j;
+          w[0] = gt.r;
+          w[H] = gt.z;
+          w[2 * H] = gt.n;
+          w[3 * H] = hn;
+        }
+      }
+    }
+  }
+}
+
 // ---- launchers ----
 
 bool aligned(const void* ptr, int64_t bytes) {
@@ -1043,6 +1199,36 @@ GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64
 
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
+// ---- the one-launch cell step: plan and launch ----
+constexpr int64_t kCellMaxBatch = 32;         // the default batch limit (above it: cuBLAS + the persistent kernel)
+constexpr size_t kCellSmemCap = 96 * 1024;    // the staged rows' shared memory, at most
+
+template <typename T>
+struct CellKernels {
+  static constexpr void (*vec4)(const CellArgs) = gru_cell_fwd_kernel<T, 4>;
+  static constexpr void (*vec1)(const CellArgs) = gru_cell_fwd_kernel<T, 1>;
+};
+
+template <typename T>
+auto cell_kernel_t(int vec) {
+  return vec == 4 ? CellKernels<T>::vec4 : CellKernels<T>::vec1;
+}
+
+auto cell_kernel(DType dtype, int vec) {
+  return dtype == DType::F16 ? cell_kernel_t<__half>(vec)
+                             : dtype == DType::BF16 ? cell_kernel_t<__nv_bfloat16>(vec) : cell_kernel_t<float>(vec);
+}
+
+// 4 elements a load when the sizes, row strides and pointers allow it for x, h and both weights
+int cell_vec(const GRUCellFwdParams& p, int64_t elem) {
+  const bool sizes = p.I % 4 == 0 && p.H % 4 == 0;
+  const bool strides = stride_ok(p.x_row_stride, p.B, 4) && stride_ok(p.h_row_stride, p.B, 4) &&
+                       p.w_ih_row_stride % 4 == 0 && p.w_hh_row_stride % 4 == 0;
+  const bool ptrs = aligned(p.x, 4 * elem) && aligned(p.h, 4 * elem) && aligned(p.w_ih, 4 * elem) &&
+                    aligned(p.w_hh, 4 * elem);
+  return sizes && strides && ptrs ? 4 : 1;
+}
+
 // KernelOf's instance for the dtype over the plan's blocks: a cooperative launch when they meet at a grid barrier
 // (it needs them co-resident), else a plain one (a cell step, a one-block grid, the one-block kernels: the cheaper
 // launch on the host).
@@ -1133,6 +1319,45 @@ cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaSt
   if (plan.one_block) return rec_launch<OneBwdKernel>(p.dtype, p, plan, stream);
   return rec_launch<RecBwdKernel>(p.dtype, RecBwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}},
                                   plan, stream);
+}
+
+GRUCellPlan gru_cell_fwd_plan(const GRUCellFwdParams& p) {
+  GRUCellPlan plan;
+  if (p.B < 1 || p.H < 1 || p.I < 0 || p.num_sms < 1) return plan;
+  const char* env = std::getenv("PYATTN_CUDA_GRU_CELL");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return plan;
+  const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+  if (!forced && p.B > kCellMaxBatch) return plan;
+  const int vec = cell_vec(p, p.dtype == DType::F32 ? 4 : 2);
+  const int64_t ip = round4(p.I), hp = round4(p.H), row_bytes = (ip + hp) * 4;
+  const int64_t cap = int64_t(p.smem_per_block < kCellSmemCap ? p.smem_per_block : kCellSmemCap);
+  int64_t rows = round4(p.B);
+  const int64_t max_rows = cap / row_bytes / kCellRows * kCellRows;
+  if (max_rows < kCellRows) return plan;
+  if (rows > max_rows) rows = max_rows;
+  // a block per SM over the units (weights stream from every SM), as many warps as a chunk has items (at most 8)
+  const int64_t units = (p.H + p.num_sms - 1) / p.num_sms, items = units * (rows / kCellRows);
+  const size_t smem = size_t(rows * row_bytes);
+  if (fit_kernel(cell_kernel(p.dtype, vec), smem) != cudaSuccess) {
+    (void)cudaGetLastError();  // (cleared: the binding takes the sequence path)
+    return plan;
+  }
+  plan.units = int(units);
+  plan.blocks = int((p.H + units - 1) / units);
+  plan.warps = int(items < kCellThreads / 32 ? items : kCellThreads / 32);
+  plan.chunk_rows = int(rows);
+  plan.vec = vec;
+  plan.smem = smem;
+  return plan;
+}
+
+cudaError_t gru_cell_fwd(const GRUCellFwdParams& p, const GRUCellPlan& plan, cudaStream_t stream) {
+  if (plan.blocks < 1) return cudaErrorInvalidValue;
+  const CellArgs a{p, plan.units, plan.chunk_rows, plan.vec == 4 ? p.I : round4(p.I),
+                   plan.vec == 4 ? p.H : round4(p.H)};
+  const auto kernel = cell_kernel(p.dtype, plan.vec);
+  kernel<<<unsigned(plan.blocks), unsigned(32 * plan.warps), plan.smem, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

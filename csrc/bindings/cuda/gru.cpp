@@ -3,7 +3,8 @@
 // CPU bindings (../gru_checks.h), but float32, float16 and bfloat16 are taken (every tensor in the input's dtype, on
 // its device). The GEMMs run through cuBLAS (at::mm / addmm, fp32 outputs: fp16/bf16 operands with fp32
 // accumulation, never rounded to the input dtype), the gate math in the fused kernels of csrc/cuda/gru.cu:
-//   forward:  gi = X W_ih^T for all steps (one GEMM), then every step in one cooperative launch (gru_rec_fwd: the
+//   forward:  one step (a cell, T = 1) of a small batch: one launch (gru_cell_fwd: both projections and the gates);
+//             else gi = X W_ih^T for all steps (one GEMM), then every step in one cooperative launch (gru_rec_fwd: the
 //             blocks keep W_hh's rows in shared memory, gh = h W_hh^T and the gates fused, a grid barrier per step)
 //             when those rows fit, else per step gh = h W_hh^T (one GEMM) + one fused launch (r, z, n, h', ws;
 //             both biases added there);
@@ -96,9 +97,34 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   maybe_nan_fill({&out, &ws});
 
   const int64_t T = s.T, B = s.B, H = s.H;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (T == 1) {  // a cell step (or a one-step layer): one launch for a small batch (gru_cell_fwd_plan)
+    GRUCellFwdParams cp;
+    cp.x = x.data_ptr();
+    cp.h = h0.data_ptr();
+    cp.w_ih = w_ih.data_ptr();
+    cp.w_hh = w_hh.data_ptr();
+    cp.b_ih = pb_ih;
+    cp.b_hh = pb_hh;
+    cp.out = out.data_ptr();
+    cp.ws = needs_grad ? ws.data_ptr<float>() : nullptr;
+    cp.B = B;
+    cp.I = s.I;
+    cp.H = H;
+    cp.x_row_stride = x.stride(1);
+    cp.h_row_stride = h0.stride(0);
+    cp.w_ih_row_stride = w_ih.stride(0);
+    cp.w_hh_row_stride = w_hh.stride(0);
+    cp.dtype = kernel_dtype(tg.dtype);
+    fill_device(cp, x);
+    const cuda::GRUCellPlan cell = cuda::gru_cell_fwd_plan(cp);
+    if (cell.blocks > 0) {
+      C10_CUDA_CHECK(cuda::gru_cell_fwd(cp, cell, stream));
+      return {out, gru::last_state(out, reverse, keep_last), ws};
+    }
+  }
   // Input projection of every step: one GEMM, (T * B, I) x (I, 3H) -> fp32, biases added by the gate kernel.
   Tensor gi = s.I == 0 ? at::zeros({T * B, 3 * H}, f32) : mm_f32(x.reshape({T * B, s.I}), w_ih.t());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   // every step in one cooperative launch when W_hh's rows fit the blocks' shared memory (gru_rec_fwd_plan)
   GRURecFwdParams rp;

@@ -54,6 +54,19 @@ cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaSt
 // and p.dh (dL/dh0); blocks == 0: the binding runs gru_gates_bwd + a GEMM per step.
 GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p);
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
+// The one-launch cell step (GRUCellFwdParams): writes p.out and, if non-null, p.ws. The plan: blocks == 0 when it
+// does not apply (B over 32, a chunk of 4 batch rows of x and h does not fit 96 KB of shared memory, or
+// PYATTN_CUDA_GRU_CELL=0; =1 lifts the batch limit); then the binding runs the sequence path with T = 1.
+struct GRUCellPlan {
+  int blocks = 0;      // grid size; block c takes hidden units [c units, (c + 1) units)
+  int units = 0;       // hidden units per block
+  int warps = 0;       // warps per block
+  int chunk_rows = 0;  // batch rows of x and h staged in shared memory at once (a multiple of 4)
+  int vec = 1;         // elements per load: 4 (sizes, strides and pointers allow it) or 1
+  size_t smem = 0;     // dynamic shared memory per block, bytes
+};
+GRUCellPlan gru_cell_fwd_plan(const GRUCellFwdParams& p);
+cudaError_t gru_cell_fwd(const GRUCellFwdParams& p, const GRUCellPlan& plan, cudaStream_t stream);
 // ---- end GRU ----
 
 // ---- attention (csrc/cuda/attention.cu) ----

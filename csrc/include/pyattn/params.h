@@ -280,6 +280,24 @@ struct GRURecBwdParams {
   int num_sms = 0;
   size_t smem_per_block = 0;
 };
+// One GRU cell step in one launch (csrc/cuda/gru.cu, gru_cell_fwd): x W_ih^T, h W_hh^T and the gates fused, for a
+// small batch (gru_cell_fwd_plan). dtype F32, F16 or BF16 (storage); all math fp32. Strides in elements; every last
+// dim has stride 1.
+struct GRUCellFwdParams {
+  const void* x = nullptr;     // (B, I) dtype, row stride x_row_stride
+  const void* h = nullptr;     // (B, H) dtype, row stride h_row_stride: the state before the step
+  const void* w_ih = nullptr;  // (3H, I) dtype, row stride w_ih_row_stride
+  const void* w_hh = nullptr;  // (3H, H) dtype, row stride w_hh_row_stride
+  const void* b_ih = nullptr;  // (3H,) dtype contiguous; nullptr: no bias
+  const void* b_hh = nullptr;  // (3H,) dtype contiguous; nullptr: no bias
+  void* out = nullptr;         // (B, H) dtype contiguous: h' (must not overlap h)
+  float* ws = nullptr;         // (B, 4H) fp32 contiguous: [r | z | n | hn]; nullptr: not stored
+  int64_t B = 0, I = 0, H = 0;  // B, H >= 1; I >= 0
+  int64_t x_row_stride = 0, h_row_stride = 0, w_ih_row_stride = 0, w_hh_row_stride = 0;
+  DType dtype = DType::F32;
+  int num_sms = 0;            // the device's multiprocessor count
+  size_t smem_per_block = 0;  // the device's opt-in shared memory per block, bytes
+};
 // ---- end GRU ----
 
 }  // namespace pyattn
