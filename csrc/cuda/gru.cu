@@ -126,6 +126,14 @@ __device__ __forceinline__ Gates gru_gates(float xr, float xz, float xn, float h
   return g;
 }
 
+// The workspace entries [r | z | n | hn] of (row, unit) at w = ws + row 4H + unit
+__device__ __forceinline__ void store_ws(float* w, int64_t H, const Gates& g, float hn) {
+  w[0] = g.r;
+  w[H] = g.z;
+  w[2 * H] = g.n;
+  w[3 * H] = hn;
+}
+
 struct GateGrads {
   float dr, dz, dn, dnr, direct;  // dgi = [dr | dz | dn], dgh = [dr | dz | dnr], direct = d z
 };
@@ -540,13 +548,7 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_fwd_kernel(const RecFw
           const Gates g = gru_gates(in.x[0], in.x[1], in.x[2], gh[0] + in.bh[0], gh[1] + in.bh[1], hn,
                                     Hs[(sb + lane) * HP + j]);
           out[row * H + j] = from_f32<T>(g.h);
-          if (p.ws != nullptr) {
-            float* w = p.ws + row * 4 * H + j;
-            w[0] = g.r;
-            w[H] = g.z;
-            w[2 * H] = g.n;
-            w[3 * H] = hn;
-          }
+          if (p.ws != nullptr) store_ws(p.ws + row * 4 * H + j, H, g, hn);
         }
       }
     }
@@ -663,13 +665,7 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const G
         const T h = from_f32<T>(g.h);
         out[row * H + u] = h;
         hs_next[b * HP + u] = to_f32(h);  // (the next step reads the state as stored, like the persistent kernel)
-        if (p.ws != nullptr) {
-          float* w = p.ws + row * 4 * H + u;
-          w[0] = g.r;
-          w[H] = g.z;
-          w[2 * H] = g.n;
-          w[3 * H] = hn;
-        }
+        if (p.ws != nullptr) store_ws(p.ws + row * 4 * H + u, H, g, hn);
       }
     }
     if (step + 1 < nsteps) {
@@ -975,13 +971,7 @@ __global__ void __launch_bounds__(kCellThreads, 1) gru_cell_fwd_kernel(const Cel
         const Gates gt = gru_gates(d[0] + bi[0], d[1] + bi[1], d[2] + bi[2], d[3] + bh[0], d[4] + bh[1], hn,
                                    Hs[(sb + r) * HP + j]);
         out[b * H + j] = from_f32<T>(gt.h);
-        if (p.ws != nullptr) {
-          float* w = p.ws + b * 4 * H + j;
-          w[0] = gt.r;
-          w[H] = gt.z;
-          w[2 * H] = gt.n;
-          w[3 * H] = hn;
-        }
+        if (p.ws != nullptr) store_ws(p.ws + b * 4 * H + j, H, gt, hn);
       }
     }
   }

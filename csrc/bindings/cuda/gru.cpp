@@ -79,6 +79,33 @@ unsigned long long* sync_counter(const cuda::GRURecPlan& plan, const Tensor& lik
   return reinterpret_cast<unsigned long long*>(keep.data_ptr<int64_t>());
 }
 
+// One step (x (1, B, I)) in one launch (gru_cell_fwd) when its plan takes the call; false: nothing was run.
+bool cell_step(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const void* b_ih,
+               const void* b_hh, Tensor& out, Tensor* ws, int64_t I, const gru::Target& tg, cudaStream_t stream) {
+  GRUCellFwdParams p;
+  p.x = x.data_ptr();
+  p.h = h0.data_ptr();
+  p.w_ih = w_ih.data_ptr();
+  p.w_hh = w_hh.data_ptr();
+  p.b_ih = b_ih;
+  p.b_hh = b_hh;
+  p.out = out.data_ptr();
+  p.ws = ws != nullptr ? ws->data_ptr<float>() : nullptr;
+  p.B = h0.size(0);
+  p.I = I;
+  p.H = h0.size(1);
+  p.x_row_stride = x.stride(1);
+  p.h_row_stride = h0.stride(0);
+  p.w_ih_row_stride = w_ih.stride(0);
+  p.w_hh_row_stride = w_hh.stride(0);
+  p.dtype = kernel_dtype(tg.dtype);
+  fill_device(p, x);
+  const cuda::GRUCellPlan plan = cuda::gru_cell_fwd_plan(p);
+  if (plan.blocks < 1) return false;
+  C10_CUDA_CHECK(cuda::gru_cell_fwd(p, plan, stream));
+  return true;
+}
+
 std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                            const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                                            bool reverse, bool needs_grad, bool keep_last = true) {
@@ -98,30 +125,9 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
 
   const int64_t T = s.T, B = s.B, H = s.H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (T == 1) {  // a cell step (or a one-step layer): one launch for a small batch (gru_cell_fwd_plan)
-    GRUCellFwdParams cp;
-    cp.x = x.data_ptr();
-    cp.h = h0.data_ptr();
-    cp.w_ih = w_ih.data_ptr();
-    cp.w_hh = w_hh.data_ptr();
-    cp.b_ih = pb_ih;
-    cp.b_hh = pb_hh;
-    cp.out = out.data_ptr();
-    cp.ws = needs_grad ? ws.data_ptr<float>() : nullptr;
-    cp.B = B;
-    cp.I = s.I;
-    cp.H = H;
-    cp.x_row_stride = x.stride(1);
-    cp.h_row_stride = h0.stride(0);
-    cp.w_ih_row_stride = w_ih.stride(0);
-    cp.w_hh_row_stride = w_hh.stride(0);
-    cp.dtype = kernel_dtype(tg.dtype);
-    fill_device(cp, x);
-    const cuda::GRUCellPlan cell = cuda::gru_cell_fwd_plan(cp);
-    if (cell.blocks > 0) {
-      C10_CUDA_CHECK(cuda::gru_cell_fwd(cp, cell, stream));
-      return {out, gru::last_state(out, reverse, keep_last), ws};
-    }
+  // a cell step (or a one-step layer) of a small batch: one launch
+  if (T == 1 && cell_step(x, h0, w_ih, w_hh, pb_ih, pb_hh, out, needs_grad ? &ws : nullptr, s.I, tg, stream)) {
+    return {out, gru::last_state(out, reverse, keep_last), ws};
   }
   // Input projection of every step: one GEMM, (T * B, I) x (I, 3H) -> fp32, biases added by the gate kernel.
   Tensor gi = s.I == 0 ? at::zeros({T * B, 3 * H}, f32) : mm_f32(x.reshape({T * B, s.I}), w_ih.t());
