@@ -2,13 +2,15 @@
 with each grid the environment variable PYATTN_CUDA_GRU_BLOCKS selects for the persistent forward (csrc/cuda/gru.cu,
 gru_rec_fwd: every step in one cooperative launch; unset ("auto"): gru_rec_fwd_plan's choice; "grid": the same with
 the one-block kernels off (PYATTN_CUDA_GRU_ONE_BLOCK=0); "one": the one-block forward where it fits
-(PYATTN_CUDA_GRU_ONE_BLOCK=1, opt-in); "0": the per-step path, a cuBLAS GEMM and a fused gate launch per step), and
-the Triton backend. Inference (no autograd), one layer, fp32 and bf16, PERF.md's GRU shapes and a few more. Then a
-training step (forward + backward, dx and the weights' gradients) of cuDNN against "auto" (the one-block backward
-where B H <= 512), "grid" and "one": the one-block backward's own measurement. Each pyattn row is first checked against
-cuDNN's output (max abs error, printed; off by more than 2e-3 (fp32) / 6e-2 (bf16) is marked WRONG and the exit
-status is 1; training rows: dx's error over max |dx|, 1e-3 / 5e-2). Time per sequence and per step, median of
-CUDA-event timings (benchmarks/harness.measure), and the speedup over cuDNN.
+(PYATTN_CUDA_GRU_ONE_BLOCK=1, opt-in); "cluster": the one-block forward on a thread-block cluster of 8 blocks where
+it fits (PYATTN_CUDA_GRU_CLUSTER=1, opt-in, sm_90+; elsewhere the row is the default plan's); "0": the per-step path,
+a cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
+bf16, PERF.md's GRU shapes and a few more. Then a training step (forward + backward, dx and the weights' gradients)
+of cuDNN against "auto" (the one-block backward where B H <= 512), "grid" and "one": the one-block backward's own
+measurement. Each pyattn row is first checked against cuDNN's output (max abs error, printed; off by more than 2e-3
+(fp32) / 6e-2 (bf16) is marked WRONG and the exit status is 1; training rows: dx's error over max |dx|, 1e-3 / 5e-2).
+Time per sequence and per step, median of CUDA-event timings (benchmarks/harness.measure), and the speedup over
+cuDNN.
 
     python scripts/gru_fwd_grids.py [--json out.json] [--blocks 0 1 8 32 ...] [--no-train]
 """
@@ -32,7 +34,8 @@ SHAPES = [(1, 200, 64, 128), (32, 100, 256, 256), (1, 200, 256, 512), (64, 50, 1
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
-    ap.add_argument("--blocks", nargs="*", default=["auto", "grid", "one", "0", "1", "4", "16", "64", "132"])
+    ap.add_argument("--blocks", nargs="*",
+                    default=["auto", "grid", "one", "cluster", "0", "1", "4", "16", "64", "132"])
     ap.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     args = ap.parse_args()
     rows, bad = [], 0
@@ -57,6 +60,8 @@ def main() -> int:
                     os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
                     if blocks in ("grid", "one"):
                         os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "0" if blocks == "grid" else "1"
+                    elif blocks == "cluster":
+                        os.environ["PYATTN_CUDA_GRU_CLUSTER"] = "1"
                     elif blocks is not None:
                         os.environ["PYATTN_CUDA_GRU_BLOCKS"] = blocks
 
@@ -72,8 +77,8 @@ def main() -> int:
                         report(rows, (B, T, I, H), dtype, name, refused=e)
                         continue
                     finally:
-                        os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
-                        os.environ.pop("PYATTN_CUDA_GRU_ONE_BLOCK", None)
+                        for var in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK", "PYATTN_CUDA_GRU_CLUSTER"):
+                            os.environ.pop(var, None)
                     base = t if base is None else base
                     tol = 2e-3 if dtype == torch.float32 else 6e-2  # (16-bit: the state is rounded every step)
                     wrong = name != "torch:nn.GRU" and not err <= tol

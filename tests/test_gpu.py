@@ -910,17 +910,21 @@ def test_gru_cuda_opcheck(dtype, bias):
 
 @_needs_cuda_gru
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("seq,bsz,hsz", [(300, 1, 128), (50, 32, 256), (7, 40, 1024), (3, 5, 2047), (1, 3, 70)])
-@pytest.mark.parametrize("blocks", ["0", "2", "7", "auto", "one"])
+@pytest.mark.parametrize("seq,bsz,hsz", [(300, 1, 128), (50, 32, 256), (7, 40, 1024), (3, 5, 2047), (1, 3, 70),
+                                         (20, 4, 61)])
+@pytest.mark.parametrize("blocks", ["0", "2", "7", "auto", "one", "cluster"])
 def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
     """The persistent kernels (gru_rec_fwd / gru_rec_bwd: every step in one cooperative launch, a grid barrier per
     step) at every grid size PYATTN_CUDA_GRU_BLOCKS asks for (0: the per-step path; more blocks than shared memory
     needs: barriers between them; 40 rows at H 1024: the batch staged in chunks; H 2047: odd, padded rows) against
     the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last. "auto":
     the plans' choice (the one-block backward where B H <= 512); "one": PYATTN_CUDA_GRU_ONE_BLOCK=1, the one-block
-    forward too (opt-in: measured slower than the grid's)."""
+    forward too (opt-in: measured slower than the grid's); "cluster": PYATTN_CUDA_GRU_CLUSTER=1, the one-block forward
+    on a cluster of 8 blocks where it applies (sm_90+, B ceil(H / 8) <= 512: H 128 and 61 here)."""
     if blocks == "one":
         monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "1")
+    elif blocks == "cluster":
+        monkeypatch.setenv("PYATTN_CUDA_GRU_CLUSTER", "1")
     elif blocks != "auto":
         monkeypatch.setenv("PYATTN_CUDA_GRU_BLOCKS", blocks)
     x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq=seq, bsz=bsz, isz=16, hsz=hsz)
@@ -966,6 +970,33 @@ def test_gru_cuda_cell_step_both_paths(monkeypatch, setting, dtype, bsz, isz, hs
     grads = torch.ops.pyattn.gru_step_bwd(dh, x[0], h0, w_ih, w_hh, ws, True, True, True)
     for got, want in zip(grads, ref.gru_cell_bwd(dh.double(), *args64[:4], ref_ws, True, True, True)):
         assert_tol(got, want, "gru", dtype, kind="bwd")
+
+
+@_needs_cuda_gru
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="thread-block clusters need sm_90 or newer")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bsz,hsz", [(1, 128), (3, 61), (4, 200)])
+def test_gru_cuda_cluster_forward_gives_the_grid_bits(monkeypatch, dtype, bsz, hsz):
+    """The cluster forward (PYATTN_CUDA_GRU_CLUSTER=1: the one-block forward on 8 blocks of a thread-block cluster,
+    new h values written into every block's shared memory, a cluster barrier a step) runs (its kernel, ", 8>", in the
+    profile) and gives the persistent grid's bits (the same dot-product order): distributed shared memory and the
+    barrier's ordering on hardware, where the emulator has no memory model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq=40, bsz=bsz, isz=16, hsz=hsz)
+    ops = torch.ops.pyattn
+    for reverse in (False, True):
+        monkeypatch.setenv("PYATTN_CUDA_GRU_CLUSTER", "1")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "gru_rec_fwd_one_kernel" in e.name]
+        assert names and all(", 8>" in n for n in names), names
+        monkeypatch.delenv("PYATTN_CUDA_GRU_CLUSTER")
+        want = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        for name, a, b in zip(("out", "h_last", "ws"), got, want):
+            assert torch.equal(a, b), f"{name}: the cluster forward and the grid's differ"
 
 
 @_needs_cuda_gru

@@ -574,56 +574,134 @@ constexpr int kOneItemsPerPass = kOneThreads / 8;
 constexpr int kOnePre = 4;                                     // prefetch registers a thread: B 3H <= 4 kOneThreads
 constexpr int64_t kOneMaxItems = 512;                          // B H: up to 8 passes a step
 
-template <typename T>
+// ---- thread-block clusters (sm_90): the one-block forward on a cluster of C blocks ----
+// Block c of the cluster owns hidden units [c U, c U + nu) (U = ceil(H / C)) and keeps only their W_hh rows, input
+// projection and biases; every block keeps all of h. A block writes each new h value into its own buffer and into
+// the same place of the other blocks' buffers (distributed shared memory: mapa + st.shared::cluster), and a step ends
+// with the cluster barrier (barrier.cluster arrive.release / wait.acquire: the remote writes are visible after it)
+// instead of __syncthreads. The emulator runs a one-cluster grid as a cooperative launch (block_smem, grid_sync).
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(PYATTN_CUDA_EMU)
+  return blockIdx.x;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 0;  // (never launched with a cluster below sm_90)
+#endif
+}
+
+// Every thread of every block of the cluster; orders the blocks' shared-memory writes (local and remote) before it
+// against their reads after it.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(PYATTN_CUDA_EMU)
+  ::pyattn_emu::grid_sync(__FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// *local's counterpart in block `rank` of the cluster = v (local: this block's dynamic shared memory)
+__device__ __forceinline__ void store_cluster(float* local, unsigned rank, float v) {
+#if defined(PYATTN_CUDA_EMU)
+  extern __shared__ float4 rec_smem[];
+  const ptrdiff_t off = reinterpret_cast<unsigned char*>(local) - reinterpret_cast<unsigned char*>(rec_smem);
+  *reinterpret_cast<float*>(::pyattn_emu::block_smem(rank, __FILE__, __LINE__) + off) = v;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(local));
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+#else
+  (void)local;
+  (void)rank;
+  (void)v;
+  __trap();
+#endif
+}
+
+// C: the blocks of the cluster (1: one block, no cluster instructions).
+template <typename T, int C>
 __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const GRURecFwdParams p) {
-  const int64_t nsteps = p.T, B = p.B, H = p.H, H3 = 3 * H, HP = (H + 3) / 4 * 4, nk4 = HP / 4, BH3 = B * H3;
+  const int64_t nsteps = p.T, B = p.B, H = p.H, HP = (H + 3) / 4 * 4, nk4 = HP / 4;
+  const int64_t U = (H + C - 1) / C, j0 = int64_t(C == 1 ? 0 : cluster_rank()) * U;
+  const int64_t nu = H - j0 < U ? H - j0 : U;  // >= 1 (the plan: (C - 1) U < H)
+  const int64_t G3 = 3 * nu, BG3 = B * G3;     // the block's input projection: B rows of 3 nu
   const int lane = threadIdx.x % 32, l8 = lane % 8, slot = threadIdx.x / 8;  // slot: the item within a pass
   const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
   const T* __restrict__ h0 = static_cast<const T*>(p.h0);
   T* out = static_cast<T*>(p.out);
 
   extern __shared__ float4 rec_smem[];
-  float* Ws = reinterpret_cast<float*>(rec_smem);  // [3 H][HP], row 3 u + g = W_hh row g H + u
-  float* Hs = Ws + H3 * HP;                        // [2][B][HP]
-  float* Gs = Hs + 2 * B * HP;                     // [2][B][3H]: the step's input projection (no bias)
-  float* Bi = Gs + 2 * BH3;                        // [3H] b_ih (0 where absent)
-  float* Bh = Bi + H3;                             // [3H] b_hh
-  for (int64_t e = threadIdx.x; e < H3 * HP; e += blockDim.x) {
+  // Hs [2][B][HP]: all of h; Ws [3 nu][HP], row 3 u + g = W_hh row g H + j0 + u. In a cluster Hs comes first: the
+  // other blocks write into it, at the same offset in every block only if nothing nu long precedes it. (One block
+  // keeps W_hh first: the other order took ptxas past the 128 registers of 512 threads, into spills.)
+  float* const base = reinterpret_cast<float*>(rec_smem);
+  float* Hs = C == 1 ? base + G3 * HP : base;
+  float* Ws = C == 1 ? base : base + 2 * B * HP;
+  float* Gs = (C == 1 ? Hs : Ws) + (C == 1 ? 2 * B * HP : G3 * HP);  // [2][B][3 nu]: input projection, g nu + u
+  float* Bi = Gs + 2 * BG3;                        // [3 nu] b_ih (0 where absent), g nu + u
+  float* Bh = Bi + G3;                             // [3 nu] b_hh
+  // element e of the block's input projection (row b, gate g, unit u) within a step's B x 3H; 32-bit: e < B 3 nu <=
+  // kOnePre kOneThreads and B 3H <= C of that
+  auto gi_offset = [&](int64_t e) {
+    if constexpr (C == 1) return int(e);  // (all units: contiguous)
+    const int g3 = int(G3), n = int(nu), b = int(e) / g3, r = int(e) - b * g3, g = r / n, u = r - g * n;
+    return b * 3 * int(H) + g * int(H) + int(j0) + u;
+  };
+  int pre_off[kOnePre];  // the offsets of this thread's elements of the next step's input projection (-1: none)
+#pragma unroll
+  for (int i = 0; i < kOnePre; ++i) {
+    const int64_t e = threadIdx.x + int64_t(i) * kOneThreads;
+    pre_off[i] = e < BG3 ? gi_offset(e) : -1;
+  }
+  for (int64_t e = threadIdx.x; e < G3 * HP; e += blockDim.x) {
     const int64_t row = e / HP, k = e - row * HP, u = row / 3, g = row - 3 * u;
-    Ws[e] = k < H ? to_f32(w_hh[(g * H + u) * p.w_hh_row_stride + k]) : 0.0f;
+    Ws[e] = k < H ? to_f32(w_hh[(g * H + j0 + u) * p.w_hh_row_stride + k]) : 0.0f;
   }
   for (int64_t e = threadIdx.x; e < 2 * B * HP; e += blockDim.x) {  // h0 into buffer 0; zero padding in both
     const int64_t r = e / HP, k = e - r * HP;
     Hs[e] = r < B && k < H ? to_f32(h0[r * p.h0_row_stride + k]) : 0.0f;
   }
   const int64_t t0 = p.reverse ? nsteps - 1 : 0;
-  for (int64_t e = threadIdx.x; e < BH3; e += blockDim.x) Gs[e] = p.gi[t0 * BH3 + e];
-  for (int64_t e = threadIdx.x; e < H3; e += blockDim.x) {
-    Bi[e] = p.b_ih != nullptr ? to_f32(static_cast<const T*>(p.b_ih)[e]) : 0.0f;
-    Bh[e] = p.b_hh != nullptr ? to_f32(static_cast<const T*>(p.b_hh)[e]) : 0.0f;
+  for (int64_t e = threadIdx.x; e < BG3; e += blockDim.x) Gs[e] = p.gi[t0 * B * 3 * H + gi_offset(e)];
+  for (int64_t e = threadIdx.x; e < G3; e += blockDim.x) {
+    const int64_t g = e / nu, j = g * H + j0 + (e - g * nu);
+    Bi[e] = p.b_ih != nullptr ? to_f32(static_cast<const T*>(p.b_ih)[j]) : 0.0f;
+    Bh[e] = p.b_hh != nullptr ? to_f32(static_cast<const T*>(p.b_hh)[j]) : 0.0f;
   }
-  __syncthreads();
+  if constexpr (C == 1)
+    __syncthreads();
+  else
+    cluster_barrier();  // (also: every block of the cluster runs before any writes into its shared memory)
 
   for (int64_t step = 0; step < nsteps; ++step) {
     const int64_t t = p.reverse ? nsteps - 1 - step : step;
     const int cur = int(step & 1);
     const float* hs = Hs + cur * B * HP;
     float* hs_next = Hs + (cur ^ 1) * B * HP;
-    const float* gs = Gs + cur * BH3;
+    const float* gs = Gs + cur * BG3;
     float pre[kOnePre];  // the next step's input projection, in flight while this step computes
     if (step + 1 < nsteps) {
-      const float* src = p.gi + (p.reverse ? t - 1 : t + 1) * BH3;
+      const float* src = p.gi + (p.reverse ? t - 1 : t + 1) * B * 3 * H;
 #pragma unroll
       for (int i = 0; i < kOnePre; ++i) {
-        const int64_t e = threadIdx.x + int64_t(i) * kOneThreads;
-        pre[i] = e < BH3 ? src[e] : 0.0f;
+        int off = pre_off[i];
+        if constexpr (C == 1) {  // (recomputed: 4 registers fewer, which the one-block kernel needs)
+          const int64_t e = threadIdx.x + int64_t(i) * kOneThreads;
+          off = e < BG3 ? int(e) : -1;
+        }
+        pre[i] = off >= 0 ? src[off] : 0.0f;
       }
     }
-    // passes over the items, warp-uniform (the shuffles need every lane); items past B H compute for nothing
-    for (int64_t base = 0; base < B * H; base += kOneItemsPerPass) {
+    // passes over the items, warp-uniform (the shuffles need every lane); items past B nu compute for nothing
+    for (int64_t base = 0; base < B * nu; base += kOneItemsPerPass) {
       const int64_t item = base + slot;
-      const bool live = item < B * H;
-      const int64_t b = live ? item / H : 0, u = live ? item - b * H : 0;
+      const bool live = item < B * nu;
+      const int64_t b = live ? item / nu : 0, u = live ? item - b * nu : 0;
       const float4* w4 = reinterpret_cast<const float4*>(Ws + 3 * u * HP);
       const float4* h4 = reinterpret_cast<const float4*>(hs + b * HP);
       float acc[3][4];
@@ -657,26 +735,37 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const G
         gh[g] = sum;
       }
       if (live && l8 == 0) {
-        const int64_t row = t * B + b;
-        const float* gi = gs + b * H3 + u;
-        const float hn = gh[2] + Bh[2 * H + u];
-        const Gates g = gru_gates(gi[0] + Bi[u], gi[H] + Bi[H + u], gi[2 * H] + Bi[2 * H + u], gh[0] + Bh[u],
-                                  gh[1] + Bh[H + u], hn, hs[b * HP + u]);
+        const int64_t row = t * B + b, j = j0 + u;
+        const float* gi = gs + b * G3 + u;
+        const float hn = gh[2] + Bh[2 * nu + u];
+        const Gates g = gru_gates(gi[0] + Bi[u], gi[nu] + Bi[nu + u], gi[2 * nu] + Bi[2 * nu + u], gh[0] + Bh[u],
+                                  gh[1] + Bh[nu + u], hn, hs[b * HP + j]);
         const T h = from_f32<T>(g.h);
-        out[row * H + u] = h;
-        hs_next[b * HP + u] = to_f32(h);  // (the next step reads the state as stored, like the persistent kernel)
-        if (p.ws != nullptr) store_ws(p.ws + row * 4 * H + u, H, g, hn);
+        out[row * H + j] = h;
+        // (the next step reads the state as stored, like the persistent kernel)
+        hs_next[b * HP + j] = to_f32(h);
+        if constexpr (C > 1) {
+          const unsigned self = cluster_rank();
+#pragma unroll 1
+          for (unsigned r = 0; r < unsigned(C); ++r)
+            if (r != self) store_cluster(hs_next + b * HP + j, r, to_f32(h));
+        }
+        if (p.ws != nullptr) store_ws(p.ws + row * 4 * H + j, H, g, hn);
       }
     }
     if (step + 1 < nsteps) {
-      float* gs_next = Gs + (cur ^ 1) * BH3;
+      float* gs_next = Gs + (cur ^ 1) * BG3;
 #pragma unroll
       for (int i = 0; i < kOnePre; ++i) {
         const int64_t e = threadIdx.x + int64_t(i) * kOneThreads;
-        if (e < BH3) gs_next[e] = pre[i];
+        if (e < BG3) gs_next[e] = pre[i];
       }
     }
-    __syncthreads();  // h and the input projection of the next step are in place; this step's are free
+    // h and the input projection of the next step are in place (in every block of the cluster); this step's are free
+    if constexpr (C == 1)
+      __syncthreads();
+    else
+      cluster_barrier();
   }
 }
 
@@ -1093,7 +1182,12 @@ struct RecBwdKernel {
 };
 template <typename T>
 struct OneFwdKernel {
-  static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T>;
+  static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T, 1>;
+};
+constexpr int kClusterBlocks = 8;  // the portable maximum cluster size
+template <typename T>
+struct ClusterFwdKernel {
+  static constexpr void (*fn)(const GRURecFwdParams) = gru_rec_fwd_one_kernel<T, kClusterBlocks>;
 };
 template <typename T>
 struct OneBwdKernel {
@@ -1189,6 +1283,24 @@ GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64
 
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
+// The cluster forward (gru_rec_fwd_one_kernel<T, kClusterBlocks>): opt-in (PYATTN_CUDA_GRU_CLUSTER=1, unmeasured),
+// sm_90 and newer, T >= 2, no forced grid, every block of the cluster with at least one unit, and a block's items,
+// input projection and shared memory within the one-block kernel's limits; else blocks 0.
+GRURecPlan cluster_plan(const GRURecFwdParams& p) {
+  GRURecPlan plan;
+  const char* env = std::getenv("PYATTN_CUDA_GRU_CLUSTER");
+  if (env == nullptr || std::strcmp(env, "1") != 0 || std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return plan;
+  const int64_t C = kClusterBlocks, U = (p.H + C - 1) / C, hp = round4(p.H);
+  if (p.T < 2 || p.cc_major < 9 || (C - 1) * U >= p.H) return plan;
+  if (p.B * U > kOneMaxItems || p.B * 3 * U > int64_t(kOnePre) * kOneThreads) return plan;
+  const size_t smem = size_t(3 * U * hp + 2 * p.B * hp + 2 * p.B * 3 * U + 6 * U) * 4;
+  plan = one_block_plan<ClusterFwdKernel>(p.dtype, smem, p.smem_per_block, U, p.B);
+  if (!plan.one_block) return plan;
+  plan.blocks = int(C);
+  plan.cluster = int(C);
+  return plan;
+}
+
 // ---- the one-launch cell step: plan and launch ----
 constexpr int64_t kCellMaxBatch = 32;         // the default batch limit (above it: cuBLAS + the persistent kernel)
 constexpr size_t kCellSmemCap = 96 * 1024;    // the staged rows' shared memory, at most
@@ -1225,6 +1337,29 @@ int cell_vec(const GRUCellFwdParams& p, int64_t elem) {
 template <template <typename> class KernelOf, class Args>
 cudaError_t rec_launch(DType dtype, const Args& a, const GRURecPlan& plan, cudaStream_t stream) {
   const auto kernel = rec_kernel<KernelOf>(dtype);
+  if (plan.cluster > 1) {  // one cluster of plan.cluster blocks
+#ifdef PYATTN_CUDA_EMU       // (the emulator's stand-in for a cluster: a cooperative launch, its blocks alive at once)
+    void* args[] = {const_cast<Args*>(&a)};
+    const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(unsigned(plan.blocks)), dim3(kOneThreads), args,
+                                                        plan.smem, stream);
+#else
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(plan.cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(plan.blocks));
+    cfg.blockDim = dim3(kOneThreads);
+    cfg.dynamicSmemBytes = plan.smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a);
+#endif
+    const cudaError_t last = cudaGetLastError();
+    return err != cudaSuccess ? err : last;
+  }
   if (!plan.needs_sync) {
     kernel<<<unsigned(plan.blocks), plan.one_block ? kOneThreads : kRecThreads, plan.smem, stream>>>(a);
     return cudaGetLastError();
@@ -1274,6 +1409,8 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
   if (p.T < 1) return GRURecPlan();
   const int64_t hp = round4(p.H);
+  const GRURecPlan cluster = cluster_plan(p);
+  if (cluster.cluster > 1) return cluster;
   // the one-block forward: B 3H within its prefetch registers, W_hh + two buffers of h and of the input projection
   // + both biases in shared memory
   if (one_block_allowed(p.T, p.B * p.H, kOneMaxItems, false) && p.B * 3 * p.H <= int64_t(kOnePre) * kOneThreads) {
@@ -1288,6 +1425,7 @@ GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
 
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
+  if (plan.cluster > 1) return rec_launch<ClusterFwdKernel>(p.dtype, p, plan, stream);
   if (plan.one_block) return rec_launch<OneFwdKernel>(p.dtype, p, plan, stream);
   return rec_launch<RecFwdKernel>(p.dtype, RecFwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(p.H)}}, plan,
                                   stream);

@@ -114,6 +114,7 @@ namespace {
 void complete_if_done(const uint64_t* bar, Mbarrier& m);  // (mbarriers and bulk copies, below)
 void land_copies(Mbarrier& m);
 thread_local Block* g_block = nullptr;
+thread_local std::vector<Block>* g_grid_blocks = nullptr;  // the running cooperative launch's blocks (block_smem)
 thread_local Thread* g_thread = nullptr;
 thread_local cudaError_t g_last_error = cudaSuccess;
 thread_local std::string g_last_message;
@@ -377,6 +378,13 @@ void grid_sync(const char* file, int line) {
   g_thread->bar_file = file;
   g_thread->bar_line = line;
   yield(State::AtGrid);
+}
+
+unsigned char* block_smem(unsigned rank, const char* file, int line) {
+  if (g_block == nullptr || !g_block->cooperative || g_grid_blocks == nullptr)
+    fail("distributed shared memory outside a cooperative launch (the emulator's stand-in for a cluster)", file, line);
+  if (rank >= g_grid_blocks->size()) fail("distributed shared memory of a block past the grid", file, line);
+  return (*g_grid_blocks)[rank].smem;
 }
 
 void check_launch_bounds(long long max_threads, const char* file, int line) {
@@ -991,6 +999,8 @@ cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t sm
   std::mt19937 rng;
   const int mode = begin_launch(grid, smem, rng);
   Block* const outer = g_block;
+  std::vector<Block>* const outer_grid = g_grid_blocks;
+  g_grid_blocks = &blocks;
   std::string error;
   std::vector<Step> state(nblocks, Step::Ran);
   std::vector<size_t> runnable;  // random order: the blocks that may still run before the next release
@@ -1051,6 +1061,7 @@ cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t sm
     }
   }
   g_block = outer;
+  g_grid_blocks = outer_grid;
   if (!error.empty()) return refuse(cudaErrorLaunchFailure, "kernel failed in the emulator: " + error);
   return cudaSuccess;
 }

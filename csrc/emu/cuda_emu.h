@@ -158,6 +158,11 @@ cudaError_t run_cooperative(const void* kernel, dim3 grid, dim3 block, size_t sm
 // grid has exited or waits elsewhere: deadlock). No memory model: every write is visible to every later read.
 void grid_sync(const char* file, int line);
 
+// Distributed shared memory of a thread-block cluster (mapa / st.shared::cluster): the dynamic shared memory of block
+// `rank` (linear index) of the running cooperative launch, which stands in for a launch of one cluster (its blocks
+// alive at once, grid_sync as the cluster barrier). An error outside a cooperative launch or for a rank past the grid.
+unsigned char* block_smem(unsigned rank, const char* file, int line);
+
 [[noreturn]] void fail(const char* what, const char* file, int line);  // aborts the running launch
 void syncthreads(const char* file, int line);
 unsigned char* dynamic_smem();

@@ -23,6 +23,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../gru_checks.h"
 #include "../cuda_device.h"
@@ -69,6 +70,7 @@ void fill_device(P& p, const Tensor& x) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
   p.num_sms = prop->multiProcessorCount;
   p.smem_per_block = prop->sharedMemPerBlockOptin;
+  if constexpr (std::is_same_v<P, GRURecFwdParams>) p.cc_major = prop->major;
 }
 
 // The grid barrier's zeroed counter when the plan needs one (kept alive by `keep` until the launch is enqueued; the

@@ -47,6 +47,8 @@ struct GRURecPlan {
   size_t smem = 0;     // dynamic shared memory per block, bytes
   bool needs_sync = false;
   bool one_block = false;  // forward: the one-block kernel (blocks 1, everything in shared memory), not the grid's
+  int cluster = 0;  // forward: > 1: the one-block kernel on a thread-block cluster of this many blocks (sm_90+;
+                    // opt-in, PYATTN_CUDA_GRU_CLUSTER=1), each with its share of the units
 };
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p);
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream);

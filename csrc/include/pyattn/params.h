@@ -257,6 +257,7 @@ struct GRURecFwdParams {
   DType dtype = DType::F32;
   int num_sms = 0;            // the device's multiprocessor count
   size_t smem_per_block = 0;  // the device's opt-in shared memory per block, bytes
+  int cc_major = 0;           // the device's compute capability, major (thread-block clusters: 9 and newer)
 };
 // The persistent backward (gru_rec_bwd): every step's gate gradients and dh = dh z + dgh W_hh in one cooperative
 // launch; block c owns the same hidden units as in the forward and keeps W_hh's columns j0 .. j0 + nu - 1 in shared
