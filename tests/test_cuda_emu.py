@@ -1028,7 +1028,8 @@ def test_gru_cluster_forward(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias
     step. The emulator runs the cluster as a cooperative launch of 8 blocks (block_smem, grid_sync), its blocks in
     every scheduling order: one launch with the plan's shared memory, the one-block kernel's and the persistent grid's
     bits (the same dot-product order) forward and reverse, within tolerance of the float64 oracle. Refused when a
-    block would have no unit (H = 49: 7 ceil(49 / 8) = 49) and for one step (the cell kernel's)."""
+    block would have no unit (H = 49: 7 ceil(49 / 8) = 49) and for one step (the cell kernel's); a refused cluster
+    launch falls back to the grid."""
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
@@ -1065,6 +1066,13 @@ def test_gru_cluster_forward(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias
         assert_tol(got[2], r_ws, "gru", torch.float32 if dtype == torch.float32 else dtype)
     _, c = run(False, xs=x[:1], PYATTN_CUDA_GRU_CLUSTER="1")
     assert c[grid] != 8, list(c)  # (one step)
+    # a cluster launch the device refuses (the emulator: 8 cooperative blocks over PYATTN_EMU_COOP_LIMIT) falls back
+    # to the plan without the cluster (the grid's 4 blocks): its bits, no error left behind
+    monkeypatch.setenv("PYATTN_EMU_COOP_LIMIT", "4")
+    fallback, c = run(False, PYATTN_CUDA_GRU_CLUSTER="1")
+    assert c[grid] == 4, list(c)
+    assert all(torch.equal(a, b) for a, b in zip(fallback, run(False, PYATTN_CUDA_GRU_ONE_BLOCK="0")[0]))
+    monkeypatch.delenv("PYATTN_EMU_COOP_LIMIT")
     w49 = _gru_params(isz, 49, dtype, seed=1)
     ops.emu_reset_counters()
     ops.gru_seq_fwd(x, h0[:, :1].expand(bsz, 49).contiguous(), *w49, False, False)

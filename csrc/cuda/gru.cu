@@ -1406,10 +1406,10 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 }
 
 
-GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p) {
+GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p, bool allow_cluster) {
   if (p.T < 1) return GRURecPlan();
   const int64_t hp = round4(p.H);
-  const GRURecPlan cluster = cluster_plan(p);
+  const GRURecPlan cluster = allow_cluster ? cluster_plan(p) : GRURecPlan();
   if (cluster.cluster > 1) return cluster;
   // the one-block forward: B 3H within its prefetch registers, W_hh + two buffers of h and of the input projection
   // + both biases in shared memory

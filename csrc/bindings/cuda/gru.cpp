@@ -151,16 +151,18 @@ std::tuple<Tensor, Tensor, Tensor> seq_fwd(const char* op, Tensor x, Tensor h0, 
   rp.reverse = reverse;
   rp.dtype = kernel_dtype(tg.dtype);
   fill_device(rp, x);
-  const cuda::GRURecPlan plan = cuda::gru_rec_fwd_plan(rp);
-  if (plan.blocks > 0) {
+  for (const bool allow_cluster : {true, false}) {
+    const cuda::GRURecPlan plan = cuda::gru_rec_fwd_plan(rp, allow_cluster);
+    if (plan.blocks < 1) break;
     Tensor count;
     rp.sync = sync_counter(plan, x, count);
     const cudaError_t err = cuda::gru_rec_fwd(rp, plan, stream);
+    if (plan.cluster > 1 && err != cudaSuccess) continue;  // (no room for the cluster now: the plan without it)
     if (err != cudaErrorCooperativeLaunchTooLarge) {
       C10_CUDA_CHECK(err);
       return {out, gru::last_state(out, reverse, keep_last), ws};
     }
-    // (fewer blocks fit at once than the occupancy query said, e.g. an MPS client's share: the per-step path)
+    break;  // (fewer blocks fit at once than the occupancy query said, e.g. an MPS client's share: the per-step path)
   }
 
   // else one GEMM and one fused launch per step

@@ -50,7 +50,8 @@ struct GRURecPlan {
   int cluster = 0;  // forward: > 1: the one-block kernel on a thread-block cluster of this many blocks (sm_90+;
                     // opt-in, PYATTN_CUDA_GRU_CLUSTER=1), each with its share of the units
 };
-GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p);
+// allow_cluster false: never the cluster kernel (the binding's retry when a cluster launch was refused).
+GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p, bool allow_cluster = true);
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
 // The persistent backward (GRURecBwdParams), planned the same way (PYATTN_CUDA_GRU_BLOCKS too): writes p.dgi, p.dgh
 // and p.dh (dL/dh0); blocks == 0: the binding runs gru_gates_bwd + a GEMM per step.
