@@ -275,13 +275,15 @@ def _memcheck_workload() -> None:
             w = [tight(3 * h, i), tight(3 * h, h), tight(3 * h), tight(3 * h)]
             h1, ws1 = ops.gru_step_fwd(x, h0, *w, True)
             ops.gru_step_bwd(h1, x, h0, w[0], w[1], ws1, True, True, True)
-    # the cluster forward (8 blocks writing into each other's shared memory), a last block with fewer units
+    # the cluster kernels (8 blocks writing into each other's shared memory), a last block with fewer units
     os.environ["PYATTN_CUDA_GRU_CLUSTER"] = "1"
     for dtype in (torch.float32, torch.bfloat16):
         for t, bsz, i, h in ((3, 2, 5, 61), (2, 1, 3, 128)):
             x, h0 = torch.randn(t, bsz, i, dtype=dtype), torch.randn(bsz, h, dtype=dtype)
-            w = [torch.randn(3 * h, i), torch.randn(3 * h, h), torch.randn(3 * h), torch.randn(3 * h)]
-            ops.gru_seq_fwd(x, h0, *(p.to(dtype) for p in w), False, True)
+            w = [p.to(dtype) for p in (torch.randn(3 * h, i), torch.randn(3 * h, h), torch.randn(3 * h),
+                                       torch.randn(3 * h))]
+            out, hl, ws = ops.gru_seq_fwd(x, h0, *w, False, True)
+            ops.gru_seq_bwd(out, hl, x, h0, w[0], w[1], out, ws, True, True, False, True)
     os.environ.pop("PYATTN_CUDA_GRU_CLUSTER")
 
 

@@ -6,11 +6,11 @@ the one-block kernels off (PYATTN_CUDA_GRU_ONE_BLOCK=0); "one": the one-block fo
 it fits (PYATTN_CUDA_GRU_CLUSTER=1, opt-in, sm_90+; elsewhere the row is the default plan's); "0": the per-step path,
 a cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
 bf16, PERF.md's GRU shapes and a few more. Then a training step (forward + backward, dx and the weights' gradients)
-of cuDNN against "auto" (the one-block backward where B H <= 512), "grid" and "one": the one-block backward's own
-measurement. Each pyattn row is first checked against cuDNN's output (max abs error, printed; off by more than 2e-3
-(fp32) / 6e-2 (bf16) is marked WRONG and the exit status is 1; training rows: dx's error over max |dx|, 1e-3 / 5e-2).
-Time per sequence and per step, median of CUDA-event timings (benchmarks/harness.measure), and the speedup over
-cuDNN.
+of cuDNN against "auto" (the one-block backward where B H <= 512), "grid", "one" and "cluster": the one-block and
+cluster backwards' own measurement. Each pyattn row is first checked against cuDNN's output (max abs error, printed;
+off by more than 2e-3 (fp32) / 6e-2 (bf16) is marked WRONG and the exit status is 1; training rows: dx's error over
+max |dx|, 1e-3 / 5e-2). Time per sequence and per step, median of CUDA-event timings (benchmarks/harness.measure),
+and the speedup over cuDNN.
 
     python scripts/gru_fwd_grids.py [--json out.json] [--blocks 0 1 8 32 ...] [--no-train]
 """
@@ -107,21 +107,22 @@ def report(rows, shape, dtype, name, t=None, base=None, err=None, wrong=False, r
 
 def train_rows(rows, ref_mod, mod, x, h0, dtype) -> int:
     """A training step (forward + backward into dx and the weights) of cuDNN and of pyattn's cuda backend with the
-    GRU plans' defaults ("auto"), the one-block kernels off ("grid") and both one-block kernels ("one"): printed
-    rows appended to `rows`; returns how many were WRONG (dx off cuDNN's by more than 1e-3 / 5e-2 of max |dx|)."""
+    GRU plans' defaults ("auto"), the one-block kernels off ("grid"), both one-block kernels ("one") and both cluster
+    kernels ("cluster", sm_90+; elsewhere the defaults): printed rows appended to `rows`; returns how many were WRONG (dx off cuDNN's by more than 1e-3 / 5e-2 of max |dx|)."""
     T, B, _ = x.shape
     H = h0.shape[-1]
     xg = x.detach().clone().requires_grad_()
     dout = torch.randn(T, B, H, device="cuda", dtype=dtype)
     envs = {"torch:nn.GRU fwd+bwd": None, "pyattn:cuda[auto] fwd+bwd": {},
             "pyattn:cuda[grid] fwd+bwd": {"PYATTN_CUDA_GRU_ONE_BLOCK": "0"},
-            "pyattn:cuda[one] fwd+bwd": {"PYATTN_CUDA_GRU_ONE_BLOCK": "1"}}
+            "pyattn:cuda[one] fwd+bwd": {"PYATTN_CUDA_GRU_ONE_BLOCK": "1"},
+            "pyattn:cuda[cluster] fwd+bwd": {"PYATTN_CUDA_GRU_CLUSTER": "1"}}
     want, base, bad = None, None, 0
     for name, env in envs.items():
         module = ref_mod if env is None else mod
 
         def step(module=module, env=env):
-            for key in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK"):
+            for key in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK", "PYATTN_CUDA_GRU_CLUSTER"):
                 os.environ.pop(key, None)
             os.environ.update(env or {})
             with pyattn.use_backend("cuda"):
@@ -134,7 +135,8 @@ def train_rows(rows, ref_mod, mod, x, h0, dtype) -> int:
             report(rows, (B, T, x.shape[2], H), dtype, name, refused=e)
             continue
         finally:
-            os.environ.pop("PYATTN_CUDA_GRU_ONE_BLOCK", None)
+            for key in ("PYATTN_CUDA_GRU_ONE_BLOCK", "PYATTN_CUDA_GRU_CLUSTER"):
+                os.environ.pop(key, None)
         want = dx if want is None else want
         base = t if base is None else base
         err = ((dx - want).abs().max() / want.abs().max()).item()

@@ -1021,62 +1021,76 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seq,bsz,isz,hsz,bias", [(4, 1, 3, 128, True), (3, 3, 5, 61, False), (3, 2, 4, 70, True)],
                          ids=["h128", "padded-nobias", "uneven"])
-def test_gru_cluster_forward(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
-    """The cluster forward (csrc/cuda/gru.cu gru_rec_fwd_one_kernel<T, 8>, opt-in PYATTN_CUDA_GRU_CLUSTER=1): the
-    one-block forward split over a cluster of 8 blocks, each with its units' W_hh rows, input projection and biases,
-    every new h value written into all 8 blocks' shared memory (distributed shared memory) and a cluster barrier a
-    step. The emulator runs the cluster as a cooperative launch of 8 blocks (block_smem, grid_sync), its blocks in
-    every scheduling order: one launch with the plan's shared memory, the one-block kernel's and the persistent grid's
-    bits (the same dot-product order) forward and reverse, within tolerance of the float64 oracle. Refused when a
-    block would have no unit (H = 49: 7 ceil(49 / 8) = 49) and for one step (the cell kernel's); a refused cluster
-    launch falls back to the grid."""
+def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
+    """The cluster kernels (csrc/cuda/gru.cu gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, 8>, opt-in
+    PYATTN_CUDA_GRU_CLUSTER=1): the one-block kernels split over a cluster of 8 blocks, each with its units' part of
+    W_hh; forward, every new h value written into all 8 blocks' shared memory (distributed shared memory), backward,
+    every dgh[t] entry (two buffers); a cluster barrier a step. The emulator runs the cluster as a cooperative launch of
+    8 blocks (block_smem, grid_sync), its blocks in every scheduling order: one launch each with the plan's shared
+    memory, the one-block kernels' and the persistent grid's bits (the same dot-product order), forward and reverse,
+    with and without a carried dh_last, within tolerance of the float64 oracle. Refused when a block would have no unit
+    (H = 49: 7 ceil(49 / 8) = 49) and for one step (the cell kernel's); a refused cluster launch falls back to the
+    grid."""
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
-    x, h0, _, _, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 3 + hsz, seq, bsz, isz, hsz, dtype)
+    x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 3 + hsz, seq, bsz, isz, hsz, dtype)
     if not bias:
         b_ih = b_hh = None
     ops = torch.ops.pyattn_emu
     launches, grid, smem = 2, 3, 4
-    units, hp = -(-hsz // 8), (hsz + 3) // 4 * 4
-    cluster_smem = (3 * units * hp + 2 * bsz * hp + 2 * bsz * 3 * units + 6 * units) * 4
+    units, hp, kp = -(-hsz // 8), (hsz + 3) // 4 * 4, (3 * hsz + 3) // 4 * 4
+    fwd_smem = (3 * units * hp + 2 * bsz * hp + 2 * bsz * 3 * units + 6 * units) * 4
+    bwd_smem = (2 * bsz * kp + units * kp + units * bsz) * 4
+    names = ("out", "h_last", "ws", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
 
-    def run(reverse, xs=x, **env):
+    def run(reverse, carried, xs=x, **env):
         for key in ("PYATTN_CUDA_GRU_CLUSTER", "PYATTN_CUDA_GRU_ONE_BLOCK"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         ops.emu_reset_counters()
-        out = ops.gru_seq_fwd(xs, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
-        return out, ops.emu_counters()
+        fwd = ops.gru_seq_fwd(xs, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        cf = ops.emu_counters()
+        ops.emu_reset_counters()
+        grads = ops.gru_seq_bwd(dout[:len(xs)], carried, xs, h0, w_ih, w_hh, fwd[0], fwd[2], b_ih is not None,
+                                b_hh is not None, reverse, True)
+        return (*fwd, *grads), cf, ops.emu_counters()
 
     args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-    for reverse in (False, True):
-        got, c = run(reverse, PYATTN_CUDA_GRU_CLUSTER="1")
-        assert (c[launches], c[grid], c[smem]) == (1, 8, cluster_smem), list(c)
-        one, c = run(reverse, PYATTN_CUDA_GRU_ONE_BLOCK="1")
-        assert c[grid] == 1, list(c)
-        persistent, c = run(reverse, PYATTN_CUDA_GRU_ONE_BLOCK="0")
-        assert c[grid] == 4, list(c)
-        for name, a, b, p in zip(("out", "h_last", "ws"), got, one, persistent):
+    for reverse, carried in ((False, None), (True, dh_last)):
+        got, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_CLUSTER="1")
+        assert (cf[launches], cf[grid], cf[smem]) == (1, 8, fwd_smem), list(cf)
+        assert (cb[grid], cb[smem]) == (8, bwd_smem), list(cb)  # (+ the binding's GEMM launches)
+        one, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="1")
+        assert cf[grid] == cb[grid] == 1, (list(cf), list(cb))
+        persistent, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="0")
+        assert cf[grid] == cb[grid] == 4, (list(cf), list(cb))
+        for name, a, b, p in zip(names, got, one, persistent):
             assert torch.equal(a, b) and torch.equal(a, p), f"{name}: the cluster, one-block and grid kernels differ"
         r_out, r_h, r_ws = get_backend("torch").gru_layer_fwd(*args64, reverse, True)
-        assert_tol(got[0], r_out, "gru", dtype)
-        assert_tol(got[1], r_h, "gru", dtype)
-        assert_tol(got[2], r_ws, "gru", torch.float32 if dtype == torch.float32 else dtype)
-    _, c = run(False, xs=x[:1], PYATTN_CUDA_GRU_CLUSTER="1")
-    assert c[grid] != 8, list(c)  # (one step)
-    # a cluster launch the device refuses (the emulator: 8 cooperative blocks over PYATTN_EMU_COOP_LIMIT) falls back
-    # to the plan without the cluster (the grid's 4 blocks): its bits, no error left behind
-    monkeypatch.setenv("PYATTN_EMU_COOP_LIMIT", "4")
-    fallback, c = run(False, PYATTN_CUDA_GRU_CLUSTER="1")
-    assert c[grid] == 4, list(c)
-    assert all(torch.equal(a, b) for a, b in zip(fallback, run(False, PYATTN_CUDA_GRU_ONE_BLOCK="0")[0]))
-    monkeypatch.delenv("PYATTN_EMU_COOP_LIMIT")
+        r_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
+        r_grads = get_backend("torch").gru_layer_bwd(dout.double(), r_dh, *args64[:4], r_out, r_ws, bias, bias,
+                                                     reverse, True)
+        for name, a, want in zip(names, got, (r_out, r_h, r_ws, *r_grads)):
+            if want is None or (isinstance(want, torch.Tensor) and want.numel() == 0 and a.numel() == 0):
+                continue
+            kind = "bwd" if name.startswith("d") else "fwd"
+            wdtype = torch.float32 if name == "ws" and dtype == torch.float32 else dtype
+            assert_tol(a, want, "gru", wdtype, kind=kind, msg=lambda msg, name=name: f"{name}: {msg}")
+    _, cf, _ = run(False, None, xs=x[:1], PYATTN_CUDA_GRU_CLUSTER="1")
+    assert cf[grid] != 8, list(cf)  # (one step)
     w49 = _gru_params(isz, 49, dtype, seed=1)
     ops.emu_reset_counters()
     ops.gru_seq_fwd(x, h0[:, :1].expand(bsz, 49).contiguous(), *w49, False, False)
     assert ops.emu_counters()[grid] != 8
+    # a cluster launch the device refuses (the emulator: 8 cooperative blocks over PYATTN_EMU_COOP_LIMIT) falls back
+    # to the plans without the cluster (the grid's 4 blocks): their bits, no error left behind
+    monkeypatch.setenv("PYATTN_EMU_COOP_LIMIT", "4")
+    fallback, cf, cb = run(False, None, PYATTN_CUDA_GRU_CLUSTER="1")
+    assert cf[grid] == 4 and cb[grid] == 1, (list(cf), list(cb))  # (the backward's default: the one-block kernel)
+    assert all(torch.equal(a, b) for a, b in zip(fallback, run(False, None, PYATTN_CUDA_GRU_ONE_BLOCK="0")[0]))
+    monkeypatch.delenv("PYATTN_EMU_COOP_LIMIT")
 
 
 def test_gru_persistent_launch_refused_falls_back_to_steps(monkeypatch):

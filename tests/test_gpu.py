@@ -919,8 +919,8 @@ def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
     needs: barriers between them; 40 rows at H 1024: the batch staged in chunks; H 2047: odd, padded rows) against
     the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last. "auto":
     the plans' choice (the one-block backward where B H <= 512); "one": PYATTN_CUDA_GRU_ONE_BLOCK=1, the one-block
-    forward too (opt-in: measured slower than the grid's); "cluster": PYATTN_CUDA_GRU_CLUSTER=1, the one-block forward
-    on a cluster of 8 blocks where it applies (sm_90+, B ceil(H / 8) <= 512: H 128 and 61 here)."""
+    forward too (opt-in: measured slower than the grid's); "cluster": PYATTN_CUDA_GRU_CLUSTER=1, the one-block kernels
+    on a cluster of 8 blocks where they apply (sm_90+, B ceil(H / 8) <= 512: H 128 and 61 here)."""
     if blocks == "one":
         monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "1")
     elif blocks == "cluster":
@@ -977,26 +977,36 @@ def test_gru_cuda_cell_step_both_paths(monkeypatch, setting, dtype, bsz, isz, hs
                     reason="thread-block clusters need sm_90 or newer")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bsz,hsz", [(1, 128), (3, 61), (4, 200)])
-def test_gru_cuda_cluster_forward_gives_the_grid_bits(monkeypatch, dtype, bsz, hsz):
-    """The cluster forward (PYATTN_CUDA_GRU_CLUSTER=1: the one-block forward on 8 blocks of a thread-block cluster,
-    new h values written into every block's shared memory, a cluster barrier a step) runs (its kernel, ", 8>", in the
-    profile) and gives the persistent grid's bits (the same dot-product order): distributed shared memory and the
-    barrier's ordering on hardware, where the emulator has no memory model."""
+def test_gru_cuda_cluster_kernels_give_the_grid_bits(monkeypatch, dtype, bsz, hsz):
+    """The cluster kernels (PYATTN_CUDA_GRU_CLUSTER=1: the one-block forward and backward on 8 blocks of a thread-block
+    cluster, new h / dgh values written into every block's shared memory, a cluster barrier a step) run (their kernels,
+    ", 8>", in the profile) and give the default plans' bits (the same dot-product order): distributed shared memory
+    and the barrier's ordering on hardware, where the emulator has no memory model."""
     from torch.profiler import ProfilerActivity, profile
 
     x, h0, w_ih, w_hh, b_ih, b_hh = _seq_args(dtype, seq=40, bsz=bsz, isz=16, hsz=hsz)
+    g = torch.Generator().manual_seed(hsz)
+    dout = torch.randn(40, bsz, hsz, generator=g).to(DEV, dtype)
     ops = torch.ops.pyattn
+
+    def run(reverse):
+        fwd = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        grads = ops.gru_seq_bwd(dout, None, x, h0, w_ih, w_hh, fwd[0], fwd[2], True, True, reverse, True)
+        return (*fwd, *grads)
+
     for reverse in (False, True):
         monkeypatch.setenv("PYATTN_CUDA_GRU_CLUSTER", "1")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            got = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+            got = run(reverse)
             torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "gru_rec_fwd_one_kernel" in e.name]
-        assert names and all(", 8>" in n for n in names), names
+        names = [e.name for e in prof.events() if "_one_kernel" in e.name]
+        assert sum("gru_rec_fwd_one_kernel" in n for n in names) == 1, names
+        assert sum("gru_rec_bwd_one_kernel" in n for n in names) == 1, names
+        assert all(", 8>" in n for n in names), names
         monkeypatch.delenv("PYATTN_CUDA_GRU_CLUSTER")
-        want = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
-        for name, a, b in zip(("out", "h_last", "ws"), got, want):
-            assert torch.equal(a, b), f"{name}: the cluster forward and the grid's differ"
+        want = run(reverse)
+        for name, a, b in zip(("out", "h_last", "ws", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"), got, want):
+            assert torch.equal(a, b), f"{name}: the cluster kernels and the default plans differ"
 
 
 @_needs_cuda_gru

@@ -574,9 +574,9 @@ constexpr int kOneItemsPerPass = kOneThreads / 8;
 constexpr int kOnePre = 4;                                     // prefetch registers a thread: B 3H <= 4 kOneThreads
 constexpr int64_t kOneMaxItems = 512;                          // B H: up to 8 passes a step
 
-// ---- thread-block clusters (sm_90): the one-block forward on a cluster of C blocks ----
-// Block c of the cluster owns hidden units [c U, c U + nu) (U = ceil(H / C)) and keeps only their W_hh rows, input
-// projection and biases; every block keeps all of h. A block writes each new h value into its own buffer and into
+// ---- thread-block clusters (sm_90): the one-block kernels on a cluster of C blocks (the backward: below) ----
+// Forward: block c of the cluster owns hidden units [c U, c U + nu) (U = ceil(H / C)) and keeps only their W_hh rows,
+// input projection and biases; every block keeps all of h. A block writes each new h value into its own buffer and into
 // the same place of the other blocks' buffers (distributed shared memory: mapa + st.shared::cluster), and a step ends
 // with the cluster barrier (barrier.cluster arrive.release / wait.acquire: the remote writes are visible after it)
 // instead of __syncthreads. The emulator runs a one-cluster grid as a cooperative launch (block_smem, grid_sync).
@@ -844,51 +844,79 @@ __global__ void __launch_bounds__(kRecThreads, 1) gru_rec_bwd_kernel(const RecBw
 // it back through L2. Phase A: element e = thread (B H <= the block), its inputs for the next step loaded while this
 // step's phase B runs. Phase B: a (batch row, unit) item on 8 lanes as in the one-block forward (lanes l8 + 8 q of
 // warp_dots, the same two halving levels, xor-shuffles 4, 2, 1), so the persistent backward's bits.
-template <typename T>
+// C: the blocks of the cluster (1: one block). On a cluster, block c owns units [c U, c U + nu) as in the forward: its
+// W_hh columns and dh stay local, and phase A writes its dgh[t] entries into every block's Gs (the dot products of
+// phase B run over all 3H); Gs is double-buffered by step parity, so one cluster barrier a step (after phase A) and a
+// block barrier (after phase B) suffice: a block writing Gs[p] at step s + 1 is past the cluster barrier of step s, so
+// every block has finished phase B of step s - 1, the last reader of Gs[p].
+template <typename T, int C>
 __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const GRURecBwdParams p) {
   const int64_t nsteps = p.T, B = p.B, H = p.H, H3 = 3 * H, KP = (H3 + 3) / 4 * 4, nk4 = KP / 4;
+  const int64_t U = (H + C - 1) / C, j0 = int64_t(C == 1 ? 0 : cluster_rank()) * U;
+  const int64_t nu = H - j0 < U ? H - j0 : U;  // >= 1 (the plan: (C - 1) U < H)
   const int lane = threadIdx.x % 32, l8 = lane % 8, slot = threadIdx.x / 8;
   const T* __restrict__ w_hh = static_cast<const T*>(p.w_hh);
 
   extern __shared__ float4 rec_smem[];
-  float* Wt = reinterpret_cast<float*>(rec_smem);  // [H][KP]: W_hh column u
-  float* Gs = Wt + H * KP;                         // [B][KP]: dgh[t] (zero padding)
-  float* Ds = Gs + B * KP;                         // [H][B]: dh
-  for (int64_t e = threadIdx.x; e < H * KP; e += blockDim.x) {  // (consecutive threads: a row's consecutive units)
-    const int64_t k = e / H, u = e - k * H;
-    Wt[u * KP + k] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + u]) : 0.0f;
+  // One block: Wt [H][KP] (W_hh column u), Gs [B][KP] (dgh[t], zero padding), Ds [H][B] (dh). A cluster: Gs [2][B][KP]
+  // first (the other blocks write into it, at the same offset in every block), then Wt [nu][KP], Ds [nu][B].
+  float* const base = reinterpret_cast<float*>(rec_smem);
+  constexpr int kGsBuffers = C == 1 ? 1 : 2;
+  float* Gs0 = C == 1 ? base + H * KP : base;
+  float* Wt = C == 1 ? base : base + kGsBuffers * B * KP;
+  float* Ds = C == 1 ? Gs0 + B * KP : Wt + nu * KP;
+  for (int64_t e = threadIdx.x; e < nu * KP; e += blockDim.x) {  // (consecutive threads: a row's consecutive units)
+    const int64_t k = e / nu, u = e - k * nu;
+    Wt[u * KP + k] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + j0 + u]) : 0.0f;
   }
-  for (int64_t e = threadIdx.x; e < B * KP; e += blockDim.x) Gs[e] = 0.0f;
-  for (int64_t e = threadIdx.x; e < H * B; e += blockDim.x) {
-    const int64_t b = e / H, u = e - b * H;
-    Ds[u * B + b] = p.dh[b * H + u];
+  for (int64_t e = threadIdx.x; e < kGsBuffers * B * KP; e += blockDim.x) Gs0[e] = 0.0f;
+  for (int64_t e = threadIdx.x; e < nu * B; e += blockDim.x) {
+    const int64_t b = e / nu, u = e - b * nu;
+    Ds[u * B + b] = p.dh[b * H + j0 + u];
   }
-  const int64_t e = threadIdx.x;  // this thread's phase A element (B H <= the block): (row e / H, unit e % H)
-  const bool mine = e < B * H;
+  const int64_t e = threadIdx.x;  // this thread's phase A element (B nu <= the block): (row e / nu, unit e % nu)
+  const bool mine = e < B * nu;
   BwdIn in{};
-  if (mine) in = load_bwd_in<T>(p, 0, e / H, e % H);
-  __syncthreads();
+  if (mine) in = load_bwd_in<T>(p, 0, e / nu, j0 + e % nu);
+  if constexpr (C == 1)
+    __syncthreads();
+  else
+    cluster_barrier();  // (also: every block of the cluster runs before any writes into its shared memory)
 
   for (int64_t step = 0; step < nsteps; ++step) {
     const int64_t t = p.reverse ? step : nsteps - 1 - step;
-    // phase A: d = dh + dout[t] -> dgi[t], dgh[t] (global and Gs) and dh = d z
+    float* Gs = Gs0 + (C == 1 ? 0 : (step & 1) * B * KP);
+    // phase A: d = dh + dout[t] -> dgi[t], dgh[t] (global and every block's Gs) and dh = d z
     if (mine) {
-      const int64_t b = e / H, u = e - b * H, row = t * B + b;
+      const int64_t b = e / nu, u = e - b * nu, j = j0 + u, row = t * B + b;
       const GateGrads g = gru_gate_grads(Ds[u * B + b] + in.dout, in.hp, in.r, in.z, in.n, in.hn);
-      store_gate_grads(p, row, u, g);
-      float* gs = Gs + b * KP + u;
+      store_gate_grads(p, row, j, g);
+      float* gs = Gs + b * KP + j;
       gs[0] = g.dr;
       gs[H] = g.dz;
       gs[2 * H] = g.dnr;
+      if constexpr (C > 1) {
+        const unsigned self = cluster_rank();
+#pragma unroll 1
+        for (unsigned r = 0; r < unsigned(C); ++r) {
+          if (r == self) continue;
+          store_cluster(gs, r, g.dr);
+          store_cluster(gs + H, r, g.dz);
+          store_cluster(gs + 2 * H, r, g.dnr);
+        }
+      }
       Ds[u * B + b] = g.direct;
-      if (step + 1 < nsteps) in = load_bwd_in<T>(p, step + 1, b, u);  // (in flight during phase B)
+      if (step + 1 < nsteps) in = load_bwd_in<T>(p, step + 1, b, j);  // (in flight during phase B)
     }
-    __syncthreads();  // dgh[t] in Gs, dh = d z in Ds
-    // phase B: dh[b][u] += dgh[t][b] . W_hh[:, u], warp-uniform passes (items past B H compute for nothing)
-    for (int64_t base = 0; base < B * H; base += kOneItemsPerPass) {
-      const int64_t item = base + slot;
-      const bool live = item < B * H;
-      const int64_t b = live ? item / H : 0, u = live ? item - b * H : 0;
+    if constexpr (C == 1)
+      __syncthreads();  // dgh[t] in Gs, dh = d z in Ds
+    else
+      cluster_barrier();  // (every block's part of dgh[t] in Gs)
+    // phase B: dh[b][u] += dgh[t][b] . W_hh[:, j0 + u], warp-uniform passes (items past B nu compute for nothing)
+    for (int64_t base_item = 0; base_item < B * nu; base_item += kOneItemsPerPass) {
+      const int64_t item = base_item + slot;
+      const bool live = item < B * nu;
+      const int64_t b = live ? item / nu : 0, u = live ? item - b * nu : 0;
       const float4* w4 = reinterpret_cast<const float4*>(Wt + u * KP);
       const float4* g4 = reinterpret_cast<const float4*>(Gs + b * KP);
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -908,11 +936,11 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
       for (int m = 4; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
       if (live && l8 == 0) Ds[u * B + b] += sum;
     }
-    __syncthreads();  // dh complete for the next step's phase A; Gs free
+    __syncthreads();  // dh complete for the next step's phase A; (one block:) Gs free
   }
-  for (int64_t i = threadIdx.x; i < H * B; i += blockDim.x) {  // dL/dh0
-    const int64_t b = i / H, u = i - b * H;
-    p.dh[b * H + u] = Ds[u * B + b];
+  for (int64_t i = threadIdx.x; i < nu * B; i += blockDim.x) {  // dL/dh0
+    const int64_t b = i / nu, u = i - b * nu;
+    p.dh[b * H + j0 + u] = Ds[u * B + b];
   }
 }
 
@@ -1191,7 +1219,11 @@ struct ClusterFwdKernel {
 };
 template <typename T>
 struct OneBwdKernel {
-  static constexpr void (*fn)(const GRURecBwdParams) = gru_rec_bwd_one_kernel<T>;
+  static constexpr void (*fn)(const GRURecBwdParams) = gru_rec_bwd_one_kernel<T, 1>;
+};
+template <typename T>
+struct ClusterBwdKernel {
+  static constexpr void (*fn)(const GRURecBwdParams) = gru_rec_bwd_one_kernel<T, kClusterBlocks>;
 };
 
 // KernelOf's instance for the storage dtype
@@ -1283,22 +1315,40 @@ GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64
 
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// The cluster forward (gru_rec_fwd_one_kernel<T, kClusterBlocks>): opt-in (PYATTN_CUDA_GRU_CLUSTER=1, unmeasured),
-// sm_90 and newer, T >= 2, no forced grid, every block of the cluster with at least one unit, and a block's items,
-// input projection and shared memory within the one-block kernel's limits; else blocks 0.
-GRURecPlan cluster_plan(const GRURecFwdParams& p) {
-  GRURecPlan plan;
+// The cluster kernels (gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, kClusterBlocks>): opt-in
+// (PYATTN_CUDA_GRU_CLUSTER=1, unmeasured), sm_90 and newer, T >= 2, no forced grid, every block of the cluster with at
+// least one unit: the units a block, else 0.
+int64_t cluster_units(int64_t T, int64_t H, int cc_major) {
   const char* env = std::getenv("PYATTN_CUDA_GRU_CLUSTER");
-  if (env == nullptr || std::strcmp(env, "1") != 0 || std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return plan;
-  const int64_t C = kClusterBlocks, U = (p.H + C - 1) / C, hp = round4(p.H);
-  if (p.T < 2 || p.cc_major < 9 || (C - 1) * U >= p.H) return plan;
-  if (p.B * U > kOneMaxItems || p.B * 3 * U > int64_t(kOnePre) * kOneThreads) return plan;
-  const size_t smem = size_t(3 * U * hp + 2 * p.B * hp + 2 * p.B * 3 * U + 6 * U) * 4;
-  plan = one_block_plan<ClusterFwdKernel>(p.dtype, smem, p.smem_per_block, U, p.B);
+  if (env == nullptr || std::strcmp(env, "1") != 0 || std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return 0;
+  const int64_t C = kClusterBlocks, U = (H + C - 1) / C;
+  return T >= 2 && cc_major >= 9 && (C - 1) * U < H ? U : 0;
+}
+
+// KernelOf's cluster plan with `smem` bytes a block (blocks 0 when it does not fit)
+template <template <typename> class KernelOf>
+GRURecPlan cluster_plan(DType dtype, size_t smem, size_t smem_per_block, int64_t U, int64_t B) {
+  GRURecPlan plan = one_block_plan<KernelOf>(dtype, smem, smem_per_block, U, B);
   if (!plan.one_block) return plan;
-  plan.blocks = int(C);
-  plan.cluster = int(C);
+  plan.blocks = kClusterBlocks;
+  plan.cluster = kClusterBlocks;
   return plan;
+}
+
+// The forward's: a block's items and prefetched input projection within the one-block kernel's limits.
+GRURecPlan cluster_fwd_plan(const GRURecFwdParams& p) {
+  const int64_t U = cluster_units(p.T, p.H, p.cc_major), hp = round4(p.H);
+  if (U < 1 || p.B * U > kOneMaxItems || p.B * 3 * U > int64_t(kOnePre) * kOneThreads) return GRURecPlan();
+  const size_t smem = size_t(3 * U * hp + 2 * p.B * hp + 2 * p.B * 3 * U + 6 * U) * 4;
+  return cluster_plan<ClusterFwdKernel>(p.dtype, smem, p.smem_per_block, U, p.B);
+}
+
+// The backward's: a block's B U phase-A elements within its threads; Gs (two buffers), W_hh's columns and dh.
+GRURecPlan cluster_bwd_plan(const GRURecBwdParams& p) {
+  const int64_t U = cluster_units(p.T, p.H, p.cc_major), kp = round4(3 * p.H);
+  if (U < 1 || p.B * U > kOneThreads) return GRURecPlan();
+  const size_t smem = size_t(2 * p.B * kp + U * kp + U * p.B) * 4;
+  return cluster_plan<ClusterBwdKernel>(p.dtype, smem, p.smem_per_block, U, p.B);
 }
 
 // ---- the one-launch cell step: plan and launch ----
@@ -1409,7 +1459,7 @@ cudaError_t gru_gates_bwd(const GRUGatesBwdParams& p, cudaStream_t stream) {
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p, bool allow_cluster) {
   if (p.T < 1) return GRURecPlan();
   const int64_t hp = round4(p.H);
-  const GRURecPlan cluster = allow_cluster ? cluster_plan(p) : GRURecPlan();
+  const GRURecPlan cluster = allow_cluster ? cluster_fwd_plan(p) : GRURecPlan();
   if (cluster.cluster > 1) return cluster;
   // the one-block forward: B 3H within its prefetch registers, W_hh + two buffers of h and of the input projection
   // + both biases in shared memory
@@ -1431,8 +1481,10 @@ cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaSt
                                   stream);
 }
 
-GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
+GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p, bool allow_cluster) {
   if (p.T < 1) return GRURecPlan();
+  const GRURecPlan cluster = allow_cluster ? cluster_bwd_plan(p) : GRURecPlan();
+  if (cluster.cluster > 1) return cluster;
   const int64_t kp = round4(3 * p.H);  // a unit: its W_hh column and its dh of every batch row (Ds)
   if (one_block_allowed(p.T, p.B * p.H, kOneThreads, true)) {
     const size_t smem = size_t(p.H * kp + p.B * kp + p.H * p.B) * 4;  // Wt, Gs, Ds
@@ -1444,6 +1496,7 @@ GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p) {
 
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream) {
   if (plan.blocks < 1) return cudaErrorInvalidValue;
+  if (plan.cluster > 1) return rec_launch<ClusterBwdKernel>(p.dtype, p, plan, stream);
   if (plan.one_block) return rec_launch<OneBwdKernel>(p.dtype, p, plan, stream);
   return rec_launch<RecBwdKernel>(p.dtype, RecBwdArgs{p, RecShape{plan.units, plan.batch_rows, round4(3 * p.H)}},
                                   plan, stream);

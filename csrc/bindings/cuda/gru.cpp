@@ -70,7 +70,7 @@ void fill_device(P& p, const Tensor& x) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.device().index());
   p.num_sms = prop->multiProcessorCount;
   p.smem_per_block = prop->sharedMemPerBlockOptin;
-  if constexpr (std::is_same_v<P, GRURecFwdParams>) p.cc_major = prop->major;
+  if constexpr (!std::is_same_v<P, GRUCellFwdParams>) p.cc_major = prop->major;
 }
 
 // The grid barrier's zeroed counter when the plan needs one (kept alive by `keep` until the launch is enqueued; the
@@ -293,15 +293,18 @@ Grads seq_bwd(const char* op, Tensor dout, const std::optional<Tensor>& dh_last,
   rp.reverse = reverse;
   rp.dtype = kernel_dtype(tg.dtype);
   fill_device(rp, x);
-  const cuda::GRURecPlan plan = cuda::gru_rec_bwd_plan(rp);
   bool done = false;
-  if (plan.blocks > 0) {
+  for (const bool allow_cluster : {true, false}) {
+    const cuda::GRURecPlan plan = cuda::gru_rec_bwd_plan(rp, allow_cluster);
+    if (plan.blocks < 1) break;
     if (!carried) dh.zero_();
     Tensor count;
     rp.sync = sync_counter(plan, x, count);
     const cudaError_t err = cuda::gru_rec_bwd(rp, plan, stream);
+    if (plan.cluster > 1 && err != cudaSuccess) continue;  // (no room for the cluster now: the plan without it)
     done = err != cudaErrorCooperativeLaunchTooLarge;  // (else nothing ran: the per-step path, as the forward)
     if (done) C10_CUDA_CHECK(err);
+    break;
   }
   if (!done)
     run_bwd_steps(dout, h0, o, ws, w_hh.to(at::kFloat), dgi, dgh, dh, carried, reverse, kernel_dtype(tg.dtype),

@@ -47,15 +47,15 @@ struct GRURecPlan {
   size_t smem = 0;     // dynamic shared memory per block, bytes
   bool needs_sync = false;
   bool one_block = false;  // forward: the one-block kernel (blocks 1, everything in shared memory), not the grid's
-  int cluster = 0;  // forward: > 1: the one-block kernel on a thread-block cluster of this many blocks (sm_90+;
-                    // opt-in, PYATTN_CUDA_GRU_CLUSTER=1), each with its share of the units
+  int cluster = 0;  // > 1: the one-block kernel on a thread-block cluster of this many blocks (sm_90+; opt-in,
+                    // PYATTN_CUDA_GRU_CLUSTER=1), each with its share of the units
 };
 // allow_cluster false: never the cluster kernel (the binding's retry when a cluster launch was refused).
 GRURecPlan gru_rec_fwd_plan(const GRURecFwdParams& p, bool allow_cluster = true);
 cudaError_t gru_rec_fwd(const GRURecFwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
 // The persistent backward (GRURecBwdParams), planned the same way (PYATTN_CUDA_GRU_BLOCKS too): writes p.dgi, p.dgh
 // and p.dh (dL/dh0); blocks == 0: the binding runs gru_gates_bwd + a GEMM per step.
-GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p);
+GRURecPlan gru_rec_bwd_plan(const GRURecBwdParams& p, bool allow_cluster = true);
 cudaError_t gru_rec_bwd(const GRURecBwdParams& p, const GRURecPlan& plan, cudaStream_t stream);
 // The one-launch cell step (GRUCellFwdParams): writes p.out and, if non-null, p.ws. The plan: blocks == 0 when it
 // does not apply (B over 32, a chunk of 4 batch rows of x and h does not fit 96 KB of shared memory, or

@@ -280,6 +280,7 @@ struct GRURecBwdParams {
   DType dtype = DType::F32;
   int num_sms = 0;
   size_t smem_per_block = 0;
+  int cc_major = 0;
 };
 // One GRU cell step in one launch (csrc/cuda/gru.cu, gru_cell_fwd): x W_ih^T, h W_hh^T and the gates fused, for a
 // small batch (gru_cell_fwd_plan). dtype F32, F16 or BF16 (storage); all math fp32. Strides in elements; every last
