@@ -951,6 +951,49 @@ def test_gru_plan_a_block_per_sm_until_a_block_has_too_much_work(monkeypatch, bs
             assert torch.equal(a, b)
 
 
+_GRU_LAYER_NAMES = ("out", "h_last", "ws", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+_GRU_PLAN_VARS = ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK", "PYATTN_CUDA_GRU_CLUSTER")
+
+
+def _gru_layer_run(monkeypatch, data, reverse, carried, xs=None, **env):
+    """gru_seq_fwd then gru_seq_bwd of data = (x, h0, dout, w_ih, w_hh, b_ih, b_hh) (x replaced by xs if given) with
+    the GRU plan variables set as `env` says (the others unset): (the 9 outputs, the forward's emulator counters,
+    the backward's)."""
+    x, h0, dout, w_ih, w_hh, b_ih, b_hh = data
+    xs = x if xs is None else xs
+    for key in _GRU_PLAN_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ops = torch.ops.pyattn_emu
+    ops.emu_reset_counters()
+    fwd = ops.gru_seq_fwd(xs, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+    cf = ops.emu_counters()
+    ops.emu_reset_counters()
+    grads = ops.gru_seq_bwd(dout[:len(xs)], carried, xs, h0, w_ih, w_hh, fwd[0], fwd[2], b_ih is not None,
+                            b_hh is not None, reverse, True)
+    return (*fwd, *grads), cf, ops.emu_counters()
+
+
+def _gru_layer_vs_oracle(got, data, reverse, carried, dtype):
+    """_gru_layer_run's outputs against the torch backend in float64 on the same values (TOL["gru"])."""
+    from pyattn.dispatch import get_backend
+
+    x, h0, dout, w_ih, w_hh, b_ih, b_hh = data
+    ref = get_backend("torch")
+    args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    r_out, r_h, r_ws = ref.gru_layer_fwd(*args64, reverse, True)
+    r_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
+    r_grads = ref.gru_layer_bwd(dout.double(), r_dh, *args64[:4], r_out, r_ws, b_ih is not None, b_hh is not None,
+                                reverse, True)
+    for name, a, want in zip(_GRU_LAYER_NAMES, got, (r_out, r_h, r_ws, *r_grads)):
+        if want is None or (isinstance(want, torch.Tensor) and want.numel() == 0 and a.numel() == 0):
+            continue
+        kind = "bwd" if name.startswith("d") else "fwd"
+        wdtype = torch.float32 if name == "ws" and dtype == torch.float32 else dtype
+        assert_tol(a, want, "gru", wdtype, kind=kind, msg=lambda msg, name=name: f"{name}: {msg}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seq,bsz,isz,hsz,bias", [(5, 3, 4, 37, True), (3, 1, 3, 128, True), (4, 2, 5, 9, False)],
                          ids=["padded", "h128", "nobias"])
@@ -961,34 +1004,22 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
     float64 oracle forward and reverse, with and without a carried dh_last, and give the persistent kernels' bits
     (one block and a grid of 3; the same dot-product order); unset, the backward's is taken and the forward keeps the
     grid (its one-block kernel measured slower on an H200); =0 and one-step calls take the grid's plan."""
-    from pyattn.dispatch import get_backend
-
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
     x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 7 + hsz, seq, bsz, isz, hsz, dtype)
     if not bias:
         b_ih = b_hh = None
-    ops, ref = torch.ops.pyattn_emu, get_backend("torch")
+    data = (x, h0, dout, w_ih, w_hh, b_ih, b_hh)
+    ops = torch.ops.pyattn_emu
     launches, grid, smem = 2, 3, 4  # (emu_counters: ..., launches, blocks, largest dynamic shared memory, ...)
     hp, kp = (hsz + 3) // 4 * 4, (3 * hsz + 3) // 4 * 4
     fwd_smem = (3 * hsz * hp + 2 * bsz * hp + 2 * bsz * 3 * hsz + 6 * hsz) * 4
     bwd_smem = (hsz * kp + bsz * kp + hsz * bsz) * 4
     units = -(-hsz // 4)  # (the grid's plan: a block per emulated SM, H split evenly)
-    names = ("out", "h_last", "ws", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+    names = _GRU_LAYER_NAMES
 
     def run(reverse, carried, **env):
-        for key in ("PYATTN_CUDA_GRU_BLOCKS", "PYATTN_CUDA_GRU_ONE_BLOCK"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        ops.emu_reset_counters()
-        fwd = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
-        cf = ops.emu_counters()
-        ops.emu_reset_counters()
-        grads = ops.gru_seq_bwd(dout, carried, x, h0, w_ih, w_hh, fwd[0], fwd[2], b_ih is not None,
-                                b_hh is not None, reverse, True)
-        return (*fwd, *grads), cf, ops.emu_counters()
+        return _gru_layer_run(monkeypatch, data, reverse, carried, **env)
 
-    args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     for reverse, carried in ((False, None), (True, dh_last)):
         got, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="1")
         assert (cf[launches], cf[grid], cf[smem]) == (1, 1, fwd_smem), list(cf)
@@ -996,15 +1027,7 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
         _, cf, cb = run(reverse, carried)  # (the default: the grid's forward, the one-block backward)
         assert cf[grid] == -(-hsz // units) and cf[smem] != fwd_smem, list(cf)
         assert (cb[grid], cb[smem]) == (1, bwd_smem), list(cb)
-        r_out, r_h, r_ws = ref.gru_layer_fwd(*args64, reverse, True)
-        r_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
-        r_grads = ref.gru_layer_bwd(dout.double(), r_dh, *args64[:4], r_out, r_ws, bias, bias, reverse, True)
-        for name, a, want in zip(names, got, (r_out, r_h, r_ws, *r_grads)):
-            if want is None or (isinstance(want, torch.Tensor) and want.numel() == 0 and a.numel() == 0):
-                continue
-            kind = "bwd" if name.startswith("d") else "fwd"
-            wdtype = torch.float32 if name == "ws" and dtype == torch.float32 else dtype
-            assert_tol(a, want, "gru", wdtype, kind=kind, msg=lambda msg, name=name: f"{name}: {msg}")
+        _gru_layer_vs_oracle(got, data, reverse, carried, dtype)
         for env in ({"PYATTN_CUDA_GRU_BLOCKS": "1"}, {"PYATTN_CUDA_GRU_BLOCKS": "3"}):
             other, cf, cb = run(reverse, carried, **env)
             assert cf[smem] != fwd_smem and cb[smem] != bwd_smem
@@ -1031,33 +1054,20 @@ def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias
     with and without a carried dh_last, within tolerance of the float64 oracle. Refused when a block would have no unit
     (H = 49: 7 ceil(49 / 8) = 49) and for one step (the cell kernel's); a refused cluster launch falls back to the
     grid."""
-    from pyattn.dispatch import get_backend
-
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
     x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 3 + hsz, seq, bsz, isz, hsz, dtype)
     if not bias:
         b_ih = b_hh = None
+    data = (x, h0, dout, w_ih, w_hh, b_ih, b_hh)
     ops = torch.ops.pyattn_emu
     launches, grid, smem = 2, 3, 4
     units, hp, kp = -(-hsz // 8), (hsz + 3) // 4 * 4, (3 * hsz + 3) // 4 * 4
     fwd_smem = (3 * units * hp + 2 * bsz * hp + 2 * bsz * 3 * units + 6 * units) * 4
     bwd_smem = (2 * bsz * kp + units * kp + units * bsz) * 4
-    names = ("out", "h_last", "ws", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
 
-    def run(reverse, carried, xs=x, **env):
-        for key in ("PYATTN_CUDA_GRU_CLUSTER", "PYATTN_CUDA_GRU_ONE_BLOCK"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        ops.emu_reset_counters()
-        fwd = ops.gru_seq_fwd(xs, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
-        cf = ops.emu_counters()
-        ops.emu_reset_counters()
-        grads = ops.gru_seq_bwd(dout[:len(xs)], carried, xs, h0, w_ih, w_hh, fwd[0], fwd[2], b_ih is not None,
-                                b_hh is not None, reverse, True)
-        return (*fwd, *grads), cf, ops.emu_counters()
+    def run(reverse, carried, xs=None, **env):
+        return _gru_layer_run(monkeypatch, data, reverse, carried, xs, **env)
 
-    args64 = [None if t is None else t.double() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     for reverse, carried in ((False, None), (True, dh_last)):
         got, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_CLUSTER="1")
         assert (cf[launches], cf[grid], cf[smem]) == (1, 8, fwd_smem), list(cf)
@@ -1066,18 +1076,9 @@ def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias
         assert cf[grid] == cb[grid] == 1, (list(cf), list(cb))
         persistent, cf, cb = run(reverse, carried, PYATTN_CUDA_GRU_ONE_BLOCK="0")
         assert cf[grid] == cb[grid] == 4, (list(cf), list(cb))
-        for name, a, b, p in zip(names, got, one, persistent):
+        for name, a, b, p in zip(_GRU_LAYER_NAMES, got, one, persistent):
             assert torch.equal(a, b) and torch.equal(a, p), f"{name}: the cluster, one-block and grid kernels differ"
-        r_out, r_h, r_ws = get_backend("torch").gru_layer_fwd(*args64, reverse, True)
-        r_dh = torch.zeros_like(args64[1]) if carried is None else carried.double()
-        r_grads = get_backend("torch").gru_layer_bwd(dout.double(), r_dh, *args64[:4], r_out, r_ws, bias, bias,
-                                                     reverse, True)
-        for name, a, want in zip(names, got, (r_out, r_h, r_ws, *r_grads)):
-            if want is None or (isinstance(want, torch.Tensor) and want.numel() == 0 and a.numel() == 0):
-                continue
-            kind = "bwd" if name.startswith("d") else "fwd"
-            wdtype = torch.float32 if name == "ws" and dtype == torch.float32 else dtype
-            assert_tol(a, want, "gru", wdtype, kind=kind, msg=lambda msg, name=name: f"{name}: {msg}")
+        _gru_layer_vs_oracle(got, data, reverse, carried, dtype)
     _, cf, _ = run(False, None, xs=x[:1], PYATTN_CUDA_GRU_CLUSTER="1")
     assert cf[grid] != 8, list(cf)  # (one step)
     w49 = _gru_params(isz, 49, dtype, seed=1)
