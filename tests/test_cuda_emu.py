@@ -1313,7 +1313,8 @@ def test_gru_cell_one_launch_kernel(order, monkeypatch, dtype, bsz, isz, hsz, la
 def test_gru_cell_one_launch_batch_limit(monkeypatch):
     """The one-launch cell kernel takes batches up to 32 (gru_cell_fwd_plan); 33 rows go the sequence path (the input
     projection as a GEMM, then the persistent kernel: W_hh in shared memory) unless PYATTN_CUDA_GRU_CELL=1, and
-    PYATTN_CUDA_GRU_CELL=0 turns the kernel off. Every path gives h' within tolerance of the float64 oracle."""
+    PYATTN_CUDA_GRU_CELL=0 turns the kernel off. Every path gives h' within tolerance of the float64 oracle; an empty
+    batch launches nothing."""
     from pyattn.dispatch import get_backend
 
     x, h, w = _cell_inputs(33, 8, 12, torch.float32, "contiguous", seed=4)
@@ -1335,6 +1336,9 @@ def test_gru_cell_one_launch_batch_limit(monkeypatch):
     assert smem_of(None) != cell_smem
     assert smem_of("1") == cell_smem
     assert smem_of("0", 32) != 32 * (8 + 12) * 4
+    ops.emu_reset_counters()  # an empty batch: empty outputs, nothing launched
+    h1, ws = ops.gru_step_fwd(x[:0], h[:0], *w, True)
+    assert h1.shape == (0, 12) and ws.shape == (0, 48) and ops.emu_counters()[2] == 0
 
 
 # ---- memcheck -----------------------------------------------------------------------------------------------------

@@ -623,6 +623,15 @@ __device__ __forceinline__ void store_cluster(float* local, unsigned rank, float
 #endif
 }
 
+// *local's counterparts in the other C - 1 blocks of the cluster = v
+template <int C>
+__device__ __forceinline__ void store_cluster_others(float* local, float v) {
+  const unsigned self = cluster_rank();
+#pragma unroll 1
+  for (unsigned r = 0; r < unsigned(C); ++r)
+    if (r != self) store_cluster(local, r, v);
+}
+
 // C: the blocks of the cluster (1: one block, no cluster instructions).
 template <typename T, int C>
 __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const GRURecFwdParams p) {
@@ -642,7 +651,7 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const G
   float* const base = reinterpret_cast<float*>(rec_smem);
   float* Hs = C == 1 ? base + G3 * HP : base;
   float* Ws = C == 1 ? base : base + 2 * B * HP;
-  float* Gs = (C == 1 ? Hs : Ws) + (C == 1 ? 2 * B * HP : G3 * HP);  // [2][B][3 nu]: input projection, g nu + u
+  float* Gs = base + G3 * HP + 2 * B * HP;  // (after both) [2][B][3 nu]: the input projection, g nu + u
   float* Bi = Gs + 2 * BG3;                        // [3 nu] b_ih (0 where absent), g nu + u
   float* Bh = Bi + G3;                             // [3 nu] b_hh
   // element e of the block's input projection (row b, gate g, unit u) within a step's B x 3H; 32-bit: e < B 3 nu <=
@@ -744,12 +753,7 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_fwd_one_kernel(const G
         out[row * H + j] = h;
         // (the next step reads the state as stored, like the persistent kernel)
         hs_next[b * HP + j] = to_f32(h);
-        if constexpr (C > 1) {
-          const unsigned self = cluster_rank();
-#pragma unroll 1
-          for (unsigned r = 0; r < unsigned(C); ++r)
-            if (r != self) store_cluster(hs_next + b * HP + j, r, to_f32(h));
-        }
+        if constexpr (C > 1) store_cluster_others<C>(hs_next + b * HP + j, to_f32(h));
         if (p.ws != nullptr) store_ws(p.ws + row * 4 * H + j, H, g, hn);
       }
     }
@@ -864,7 +868,7 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
   constexpr int kGsBuffers = C == 1 ? 1 : 2;
   float* Gs0 = C == 1 ? base + H * KP : base;
   float* Wt = C == 1 ? base : base + kGsBuffers * B * KP;
-  float* Ds = C == 1 ? Gs0 + B * KP : Wt + nu * KP;
+  float* Ds = base + kGsBuffers * B * KP + nu * KP;  // (after both; nu = H for one block)
   for (int64_t e = threadIdx.x; e < nu * KP; e += blockDim.x) {  // (consecutive threads: a row's consecutive units)
     const int64_t k = e / nu, u = e - k * nu;
     Wt[u * KP + k] = k < H3 ? to_f32(w_hh[k * p.w_hh_row_stride + j0 + u]) : 0.0f;
@@ -896,14 +900,9 @@ __global__ void __launch_bounds__(kOneThreads, 1) gru_rec_bwd_one_kernel(const G
       gs[H] = g.dz;
       gs[2 * H] = g.dnr;
       if constexpr (C > 1) {
-        const unsigned self = cluster_rank();
-#pragma unroll 1
-        for (unsigned r = 0; r < unsigned(C); ++r) {
-          if (r == self) continue;
-          store_cluster(gs, r, g.dr);
-          store_cluster(gs + H, r, g.dz);
-          store_cluster(gs + 2 * H, r, g.dnr);
-        }
+        store_cluster_others<C>(gs, g.dr);
+        store_cluster_others<C>(gs + H, g.dz);
+        store_cluster_others<C>(gs + 2 * H, g.dnr);
       }
       Ds[u * B + b] = g.direct;
       if (step + 1 < nsteps) in = load_bwd_in<T>(p, step + 1, b, j);  // (in flight during phase B)
