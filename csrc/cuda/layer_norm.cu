@@ -2,20 +2,20 @@
 // Torch-free: the contract is the LayerNorm section of pyattn/params.h, the numerics those of
 // csrc/cpu/layer_norm.cpp. Launchers are declared in pyattn/cuda_kernels.h.
 //
-// STATUS: compiled offline for sm_80 and sm_90a (scripts/compile_cuda.py: -Werror, zero spills) but NOT YET RUN
-// ON A GPU. The `cuda` backend is therefore after `triton` in every priority list (pyattn/dispatch/registry.py)
-// until a GPU session runs tests/test_gpu.py and scripts/gpu_sanitize.sh on it.
+// STATUS: tested on an H200 (tests/test_gpu.py, scripts/gpu_sanitize.sh) in the first GPU session (run 1, a6ae797).
+// The register kernels were restructured afterwards without a GPU (loads of a row issued together, VEC a template
+// parameter; see docs/design.md): emulator-tested and compiled without spills, not yet timed.
 //
 // Layout of the work
 //   A row of N elements is handled by TPR threads ("a row group": part of a warp, a warp, or a whole block of up to
 //   512 threads); a block holds RPB row groups. Thread `lane` of a row group owns the 16-byte vectors
 //   v = lane, lane + TPR, lane + 2 TPR, ... (coalesced: consecutive lanes read consecutive 16-byte pieces), at most
 //   EPT elements (EPT / V vectors, V = 16 / sizeof(T)). The configuration is the smallest one whose TPR * EPT
-//   covers N; the row then lives in registers (as fp32) between the passes, so it is read from memory once.
+//   covers N; the row then lives in registers (packed in T) between the passes, so it is read from memory once.
 //   Rows longer than the largest configuration (N > 8192 forward and backward) take a "looped" kernel: one
 //   block of 512 threads per row that re-reads the row from memory (L2) in each pass. Any N >= 1 works.
 //   When a pointer is not 16-byte aligned or a row stride is not a multiple of V, the same kernels load and store
-//   element by element (`vec` = false); results are identical.
+//   element by element (VEC = false); results are identical.
 //
 // Forward (per row), exactly the CPU kernel's algorithm:
 //   pass 1  s = round_to_dtype(x + residual) (stored to residual_out when asked), sum(s) [RMS: sum(s^2)]
@@ -253,10 +253,92 @@ __device__ __forceinline__ float div_n(float a, float n, float inv_n) {
 __device__ __forceinline__ float nonneg(float v) { return v < 0.f ? 0.f : v; }
 
 // ------------------------------------------------------------------------------------------------------------
-// Forward, row in registers
+// A thread's share of a row in the register kernels: VPT 16-byte vectors, vector k at elements
+// j_k = (k * TPR + lane) * V (consecutive lanes read consecutive 16 bytes). Rows there have at most 8192 elements,
+// so offsets inside a row are int. With VEC every whole vector is one 16-byte load and all of them are issued back
+// to back before any is used: one memory round trip a row. (Each load behind its own branch on a run-time flag, as
+// this file had before, kept one load in flight: a row took VPT round trips.) A vector cut by the row's end, and
+// every vector without VEC, takes element loads after those. Zeros past n; n = 0 loads nothing.
 // ------------------------------------------------------------------------------------------------------------
-template <class T, bool RMS, int TPR, int RPB, int EPT>
-__global__ void __launch_bounds__(TPR * RPB) ln_fwd_kernel(const NormFwdParams p, const bool vec, const float inv_n) {
+template <class T, int TPR, int VPT, bool VEC>
+__device__ __forceinline__ void load_row(const T* row, int lane, int n, uint4 (&r)[VPT]) {
+  constexpr int V = Vec<T>::kN;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int j = (k * TPR + lane) * V;
+    r[k] = make_uint4(0u, 0u, 0u, 0u);
+    if (VEC && j + V <= n) r[k] = *reinterpret_cast<const uint4*>(row + j);
+  }
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int j = (k * TPR + lane) * V;
+    if (j < n && (!VEC || j + V > n)) r[k] = load_raw(row, j, n, false);
+  }
+}
+
+// The same for an fp32 parameter with 16-bit rows: a vector of V = 8 columns is two float4 loads.
+template <int TPR, int VPT, int V, bool VEC>
+__device__ __forceinline__ void load_f32_row(const float* q, int lane, int n, float (&v)[VPT][V]) {
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+    for (int h = 0; h < V; h += 4) {
+      const int j = (k * TPR + lane) * V + h;
+      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (VEC && j + 4 <= n) f = *reinterpret_cast<const float4*>(q + j);
+      v[k][h] = f.x;
+      v[k][h + 1] = f.y;
+      v[k][h + 2] = f.z;
+      v[k][h + 3] = f.w;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+    for (int h = 0; h < V; h += 4) {
+      const int j = (k * TPR + lane) * V + h;
+      if (j < n && (!VEC || j + 4 > n)) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[k][h + e] = (j + e < n) ? q[j + e] : 0.f;
+      }
+    }
+  }
+}
+
+// A (N,) parameter vector (weight or bias, dtype F32 or T) at this thread's columns, as fp32; `fill` when absent.
+// The dtype is looked at once for all VPT vectors, so their loads go out together too.
+template <class T, int TPR, int VPT, bool VEC>
+__device__ __forceinline__ void load_param_row(const void* p, DType dt, float fill, int c0, int lane, int n,
+                                               float (&v)[VPT][Vec<T>::kN]) {
+  constexpr int V = Vec<T>::kN;
+  if (p == nullptr) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[k][e] = fill;
+    }
+  } else if (dt == DType::F32) {
+    load_f32_row<TPR, VPT, V, VEC>(static_cast<const float*>(p) + c0, lane, n - c0, v);
+  } else {
+    uint4 raw[VPT];
+    load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p) + c0, lane, n - c0, raw);
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) unpack16(raw[k], v[k], static_cast<const T*>(nullptr));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward, row in registers. Weight and bias are loaded (L1 / L2 hits after the first rows) when the statistics
+// are known: kept in registers across the row's sums they would cost occupancy.
+// ------------------------------------------------------------------------------------------------------------
+// 768 threads an SM at least (85 registers a thread): with one row's loads in flight per thread, the bytes in flight
+// per SM follow from the threads it holds. Left free, ptxas took about 72-105 registers (2 blocks of 256 threads);
+// 1024 threads (64 registers) spill.
+constexpr int kFwdMinThreadsPerSm = 768;
+
+template <class T, bool RMS, int TPR, int RPB, int EPT, bool VEC>
+__global__ void __launch_bounds__(TPR * RPB, kFwdMinThreadsPerSm / (TPR * RPB))
+    ln_fwd_kernel(const NormFwdParams p, const float inv_n) {
   constexpr int V = Vec<T>::kN;
   constexpr int VPT = EPT / V;
   static_assert(EPT % V == 0 && VPT >= 1, "EPT must be a multiple of the vector width");
@@ -264,41 +346,44 @@ __global__ void __launch_bounds__(TPR * RPB) ln_fwd_kernel(const NormFwdParams p
 
   const int lane = static_cast<int>(threadIdx.x) % TPR;
   const int group = static_cast<int>(threadIdx.x) / TPR;
-  const int64_t M = p.M, N = p.N;
+  const int64_t M = p.M;
+  const int N = static_cast<int>(p.N);  // <= TPR * EPT (fwd_dispatch)
   const float fN = static_cast<float>(N);
-  const T* x = static_cast<const T*>(p.x);
-  const T* res = static_cast<const T*>(p.residual);
-  T* y = static_cast<T*>(p.y);
-  T* res_out = static_cast<T*>(p.residual_out);
+  const T* tag = nullptr;
 
-  // The loop bound is uniform over the block (every thread reaches every GroupSum); rows past M are inactive.
+  // The loop bound is uniform over the block (every thread reaches every group_sum); a row group past M loads and
+  // stores nothing (n = 0) but joins the sums.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * RPB; base < M;
        base += static_cast<int64_t>(gridDim.x) * RPB) {
     const int64_t row = base + group;
-    const bool active = row < M;
-    const T* tag = nullptr;
+    const int n = row < M ? N : 0;
     uint4 sr[VPT];  // the row's s, packed in T (see load_raw)
+    load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride, lane, n, sr);
+    if (p.residual != nullptr) {
+      uint4 rr[VPT];
+      load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride, lane, n, rr);
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        float a[V], r[V];
+        unpack16(sr[k], a, tag);
+        unpack16(rr[k], r, tag);
+#pragma unroll
+        for (int e = 0; e < V; ++e) a[e] += r[e];
+        sr[k] = pack16(a, tag);  // s = x + residual rounded to T (0 + 0 past n)
+      }
+      if (p.residual_out != nullptr) {
+        T* ro = static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride;
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) store_raw(ro, (k * TPR + lane) * V, n, VEC, sr[k]);
+      }
+    }
     float acc[1] = {0.f};
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
-      sr[k] = make_uint4(0u, 0u, 0u, 0u);
-      if (active && j < N) {
-        sr[k] = load_raw(x + row * p.x_row_stride, j, N, vec);
-        if (res != nullptr) {
-          float a[V], r[V];
-          unpack16(sr[k], a, tag);
-          load_vec(res + row * p.residual_row_stride, j, N, vec, r);
-#pragma unroll
-          for (int e = 0; e < V; ++e) a[e] += r[e];
-          sr[k] = pack16(a, tag);  // s = x + residual rounded to T
-          if (res_out != nullptr) store_raw(res_out + row * p.residual_out_row_stride, j, N, vec, sr[k]);
-        }
-      }
       float v[V];
       unpack16(sr[k], v, tag);
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[0] += RMS ? v[e] * v[e] : v[e];  // elements past N are 0
+      for (int e = 0; e < V; ++e) acc[0] += RMS ? v[e] * v[e] : v[e];  // elements past n are 0
     }
     group_sum<TPR, RPB, 1>(acc, smem, group, lane);
 
@@ -310,12 +395,12 @@ __global__ void __launch_bounds__(TPR * RPB) ln_fwd_kernel(const NormFwdParams p
       float q[2] = {0.f, 0.f};
 #pragma unroll
       for (int k = 0; k < VPT; ++k) {
-        const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+        const int valid = n - (k * TPR + lane) * V;
         float v[V];
         unpack16(sr[k], v, tag);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          if (active && j + e < N) {
+          if (e < valid) {
             const float d = v[e] - m1;
             q[0] += d;
             q[1] += d * d;
@@ -326,28 +411,33 @@ __global__ void __launch_bounds__(TPR * RPB) ln_fwd_kernel(const NormFwdParams p
       c = div_n(q[0], fN, inv_n);
       rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
     }
-    if (active && lane == 0) {
+    if (n > 0 && lane == 0) {
       if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
       if (p.rstd != nullptr) p.rstd[row] = rstd;
     }
     const float ncr = -c * rstd;
+    T* yr = static_cast<T*>(p.y) + row * p.y_row_stride;
+    constexpr int G = VPT >= 2 ? VPT / 2 : 1;  // vectors a step: weight and bias for G vectors in registers at once
 #pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
-      if (active && j < N) {
-        float v[V], w[V], out[V];
+    for (int k0 = 0; k0 < VPT; k0 += G) {
+      const int c0 = k0 * TPR * V;
+      float w[G][V], b[G][V];
+      load_param_row<T, TPR, G, VEC>(p.weight, p.weight_dtype, 1.f, c0, lane, n, w);
+      if constexpr (!RMS) load_param_row<T, TPR, G, VEC>(p.bias, p.bias_dtype, 0.f, c0, lane, n, b);
+#pragma unroll
+      for (int kk = 0; kk < G; ++kk) {
+        const int k = k0 + kk;
+        float v[V], out[V];
         unpack16(sr[k], v, tag);
-        load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
-        if constexpr (RMS) {
 #pragma unroll
-          for (int e = 0; e < V; ++e) out[e] = v[e] * rstd * w[e];
-        } else {
-          float b[V];
-          load_param<T>(p.bias, p.bias_dtype, 0.f, j, N, vec, b);
-#pragma unroll
-          for (int e = 0; e < V; ++e) out[e] = fmaf(fmaf(v[e] - m1, rstd, ncr), w[e], b[e]);
+        for (int e = 0; e < V; ++e) {
+          if constexpr (RMS) {
+            out[e] = v[e] * rstd * w[kk][e];
+          } else {
+            out[e] = fmaf(fmaf(v[e] - m1, rstd, ncr), w[kk][e], b[kk][e]);
+          }
         }
-        store_vec(y + row * p.y_row_stride, j, N, vec, out);
+        store_raw(yr, (k * TPR + lane) * V, n, VEC, pack16(out, tag));
       }
     }
   }
@@ -453,12 +543,14 @@ __global__ void __launch_bounds__(TPR) ln_fwd_looped_kernel(const NormFwdParams 
 
 // ------------------------------------------------------------------------------------------------------------
 // Backward, row in registers. Row group `chunk` handles rows [chunk * rows_per_chunk, ... + rows_per_chunk) and,
-// when dw_part != nullptr, writes its partial sums to dw_part / db_part [chunk, :].
+// when dw_part != nullptr, writes its partial sums to dw_part / db_part [chunk, :]. A row's s, dy and weight loads
+// go out together (the weight: L1 / L2 hits after the first rows), and so do its dresidual_out loads after the sums.
+// Pass 1 turns dy into g = dy * w, all that pass 2 needs of either: the weight is dead after pass 1.
 // ------------------------------------------------------------------------------------------------------------
-template <class T, bool RMS, int TPR, int RPB, int EPT>
+template <class T, bool RMS, int TPR, int RPB, int EPT, bool VEC>
 __global__ void __launch_bounds__(TPR * RPB)
-    ln_bwd_kernel(const NormBwdParams p, const bool vec, const float inv_n, const int64_t rows_per_chunk,
-                  const int64_t nchunks, float* __restrict__ dw_part, float* __restrict__ db_part) {
+    ln_bwd_kernel(const NormBwdParams p, const float inv_n, const int64_t rows_per_chunk, const int64_t nchunks,
+                  float* __restrict__ dw_part, float* __restrict__ db_part) {
   constexpr int V = Vec<T>::kN;
   constexpr int VPT = EPT / V;
   static_assert(EPT % V == 0 && VPT >= 1, "EPT must be a multiple of the vector width");
@@ -466,15 +558,14 @@ __global__ void __launch_bounds__(TPR * RPB)
 
   const int lane = static_cast<int>(threadIdx.x) % TPR;
   const int group = static_cast<int>(threadIdx.x) / TPR;
-  const int64_t M = p.M, N = p.N;
+  const int64_t M = p.M;
+  const int N = static_cast<int>(p.N);  // <= TPR * EPT (bwd_plan)
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * RPB + group;
   const bool chunk_ok = chunk < nchunks;
   const bool partial = dw_part != nullptr;
+  const bool has_dres = p.dresidual_out != nullptr;
   const int64_t block_first_row = static_cast<int64_t>(blockIdx.x) * RPB * rows_per_chunk;
-  const T* s_base = static_cast<const T*>(p.s);
-  const T* dy_base = static_cast<const T*>(p.dy);
-  const T* dres_base = static_cast<const T*>(p.dresidual_out);
-  T* dx_base = static_cast<T*>(p.dx);
+  const T* tag = nullptr;
 
   float dwp[VPT][V], dbp[VPT][V];
 #pragma unroll
@@ -483,37 +574,34 @@ __global__ void __launch_bounds__(TPR * RPB)
     for (int e = 0; e < V; ++e) dwp[k][e] = dbp[k][e] = 0.f;
   }
 
-  const T* tag = nullptr;
   for (int64_t i = 0; i < rows_per_chunk; ++i) {
     if (block_first_row + i >= M) break;  // uniform over the block: no row group of this block has row i left
     const int64_t row = chunk * rows_per_chunk + i;
-    const bool active = chunk_ok && row < M;
-    const float mean = (active && !RMS) ? p.mean[row] : 0.f;
-    const float rstd = active ? p.rstd[row] : 0.f;
+    const int n = chunk_ok && row < M ? N : 0;
+    const float mean = (n > 0 && !RMS) ? p.mean[row] : 0.f;
+    const float rstd = n > 0 ? p.rstd[row] : 0.f;
     uint4 sr[VPT], dyr[VPT];  // the row's s and dy, packed in T (see load_raw)
+    load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p.s) + row * p.s_row_stride, lane, n, sr);
+    load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p.dy) + row * p.dy_row_stride, lane, n, dyr);
+    float g[VPT][V];  // the weight, then g = dy * w
+    load_param_row<T, TPR, VPT, VEC>(p.weight, p.weight_dtype, 1.f, 0, lane, n, g);
     float sums[2] = {0.f, 0.f};
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
-      sr[k] = dyr[k] = make_uint4(0u, 0u, 0u, 0u);
-      if (active && j < N) {
-        sr[k] = load_raw(s_base + row * p.s_row_stride, j, N, vec);
-        dyr[k] = load_raw(dy_base + row * p.dy_row_stride, j, N, vec);
-        float sv[V], dy[V], w[V];
-        unpack16(sr[k], sv, tag);
-        unpack16(dyr[k], dy, tag);
-        load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+      const int valid = n - (k * TPR + lane) * V;  // elements of vector k in the row (e < valid: fewer live flags)
+      float sv[V], dy[V];
+      unpack16(sr[k], sv, tag);
+      unpack16(dyr[k], dy, tag);
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          if (j + e < N) {  // masked: xhat of a padding element may be inf when rstd is
-            const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-            const float g = rounded_g(dy[e], w[e]);
-            if (!RMS) sums[0] += g;
-            sums[1] += g * xh;
-            if (partial) {
-              dwp[k][e] += dy[e] * xh;
-              if (!RMS) dbp[k][e] += dy[e];
-            }
+      for (int e = 0; e < V; ++e) {
+        g[k][e] = rounded_g(dy[e], g[k][e]);
+        if (e < valid) {  // masked: xhat of a padding element may be inf when rstd is
+          const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+          if (!RMS) sums[0] += g[k][e];
+          sums[1] += g[k][e] * xh;
+          if (partial) {
+            dwp[k][e] += dy[e] * xh;
+            if (!RMS) dbp[k][e] += dy[e];
           }
         }
       }
@@ -521,27 +609,21 @@ __global__ void __launch_bounds__(TPR * RPB)
     group_sum<TPR, RPB, 2>(sums, smem, group, lane);
     const float a = RMS ? 0.f : sums[0] * inv_n;
     const float b = sums[1] * inv_n;
+    uint4 drr[VPT];  // dresidual_out, packed; zeros without it
+    const T* dres = static_cast<const T*>(p.dresidual_out);
+    load_row<T, TPR, VPT, VEC>(has_dres ? dres + row * p.dresidual_out_row_stride : dres, lane, has_dres ? n : 0, drr);
+    T* dxr = static_cast<T*>(p.dx) + row * p.dx_row_stride;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
-      if (active && j < N) {
-        float sv[V], dy[V], w[V], dx[V];
-        unpack16(sr[k], sv, tag);
-        unpack16(dyr[k], dy, tag);
-        load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);  // again: an L1 hit, cheaper than registers
+      float sv[V], dr[V], dx[V];
+      unpack16(sr[k], sv, tag);
+      unpack16(drr[k], dr, tag);  // zeros without dresidual_out
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-          dx[e] = (rounded_g(dy[e], w[e]) - fmaf(xh, b, a)) * rstd;
-        }
-        if (dres_base != nullptr) {
-          float dr[V];
-          load_vec(dres_base + row * p.dresidual_out_row_stride, j, N, vec, dr);
-#pragma unroll
-          for (int e = 0; e < V; ++e) dx[e] += dr[e];
-        }
-        store_vec(dx_base + row * p.dx_row_stride, j, N, vec, dx);
+      for (int e = 0; e < V; ++e) {
+        const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
+        dx[e] = (g[k][e] - fmaf(xh, b, a)) * rstd + dr[e];
       }
+      store_raw(dxr, (k * TPR + lane) * V, n, VEC, pack16(dx, tag));
     }
   }
 
@@ -550,7 +632,7 @@ __global__ void __launch_bounds__(TPR * RPB)
     float* dbr = db_part + chunk * N;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t j = (static_cast<int64_t>(k) * TPR + lane) * V;
+      const int j = (k * TPR + lane) * V;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         if (j + e < N) {
@@ -741,11 +823,11 @@ constexpr int64_t kMaxGrid = 0x7fffffff;
 struct Cfg {
   int tpr, rpb, ept;
 };
-// (512, 1, 32) would hold 16384 elements but spills on sm_80 (ptxas hoists every load of pass 3 at the
-// 128-register cap of 512 threads): rows above 8192 take the looped kernel instead.
-constexpr Cfg kFwdCfgs[] = {{8, 16, 8},   {32, 4, 8},   {32, 4, 16},  {32, 4, 32},
-                            {128, 1, 16}, {128, 1, 32}, {256, 1, 32}};
-// Backward keeps s and dy packed plus two fp32 partial sums per element in registers: at most 16 elements.
+// At most 16 elements a thread: each row's loads are in flight together, so their registers are held at once
+// (forward: the row, then weight and bias as fp32; backward: s and dy packed, the weight and two fp32 partial sums
+// all along). Rows above 8192 elements take the looped kernels.
+constexpr Cfg kFwdCfgs[] = {{8, 16, 8},   {32, 4, 8},   {32, 4, 16},  {64, 2, 16},
+                            {128, 1, 16}, {256, 1, 16}, {512, 1, 16}};
 constexpr Cfg kBwdCfgs[] = {{8, 16, 8},   {32, 4, 8},   {32, 4, 16},  {64, 2, 16},
                             {128, 1, 16}, {256, 1, 16}, {512, 1, 16}};
 constexpr int kNumFwdCfgs = sizeof(kFwdCfgs) / sizeof(Cfg);
@@ -813,9 +895,13 @@ BwdPlan bwd_plan(const NormBwdParams& p) {
 
 template <class T, bool RMS, int TPR, int RPB, int EPT>
 cudaError_t launch_fwd(const NormFwdParams& p, bool vec, cudaStream_t stream) {
-  const int64_t blocks = cdiv(p.M, RPB);
-  ln_fwd_kernel<T, RMS, TPR, RPB, EPT>
-      <<<static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid), TPR * RPB, 0, stream>>>(p, vec, host_inv_n(p.N));
+  const int64_t rows = cdiv(p.M, RPB);
+  const unsigned blocks = static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
+  if (vec) {
+    ln_fwd_kernel<T, RMS, TPR, RPB, EPT, true><<<blocks, TPR * RPB, 0, stream>>>(p, host_inv_n(p.N));
+  } else {
+    ln_fwd_kernel<T, RMS, TPR, RPB, EPT, false><<<blocks, TPR * RPB, 0, stream>>>(p, host_inv_n(p.N));
+  }
   PYATTN_RETURN_IF_LAUNCH_ERROR();
   return cudaSuccess;
 }
@@ -856,9 +942,14 @@ static_assert(kNumFwdCfgs == 7, "the cases of fwd_dispatch must cover kFwdCfgs")
 template <class T, bool RMS, int TPR, int RPB, int EPT>
 cudaError_t launch_bwd(const NormBwdParams& p, const BwdPlan& pl, bool vec, float* dw_part, float* db_part,
                        cudaStream_t stream) {
-  const int64_t blocks = cdiv(pl.nchunks, RPB);  // <= kTargetWarps * 32 / TPR / RPB: small
-  ln_bwd_kernel<T, RMS, TPR, RPB, EPT><<<static_cast<unsigned>(blocks), TPR * RPB, 0, stream>>>(
-      p, vec, host_inv_n(p.N), pl.rows_per_chunk, pl.nchunks, dw_part, db_part);
+  const unsigned blocks = static_cast<unsigned>(cdiv(pl.nchunks, RPB));  // <= kTargetWarps * 32 / TPR / RPB: small
+  if (vec) {
+    ln_bwd_kernel<T, RMS, TPR, RPB, EPT, true><<<blocks, TPR * RPB, 0, stream>>>(
+        p, host_inv_n(p.N), pl.rows_per_chunk, pl.nchunks, dw_part, db_part);
+  } else {
+    ln_bwd_kernel<T, RMS, TPR, RPB, EPT, false><<<blocks, TPR * RPB, 0, stream>>>(
+        p, host_inv_n(p.N), pl.rows_per_chunk, pl.nchunks, dw_part, db_part);
+  }
   PYATTN_RETURN_IF_LAUNCH_ERROR();
   return cudaSuccess;
 }
