@@ -89,6 +89,42 @@ def test_preferred_backend_moves_to_the_front(monkeypatch):
     assert "priority: torch > " in pyattn.explain("layer_norm", torch.randn(2, 16, dtype=torch.bfloat16), (16,))
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backward,capability,expected", [
+    (True, (9, 0), True), (False, (9, 0), False), (True, (8, 0), False), (True, (10, 0), False)])
+def test_cuda_backend_preferred_for_measured_norm_backward(op, backward, capability, expected, monkeypatch):
+    """Where the cuda backend's norm was measured faster than Triton's (cuda_norm_is_fastest): the backward, on
+    compute capability 9.0; the flag is in the signature selection is cached on."""
+    from pyattn.backends import cuda as cuda_be
+    from pyattn.ops.layer_norm import NormInputs
+
+    x = torch.empty(8, 64, dtype=torch.bfloat16, device="meta")
+    inputs = NormInputs(x, None, None, None, 1e-5, op == "rms_norm", backward=backward)
+    assert inputs.op == op
+    monkeypatch.setattr(cuda_be.torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert cuda_be.cuda_norm_is_fastest(inputs) is expected
+    assert inputs.signature() != NormInputs(x, None, None, None, 1e-5, op == "rms_norm",
+                                            backward=not backward).signature()
+
+
+def test_norm_backward_is_selected_as_a_backward(monkeypatch):
+    """The forward and the backward of a norm are selected apart, the backward's inputs saying so (what
+    CudaBackend.preferred_for looks at)."""
+    from pyattn.ops import layer_norm as ln_ops
+
+    seen = []
+
+    def recording_select(inputs, backend=None):
+        seen.append(inputs.backward)
+        return select(inputs, backend)
+
+    monkeypatch.setattr(ln_ops, "select", recording_select)
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    pyattn.layer_norm(x, (16,), w).sum().backward()
+    assert seen == [False, True] and x.grad is not None and w.grad is not None
+
+
 @pytest.mark.parametrize("change,expected", [
     ({}, True), ({"needs_grad": True}, True), ({"d": 64, "dv": 64}, True),
     ({"d": 64, "dv": 64, "needs_grad": True}, False),

@@ -706,6 +706,38 @@ def test_norm_cuda_opcheck(dtype):
 
 
 @_needs_cuda_norm
+@pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims norm backwards on compute capability 9.0 only "
+                                           "(CudaBackend.preferred_for, cuda_norm_is_fastest)")
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_unforced_norm_backward_takes_the_cuda_backend(rms, monkeypatch):
+    """Unforced training calls: the forward on the list's first backend (triton), the backward on cuda
+    (cuda_norm_is_fastest); the gradients are the oracle's."""
+    from pyattn.ops import layer_norm as ln_ops
+
+    chosen, original = [], ln_ops.select
+
+    def recording_select(inputs, backend=None):
+        chosen.append((inputs.backward, original(inputs, backend).name))
+        return original(inputs, backend)
+
+    monkeypatch.setattr(ln_ops, "select", recording_select)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 1024, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(1024, generator=g)).to(DEV, torch.bfloat16).requires_grad_()
+    b = None if rms else (0.1 * torch.randn(1024, generator=g)).to(DEV, torch.bfloat16).requires_grad_()
+    dy = torch.randn(64, 1024, generator=g).to(DEV, torch.bfloat16)
+    if rms:
+        pyattn.rms_norm(x, (1024,), w, eps=1e-5).backward(dy)
+    else:
+        pyattn.layer_norm(x, (1024,), w, b).backward(dy)
+    assert chosen == [(False, "triton"), (True, "cuda")], chosen
+    _, (dx64, *dp64) = norm_ref(x.detach(), w.detach(), b, 1e-5, rms, dy, torch.zeros_like(dy))
+    assert_tol(x.grad, dx64, "layer_norm", torch.bfloat16, "bwd")
+    for p, want in zip((w, b), dp64):
+        assert_tol(p.grad, want, "layer_norm", torch.bfloat16, "bwd")
+
+
+@_needs_cuda_norm
 def test_norm_cuda_empty_rows():
     x = torch.empty(0, 16, device=DEV)
     w, b = torch.randn(16, device=DEV), torch.randn(16, device=DEV)

@@ -77,8 +77,20 @@ _NORM_NOTES = (("LayerNorm/RMSNorm (+ fused residual) kernels of csrc/cuda/layer
                 "block, 16-byte loads, corrected two-pass variance in fp32, any hidden size, deterministic "
                 "dweight/dbias"),
                ("after triton in the priority lists: on an H200 it passed tests/test_gpu.py and "
-                "scripts/gpu_sanitize.sh but was faster than Triton only for fp32 (docs/design.md, CUDA backend "
-                "status)"))
+                "scripts/gpu_sanitize.sh; its forward was faster than Triton's for fp32 only, its backward in every "
+                "measured case, so the backward is taken first on compute capability 9.0 (cuda_norm_is_fastest; "
+                "docs/design.md, CUDA backend status)"))
+
+
+def cuda_norm_is_fastest(inputs) -> bool:
+    """Norm calls where the cuda backend was measured faster than Triton's kernels on a Hopper GPU: the backward
+    (LayerNorm and RMSNorm, fp32 and bf16, M = 4096, N = 1024 and 4096; H200, first session, run 1,
+    benchmarks/results/nvidia-h200/gpu-layernorm.csv): 1.22x-4.84x Triton's (bf16 LayerNorm at N = 4096: 0.079 vs
+    0.385 ms; the Triton backward walks its rows one after another in one program per SM). Those were the kernels
+    before the 2026-11-27 restructuring (a row's loads issued together; unmeasured since, re-timed by the next GPU
+    run's gpu-layernorm.log). The forward was faster only in fp32, so it stays on the list's order. Compute
+    capability 9.0 only, the one measured."""
+    return inputs.backward and torch.cuda.get_device_capability(inputs.device) == (9, 0)
 
 
 def _device_code_for(capability, archs: str) -> bool:
@@ -159,7 +171,11 @@ class CudaBackend(NativeBackend):
         return True, ""
 
     def preferred_for(self, inputs) -> bool:
-        return inputs.op == "attention" and inputs.device.type == "cuda" and cuda_attention_is_fastest(inputs)
+        if inputs.device.type != "cuda":
+            return False
+        if inputs.op == "attention":
+            return cuda_attention_is_fastest(inputs)
+        return inputs.op in ("layer_norm", "rms_norm") and cuda_norm_is_fastest(inputs)
 
     def extra_reasons(self, inputs) -> list[str]:
         reasons = missing_kernel_reason(inputs.op, "CUDA")

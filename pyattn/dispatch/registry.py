@@ -19,7 +19,8 @@ from .backend import Backend, OpInputs
 # CUDA C++ kernels were slower than Triton's for attention training at head dim 64 and most norm shapes (faster in
 # fp32, slower in bf16); so an unforced call on a GPU takes Triton, except where a backend's preferred_for says it was
 # measured the fastest (_priority): on Hopper, the CUDA attention forward at head dims 64 and 128, training at head
-# dim 128 and decoding steps at head dim 128 take cuda (pyattn/backends/cuda.py, cuda_attention_is_fastest). GRU
+# dim 128 and decoding steps at head dim 128 take cuda (pyattn/backends/cuda.py, cuda_attention_is_fastest), and so
+# does the norms' backward (its own selection; faster than Triton's in every measured case: cuda_norm_is_fastest). GRU
 # layers and cells take cuda first: its persistent layer kernels (one launch per direction) beat Triton's on every
 # benchmarked shape (fourth H200 session: 0.545 vs 11.2 ms forward at B = 1, T = 200, H = 128; 3.57 vs 24.5 ms
 # forward + backward at B = 32, T = 100, H = 256), and so did its cell (fifth session: 0.013 vs 0.060 ms forward at

@@ -32,6 +32,7 @@ class NormInputs(OpInputs):
     bias: Optional[Tensor]
     eps: float
     rms: bool
+    backward: bool = False  # the backward's call (its own selection: CudaBackend.preferred_for)
 
     @property
     def op(self) -> str:
@@ -55,12 +56,12 @@ class NormInputs(OpInputs):
 
     def signature(self) -> tuple:
         return (self.x.device.type, self.x.dtype, self.hidden, self.weight_dtype, self.bias is not None,
-                self.residual is not None)
+                self.residual is not None, self.backward)
 
     def describe(self) -> dict:
         return {"shape": tuple(self.x.shape), "dtype": dtype_name(self.x.dtype), "hidden": self.hidden,
                 "weight": dtype_name(self.weight_dtype) if self.weight is not None else None,
-                "bias": self.bias is not None, "residual": self.residual is not None}
+                "bias": self.bias is not None, "residual": self.residual is not None, "backward": self.backward}
 
 
 def _normalize_shape(normalized_shape) -> tuple[int, ...]:
@@ -156,7 +157,7 @@ def _norm_fwd_fake(x, residual, weight, bias, eps, rms, store_residual, backend)
 def _norm_bwd_impl(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
               dresidual_out: Optional[Tensor], eps: float, rms: bool, has_bias: bool, need_dweight: bool,
               backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = NormInputs(s, None, weight, None, eps, rms)
+    inputs = NormInputs(s, None, weight, None, eps, rms, backward=True)
     return select(inputs, backend).layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias,
                                                   need_dweight)
 
