@@ -849,9 +849,15 @@ inline bool rows_vec_ok(const void* ptr, int64_t row_stride, int64_t M, int V) {
 }
 
 // The partition of rows into chunks for dweight/dbias: depends only on (M, N) and whether partial sums are needed,
-// so results are bitwise reproducible for a shape on any GPU. (Untuned: chosen without a GPU to measure on.)
-constexpr int64_t kMinChunkRows = 16;        // rows per chunk at least (bounds the partial-sum traffic)
-constexpr int64_t kTargetWarps = 4096;       // row groups in flight, counted in warps
+// so results are bitwise reproducible for a shape on any GPU. A row group takes its chunk's rows one after another,
+// so a chunk costs about rows x one row's latency, while each chunk adds 2 N floats of partial sums written and read
+// back: many short chunks while the row groups still fit on the GPU at once, longer ones past that. The H200 (run 1,
+// kMinChunkRows 16, kTargetWarps 4096) timed the bf16 backward at M = 4096 slower for N = 1024 (0.107 ms, 256 chunks
+// of 16 rows) than for N = 4096 (0.079 ms, also 256 of 16): the 16-row chains set both. Now N = 1024 takes 1024
+// chunks of 4 rows (64-thread row groups, 8 an SM at ~120 registers: all resident on 132 SMs), N = 4096
+// still 256 of 16 (256-thread groups, 2 an SM). Chosen from that model, not yet timed.
+constexpr int64_t kMinChunkRows = 4;         // rows per chunk at least (bounds the partial-sum traffic)
+constexpr int64_t kTargetWarps = 2048;       // row groups in flight, counted in warps (~16 an SM on 132 SMs)
 constexpr int64_t kMaxColsumChunks = 1024;   // chunks of the looped path's column kernel
 constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 24;  // 64 MiB of partial sums at most
 
