@@ -25,6 +25,14 @@ dweight/dbias are deterministic: backward program p owns a fixed block of rows a
 column sums to row p of a (P, N) partial buffer; a second kernel sums the P partial rows in a fixed
 order. No atomics, no locks: the result is bitwise reproducible for a given device.
 
+The backward's programs walk their rows one after another (about 31 rows each at M = 4096 on 132 SMs),
+so each row's loads would wait a full memory round trip with nothing else in flight (the H200 timed the
+bf16 backward at 0.385 ms for M = N = 4096, 5x torch's). The single-block row loop is therefore a
+`tl.range(..., num_stages=3)`: Triton's pipeliner turns its loads into cp.async copies two rows ahead into
+shared memory (SASS: LDGSTS, then `DEPBAR.LE SB0, 0x5` at the loop top, i.e. the next row's copies stay in
+flight while this row is computed); 2 stages gave one buffer refilled after the compute, no overlap.
+Shared memory: 2 buffers of dy, s and w rows (96 KB at fp32, N = 4096). Unmeasured on a GPU so far.
+
 Standalone: imports only torch, triton and math (no pyattn imports).
 """
 
@@ -251,7 +259,7 @@ def _layer_norm_bwd_kernel(
         mask = cols < N
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for row in range(row_start, row_end):
+        for row in tl.range(row_start, row_end, num_stages=3):  # rows two ahead in flight (module docstring)
             mean = 0.0
             if not IS_RMS:
                 mean = tl.load(Mean + row)
