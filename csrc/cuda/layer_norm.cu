@@ -13,7 +13,8 @@
 //   EPT elements (EPT / V vectors, V = 16 / sizeof(T)). The configuration is the smallest one whose TPR * EPT
 //   covers N; the row then lives in registers (packed in T) between the passes, so it is read from memory once.
 //   Rows longer than the largest configuration (N > 8192 forward and backward) take a "looped" kernel: one
-//   block of 512 threads per row that re-reads the row from memory (L2) in each pass. Any N >= 1 works.
+//   block of 256 threads per row that re-reads the row from memory (L2) in each pass, 4 vectors a thread at a
+//   time. Any N >= 1 works (N < 2^31).
 //   When a pointer is not 16-byte aligned or a row stride is not a multiple of V, the same kernels load and store
 //   element by element (VEC = false); results are identical.
 //
@@ -305,8 +306,8 @@ __device__ __forceinline__ void load_f32_row(const float* q, int lane, int n, fl
   }
 }
 
-// A (N,) parameter vector (weight or bias, dtype F32 or T) at this thread's columns, as fp32; `fill` when absent.
-// The dtype is looked at once for all VPT vectors, so their loads go out together too.
+// A (N,) parameter vector (weight or bias, dtype F32 or T) at this thread's columns c0 + j_k (n: the row's length),
+// as fp32; `fill` when absent. The dtype is looked at once for all VPT vectors, so their loads go out together too.
 template <class T, int TPR, int VPT, bool VEC>
 __device__ __forceinline__ void load_param_row(const void* p, DType dt, float fill, int c0, int lane, int n,
                                                float (&v)[VPT][Vec<T>::kN]) {
@@ -444,99 +445,144 @@ __global__ void __launch_bounds__(TPR * RPB, kFwdMinThreadsPerSm / (TPR * RPB))
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Forward, looped: one block of TPR threads per row, the row re-read in each pass (any N).
+// Forward, looped: one block of TPR threads per row, the row re-read in each pass (any N; the launcher takes it
+// for N > 8192 only). Each pass walks the row in pieces of kLoopVecs vectors a thread, loaded together
+// (load_row at an offset): kLoopVecs memory round trips in flight instead of one.
 // ------------------------------------------------------------------------------------------------------------
-template <class T>
-__device__ __forceinline__ void fwd_get_s(const NormFwdParams& p, int64_t row, int64_t j, bool vec,
-                                          float (&s)[Vec<T>::kN]) {
+constexpr int kLoopVecs = 4;
+// Blocks of the looped kernels an SM is asked to hold (at 256 threads: <= 128 registers). Without it ptxas chose
+// 64 registers and spilled for the fp16 RMSNorm forward.
+constexpr int kLoopedBlocksPerSm = 2;
+
+// s for the piece of row `row` at elements [c0, c0 + TPR * V * kLoopVecs): residual_out when it was stored (by this
+// same thread, in pass 1), else x (+ residual, rounded to T).
+template <class T, int TPR, bool VEC>
+__device__ __forceinline__ void fwd_load_s(const NormFwdParams& p, int64_t row, int c0, int lane, int n,
+                                           uint4 (&sr)[kLoopVecs]) {
   constexpr int V = Vec<T>::kN;
-  const int64_t N = p.N;
-  if (p.residual_out != nullptr) {  // written by this same thread in pass 1
-    load_vec(static_cast<const T*>(p.residual_out) + row * p.residual_out_row_stride, j, N, vec, s);
-  } else {
-    load_vec(static_cast<const T*>(p.x) + row * p.x_row_stride, j, N, vec, s);
-    if (p.residual != nullptr) {
-      float r[V];
-      load_vec(static_cast<const T*>(p.residual) + row * p.residual_row_stride, j, N, vec, r);
+  if (p.residual_out != nullptr) {
+    load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.residual_out) + row * p.residual_out_row_stride + c0,
+                                     lane, n, sr);
+    return;
+  }
+  load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride + c0, lane, n, sr);
+  if (p.residual != nullptr) {
+    uint4 rr[kLoopVecs];
+    load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride + c0, lane, n,
+                                     rr);
+    const T* tag = nullptr;
 #pragma unroll
-      for (int e = 0; e < V; ++e) s[e] = round_to<T>(s[e] + r[e]);
+    for (int k = 0; k < kLoopVecs; ++k) {
+      float a[V], r[V];
+      unpack16(sr[k], a, tag);
+      unpack16(rr[k], r, tag);
+#pragma unroll
+      for (int e = 0; e < V; ++e) a[e] += r[e];
+      sr[k] = pack16(a, tag);
     }
   }
 }
 
-// VEC: 16-byte accesses (a template parameter here: with a run-time flag ptxas spilled a register or two).
+// VEC: 16-byte accesses (a template parameter: one code path, no run-time branch between the loads).
 template <class T, bool RMS, int TPR, bool VEC>
-__global__ void __launch_bounds__(TPR) ln_fwd_looped_kernel(const NormFwdParams p, const float inv_n) {
-  constexpr bool vec = VEC;
+__global__ void __launch_bounds__(TPR, kLoopedBlocksPerSm) ln_fwd_looped_kernel(const NormFwdParams p, const float inv_n) {
   constexpr int V = Vec<T>::kN;
+  constexpr int kPiece = TPR * V * kLoopVecs;  // elements a pass handles at a time
   __shared__ float smem[group_sum_smem_floats(TPR, 1, 2)];
   const int lane = static_cast<int>(threadIdx.x);
-  const int64_t N = p.N;
+  const int N = static_cast<int>(p.N);  // < 2^31 (layer_norm_fwd / _bwd refuse longer rows)
   const float fN = static_cast<float>(N);
-  const int64_t step = static_cast<int64_t>(TPR) * V;
+  const T* tag = nullptr;
 
   // One row per block: the launcher never needs more than 2^31 - 1 blocks here (N > 8192 and M >= 2^31 would be
   // more than 2^44 elements). (A grid-stride loop over rows made ptxas spill two loop-invariant registers.)
   const int64_t row = blockIdx.x;
-  {
-    float acc[1] = {0.f};
-    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
-      float s[V];
-      load_vec(static_cast<const T*>(p.x) + row * p.x_row_stride, j, N, vec, s);
-      if (p.residual != nullptr) {
-        float r[V];
-        load_vec(static_cast<const T*>(p.residual) + row * p.residual_row_stride, j, N, vec, r);
+  float acc[1] = {0.f};
+  for (int c0 = 0; c0 < N; c0 += kPiece) {
+    uint4 sr[kLoopVecs];
+    load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride + c0, lane, N - c0, sr);
+    if (p.residual != nullptr) {
+      uint4 rr[kLoopVecs];
+      load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride + c0, lane,
+                                       N - c0, rr);
 #pragma unroll
-        for (int e = 0; e < V; ++e) s[e] = round_to<T>(s[e] + r[e]);
-        if (p.residual_out != nullptr)
-          store_vec(static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride, j, N, vec, s);
+      for (int k = 0; k < kLoopVecs; ++k) {
+        float a[V], r[V];
+        unpack16(sr[k], a, tag);
+        unpack16(rr[k], r, tag);
+#pragma unroll
+        for (int e = 0; e < V; ++e) a[e] += r[e];
+        sr[k] = pack16(a, tag);  // s = x + residual rounded to T
       }
+      if (p.residual_out != nullptr) {
+        T* ro = static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride + c0;
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[0] += RMS ? s[e] * s[e] : s[e];
+        for (int k = 0; k < kLoopVecs; ++k) store_raw(ro, (k * TPR + lane) * V, N - c0, VEC, sr[k]);
+      }
     }
-    group_sum<TPR, 1, 1>(acc, smem, 0, lane);
+#pragma unroll
+    for (int k = 0; k < kLoopVecs; ++k) {
+      float v[V];
+      unpack16(sr[k], v, tag);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[0] += RMS ? v[e] * v[e] : v[e];  // elements past N are 0
+    }
+  }
+  group_sum<TPR, 1, 1>(acc, smem, 0, lane);
 
-    float m1 = 0.f, c = 0.f, rstd;
-    if constexpr (RMS) {
-      rstd = rstd_of(div_n(acc[0], fN, inv_n), p.eps);
-    } else {
-      m1 = div_n(acc[0], fN, inv_n);
-      float q[2] = {0.f, 0.f};
-      for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
-        float s[V];
-        fwd_get_s<T>(p, row, j, vec, s);
+  float m1 = 0.f, c = 0.f, rstd;
+  if constexpr (RMS) {
+    rstd = rstd_of(div_n(acc[0], fN, inv_n), p.eps);
+  } else {
+    m1 = div_n(acc[0], fN, inv_n);
+    float q[2] = {0.f, 0.f};
+    for (int c0 = 0; c0 < N; c0 += kPiece) {
+      uint4 sr[kLoopVecs];
+      fwd_load_s<T, TPR, VEC>(p, row, c0, lane, N - c0, sr);
+#pragma unroll
+      for (int k = 0; k < kLoopVecs; ++k) {
+        const int valid = N - c0 - (k * TPR + lane) * V;
+        float v[V];
+        unpack16(sr[k], v, tag);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          if (j + e < N) {
-            const float d = s[e] - m1;
+          if (e < valid) {
+            const float d = v[e] - m1;
             q[0] += d;
             q[1] += d * d;
           }
         }
       }
-      group_sum<TPR, 1, 2>(q, smem, 0, lane);
-      c = div_n(q[0], fN, inv_n);
-      rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
     }
-    if (lane == 0) {
-      if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
-      if (p.rstd != nullptr) p.rstd[row] = rstd;
-    }
-    const float ncr = -c * rstd;
-    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
-      float s[V], w[V], out[V];
-      fwd_get_s<T>(p, row, j, vec, s);
-      load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
-      if constexpr (RMS) {
+    group_sum<TPR, 1, 2>(q, smem, 0, lane);
+    c = div_n(q[0], fN, inv_n);
+    rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
+  }
+  if (lane == 0) {
+    if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
+    if (p.rstd != nullptr) p.rstd[row] = rstd;
+  }
+  const float ncr = -c * rstd;
+  T* yr = static_cast<T*>(p.y) + row * p.y_row_stride;
+  for (int c0 = 0; c0 < N; c0 += kPiece) {
+    uint4 sr[kLoopVecs];
+    fwd_load_s<T, TPR, VEC>(p, row, c0, lane, N - c0, sr);
+    float w[kLoopVecs][V], b[kLoopVecs][V];
+    load_param_row<T, TPR, kLoopVecs, VEC>(p.weight, p.weight_dtype, 1.f, c0, lane, N, w);
+    if constexpr (!RMS) load_param_row<T, TPR, kLoopVecs, VEC>(p.bias, p.bias_dtype, 0.f, c0, lane, N, b);
 #pragma unroll
-        for (int e = 0; e < V; ++e) out[e] = s[e] * rstd * w[e];
-      } else {
-        float b[V];
-        load_param<T>(p.bias, p.bias_dtype, 0.f, j, N, vec, b);
+    for (int k = 0; k < kLoopVecs; ++k) {
+      float v[V], out[V];
+      unpack16(sr[k], v, tag);
 #pragma unroll
-        for (int e = 0; e < V; ++e) out[e] = fmaf(fmaf(s[e] - m1, rstd, ncr), w[e], b[e]);
+      for (int e = 0; e < V; ++e) {
+        if constexpr (RMS) {
+          out[e] = v[e] * rstd * w[k][e];
+        } else {
+          out[e] = fmaf(fmaf(v[e] - m1, rstd, ncr), w[k][e], b[k][e]);
+        }
       }
-      store_vec(static_cast<T*>(p.y) + row * p.y_row_stride, j, N, vec, out);
+      store_raw(yr + c0, (k * TPR + lane) * V, N - c0, VEC, pack16(out, tag));
     }
   }
 }
@@ -645,61 +691,75 @@ __global__ void __launch_bounds__(TPR * RPB)
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Backward, looped: dx only, one block of TPR threads per row (any N). dweight/dbias: ln_bwd_colsum_kernel.
+// Backward, looped: dx only, one block of TPR threads per row (any N; taken for N > 8192), both passes in pieces of
+// kLoopVecs vectors a thread loaded together (see ln_fwd_looped_kernel). dweight/dbias: ln_bwd_colsum_kernel.
 // ------------------------------------------------------------------------------------------------------------
 template <class T, bool RMS, int TPR, bool VEC>
-__global__ void __launch_bounds__(TPR) ln_bwd_looped_kernel(const NormBwdParams p, const float inv_n) {
-  constexpr bool vec = VEC;
+__global__ void __launch_bounds__(TPR, kLoopedBlocksPerSm) ln_bwd_looped_kernel(const NormBwdParams p, const float inv_n) {
   constexpr int V = Vec<T>::kN;
+  constexpr int kPiece = TPR * V * kLoopVecs;
   __shared__ float smem[group_sum_smem_floats(TPR, 1, 2)];
   const int lane = static_cast<int>(threadIdx.x);
-  const int64_t N = p.N;
-  const int64_t step = static_cast<int64_t>(TPR) * V;
+  const int N = static_cast<int>(p.N);  // < 2^31 (layer_norm_fwd / _bwd refuse longer rows)
+  const T* tag = nullptr;
 
   // One row per block: the launcher never needs more than 2^31 - 1 blocks here (N > 8192 and M >= 2^31 would be
   // more than 2^44 elements). (A grid-stride loop over rows made ptxas spill two loop-invariant registers.)
   const int64_t row = blockIdx.x;
-  {
-    const float mean = RMS ? 0.f : p.mean[row];
-    const float rstd = p.rstd[row];
-    const T* sr = static_cast<const T*>(p.s) + row * p.s_row_stride;
-    const T* dyr = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
-    float sums[2] = {0.f, 0.f};
-    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
-      float sv[V], dy[V], w[V];
-      load_vec(sr, j, N, vec, sv);
-      load_vec(dyr, j, N, vec, dy);
-      load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+  const float mean = RMS ? 0.f : p.mean[row];
+  const float rstd = p.rstd[row];
+  const T* s_row = static_cast<const T*>(p.s) + row * p.s_row_stride;
+  const T* dy_row = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
+  float sums[2] = {0.f, 0.f};
+  for (int c0 = 0; c0 < N; c0 += kPiece) {
+    uint4 sr[kLoopVecs], dyr[kLoopVecs];
+    float w[kLoopVecs][V];
+    load_row<T, TPR, kLoopVecs, VEC>(s_row + c0, lane, N - c0, sr);
+    load_row<T, TPR, kLoopVecs, VEC>(dy_row + c0, lane, N - c0, dyr);
+    load_param_row<T, TPR, kLoopVecs, VEC>(p.weight, p.weight_dtype, 1.f, c0, lane, N, w);
+#pragma unroll
+    for (int k = 0; k < kLoopVecs; ++k) {
+      const int valid = N - c0 - (k * TPR + lane) * V;
+      float sv[V], dy[V];
+      unpack16(sr[k], sv, tag);
+      unpack16(dyr[k], dy, tag);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        if (j + e < N) {
+        if (e < valid) {
           const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-          const float g = rounded_g(dy[e], w[e]);
+          const float g = rounded_g(dy[e], w[k][e]);
           if (!RMS) sums[0] += g;
           sums[1] += g * xh;
         }
       }
     }
-    group_sum<TPR, 1, 2>(sums, smem, 0, lane);
-    const float a = RMS ? 0.f : sums[0] * inv_n;
-    const float b = sums[1] * inv_n;
-    for (int64_t j = static_cast<int64_t>(lane) * V; j < N; j += step) {
-      float sv[V], dy[V], w[V], dx[V];
-      load_vec(sr, j, N, vec, sv);
-      load_vec(dyr, j, N, vec, dy);
-      load_param<T>(p.weight, p.weight_dtype, 1.f, j, N, vec, w);
+  }
+  group_sum<TPR, 1, 2>(sums, smem, 0, lane);
+  const float a = RMS ? 0.f : sums[0] * inv_n;
+  const float b = sums[1] * inv_n;
+  const bool has_dres = p.dresidual_out != nullptr;
+  const T* dres = static_cast<const T*>(p.dresidual_out);
+  const T* dres_row = has_dres ? dres + row * p.dresidual_out_row_stride : dres;
+  T* dx_row = static_cast<T*>(p.dx) + row * p.dx_row_stride;
+  for (int c0 = 0; c0 < N; c0 += kPiece) {
+    uint4 sr[kLoopVecs], dyr[kLoopVecs], drr[kLoopVecs];
+    float w[kLoopVecs][V];
+    load_row<T, TPR, kLoopVecs, VEC>(s_row + c0, lane, N - c0, sr);
+    load_row<T, TPR, kLoopVecs, VEC>(dy_row + c0, lane, N - c0, dyr);
+    load_row<T, TPR, kLoopVecs, VEC>(has_dres ? dres_row + c0 : dres_row, lane, has_dres ? N - c0 : 0, drr);
+    load_param_row<T, TPR, kLoopVecs, VEC>(p.weight, p.weight_dtype, 1.f, c0, lane, N, w);
+#pragma unroll
+    for (int k = 0; k < kLoopVecs; ++k) {
+      float sv[V], dy[V], dr[V], dx[V];
+      unpack16(sr[k], sv, tag);
+      unpack16(dyr[k], dy, tag);
+      unpack16(drr[k], dr, tag);  // zeros without dresidual_out
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const float xh = RMS ? sv[e] * rstd : (sv[e] - mean) * rstd;
-        dx[e] = (rounded_g(dy[e], w[e]) - fmaf(xh, b, a)) * rstd;
+        dx[e] = (rounded_g(dy[e], w[k][e]) - fmaf(xh, b, a)) * rstd + dr[e];
       }
-      if (p.dresidual_out != nullptr) {
-        float dr[V];
-        load_vec(static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride, j, N, vec, dr);
-#pragma unroll
-        for (int e = 0; e < V; ++e) dx[e] += dr[e];
-      }
-      store_vec(static_cast<T*>(p.dx) + row * p.dx_row_stride, j, N, vec, dx);
+      store_raw(dx_row + c0, (k * TPR + lane) * V, N - c0, VEC, pack16(dx, tag));
     }
   }
 }
@@ -816,7 +876,7 @@ __global__ void __launch_bounds__(kColX * kColY)
 // ------------------------------------------------------------------------------------------------------------
 // Host side: configurations, plans, launches.
 // ------------------------------------------------------------------------------------------------------------
-constexpr int kLoopedThreads = 512;
+constexpr int kLoopedThreads = 256;  // 4 vectors a thread in flight (kLoopVecs) at up to ~128 registers: 2 blocks an SM
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
 // Forward configurations (TPR, RPB, EPT), smallest capacity TPR * EPT first; N above the last: looped kernel.
@@ -1042,7 +1102,7 @@ cudaError_t bwd_rms(const NormBwdParams& p, cudaStream_t stream) {
 
 cudaError_t layer_norm_fwd(const NormFwdParams& p, cudaStream_t stream) {
   if (p.M <= 0) return cudaSuccess;
-  if (p.N <= 0) return cudaErrorInvalidValue;
+  if (p.N <= 0 || p.N > INT32_MAX) return cudaErrorInvalidValue;  // (offsets inside a row are int)
   switch (p.dtype) {
     case DType::F32: return fwd_rms<float>(p, stream);
     case DType::F16: return fwd_rms<__half>(p, stream);
@@ -1052,7 +1112,7 @@ cudaError_t layer_norm_fwd(const NormFwdParams& p, cudaStream_t stream) {
 }
 
 cudaError_t layer_norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
-  if (p.N <= 0) return cudaErrorInvalidValue;
+  if (p.N <= 0 || p.N > INT32_MAX) return cudaErrorInvalidValue;  // (offsets inside a row are int)
   switch (p.dtype) {
     case DType::F32: return bwd_rms<float>(p, stream);
     case DType::F16: return bwd_rms<__half>(p, stream);
