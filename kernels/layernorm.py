@@ -25,13 +25,18 @@ dweight/dbias are deterministic: backward program p owns a fixed block of rows a
 column sums to row p of a (P, N) partial buffer; a second kernel sums the P partial rows in a fixed
 order. No atomics, no locks: the result is bitwise reproducible for a given device.
 
-The backward's programs walk their rows one after another (about 31 rows each at M = 4096 on 132 SMs),
-so each row's loads would wait a full memory round trip with nothing else in flight (the H200 timed the
-bf16 backward at 0.385 ms for M = N = 4096, 5x torch's). The single-block row loop is therefore a
-`tl.range(..., num_stages=3)`: Triton's pipeliner turns its loads into cp.async copies two rows ahead into
-shared memory (SASS: LDGSTS, then `DEPBAR.LE SB0, 0x5` at the loop top, i.e. the next row's copies stay in
-flight while this row is computed); 2 stages gave one buffer refilled after the compute, no overlap.
-Shared memory: 2 buffers of dy, s and w rows (96 KB at fp32, N = 4096). Unmeasured on a GPU so far.
+Both kernels run a grid of about the programs the SMs hold at once, each program walking rows (the
+forward rows p, p + P, ...; the backward a contiguous block, for its partial sums). A program taking its
+rows one after another would wait a full memory round trip per row with nothing else in flight (the H200
+timed the bf16 backward at 0.385 ms for M = N = 4096, 5x torch's; the forward, then one program per row,
+at 53% of PEAK_COPY). So the single-block row loops are `tl.range(..., num_stages=3)`: Triton's pipeliner
+turns their loads into cp.async copies two rows ahead into shared memory (SASS: LDGSTS, then `DEPBAR.LE
+SB0, 0x2` (forward) / `0x5` (backward) at the loop top: the next row's copies stay in flight while this row
+is computed); 2 stages gave one buffer refilled after the compute, no overlap. Shared memory: 2 buffers of
+the row's inputs (forward x and residual, backward dy, s and w; at most 96 KB, fp32 N = 4096). The forward
+loads weight and bias once per program instead of once per row, up to N = 4096; its N = 8192 block (16
+elements a thread at the 64-register cap) keeps a plain row loop. Unmeasured on a GPU so far
+(benchmarks/results/nvidia-h200/NOTES.md says what the next GPU run should time).
 
 Standalone: imports only torch, triton and math (no pyattn imports).
 """
@@ -75,10 +80,22 @@ def _load_s(X, R, cols, mask, HAS_RESIDUAL: tl.constexpr, SOFT_BF16: tl.constexp
 
 
 @triton.jit
+def _load_params(W, B, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(w, b) at cols as fp32 (0 past N); a dummy 0 for an absent one (_normalize_store ignores it)."""
+    w = tl.zeros(cols.shape, dtype=tl.float32)
+    b = tl.zeros(cols.shape, dtype=tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
 def _normalize_store(
     Y,  # (N,) output row
-    W,  # (N,) weight
-    B,  # (N,) bias
+    w,  # (BLOCK_N,) fp32 weight at cols (ignored unless HAS_WEIGHT)
+    b,  # (BLOCK_N,) fp32 bias at cols (ignored unless HAS_BIAS)
     s,  # (BLOCK_N,) fp32 block of the row's input
     m1,  # first estimate of the row mean (0 for RMSNorm)
     ncr,  # -c * rstd, c = mean(s - m1) the estimate's correction (0 for RMSNorm)
@@ -96,10 +113,42 @@ def _normalize_store(
     else:
         y = (s - m1) * rstd + ncr
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * w
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + b
     tl.store(Y + cols, _round_to(y, Y.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _fwd_row(X, R, Y, RO, W, B, Mean, Rstd, w, b, row64, stride_x_row, stride_r_row, stride_y_row, stride_ro_row, N,
+             eps, cols, mask, PARAMS_GIVEN: tl.constexpr, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+             STORE_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """One row held in one BLOCK_N block: s, its statistics, y, mean / rstd. Weight and bias: w, b (fp32 at cols)
+    when PARAMS_GIVEN, else loaded from W, B once the statistics are known (fewer registers live)."""
+    s = _load_s(X + row64 * stride_x_row, R + row64 * stride_r_row, cols, mask, HAS_RESIDUAL, SOFT_BF16)
+    if STORE_RESIDUAL:
+        tl.store(RO + row64 * stride_ro_row + cols, s.to(RO.dtype.element_ty), mask=mask)
+    if IS_RMS:
+        m1 = 0.0
+        c = 0.0
+        var = tl.sum(s * s, axis=0) / N
+    else:
+        # Corrected two-pass (the CUDA and CPU kernels' algorithm): m1's rounding (a sum of N values near +1000
+        # loses ~N * ulp(1000) on the GPU's tree sum) comes back as c = mean(s - m1), which is exact to fp32 because
+        # s - m1 is.
+        m1 = tl.sum(s, axis=0) / N
+        d = tl.where(mask, s - m1, 0.0)
+        c = tl.sum(d, axis=0) / N
+        var = tl.sum(d * d, axis=0) / N - c * c
+        var = tl.where(var < 0.0, 0.0, var)  # rounding can leave it just under 0; NaN stays NaN
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if not PARAMS_GIVEN:
+        w, b = _load_params(W, B, cols, mask, HAS_WEIGHT, HAS_BIAS)
+    _normalize_store(Y + row64 * stride_y_row, w, b, s, m1, -c * rstd, rstd, cols, mask, IS_RMS, HAS_WEIGHT,
+                     HAS_BIAS, SOFT_BF16)
+    if not IS_RMS:
+        tl.store(Mean + row64, m1 + c)
+    tl.store(Rstd + row64, rstd)
 
 
 @triton.jit
@@ -116,6 +165,7 @@ def _layer_norm_fwd_kernel(
     stride_r_row,
     stride_y_row,
     stride_ro_row,
+    M,  # rows
     N,  # hidden size
     eps,
     BLOCK_N: tl.constexpr,  # power of 2; >= N when SINGLE_CHUNK, else the chunk width
@@ -127,77 +177,79 @@ def _layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # exact bf16 rounding in the CPU interpreter (see _round_to)
 ):
-    # One program per row.
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31
-    X += row * stride_x_row
-    R += row * stride_r_row
-    Y += row * stride_y_row
-    RO += row * stride_ro_row
+    # Program p takes rows p, p + P, ... (P = the grid: about the programs the SMs hold at once, so a program has
+    # several rows). The row counter is i32 (M < 2^31, checked by the launcher); addresses use int64.
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_CHUNK:
         mask = cols < N
-        s = _load_s(X, R, cols, mask, HAS_RESIDUAL, SOFT_BF16)  # (BLOCK_N,) fp32, 0 past N
-        if STORE_RESIDUAL:
-            tl.store(RO + cols, s.to(RO.dtype.element_ty), mask=mask)
-        if IS_RMS:
-            m1 = 0.0
-            c = 0.0
-            var = tl.sum(s * s, axis=0) / N
+        if BLOCK_N <= 4096:
+            # Weight and bias once a program, kept in registers (8 elements a thread, _fwd_num_warps). num_stages=3:
+            # Triton's pipeliner streams the x (and residual) rows two iterations ahead into shared memory with
+            # cp.async, as in the backward (module docstring).
+            w, b = _load_params(W, B, cols, mask, HAS_WEIGHT, HAS_BIAS)
+            for row in tl.range(pid, M, num_programs, num_stages=3):
+                _fwd_row(X, R, Y, RO, W, B, Mean, Rstd, w, b, tl.cast(row, tl.int64), stride_x_row, stride_r_row,
+                         stride_y_row, stride_ro_row, N, eps, cols, mask, True, IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL,
+                         HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
         else:
-            # Corrected two-pass (the CUDA and CPU kernels' algorithm): m1's rounding (a sum of N values near
-            # +1000 loses ~N * ulp(1000) on the GPU's tree sum) comes back as c = mean(s - m1), which is exact
-            # to fp32 because s - m1 is.
-            m1 = tl.sum(s, axis=0) / N
-            d = tl.where(mask, s - m1, 0.0)
-            c = tl.sum(d, axis=0) / N
-            var = tl.sum(d * d, axis=0) / N - c * c
-            var = tl.where(var < 0.0, 0.0, var)  # rounding can leave it just under 0; NaN stays NaN
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-        _normalize_store(Y, W, B, s, m1, -c * rstd, rstd, cols, mask, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
+            # 16 elements a thread: held across rows, weight and bias spill at the 64-register cap, and pipelining
+            # would stage them too (196 KB of shared memory at fp32): a plain loop, the parameters loaded per row
+            # after its statistics (as one program per row did).
+            for row in range(pid, M, num_programs):
+                _fwd_row(X, R, Y, RO, W, B, Mean, Rstd, 0.0, 0.0, tl.cast(row, tl.int64), stride_x_row, stride_r_row,
+                         stride_y_row, stride_ro_row, N, eps, cols, mask, False, IS_RMS, HAS_RESIDUAL, STORE_RESIDUAL,
+                         HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
     else:
-        # Pass 1: sum(s) (LayerNorm) or sum(s^2) (RMSNorm); residual_out is written here.
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            m = c < N
-            s = _load_s(X, R, c, m, HAS_RESIDUAL, SOFT_BF16)
-            if STORE_RESIDUAL:
-                tl.store(RO + c, s.to(RO.dtype.element_ty), mask=m)
-            if IS_RMS:
-                acc += s * s
-            else:
-                acc += s
-        if IS_RMS:
-            m1 = 0.0
-            c = 0.0
-            var = tl.sum(acc, axis=0) / N
-        else:
-            m1 = tl.sum(acc, axis=0) / N
-            # Pass 2: the corrected two-pass moments about m1 (as in the single-chunk branch).
+        for row in range(pid, M, num_programs):
+            row64 = tl.cast(row, tl.int64)
+            x_row = X + row64 * stride_x_row
+            r_row = R + row64 * stride_r_row
+            # Pass 1: sum(s) (LayerNorm) or sum(s^2) (RMSNorm); residual_out is written here.
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                m = c < N
+                s = _load_s(x_row, r_row, c, m, HAS_RESIDUAL, SOFT_BF16)
+                if STORE_RESIDUAL:
+                    tl.store(RO + row64 * stride_ro_row + c, s.to(RO.dtype.element_ty), mask=m)
+                if IS_RMS:
+                    acc += s * s
+                else:
+                    acc += s
+            if IS_RMS:
+                m1 = 0.0
+                c = 0.0
+                var = tl.sum(acc, axis=0) / N
+            else:
+                m1 = tl.sum(acc, axis=0) / N
+                # Pass 2: the corrected two-pass moments about m1 (as in the single-chunk branch).
+                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+                acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for start in range(0, N, BLOCK_N):
+                    col = start + cols
+                    m = col < N
+                    d = tl.where(m, _load_s(x_row, r_row, col, m, HAS_RESIDUAL, SOFT_BF16) - m1, 0.0)
+                    acc += d
+                    acc2 += d * d
+                c = tl.sum(acc, axis=0) / N
+                var = tl.sum(acc2, axis=0) / N - c * c
+                var = tl.where(var < 0.0, 0.0, var)
+            rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+            # Last pass: normalize and store. s is recomputed from x (+ r) rather than re-read from RO.
+            ncr = -c * rstd
             for start in range(0, N, BLOCK_N):
                 col = start + cols
                 m = col < N
-                d = tl.where(m, _load_s(X, R, col, m, HAS_RESIDUAL, SOFT_BF16) - m1, 0.0)
-                acc += d
-                acc2 += d * d
-            c = tl.sum(acc, axis=0) / N
-            var = tl.sum(acc2, axis=0) / N - c * c
-            var = tl.where(var < 0.0, 0.0, var)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-        # Last pass: normalize and store. s is recomputed from x (+ r) rather than re-read from RO.
-        ncr = -c * rstd
-        for start in range(0, N, BLOCK_N):
-            col = start + cols
-            m = col < N
-            s = _load_s(X, R, col, m, HAS_RESIDUAL, SOFT_BF16)
-            _normalize_store(Y, W, B, s, m1, ncr, rstd, col, m, IS_RMS, HAS_WEIGHT, HAS_BIAS, SOFT_BF16)
-
-    if not IS_RMS:
-        tl.store(Mean + row, m1 + c)
-    tl.store(Rstd + row, rstd)
+                s = _load_s(x_row, r_row, col, m, HAS_RESIDUAL, SOFT_BF16)
+                w, b = _load_params(W, B, col, m, HAS_WEIGHT, HAS_BIAS)
+                _normalize_store(Y + row64 * stride_y_row, w, b, s, m1, ncr, rstd, col, m, IS_RMS, HAS_WEIGHT,
+                                 HAS_BIAS, SOFT_BF16)
+            if not IS_RMS:
+                tl.store(Mean + row64, m1 + c)
+            tl.store(Rstd + row64, rstd)
 
 
 @triton.jit
@@ -396,7 +448,7 @@ def _block_n(N: int, max_block: int):
 # Resident warps per SM each kernel is sized for. The register cap (maxnreg) follows from it: with an
 # explicit cap ptxas uses registers up to it instead of squeezing towards a higher occupancy on its own,
 # which otherwise produces small spills in a few configurations (seen with Triton 3.9's ptxas).
-_FWD_WARPS_PER_SM = 32  # forward: one program per row, many programs: keep occupancy at >= 50% (H100)
+_FWD_WARPS_PER_SM = 32  # forward: persistent programs at >= 50% occupancy (H100), rows in a pipelined loop
 _BWD_WARPS_PER_SM = 16  # backward: the grid itself holds ~16 warps per SM (see _bwd_num_programs)
 _REGS_PER_SM = 65536
 
@@ -427,13 +479,25 @@ def _red_launch_options() -> dict:
     return {"num_warps": _RED_NUM_WARPS, "maxnreg": _maxnreg(_BWD_WARPS_PER_SM)}
 
 
-def _bwd_num_programs(M: int, num_warps: int, device: torch.device) -> int:
+def _resident_programs(M: int, num_warps: int, warps_per_sm: int, device: torch.device) -> int:
+    """A grid of the programs of num_warps warps the SMs hold at once at warps_per_sm (each program then walks
+    several rows), at most M."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        programs = sms * max(1, _BWD_WARPS_PER_SM // num_warps)
+        programs = sms * max(1, warps_per_sm // num_warps)
     else:
         programs = 4  # the interpreter runs programs one by one: few programs, many rows each
     return max(1, min(M, programs))
+
+
+def _fwd_num_programs(M: int, num_warps: int, device: torch.device) -> int:
+    if M >= 2**31:  # (the kernel's row counter is i32)
+        raise ValueError(f"pyattn Triton layer_norm: at most 2^31 - 1 rows, got {M}")
+    return _resident_programs(M, num_warps, _FWD_WARPS_PER_SM, device)
+
+
+def _bwd_num_programs(M: int, num_warps: int, device: torch.device) -> int:
+    return _resident_programs(M, num_warps, _BWD_WARPS_PER_SM, device)
 
 
 class _NoDeviceGuard:
@@ -523,8 +587,10 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool, store_resid
         return y, residual_out, mean, rstd
 
     block_n, single = _block_n(N, _MAX_FUSED_BLOCK_N_FWD)
+    options = _fwd_launch_options(block_n)
+    programs = _fwd_num_programs(M, options["num_warps"], dev)
     with _device_guard(x):
-        _layer_norm_fwd_kernel[(M,)](
+        _layer_norm_fwd_kernel[(programs,)](
             x,
             residual if residual is not None else x,
             y,
@@ -537,6 +603,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool, store_resid
             residual.stride(0) if residual is not None else 0,
             y.stride(0),
             residual_out.stride(0) if store_residual else 0,
+            M,
             N,
             float(eps),
             BLOCK_N=block_n,
@@ -547,7 +614,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, rms: bool, store_resid
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
             SOFT_BF16=not x.is_cuda,
-            **_fwd_launch_options(block_n),
+            **options,
         )
     return y, residual_out, mean, rstd
 
@@ -736,6 +803,7 @@ def compile_configs(full: bool = False):
                         "stride_r_row": idx,
                         "stride_y_row": idx,
                         "stride_ro_row": idx,
+                        "M": "i32",
                         "N": "i32",
                         "eps": "fp32",
                     }
