@@ -328,6 +328,50 @@ __device__ __forceinline__ void load_param_row(const void* p, DType dt, float fi
   }
 }
 
+// s = x (+ residual, the sum rounded to T) at the row piece [c0, c0 + TPR * V * K) of row `row`, packed (load_row's
+// layout; n: the elements of the piece in the row, zeros past them).
+template <class T, int TPR, int K, bool VEC>
+__device__ __forceinline__ void load_s(const NormFwdParams& p, int64_t row, int c0, int lane, int n, uint4 (&s)[K]) {
+  constexpr int V = Vec<T>::kN;
+  load_row<T, TPR, K, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride + c0, lane, n, s);
+  if (p.residual == nullptr) return;
+  uint4 r[K];
+  load_row<T, TPR, K, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride + c0, lane, n, r);
+  const T* tag = nullptr;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float a[V], b[V];
+    unpack16(s[k], a, tag);
+    unpack16(r[k], b, tag);
+#pragma unroll
+    for (int e = 0; e < V; ++e) a[e] += b[e];
+    s[k] = pack16(a, tag);  // (0 + 0 past n)
+  }
+}
+
+// Pass 1's end, on a row piece load_s gave: residual_out = s where asked (stored only with a residual), and this
+// thread's part of sum(s) (RMSNorm: sum(s^2); zeros past n add nothing).
+template <class T, bool RMS, int TPR, int K, bool VEC>
+__device__ __forceinline__ float store_s_and_sum(const NormFwdParams& p, int64_t row, int c0, int lane, int n,
+                                                 const uint4 (&s)[K]) {
+  constexpr int V = Vec<T>::kN;
+  if (p.residual != nullptr && p.residual_out != nullptr) {
+    T* ro = static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride + c0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) store_raw(ro, (k * TPR + lane) * V, n, VEC, s[k]);
+  }
+  float acc = 0.f;
+  const T* tag = nullptr;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float v[V];
+    unpack16(s[k], v, tag);
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc += RMS ? v[e] * v[e] : v[e];
+  }
+  return acc;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Forward, row in registers. Weight and bias are loaded (L1 / L2 hits after the first rows) when the statistics
 // are known: kept in registers across the row's sums they would cost occupancy.
@@ -359,33 +403,8 @@ __global__ void __launch_bounds__(TPR * RPB, kFwdMinThreadsPerSm / (TPR * RPB))
     const int64_t row = base + group;
     const int n = row < M ? N : 0;
     uint4 sr[VPT];  // the row's s, packed in T (see load_raw)
-    load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride, lane, n, sr);
-    if (p.residual != nullptr) {
-      uint4 rr[VPT];
-      load_row<T, TPR, VPT, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride, lane, n, rr);
-#pragma unroll
-      for (int k = 0; k < VPT; ++k) {
-        float a[V], r[V];
-        unpack16(sr[k], a, tag);
-        unpack16(rr[k], r, tag);
-#pragma unroll
-        for (int e = 0; e < V; ++e) a[e] += r[e];
-        sr[k] = pack16(a, tag);  // s = x + residual rounded to T (0 + 0 past n)
-      }
-      if (p.residual_out != nullptr) {
-        T* ro = static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride;
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) store_raw(ro, (k * TPR + lane) * V, n, VEC, sr[k]);
-      }
-    }
-    float acc[1] = {0.f};
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      float v[V];
-      unpack16(sr[k], v, tag);
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[0] += RMS ? v[e] * v[e] : v[e];  // elements past n are 0
-    }
+    load_s<T, TPR, VPT, VEC>(p, row, 0, lane, n, sr);
+    float acc[1] = {store_s_and_sum<T, RMS, TPR, VPT, VEC>(p, row, 0, lane, n, sr)};
     group_sum<TPR, RPB, 1>(acc, smem, group, lane);
 
     float m1 = 0.f, c = 0.f, rstd;
@@ -459,27 +478,11 @@ constexpr int kLoopedBlocksPerSm = 2;
 template <class T, int TPR, bool VEC>
 __device__ __forceinline__ void fwd_load_s(const NormFwdParams& p, int64_t row, int c0, int lane, int n,
                                            uint4 (&sr)[kLoopVecs]) {
-  constexpr int V = Vec<T>::kN;
-  if (p.residual_out != nullptr) {
+  if (p.residual != nullptr && p.residual_out != nullptr) {
     load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.residual_out) + row * p.residual_out_row_stride + c0,
                                      lane, n, sr);
-    return;
-  }
-  load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride + c0, lane, n, sr);
-  if (p.residual != nullptr) {
-    uint4 rr[kLoopVecs];
-    load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride + c0, lane, n,
-                                     rr);
-    const T* tag = nullptr;
-#pragma unroll
-    for (int k = 0; k < kLoopVecs; ++k) {
-      float a[V], r[V];
-      unpack16(sr[k], a, tag);
-      unpack16(rr[k], r, tag);
-#pragma unroll
-      for (int e = 0; e < V; ++e) a[e] += r[e];
-      sr[k] = pack16(a, tag);
-    }
+  } else {
+    load_s<T, TPR, kLoopVecs, VEC>(p, row, c0, lane, n, sr);
   }
 }
 
@@ -500,33 +503,8 @@ __global__ void __launch_bounds__(TPR, kLoopedBlocksPerSm) ln_fwd_looped_kernel(
   float acc[1] = {0.f};
   for (int c0 = 0; c0 < N; c0 += kPiece) {
     uint4 sr[kLoopVecs];
-    load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.x) + row * p.x_row_stride + c0, lane, N - c0, sr);
-    if (p.residual != nullptr) {
-      uint4 rr[kLoopVecs];
-      load_row<T, TPR, kLoopVecs, VEC>(static_cast<const T*>(p.residual) + row * p.residual_row_stride + c0, lane,
-                                       N - c0, rr);
-#pragma unroll
-      for (int k = 0; k < kLoopVecs; ++k) {
-        float a[V], r[V];
-        unpack16(sr[k], a, tag);
-        unpack16(rr[k], r, tag);
-#pragma unroll
-        for (int e = 0; e < V; ++e) a[e] += r[e];
-        sr[k] = pack16(a, tag);  // s = x + residual rounded to T
-      }
-      if (p.residual_out != nullptr) {
-        T* ro = static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride + c0;
-#pragma unroll
-        for (int k = 0; k < kLoopVecs; ++k) store_raw(ro, (k * TPR + lane) * V, N - c0, VEC, sr[k]);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kLoopVecs; ++k) {
-      float v[V];
-      unpack16(sr[k], v, tag);
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[0] += RMS ? v[e] * v[e] : v[e];  // elements past N are 0
-    }
+    load_s<T, TPR, kLoopVecs, VEC>(p, row, c0, lane, N - c0, sr);
+    acc[0] += store_s_and_sum<T, RMS, TPR, kLoopVecs, VEC>(p, row, c0, lane, N - c0, sr);
   }
   group_sum<TPR, 1, 1>(acc, smem, 0, lane);
 
