@@ -148,42 +148,10 @@ __device__ __forceinline__ void store_raw(T* row, int64_t j, int64_t n, bool vec
   }
 }
 
-// The same as fp32 values (rounded to T on the way out for stores).
+// The same as fp32 values.
 template <class T>
 __device__ __forceinline__ void load_vec(const T* row, int64_t j, int64_t n, bool vec, float (&v)[Vec<T>::kN]) {
   unpack16(load_raw(row, j, n, vec), v, row);
-}
-template <class T>
-__device__ __forceinline__ void store_vec(T* row, int64_t j, int64_t n, bool vec, const float (&v)[Vec<T>::kN]) {
-  store_raw(row, j, n, vec, pack16(v, static_cast<const T*>(row)));
-}
-
-// A (N,) parameter vector (weight or bias) of dtype F32 or T, elements [j, j + V) as fp32; `fill` when absent.
-template <class T>
-__device__ __forceinline__ void load_param(const void* p, DType dt, float fill, int64_t j, int64_t n, bool vec,
-                                           float (&v)[Vec<T>::kN]) {
-  constexpr int V = Vec<T>::kN;
-  if (p == nullptr) {
-#pragma unroll
-    for (int e = 0; e < V; ++e) v[e] = fill;
-  } else if (dt == DType::F32) {
-    const float* q = static_cast<const float*>(p);
-    if (vec && j + V <= n) {
-#pragma unroll
-      for (int h = 0; h < V / 4; ++h) {
-        const float4 f = *reinterpret_cast<const float4*>(q + j + 4 * h);
-        v[4 * h] = f.x;
-        v[4 * h + 1] = f.y;
-        v[4 * h + 2] = f.z;
-        v[4 * h + 3] = f.w;
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = (j + e < n) ? q[j + e] : 0.f;
-    }
-  } else {
-    load_vec(static_cast<const T*>(p), j, n, vec, v);
-  }
 }
 
 // ------------------------------------------------------------------------------------------------------------
