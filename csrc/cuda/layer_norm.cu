@@ -340,6 +340,28 @@ __device__ __forceinline__ float store_s_and_sum(const NormFwdParams& p, int64_t
   return acc;
 }
 
+// Adds this thread's part of sum(s - m1) and sum((s - m1)^2) over a row piece (load_s's layout; n: the elements of
+// the piece in the row; padding is masked, not subtracted).
+template <class T, int TPR, int K>
+__device__ __forceinline__ void add_moments(const uint4 (&s)[K], float m1, int lane, int n, float (&q)[2]) {
+  constexpr int V = Vec<T>::kN;
+  const T* tag = nullptr;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int valid = n - (k * TPR + lane) * V;  // elements of vector k in the row (one int, not V flags)
+    float v[V];
+    unpack16(s[k], v, tag);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if (e < valid) {
+        const float d = v[e] - m1;
+        q[0] += d;
+        q[1] += d * d;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Forward, row in registers. Weight and bias are loaded (L1 / L2 hits after the first rows) when the statistics
 // are known: kept in registers across the row's sums they would cost occupancy.
@@ -381,20 +403,7 @@ __global__ void __launch_bounds__(TPR * RPB, kFwdMinThreadsPerSm / (TPR * RPB))
     } else {
       m1 = div_n(acc[0], fN, inv_n);
       float q[2] = {0.f, 0.f};
-#pragma unroll
-      for (int k = 0; k < VPT; ++k) {
-        const int valid = n - (k * TPR + lane) * V;
-        float v[V];
-        unpack16(sr[k], v, tag);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          if (e < valid) {
-            const float d = v[e] - m1;
-            q[0] += d;
-            q[1] += d * d;
-          }
-        }
-      }
+      add_moments<T, TPR, VPT>(sr, m1, lane, n, q);
       group_sum<TPR, RPB, 2>(q, smem, group, lane);
       c = div_n(q[0], fN, inv_n);
       rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
@@ -485,20 +494,7 @@ __global__ void __launch_bounds__(TPR, kLoopedBlocksPerSm) ln_fwd_looped_kernel(
     for (int c0 = 0; c0 < N; c0 += kPiece) {
       uint4 sr[kLoopVecs];
       fwd_load_s<T, TPR, VEC>(p, row, c0, lane, N - c0, sr);
-#pragma unroll
-      for (int k = 0; k < kLoopVecs; ++k) {
-        const int valid = N - c0 - (k * TPR + lane) * V;
-        float v[V];
-        unpack16(sr[k], v, tag);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          if (e < valid) {
-            const float d = v[e] - m1;
-            q[0] += d;
-            q[1] += d * d;
-          }
-        }
-      }
+      add_moments<T, TPR, kLoopVecs>(sr, m1, lane, N - c0, q);
     }
     group_sum<TPR, 1, 2>(q, smem, 0, lane);
     c = div_n(q[0], fN, inv_n);
