@@ -195,3 +195,58 @@ def test_empty_batch():
         assert y.shape == (0, 5, 16)
         gx, gw = torch.autograd.grad(y.sum(), (x, w))
         assert gx.shape == x.shape and torch.equal(gw, torch.zeros(16))
+
+
+@pytest.mark.parametrize("backend", LN)
+def test_empty_inputs_of_any_layout_give_empty_outputs(backend):
+    # No element to normalise: no kernel runs, whatever the layout or the forced backend (an empty tensor's
+    # .contiguous() keeps a non-unit last stride, which the kernels' checks refuse), and the weight's grad is 0.
+    cases = [(torch.randn(0, 34)[:, ::2], (17,)), (torch.randn(3, 0), (0,)), (torch.randn(2, 0, 4), (0, 4))]
+    for x, shape in cases:
+        x.requires_grad_(True)
+        w = torch.ones(shape, requires_grad=True)
+        for rms in (False, True):
+            fn = pyattn.rms_norm if rms else pyattn.layer_norm
+            y = fn(x, shape, w, backend=backend)
+            assert y.shape == x.shape
+            gx, gw = torch.autograd.grad(y.sum(), (x, w))
+            assert gx.shape == x.shape and torch.equal(gw, torch.zeros(shape))
+        r = torch.randn(*x.shape[:-1], x.shape[-1] * 2)[..., ::2]
+        y, s = pyattn.layer_norm(x, shape, w, residual=r, return_residual=True, backend=backend)
+        assert y.shape == s.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", LN)
+def test_strided_and_expanded_weight_and_bias(backend):
+    # 1-D parameters of any layout (a step slice, an expanded scalar) are taken as torch takes them; the grads
+    # reach the original tensors.
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    wsrc = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    bsrc = torch.randn(1, dtype=torch.float64, requires_grad=True)
+    xf = x.detach().float().requires_grad_(True)
+    for rms in (False, True):
+        w, b = wsrc[::2], bsrc.expand(8)
+        if rms:
+            got = pyattn.rms_norm(xf, (8,), w.float(), 1e-6, backend=backend)
+            ref = F.rms_norm(x, (8,), w, 1e-6)
+        else:
+            got = pyattn.layer_norm(xf, (8,), w.float(), b.float(), backend=backend)
+            ref = F.layer_norm(x, (8,), w, b)
+        _close(got, ref, torch.float32)
+        gw, = torch.autograd.grad(got.sum(), (wsrc,))
+        rw, = torch.autograd.grad(ref.sum(), (wsrc,))
+        _close(gw, rw, torch.float32, bwd=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_rms_norm_default_eps_is_torchs(dtype):
+    # eps=None: torch computes with the epsilon of its compute type (float32's for half inputs, not
+    # finfo(bfloat16).eps = 7.8e-3, which on rows with mean(x^2) near 1e-4 shrinks the output ~8x).
+    x = (torch.randn(3, 8) * 0.01).to(dtype)
+    ref = torch.nn.RMSNorm(8, dtype=dtype)
+    mod = pyattn.nn.RMSNorm(8, dtype=dtype)
+    assert mod.eps is None and ref.eps is None
+    for got in (mod(x), pyattn.rms_norm(x, (8,))):
+        torch.testing.assert_close(got, ref(x), atol=0, rtol=1e-2 if dtype in (torch.bfloat16, torch.float16) else
+                                   1e-5)

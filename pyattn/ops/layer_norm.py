@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, select
+from ..dispatch import OpInputs, get_backend, select
 from ._common import Op, check_same_device, dtype_name
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,7 +97,8 @@ def _validate(x: Tensor, normalized_shape, weight, bias, eps, residual, rms: boo
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                                f"{list(p.shape)} and normalized_shape = {list(shape)}")
         if p.dtype != x.dtype and p.dtype != torch.float32:
-            raise RuntimeError(f"expected {name} dtype to be {dtype_name(x.dtype)} (the input's) or float32, "
+            also = "" if x.dtype == torch.float32 else " or float32"
+            raise RuntimeError(f"expected {name} dtype to be {dtype_name(x.dtype)} (the input's){also}, "
                                f"got {dtype_name(p.dtype)}")
     if residual is not None:
         if tuple(residual.shape) != tuple(x.shape):
@@ -115,14 +116,29 @@ def _validate(x: Tensor, normalized_shape, weight, bias, eps, residual, rms: boo
     return shape
 
 
-def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
-    """View (..., *normalized_shape) as (M, N) with a unit last stride, copying only when no such view exists."""
+def _rows(t: Optional[Tensor], n: int, nd: int) -> Optional[Tensor]:
+    """View (..., *normalized_shape) (nd dims, n elements) as (M, N) with a unit last stride, copying only when no
+    such view exists."""
     if t is None:
         return None
     if t.dim() == 2 and t.shape[1] == n and (n <= 1 or t.stride(1) == 1):  # already rows (runs every call)
         return t
-    t2 = t.reshape(-1, n)
+    t2 = t.reshape(-1 if n > 0 else math.prod(t.shape[:t.dim() - nd]), n)  # (-1 is ambiguous for n = 0)
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
+
+
+def _param(p: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """weight / bias as the contiguous (N,) vector the kernels take (a copy only for another layout)."""
+    if p is None or (p.dim() == 1 and p.is_contiguous()):
+        return p
+    return p.reshape(n).contiguous()
+
+
+def rms_eps(dtype: torch.dtype) -> float:
+    """rms_norm's eps=None: what torch computes with (its docs say finfo(input.dtype).eps, but ATen takes the
+    epsilon of the type it computes in: float32 for float16 / bfloat16 inputs, 1.2e-7 rather than 7.8e-3 for
+    bf16), so pyattn.nn.RMSNorm stays a drop-in twin of torch.nn.RMSNorm on half inputs."""
+    return torch.finfo(stat_dtype(dtype)).eps
 
 
 # ---- ops: custom ops for torch.compile, a direct path for plain eager calls (_common.Op). Selection inside. ----
@@ -130,7 +146,9 @@ def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
 def _norm_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
               rms: bool, store_residual: bool, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     inputs = NormInputs(x, residual, weight, bias, eps, rms)
-    return select(inputs, backend).layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
+    # nothing to compute (no rows, or rows of no element): torch's ops, whatever the request (no kernel runs)
+    be = get_backend("torch") if x.numel() == 0 else select(inputs, backend)
+    return be.layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
 
 
 def fake_norm_fwd(x, residual, rms: bool, store_residual: bool):
@@ -158,8 +176,8 @@ def _norm_bwd_impl(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor
               dresidual_out: Optional[Tensor], eps: float, rms: bool, has_bias: bool, need_dweight: bool,
               backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = NormInputs(s, None, weight, None, eps, rms, backward=True)
-    return select(inputs, backend).layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias,
-                                                  need_dweight)
+    be = get_backend("torch") if s.numel() == 0 else select(inputs, backend)
+    return be.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight)
 
 
 def _norm_bwd_fake(dy, s, weight, mean, rstd, dresidual_out, eps, rms, has_bias, need_dweight, backend):
@@ -200,10 +218,10 @@ _norm_fwd = Op("pyattn::norm_fwd", _norm_fwd_impl, _norm_fwd_fake, _setup_contex
 def _norm(input, normalized_shape, weight, bias, eps, residual, return_residual, backend, rms):
     shape = _validate(input, normalized_shape, weight, bias, eps, residual, rms)
     n = math.prod(shape)
-    x2 = _rows(input, n)
-    r2 = _rows(residual, n)
-    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
-    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    x2 = _rows(input, n, len(shape))
+    r2 = _rows(residual, n, len(shape))
+    w = _param(weight, n)
+    b = _param(bias, n)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, residual, weight, bias))
     store = residual is not None and (return_residual or grad)
     y, s, _, _ = _norm_fwd(x2, r2, w, b, float(eps), rms, store, backend)
@@ -225,16 +243,17 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
 def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, residual: Optional[Tensor] = None, return_residual: bool = False,
              backend: Optional[str] = None):
-    """``F.rms_norm`` semantics (eps=None means torch.finfo(input.dtype).eps), with the same residual options."""
+    """``F.rms_norm`` semantics (eps=None: the epsilon torch uses, that of the compute dtype: float32's for
+    float16 / bfloat16 inputs, see rms_eps), with the same residual options."""
     if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+        eps = rms_eps(input.dtype) if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
     return _norm(input, normalized_shape, weight, None, eps, residual, return_residual, backend, rms=True)
 
 
 def make_inputs(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None, rms=False, **_):
     """The NormInputs a call would dispatch on (for pyattn.explain)."""
     if rms and eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = rms_eps(input.dtype)
     shape = _validate(input, normalized_shape, weight, bias, eps, residual, rms)
     n = math.prod(shape)
-    return NormInputs(_rows(input, n), _rows(residual, n), weight, bias, float(eps), rms)
+    return NormInputs(_rows(input, n, len(shape)), _rows(residual, n, len(shape)), weight, bias, float(eps), rms)
