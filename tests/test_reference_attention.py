@@ -363,3 +363,19 @@ def test_empty_inputs(shape):
     assert not any(bool(t.any()) for t in (dq, dk, dv))
     o2, lse = pyattn.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, return_lse=True)
     assert o2.shape == (b, lq, h, 8) and lse.shape == (b, h, lq) and bool((lse == math.inf).all())
+
+
+@pytest.mark.parametrize("lq,lk,b", [(4, 0, 1), (0, 4, 1), (4, 4, 0)], ids=["Lk0", "Lq0", "B0"])
+def test_empty_inputs_with_a_mask_that_requires_grad(lq, lk, b):
+    # Nothing is computed: zero grads for q, k, v and none for the mask, as torch's sdpa gives (the backward once
+    # raised "does not differentiate attn_mask" here).
+    q = torch.randn(b, 2, lq, 8, requires_grad=True)
+    k = torch.randn(b, 2, lk, 8, requires_grad=True)
+    v = torch.randn(b, 2, lk, 8, requires_grad=True)
+    m = torch.zeros(lq, lk, requires_grad=True)
+    out = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    assert torch.equal(out, torch_sdpa(q, k, v, attn_mask=m))
+    grads = torch.autograd.grad(out.sum(), (q, k, v, m), allow_unused=True)
+    assert grads[3] is None
+    for g, t in zip(grads[:3], (q, k, v)):
+        assert g.shape == t.shape and not bool(g.any())

@@ -100,6 +100,12 @@ def test_attention_errors_where_torch_has_no_specific_check():
             sdpa(q, q, q, dropout_p=p)
     with pytest.raises(RuntimeError, match=r"dropout probability 1.0 is not supported .* \[0, 1\)"):
         sdpa(q, q, q, dropout_p=1.0)
+    # a 0-d tensor is a probability (torch takes it); anything else that is no number is a TypeError, not a range
+    # error quoting the value
+    assert torch.equal(sdpa(q, q, q, dropout_p=torch.tensor(0.0)), sdpa(q, q, q))
+    for bad in ("0.1", torch.tensor([0.1, 0.2])):
+        with pytest.raises(TypeError, match=f"dropout_p must be a float, got {type(bad).__name__}"):
+            sdpa(q, q, q, dropout_p=bad)
     for bad in (q.long(), q.int()):
         with pytest.raises(RuntimeError, match="expected floating point query, key and value, but got int"):
             sdpa(bad, bad, bad)
@@ -140,6 +146,9 @@ def test_flash_attn_func_errors():
         pyattn.flash_attn_func(q, torch.randn(2, 5, 4, 6), q)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         pyattn.flash_attn_func(q, q, q, softmax_scale=math.inf)
+    with pytest.raises(RuntimeError, match=r"same sequence length, but got k of shape \[2, 5, 4, 8\] and v of shape "
+                                           r"\[2, 6, 4, 8\]"):  # the shapes as passed, (B, L, H, D)
+        pyattn.flash_attn_func(q, q, torch.randn(2, 6, 4, 8))
 
 
 def test_forced_backend_refusal_and_fallback():

@@ -237,7 +237,11 @@ def _check_common(q, k, v, dropout_p, scale, names=("query", "key", "value")) ->
             f"pyattn attention: expected floating point {a}, {b} and {c}, but got "
             f"{dtype_name(q.dtype)} (float16, bfloat16, float32 or float64)"
         )
-    if not (type(dropout_p) is float or isinstance(dropout_p, numbers.Real)) or not (0.0 <= dropout_p <= 1.0):
+    if not (type(dropout_p) is float or isinstance(dropout_p, numbers.Real)):
+        if not (isinstance(dropout_p, Tensor) and dropout_p.dim() == 0 and not dropout_p.is_complex()):
+            raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+        dropout_p = float(dropout_p)  # a 0-d tensor, as torch takes it
+    if not (0.0 <= dropout_p <= 1.0):
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if dropout_p == 1.0:
         raise RuntimeError(
@@ -250,14 +254,16 @@ def _check_common(q, k, v, dropout_p, scale, names=("query", "key", "value")) ->
         )
 
 
-def _check_dims(q, k, v, names) -> None:
+def _check_dims(q, k, v, names, seq: int = -2) -> None:
+    """Head dims of q and k equal, sequence lengths (dim ``seq``) of k and v equal; the texts show the shapes as
+    passed."""
     a, b, c = names
     if q.shape[-1] != k.shape[-1]:
         raise RuntimeError(
             f"Expected {a} and {b} to have the same head dimension (last dim), but got "
             f"{a}.size(-1): {q.shape[-1]} and {b}.size(-1): {k.shape[-1]}"
         )
-    if k.shape[-2] != v.shape[-2]:
+    if k.shape[seq] != v.shape[seq]:
         raise RuntimeError(
             f"Expected {b} and {c} to have the same sequence length, but got {b} of shape "
             f"{list(k.shape)} and {c} of shape {list(v.shape)}"
@@ -445,7 +451,7 @@ def _prepare_flash(q, k, v, dropout_p, softmax_scale, causal) -> AttentionInputs
             f"flash_attn_func expects q, k, v of shape (batch, seqlen, nheads, headdim), but got "
             f"q.dim: {q.dim()} k.dim: {k.dim()} and v.dim: {v.dim()}"
         )
-    _check_dims(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), names)
+    _check_dims(q, k, v, names, seq=1)
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise RuntimeError(
             f"Expected q, k and v to have the same batch size, but got q of shape {list(q.shape)}, "
@@ -704,6 +710,8 @@ def _run(inputs: AttentionInputs, backend: Optional[str]) -> tuple[Tensor, Tenso
             q, k, v, mask, inputs.dropout_p, inputs.causal, inputs.bottom_right, inputs.scale, seed, offset
         )
         return out.to(q.dtype), lse.detach()
+    if empty and mask is not None:
+        mask = mask.detach()  # nothing is computed: no grad reaches the mask (torch's sdpa gives None too)
     out, lse, _ = _attention_fwd(
         q,
         k,
