@@ -244,3 +244,32 @@ def test_sdpa_fast_preparation_leaves_other_calls_to_the_general_path():
     assert attn_ops._prepare_sdpa_4d(q, k, k, torch.ones(5, 6, dtype=torch.bool), 0.0, False, None, False) is None
     with pytest.raises(RuntimeError, match="same sequence length"):  # and the general path raises torch's error
         pyattn.scaled_dot_product_attention(q, k, k[:, :, :5])
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["eager", "custom_op"])
+@pytest.mark.parametrize("op", ["attention", "layer_norm", "gru_cell", "gru"])
+def test_second_derivative_raises_instead_of_returning_zero(op, force):
+    # The ops are differentiable once. Under create_graph=True their gradients must raise when differentiated
+    # again, also when the incoming gradient is a constant (loss = out.sum()): torch's once_differentiable marks
+    # them only when an incoming gradient requires grad, so the second derivative through the saved inputs (a
+    # gradient penalty) came out silently as 0.
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    cell = pyattn.nn.GRUCell(8, 8).double()
+    layer = pyattn.nn.GRU(8, 8).double()
+    fns = {
+        "attention": lambda t: pyattn.scaled_dot_product_attention(t, t, t, backend="torch"),
+        "layer_norm": lambda t: pyattn.layer_norm(t, (8,), backend="torch"),
+        "gru_cell": lambda t: cell(t[0, 0], t[0, 1]),
+        "gru": lambda t: layer(t[0])[0],
+    }
+    if force:
+        with _ForceCustomOp():
+            out = fns[op](x)
+    else:
+        out = fns[op](x)
+    g, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(g.square().sum(), x)
+    g1, = torch.autograd.grad(fns[op](x).sum(), x)  # without create_graph: a plain gradient, no marking
+    assert not g1.requires_grad and torch.equal(g1, g.detach())

@@ -70,7 +70,7 @@ class Op:
         self.op.register_fake(fake)
         self.function = None
         if backward is not None:
-            self.op.register_autograd(backward, setup_context=setup_context)
+            self.op.register_autograd(_differentiable_once(backward), setup_context=setup_context)
             self.function = _autograd_function(name, impl, setup_context, backward)
 
     def __call__(self, *args):
@@ -83,13 +83,47 @@ class Op:
         return self.impl(*args)
 
 
+_DelayedError = torch._C._functions.DelayedError
+
+
+def _differentiable_once(fn):
+    """torch.autograd.function.once_differentiable, except that under create_graph=True every gradient is marked
+    (raises when differentiated again): torch's marks them only when an incoming gradient requires grad, so the
+    gradient of ``out.sum()`` (whose incoming gradient is a constant) came out as a constant, and a second
+    derivative through the op's saved inputs (a gradient penalty, a Hessian-vector product) was silently 0."""
+
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = fn(ctx, *grads)
+        if not torch.is_grad_enabled():  # (backward runs in grad mode only under create_graph=True)
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # The error node also takes the saved inputs that require grad (outputs dropped): it is then on the path from
+        # the gradients back to those inputs, so torch.autograd.grad(g, x) reaches it and raises too (without them it
+        # said "x appears to not have been used in the graph", or returned None under allow_unused).
+        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        err = _DelayedError(b"pyattn ops are differentiable once: a gradient of their gradient is not implemented",
+                            len(outs) + len(anchors))
+
+        def marked(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad = True
+            return t
+
+        return tuple(err(*[marked(t) for t in outs], *anchors)[:len(outs)])
+
+    return wrapper
+
+
 def _autograd_function(name: str, impl, setup_context, backward):
     def forward(ctx, *args):
         out = impl(*args)
         setup_context(ctx, args, out)
         return out
 
-    @torch.autograd.function.once_differentiable
+    @_differentiable_once
     def backward_(ctx, *grads):
         return backward(ctx, *grads)
 
