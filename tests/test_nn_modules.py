@@ -5,6 +5,7 @@ kernel suites force each backend.
 """
 import itertools
 import math
+import re
 import warnings
 
 import pytest
@@ -81,6 +82,15 @@ def test_gru_errors_match_torch():
         with pytest.raises(type(want.value), match=str(want.value).split("\n")[0][:60].replace("(", r"\(")
                            .replace(")", r"\)").replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
             ours(x, h)
+
+
+@pytest.mark.parametrize("args,kwargs", [((0, 8), {}), ((8, 0), {}), ((8.0, 8), {}), ((8, 8.5), {}),
+                                         ((8, 8), {"bias": 1}), ((8, 8), {"batch_first": None})], ids=str)
+def test_gru_constructor_errors_match_torch(args, kwargs):
+    with pytest.raises(Exception) as want:
+        torch.nn.GRU(*args, **kwargs)
+    with pytest.raises(type(want.value), match=f"^{re.escape(str(want.value))}$"):
+        pyattn.nn.GRU(*args, **kwargs)
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False),
