@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyattn._ext import load_C
-from pyattn.testing import TOL, assert_close_fp32, assert_tol
+from pyattn.testing import assert_close_fp32, assert_tol
 
 # Development hook: PYATTN_TEST_OPS_LIB=<a library defining torch.ops.pyattn> (with PYATTN_DISABLE_EXT=1) tests a
 # locally built copy of the kernels instead of the installed pyattn._C.

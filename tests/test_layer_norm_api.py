@@ -1,7 +1,6 @@
 """LayerNorm API: torch's error texts, drop-in modules, custom ops (opcheck) and torch.compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pyattn
 from conftest import backend_params

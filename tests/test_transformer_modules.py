@@ -723,3 +723,21 @@ def test_exports():
         assert name in pyattn.nn.__all__ and getattr(pyattn.nn, name).__module__ == "pyattn.nn.transformer"
     assert set(CLASSES) <= set(dir(pyattn.nn))
     assert F.relu is pyattn.nn.TransformerEncoderLayer(8, 2, 16).activation
+
+
+def test_attention_dropout_one_drops_every_weight_as_torch():
+    # dropout=1.0 in training: torch multiplies every attention weight by 0 (no error); pyattn's SDPA refuses
+    # p = 1, so the module gives the zero attention output itself, with zero (not None) in-projection grads.
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(8, 2, dropout=1.0)
+    ours = pyattn.nn.MultiheadAttention(8, 2, dropout=1.0)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 2, 8)
+    got, want = ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    layer = pyattn.nn.TransformerEncoderLayer(8, 2, 16, dropout=1.0).train()
+    assert layer(torch.randn(3, 2, 8)).shape == (3, 2, 8)

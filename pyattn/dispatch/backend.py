@@ -21,6 +21,11 @@ class OpInputs:
     def device(self) -> torch.device:
         raise NotImplementedError
 
+    def nothing_to_compute(self) -> bool:
+        """True when the call has no element to compute (an empty input): select() then takes the torch backend,
+        whose ops make the empty or zero outputs without a kernel, whatever backend was asked for."""
+        return False
+
 
 @dataclass(frozen=True)
 class OpCaps:

@@ -121,6 +121,8 @@ def _priority(inputs: OpInputs) -> list[str]:
 
 def select(inputs: OpInputs, backend: Optional[str] = None) -> Backend:
     """The backend that runs ``inputs`` (cached per input signature and request)."""
+    if inputs.nothing_to_compute():
+        return get_backend("torch")
     name, source = _requested(backend)
     key = (inputs.op, name, inputs.signature())
     hit = _cache.get(key)
@@ -148,6 +150,9 @@ def select(inputs: OpInputs, backend: Optional[str] = None) -> Backend:
 def explain_inputs(inputs: OpInputs, backend: Optional[str] = None) -> str:
     name, source = _requested(backend)
     lines = [f"op {inputs.op} on {inputs.device.type}: " + ", ".join(f"{k}={v}" for k, v in inputs.describe().items())]
+    if inputs.nothing_to_compute():
+        lines.append("  nothing to compute (an empty input): torch's ops make the outputs, no kernel runs")
+        return "\n".join(lines)
     if name is not None:
         reasons = get_backend(name).not_supported_reasons(inputs)
         verdict = "REFUSES: " + "; ".join(reasons) if reasons else "accepts"

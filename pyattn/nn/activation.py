@@ -170,6 +170,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             kpm = kpm.view(bsz, 1, 1, kpm.shape[-1])
         mask = _merge(am, kpm)
         dropout = self.dropout if self.training else 0.0
-        o = scaled_dot_product_attention(q, k, v, mask, dropout, causal)  # (B, H, L, Dh)
+        if dropout >= 1.0:  # torch drops every attention weight (its dropout multiplies by 0): zeros, zero grads
+            o = scaled_dot_product_attention(q, k, v, mask, 0.0, causal) * 0.0
+        else:
+            o = scaled_dot_product_attention(q, k, v, mask, dropout, causal)  # (B, H, L, Dh)
         o = o.transpose(1, 2).reshape(bsz, tgt_len, embed)
         return F.linear(o, self.out_proj.weight, self.out_proj.bias)

@@ -46,7 +46,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, get_backend, select
+from ..dispatch import OpInputs, select
 from ..dispatch.registry import _BACKENDS, _requested
 from ._common import Op, dtype_name
 
@@ -167,6 +167,10 @@ class AttentionInputs(OpInputs):
     def causal_alignment(self) -> str:
         """'none', 'top_left' or 'bottom_right' (the two coincide when Lq == Lk, reported as 'top_left')."""
         return _causal_alignment(self.causal, self.bottom_right, self.q_len, self.k_len)
+
+    def nothing_to_compute(self) -> bool:
+        b, h, lq, d = self.q.shape
+        return b * h * lq == 0 or self.k.shape[2] == 0 or d == 0 or self.v.shape[3] == 0
 
     def signature(self) -> tuple:
         # runs on every call: the properties' values from one read of each shape (a .shape makes a new torch.Size)
@@ -578,7 +582,7 @@ def _attention_fwd_impl(
     rng: int64 [seed, offset] (used when dropout_p > 0) -> out (B, Hq, Lq, Dv) in q's layout, lse (B, Hq, Lq)
     fp32 (fp64 for fp64), rng_state int64 [seed, offset, backend id (-1: no backend ran)] on CPU."""
     _check_canonical(q, k, v, mask)
-    b, h, lq, d = q.shape
+    b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     seed, offset = _seed_offset(rng) if dropout_p > 0 else (0, 0)
     lse_dtype = stat_dtype(q.dtype)
@@ -587,7 +591,7 @@ def _attention_fwd_impl(
         lse = q.new_empty((b, h, lq), dtype=lse_dtype).fill_(math.inf)
         return out, lse, _rng_state(seed, offset, -1)
     inputs = AttentionInputs(q, k, v, mask, dropout_p, causal, bottom_right, scale, needs_grad)
-    be = get_backend("torch") if (d == 0 or dv == 0) else select(inputs, backend)
+    be = select(inputs, backend)
     o, lse = be.attention_fwd(q, k, v, mask, dropout_p, causal, bottom_right, scale, seed, offset)
     if lse.dtype != lse_dtype or not lse.is_contiguous():
         lse = lse.to(lse_dtype, memory_format=torch.contiguous_format)
@@ -620,15 +624,12 @@ def _attention_bwd_impl(
     With dropout the backward runs on the backend named in rng_state (the forward's): keep-masks are per
     backend."""
     _check_canonical(q, k, v, mask)
-    b, h, lq, d = q.shape
-    lk, dv_ = k.shape[2], v.shape[3]
-    if b * h * lq == 0 or lk == 0:
+    b, h, lq, _ = q.shape
+    if b * h * lq == 0 or k.shape[2] == 0:
         return tuple(_empty_like_layout(t, t.shape).zero_() for t in (q, k, v))
     seed, offset, bid = (int(x) for x in rng_state.tolist())
     inputs = AttentionInputs(q, k, v, mask, dropout_p, causal, bottom_right, scale, True)
-    if d == 0 or dv_ == 0:
-        be = get_backend("torch")
-    elif dropout_p > 0 and bid >= 0:
+    if dropout_p > 0 and bid >= 0:
         be = select(inputs, _backend_name(bid))
     else:
         be = select(inputs, backend)

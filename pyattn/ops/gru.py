@@ -27,7 +27,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, get_backend, select
+from ..dispatch import OpInputs, select
 from ._common import Op, check_same_device, dtype_name
 
 _SCALAR_NAMES = {
@@ -78,6 +78,9 @@ class GRUCellInputs(OpInputs):
     @property
     def batch(self) -> int:
         return self.x.shape[-2]
+
+    def nothing_to_compute(self) -> bool:
+        return self.x.numel() == 0 or self.hx.numel() == 0  # no step, row, input or hidden unit
 
     def signature(self) -> tuple:
         x = self.x  # runs on every call (every cell step): plain attribute reads where the properties would repeat them
@@ -231,8 +234,7 @@ def _gru_cell_fwd_impl(
 ) -> tuple[Tensor, Tensor]:
     """x (B, I), hx (B, H) -> h_new (B, H), ws (B, 4H) fp32 (fp64 for fp64) or empty when not needs_grad."""
     inputs = GRUCellInputs(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad)
-    empty = x.numel() == 0 or hx.numel() == 0
-    be = get_backend("torch") if empty else select(inputs, backend)
+    be = select(inputs, backend)
     return be.gru_cell_fwd(x, hx, w_ih, w_hh, b_ih, b_hh, needs_grad)
 
 
@@ -257,8 +259,7 @@ def _gru_cell_bwd_impl(
     """-> dx (B, I), dhx (B, H), dw_ih (3H, I), dw_hh (3H, H), db_ih (3H), db_hh (3H) (empty when not asked
     for)."""
     inputs = GRUCellInputs(x, hx, w_ih, w_hh, None, None, True)
-    empty = x.numel() == 0 or hx.numel() == 0
-    be = get_backend("torch") if empty else select(inputs, backend)
+    be = select(inputs, backend)
     return be.gru_cell_bwd(dh, x, hx, w_ih, w_hh, ws, has_b_ih, has_b_hh, need_weights)
 
 
@@ -339,8 +340,7 @@ def _gru_layer_fwd_impl(
     """x (T, B, I), h0 (B, H) -> out (T, B, H), h_T (B, H) (the state after the last step processed), ws (T,
     B, 4H) fp32 (fp64 for fp64) or empty when not needs_grad."""
     inputs = GRULayerInputs(x, h0, w_ih, w_hh, b_ih, b_hh, needs_grad, reverse)
-    empty = x.numel() == 0 or h0.numel() == 0
-    be = get_backend("torch") if empty else select(inputs, backend)
+    be = select(inputs, backend)
     return be.gru_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, needs_grad)
 
 
@@ -368,8 +368,7 @@ def _gru_layer_bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """BPTT -> dx (T, B, I), dh0 (B, H), dw_ih, dw_hh, db_ih, db_hh (empty when not asked for)."""
     inputs = GRULayerInputs(x, h0, w_ih, w_hh, None, None, True, reverse)
-    empty = x.numel() == 0 or h0.numel() == 0
-    be = get_backend("torch") if empty else select(inputs, backend)
+    be = select(inputs, backend)
     return be.gru_layer_bwd(
         dout, dh_last, x, h0, w_ih, w_hh, out, ws, has_b_ih, has_b_hh, reverse, need_weights
     )

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, get_backend, select
+from ..dispatch import OpInputs, select
 from ._common import Op, check_same_device, dtype_name
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,6 +53,9 @@ class NormInputs(OpInputs):
     @property
     def weight_dtype(self) -> Optional[torch.dtype]:
         return None if self.weight is None else self.weight.dtype
+
+    def nothing_to_compute(self) -> bool:
+        return self.x.numel() == 0  # no rows, or rows of no element
 
     def signature(self) -> tuple:
         return (self.x.device.type, self.x.dtype, self.hidden, self.weight_dtype, self.bias is not None,
@@ -146,9 +149,7 @@ def rms_eps(dtype: torch.dtype) -> float:
 def _norm_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
               rms: bool, store_residual: bool, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     inputs = NormInputs(x, residual, weight, bias, eps, rms)
-    # nothing to compute (no rows, or rows of no element): torch's ops, whatever the request (no kernel runs)
-    be = get_backend("torch") if x.numel() == 0 else select(inputs, backend)
-    return be.layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
+    return select(inputs, backend).layer_norm_fwd(x, residual, weight, bias, eps, rms, store_residual)
 
 
 def fake_norm_fwd(x, residual, rms: bool, store_residual: bool):
@@ -176,8 +177,8 @@ def _norm_bwd_impl(dy: Tensor, s: Tensor, weight: Optional[Tensor], mean: Tensor
               dresidual_out: Optional[Tensor], eps: float, rms: bool, has_bias: bool, need_dweight: bool,
               backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     inputs = NormInputs(s, None, weight, None, eps, rms, backward=True)
-    be = get_backend("torch") if s.numel() == 0 else select(inputs, backend)
-    return be.layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias, need_dweight)
+    return select(inputs, backend).layer_norm_bwd(dy, s, weight, mean, rstd, dresidual_out, rms, has_bias,
+                                                  need_dweight)
 
 
 def _norm_bwd_fake(dy, s, weight, mean, rstd, dresidual_out, eps, rms, has_bias, need_dweight, backend):
