@@ -434,3 +434,14 @@ def test_explain_attention_and_gru_cell():
         "gru_cell", torch.randn(2, 3), None, cell.weight_ih, cell.weight_hh, backend="torch"
     )
     assert "op gru_cell on cpu" in text and "forced 'torch'" in text and "accepts" in text
+
+
+def test_explain_and_select_for_calls_with_nothing_to_compute():
+    # Empty calls run torch's ops whatever was asked (no kernel), and explain says so instead of naming a backend.
+    q, k = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 5, 8)
+    for text in (pyattn.explain("attention", q, k, k), pyattn.explain("attention", k, q, q, backend="cpp"),
+                 pyattn.explain("layer_norm", torch.randn(0, 34)[:, ::2], (17,)),
+                 pyattn.explain("gru_cell", torch.randn(0, 3), None, torch.randn(12, 3), torch.randn(12, 4))):
+        assert "nothing to compute" in text and "selected" not in text, text
+    with pyattn.use_backend("cpp"):
+        assert pyattn.layer_norm(torch.randn(3, 0), (0,)).shape == (3, 0)
