@@ -250,3 +250,18 @@ def test_rms_norm_default_eps_is_torchs(dtype):
     for got in (mod(x), pyattn.rms_norm(x, (8,))):
         torch.testing.assert_close(got, ref(x), atol=0, rtol=1e-2 if dtype in (torch.bfloat16, torch.float16) else
                                    1e-5)
+
+
+def test_residual_of_another_dtype_promotes_as_x_plus_r():
+    # LN(x + r) with x fp32 and r bf16 (a residual stream next to a sub-layer's output under torch.autocast):
+    # torch's `x + r` promotes to fp32, and so does the fused op (it raised a dtype error before).
+    x = torch.randn(4, 16, requires_grad=True)
+    r = torch.randn(4, 16).bfloat16().requires_grad_(True)
+    y, s = pyattn.layer_norm(x, (16,), residual=r, return_residual=True)
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(y, F.layer_norm(x + r, (16,)))
+    torch.testing.assert_close(s, x + r)
+    gr, = torch.autograd.grad(y.sum() + s.sum(), r)
+    assert gr.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="residual to have the input's dtype"):
+        pyattn.layer_norm(x, (16,), residual=torch.ones(4, 16, dtype=torch.int32))

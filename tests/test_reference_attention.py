@@ -379,3 +379,18 @@ def test_empty_inputs_with_a_mask_that_requires_grad(lq, lk, b):
     assert grads[3] is None
     for g, t in zip(grads[:3], (q, k, v)):
         assert g.shape == t.shape and not bool(g.any())
+
+
+def test_sdpa_under_autocast_casts_as_torch():
+    # Inside torch.autocast, torch's SDPA casts floating inputs (float64 excepted) to the region's dtype: mixed
+    # fp32 / bf16 q, k, v then work, and the output is bf16.
+    q = torch.randn(1, 2, 5, 8)
+    mask = torch.randn(5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pyattn.scaled_dot_product_attention(q.bfloat16(), q, q, attn_mask=mask)
+        want = torch_sdpa(q.bfloat16(), q, q, attn_mask=mask)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        q64 = q.double()
+        assert pyattn.scaled_dot_product_attention(q64, q64, q64).dtype == torch.float64
+    assert pyattn.scaled_dot_product_attention(q, q, q).dtype == torch.float32  # outside the region: unchanged

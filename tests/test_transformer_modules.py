@@ -741,3 +741,26 @@ def test_attention_dropout_one_drops_every_weight_as_torch():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     layer = pyattn.nn.TransformerEncoderLayer(8, 2, 16, dropout=1.0).train()
     assert layer(torch.randn(3, 2, 8)).shape == (3, 2, 8)
+
+
+@pytest.mark.parametrize("cls", ["TransformerEncoderLayer", "TransformerDecoderLayer", "Transformer"])
+def test_modules_under_autocast_match_torch(cls):
+    # torch.autocast (bf16 on CPU): the linears run in bf16 while the residual stream stays fp32, so Add & Norm sees
+    # fp32 + bf16 (torch's `x + r` promotes; pyattn's fused op raised a dtype error) and SDPA sees autocast's casts.
+    torch.manual_seed(0)
+    args = (16, 2, 1, 1, 32) if cls == "Transformer" else (16, 2, 32)
+    theirs = getattr(torch.nn, cls)(*args, dropout=0.0, batch_first=True)
+    ours = getattr(pyattn.nn, cls)(*args, dropout=0.0, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 5, 16)
+    outs = []
+    for mod in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mod(x) if cls == "TransformerEncoderLayer" else mod(x, x)
+        out.float().square().mean().backward()
+        outs.append((out, [p.grad for p in mod.parameters()]))
+    (got, ggot), (want, gwant) = outs
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)  # bf16 linears: ~2^-8 relative per rounding
+    for a, b in zip(ggot, gwant):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=5e-2)

@@ -21,6 +21,38 @@ def check_same_device(**tensors) -> None:
                                f"{first_name} is on {first.device}")
 
 
+# ---- torch.autocast ------------------------------------------------------------------------------------------
+
+def _autocast_region_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of an enabled torch.autocast region for ``device_type``, or None outside one."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # torch without the per-device forms (older than 2.4)
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+
+
+def autocast_lower_precision(*tensors):
+    """torch.autocast's lower-precision policy (what it applies to F.scaled_dot_product_attention): inside an
+    enabled region for the first tensor's device, its floating tensors on that device other than float64 cast to
+    the region's dtype; the arguments unchanged outside one. (pyattn's ops bypass the dispatcher, where autocast
+    would otherwise apply it.)"""
+    first = tensors[0]
+    if not isinstance(first, _Tensor):
+        return tensors
+    device_type = first.device.type
+    dtype = _autocast_region_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if (isinstance(t, _Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                                 and t.device.type == device_type) else t for t in tensors)
+
+
 # ---- ops: a torch custom op, and a direct path for plain eager calls ---------------------------------
 
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ..dispatch import OpInputs, select
 from ..dispatch.registry import _BACKENDS, _requested
-from ._common import Op, dtype_name
+from ._common import Op, autocast_lower_precision, dtype_name
 
 _TORCH_DTYPE_NAMES = {
     torch.float32: "float",
@@ -744,7 +744,9 @@ def scaled_dot_product_attention(
     """``torch.nn.functional.scaled_dot_product_attention`` semantics: query (..., Hq, Lq, D), key (..., Hkv,
     Lk, D), value (..., Hkv, Lk, Dv), any rank >= 2, batch dims broadcast -> (..., Hq, Lq, Dv). ``attn_mask``:
     bool (True = take part) or float (added to the logits), broadcastable to (..., Hq, Lq, Lk); ``is_causal``:
-    top-left causal mask. Fully masked rows give 0. Dropout draws its seed from torch's default generator."""
+    top-left causal mask. Fully masked rows give 0. Dropout draws its seed from torch's default generator.
+    Inside torch.autocast, floating inputs are cast to the region's dtype first, as torch's SDPA is."""
+    query, key, value, attn_mask = autocast_lower_precision(query, key, value, attn_mask)
     inputs, out_shape = _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out, _ = _run(inputs, backend)
     return out.reshape(out_shape)

@@ -217,6 +217,12 @@ _norm_fwd = Op("pyattn::norm_fwd", _norm_fwd_impl, _norm_fwd_fake, _setup_contex
 
 
 def _norm(input, normalized_shape, weight, bias, eps, residual, return_residual, backend, rms):
+    if (isinstance(input, Tensor) and isinstance(residual, Tensor) and residual.dtype != input.dtype
+            and input.is_floating_point() and residual.is_floating_point()):
+        # input + residual in torch's promoted dtype, as `x + r` then the norm gives (e.g. an fp32 residual stream
+        # plus a bf16 sub-layer output under torch.autocast)
+        dt = torch.promote_types(input.dtype, residual.dtype)
+        input, residual = input.to(dt), residual.to(dt)
     shape = _validate(input, normalized_shape, weight, bias, eps, residual, rms)
     n = math.prod(shape)
     x2 = _rows(input, n, len(shape))
