@@ -805,6 +805,24 @@ def test_norm_offset_constant_and_nan_rows():
     assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4]]).all()
 
 
+@pytest.mark.parametrize("n", [8, 1000, 9000], ids=lambda n: f"N{n}")  # register kernels and the looped one
+def test_norm_infinite_sums_as_the_cpu_kernel(n):
+    # A row whose sum of squares is infinite (an inf element for RMSNorm; finite values near 1e20 for LayerNorm):
+    # rstd 0, as the CPU kernel gives, not NaN over the whole row (div_n's correction step made inf - inf).
+    g = torch.Generator().manual_seed(n)
+    w, b = 1 + 0.5 * torch.randn(n, generator=g), torch.full((n,), 0.25)
+    x = torch.randn(3, n, generator=g)
+    x[0, 3] = float("inf")
+    x[1] *= 1e20
+    for rms in (False, True):
+        bias = None if rms else b
+        got = _ln_fwd(x, None, w, bias, rms, False)
+        want = torch.ops.pyattn.layer_norm_fwd(x, None, w, bias, 1e-5, rms, False)
+        for name, a, c in zip(("y", "s", "mean", "rstd"), got, want):
+            torch.testing.assert_close(a, c, equal_nan=True, msg=lambda m: f"{'rms' if rms else 'ln'} {name}: {m}")
+        assert got[3][1] == 0 and not torch.isnan(got[0][1]).any()
+
+
 def test_norm_empty_rows_and_bad_input():
     x = torch.empty(0, 16)
     w, b = torch.randn(16), torch.randn(16)

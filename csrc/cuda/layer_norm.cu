@@ -212,9 +212,11 @@ __device__ __forceinline__ float rstd_of(float v, float eps) {
 
 // a / n from inv_n = 1 / n (computed on the host, IEEE): q = a * inv_n, then one FMA correction step. The result
 // is the correctly rounded quotient whenever that is representable (constant rows: sum / N == the value exactly)
-// and within one ulp otherwise; no slow-path subroutine (__fdiv_rn has one).
+// and within one ulp otherwise; no slow-path subroutine (__fdiv_rn has one). An infinite sum (an inf element, or
+// squares past 3.4e38) stays infinite: the correction would be inf - inf = NaN, and rstd_of(inf) must give 0.
 __device__ __forceinline__ float div_n(float a, float n, float inv_n) {
   const float q = a * inv_n;
+  if (isinf(q)) return q;
   return fmaf(fmaf(-q, n, a), inv_n, q);
 }
 
