@@ -90,9 +90,9 @@ def _validate(x: Tensor, normalized_shape, weight, bias, eps, residual, rms: boo
         star = "*" if rms else "*, "
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape [{star}"
                            f"{', '.join(map(str, shape))}], but got input of size{list(x.shape)}")
-    if not x.is_floating_point():
-        raise RuntimeError(f"{'rms_norm' if rms else 'layer_norm'}: expected a floating point input, got "
-                           f"{dtype_name(x.dtype)}")
+    if not x.is_floating_point():  # (torch raises NotImplementedError, a RuntimeError, for integer inputs)
+        raise NotImplementedError(f"{'rms_norm' if rms else 'layer_norm'}: expected a floating point input, got "
+                                  f"{dtype_name(x.dtype)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
