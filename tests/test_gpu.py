@@ -579,6 +579,28 @@ def test_norm_offset_constant_and_nan_rows(backend, n):
     torch.testing.assert_close(yr.double(), F.rms_norm(x[keep].double(), (n,), w.double()), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", _gpu_backends("layer_norm"))
+@pytest.mark.parametrize("n", [8, 1000, 9000])
+def test_norm_infinite_sums_as_the_cpu_kernel(backend, n):
+    """Rows whose sum of squares overflows (an inf element for RMSNorm, values near 1e20 for LayerNorm): the CPU
+    kernel's outputs, rstd 0, not a NaN row (the CUDA kernels' div_n once made inf - inf; emulator-found)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g)
+    x[0, 3] = float("inf")
+    x[1] *= 1e20
+    w, b = 1 + 0.5 * torch.randn(n, generator=g), torch.full((n,), 0.25)
+    for rms in (False, True):
+        bias = None if rms else b
+        want = torch.ops.pyattn.layer_norm_fwd(x, None, w, bias, 1e-5, rms, False)  # the CPU kernel
+        y = (pyattn.rms_norm(x.to(DEV), (n,), w.to(DEV), 1e-5, backend=backend) if rms else
+             pyattn.layer_norm(x.to(DEV), (n,), w.to(DEV), b.to(DEV), backend=backend))
+        torch.testing.assert_close(y.cpu(), want[0], equal_nan=True)
+        if backend == "cuda":  # rstd too (0 on the overflowing rows)
+            got = torch.ops.pyattn.layer_norm_fwd(x.to(DEV), None, w.to(DEV), None if rms else b.to(DEV), 1e-5, rms,
+                                                  False)
+            torch.testing.assert_close(got[3].cpu(), want[3], equal_nan=True)
+
+
 def _cuda_norm_missing():
     ok, why = get_backend("cuda").availability()
     if not ok:
