@@ -161,3 +161,21 @@ def test_cuda_backend_preferred_for_measured_attention(change, expected, monkeyp
 
     assert sig(128, 300) != sig(127, 300) and sig(1, 300) != sig(1, 255) and sig(1, 300) != sig(1, 300, -0.1)
     assert sig(4, 300) == sig(1, 300) and sig(200, 300) == sig(128, 255)
+
+
+def test_use_backend_around_the_forward_also_picks_the_backward(monkeypatch):
+    # `with use_backend(name): loss = f(x)` then `loss.backward()` outside the block: the backward takes the backend
+    # the block forced (it took the automatic choice, so a forced backend's backward kernels were never run).
+    from pyattn.dispatch import get_backend
+    seen = []
+    tb = get_backend("torch")
+    for meth in ("attention_bwd", "layer_norm_bwd", "gru_cell_bwd"):
+        real = getattr(tb, meth)
+        monkeypatch.setattr(tb, meth, lambda *a, _r=real, _m=meth: seen.append(_m) or _r(*a))
+    x = torch.randn(1, 2, 5, 8, requires_grad=True)
+    cell = pyattn.nn.GRUCell(8, 8)
+    with pyattn.use_backend("torch"):
+        loss = (pyattn.scaled_dot_product_attention(x, x, x).sum() + pyattn.layer_norm(x, (8,)).sum()
+                + cell(x[0, 0]).sum())
+    loss.backward()
+    assert sorted(seen) == ["attention_bwd", "gru_cell_bwd", "layer_norm_bwd"]

@@ -265,3 +265,17 @@ def test_residual_of_another_dtype_promotes_as_x_plus_r():
     assert gr.dtype == torch.bfloat16
     with pytest.raises(RuntimeError, match="residual to have the input's dtype"):
         pyattn.layer_norm(x, (16,), residual=torch.ones(4, 16, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", LN)
+def test_fp32_bias_without_weight_gets_an_fp32_accurate_grad(backend):
+    # 16-bit input, fp32 bias, no weight: dbias = sum of dy over rows, accumulated and returned in fp32 (the
+    # kernels gave it in the input's dtype without a weight: 7e-3 off at 64 fp16 rows).
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(64, 32, generator=g).half() for _ in range(2))
+    b = torch.randn(32, generator=g).requires_grad_(True)
+    y = pyattn.layer_norm(x, (32,), None, b, backend=backend)
+    assert torch.equal(y, pyattn.layer_norm(x, (32,), torch.ones(32), b.detach(), backend=backend))
+    db, = torch.autograd.grad(y, b, dy)
+    assert db.dtype == torch.float32
+    torch.testing.assert_close(db.double(), dy.double().sum(0), atol=1e-5, rtol=1e-6)

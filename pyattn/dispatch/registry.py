@@ -81,6 +81,14 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+def backend_request(backend: Optional[str]) -> Optional[str]:
+    """What an op's forward saves for its backward to request: its backend= argument, else the backend a
+    use_backend() block forces around the forward. The backward usually runs after the block has exited (e.g.
+    ``with use_backend("triton"): loss = model(x)`` then ``loss.backward()``), and forcing a backend is meant for the
+    whole computation, not half of it. (PYATTN_BACKEND is read again by the backward, so it needs no pinning.)"""
+    return backend if backend is not None else _forced.get()
+
+
 def _env_backend() -> Optional[str]:
     """PYATTN_BACKEND as it is now (read on every call, so setting it at run time works). os.environ.get raises and
     catches a KeyError inside when the variable is unset: inside a training step the backend request took 4.0 us

@@ -46,7 +46,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, select
+from ..dispatch import OpInputs, backend_request, select
 from ..dispatch.registry import _BACKENDS, _requested
 from ._common import Op, autocast_lower_precision, dtype_name
 
@@ -652,7 +652,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, rng_state)
     ctx.set_materialize_grads(False)  # no zero tensors for lse / rng_state per call
     ctx.save_for_backward(q, k, v, out, lse, mask, rng_state)
-    ctx.meta = (dropout_p, causal, bottom_right, scale, backend)
+    ctx.meta = (dropout_p, causal, bottom_right, scale, backend_request(backend))
 
 
 def _backward(ctx, dout, dlse, drng):

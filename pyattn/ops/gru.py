@@ -27,7 +27,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, select
+from ..dispatch import OpInputs, backend_request, select
 from ._common import Op, check_same_device, dtype_name
 
 _SCALAR_NAMES = {
@@ -292,7 +292,7 @@ def _cell_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(ws)
     ctx.set_materialize_grads(False)  # no zero tensor for the workspace per call
     ctx.save_for_backward(x, hx, w_ih, w_hh, b_ih, b_hh, ws)
-    ctx.meta = (needs_grad, backend)
+    ctx.meta = (needs_grad, backend_request(backend))
 
 
 def _cell_backward(ctx, dh, dws):
@@ -393,7 +393,7 @@ def _layer_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(ws)
     ctx.set_materialize_grads(False)  # no zero tensor for the workspace per call; unused outputs' grads: None
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out, ws)
-    ctx.meta = (reverse, needs_grad, backend)
+    ctx.meta = (reverse, needs_grad, backend_request(backend))
 
 
 def _layer_backward(ctx, dout, dh_last, dws):

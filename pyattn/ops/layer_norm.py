@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..dispatch import OpInputs, select
+from ..dispatch import OpInputs, backend_request, select
 from ._common import Op, check_same_device, dtype_name
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +195,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # unused outputs' grads stay None (no zero tensors made per call)
     ctx.save_for_backward(saved_s, weight, mean, rstd)
-    ctx.meta = (eps, rms, bias is not None, residual is not None, store_residual, backend)
+    ctx.meta = (eps, rms, bias is not None, residual is not None, store_residual, backend_request(backend))
 
 
 def _backward(ctx, dy, ds, dmean, drstd):
@@ -227,6 +227,10 @@ def _norm(input, normalized_shape, weight, bias, eps, residual, return_residual,
     n = math.prod(shape)
     x2 = _rows(input, n, len(shape))
     r2 = _rows(residual, n, len(shape))
+    if weight is None and bias is not None and bias.dtype != input.dtype:
+        # the backends give dbias in the weight's dtype (s's without a weight): a weight of ones keeps an fp32 bias's
+        # gradient fp32-accurate next to 16-bit inputs (y is unchanged: a product by 1 is exact)
+        weight = torch.ones(shape, dtype=bias.dtype, device=bias.device)
     w = _param(weight, n)
     b = _param(bias, n)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, residual, weight, bias))
