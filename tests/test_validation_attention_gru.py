@@ -400,6 +400,13 @@ def test_torch_compile_fullgraph(compile_backend):
     assert out.shape == (2, 9, 4, 16) and out.isfinite().all()
     assert all(t.isfinite().all() for t in torch.autograd.grad(out.sum(), (q, k, v)))
 
+    # a learned float mask (T5's position_bias): the torch-math path, whose use_backend() check once read a
+    # ContextVar Dynamo cannot trace (fullgraph raised Unsupported)
+    bias = torch.randn(1, 4, 9, 11, generator=g, requires_grad=True)
+    torch._dynamo.reset()
+    _compiled_matches(lambda q, k, v, m: pyattn.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
+                      (q, k, v, bias), compile_backend)
+
     cell = torch.nn.GRUCell(5, 7)
     x = torch.randn(3, 5, generator=g, requires_grad=True)
     h = torch.randn(3, 7, generator=g, requires_grad=True)

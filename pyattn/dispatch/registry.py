@@ -104,10 +104,10 @@ def _env_backend() -> Optional[str]:
 _ENV_KEY = os.environ.encodekey("PYATTN_BACKEND") if hasattr(os.environ, "encodekey") else None
 
 
-def _requested(explicit: Optional[str]) -> tuple[Optional[str], str]:
+def _requested(explicit: Optional[str], context: bool = True) -> tuple[Optional[str], str]:
     if explicit is not None:
         return explicit, "backend= argument"
-    ctx = _forced.get()
+    ctx = _forced.get() if context else None
     if ctx is not None:
         return ctx, "pyattn.use_backend()"
     env = _env_backend()

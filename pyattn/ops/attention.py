@@ -698,7 +698,8 @@ def _run(inputs: AttentionInputs, backend: Optional[str]) -> tuple[Tensor, Tenso
     q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.mask
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
     if mask is not None and mask.requires_grad and torch.is_grad_enabled() and not empty:
-        name, source = _requested(backend)
+        # (Dynamo cannot trace use_backend()'s ContextVar: under torch.compile only backend= and the env var count)
+        name, source = _requested(backend, context=not torch.compiler.is_compiling())
         if name is not None and name != "torch":
             raise RuntimeError(
                 f"pyattn attention: attn_mask requires grad, which only the torch backend computes, "
