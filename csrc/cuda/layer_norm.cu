@@ -223,6 +223,25 @@ __device__ __forceinline__ float div_n(float a, float n, float inv_n) {
 // max(v, 0) that keeps NaN (like the CPU kernel's std::max(v, 0.f)); fmaxf would turn NaN into 0.
 __device__ __forceinline__ float nonneg(float v) { return v < 0.f ? 0.f : v; }
 
+// A row's statistics from its group-reduced sum (sum(s) for LN, sum(s^2) for RMS), shared by the register and the
+// looped forwards. LN: m1 = sum / N, then moments(m1, q) gathers q = (sum(d), sum(d^2)) of d = s - m1 over the row
+// (group-reduced), c = mean(d), var = mean(d^2) - c^2 (corrected two-pass). RMS: rstd from mean(s^2), m1 = c = 0.
+template <bool RMS, class Moments>
+__device__ __forceinline__ void row_stats(float sum, float fN, float inv_n, float eps, Moments moments, float& m1,
+                                          float& c, float& rstd) {
+  m1 = 0.f;
+  c = 0.f;
+  if constexpr (RMS) {
+    rstd = rstd_of(div_n(sum, fN, inv_n), eps);
+  } else {
+    m1 = div_n(sum, fN, inv_n);
+    float q[2] = {0.f, 0.f};
+    moments(m1, q);
+    c = div_n(q[0], fN, inv_n);
+    rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), eps);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // A thread's share of a row in the register kernels: VPT 16-byte vectors, vector k at elements
 // j_k = (k * TPR + lane) * V (consecutive lanes read consecutive 16 bytes). Rows there have at most 8192 elements,
@@ -399,17 +418,11 @@ __global__ void __launch_bounds__(TPR * RPB, kFwdMinThreadsPerSm / (TPR * RPB))
     float acc[1] = {store_s_and_sum<T, RMS, TPR, VPT, VEC>(p, row, 0, lane, n, sr)};
     group_sum<TPR, RPB, 1>(acc, smem, group, lane);
 
-    float m1 = 0.f, c = 0.f, rstd;
-    if constexpr (RMS) {
-      rstd = rstd_of(div_n(acc[0], fN, inv_n), p.eps);
-    } else {
-      m1 = div_n(acc[0], fN, inv_n);
-      float q[2] = {0.f, 0.f};
-      add_moments<T, TPR, VPT>(sr, m1, lane, n, q);
+    float m1, c, rstd;
+    row_stats<RMS>(acc[0], fN, inv_n, p.eps, [&](float mean1, float (&q)[2]) {
+      add_moments<T, TPR, VPT>(sr, mean1, lane, n, q);
       group_sum<TPR, RPB, 2>(q, smem, group, lane);
-      c = div_n(q[0], fN, inv_n);
-      rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
-    }
+    }, m1, c, rstd);
     if (n > 0 && lane == 0) {
       if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
       if (p.rstd != nullptr) p.rstd[row] = rstd;
@@ -487,21 +500,15 @@ __global__ void __launch_bounds__(TPR, kLoopedBlocksPerSm) ln_fwd_looped_kernel(
   }
   group_sum<TPR, 1, 1>(acc, smem, 0, lane);
 
-  float m1 = 0.f, c = 0.f, rstd;
-  if constexpr (RMS) {
-    rstd = rstd_of(div_n(acc[0], fN, inv_n), p.eps);
-  } else {
-    m1 = div_n(acc[0], fN, inv_n);
-    float q[2] = {0.f, 0.f};
+  float m1, c, rstd;
+  row_stats<RMS>(acc[0], fN, inv_n, p.eps, [&](float mean1, float (&q)[2]) {
     for (int c0 = 0; c0 < N; c0 += kPiece) {
       uint4 sr[kLoopVecs];
       fwd_load_s<T, TPR, VEC>(p, row, c0, lane, N - c0, sr);
-      add_moments<T, TPR, kLoopVecs>(sr, m1, lane, N - c0, q);
+      add_moments<T, TPR, kLoopVecs>(sr, mean1, lane, N - c0, q);
     }
     group_sum<TPR, 1, 2>(q, smem, 0, lane);
-    c = div_n(q[0], fN, inv_n);
-    rstd = rstd_of(nonneg(div_n(q[1], fN, inv_n) - c * c), p.eps);
-  }
+  }, m1, c, rstd);
   if (lane == 0) {
     if (!RMS && p.mean != nullptr) p.mean[row] = m1 + c;
     if (p.rstd != nullptr) p.rstd[row] = rstd;
