@@ -24,7 +24,9 @@ How a bench file plugs in (``benchmarks/bench_<op>.py``, run by ``benchmarks/run
   in a fresh process and returns ``cpu_peak_rss(call)`` (see "Peak memory" below; bench_attention.py has one).
 
 Method (PERF.md): p20/p50/p80 over repeated runs after warm-up, the median quoted; CUDA events on GPU (the L2
-cache is flushed before every repetition by writing a 256 MiB buffer, so small sizes are not timed from L2),
+cache is flushed before every repetition by writing a 256 MiB buffer, so small sizes are not timed from L2, and a GPU
+busy-wait longer than the host's time to issue the call follows it, so the times are the device's: the host's issue
+time is reported apart, ``host_ms``; see ``measure``),
 ``time.perf_counter`` on CPU (caches are not flushed on CPU: sizes that fit the last-level cache can exceed
 PEAK_COPY). Ceilings are measured in the same run, lazily (only those the benchmarked ops need):
 PEAK_COPY = ``dst.copy_(src)`` of 256 MiB counting read + write; PEAK_GEMM = square matmul, fp32 on CPU
@@ -205,6 +207,7 @@ class Timing:
     reps: int
     peak_mem_bytes: Optional[int] = None
     times: list = field(default_factory=list, repr=False)
+    host: Optional[float] = None  # GPU: seconds the host takes to issue one call (the fastest warm-up call's)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -227,21 +230,55 @@ def _l2_flush_buffer(device: str) -> torch.Tensor:
     return torch.empty(256 * MiB, dtype=torch.int8, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_cycles_per_second() -> Optional[float]:
+    """The rate of torch.cuda._sleep's spin loop (clock cycles a second, the fastest of 3 timed 2M-cycle sleeps), or
+    None where this torch has no torch.cuda._sleep."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None:
+        return None
+    cycles, best = 2_000_000, math.inf
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        sleep(cycles)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return cycles / best if best > 0 else None
+
+
+def _gpu_delay(seconds: float) -> None:
+    """Queue about ``seconds`` of GPU busy-waiting on the current stream (nothing where torch.cuda._sleep is
+    missing), so that the host issues the next timed call's kernels before the GPU reaches its start event."""
+    rate = _gpu_cycles_per_second()
+    if rate is not None and seconds > 0:
+        torch.cuda._sleep(int(seconds * rate))
+
+
 def measure(fn: Callable[[], Any], device: str, warmup: int = 3, reps: Optional[int] = None,
             min_time: float = 0.5, min_reps: int = 5, max_reps: int = 1000, flush_l2: Optional[bool] = None,
             memory: bool = True) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then ``reps`` timed calls (or as many as fill ``min_time`` seconds,
     clamped to [min_reps, max_reps], estimated from the fastest warm-up call). CUDA events per call on GPU with one
     synchronize at the end; perf_counter on CPU. ``flush_l2`` (default: on GPU only) writes a 256 MiB buffer before
-    each timed call, outside the events. ``peak_mem_bytes``: GPU only (see the module docstring)."""
+    each timed call, outside the events. ``peak_mem_bytes``: GPU only (see the module docstring).
+    GPU times are device times: each timed call is queued behind a GPU busy-wait (torch.cuda._sleep) of 1.5x the
+    host's time to issue it (``Timing.host``, the fastest warm-up call's) + 20 us, at most 10 ms, so the GPU reaches
+    the start event only after the host has issued the call's kernels. Without it, a call whose Python and launch
+    overhead outlasts the L2 flush (autograd backwards of small ops: ~0.1 ms) is timed as that overhead, whatever its
+    kernels take: on the H100's first run each provider's LayerNorm backward took about as long at 8 MiB as at 32
+    (torch 0.088 / 0.095 ms, pyattn's cuda 0.143 / 0.143, Triton 0.321 / 0.325)."""
     device = torch.device(device).type
     cuda = device == "cuda"
     if flush_l2 is None:
         flush_l2 = cuda
     est = math.inf                  # the fastest warm-up call: a first call's JIT/autotune time does not count
+    host = math.inf                 # GPU: the fastest warm-up call's issue time (fn() returning, before the sync)
     for _ in range(max(warmup, 1)):
         t0 = time.perf_counter()
         fn()
+        host = min(host, time.perf_counter() - t0)
         _sync(device)
         est = min(est, time.perf_counter() - t0)
     if reps is None:
@@ -260,11 +297,13 @@ def measure(fn: Callable[[], Any], device: str, warmup: int = 3, reps: Optional[
     times: list[float] = []
     if cuda:
         buf = _l2_flush_buffer("cuda") if flush_l2 else None
+        delay = min(1.5 * host + 20e-6, 10e-3)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
             if buf is not None:
                 buf.zero_()
+            _gpu_delay(delay)
             starts[i].record()
             fn()
             ends[i].record()
@@ -276,7 +315,8 @@ def measure(fn: Callable[[], Any], device: str, warmup: int = 3, reps: Optional[
             t = pc()
             fn()
             times.append(pc() - t)
-    return Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80), reps, peak, times)
+    return Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80), reps, peak, times,
+                  host if cuda else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -778,7 +818,7 @@ class BenchContext:
                     continue
                 times = t.times + more.times
                 done[i] = (prov, fn, Timing(percentile(times, 20), percentile(times, 50), percentile(times, 80),
-                                            len(times), t.peak_mem_bytes, times), check)
+                                            len(times), t.peak_mem_bytes, times, t.host), check)
         case_rows = [self._row(case, prov, t, work, check, base_name) for prov, _, t, check in done]
         base_time = next((t.p50 for prov, _, t, _ in done if prov.baseline), None)
         for r in case_rows:
@@ -840,6 +880,7 @@ class BenchContext:
             "torch": env["torch"], "cuda": env["cuda"], "triton": env["triton"], "pyattn": env["pyattn"],
             "commit": env["commit"], "dirty": env["dirty"], "timestamp": env["timestamp"],
             "p20_ms": t.p20 * 1e3, "p50_ms": t.p50 * 1e3, "p80_ms": t.p80 * 1e3, "reps": t.reps,
+            "host_ms": t.host * 1e3 if t.host is not None else None,
             "work": work.amount, "work_unit": work.unit,
             "throughput": rate / div, "throughput_unit": label,
             "ceiling": work.ceiling, "ceiling_value": (ceil.value / div) if ceil else None,

@@ -153,9 +153,10 @@ def attention(case):
         os.environ["PYATTN_CUDA_ATTN_SM90"] = "ws128"
         case(f"{dtype} ws128 (Lq, Lk, D, causal, Hkv)=(130, 400, 128, False, 1)",
              lambda: one(130, 400, 128, False, 1, dtype))
-        # the Hopper backward's other dK / dV kernels (the default, warp-specialized one ran above): the cp.async one,
-        # and the warp-specialized one also adding dQ with bulk reductions (fused) or atomics (fusedat)
-        for variant in ("cp", "fused", "fusedat"):
+        # the Hopper backward's other kernels (the default, the warp-specialized dK / dV kernel also adding dQ with
+        # bulk reductions, ran above): with the dQ kernel the warp-specialized one (ws, deterministic mode's) and the
+        # cp.async one, and the fused one adding dQ with atomics (fusedat)
+        for variant in ("ws", "cp", "fusedat"):
             os.environ["PYATTN_CUDA_ATTN_SM90_BWD"] = variant
             for shape in ((300, 300, 128, True, 1), (130, 200, 64, False, 2), (17, 300, 128, True, 1)):
                 case(f"{dtype} bwd {variant} (Lq, Lk, D, causal, Hkv)={shape}", lambda: one(*shape, dtype))

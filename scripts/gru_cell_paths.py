@@ -1,11 +1,11 @@
 """The CUDA GRU cell step's two paths side by side on one GPU, in one process, to place the one-launch kernel's batch
-limit (csrc/cuda/gru.cu gru_cell_fwd_plan, kCellMaxBatch): torch.nn.GRUCell (the baseline), pyattn's cuda backend by
-default ("auto"), forced onto the one-launch cell kernel (PYATTN_CUDA_GRU_CELL=1: x W_ih^T, h W_hh^T and the gates in
-one kernel) and forced onto the sequence path (=0: a cuBLAS GEMM for the input projection, then the persistent
-kernel), and the Triton backend. Inference (no autograd), fp32 and bf16, I = H in 256 and 1024, batches 1 to 256.
-Each pyattn row is first checked against torch's output (max abs error, printed; over 2e-3 (fp32) / 6e-2 (bf16) is
-marked WRONG and the exit status is 1). GPU time per step: the median of CUDA-event timings with the L2 flushed
-before each (benchmarks/harness.measure, as `pyattn bench`), and the speedup over torch.nn.GRUCell.
+limit (csrc/cuda/gru.cu gru_cell_fwd_plan, kCellMaxWorkF32 / kCellMaxWork16): torch.nn.GRUCell (the baseline),
+pyattn's cuda backend by default ("auto"), forced onto the one-launch cell kernel (PYATTN_CUDA_GRU_CELL=1: x W_ih^T,
+h W_hh^T and the gates in one kernel) and forced onto the sequence path (=0: a cuBLAS GEMM for the input projection,
+then the persistent kernel), and the Triton backend. Inference (no autograd), fp32 and bf16, I = H in 256 and 1024,
+batches 1 to 256. Each pyattn row is first checked against torch's output (max abs error, printed; over 2e-3 (fp32) /
+6e-2 (bf16) is marked WRONG and the exit status is 1). GPU time per step: the median of CUDA-event timings with the
+L2 flushed before each (benchmarks/harness.measure, as `pyattn bench`), and the speedup over torch.nn.GRUCell.
 
     python scripts/gru_cell_paths.py [--json out.json] [--batch 1 8 32 ...] [--size 256 1024]
 """

@@ -1,9 +1,10 @@
 """The CUDA GRU forward's paths side by side on one GPU, in one process: torch.nn.GRU (cuDNN), pyattn's cuda backend
 with each grid the environment variable PYATTN_CUDA_GRU_BLOCKS selects for the persistent forward (csrc/cuda/gru.cu,
 gru_rec_fwd: every step in one cooperative launch; unset ("auto"): gru_rec_fwd_plan's choice; "grid": the same with
-the one-block kernels off (PYATTN_CUDA_GRU_ONE_BLOCK=0); "one": the one-block forward where it fits
-(PYATTN_CUDA_GRU_ONE_BLOCK=1, opt-in); "cluster": the one-block forward on a thread-block cluster of 8 blocks where
-it fits (PYATTN_CUDA_GRU_CLUSTER=1, opt-in, sm_90+; elsewhere the row is the default plan's); "0": the per-step path,
+the one-block and cluster kernels off (PYATTN_CUDA_GRU_ONE_BLOCK=0, PYATTN_CUDA_GRU_CLUSTER=0); "one": the one-block
+forward where it fits (PYATTN_CUDA_GRU_ONE_BLOCK=1, opt-in); "cluster": the one-block forward on a thread-block
+cluster of 8 blocks where it fits (PYATTN_CUDA_GRU_CLUSTER=1, sm_90+, the inference default there; elsewhere the row
+is the default plan's); "0": the per-step path,
 a cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
 bf16, PERF.md's GRU shapes and a few more. Then a training step (forward + backward, dx and the weights' gradients)
 of cuDNN against "auto" (the one-block backward where B H <= 512), "grid", "one" and "cluster": the one-block and
@@ -28,7 +29,9 @@ from benchmarks.harness import measure  # noqa: E402
 
 import pyattn  # noqa: E402
 
-SHAPES = [(1, 200, 64, 128), (32, 100, 256, 256), (1, 200, 256, 512), (64, 50, 1024, 1024), (8, 100, 512, 512)]
+# (B, T, I, H); (16, 100, 256, 256): the cluster forward's largest B ceil(H / 8) (512), its inference default's edge
+SHAPES = [(1, 200, 64, 128), (16, 100, 256, 256), (32, 100, 256, 256), (1, 200, 256, 512), (64, 50, 1024, 1024),
+          (8, 100, 512, 512)]
 
 
 def main() -> int:
@@ -58,8 +61,10 @@ def main() -> int:
                 base = None
                 for name, (backend, blocks) in providers.items():
                     os.environ.pop("PYATTN_CUDA_GRU_BLOCKS", None)
-                    if blocks in ("grid", "one"):
-                        os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "0" if blocks == "grid" else "1"
+                    if blocks == "grid":
+                        os.environ.update(PYATTN_CUDA_GRU_ONE_BLOCK="0", PYATTN_CUDA_GRU_CLUSTER="0")
+                    elif blocks == "one":
+                        os.environ["PYATTN_CUDA_GRU_ONE_BLOCK"] = "1"
                     elif blocks == "cluster":
                         os.environ["PYATTN_CUDA_GRU_CLUSTER"] = "1"
                     elif blocks is not None:

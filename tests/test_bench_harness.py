@@ -88,6 +88,50 @@ def test_measure_cpu_percentiles_ordered_and_no_cpu_peak_memory():
     assert 3 <= t2.reps <= 4
 
 
+def test_measure_gpu_queues_a_busy_wait_longer_than_the_host_time(monkeypatch):
+    """On GPU every timed call is queued behind torch.cuda._sleep for 1.5x the host's issue time + 20 us (so the
+    events time the device, not the Python and launch overhead), the sleep's rate calibrated once from timed
+    sleeps; Timing.host is the fastest warm-up call's issue time. CUDA is faked here: events, sleeps and the
+    clock are bookkeeping (1 cycle = 1 ns), and fn() takes 2 ms of host time."""
+    clock = {"t": 0.0}
+    sleeps = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):  # ms
+            return (other.t - self.t) * 1e3
+
+    def fake_sleep(cycles):
+        sleeps.append(cycles)
+        clock["t"] += cycles * 1e-9  # (a 1 GHz spin loop, run where it is queued)
+
+    def fn():
+        clock["t"] += 2e-3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", fake_sleep, raising=False)
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["t"])
+    harness._gpu_cycles_per_second.cache_clear()
+    try:
+        t = measure(fn, "cuda", warmup=2, reps=4, flush_l2=False, memory=False)
+        assert sleeps[:3] == [2_000_000] * 3  # the calibration
+        assert harness._gpu_cycles_per_second() == pytest.approx(1e9)
+    finally:
+        harness._gpu_cycles_per_second.cache_clear()
+    assert t.host == pytest.approx(2e-3) and t.reps == 4
+    assert sleeps[3:] == [pytest.approx(1e9 * (1.5 * 2e-3 + 20e-6), abs=1)] * 4
+    assert t.p50 == pytest.approx(2e-3)  # (the fake's events time fn alone)
+
+
 def test_ceilings_measure_something_at_tiny_size():
     c = harness.peak_copy("cpu", nbytes=1 << 20, timing={"warmup": 1, "reps": 3})
     g = harness.peak_gemm("cpu", 64, timing={"warmup": 1, "reps": 3})

@@ -429,6 +429,9 @@ def test_attention_sm90_forward(dtype, case, variant, monkeypatch):
     if variant == "ws128":
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90", "ws128")
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + d)
+    # (the counter below is the largest launch's shared memory, and the default backward's fused dK / dV kernel takes
+    # more than the forward: the backward's unfused pair here)
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")
     ops.emu_reset_counters()
     out, lse, _ = _check_attention(q, k, v, causal=causal, bottom_right=bottom_right, seed=d)
     assert ops.emu_counters()[5] > 0
@@ -488,12 +491,14 @@ def _sm90_bwd(q, k, v, causal, bottom_right, seed):
 def test_attention_sm90_backward(dtype, case, monkeypatch):
     """The Hopper backward (csrc/cuda/attention_sm90_bwd.cu: wgmma dK / dV and dQ kernels) runs where it should
     (it issues wgmma), matches the float64 oracle with TESTING.md's 3x rule, gives the same bits in every
-    16-byte-aligned layout and with either dK / dV kernel (the default, warp-specialized one, also named
-    PYATTN_CUDA_ATTN_SM90_BWD=ws: TMA producer, mbarriers; =cp: the cp.async one; the same steps in the same order),
-    dQ by the warp-specialized kernel within the oracle's rule (=fused: bulk reductions from shared memory, =fusedat:
-    float2 atomics), and values close to the mma.sync backward's (=0)."""
+    16-byte-aligned layout and with either dK / dV kernel beside the dQ kernel (PYATTN_CUDA_ATTN_SM90_BWD=ws: the
+    warp-specialized one, TMA producer, mbarriers; =cp: the cp.async one; the same steps in the same order), dQ added
+    by the warp-specialized kernel within the oracle's rule (the default, also named =fused: bulk reductions from
+    shared memory; =fusedat: float4 atomics; deterministic mode: ws's dQ kernel instead), and values close to the
+    mma.sync backward's (=0)."""
     lq, lk, d, causal, bottom_right, hq, hkv = case
     q, k, v = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, seed=lq + lk + d)
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")  # (the deterministic pair: the bits the others are held to)
     out, lse, dout, grads, wgmma = _sm90_bwd(q, k, v, causal, bottom_right, seed=d)
     assert wgmma > 0
     _, _, ref_grads = attention_ref(q, k, v, causal=causal, bottom_right=bottom_right, dout=dout)
@@ -511,8 +516,11 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
     # converted: another summation order, so the oracle's rule and close to the dQ kernel's); deterministic mode: the
     # dQ kernel
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    for variant, extra_smem in (("fused", 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4), ("fusedat", 2 * 128 * 64 * 2)):
-        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)  # (+ two dS^T tiles; bulk: + two dQ staging chunks)
+    for variant, extra_smem in ((None, 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4), ("fusedat", 2 * 128 * 64 * 2)):
+        if variant is None:  # (the default: bulk reductions; + two dS^T tiles, bulk: + two dQ staging chunks)
+            monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
+        else:
+            monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
             try:
@@ -529,17 +537,13 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
                 torch.testing.assert_close(fused[0].float(), grads[0].float(), atol=tol, rtol=0)
             else:
                 assert smem == ws_smem and torch.equal(fused[0], grads[0]), variant
-    monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
     def blhd(t):  # the same values in (B, L, H, D) strides
         return t.transpose(1, 2).contiguous().transpose(1, 2)
 
     for layout in ("blhd", "packed"):
         q2, k2, v2 = make_qkv(2, hq, lq, lk, d, hkv=hkv, dtype=dtype, layout=layout, seed=lq + lk + d)
-        for variant in ("default", "cp"):  # (the warp-specialized kernel's TMA maps take dout's strides too)
-            if variant == "cp":
-                monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
-            else:
-                monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD", raising=False)
+        for variant in ("ws", "cp"):  # (the warp-specialized kernel's TMA maps take dout's strides too)
+            monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
             dout2, out2 = (blhd(t) if layout == "blhd" else t for t in (dout, out))
             for a, b in zip(_bwd(dout2, q2, k2, v2, out2, lse, causal=causal, bottom_right=bottom_right), grads):
                 assert torch.equal(a, b), (layout, variant)
@@ -552,7 +556,7 @@ def test_attention_sm90_backward(dtype, case, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"d{name} vs the mma.sync backward")
 
 
-@pytest.mark.parametrize("variant,d", [(None, 64), ("cp", 64), ("fused", 128), ("fused", 64), ("fusedat", 128)])
+@pytest.mark.parametrize("variant,d", [("ws", 64), ("cp", 64), (None, 128), (None, 64), ("fusedat", 128)])
 def test_attention_sm90_backward_thread_orders_give_the_same_bits(order, variant, d, monkeypatch):
     """Every schedule of threads and copy completion gives the bits of the default one: the double buffers are
     refilled only after every warpgroup is done with them (block barriers; mbarriers in the warp-specialized
@@ -620,7 +624,7 @@ def test_attention_l2_sections_give_the_same_bits(b, hq, hkv, d, monkeypatch):
             runs[name, "fwd", kernel] = _fwd(q, k, v, causal=True)
         env("PYATTN_CUDA_ATTN_SM90", None)
         out, lse = runs[name, "fwd", None]
-        for kernel in (None, "cp", "0"):
+        for kernel in ("ws", "cp", "0"):  # (not the default's fused dQ: its bits follow the blocks' order)
             env("PYATTN_CUDA_ATTN_SM90_BWD", kernel)
             runs[name, "bwd", kernel] = _bwd(dout, q, k, v, out, lse, causal=True)
         env("PYATTN_CUDA_ATTN_SM90_BWD", None)
@@ -1063,8 +1067,8 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
 @pytest.mark.parametrize("seq,bsz,isz,hsz,bias", [(4, 1, 3, 128, True), (3, 3, 5, 61, False), (3, 2, 4, 70, True)],
                          ids=["h128", "padded-nobias", "uneven"])
 def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
-    """The cluster kernels (csrc/cuda/gru.cu gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, 8>, opt-in
-    PYATTN_CUDA_GRU_CLUSTER=1): the one-block kernels split over a cluster of 8 blocks, each with its units' part of
+    """The cluster kernels (csrc/cuda/gru.cu gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, 8>; the inference
+    forward's default, else PYATTN_CUDA_GRU_CLUSTER=1): the one-block kernels split over a cluster of 8 blocks, each with its units' part of
     W_hh; forward, every new h value written into all 8 blocks' shared memory (distributed shared memory), backward,
     every dgh[t] entry (two buffers); a cluster barrier a step. The emulator runs the cluster as a cooperative launch of
     8 blocks (block_smem, grid_sync), its blocks in every scheduling order: one launch each with the plan's shared
@@ -1097,6 +1101,15 @@ def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias
         for name, a, b, p in zip(_GRU_LAYER_NAMES, got, one, persistent):
             assert torch.equal(a, b) and torch.equal(a, p), f"{name}: the cluster, one-block and grid kernels differ"
         _gru_layer_vs_oracle(got, data, reverse, carried, dtype)
+    # unset, the inference forward takes the cluster (=0: the grid; the same bits), a training step neither kernel
+    train, cf, cb = run(False, None)
+    assert cf[grid] != 8 and cb[grid] != 8, (list(cf), list(cb))
+    for setting, blocks in ((None, 8), ("0", 4)):
+        _gru_layer_run(monkeypatch, data, False, None, **({} if setting is None else {"PYATTN_CUDA_GRU_CLUSTER": "0"}))
+        ops.emu_reset_counters()
+        inference = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, False, False)
+        assert ops.emu_counters()[grid] == blocks, (setting, list(ops.emu_counters()))
+        assert all(torch.equal(a, b) for a, b in zip(inference[:2], train[:2])), setting
     _, cf, _ = run(False, None, xs=x[:1], PYATTN_CUDA_GRU_CLUSTER="1")
     assert cf[grid] != 8, list(cf)  # (one step)
     w49 = _gru_params(isz, 49, dtype, seed=1)
@@ -1299,10 +1312,12 @@ def test_gru_cell_one_launch_kernel(order, monkeypatch, dtype, bsz, isz, hsz, la
     """The one-launch cell step (csrc/cuda/gru.cu gru_cell_fwd_kernel: x W_ih^T, h W_hh^T and the gates in one
     kernel, no GEMM) against the torch backend in float64, on 4 emulated SMs (blocks of several units): one launch
     with the plan's staged rows as its only shared memory, the same h' and workspace with and without biases and
-    without the workspace, and gradients from its workspace through gru_step_bwd."""
+    without the workspace, and gradients from its workspace through gru_step_bwd (PYATTN_CUDA_GRU_CELL=1: the
+    13-row case is past the default limit of B (I + H))."""
     from pyattn.dispatch import get_backend
 
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
+    monkeypatch.setenv("PYATTN_CUDA_GRU_CELL", "1")
     x, h, (w_ih, w_hh, b_ih, b_hh) = _cell_inputs(bsz, isz, hsz, dtype, layout, seed=bsz * 100 + hsz)
     ops = torch.ops.pyattn_emu
     ops.emu_reset_counters()
@@ -1328,18 +1343,24 @@ def test_gru_cell_one_launch_kernel(order, monkeypatch, dtype, bsz, isz, hsz, la
         assert_tol(got, want, "gru", dtype, kind="bwd")
 
 
-def test_gru_cell_one_launch_batch_limit(monkeypatch):
-    """The one-launch cell kernel takes batches up to 32 (gru_cell_fwd_plan); 33 rows go the sequence path (the input
-    projection as a GEMM, then the persistent kernel: W_hh in shared memory) unless PYATTN_CUDA_GRU_CELL=1, and
-    PYATTN_CUDA_GRU_CELL=0 turns the kernel off. Every path gives h' within tolerance of the float64 oracle; an empty
-    batch launches nothing."""
+@pytest.mark.parametrize("dtype,limit", [(torch.float32, 32), (torch.bfloat16, 16)], ids=str)
+def test_gru_cell_one_launch_work_limit(monkeypatch, dtype, limit):
+    """The one-launch cell kernel takes steps with B (I + H) up to 32768 (fp32) / 16384 (16-bit) (gru_cell_fwd_plan,
+    the H100's crossover with the sequence path): at I = H = 512, 32 / 16 rows; one row more goes the sequence path
+    (the input projection as a GEMM, then the persistent kernel: W_hh in shared memory) unless PYATTN_CUDA_GRU_CELL=1,
+    and PYATTN_CUDA_GRU_CELL=0 turns the kernel off. Every path gives h' within tolerance of the float64 oracle; an
+    empty batch launches nothing."""
     from pyattn.dispatch import get_backend
 
-    x, h, w = _cell_inputs(33, 8, 12, torch.float32, "contiguous", seed=4)
+    isz = hsz = 512
+    x, h, w = _cell_inputs(limit + 1, isz, hsz, dtype, "contiguous", seed=4)
     ops = torch.ops.pyattn_emu
-    cell_smem = 36 * (8 + 12) * 4  # (36 staged rows of x and h)
+    row_bytes = (isz + hsz) * 4  # a staged row of x and h, fp32; at most 96 KB of them (24 rows here)
 
-    def smem_of(setting, rows=33):
+    def cell_smem(rows):
+        return min((rows + 3) // 4 * 4, 96 * 1024 // row_bytes // 4 * 4) * row_bytes
+
+    def smem_of(setting, rows=limit + 1):
         if setting is None:
             monkeypatch.delenv("PYATTN_CUDA_GRU_CELL", raising=False)
         else:
@@ -1347,16 +1368,16 @@ def test_gru_cell_one_launch_batch_limit(monkeypatch):
         ops.emu_reset_counters()
         out = ops.gru_step_fwd(x[:rows], h[:rows], *w, False)[0]
         ref = get_backend("torch").gru_cell_fwd(*(t.double() for t in (x[:rows], h[:rows], *w)), False)[0]
-        assert_tol(out, ref, "gru", torch.float32)
+        assert_tol(out, ref, "gru", dtype)
         return ops.emu_counters()[4]
 
-    assert smem_of(None, 32) == 32 * (8 + 12) * 4
-    assert smem_of(None) != cell_smem
-    assert smem_of("1") == cell_smem
-    assert smem_of("0", 32) != 32 * (8 + 12) * 4
+    assert smem_of(None, limit) == cell_smem(limit)
+    assert smem_of(None) != cell_smem(limit + 1)
+    assert smem_of("1") == cell_smem(limit + 1)
+    assert smem_of("0", limit) != cell_smem(limit)
     ops.emu_reset_counters()  # an empty batch: empty outputs, nothing launched
     h1, ws = ops.gru_step_fwd(x[:0], h[:0], *w, True)
-    assert h1.shape == (0, 12) and ws.shape == (0, 48) and ops.emu_counters()[2] == 0
+    assert h1.shape == (0, hsz) and ws.shape == (0, 4 * hsz) and ops.emu_counters()[2] == 0
 
 
 # ---- memcheck -----------------------------------------------------------------------------------------------------

@@ -221,19 +221,18 @@ def test_attention_cuda_sm90_forward(variant, dtype, lq, lk, d, causal, bottom_r
 @_needs_cuda_attention
 @pytest.mark.skipif(not _is_sm90(), reason="the wgmma backward (csrc/cuda/attention_sm90_bwd.cu) runs on compute "
                                            "capability 9.0 only")
-@pytest.mark.parametrize("variant", ["default", "ws", "fused", "fusedat"])
+@pytest.mark.parametrize("variant", ["default", "ws", "fusedat"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq,lk,d,causal,bottom_right,hkv", [
     (1000, 1000, 128, False, False, 2), (333, 1000, 64, True, True, 4), (1000, 257, 128, True, False, 1),
     (2048, 2048, 128, True, False, 4), (300, 17, 128, True, True, 4), (17, 300, 64, True, False, 2)])
 def test_attention_cuda_sm90_backward(variant, dtype, lq, lk, d, causal, bottom_right, hkv, monkeypatch):
     """The Hopper backward (wgmma dK / dV and dQ kernels) against the float64 oracle (3x rule), dQ 0 for rows that
-    see no key, deterministic, the same bits in every 16-byte-aligned layout, and the mma.sync backward's values
+    see no key, the same bits in every 16-byte-aligned layout, and the mma.sync backward's values
     (PYATTN_CUDA_ATTN_SM90_BWD=0) within rounding. Variant "ws": the warp-specialized dK / dV kernel (TMA producer,
-    mbarriers, setmaxnreg), whose bits are the default's; "fused" / "fusedat": that kernel also adding dQ (bulk
-    reductions from shared memory / float2 atomics)
-    (dK, dV the default's bits; dQ within the oracle's rule but not bitwise repeatable, except in deterministic mode,
-    where the dQ kernel runs: the default's bits)."""
+    mbarriers, setmaxnreg) and the dQ kernel, deterministic; "default" (= "fused") / "fusedat": that dK / dV kernel
+    also adding dQ (bulk reductions from shared memory / float4 atomics): dK, dV ws's bits, dQ within the oracle's
+    rule but not bitwise repeatable, except in deterministic mode, where every variant runs ws's kernels: their bits."""
     scale = d ** -0.5
     if variant != "default":
         monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
@@ -252,23 +251,25 @@ def test_attention_cuda_sm90_backward(variant, dtype, lq, lk, d, causal, bottom_
         assert_attention_close(g, r, lo, 3, name=f"d{name}")
     if causal and bottom_right and lq > lk:  # rows that see no key
         assert bool((grads[0][:, :, :lq - lk] == 0).all())
-    atomic_dq = variant in ("fused", "fusedat")  # (dQ's bits depend on the order of the additions)
+    atomic_dq = variant != "ws"  # (dQ added in the dK / dV kernel: its bits depend on the order of the additions)
     for layout in ("contiguous", "blhd", "packed"):
         for a, b in list(zip(run(layout)[4], grads))[atomic_dq:]:
             assert torch.equal(a, b), layout
+    monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "ws")
+    ws = run("contiguous")[4]
+    for a, b in list(zip(ws, grads))[atomic_dq:]:
+        assert torch.equal(a, b), "the warp-specialized kernels"
     if variant != "default":
+        monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
+    else:
         monkeypatch.delenv("PYATTN_CUDA_ATTN_SM90_BWD")
-        default = run("contiguous")[4]
-        for a, b in list(zip(default, grads))[atomic_dq:]:
-            assert torch.equal(a, b), "the default kernels"
-        if atomic_dq:
-            monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", variant)
-            was_deterministic = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            try:
-                assert torch.equal(run("contiguous")[4][0], default[0]), "deterministic mode: the dQ kernel"
-            finally:
-                torch.use_deterministic_algorithms(was_deterministic)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for a, b in zip(run("contiguous")[4], ws):
+            assert torch.equal(a, b), "deterministic mode: the warp-specialized kernels"
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     monkeypatch.setenv("PYATTN_CUDA_ATTN_SM90_BWD", "0")
     for name, a, b in zip("qkv", grads, run("contiguous")[4]):
         tol = 2e-2 * float(b.float().abs().max()) + 1e-3
@@ -335,10 +336,10 @@ def test_attention_cuda_decode(dtype, b, hq, hkv, lq, lk, d, causal, bottom_righ
 @pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims attention calls on compute capability 9.0 only "
                                            "(CudaBackend.preferred_for)")
 def test_unforced_attention_takes_the_cuda_backend_where_measured_faster():
-    """Unforced calls (cuda_attention_is_fastest): the forward at head dims 64 and 128 (>= 128 query rows) and
-    training at head dim 128 run on cuda where the build has the sm_90a kernels, decoding steps at head dim 128 on
-    cuda in any build, training at head dim 64 and short non-decoding queries on the list's first backend (triton);
-    and the results are the oracle's."""
+    """Unforced calls (cuda_attention_is_fastest): the forward and training at head dims 64 and 128 (>= 128 query
+    rows) run on cuda where the build has the sm_90a kernels, decoding steps at head dim 128 on cuda in any build,
+    head dim 96 and short non-decoding queries on the list's first backend (triton); and the results are the
+    oracle's."""
     from pyattn.backends.cuda import build_info
 
     hopper = "cuda" if build_info().get("sm90a_attention") else "triton"
@@ -356,7 +357,9 @@ def test_unforced_attention_takes_the_cuda_backend_where_measured_faster():
     assert f"selected: {hopper}" in selected(q_grad, k, v)
     q64, k64, v64 = make_qkv(2, 4, 256, 256, 64, dtype=torch.bfloat16, device=DEV, seed=3)
     assert f"selected: {hopper}" in selected(q64, k64, v64)
-    assert "selected: triton" in selected(q64.requires_grad_(), k64, v64)
+    assert f"selected: {hopper}" in selected(q64.requires_grad_(), k64, v64)
+    q96, k96, v96 = make_qkv(2, 4, 256, 256, 96, dtype=torch.bfloat16, device=DEV, seed=3)
+    assert "selected: triton" in selected(q96, k96, v96)
     q_step = q[:, :, -1:]  # (one query row a head over 256 keys: a decoding step)
     assert "selected: cuda" in pyattn.explain("attention", q_step, k, v)
     out = pyattn.scaled_dot_product_attention(q_step, k, v)
@@ -728,11 +731,11 @@ def test_norm_cuda_opcheck(dtype):
 
 
 @_needs_cuda_norm
-@pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims norm backwards on compute capability 9.0 only "
+@pytest.mark.skipif(not _is_sm90(), reason="the cuda backend claims norms on compute capability 9.0 only "
                                            "(CudaBackend.preferred_for, cuda_norm_is_fastest)")
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-def test_unforced_norm_backward_takes_the_cuda_backend(rms, monkeypatch):
-    """Unforced training calls: the forward on the list's first backend (triton), the backward on cuda
+def test_unforced_norm_takes_the_cuda_backend(rms, monkeypatch):
+    """Unforced training calls: the forward and the backward on cuda, though triton is first in the list
     (cuda_norm_is_fastest); the gradients are the oracle's."""
     from pyattn.ops import layer_norm as ln_ops
 
@@ -752,7 +755,7 @@ def test_unforced_norm_backward_takes_the_cuda_backend(rms, monkeypatch):
         pyattn.rms_norm(x, (1024,), w, eps=1e-5).backward(dy)
     else:
         pyattn.layer_norm(x, (1024,), w, b).backward(dy)
-    assert chosen == [(False, "triton"), (True, "cuda")], chosen
+    assert chosen == [(False, "cuda"), (True, "cuda")], chosen
     _, (dx64, *dp64) = norm_ref(x.detach(), w.detach(), b, 1e-5, rms, dy, torch.zeros_like(dy))
     assert_tol(x.grad, dx64, "layer_norm", torch.bfloat16, "bwd")
     for p, want in zip((w, b), dp64):
@@ -971,10 +974,12 @@ def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
     """The persistent kernels (gru_rec_fwd / gru_rec_bwd: every step in one cooperative launch, a grid barrier per
     step) at every grid size PYATTN_CUDA_GRU_BLOCKS asks for (0: the per-step path; more blocks than shared memory
     needs: barriers between them; 40 rows at H 1024: the batch staged in chunks; H 2047: odd, padded rows) against
-    the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last. "auto":
-    the plans' choice (the one-block backward where B H <= 512); "one": PYATTN_CUDA_GRU_ONE_BLOCK=1, the one-block
-    forward too (opt-in: measured slower than the grid's); "cluster": PYATTN_CUDA_GRU_CLUSTER=1, the one-block kernels
-    on a cluster of 8 blocks where they apply (sm_90+, B ceil(H / 8) <= 512: H 128 and 61 here)."""
+    the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last (the
+    inference forward's bits are the training forward's). "auto": the plans' choice (the one-block backward where
+    B H <= 512; on sm_90+ the cluster forward without the workspace where it applies); "one":
+    PYATTN_CUDA_GRU_ONE_BLOCK=1, the one-block forward too (opt-in: measured slower than the grid's); "cluster":
+    PYATTN_CUDA_GRU_CLUSTER=1, the one-block kernels on a cluster of 8 blocks where they apply (sm_90+,
+    B ceil(H / 8) <= 512: H 128 and 61 here), the training forward and backward too."""
     if blocks == "one":
         monkeypatch.setenv("PYATTN_CUDA_GRU_ONE_BLOCK", "1")
     elif blocks == "cluster":

@@ -1,11 +1,12 @@
 // CUDA attention backward for Hopper (sm_90a): the FlashAttention-2 backward of attention.cu (a dK / dV kernel over
 // key blocks and a dQ kernel over query blocks, both after attn_bwd_pre_kernel's row statistics lse2, l2, delta) on
 // warpgroup MMA (wgmma, csrc/cuda/wgmma.cuh) instead of mma.sync. Same contract and semantics as attention.cu's
-// kernels (causal with both alignments, GQA summed in a fixed order: deterministic, no atomics except in the opt-in
-// fused dQ below; a row that saw no key has lse +inf, so P = 0 and its dQ is 0); it takes the common case only
-// (sm90_bwd_plan: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of every tensor),
-// attention.cu's kernels the rest. The dK / dV kernel that runs by default is the warp-specialized one further down
-// (sm90_bwd_plan); the cp.async one described here runs where its TMA maps cannot be made or when asked for.
+// kernels (causal with both alignments, GQA summed in a fixed order; no atomics except in the fused dQ below, the
+// default outside deterministic mode; a row that saw no key has lse +inf, so P = 0 and its dQ is 0); it takes the
+// common case only (sm90_bwd_plan: fp16 / bf16, D == Dv in {64, 128}, no mask, no dropout, 16-byte-aligned rows of
+// every tensor), attention.cu's kernels the rest. The dK / dV kernel that runs by default is the warp-specialized
+// one further down, adding dQ itself (sm90_bwd_plan); the cp.async one described here runs where its TMA maps cannot
+// be made or when asked for.
 //
 // Both kernels: 2 warpgroups (256 threads); tiles in shared memory as 128-byte-swizzled 64-column sub-tiles
 // (wgmma.cuh), filled with cp.async by all threads, the next block of the streamed operands copied while this one is
@@ -17,9 +18,9 @@
 //       P^T, dS^T = P^T (dP^T - delta)                             registers
 //       dV (64 x HD) += P^T dO, dK (64 x HD) += dS^T Q              wgmma m64nHDk16, A from registers, B N-major
 //     dK * scale and dV are stored from registers. PYATTN_CUDA_ATTN_SM90_BWD=ws: the same steps warp-specialized
-//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers); =fused /
-//     =fusedat: that kernel also adds dQ = dS K into an fp32 accumulator with bulk reductions / atomics (not in
-//     deterministic mode), and attn_bwd_dq_convert_kernel writes dq instead of the dQ kernel.
+//     (attn_bwd_dkdv_sm90_ws_kernel: a TMA producer warpgroup, mbarriers instead of block barriers); by default
+//     (=fused) and =fusedat that kernel also adds dQ = dS K into an fp32 accumulator with bulk reductions / atomics
+//     (not in deterministic mode), and attn_bwd_dq_convert_kernel writes dq instead of the dQ kernel.
 //   dQ (attn_bwd_dq_sm90_kernel): BM = 128 query rows of one (b, h) per block in fwd_block's order (causal:
 //     heaviest first in L2 sections of heads), warpgroup wg rows i0 + 64 wg.. (Q and dO stay in shared memory); key
 //     blocks of BN = 64 stream through a double buffer of K and V:
@@ -651,17 +652,20 @@ cudaError_t launch_bwd_e(const AttnBwdParams& p, const Derived& d, const Sm90Bwd
 
 }  // namespace sm90
 
-// Default: the warp-specialized dK / dV kernel and the dQ kernel (deterministic: no atomics). Measured on the H200
-// (bf16, L = 4096, ms non-causal / causal, two runs in one lease, same code: benchmarks/results/nvidia-h200/
-// gpu-attn-bwd-variants.log and -runI.log, run H / I):
-//   HD 128: warp-specialized 3.59 / 2.01 (I: 3.64 / 2.03), cp.async 4.32 / 2.34, fused with float2 atomics 3.45 / 1.98
-//           (I: 3.53 / 1.98), fused with bulk reductions 4.85 / 2.59; torch flash 4.72 / 2.69, cuDNN 2.62 / 1.50
-//   HD 64:  warp-specialized 5.02 / 2.86, cp.async 6.13 / 3.39, fused atomics 5.39 / 3.08, bulk 8.12 / 4.31;
-//           torch flash 5.12 / 2.95, cuDNN 3.16 / 1.80
-// (fusedat's 2-4% at HD 128 costs run-to-run dQ bits and a B Hq Lq D fp32 accumulator: opt-in).
-// PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =cp: the cp.async dK / dV kernel; =ws: the
-// default (named, for the variants script); =fused: the warp-specialized kernel adding dQ with bulk reductions unless
-// p.deterministic; =fusedat: the same with float2 atomics.
+// Default: the warp-specialized dK / dV kernel adding dQ with bulk reductions (fused), outside deterministic mode;
+// in it (torch.use_deterministic_algorithms) the same dK / dV kernel and the dQ kernel (no atomics, repeatable bits).
+// Measured on the H100 (bf16, L = 4096, ms non-causal / causal, 3 interleaved rounds in one process, code 4bb3540:
+// benchmarks/results/nvidia-h100-80gb-hbm3/gpu-attn-bwd-variants.log):
+//   HD 128: fused 3.07 / 1.76, fused with float4 atomics 3.02 / 1.83, warp-specialized + dQ kernel 3.71 / 2.10,
+//           cp.async 4.37 / 2.47; torch flash 4.74 / 2.75, cuDNN 2.72 / 1.60
+//   HD 64:  fused 4.19 / 2.47, atomics 4.39 / 2.59, warp-specialized 4.99 / 2.94, cp.async 6.01 / 3.41;
+//           torch flash 5.06 / 2.97, cuDNN 3.25 / 1.88
+// (the H200's run H / I timed the fused kernels with the old row-major accumulator: bulk 4.85 / 2.59 at HD 128.)
+// The fused kernels cost an fp32 accumulator of dQ's size (B Hq Lq D x 4 bytes of workspace) and run-to-run dQ bits
+// (the order of the additions), as FA3's default backward.
+// PYATTN_CUDA_ATTN_SM90_BWD=0: off (attention.cu's mma.sync kernels); =cp: the cp.async dK / dV kernel and the dQ
+// kernel; =ws: the warp-specialized dK / dV kernel and the dQ kernel (deterministic mode's pair, named for tests and
+// the variants script); =fused: the default (named); =fusedat: the fused kernel with float4 atomics.
 Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
   Sm90BwdPlan pl;
 #if defined(PYATTN_SM90A) || defined(PYATTN_CUDA_EMU)  // (else no sm_90a code in this build)
@@ -671,8 +675,8 @@ Sm90BwdPlan sm90_bwd_plan(const AttnBwdParams& p, const Derived& d) {
             (p.D == 64 || p.D == 128) && p.Dv == p.D && p.mask_kind == MaskKind::None && !d.dropout && d.vec_q &&
             d.vec_k && d.vec_v && d.vec_do && d.vec_dq && d.vec_dk && d.vec_dv;
   pl.ws = pl.take && !is("cp");
-  pl.fused = pl.ws && (is("fused") || is("fusedat")) && !p.deterministic;
-  pl.bulk = pl.fused && is("fused");
+  pl.fused = pl.ws && !is("ws") && !p.deterministic;
+  pl.bulk = pl.fused && !is("fusedat");
 #else
   (void)p;
   (void)d;

@@ -1314,12 +1314,16 @@ GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64
 
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// The cluster kernels (gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, kClusterBlocks>): opt-in
-// (PYATTN_CUDA_GRU_CLUSTER=1, unmeasured), sm_90 and newer, T >= 2, no forced grid, every block of the cluster with at
-// least one unit: the units a block, else 0.
-int64_t cluster_units(int64_t T, int64_t H, int cc_major) {
+// The cluster kernels (gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, kClusterBlocks>): where `by_default` (the
+// inference forward) or PYATTN_CUDA_GRU_CLUSTER=1 (=0: never), sm_90 and newer, T >= 2, no forced grid, every block of
+// the cluster with at least one unit: the units a block, else 0. Measured on the H100 (gpu-gru-grids.log, B = 1,
+// T = 200, I = 64, H = 128, ms a sequence, fp32 / bf16): inference forward 0.507 / 0.505 against the grid's 0.609 /
+// 0.598 (cuDNN 0.171 / 3.12); a training step with both cluster kernels 1.284 / 2.142 against the defaults' (grid
+// forward, one-block backward) 1.181 / 1.286, so training keeps them opt-in.
+int64_t cluster_units(int64_t T, int64_t H, int cc_major, bool by_default) {
   const char* env = std::getenv("PYATTN_CUDA_GRU_CLUSTER");
-  if (env == nullptr || std::strcmp(env, "1") != 0 || std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return 0;
+  const bool on = env == nullptr ? by_default : std::strcmp(env, "1") == 0;
+  if (!on || std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return 0;
   const int64_t C = kClusterBlocks, U = (H + C - 1) / C;
   return T >= 2 && cc_major >= 9 && (C - 1) * U < H ? U : 0;
 }
@@ -1336,7 +1340,7 @@ GRURecPlan cluster_plan(DType dtype, size_t smem, size_t smem_per_block, int64_t
 
 // The forward's: a block's items and prefetched input projection within the one-block kernel's limits.
 GRURecPlan cluster_fwd_plan(const GRURecFwdParams& p) {
-  const int64_t U = cluster_units(p.T, p.H, p.cc_major), hp = round4(p.H);
+  const int64_t U = cluster_units(p.T, p.H, p.cc_major, p.ws == nullptr), hp = round4(p.H);
   if (U < 1 || p.B * U > kOneMaxItems || p.B * 3 * U > int64_t(kOnePre) * kOneThreads) return GRURecPlan();
   const size_t smem = size_t(3 * U * hp + 2 * p.B * hp + 2 * p.B * 3 * U + 6 * U) * 4;
   return cluster_plan<ClusterFwdKernel>(p.dtype, smem, p.smem_per_block, U, p.B);
@@ -1344,14 +1348,20 @@ GRURecPlan cluster_fwd_plan(const GRURecFwdParams& p) {
 
 // The backward's: a block's B U phase-A elements within its threads; Gs (two buffers), W_hh's columns and dh.
 GRURecPlan cluster_bwd_plan(const GRURecBwdParams& p) {
-  const int64_t U = cluster_units(p.T, p.H, p.cc_major), kp = round4(3 * p.H);
+  const int64_t U = cluster_units(p.T, p.H, p.cc_major, false), kp = round4(3 * p.H);
   if (U < 1 || p.B * U > kOneThreads) return GRURecPlan();
   const size_t smem = size_t(2 * p.B * kp + U * kp + U * p.B) * 4;
   return cluster_plan<ClusterBwdKernel>(p.dtype, smem, p.smem_per_block, U, p.B);
 }
 
 // ---- the one-launch cell step: plan and launch ----
-constexpr int64_t kCellMaxBatch = 32;         // the default batch limit (above it: cuBLAS + the persistent kernel)
+// The default limit of B (I + H), fp32 / 16-bit: above it the sequence path (cuBLAS + the persistent kernel) is
+// faster. Measured on the H100 (benchmarks/results/nvidia-h100-80gb-hbm3/gpu-gru-cell-paths.log, I = H, us a step,
+// cell / sequence path): fp32 H = 256 B = 64 23.6 / 39.4, B = 128 40.4 / 39.6; H = 1024 B = 16 43.5 / 51.7, B = 32
+// 68.5 / 49.0; bf16 H = 256 B = 32 20.3 / 21.8, B = 64 33.3 / 33.1; H = 1024 B = 8 29.3 / 35.1, B = 16 47.6 / 31.3.
+// The kernel's time grows about linearly in B (I + H) (a warp item reads its unit's weight rows for 4 batch rows; 8
+// warps a block), steeper for 16-bit weights than for fp32 ones; the sequence path's much less.
+constexpr int64_t kCellMaxWorkF32 = 32768, kCellMaxWork16 = 16384;
 constexpr size_t kCellSmemCap = 96 * 1024;    // the staged rows' shared memory, at most
 
 template <typename T>
@@ -1507,7 +1517,7 @@ GRUCellPlan gru_cell_fwd_plan(const GRUCellFwdParams& p) {
   const char* env = std::getenv("PYATTN_CUDA_GRU_CELL");
   if (env != nullptr && std::strcmp(env, "0") == 0) return plan;
   const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
-  if (!forced && p.B > kCellMaxBatch) return plan;
+  if (!forced && p.B * (p.I + p.H) > (p.dtype == DType::F32 ? kCellMaxWorkF32 : kCellMaxWork16)) return plan;
   const int vec = cell_vec(p, p.dtype == DType::F32 ? 4 : 2);
   const int64_t ip = round4(p.I), hp = round4(p.H), row_bytes = (ip + hp) * 4;
   const int64_t cap = int64_t(p.smem_per_block < kCellSmemCap ? p.smem_per_block : kCellSmemCap);

@@ -40,16 +40,16 @@ def _attention_reasons(inputs) -> list[str]:
 
 
 def cuda_attention_is_fastest(inputs) -> bool:
-    """Attention calls where the cuda backend was measured faster than Triton's kernels on a Hopper GPU (H200,
-    benchmarks/results/nvidia-h200/NOTES.md, fifth session, run H; bf16, TFLOP/s at L = 4096 non-causal / causal,
-    the registry then takes the cuda backend first: CudaBackend.preferred_for):
-    - the warp-specialized forward (csrc/cuda/attention_sm90.cu; at least one 128-row query tile, an sm_90a build)
-      without autograd at head dim 64 and 128: 443 / 403 vs Triton's 399 / 359 (HD 64), 610 / 542 vs 410 / 371
-      (HD 128);
-    - with autograd at head dim 128 (the Hopper backward, csrc/cuda/attention_sm90_bwd.cu: 3.59 vs 5.99 ms
-      non-causal, 2.01 vs 3.07 causal); not at head dim 64, where Triton's backward is faster (4.74 vs 5.02 ms);
+    """Attention calls where the cuda backend was measured faster than Triton's kernels on Hopper GPUs (the registry
+    then takes the cuda backend first: CudaBackend.preferred_for); bf16, ms at L = 4096 non-causal / causal:
+    - the warp-specialized forward (csrc/cuda/attention_sm90.cu; at least one 128-row query tile, an sm_90a build) at
+      head dim 64 and 128: H100 1.25 / 0.70 vs Triton's 1.41 / 0.78 (HD 64), 0.92 / 0.52 vs 1.37 / 0.77 (HD 128)
+      (benchmarks/results/nvidia-h100-80gb-hbm3/gpu-attn-variants.log; the H200's run H agreed);
+    - the Hopper backward (csrc/cuda/attention_sm90_bwd.cu, dQ added in the dK / dV kernel) at head dim 64 and 128:
+      H100 4.19 / 2.47 vs 4.77 / 2.76 (HD 64), 3.07 / 1.76 vs 5.86 / 3.13 (HD 128) (gpu-attn-bwd-variants.log; with
+      the unfused backward, the H200's default until then, Triton was the faster at HD 64);
     - decoding steps (AttentionInputs.decoding: the split-KV kernel, csrc/cuda/attention_decode.cu) at head dim 128
-      without autograd: 0.071 vs 0.172 ms (B = 8, 32 / 8 heads, 4096 keys; head dim 64 not measured).
+      without autograd: 0.071 vs 0.172 ms (H200, B = 8, 32 / 8 heads, 4096 keys; head dim 64 not measured).
     All of them fp16 / bf16, D == Dv, no mask, no dropout, a positive scale, compute capability 9.0 (rows not 16-byte
     aligned, which the signature cannot see, still run correctly on the cuda backend's other kernels)."""
     d = inputs.head_dim
@@ -59,8 +59,7 @@ def cuda_attention_is_fastest(inputs) -> bool:
         return False
     if inputs.decoding:
         return d == 128 and not inputs.needs_grad
-    return (inputs.q_len >= 128 and d in (64, 128) and (d == 128 or not inputs.needs_grad)
-            and bool(build_info().get("sm90a_attention")))
+    return inputs.q_len >= 128 and d in (64, 128) and bool(build_info().get("sm90a_attention"))
 
 
 def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> torch.Tensor:
@@ -76,21 +75,20 @@ def dropout_keep_mask(seed: int, offset: int, shape, p: float, device=None) -> t
 _NORM_NOTES = (("LayerNorm/RMSNorm (+ fused residual) kernels of csrc/cuda/layer_norm.cu: one row per warp or "
                 "block, 16-byte loads, corrected two-pass variance in fp32, any hidden size, deterministic "
                 "dweight/dbias"),
-               ("after triton in the priority lists: on an H200 it passed tests/test_gpu.py and "
-                "scripts/gpu_sanitize.sh; its forward was faster than Triton's for fp32 only, its backward in every "
-                "measured case, so the backward is taken first on compute capability 9.0 (cuda_norm_is_fastest; "
+               ("after triton in the priority lists: on an H100 and an H200 it passed tests/test_gpu.py and "
+                "scripts/gpu_sanitize.sh; on the H100 it was faster than Triton's forward and backward in every "
+                "measured case, so it is taken first on compute capability 9.0 (cuda_norm_is_fastest; "
                 "docs/design.md, CUDA backend status)"))
 
 
 def cuda_norm_is_fastest(inputs) -> bool:
-    """Norm calls where the cuda backend was measured faster than Triton's kernels on a Hopper GPU: the backward
-    (LayerNorm and RMSNorm, fp32 and bf16, M = 4096, N = 1024 and 4096; H200, first session, run 1,
-    benchmarks/results/nvidia-h200/gpu-layernorm.csv): 1.22x-4.84x Triton's (bf16 LayerNorm at N = 4096: 0.079 vs
-    0.385 ms; the Triton backward walks its rows one after another in one program per SM). Those were the kernels
-    before the 2026-11-27 restructuring (a row's loads issued together; unmeasured since, re-timed by the next GPU
-    run's gpu-layernorm.log). The forward was faster only in fp32, so it stays on the list's order. Compute
-    capability 9.0 only, the one measured."""
-    return inputs.backward and torch.cuda.get_device_capability(inputs.device) == (9, 0)
+    """Norm calls where the cuda backend was measured faster than Triton's kernels on a Hopper GPU: all of them
+    (LayerNorm, RMSNorm and Add & Norm, fp32 and bf16, M = 4096, N = 1024 and 4096, forward and backward; H100, the
+    kernels as restructured on 2026-11-27, benchmarks/results/nvidia-h100-80gb-hbm3/gpu-layernorm.csv): forward
+    1.08x-9.0x Triton's (bf16 LayerNorm at N = 4096: 0.039 vs 0.042 ms; fp32 0.051 vs 0.124), backward 2.2x-3.8x
+    (bf16 LayerNorm at N = 4096: 0.143 vs 0.325 ms). (The H200's run 1, before the restructuring, had the cuda
+    forward slower in bf16.) Compute capability 9.0 only, the one measured."""
+    return torch.cuda.get_device_capability(inputs.device) == (9, 0)
 
 
 def _device_code_for(capability, archs: str) -> bool:
@@ -141,7 +139,8 @@ class CudaBackend(NativeBackend):
                                    "dropout (the cpp backend's keep hash), deterministic backward; on Hopper "
                                    "(sm_90a build) the unmasked fp16/bf16 forward and backward at head dim 64/128 "
                                    "run on wgmma with TMA loads and warp specialization (csrc/cuda/attention_sm90.cu, "
-                                   "attention_sm90_bwd.cu), decoding steps on a split-KV kernel "
+                                   "attention_sm90_bwd.cu; the backward adds dQ with bulk reductions, whose bits vary "
+                                   "from run to run, except under torch.use_deterministic_algorithms), decoding steps on a split-KV kernel "
                                    "(attention_decode.cu); taken first where measured faster than Triton "
                                    "(cuda_attention_is_fastest)",)),
         # ---- end attention ----
