@@ -108,8 +108,10 @@ fi
 # Tests and sanitizer side by side (correctness only); the benchmarks keep the last ~45% of what is left.
 share=$(( ($(left) * ${PYATTN_LEASE_TEST_SHARE:-55}) / 100 ))
 t0=$SECONDS
-# (-v: every test's name and verdict as it finishes, so a run cut off by its time share still says which passed)
-timeout -k 5 "$share" "$PY" -m pytest -m gpu ${PYATTN_LEASE_PYTEST_K:+-k "$PYATTN_LEASE_PYTEST_K"} -n 6 -v -ra \
+# (-v: every test's name and verdict as it finishes, so a run cut off by its time share still says which passed;
+# 10 workers: the H100's run 1 got through 63% of the suite in its 104 s with 6 beside the sanitizers, while 12 alone
+# took 99 s for all of it)
+timeout -k 5 "$share" "$PY" -m pytest -m gpu ${PYATTN_LEASE_PYTEST_K:+-k "$PYATTN_LEASE_PYTEST_K"} -n 10 -v -ra \
   -p no:cacheprovider --timeout 240 tests > "$RES/gpu-tests.log" 2>&1 &
 p_tests=$!
 # The CPU tests too: on the H200 they would have caught the static-libstdc++ build (tests/test_extension_runtime.py).
