@@ -1011,9 +1011,11 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 def format_table(rows: list[dict], ceilings: Optional[dict] = None, env: Optional[dict] = None) -> str:
     """An aligned text table, one line per row, blank line between (op, mode, dtype) groups. ``peak mem``: the
     measured peak memory (GPU rows, CPU memory rows), with its share of the row's ``mem_ref_mb`` where one is given;
-    a single-call memory row shows ``(1 call)`` instead of the p20 - p80 spread."""
-    head = ["op", "mode", "dtype", "shape", "provider", "p50 ms", "[p20 - p80]", "throughput", "% ceil",
-            "speedup", "peak mem", "check", "target"]
+    a single-call memory row shows ``(1 call)`` instead of the p20 - p80 spread. GPU rows also show ``host ms``, the
+    host's time to issue one call (``measure``: the times are the device's)."""
+    host = any(r.get("host_ms") is not None for r in rows)
+    head = ["op", "mode", "dtype", "shape", "provider", "p50 ms", "[p20 - p80]"] + (["host ms"] if host else []) + [
+        "throughput", "% ceil", "speedup", "peak mem", "check", "target"]
     body: list[Optional[list[str]]] = []
     prev = None
     for r in sorted(rows, key=_sort_key):
@@ -1026,13 +1028,14 @@ def format_table(rows: list[dict], ceilings: Optional[dict] = None, env: Optiona
         if r.get("peak_mem_mb") is not None and r.get("mem_ref_mb"):
             mem += f" ({100.0 * r['peak_mem_mb'] / r['mem_ref_mb']:.1f}% of ref)"
         body.append([r["op"], r["mode"], r["dtype"], r["shape"], r["provider"], f"{r['p50_ms']:.3f}",
-                     f"[{r['p20_ms']:.3f} - {r['p80_ms']:.3f}]" if r.get("metric") != "memory" else "(1 call)",
+                     f"[{r['p20_ms']:.3f} - {r['p80_ms']:.3f}]" if r.get("metric") != "memory" else "(1 call)"]
+                    + ([_fmt(r.get("host_ms"), ".3f")] if host else []) + [
                      f"{r['throughput']:.1f} {r['throughput_unit']}",
                      _fmt(r["pct_of_ceiling"], ".0f") + ("%" if r["pct_of_ceiling"] is not None else ""),
                      "base" if r["is_baseline"] else (_fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else "")),
                      mem, r["check"], target])
     widths = [max([len(h)] + [len(b[i]) for b in body if b is not None]) for i, h in enumerate(head)]
-    right = {5, 6, 7, 8, 9, 10}
+    right = set(range(5, 12 if host else 11))
 
     def line(cells):
         cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -1055,8 +1058,8 @@ def format_table(rows: list[dict], ceilings: Optional[dict] = None, env: Optiona
 
 CSV_FIELDS = ["op", "mode", "shape", "x_name", "x", "dtype", "provider", "kind", "baseline", "is_baseline", "device",
               "device_name", "threads", "torch", "cuda", "triton", "pyattn", "commit", "dirty", "timestamp",
-              "p20_ms", "p50_ms", "p80_ms", "reps", "work", "work_unit", "throughput", "throughput_unit", "ceiling",
-              "ceiling_value", "pct_of_ceiling", "speedup", "peak_mem_mb", "metric", "mem_ref_mb", "check",
+              "p20_ms", "p50_ms", "p80_ms", "reps", "host_ms", "work", "work_unit", "throughput", "throughput_unit",
+              "ceiling", "ceiling_value", "pct_of_ceiling", "speedup", "peak_mem_mb", "metric", "mem_ref_mb", "check",
               "max_abs_err", "target", "meets_target", "params", "tags"]
 
 

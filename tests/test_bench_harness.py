@@ -263,6 +263,18 @@ def test_bench_layernorm_tiny_prints_table(tiny_run):
     assert "GB/s" in out and "base" in out
 
 
+def test_table_shows_the_host_time_of_gpu_rows(tiny_run):
+    """Rows with ``host_ms`` (GPU: the host's issue time, the timed columns being the device's) get a ``host ms``
+    column, right after the spread; CPU rows (None) none."""
+    _, _, tmp = tiny_run
+    rows = json.loads((tmp / "out" / "ln.json").read_text())["rows"]
+    assert all(r["host_ms"] is None for r in rows) and "host ms" not in harness.format_table(rows)
+    table = harness.format_table([{**r, "host_ms": 0.0125} for r in rows])
+    header = next(line for line in table.splitlines() if line.startswith("op "))
+    assert header.index("[p20 - p80]") < header.index("host ms") < header.index("throughput")
+    assert " 0.013 " in table or " 0.012 " in table
+
+
 def test_bench_layernorm_tiny_json_schema(tiny_run):
     _, _, tmp = tiny_run
     doc = json.loads((tmp / "out" / "ln.json").read_text())
