@@ -1315,14 +1315,14 @@ GRURecPlan one_block_plan(DType dtype, size_t smem, size_t smem_per_block, int64
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
 // The cluster kernels (gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, kClusterBlocks>): where `by_default` (the
-// inference forward) or PYATTN_CUDA_GRU_CLUSTER=1 (=0: never), sm_90 and newer, T >= 2, no forced grid, every block of
-// the cluster with at least one unit: the units a block, else 0. Measured on the H100 (gpu-gru-grids.log, B = 1,
-// T = 200, I = 64, H = 128, ms a sequence, fp32 / bf16): inference forward 0.507 / 0.505 against the grid's 0.609 /
-// 0.598 (cuDNN 0.171 / 3.12); a training step with both cluster kernels 1.284 / 2.142 against the defaults' (grid
-// forward, one-block backward) 1.181 / 1.286, so training keeps them opt-in.
+// inference forward) on compute capability 9.x, or with PYATTN_CUDA_GRU_CLUSTER=1 (=0: never) on 9 and newer;
+// T >= 2, no forced grid, every block of the cluster with at least one unit: the units a block, else 0. Measured on the
+// H100 (gpu-gru-grids.log, B = 1, T = 200, I = 64, H = 128, ms a sequence, fp32 / bf16): inference forward 0.507 /
+// 0.505 against the grid's 0.609 / 0.598 (cuDNN 0.171 / 3.12); a training step with both cluster kernels 1.284 /
+// 2.142 against the defaults' (grid forward, one-block backward) 1.181 / 1.286, so training keeps them opt-in.
 int64_t cluster_units(int64_t T, int64_t H, int cc_major, bool by_default) {
   const char* env = std::getenv("PYATTN_CUDA_GRU_CLUSTER");
-  const bool on = env == nullptr ? by_default : std::strcmp(env, "1") == 0;
+  const bool on = env == nullptr ? by_default && cc_major == 9 : std::strcmp(env, "1") == 0;  // (measured: Hopper)
   if (!on || std::getenv("PYATTN_CUDA_GRU_BLOCKS") != nullptr) return 0;
   const int64_t C = kClusterBlocks, U = (H + C - 1) / C;
   return T >= 2 && cc_major >= 9 && (C - 1) * U < H ? U : 0;
