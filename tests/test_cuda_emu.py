@@ -1068,14 +1068,14 @@ def test_gru_one_block_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bi
                          ids=["h128", "padded-nobias", "uneven"])
 def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias):
     """The cluster kernels (csrc/cuda/gru.cu gru_rec_fwd_one_kernel / gru_rec_bwd_one_kernel <T, 8>; the inference
-    forward's default, else PYATTN_CUDA_GRU_CLUSTER=1): the one-block kernels split over a cluster of 8 blocks, each with its units' part of
-    W_hh; forward, every new h value written into all 8 blocks' shared memory (distributed shared memory), backward,
-    every dgh[t] entry (two buffers); a cluster barrier a step. The emulator runs the cluster as a cooperative launch of
-    8 blocks (block_smem, grid_sync), its blocks in every scheduling order: one launch each with the plan's shared
-    memory, the one-block kernels' and the persistent grid's bits (the same dot-product order), forward and reverse,
-    with and without a carried dh_last, within tolerance of the float64 oracle. Refused when a block would have no unit
-    (H = 49: 7 ceil(49 / 8) = 49) and for one step (the cell kernel's); a refused cluster launch falls back to the
-    grid."""
+    forward's default, else PYATTN_CUDA_GRU_CLUSTER=1): the one-block kernels split over a cluster of 8 blocks,
+    each with its units' part of W_hh; forward, every new h value written into all 8 blocks' shared memory
+    (distributed shared memory), backward, every dgh[t] entry (two buffers); a cluster barrier a step. The
+    emulator runs the cluster as a cooperative launch of 8 blocks (block_smem, grid_sync), its blocks in every
+    scheduling order: one launch each with the plan's shared memory, the one-block kernels' and the persistent
+    grid's bits (the same dot-product order), forward and reverse, with and without a carried dh_last, within
+    tolerance of the float64 oracle. Refused when a block would have no unit (H = 49: 7 ceil(49 / 8) = 49) and
+    for one step (the cell kernel's); a refused cluster launch falls back to the grid."""
     monkeypatch.setenv("PYATTN_EMU_SMS", "4")
     x, h0, dout, dh_last, w_ih, w_hh, b_ih, b_hh = _gru_seq_data(seq * 3 + hsz, seq, bsz, isz, hsz, dtype)
     if not bias:

@@ -140,9 +140,9 @@ class CudaBackend(NativeBackend):
                                    "(sm_90a build) the unmasked fp16/bf16 forward and backward at head dim 64/128 "
                                    "run on wgmma with TMA loads and warp specialization (csrc/cuda/attention_sm90.cu, "
                                    "attention_sm90_bwd.cu; the backward adds dQ with bulk reductions, whose bits vary "
-                                   "from run to run, except under torch.use_deterministic_algorithms), decoding steps on a split-KV kernel "
-                                   "(attention_decode.cu); taken first where measured faster than Triton "
-                                   "(cuda_attention_is_fastest)",)),
+                                   "from run to run, except under torch.use_deterministic_algorithms), decoding "
+                                   "steps on a split-KV kernel (attention_decode.cu); taken first where measured "
+                                   "faster than Triton (cuda_attention_is_fastest)",)),
         # ---- end attention ----
         # ---- GRU ---- the input GEMM (cuBLAS) + the persistent recurrent kernels (csrc/cuda/gru.cu); fp32 math
         "gru_cell": OpCaps(devices=frozenset({"cuda"}), dtypes=_HALF_AND_FLOAT,
