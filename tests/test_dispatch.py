@@ -90,17 +90,18 @@ def test_preferred_backend_moves_to_the_front(monkeypatch):
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
-@pytest.mark.parametrize("backward,capability,expected", [
-    (True, (9, 0), True), (False, (9, 0), True), (True, (8, 0), False), (False, (8, 0), False),
-    (True, (10, 0), False)])
-def test_cuda_backend_preferred_for_measured_norm(op, backward, capability, expected, monkeypatch):
+@pytest.mark.parametrize("backward,capability,hidden,expected", [
+    (True, (9, 0), 64, True), (False, (9, 0), 64, True), (False, (9, 0), 8192, True), (False, (9, 0), 8193, False),
+    (True, (9, 0), 8193, False), (True, (8, 0), 64, False), (False, (8, 0), 64, False), (True, (10, 0), 64, False)])
+def test_cuda_backend_preferred_for_measured_norm(op, backward, capability, hidden, expected, monkeypatch):
     """Where the cuda backend's norm was measured faster than Triton's (cuda_norm_is_fastest): forward and backward
-    on compute capability 9.0 (the H100's run), nowhere else; the backward flag is in the signature selection is cached
-    on (the two are selected apart)."""
+    on compute capability 9.0 (the H100's run) for rows of up to 8192 elements (the register kernels; longer rows
+    take the looped ones, never timed against Triton's), nowhere else; the backward flag and the row length are in
+    the signature selection is cached on (the two are selected apart)."""
     from pyattn.backends import cuda as cuda_be
     from pyattn.ops.layer_norm import NormInputs
 
-    x = torch.empty(8, 64, dtype=torch.bfloat16, device="meta")
+    x = torch.empty(8, hidden, dtype=torch.bfloat16, device="meta")
     inputs = NormInputs(x, None, None, None, 1e-5, op == "rms_norm", backward=backward)
     assert inputs.op == op
     monkeypatch.setattr(cuda_be.torch.cuda, "get_device_capability", lambda device=None: capability)

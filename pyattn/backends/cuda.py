@@ -77,7 +77,8 @@ _NORM_NOTES = (("LayerNorm/RMSNorm (+ fused residual) kernels of csrc/cuda/layer
                 "dweight/dbias"),
                ("after triton in the priority lists: on an H100 and an H200 it passed tests/test_gpu.py and "
                 "scripts/gpu_sanitize.sh; on the H100 it was faster than Triton's forward and backward in every "
-                "measured case, so it is taken first on compute capability 9.0 (cuda_norm_is_fastest; "
+                "measured case, so it is taken first on compute capability 9.0 for rows of up to 8192 "
+                "elements (cuda_norm_is_fastest; "
                 "docs/design.md, CUDA backend status)"))
 
 
@@ -87,8 +88,9 @@ def cuda_norm_is_fastest(inputs) -> bool:
     kernels as restructured on 2026-11-27, benchmarks/results/nvidia-h100-80gb-hbm3/gpu-layernorm.csv): forward
     1.08x-9.0x Triton's (bf16 LayerNorm at N = 4096: 0.039 vs 0.042 ms; fp32 0.051 vs 0.124), backward 2.2x-3.8x
     (bf16 LayerNorm at N = 4096: 0.143 vs 0.325 ms). (The H200's run 1, before the restructuring, had the cuda
-    forward slower in bf16.) Compute capability 9.0 only, the one measured."""
-    return torch.cuda.get_device_capability(inputs.device) == (9, 0)
+    forward slower in bf16.) Rows of up to 8192 elements only, the register kernels those cases ran (longer rows take
+    the looped kernels, never timed against Triton's), and compute capability 9.0 only, the one measured."""
+    return inputs.hidden <= 8192 and torch.cuda.get_device_capability(inputs.device) == (9, 0)
 
 
 def _device_code_for(capability, archs: str) -> bool:
