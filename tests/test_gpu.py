@@ -976,7 +976,7 @@ def test_gru_cuda_persistent_grids(monkeypatch, dtype, seq, bsz, hsz, blocks):
     needs: barriers between them; 40 rows at H 1024: the batch staged in chunks; H 2047: odd, padded rows) against
     the float64 oracle, forward and reverse, with and without the saved workspace and the carried dh_last (the
     inference forward's bits are the training forward's). "auto": the plans' choice (the one-block backward where
-    B H <= 512; on sm_90+ the cluster forward without the workspace where it applies); "one":
+    B H <= 512; on compute capability 9.x the cluster forward without the workspace where it applies); "one":
     PYATTN_CUDA_GRU_ONE_BLOCK=1, the one-block forward too (opt-in: measured slower than the grid's); "cluster":
     PYATTN_CUDA_GRU_CLUSTER=1, the one-block kernels on a cluster of 8 blocks where they apply (sm_90+,
     B ceil(H / 8) <= 512: H 128 and 61 here), the training forward and backward too."""
