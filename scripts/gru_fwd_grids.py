@@ -3,8 +3,8 @@ with each grid the environment variable PYATTN_CUDA_GRU_BLOCKS selects for the p
 gru_rec_fwd: every step in one cooperative launch; unset ("auto"): gru_rec_fwd_plan's choice; "grid": the same with
 the one-block and cluster kernels off (PYATTN_CUDA_GRU_ONE_BLOCK=0, PYATTN_CUDA_GRU_CLUSTER=0); "one": the one-block
 forward where it fits (PYATTN_CUDA_GRU_ONE_BLOCK=1, opt-in); "cluster": the one-block forward on a thread-block
-cluster of 8 blocks where it fits (PYATTN_CUDA_GRU_CLUSTER=1, sm_90+, the inference default there; elsewhere the row
-is the default plan's); "0": the per-step path,
+cluster of 8 blocks where it fits (PYATTN_CUDA_GRU_CLUSTER=1, sm_90+; the inference default on compute capability
+9.x; elsewhere the row is the default plan's); "0": the per-step path,
 a cuBLAS GEMM and a fused gate launch per step), and the Triton backend. Inference (no autograd), one layer, fp32 and
 bf16, PERF.md's GRU shapes and a few more. Then a training step (forward + backward, dx and the weights' gradients)
 of cuDNN against "auto" (the one-block backward where B H <= 512), "grid", "one" and "cluster": the one-block and

@@ -1104,8 +1104,9 @@ def test_gru_cluster_kernels(order, monkeypatch, dtype, seq, bsz, isz, hsz, bias
     # unset, the inference forward takes the cluster (=0: the grid; the same bits), a training step neither kernel
     train, cf, cb = run(False, None)
     assert cf[grid] != 8 and cb[grid] != 8, (list(cf), list(cb))
-    for setting, blocks in ((None, 8), ("0", 4)):
-        _gru_layer_run(monkeypatch, data, False, None, **({} if setting is None else {"PYATTN_CUDA_GRU_CLUSTER": "0"}))
+    for setting, blocks in ((None, 8), ("0", 4)):  # (run() left every plan variable unset)
+        if setting is not None:
+            monkeypatch.setenv("PYATTN_CUDA_GRU_CLUSTER", setting)
         ops.emu_reset_counters()
         inference = ops.gru_seq_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, False, False)
         assert ops.emu_counters()[grid] == blocks, (setting, list(ops.emu_counters()))
